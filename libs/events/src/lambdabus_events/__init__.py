@@ -1,0 +1,1 @@
+"""lambdabus_events."""

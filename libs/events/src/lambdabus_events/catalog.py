@@ -1,0 +1,309 @@
+"""The lifecycle CloudEvent catalog: one pydantic model per `io.lambdabus.<entity>.<verb>` type.
+
+Each model is a whole CloudEvent (attributes plus typed `data`); its `type` is a `Literal`, so
+`parse_lifecycle` picks the right model from the JSON alone. JSON Schemas in `schemas/events/`
+are generated from these models (see `lambdabus_events.schemagen`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from lambdabus_events.models import FunctionConfig, SourceRef
+from lambdabus_events.names import Label
+
+SCHEMA_BASE = "https://lambdabus.io/schemas/events/"
+TYPE_PREFIX = "io.lambdabus."
+# Namespace for deterministic event ids (uuid5), so a retried publish carries the same
+# CloudEvent id and therefore the same Nats-Msg-Id.
+_ID_NAMESPACE = uuid.UUID("6f1d8c1e-3a57-4b6e-9a43-5b0c8f0f2a11")
+
+Service = Literal["gateway", "builder", "deployer", "router", "logs"]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FunctionRef(_Data):
+    namespace: Label
+    name: Label
+    uid: str
+    generation: int = Field(ge=1)
+
+
+class FunctionCreatedData(FunctionRef):
+    spec: FunctionConfig
+    source: SourceRef
+
+
+class FunctionUpdatedData(FunctionRef):
+    spec: FunctionConfig
+    source: SourceRef
+    changes: list[Literal["source", "config"]] = Field(
+        description="what changed: 'source' needs a new build, 'config' only a redeploy"
+    )
+
+
+class FunctionDeletedData(FunctionRef):
+    pass
+
+
+class BuildQueuedData(FunctionRef):
+    source_sha256: str
+    runtime: str
+
+
+class BuildStartedData(FunctionRef):
+    source_sha256: str
+    runtime: str
+
+
+class BuildSucceededData(FunctionRef):
+    source_sha256: str
+    runtime: str
+    artifact: str = Field(description="artifact reference the deployer runs")
+    duration_seconds: float = Field(ge=0)
+    dependencies_cached: bool
+
+
+class BuildFailedData(FunctionRef):
+    source_sha256: str
+    runtime: str
+    reason: str
+    message: str
+
+
+class DeploymentData(FunctionRef):
+    replicas: int = Field(ge=0)
+    ready_replicas: int = Field(ge=0)
+    reason: str = ""
+    message: str = ""
+
+
+class TriggerData(_Data):
+    namespace: Label
+    name: Label
+    function: Label
+    filter: dict[str, str]
+
+
+class DeliveryDeadletteredData(_Data):
+    namespace: Label
+    trigger: Label
+    function: Label
+    event_id: str
+    event_source: str
+    event_type: str
+    attempts: int = Field(ge=1)
+    reason: str
+
+
+DataT = TypeVar("DataT", bound=_Data)
+
+
+class LifecycleEvent(BaseModel):
+    """Attributes every lifecycle CloudEvent carries (CloudEvents 1.0, JSON format)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    EVENT_TYPE: ClassVar[str] = ""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str = Field(pattern=r"^/lambdabus/(gateway|builder|deployer|router|logs)$")
+    type: str
+    subject: str = Field(description="<namespace>/<name>")
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    dataschema: str
+    data: _Data
+
+    @property
+    def entity(self) -> str:
+        return self.type.removeprefix(TYPE_PREFIX).split(".")[0]
+
+    @property
+    def verb(self) -> str:
+        return self.type.removeprefix(TYPE_PREFIX).split(".")[1]
+
+    @property
+    def namespace(self) -> str:
+        return self.subject.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.subject.split("/", 1)[1]
+
+
+class FunctionCreated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.function.created"
+    type: Literal["io.lambdabus.function.created"] = "io.lambdabus.function.created"
+    data: FunctionCreatedData
+
+
+class FunctionUpdated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.function.updated"
+    type: Literal["io.lambdabus.function.updated"] = "io.lambdabus.function.updated"
+    data: FunctionUpdatedData
+
+
+class FunctionDeleted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.function.deleted"
+    type: Literal["io.lambdabus.function.deleted"] = "io.lambdabus.function.deleted"
+    data: FunctionDeletedData
+
+
+class BuildQueued(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.build.queued"
+    type: Literal["io.lambdabus.build.queued"] = "io.lambdabus.build.queued"
+    data: BuildQueuedData
+
+
+class BuildStarted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.build.started"
+    type: Literal["io.lambdabus.build.started"] = "io.lambdabus.build.started"
+    data: BuildStartedData
+
+
+class BuildSucceeded(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.build.succeeded"
+    type: Literal["io.lambdabus.build.succeeded"] = "io.lambdabus.build.succeeded"
+    data: BuildSucceededData
+
+
+class BuildFailed(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.build.failed"
+    type: Literal["io.lambdabus.build.failed"] = "io.lambdabus.build.failed"
+    data: BuildFailedData
+
+
+class DeploymentStarted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.deployment.started"
+    type: Literal["io.lambdabus.deployment.started"] = "io.lambdabus.deployment.started"
+    data: DeploymentData
+
+
+class DeploymentReady(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.deployment.ready"
+    type: Literal["io.lambdabus.deployment.ready"] = "io.lambdabus.deployment.ready"
+    data: DeploymentData
+
+
+class DeploymentFailed(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.deployment.failed"
+    type: Literal["io.lambdabus.deployment.failed"] = "io.lambdabus.deployment.failed"
+    data: DeploymentData
+
+
+class DeploymentScaled(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.deployment.scaled"
+    type: Literal["io.lambdabus.deployment.scaled"] = "io.lambdabus.deployment.scaled"
+    data: DeploymentData
+
+
+class DeploymentStopped(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.deployment.stopped"
+    type: Literal["io.lambdabus.deployment.stopped"] = "io.lambdabus.deployment.stopped"
+    data: DeploymentData
+
+
+class TriggerCreated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.trigger.created"
+    type: Literal["io.lambdabus.trigger.created"] = "io.lambdabus.trigger.created"
+    data: TriggerData
+
+
+class TriggerDeleted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.trigger.deleted"
+    type: Literal["io.lambdabus.trigger.deleted"] = "io.lambdabus.trigger.deleted"
+    data: TriggerData
+
+
+class DeliveryDeadlettered(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.delivery.deadlettered"
+    type: Literal["io.lambdabus.delivery.deadlettered"] = "io.lambdabus.delivery.deadlettered"
+    data: DeliveryDeadletteredData
+
+
+CATALOG: tuple[type[LifecycleEvent], ...] = (
+    FunctionCreated,
+    FunctionUpdated,
+    FunctionDeleted,
+    BuildQueued,
+    BuildStarted,
+    BuildSucceeded,
+    BuildFailed,
+    DeploymentStarted,
+    DeploymentReady,
+    DeploymentFailed,
+    DeploymentScaled,
+    DeploymentStopped,
+    TriggerCreated,
+    TriggerDeleted,
+    DeliveryDeadlettered,
+)
+EVENT_TYPES: dict[str, type[LifecycleEvent]] = {cls.EVENT_TYPE: cls for cls in CATALOG}
+
+AnyLifecycleEvent = Annotated[
+    Union[  # noqa: UP007 - a discriminated union needs the explicit form
+        FunctionCreated,
+        FunctionUpdated,
+        FunctionDeleted,
+        BuildQueued,
+        BuildStarted,
+        BuildSucceeded,
+        BuildFailed,
+        DeploymentStarted,
+        DeploymentReady,
+        DeploymentFailed,
+        DeploymentScaled,
+        DeploymentStopped,
+        TriggerCreated,
+        TriggerDeleted,
+        DeliveryDeadlettered,
+    ],
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[AnyLifecycleEvent] = TypeAdapter(AnyLifecycleEvent)
+
+
+def schema_url(event_type: str) -> str:
+    return f"{SCHEMA_BASE}{event_type}.json"
+
+
+def lifecycle_event(
+    cls: type[LifecycleEvent],
+    data: _Data,
+    *,
+    service: Service,
+    subject: str,
+    key: str,
+    time: datetime | None = None,
+) -> LifecycleEvent:
+    """Build a catalog event with a deterministic id.
+
+    `key` names what makes this transition unique (for example the function uid and
+    generation); the same `(type, subject, key)` always yields the same id, so a retried
+    publish is deduplicated by JetStream through `Nats-Msg-Id`.
+    """
+    event_id = str(uuid.uuid5(_ID_NAMESPACE, f"{cls.EVENT_TYPE}|{subject}|{key}"))
+    return cls(
+        id=event_id,
+        source=f"/lambdabus/{service}",
+        type=cls.EVENT_TYPE,
+        subject=subject,
+        time=time or datetime.now(UTC),
+        dataschema=schema_url(cls.EVENT_TYPE),
+        data=data,
+    )
+
+
+def parse_lifecycle(raw: bytes | str) -> LifecycleEvent:
+    """Parse a structured-mode JSON CloudEvent into its catalog model (raises pydantic ValidationError)."""
+    event: LifecycleEvent = _ADAPTER.validate_json(raw)
+    return event

@@ -1,0 +1,141 @@
+"""Wire models shared by every service: function specs, records and the status each service owns.
+
+These shapes travel in lifecycle events and live in JetStream KV, so they are part of the contract.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lambdabus_events.names import Label
+
+Runtime = Literal["python3.11", "nodejs20"]
+RUNTIMES: tuple[Runtime, ...] = ("python3.11", "nodejs20")
+DEFAULT_RUNTIME: Runtime = "python3.11"
+
+ENTRYPOINTS: dict[Runtime, tuple[str, ...]] = {
+    "python3.11": ("lambda_main.py", "handler.py"),
+    "nodejs20": ("handler.js",),
+}
+
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+
+_MEMORY = re.compile(r"^(\d+)(Mi|M|Gi|G)?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FunctionConfig(_Strict):
+    """What a user may set on a function besides its name and source."""
+
+    runtime: Runtime = DEFAULT_RUNTIME
+    env: dict[EnvName, str] = Field(default_factory=dict)
+    replicas: int = Field(default=1, ge=0, le=64)
+    timeout: float = Field(default=30.0, gt=0, le=900, description="seconds per invocation")
+    memory: int = Field(default=256, ge=16, le=16384, description="MiB per instance")
+    description: str = Field(default="", max_length=1024)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_quantity(cls, value: object) -> object:
+        """Accept 256, "256", "256Mi" or "1Gi"; store MiB."""
+        if isinstance(value, str):
+            match = _MEMORY.fullmatch(value.strip())
+            if match is None:
+                raise ValueError("memory must be MiB as an integer, or a quantity like '256Mi' or '1Gi'")
+            amount, unit = int(match.group(1)), match.group(2) or "Mi"
+            return amount * 1024 if unit in ("Gi", "G") else amount
+        return value
+
+
+class FunctionSpec(FunctionConfig):
+    """A function as a user declares it (the `spec` part of an upload)."""
+
+    name: Label
+
+
+class SourceRef(_Strict):
+    """Where a function's source archive is: content-addressed by sha256 in the artifact store."""
+
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: int = Field(ge=0)
+    kind: Literal["archive", "inline"]
+    entrypoint: str
+    files: int = Field(ge=1)
+
+
+class FunctionRecord(_Strict):
+    """The gateway-owned record of a function, stored in the `functions` KV bucket."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    generation: int = Field(ge=1)
+    spec: FunctionConfig
+    source: SourceRef
+    created_at: datetime
+    updated_at: datetime
+
+
+ImageStatus = Literal["pending", "in_progress", "error", "completed", "not_found"]
+LambdaStatus = Literal["waiting", "running", "terminated", "not_found", "pending"]
+ConditionType = Literal["ConfigurationReady", "BuildReady", "Running"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(_Strict):
+    type: ConditionType
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    last_transition_time: datetime | None = None
+
+
+class BuildState(_Strict):
+    """The builder-owned build status of one function, stored in the `builds` KV bucket."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    generation: int
+    phase: Literal["queued", "started", "succeeded", "failed"]
+    reason: str = ""
+    message: str = ""
+    artifact: str | None = None
+    updated_at: datetime
+
+
+class DeploymentState(_Strict):
+    """The deployer-owned deployment status of one function, in the `deployments` KV bucket."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    generation: int
+    phase: Literal["started", "ready", "failed", "scaled", "stopped"]
+    replicas: int = 0
+    ready_replicas: int = 0
+    reason: str = ""
+    message: str = ""
+    endpoints: list[str] = Field(default_factory=list)
+    updated_at: datetime
+
+
+class FunctionStatus(_Strict):
+    """What `GET .../functions/{name}/status` answers (LUNA image/lambda status, Kyma conditions)."""
+
+    namespace: Label
+    name: Label
+    generation: int
+    image_status: ImageStatus
+    status: LambdaStatus
+    conditions: list[Condition]
+    replicas: int
+    ready_replicas: int
+    message: str = ""
