@@ -48,7 +48,9 @@ class FunctionConfig(_Strict):
         if isinstance(value, str):
             match = _MEMORY.fullmatch(value.strip())
             if match is None:
-                raise ValueError("memory must be MiB as an integer, or a quantity like '256Mi' or '1Gi'")
+                raise ValueError(
+                    "memory must be MiB as an integer, or a quantity like '256Mi' or '1Gi'"
+                )
             amount, unit = int(match.group(1)), match.group(2) or "Mi"
             return amount * 1024 if unit in ("Gi", "G") else amount
         return value

@@ -1,1 +1,1 @@
-"""lambdabus_testing."""
+"""Test fixtures shared by the suites: real servers on ephemeral ports, ready by their own word."""

@@ -1,0 +1,319 @@
+"""The NATS adapter: the one module that talks to nats-py.
+
+It connects, declares the platform's streams, KV buckets and object store idempotently, and
+offers the few operations the services need (KV with compare-and-set, lifecycle publishing with
+deterministic `Nats-Msg-Id`, ordered replays, object store blobs) in the platform's own terms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from lambdabus_events.catalog import LifecycleEvent
+from lambdabus_platform.errors import AlreadyExists, Conflict, NotFound, TemporaryError
+from lambdabus_platform.settings import NatsSettings
+from lambdabus_platform.subjects import KV_BUCKETS, STREAMS, lifecycle_subject
+
+log = logging.getLogger(__name__)
+
+_DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class KvEntry:
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    subject: str
+    data: bytes
+    sequence: int
+    time: datetime | None
+
+
+class Kv:
+    """One KV bucket with compare-and-set semantics expressed as platform errors."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> KvEntry | None:
+        try:
+            entry = await self._kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return KvEntry(key, entry.value, entry.revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Create `key`; AlreadyExists if it holds a value."""
+        try:
+            return await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise AlreadyExists(f"{key} already exists") from exc
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        """Write `key` only if it is still at `revision`; Conflict otherwise."""
+        try:
+            return await self._kv.update(key, value, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise Conflict(f"{key} changed since revision {revision}") from exc
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await self._kv.put(key, value)
+
+    async def delete(self, key: str, revision: int | None = None) -> None:
+        try:
+            await self._kv.delete(key, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise Conflict(f"{key} changed since revision {revision}") from exc
+
+    async def values(self, pattern: str = ">") -> list[KvEntry]:
+        """Current values of keys matching a subject pattern (e.g. `default.*`), in one pass."""
+        watcher = await self._kv.watch(pattern, ignore_deletes=True)
+        entries: list[KvEntry] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value is not None and entry.revision is not None:
+                    entries.append(KvEntry(entry.key, entry.value, entry.revision))
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return entries
+
+
+class Bus:
+    """A connection to NATS with JetStream, and the platform's named resources on it."""
+
+    def __init__(self, nc: Client, settings: NatsSettings) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
+        self._settings = settings
+        self._kv: dict[str, Kv] = {}
+        self._objects: ObjectStore | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, settings: NatsSettings, *, name: str) -> AsyncIterator[Bus]:
+        """Connect (retrying until NATS answers), yield, then drain on exit."""
+
+        async def _error(exc: Exception) -> None:
+            log.warning("nats error", extra={"error": str(exc)})
+
+        async def _disconnected() -> None:
+            log.warning("nats disconnected")
+
+        async def _reconnected() -> None:
+            log.info("nats reconnected")
+
+        delay, deadline = 0.1, asyncio.get_running_loop().time() + settings.connect_wait_seconds
+        while True:
+            try:
+                nc = await nats.connect(
+                    settings.url,
+                    name=f"lambdabus-{name}",
+                    connect_timeout=settings.connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_error,
+                    disconnected_cb=_disconnected,
+                    reconnected_cb=_reconnected,
+                )
+                break
+            except (nats.errors.NoServersError, OSError) as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise TemporaryError(f"cannot reach NATS at {settings.url}: {exc}") from exc
+                log.info("waiting for NATS", extra={"url": settings.url, "retry_in": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        try:
+            yield cls(nc, settings)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.drain(), timeout=5)
+            if not nc.is_closed:
+                await nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    @property
+    def url(self) -> str:
+        return self._settings.url
+
+    async def declare(self, *, object_bucket: str | None = "artifacts") -> None:
+        """Declare streams, KV buckets and the object store; safe to call from every replica."""
+        s = self._settings
+        max_age = {
+            "LIFECYCLE": s.lifecycle_max_age_days * _DAY,
+            "EVENTS": s.events_max_age_days * _DAY,
+            "LOGS": s.logs_max_age_days * _DAY,
+            "DLQ": s.events_max_age_days * _DAY,
+        }
+        for spec in STREAMS:
+            config = api.StreamConfig(
+                name=spec.name,
+                description=spec.description,
+                subjects=list(spec.subjects),
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                max_age=max_age[spec.name],
+                duplicate_window=s.duplicate_window_seconds,
+                num_replicas=s.replicas,
+                allow_direct=True,
+            )
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                # Exists with another config (e.g. a changed retention setting): converge on ours.
+                await self._js.update_stream(config)
+        for bucket in KV_BUCKETS:
+            kv = await self._js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=bucket,
+                    history=5,
+                    storage=api.StorageType.FILE,
+                    replicas=s.replicas,
+                )
+            )
+            self._kv[bucket] = Kv(kv)
+        if object_bucket is not None:
+            self._objects = await self._js.create_object_store(
+                object_bucket,
+                api.ObjectStoreConfig(storage=api.StorageType.FILE, replicas=s.replicas),
+            )
+
+    def kv(self, bucket: str) -> Kv:
+        try:
+            return self._kv[bucket]
+        except KeyError:
+            raise RuntimeError(
+                f"KV bucket {bucket!r} not declared; call Bus.declare() first"
+            ) from None
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int:
+        """Publish to a stream and wait for the ack; returns the stream sequence."""
+        hdrs = dict(headers or {})
+        if msg_id is not None:
+            hdrs["Nats-Msg-Id"] = msg_id
+        try:
+            ack = await self._js.publish(subject, payload, headers=hdrs or None)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TemporaryError("NATS JetStream did not acknowledge the publish; retry") from exc
+        return int(ack.seq)
+
+    async def publish_lifecycle(self, event: LifecycleEvent) -> int:
+        """Publish a catalog event; its deterministic id is the `Nats-Msg-Id`."""
+        subject = lifecycle_subject(event.type, event.namespace, event.name)
+        return await self.publish(
+            subject,
+            event.model_dump_json().encode(),
+            msg_id=event.id,
+            headers={"Content-Type": "application/cloudevents+json"},
+        )
+
+    async def replay(
+        self,
+        stream: str,
+        filter_subject: str,
+        *,
+        since: datetime | None = None,
+        deliver_all: bool = False,
+    ) -> AsyncIterator[StreamMessage]:
+        """Read a stream in order from `since` (or from now), then follow it live.
+
+        Uses an ordered ephemeral consumer: nothing to clean up, resumes itself on reconnect.
+        """
+        if since is not None:
+            policy, start = api.DeliverPolicy.BY_START_TIME, since
+        elif deliver_all:
+            policy, start = api.DeliverPolicy.ALL, None
+        else:
+            policy, start = api.DeliverPolicy.NEW, None
+        config = api.ConsumerConfig(opt_start_time=start)
+        sub = await self._js.subscribe(
+            filter_subject,
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=policy,
+            config=config,
+            idle_heartbeat=5.0,
+        )
+        try:
+            async for msg in sub.messages:
+                meta = msg.metadata
+                yield StreamMessage(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def subscribe_core(
+        self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """A plain NATS subscription; returns an async unsubscribe."""
+
+        async def _cb(msg: Any) -> None:
+            await handler(msg.subject, msg.data)
+
+        sub = await self._nc.subscribe(subject, cb=_cb)
+        return sub.unsubscribe
+
+    # -- object store ---------------------------------------------------------------------
+
+    def _store(self) -> ObjectStore:
+        if self._objects is None:
+            raise RuntimeError("object store not declared; call Bus.declare() first")
+        return self._objects
+
+    async def object_put(self, name: str, data: bytes) -> None:
+        await self._store().put(name, data)
+
+    async def object_get(self, name: str) -> bytes:
+        try:
+            result = await self._store().get(name)
+        except nats.js.errors.ObjectNotFoundError as exc:
+            raise NotFound(f"object {name} not found") from exc
+        return bytes(result.data or b"")
+
+    async def object_exists(self, name: str) -> bool:
+        try:
+            info = await self._store().get_info(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return False
+        return not info.deleted
+
+    async def object_delete(self, name: str) -> None:
+        with contextlib.suppress(
+            nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError
+        ):
+            await self._store().delete(name)

@@ -1,0 +1,76 @@
+"""Settings, built once in each service's `main` from `LAMBDABUS_*` environment variables.
+
+One class per dependency (`NatsSettings`, `StoreSettings`, `S3Settings`, `HttpSettings`) and one
+per service that composes them under its own prefix. Nothing else in the code reads os.environ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class NatsSettings(BaseSettings):
+    """How to reach NATS and how the platform's streams are shaped."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_NATS_", extra="ignore")
+
+    url: str = "nats://127.0.0.1:4222"
+    connect_timeout: float = Field(default=2.0, gt=0)
+    request_timeout: float = Field(default=5.0, gt=0)
+    connect_wait_seconds: float = Field(default=30.0, ge=0, description="how long to wait for NATS at start")
+    replicas: int = Field(default=1, ge=1, le=5, description="stream replicas (1 when embedded)")
+    lifecycle_max_age_days: float = Field(default=365.0, gt=0)
+    logs_max_age_days: float = Field(default=7.0, gt=0)
+    events_max_age_days: float = Field(default=7.0, gt=0)
+    duplicate_window_seconds: float = Field(default=120.0, gt=0)
+
+
+class S3Settings(BaseSettings):
+    """The S3 backend of the artifact store (AWS, MinIO, or moto's server in tests)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_S3_", extra="ignore")
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    bucket: str = "lambdabus-artifacts"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    prefix: str = "sha256/"
+
+
+class StoreSettings(BaseSettings):
+    """Which artifact store backend holds source archives and build artifacts."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_STORE_", extra="ignore")
+
+    backend: Literal["nats", "s3"] = "nats"
+    nats_bucket: str = "artifacts"
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+
+class HttpSettings(BaseSettings):
+    """Where a service listens. Port 0 picks a free port, announced in the 'listening' log line."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+
+
+class ServiceSettings(BaseSettings):
+    """What every service has: NATS, an HTTP listener (healthz, metrics), logging."""
+
+    model_config = SettingsConfigDict(extra="ignore", env_nested_delimiter="__")
+
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    log_level: LogLevel = "INFO"
+    shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    state_dir: Path = Path(".lambdabus")

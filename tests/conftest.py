@@ -1,0 +1,3 @@
+"""Fixtures for every suite come from the lambdabus-testing lib."""
+
+pytest_plugins = ["lambdabus_testing.fixtures"]

@@ -1,0 +1,53 @@
+"""The NATS adapter against a real nats-server: declarations, KV compare-and-set, dedup."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import AlreadyExists, Conflict
+from lambdabus_platform.settings import NatsSettings
+
+
+async def test_declare_is_idempotent(nats_settings: NatsSettings) -> None:
+    async with Bus.connect(nats_settings, name="a") as one, Bus.connect(nats_settings, name="b") as two:
+        await asyncio.gather(one.declare(), two.declare())
+        await one.declare()
+
+
+async def test_kv_compare_and_set(bus: Bus) -> None:
+    kv = bus.kv("functions")
+    rev = await kv.create("cas.one", b"v1")
+    with pytest.raises(AlreadyExists):
+        await kv.create("cas.one", b"again")
+    rev2 = await kv.update("cas.one", b"v2", rev)
+    with pytest.raises(Conflict):
+        await kv.update("cas.one", b"stale", rev)
+    entry = await kv.get("cas.one")
+    assert entry is not None
+    assert (entry.value, entry.revision) == (b"v2", rev2)
+    await kv.delete("cas.one", rev2)
+    assert await kv.get("cas.one") is None
+    # a deleted key can be created again
+    await kv.create("cas.one", b"v3")
+
+
+async def test_kv_values_by_pattern(bus: Bus) -> None:
+    kv = bus.kv("functions")
+    for name in ("a", "b", "c"):
+        await kv.put(f"listing.{name}", name.encode())
+    await kv.put("other.a", b"x")
+    await kv.delete("listing.c")
+    values = {e.key: e.value for e in await kv.values("listing.*")}
+    assert values == {"listing.a": b"a", "listing.b": b"b"}
+    assert await kv.values("nothing-here.*") == []
+
+
+async def test_publish_dedups_on_msg_id(bus: Bus) -> None:
+    first = await bus.publish("lambdabus.events.test.dedup", b"1", msg_id="same-id")
+    second = await bus.publish("lambdabus.events.test.dedup", b"2", msg_id="same-id")
+    assert first == second
+    third = await bus.publish("lambdabus.events.test.dedup", b"3", msg_id="other-id")
+    assert third == first + 1
