@@ -1,3 +1,3 @@
 """Fixtures for every suite come from the lambdabus-testing lib."""
 
-pytest_plugins = ["lambdabus_testing.fixtures"]
+pytest_plugins = ["lambdabus_testing.fixtures", "lambdabus_testing.s3server"]

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, ClassVar, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 from lambdabus_events.models import FunctionConfig, SourceRef
-from lambdabus_events.names import Label
+from lambdabus_events.names import LABEL_MAX, LABEL_PATTERN, Label
 
 SCHEMA_BASE = "https://lambdabus.io/schemas/events/"
 TYPE_PREFIX = "io.lambdabus."
 # Namespace for deterministic event ids (uuid5), so a retried publish carries the same
 # CloudEvent id and therefore the same Nats-Msg-Id.
 _ID_NAMESPACE = uuid.UUID("6f1d8c1e-3a57-4b6e-9a43-5b0c8f0f2a11")
+# `subject` is `<namespace>/<name>`, two RFC 1035 labels.
+_LABEL_BODY = LABEL_PATTERN.removeprefix("^").removesuffix("$")
+_SUBJECT_PATTERN = f"^{_LABEL_BODY}/{_LABEL_BODY}$"
 
 Service = Literal["gateway", "builder", "deployer", "router", "logs"]
 
@@ -114,13 +117,15 @@ class LifecycleEvent(BaseModel):
     EVENT_TYPE: ClassVar[str] = ""
 
     specversion: Literal["1.0"] = "1.0"
-    id: str
+    id: str = Field(min_length=1)
     source: str = Field(pattern=r"^/lambdabus/(gateway|builder|deployer|router|logs)$")
     type: str
-    subject: str = Field(description="<namespace>/<name>")
-    time: datetime
+    subject: str = Field(
+        pattern=_SUBJECT_PATTERN, max_length=2 * LABEL_MAX + 1, description="<namespace>/<name>"
+    )
+    time: AwareDatetime = Field(description="RFC 3339 with an offset, as CloudEvents requires")
     datacontenttype: Literal["application/json"] = "application/json"
-    dataschema: str
+    dataschema: str = Field(min_length=1)
     data: _Data
 
     @property
@@ -304,6 +309,9 @@ def lifecycle_event(
 
 
 def parse_lifecycle(raw: bytes | str) -> LifecycleEvent:
-    """Parse a structured-mode JSON CloudEvent into its catalog model (raises pydantic ValidationError)."""
+    """Parse a structured-mode JSON CloudEvent into its catalog model.
+
+    Raises pydantic `ValidationError` on an unknown type or a malformed event.
+    """
     event: LifecycleEvent = _ADAPTER.validate_json(raw)
     return event

@@ -23,7 +23,9 @@ class NatsSettings(BaseSettings):
     url: str = "nats://127.0.0.1:4222"
     connect_timeout: float = Field(default=2.0, gt=0)
     request_timeout: float = Field(default=5.0, gt=0)
-    connect_wait_seconds: float = Field(default=30.0, ge=0, description="how long to wait for NATS at start")
+    connect_wait_seconds: float = Field(
+        default=30.0, ge=0, description="how long to wait for NATS at start"
+    )
     replicas: int = Field(default=1, ge=1, le=5, description="stream replicas (1 when embedded)")
     lifecycle_max_age_days: float = Field(default=365.0, gt=0)
     logs_max_age_days: float = Field(default=7.0, gt=0)

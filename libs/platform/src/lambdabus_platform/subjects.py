@@ -52,6 +52,11 @@ def function_key(namespace: str, name: str) -> str:
     return ".".join(_checked(namespace, name))
 
 
+def namespace_pattern(namespace: str) -> str:
+    """KV key pattern of every function in a namespace: `<ns>.*`."""
+    return f"{_checked(namespace)[0]}.*"
+
+
 def lifecycle_subject(event_type: str, namespace: str, name: str) -> str:
     """`lambdabus.lifecycle.<entity>.<verb>.<ns>.<name>` for a catalog type."""
     entity, verb = event_type.removeprefix(TYPE_PREFIX).split(".")
@@ -72,3 +77,8 @@ def lifecycle_filter(
     ns = _checked(namespace)[0] if namespace is not None else "*"
     fn = _checked(name)[0] if name is not None else "*"
     return ".".join((LIFECYCLE_PREFIX, entity, verb, ns, fn))
+
+
+def entity_filter(entity: str) -> str:
+    """Every lifecycle event of one entity (`function`, `build`, ...)."""
+    return f"{LIFECYCLE_PREFIX}.{_checked(entity)[0]}.*.*.*"

@@ -1,0 +1,308 @@
+"""The shell every service runs in: structured logs, a NATS connection with the platform's
+streams declared, a FastStream broker for event handlers, an HTTP listener with `/healthz` and
+`/metrics`, and a clean stop on SIGTERM/SIGINT.
+
+A service supplies a `setup` async context manager: it registers FastStream subscribers on
+`ctx.broker`, routes on `ctx.app`, and owns whatever else it needs for its lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import ValidationError
+
+from lambdabus_events.catalog import LifecycleEvent, parse_lifecycle
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.jsonlog import configure_logging
+from lambdabus_platform.settings import ServiceSettings
+
+log = logging.getLogger("lambdabus.service")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    http_requests: Counter
+    http_duration: Histogram
+    nats_connected: Gauge
+    events_handled: Counter
+
+    @classmethod
+    def create(cls, service: str) -> Metrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            http_requests=Counter(
+                "lambdabus_http_requests",
+                "HTTP requests answered",
+                ["method", "route", "status"],
+                registry=registry,
+            ),
+            http_duration=Histogram(
+                "lambdabus_http_request_duration_seconds",
+                "HTTP request latency",
+                ["method", "route"],
+                registry=registry,
+                buckets=(
+                    0.0005,
+                    0.001,
+                    0.0025,
+                    0.005,
+                    0.01,
+                    0.025,
+                    0.05,
+                    0.1,
+                    0.25,
+                    0.5,
+                    1,
+                    2.5,
+                    5,
+                    10,
+                ),
+            ),
+            nats_connected=Gauge(
+                "lambdabus_nats_connected", "1 while connected to NATS", registry=registry
+            ),
+            events_handled=Counter(
+                "lambdabus_events_handled",
+                "events handled by this service's subscribers",
+                ["type", "outcome"],
+                registry=registry,
+            ),
+        )
+
+
+@dataclass
+class ServiceContext:
+    name: str
+    settings: ServiceSettings
+    bus: Bus
+    broker: NatsBroker
+    app: web.Application
+    metrics: Metrics
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+LifecycleHandler = Callable[[LifecycleEvent], Awaitable[None]]
+
+
+def subscribe_lifecycle(
+    ctx: ServiceContext, subject: str, *, durable: str, handler: LifecycleHandler
+) -> None:
+    """Register a FastStream subscriber on LIFECYCLE through a durable pull consumer.
+
+    Replicas of a service share the durable name, so each event goes to one of them; an event
+    whose handler raises is not acked and comes back (handlers are idempotent).
+    """
+    sub = ctx.broker.subscriber(
+        subject,
+        stream=JStream("LIFECYCLE", declare=False),
+        durable=durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        title=f"{ctx.name}:{durable}",
+        description=handler.__doc__,
+    )
+
+    async def _handle(msg: NatsMessage) -> None:
+        try:
+            event = parse_lifecycle(msg.body)
+        except ValidationError:
+            log.warning(
+                "dropping a malformed lifecycle message", extra={"subject": msg.raw_message.subject}
+            )
+            ctx.metrics.events_handled.labels("unknown", "malformed").inc()
+            return
+        try:
+            await handler(event)
+        except Exception:
+            ctx.metrics.events_handled.labels(event.type, "error").inc()
+            raise
+        ctx.metrics.events_handled.labels(event.type, "ok").inc()
+
+    sub(_handle)
+
+
+Setup = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
+
+SERVICE_KEY = web.AppKey("service", ServiceContext)
+
+
+def error_response(error: LambdabusError) -> web.Response:
+    headers = {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return web.json_response(error.to_json(), status=error.status, headers=headers)
+
+
+@web.middleware
+async def _observe(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map platform errors to JSON responses in one place, and count every request."""
+    ctx = request.app[SERVICE_KEY]
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched"
+    )
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except LambdabusError as exc:
+        status = exc.status
+        return error_response(exc)
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status >= 400 and exc.content_type != "application/json":
+            code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+                exc.status, "http_error"
+            )
+            return web.json_response(
+                {"error": {"code": code, "message": exc.reason}},
+                status=exc.status,
+                headers={
+                    k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")
+                },
+            )
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+        return web.json_response(
+            {"error": {"code": "internal", "message": "internal error; see the service log"}},
+            status=500,
+        )
+    finally:
+        ctx.metrics.http_requests.labels(request.method, route, str(status)).inc()
+        ctx.metrics.http_duration.labels(request.method, route).observe(
+            time.perf_counter() - started
+        )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    ctx = request.app[SERVICE_KEY]
+    ok = ctx.bus.connected and not ctx.stopping.is_set()
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "service": ctx.name,
+        "nats": "connected" if ctx.bus.connected else "disconnected",
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    ctx = request.app[SERVICE_KEY]
+    ctx.metrics.nats_connected.set(1 if ctx.bus.connected else 0)
+    return web.Response(
+        body=generate_latest(ctx.metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
+def make_app(*, client_max_size: int = 1024**2) -> web.Application:
+    app = web.Application(middlewares=[_observe], client_max_size=client_max_size)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def serve(
+    name: str,
+    settings: ServiceSettings,
+    setup: Setup,
+    *,
+    client_max_size: int = 1024**2,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a service until `stop` is set (by SIGTERM/SIGINT when run from `run`)."""
+    stop = stop or asyncio.Event()
+    metrics = Metrics.create(name)
+    async with Bus.connect(settings.nats, name=name) as bus:
+        await bus.declare()
+        broker = NatsBroker(
+            settings.nats.url,
+            name=f"lambdabus-{name}-events",
+            max_reconnect_attempts=-1,
+            graceful_timeout=settings.shutdown_grace_seconds,
+            logger=logging.getLogger(f"lambdabus.{name}.events"),
+        )
+        app = make_app(client_max_size=client_max_size)
+        ctx = ServiceContext(name, settings, bus, broker, app, metrics)
+        app[SERVICE_KEY] = ctx
+        async with setup(ctx):
+            await broker.start()
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=settings.shutdown_grace_seconds,
+            )
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+            await site.start()
+            port = _bound_port(runner) or settings.port
+            url = f"http://{settings.host}:{port}"
+            log.info("listening", extra={"url": url, "port": port, "event": "listening"})
+            try:
+                await stop.wait()
+            finally:
+                log.info("stopping", extra={"event": "stopping"})
+                ctx.stopping.set()
+                await runner.cleanup()
+                await broker.stop()
+    log.info("stopped", extra={"event": "stopped"})
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return None
+
+
+def run(
+    name: str, settings: ServiceSettings, setup: Setup, *, client_max_size: int = 1024**2
+) -> int:
+    """The `main` of a service process: logs, signals, serve, exit code."""
+    configure_logging(name, settings.log_level)
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(name, settings, setup, client_max_size=client_max_size, stop=stop)
+
+    try:
+        asyncio.run(_main())
+    except LambdabusError as exc:
+        log.error("cannot start", extra={"code": exc.code, "error": exc.message})
+        return 1
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def no_setup(ctx: ServiceContext) -> AsyncIterator[None]:
+    yield

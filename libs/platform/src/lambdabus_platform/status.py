@@ -1,0 +1,167 @@
+"""How a function's status follows from the records the services own. Pure: no I/O.
+
+The gateway reads the function record (its own), the build state (the builder's) and the
+deployment state (the deployer's) and folds them into the LUNA image/lambda statuses and Kyma's
+three conditions. A state for an older generation counts as "not yet" for the current one.
+"""
+
+from __future__ import annotations
+
+from lambdabus_events.models import (
+    BuildState,
+    Condition,
+    DeploymentState,
+    FunctionRecord,
+    FunctionStatus,
+    ImageStatus,
+    LambdaStatus,
+)
+
+
+def _build_condition(
+    record: FunctionRecord, build: BuildState | None
+) -> tuple[ImageStatus, Condition]:
+    gen = record.generation
+    if build is None or build.uid != record.uid or build.generation < gen:
+        return "pending", Condition(
+            type="BuildReady",
+            status="Unknown",
+            reason="BuildPending",
+            message=f"generation {gen} is waiting for the builder",
+        )
+    match build.phase:
+        case "queued":
+            return "pending", Condition(
+                type="BuildReady",
+                status="Unknown",
+                reason="BuildQueued",
+                message=build.message or f"generation {gen} is queued for a build",
+                last_transition_time=build.updated_at,
+            )
+        case "started":
+            return "in_progress", Condition(
+                type="BuildReady",
+                status="Unknown",
+                reason="BuildInProgress",
+                message=build.message or f"generation {gen} is building",
+                last_transition_time=build.updated_at,
+            )
+        case "failed":
+            return "error", Condition(
+                type="BuildReady",
+                status="False",
+                reason=build.reason or "BuildFailed",
+                message=build.message,
+                last_transition_time=build.updated_at,
+            )
+        case "succeeded":
+            return "completed", Condition(
+                type="BuildReady",
+                status="True",
+                reason="BuildSucceeded",
+                message=build.message or f"generation {gen} built",
+                last_transition_time=build.updated_at,
+            )
+
+
+def _running_condition(
+    record: FunctionRecord, image: ImageStatus, deployment: DeploymentState | None
+) -> tuple[LambdaStatus, Condition]:
+    if deployment is None or deployment.uid != record.uid:
+        if image == "error":
+            return "waiting", Condition(
+                type="Running",
+                status="False",
+                reason="BuildFailed",
+                message="nothing to run: the build failed",
+            )
+        return "waiting", Condition(
+            type="Running",
+            status="Unknown",
+            reason="DeploymentPending",
+            message="waiting for a successful build to deploy",
+        )
+    when = deployment.updated_at
+    match deployment.phase:
+        case "ready" | "scaled":
+            if deployment.ready_replicas > 0 or record.spec.replicas == 0:
+                return "running", Condition(
+                    type="Running",
+                    status="True",
+                    reason="Running",
+                    message=deployment.message
+                    or f"{deployment.ready_replicas}/{deployment.replicas} instances ready",
+                    last_transition_time=when,
+                )
+            return "pending", Condition(
+                type="Running",
+                status="Unknown",
+                reason="InstancesStarting",
+                message=deployment.message,
+                last_transition_time=when,
+            )
+        case "started":
+            return "pending", Condition(
+                type="Running",
+                status="Unknown",
+                reason=deployment.reason or "Deploying",
+                message=deployment.message,
+                last_transition_time=when,
+            )
+        case "failed":
+            return "terminated", Condition(
+                type="Running",
+                status="False",
+                reason=deployment.reason or "DeploymentFailed",
+                message=deployment.message,
+                last_transition_time=when,
+            )
+        case "stopped":
+            return "terminated", Condition(
+                type="Running",
+                status="False",
+                reason=deployment.reason or "Stopped",
+                message=deployment.message,
+                last_transition_time=when,
+            )
+
+
+def compute_status(
+    record: FunctionRecord, build: BuildState | None, deployment: DeploymentState | None
+) -> FunctionStatus:
+    config = Condition(
+        type="ConfigurationReady",
+        status="True",
+        reason="ConfigurationStored",
+        message=f"spec and source of generation {record.generation} stored",
+        last_transition_time=record.updated_at,
+    )
+    image, build_cond = _build_condition(record, build)
+    status, running_cond = _running_condition(record, image, deployment)
+    replicas = deployment.replicas if deployment and deployment.uid == record.uid else 0
+    ready = deployment.ready_replicas if deployment and deployment.uid == record.uid else 0
+    message = next(
+        (c.message for c in (build_cond, running_cond) if c.status == "False" and c.message), ""
+    )
+    return FunctionStatus(
+        namespace=record.namespace,
+        name=record.name,
+        generation=record.generation,
+        image_status=image,
+        status=status,
+        conditions=[config, build_cond, running_cond],
+        replicas=replicas,
+        ready_replicas=ready,
+        message=message,
+    )
+
+
+def not_found_status(namespace: str, name: str) -> dict[str, object]:
+    """The status body for a function that does not exist (LUNA's not_found statuses)."""
+    return {
+        "namespace": namespace,
+        "name": name,
+        "image_status": "not_found",
+        "status": "not_found",
+        "conditions": [],
+    }

@@ -1,0 +1,57 @@
+"""`python -m lambdabus_gateway`: run the gateway service."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
+from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
+from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.settings import GatewaySettings
+from lambdabus_platform.archive import ArchiveLimits
+from lambdabus_platform.blobstore import open_blob_store
+from lambdabus_platform.registry import Registry
+from lambdabus_platform.service import ServiceContext, run
+from lambdabus_platform.subjects import BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+
+
+def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        async with open_blob_store(settings.store, ctx.bus) as blobs:
+            functions = Functions(
+                bus=ctx.bus,
+                records=Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord),
+                blobs=blobs,
+                limits=ArchiveLimits(
+                    max_entries=settings.max_archive_entries,
+                    max_uncompressed=settings.max_uncompressed_bytes,
+                ),
+            )
+            ctx.app[GATEWAY] = Gateway(
+                settings=settings,
+                bus=ctx.bus,
+                functions=functions,
+                builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
+                deployments=Registry(ctx.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState),
+            )
+            add_routes(ctx.app)
+            yield
+
+    return setup
+
+
+def main() -> int:
+    settings = GatewaySettings()
+    # aiohttp's own cap sits above ours so that our reader answers 413 with the JSON error shape.
+    return run(
+        "gateway",
+        settings,
+        make_setup(settings),
+        client_max_size=settings.max_upload_bytes + 1024**2,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""The management API: HTTP routes over `Functions`, status, and the lifecycle stream (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
+from lambdabus_events.names import label_problem
+from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.openapi import render_openapi
+from lambdabus_gateway.settings import GatewaySettings
+from lambdabus_gateway.uploads import _json_object, read_upload
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import InvalidName, InvalidRequest, NotFound
+from lambdabus_platform.registry import Registry, Versioned
+from lambdabus_platform.status import compute_status, not_found_status
+from lambdabus_platform.subjects import lifecycle_filter
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    bus: Bus
+    functions: Functions
+    builds: Registry[BuildState]
+    deployments: Registry[DeploymentState]
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def _label(request: web.Request, key: str, what: str) -> str:
+    value = request.match_info[key]
+    problem = label_problem(value)
+    if problem:
+        raise InvalidName(f"{what} {value!r} {problem}")
+    return value
+
+
+def _record_response(item: Versioned[FunctionRecord], status: int = 200) -> web.Response:
+    return web.json_response(
+        item.value.model_dump(mode="json"), status=status, headers={"ETag": item.etag}
+    )
+
+
+async def create_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    s = gw.settings
+    upload = await read_upload(
+        request, max_upload=s.max_upload_bytes, max_spec=s.max_spec_bytes, require_source=True
+    )
+    created = await gw.functions.create(ns, upload)
+    response = _record_response(created, status=202)
+    response.headers["Location"] = f"/v1/namespaces/{ns}/functions/{created.value.name}"
+    return response
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    items = await gw.functions.in_namespace(ns)
+    return web.json_response({"items": [i.value.model_dump(mode="json") for i in items]})
+
+
+async def get_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    return _record_response(await gw.functions.get(ns, name))
+
+
+async def replace_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    s = gw.settings
+    upload = await read_upload(
+        request, max_upload=s.max_upload_bytes, max_spec=s.max_spec_bytes, require_source=False
+    )
+    updated, changes = await gw.functions.replace(ns, name, upload, request.headers.get("If-Match"))
+    return _record_response(updated, status=202 if changes else 200)
+
+
+async def patch_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    if request.content_type not in ("application/json", "application/merge-patch+json"):
+        raise InvalidRequest(
+            "PATCH takes application/merge-patch+json (or application/json) with the fields to change",
+            code="unsupported_media_type",
+            status=415,
+        )
+    body = await request.content.read(gw.settings.max_spec_bytes + 1)
+    if len(body) > gw.settings.max_spec_bytes:
+        raise InvalidRequest("the patch is too large", code="payload_too_large", status=413)
+    patch = _json_object(body, "the patch")
+    updated, changes = await gw.functions.patch(ns, name, patch, request.headers.get("If-Match"))
+    return _record_response(updated, status=202 if changes else 200)
+
+
+async def delete_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    record = await gw.functions.delete(ns, name, request.headers.get("If-Match"))
+    return web.json_response(record.model_dump(mode="json"), status=202)
+
+
+async def function_status(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    try:
+        current = await gw.functions.get(ns, name)
+    except NotFound as exc:
+        body: dict[str, Any] = {**exc.to_json(), **not_found_status(ns, name)}
+        return web.json_response(body, status=404)
+    build, deployment = await asyncio.gather(gw.builds.get(ns, name), gw.deployments.get(ns, name))
+    status = compute_status(
+        current.value, build.value if build else None, deployment.value if deployment else None
+    )
+    return web.json_response(status.model_dump(mode="json"), headers={"ETag": current.etag})
+
+
+def _parse_since(value: str | None) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(
+            f"since={value!r} is not an RFC 3339 time (e.g. 2026-01-31T12:00:00Z)",
+            code="invalid_since",
+        ) from None
+    if parsed.tzinfo is None:
+        raise InvalidRequest(
+            f"since={value!r} needs a time zone (e.g. a trailing Z)", code="invalid_since"
+        )
+    return parsed
+
+
+def lifecycle_subject_filter(query: dict[str, str]) -> str:
+    """The LIFECYCLE subject filter for the query's namespace/function/type. Pure."""
+    for key, what in (("namespace", "namespace"), ("function", "function name")):
+        value = query.get(key)
+        if value:
+            problem = label_problem(value)
+            if problem:
+                raise InvalidName(f"{what} {value!r} {problem}")
+    try:
+        return lifecycle_filter(
+            query.get("type") or None, query.get("namespace") or None, query.get("function") or None
+        )
+    except ValueError:
+        raise InvalidRequest(
+            f"type={query.get('type')!r} is not a lifecycle event type (io.lambdabus.<entity>.<verb>)",
+            code="invalid_type",
+        ) from None
+
+
+async def lifecycle(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    query = dict(request.query)
+    subject = lifecycle_subject_filter(query)
+    since = _parse_since(query.get("since"))
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    await response.write(b": lambdabus lifecycle stream\n\n")
+    messages = gw.bus.replay("LIFECYCLE", subject, since=since)
+    keepalive = gw.settings.sse_keepalive_seconds
+    try:
+        async for item in _with_keepalive(messages, keepalive):
+            if item is None:
+                await response.write(b": keepalive\n\n")
+                continue
+            event_type = json.loads(item.data).get("type", "")
+            frame = (
+                f"id: {item.sequence}\nevent: {event_type}\ndata: ".encode() + item.data + b"\n\n"
+            )
+            await response.write(frame)
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await messages.aclose()  # type: ignore[attr-defined]
+    return response
+
+
+async def _with_keepalive(source: AsyncIterator[Any], every: float) -> AsyncIterator[Any]:
+    """Yield from `source`, and None whenever `every` seconds pass without an item."""
+    pending = asyncio.ensure_future(anext(source))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            yield pending.result()
+            pending = asyncio.ensure_future(anext(source))
+    except StopAsyncIteration:
+        return
+    finally:
+        pending.cancel()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(render_openapi())
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    base = "/v1/namespaces/{ns}/functions"
+    r.add_post(base, create_function)
+    r.add_get(base, list_functions)
+    r.add_get(base + "/{name}", get_function)
+    r.add_put(base + "/{name}", replace_function)
+    r.add_patch(base + "/{name}", patch_function)
+    r.add_delete(base + "/{name}", delete_function)
+    r.add_get(base + "/{name}/status", function_status)
+    r.add_get("/v1/lifecycle", lifecycle)
+    r.add_get("/v1/openapi.json", openapi)

@@ -1,0 +1,327 @@
+"""Creating, replacing, patching and deleting function records: the gateway's write path.
+
+Order of every transition: validate everything, store the source blob, write the record with
+compare-and-set, then publish the lifecycle event with its deterministic id. A retried publish
+is deduplicated by JetStream; a lost one is reconciled by the consumers from KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from lambdabus_events.catalog import (
+    FunctionCreated,
+    FunctionCreatedData,
+    FunctionDeleted,
+    FunctionDeletedData,
+    FunctionUpdated,
+    FunctionUpdatedData,
+    LifecycleEvent,
+    lifecycle_event,
+)
+from lambdabus_events.models import FunctionConfig, FunctionRecord, Runtime, SourceRef
+from lambdabus_gateway.uploads import Upload, parse_config, parse_spec
+from lambdabus_platform.archive import ArchiveLimits, build_inline_archive, inspect_archive
+from lambdabus_platform.blobstore import BlobStore
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidName,
+    InvalidSpec,
+    NotFound,
+    PreconditionFailed,
+    TemporaryError,
+)
+from lambdabus_platform.registry import Registry, Versioned
+
+log = logging.getLogger("lambdabus.gateway.functions")
+
+Change = Literal["source", "config"]
+
+
+@dataclass(frozen=True)
+class Source:
+    data: bytes
+    ref: SourceRef
+
+
+def next_record(
+    current: FunctionRecord, config: FunctionConfig, source: SourceRef | None, now: datetime
+) -> tuple[FunctionRecord, list[Change]]:
+    """The record after an update, and what changed. Pure."""
+    changes: list[Change] = []
+    if source is not None and source.sha256 != current.source.sha256:
+        changes.append("source")
+    if config != current.spec:
+        changes.append("config")
+    if not changes:
+        return current, []
+    updated = current.model_copy(
+        update={
+            "spec": config,
+            "source": source if source is not None else current.source,
+            "generation": current.generation + 1,
+            "updated_at": now,
+        }
+    )
+    return updated, changes
+
+
+def merge_patch(current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch. Pure."""
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_patch(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_if_match(if_match: str | None, current: Versioned[FunctionRecord]) -> None:
+    if if_match is None or if_match.strip() == "*":
+        return
+    tags = {t.strip().removeprefix("W/") for t in if_match.split(",")}
+    if current.etag not in tags:
+        raise PreconditionFailed(
+            f"the function changed: If-Match {if_match} but the current ETag is {current.etag}; "
+            "read it again and retry",
+            details={"etag": current.etag},
+        )
+
+
+class Functions:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        records: Registry[FunctionRecord],
+        blobs: BlobStore,
+        limits: ArchiveLimits,
+    ) -> None:
+        self._bus = bus
+        self._records = records
+        self._blobs = blobs
+        self._limits = limits
+
+    async def _prepare_source(self, upload: Upload, runtime: Runtime) -> Source | None:
+        if upload.archive is not None:
+            data, kind = upload.archive, "archive"
+        elif upload.inline_files is not None:
+            data, kind = build_inline_archive(upload.inline_files), "inline"
+        else:
+            return None
+        # Decompressing up to the limit is CPU work: keep it off the event loop.
+        info = await asyncio.to_thread(inspect_archive, data, runtime, self._limits)
+        ref = SourceRef(
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            kind=kind,  # type: ignore[arg-type]
+            entrypoint=info.entrypoint,
+            files=info.files,
+        )
+        return Source(data, ref)
+
+    async def _store(self, source: Source) -> None:
+        stored = await self._blobs.put(source.data)
+        assert stored.sha256 == source.ref.sha256
+
+    async def _publish(self, event: LifecycleEvent) -> None:
+        for attempt in range(3):
+            try:
+                await self._bus.publish_lifecycle(event)
+                return
+            except TemporaryError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def get(self, namespace: str, name: str) -> Versioned[FunctionRecord]:
+        current = await self._records.get(namespace, name)
+        if current is None:
+            raise NotFound(f"function {namespace}/{name} does not exist", code="function_not_found")
+        return current
+
+    async def in_namespace(self, namespace: str) -> list[Versioned[FunctionRecord]]:
+        return await self._records.in_namespace(namespace)
+
+    async def create(self, namespace: str, upload: Upload) -> Versioned[FunctionRecord]:
+        spec = parse_spec(upload.fields)
+        if await self._records.get(namespace, spec.name) is not None:
+            raise AlreadyExists(
+                f"function {namespace}/{spec.name} already exists; use PUT to replace it",
+                code="function_exists",
+            )
+        source = await self._prepare_source(upload, spec.runtime)
+        assert source is not None  # read_upload(require_source=True) guarantees one
+        await self._store(source)
+        now = datetime.now(UTC)
+        record = FunctionRecord(
+            namespace=namespace,
+            name=spec.name,
+            uid=str(uuid.uuid4()),
+            generation=1,
+            spec=FunctionConfig.model_validate(spec.model_dump(exclude={"name"})),
+            source=source.ref,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            stored = await self._records.create(namespace, spec.name, record)
+        except AlreadyExists as exc:
+            raise AlreadyExists(
+                f"function {namespace}/{spec.name} already exists; use PUT to replace it",
+                code="function_exists",
+            ) from exc
+        data = FunctionCreatedData(
+            namespace=namespace,
+            name=spec.name,
+            uid=record.uid,
+            generation=1,
+            spec=record.spec,
+            source=record.source,
+        )
+        await self._publish(
+            lifecycle_event(
+                FunctionCreated,
+                data,
+                service="gateway",
+                subject=f"{namespace}/{spec.name}",
+                key=f"{record.uid}:1",
+            )
+        )
+        log.info(
+            "function created",
+            extra={"namespace": namespace, "function": spec.name, "uid": record.uid},
+        )
+        return stored
+
+    async def replace(
+        self, namespace: str, name: str, upload: Upload, if_match: str | None
+    ) -> tuple[Versioned[FunctionRecord], list[Change]]:
+        fields = dict(upload.fields)
+        given = fields.setdefault("name", name)
+        if given != name:
+            raise InvalidName(
+                f"spec.name {given!r} does not match the function {name!r} in the path"
+            )
+        spec = parse_spec(fields)
+        config = FunctionConfig.model_validate(spec.model_dump(exclude={"name"}))
+        source = await self._prepare_source(upload, spec.runtime)
+        return await self._update(namespace, name, if_match, lambda _: config, source)
+
+    async def patch(
+        self, namespace: str, name: str, patch: dict[str, Any], if_match: str | None
+    ) -> tuple[Versioned[FunctionRecord], list[Change]]:
+        if "name" in patch and patch["name"] != name:
+            raise InvalidName("a function cannot be renamed; create a new one")
+        patch = {k: v for k, v in patch.items() if k != "name"}
+
+        def apply(current: FunctionRecord) -> FunctionConfig:
+            return parse_config(merge_patch(current.spec.model_dump(mode="json"), patch))
+
+        current = await self.get(namespace, name)
+        apply(current.value)  # validate before anything else
+        return await self._update(namespace, name, if_match, apply, None)
+
+    async def _update(
+        self,
+        namespace: str,
+        name: str,
+        if_match: str | None,
+        config_of: Any,
+        source: Source | None,
+    ) -> tuple[Versioned[FunctionRecord], list[Change]]:
+        stored_source = False
+        for _ in range(5):
+            current = await self.get(namespace, name)
+            check_if_match(if_match, current)
+            config: FunctionConfig = config_of(current.value)
+            if source is None and config.runtime != current.value.spec.runtime:
+                raise InvalidSpec(
+                    "changing the runtime needs new source: send the archive with the new runtime",
+                    code="runtime_needs_source",
+                )
+            record, changes = next_record(
+                current.value, config, source.ref if source else None, datetime.now(UTC)
+            )
+            if not changes:
+                return current, []
+            if source is not None and "source" in changes and not stored_source:
+                await self._store(source)
+                stored_source = True
+            try:
+                stored = await self._records.update(namespace, name, record, current.revision)
+            except Conflict:
+                if if_match is not None:
+                    raise PreconditionFailed(
+                        "the function changed while this update was applied; read it again and retry"
+                    ) from None
+                continue
+            data = FunctionUpdatedData(
+                namespace=namespace,
+                name=name,
+                uid=record.uid,
+                generation=record.generation,
+                spec=record.spec,
+                source=record.source,
+                changes=changes,
+            )
+            await self._publish(
+                lifecycle_event(
+                    FunctionUpdated,
+                    data,
+                    service="gateway",
+                    subject=f"{namespace}/{name}",
+                    key=f"{record.uid}:{record.generation}",
+                )
+            )
+            log.info(
+                "function updated",
+                extra={
+                    "namespace": namespace,
+                    "function": name,
+                    "generation": record.generation,
+                    "changes": changes,
+                },
+            )
+            return stored, changes
+        raise Conflict("the function is being changed concurrently; retry")
+
+    async def delete(self, namespace: str, name: str, if_match: str | None) -> FunctionRecord:
+        for _ in range(5):
+            current = await self.get(namespace, name)
+            check_if_match(if_match, current)
+            try:
+                await self._records.delete(namespace, name, current.revision)
+            except Conflict:
+                if if_match is not None:
+                    raise PreconditionFailed(
+                        "the function changed; read it again and retry"
+                    ) from None
+                continue
+            record = current.value
+            data = FunctionDeletedData(
+                namespace=namespace, name=name, uid=record.uid, generation=record.generation
+            )
+            await self._publish(
+                lifecycle_event(
+                    FunctionDeleted,
+                    data,
+                    service="gateway",
+                    subject=f"{namespace}/{name}",
+                    key=f"{record.uid}:deleted",
+                )
+            )
+            log.info("function deleted", extra={"namespace": namespace, "function": name})
+            return record
+        raise Conflict("the function is being changed concurrently; retry")

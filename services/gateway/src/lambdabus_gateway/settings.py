@@ -1,0 +1,24 @@
+"""Gateway settings: `LAMBDABUS_GATEWAY_*` (plus the shared `LAMBDABUS_NATS_*`, `LAMBDABUS_STORE_*`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from lambdabus_platform.settings import ServiceSettings, StoreSettings
+
+MiB = 1024 * 1024
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_GATEWAY_", extra="ignore")
+
+    port: int = Field(default=8080, ge=0, le=65535)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    max_upload_bytes: int = Field(default=50 * MiB, gt=0, description="largest upload body")
+    max_uncompressed_bytes: int = Field(
+        default=250 * MiB, gt=0, description="largest unpacked archive"
+    )
+    max_archive_entries: int = Field(default=10_000, gt=0)
+    max_spec_bytes: int = Field(default=64 * 1024, gt=0)
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
