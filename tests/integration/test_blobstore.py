@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aioboto3
 import pytest
@@ -22,9 +25,12 @@ from lambdabus_platform.blobstore import (
     open_blob_store,
 )
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.errors import InvalidRequest, LambdabusError, NotFound
+from lambdabus_platform.errors import InvalidRequest, LambdabusError, NotFound, TemporaryError
 from lambdabus_platform.s3 import S3BlobStore
 from lambdabus_platform.settings import S3Settings, StoreSettings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 
 @dataclass
@@ -70,21 +76,23 @@ async def nats_backend(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> Backend:
     return Backend(NatsBlobStore(bus), tamper, writes)
 
 
-def _raw_client(settings: S3Settings) -> object:
+def _raw_client(settings: S3Settings) -> AbstractAsyncContextManager[S3Client]:
+    """A client of its own, bypassing the store."""
     assert settings.secret_access_key is not None
-    return aioboto3.Session().client(
+    client: AbstractAsyncContextManager[S3Client] = aioboto3.Session().client(
         "s3",
         endpoint_url=settings.endpoint_url,
         region_name=settings.region,
         aws_access_key_id=settings.access_key_id,
         aws_secret_access_key=settings.secret_access_key.get_secret_value(),
     )
+    return client
 
 
 @pytest.fixture
 async def s3_backend(s3_settings: S3Settings) -> AsyncIterator[Backend]:
     bucket = s3_settings.bucket
-    async with S3BlobStore.open(s3_settings) as store, _raw_client(s3_settings) as raw:  # type: ignore[attr-defined]
+    async with S3BlobStore.open(s3_settings) as store, _raw_client(s3_settings) as raw:
         # Every write of a key becomes a version of it: "stored once" is then countable.
         await raw.put_bucket_versioning(
             Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
@@ -229,3 +237,19 @@ async def test_s3_bucket_creation_is_idempotent(s3_settings: S3Settings) -> None
     async with S3BlobStore.open(settings) as store:
         for ref in refs:
             assert await store.exists(ref.sha256)
+
+
+async def test_s3_unreachable_is_temporary(s3_settings: S3Settings) -> None:
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = s3_settings.model_copy(
+        update={
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "max_attempts": 1,
+            "connect_timeout": 1.0,
+        }
+    )
+    with pytest.raises(TemporaryError):
+        async with S3BlobStore.open(settings):
+            pass

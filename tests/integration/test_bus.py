@@ -12,7 +12,10 @@ from lambdabus_platform.settings import NatsSettings
 
 
 async def test_declare_is_idempotent(nats_settings: NatsSettings) -> None:
-    async with Bus.connect(nats_settings, name="a") as one, Bus.connect(nats_settings, name="b") as two:
+    async with (
+        Bus.connect(nats_settings, name="a") as one,
+        Bus.connect(nats_settings, name="b") as two,
+    ):
         await asyncio.gather(one.declare(), two.declare())
         await one.declare()
 

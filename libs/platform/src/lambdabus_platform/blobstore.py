@@ -145,7 +145,7 @@ class MemoryBlobStore:
 async def open_blob_store(settings: StoreSettings, bus: Bus) -> AsyncIterator[BlobStore]:
     """The backend named by `settings.backend`, for the duration of the context.
 
-    For `nats`, `bus` must have been declared with `object_bucket=settings.nats_bucket`.
+    For `nats`, `bus` must have been declared (its object store is `ARTIFACTS_BUCKET`).
     """
     if settings.backend == "s3":
         from lambdabus_platform.s3 import S3BlobStore  # aioboto3 is imported only when used

@@ -24,9 +24,15 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_platform.errors import AlreadyExists, Conflict, NotFound, TemporaryError
+from lambdabus_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    LambdabusError,
+    NotFound,
+    TemporaryError,
+)
 from lambdabus_platform.settings import NatsSettings
-from lambdabus_platform.subjects import KV_BUCKETS, STREAMS, lifecycle_subject
+from lambdabus_platform.subjects import ARTIFACTS_BUCKET, KV_BUCKETS, STREAMS, lifecycle_subject
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +170,7 @@ class Bus:
     def url(self) -> str:
         return self._settings.url
 
-    async def declare(self, *, object_bucket: str | None = "artifacts") -> None:
+    async def declare(self, *, object_bucket: str | None = ARTIFACTS_BUCKET) -> None:
         """Declare streams, KV buckets and the object store; safe to call from every replica."""
         s = self._settings
         max_age = {
@@ -277,6 +283,11 @@ class Bus:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def count(self, stream: str, filter_subject: str) -> int:
+        """How many messages of `stream` match `filter_subject` now."""
+        info = await self._js.stream_info(stream, subjects_filter=filter_subject)
+        return sum((info.state.subjects or {}).values())
+
     async def subscribe_core(
         self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]
     ) -> Callable[[], Awaitable[None]]:
@@ -301,8 +312,14 @@ class Bus:
     async def object_get(self, name: str) -> bytes:
         try:
             result = await self._store().get(name)
-        except nats.js.errors.ObjectNotFoundError as exc:
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError) as exc:
             raise NotFound(f"object {name} not found") from exc
+        except nats.js.errors.DigestMismatchError as exc:
+            raise LambdabusError(
+                f"object {name} is corrupt in the object store", code="corrupt_blob"
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise TemporaryError(f"NATS object store timed out reading {name}; retry") from exc
         return bytes(result.data or b"")
 
     async def object_exists(self, name: str) -> bool:

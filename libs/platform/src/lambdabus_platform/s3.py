@@ -10,19 +10,26 @@ import base64
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aioboto3
 import aiohttp
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
-from lambdabus_platform.blobstore import BlobRef, not_found, validate_sha256, verified
+from lambdabus_platform.blobstore import (
+    BlobRef,
+    CorruptBlob,
+    not_found,
+    validate_sha256,
+    verified,
+)
 from lambdabus_platform.errors import NotFound, PermanentError, TemporaryError
 from lambdabus_platform.settings import S3Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.literals import BucketLocationConstraintType
 
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _TRANSIENT = frozenset(
@@ -58,6 +65,11 @@ def _s3_errors(action: str, key: str | None = None) -> Iterator[None]:
             code="storage_error",
             details=details,
         ) from exc
+    except botocore.exceptions.FlexibleChecksumError as exc:
+        raise CorruptBlob(
+            f"{what}: the bytes S3 returned fail their stored checksum; upload the blob again",
+            details={"key": key},
+        ) from exc
     except (
         botocore.exceptions.ConnectionError,
         botocore.exceptions.HTTPClientError,
@@ -92,9 +104,9 @@ class S3BlobStore:
         if settings.secret_access_key is not None:
             credentials["aws_secret_access_key"] = settings.secret_access_key.get_secret_value()
         config = AioConfig(
-            connect_timeout=5,
-            read_timeout=60,
-            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
             # MinIO and other self-hosted endpoints rarely resolve virtual-host bucket names.
             s3={"addressing_style": "path"} if settings.endpoint_url else None,
         )
@@ -124,7 +136,9 @@ class S3BlobStore:
                 else:
                     await self._client.create_bucket(
                         Bucket=self._bucket,
-                        CreateBucketConfiguration={"LocationConstraint": region},  # type: ignore[typeddict-item]
+                        CreateBucketConfiguration={
+                            "LocationConstraint": cast("BucketLocationConstraintType", region)
+                        },
                     )
         except PermanentError as exc:
             # Another replica created it between our head and create: that is what we wanted.

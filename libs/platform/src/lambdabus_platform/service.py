@@ -235,6 +235,7 @@ async def serve(
     *,
     client_max_size: int = 1024**2,
     stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run a service until `stop` is set (by SIGTERM/SIGINT when run from `run`)."""
     stop = stop or asyncio.Event()
@@ -265,6 +266,8 @@ async def serve(
             port = _bound_port(runner) or settings.port
             url = f"http://{settings.host}:{port}"
             log.info("listening", extra={"url": url, "port": port, "event": "listening"})
+            if on_ready is not None:
+                on_ready(url)
             try:
                 await stop.wait()
             finally:

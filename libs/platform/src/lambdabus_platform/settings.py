@@ -44,6 +44,9 @@ class S3Settings(BaseSettings):
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     prefix: str = "sha256/"
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=10)
 
 
 class StoreSettings(BaseSettings):
@@ -52,7 +55,6 @@ class StoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_STORE_", extra="ignore")
 
     backend: Literal["nats", "s3"] = "nats"
-    nats_bucket: str = "artifacts"
     s3: S3Settings = Field(default_factory=S3Settings)
 
 

@@ -38,6 +38,8 @@ FUNCTIONS_BUCKET = "functions"  # gateway
 BUILDS_BUCKET = "builds"  # builder
 DEPLOYMENTS_BUCKET = "deployments"  # deployer
 KV_BUCKETS: tuple[str, ...] = (FUNCTIONS_BUCKET, BUILDS_BUCKET, DEPLOYMENTS_BUCKET)
+# Object store bucket of the NATS artifact store backend.
+ARTIFACTS_BUCKET = "artifacts"
 
 
 def _checked(*tokens: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 functions=functions,
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
                 deployments=Registry(ctx.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState),
+                stopping=ctx.stopping,
             )
             add_routes(ctx.app)
             yield

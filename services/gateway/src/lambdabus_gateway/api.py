@@ -32,6 +32,7 @@ class Gateway:
     functions: Functions
     builds: Registry[BuildState]
     deployments: Registry[DeploymentState]
+    stopping: asyncio.Event
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -180,7 +181,7 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     messages = gw.bus.replay("LIFECYCLE", subject, since=since)
     keepalive = gw.settings.sse_keepalive_seconds
     try:
-        async for item in _with_keepalive(messages, keepalive):
+        async for item in _with_keepalive(messages, keepalive, gw.stopping):
             if item is None:
                 await response.write(b": keepalive\n\n")
                 continue
@@ -197,12 +198,20 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _with_keepalive(source: AsyncIterator[Any], every: float) -> AsyncIterator[Any]:
-    """Yield from `source`, and None whenever `every` seconds pass without an item."""
+async def _with_keepalive(
+    source: AsyncIterator[Any], every: float, stopping: asyncio.Event
+) -> AsyncIterator[Any]:
+    """Yield from `source`, and None whenever `every` seconds pass without an item; end when
+    the service is stopping, so that open streams never hold up a shutdown."""
     pending = asyncio.ensure_future(anext(source))
+    stop = asyncio.ensure_future(stopping.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=every)
+            done, _ = await asyncio.wait(
+                {pending, stop}, timeout=every, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stop in done:
+                return
             if not done:
                 yield None
                 continue
@@ -212,6 +221,7 @@ async def _with_keepalive(source: AsyncIterator[Any], every: float) -> AsyncIter
         return
     finally:
         pending.cancel()
+        stop.cancel()
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -1,0 +1,243 @@
+"""`lambdabus up`: the embedded platform on one machine — a nats-server with JetStream (store
+under `.lambdabus/`) and the five services, each its own process, supervised.
+
+Ready by their own word: nats-server says "Server is ready", each service logs a `listening`
+line once it is connected, declared and serving. A service that dies is restarted with back-off.
+SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period), then NATS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lambdabus_platform.natsserver import NatsServerError, run_nats_server
+
+SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
+
+
+class UpSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_UP_", extra="ignore")
+
+    data_dir: Path = Path(".lambdabus")
+    host: str = "127.0.0.1"
+    nats_port: int = Field(default=4222, ge=-1, le=65535)
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    router_port: int = Field(default=8081, ge=0, le=65535)
+    builder_port: int = Field(default=8082, ge=0, le=65535)
+    deployer_port: int = Field(default=8083, ge=0, le=65535)
+    logs_port: int = Field(default=8084, ge=0, le=65535)
+    ready_timeout: float = Field(default=60.0, gt=0)
+    grace_seconds: float = Field(default=10.0, gt=0)
+    max_restart_delay: float = Field(default=10.0, gt=0)
+
+    def port(self, service: str) -> int:
+        value: int = getattr(self, f"{service}_port")
+        return value
+
+
+@dataclass
+class Child:
+    service: str
+    process: asyncio.subprocess.Process | None = None
+    url: str | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    restarts: int = 0
+
+
+def _human(line: dict[str, Any]) -> str:
+    """One log line for a person: time, service, level, message, extra fields."""
+    skip = {"ts", "service", "level", "msg", "logger"}
+    extras = " ".join(f"{k}={v}" for k, v in line.items() if k not in skip)
+    ts = str(line.get("ts", ""))[11:19]
+    return f"{ts} {line.get('service', '?'):<8} {line.get('level', ''):<7} {line.get('msg', '')} {extras}".rstrip()
+
+
+class Platform:
+    def __init__(self, settings: UpSettings, *, out: TextIO, err: TextIO) -> None:
+        self.settings = settings
+        self.out = out
+        self.err = err
+        self.children = {name: Child(name) for name in SERVICES}
+        self.stopping = asyncio.Event()
+        self.logs_dir = settings.data_dir / "logs"
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def env_for(self, service: str, nats_url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LAMBDABUS_NATS_URL"] = nats_url
+        prefix = f"LAMBDABUS_{service.upper()}_"
+        env[prefix + "HOST"] = self.settings.host
+        env[prefix + "PORT"] = str(self.settings.port(service))
+        env[prefix + "STATE_DIR"] = str(self.settings.data_dir.resolve() / service)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    async def supervise(self, child: Child, nats_url: str) -> None:
+        delay = 0.5
+        log_path = self.logs_dir / f"{child.service}.log"
+        while not self.stopping.is_set():
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                f"lambdabus_{child.service}",
+                env=self.env_for(child.service, nats_url),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # signals reach it from us only, in order
+            )
+            child.process = process
+            assert process.stderr is not None
+            with log_path.open("a", encoding="utf-8") as log_file:
+                while raw := await process.stderr.readline():
+                    text = raw.decode(errors="replace").rstrip("\n")
+                    log_file.write(text + "\n")
+                    log_file.flush()
+                    try:
+                        line = json.loads(text)
+                    except json.JSONDecodeError:
+                        print(f"{child.service:<8} {text}", file=self.err, flush=True)
+                        continue
+                    if not isinstance(line, dict):
+                        continue
+                    if line.get("event") == "listening" and not child.ready.is_set():
+                        child.url = str(line.get("url"))
+                        child.ready.set()
+                    print(_human(line), file=self.err, flush=True)
+            code = await process.wait()
+            child.process = None
+            if self.stopping.is_set():
+                return
+            child.ready.clear()
+            child.restarts += 1
+            print(
+                f"{child.service} exited with code {code}; restarting in {delay:.1f}s "
+                f"(restart {child.restarts}, log: {log_path})",
+                file=self.err,
+                flush=True,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            delay = min(delay * 2, self.settings.max_restart_delay)
+
+    async def stop_children(self) -> None:
+        self.stopping.set()
+        running = [
+            c.process for c in self.children.values() if c.process and c.process.returncode is None
+        ]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        if not running:
+            return
+        _, pending = await asyncio.wait(
+            [asyncio.ensure_future(p.wait()) for p in running], timeout=self.settings.grace_seconds
+        )
+        for process in running:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        for task in pending:
+            await task
+
+    async def run(self, stop: asyncio.Event) -> int:
+        s = self.settings
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            nats_cm = run_nats_server(
+                s.data_dir / "nats",
+                host=s.host,
+                port=s.nats_port,
+                log_path=self.logs_dir / "nats.log",
+            )
+            server = await nats_cm.__aenter__()
+        except NatsServerError as exc:
+            print(f"error: nats-server did not start: {exc}", file=self.err, flush=True)
+            return 1
+        came_up = False
+        try:
+            self.say(f"nats     {server.url}  (JetStream store: {s.data_dir / 'nats'})")
+            tasks = [
+                asyncio.create_task(self.supervise(c, server.url)) for c in self.children.values()
+            ]
+            waiting: asyncio.Future[Any] = asyncio.gather(
+                *(c.ready.wait() for c in self.children.values())
+            )
+            stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait(
+                {waiting, stop_wait}, timeout=s.ready_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            came_up = waiting in done
+            if came_up:
+                for child in self.children.values():
+                    self.say(f"{child.service:<8} {child.url}")
+                self.say("lambdabus is up; Ctrl-C stops it")
+            elif not stop.is_set():
+                late = [c.service for c in self.children.values() if not c.ready.is_set()]
+                print(
+                    f"error: not ready after {s.ready_timeout:.0f}s: {', '.join(late)} (logs in {self.logs_dir})",
+                    file=self.err,
+                    flush=True,
+                )
+                stop.set()
+            await stop.wait()
+            waiting.cancel()
+            stop_wait.cancel()
+            self.say("stopping")
+            await self.stop_children()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await nats_cm.__aexit__(None, None, None)
+        self.say("stopped")
+        return 0 if came_up else 1
+
+
+def main(
+    argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lambdabus up", description="Run the whole platform on this machine."
+    )
+    parser.add_argument("--data-dir", type=Path, help="state directory (default .lambdabus)")
+    parser.add_argument(
+        "--ephemeral-ports",
+        action="store_true",
+        help="let every server pick a free port (the URLs are printed once ready)",
+    )
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.ephemeral_ports:
+        overrides["nats_port"] = -1
+        overrides.update({f"{name}_port": 0 for name in SERVICES})
+    settings = UpSettings(**overrides)
+    platform = Platform(settings, out=out or sys.stdout, err=err or sys.stderr)
+
+    async def _main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await platform.run(stop)
+
+    return asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,592 @@
+"""The `lambdabus` CLI and its client against a small fake of the gateway's HTTP API on an
+ephemeral port, plus the pure parts: archive packaging, table rendering and the SSE parser."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import zipfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import BodyPartReader, web
+from aiohttp.test_utils import TestServer
+
+from lambdabus_client.cli import (
+    format_age,
+    main,
+    parse_env,
+    parse_since,
+    render_table,
+    summarize_event,
+)
+from lambdabus_client.client import ServerSentEvent, SSEDecoder
+from lambdabus_client.packaging import PackagingError, load_archive, zip_directory
+
+JsonObject = dict[str, Any]
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+# -- a fake gateway ------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    spec: JsonObject | None = None
+    archive: bytes | None = None
+    archive_filename: str | None = None
+    archive_content_type: str | None = None
+
+
+@dataclass
+class FakeGateway:
+    """The gateway routes the CLI uses, answering canned JSON and recording every request."""
+
+    url: str = ""
+    functions: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    lifecycle_body: bytes = b""
+
+    def add(
+        self, namespace: str, name: str, *, runtime: str = "python3.11", age_s: int = 90
+    ) -> None:
+        created = (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat()
+        self.functions[namespace, name] = _record(namespace, name, 1, runtime, created)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record_request])
+        base = "/v1/namespaces/{ns}/functions"
+        app.router.add_post(base, self._create)
+        app.router.add_get(base, self._list)
+        app.router.add_put(base + "/{name}", self._replace)
+        app.router.add_delete(base + "/{name}", self._delete)
+        app.router.add_get(base + "/{name}/status", self._status)
+        app.router.add_get("/v1/lifecycle", self._lifecycle)
+        return app
+
+    @web.middleware
+    async def _record_request(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        recorded = Recorded(request.method, request.path, dict(request.query))
+        if request.content_type == "multipart/form-data":
+            reader = await request.multipart()
+            async for part in reader:
+                assert isinstance(part, BodyPartReader)
+                if part.name == "spec":
+                    recorded.spec = json.loads(await part.text())
+                elif part.name == "archive":
+                    recorded.archive = bytes(await part.read())
+                    recorded.archive_filename = part.filename
+                    recorded.archive_content_type = part.headers.get("Content-Type")
+        self.requests.append(recorded)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _create(self, request: web.Request) -> web.Response:
+        spec = self.requests[-1].spec or {}
+        key = (request.match_info["ns"], spec["name"])
+        if key in self.functions:
+            return _error(409, "already_exists", f"function {key[0]}/{key[1]} already exists")
+        record = _record(*key, 1, spec.get("runtime", "python3.11"), NOW.isoformat())
+        self.functions[key] = record
+        return web.json_response(record, status=202, headers={"ETag": '"1"'})
+
+    async def _replace(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.functions:
+            return _error(404, "not_found", f"function {key[0]}/{key[1]} does not exist")
+        old = self.functions[key]
+        record = _record(*key, old["generation"] + 1, old["spec"]["runtime"], old["created_at"])
+        self.functions[key] = record
+        return web.json_response(record, status=202)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        namespace = request.match_info["ns"]
+        items = [record for (ns, _), record in self.functions.items() if ns == namespace]
+        return web.json_response({"items": items})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.functions:
+            return _error(404, "not_found", f"function {key[0]}/{key[1]} does not exist")
+        return web.json_response(_status(*key, self.functions[key]["generation"]))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.functions:
+            return _error(404, "not_found", f"function {key[0]}/{key[1]} does not exist")
+        return web.json_response(self.functions.pop(key), status=202)
+
+    async def _lifecycle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        # Written in small pieces so events and even lines straddle chunks.
+        for start in range(0, len(self.lifecycle_body), 7):
+            await response.write(self.lifecycle_body[start : start + 7])
+        await response.write_eof()
+        return response
+
+
+def _record(namespace: str, name: str, generation: int, runtime: str, created: str) -> JsonObject:
+    return {
+        "namespace": namespace,
+        "name": name,
+        "uid": f"uid-{name}",
+        "generation": generation,
+        "spec": {
+            "runtime": runtime,
+            "env": {},
+            "replicas": 1,
+            "timeout": 30.0,
+            "memory": 256,
+            "description": "",
+        },
+        "source": {
+            "sha256": f"{generation:x}" * 64,
+            "size": 123,
+            "kind": "archive",
+            "entrypoint": "lambda_main.py",
+            "files": 2,
+        },
+        "created_at": created,
+        "updated_at": created,
+    }
+
+
+def _status(namespace: str, name: str, generation: int) -> JsonObject:
+    condition = {"status": "True", "last_transition_time": NOW.isoformat()}
+    return {
+        "namespace": namespace,
+        "name": name,
+        "generation": generation,
+        "image_status": "completed",
+        "status": "running",
+        "conditions": [
+            {**condition, "type": "ConfigurationReady", "reason": "Valid", "message": ""},
+            {**condition, "type": "BuildReady", "reason": "BuildSucceeded", "message": "built"},
+            {**condition, "type": "Running", "reason": "Ready", "message": "1/1 replicas ready"},
+        ],
+        "replicas": 1,
+        "ready_replicas": 1,
+        "message": "",
+    }
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[FakeGateway]:
+    fake = FakeGateway()
+    async with TestServer(fake.app()) as server:
+        fake.url = f"http://{server.host}:{server.port}"
+        yield fake
+
+
+async def run_cli(*args: str) -> int:
+    """`main` calls asyncio.run, so it runs on a thread of its own beside the server's loop."""
+    return await asyncio.to_thread(main, list(args))
+
+
+@pytest.fixture
+def function_dir(tmp_path: Path) -> Path:
+    source = tmp_path / "hello"
+    (source / "lib").mkdir(parents=True)
+    (source / "lambda_main.py").write_text("async def main(request):\n    return {}\n")
+    (source / "lib" / "util.py").write_text("X = 1\n")
+    (source / "__pycache__").mkdir()
+    (source / "__pycache__" / "lambda_main.cpython-311.pyc").write_bytes(b"\0")
+    return source
+
+
+# -- CLI against the fake gateway -------------------------------------------------------------
+
+
+async def test_deploy_directory_uploads_zip_and_spec(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello",
+        "--env", "GREETING=hi", "--env", "URL=a=b",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    upload = gateway.requests[0]
+    assert (upload.method, upload.path) == ("POST", "/v1/namespaces/default/functions")
+    assert upload.spec == {"name": "hello", "env": {"GREETING": "hi", "URL": "a=b"}}
+    assert upload.archive_filename == "function.zip"
+    assert upload.archive_content_type == "application/zip"
+    assert upload.archive is not None
+    with zipfile.ZipFile(io.BytesIO(upload.archive)) as archive:
+        assert archive.namelist() == ["lambda_main.py", "lib/util.py"]
+        assert archive.read("lib/util.py") == b"X = 1\n"
+    assert "Created default/hello: generation 1, sha256 111111111111" in out
+    assert "entrypoint lambda_main.py" in out
+    assert "Image: completed  Status: running" in out
+
+
+async def test_deploy_of_an_existing_function_replaces_it_with_put(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("prod", "hello")
+
+    code = await run_cli(
+        "deploy", str(function_dir), "--name", "hello", "-n", "prod", "--url", gateway.url,
+        "--replicas", "2", "--timeout", "5", "--memory", "1Gi",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    create, replace = gateway.requests[:2]
+    assert (create.method, replace.method) == ("POST", "PUT")
+    assert replace.path == "/v1/namespaces/prod/functions/hello"
+    expected_spec = {"name": "hello", "replicas": 2, "timeout": 5.0, "memory": "1Gi"}
+    assert replace.spec == expected_spec
+    assert replace.archive == create.archive
+    assert "Updated prod/hello: generation 2" in out
+
+
+async def test_deploy_of_a_zip_sends_it_as_is(
+    gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "fn.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("handler.py", "def main(event, context):\n    return {}\n")
+
+    code = await run_cli("--url", gateway.url, "deploy", str(archive), "--name", "zipped")
+
+    assert code == 0
+    assert gateway.requests[0].archive == archive.read_bytes()
+
+
+async def test_ls_renders_an_aligned_table(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello", age_s=90)
+    gateway.add("default", "a-much-longer-name", runtime="nodejs20", age_s=3 * 3600 + 5)
+    gateway.add("other", "elsewhere")
+
+    code = await run_cli("--url", gateway.url, "ls")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "NAME                RUNTIME     GEN  IMAGE      STATUS   AGE",
+        "a-much-longer-name  nodejs20    1    completed  running  3h",
+        "hello               python3.11  1    completed  running  1m",
+    ]
+    status_paths = {r.path for r in gateway.requests if r.path.endswith("/status")}
+    assert status_paths == {
+        "/v1/namespaces/default/functions/hello/status",
+        "/v1/namespaces/default/functions/a-much-longer-name/status",
+    }
+
+
+async def test_ls_of_an_empty_namespace_says_so(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_cli("--url", gateway.url, "ls", "--namespace", "empty")
+
+    assert code == 0
+    assert capsys.readouterr().out == "No functions in namespace empty.\n"
+
+
+async def test_ls_json_prints_records_with_their_status(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+
+    code = await run_cli("--url", gateway.url, "--output", "json", "ls")
+
+    assert code == 0
+    (item,) = json.loads(capsys.readouterr().out)["items"]
+    assert item["name"] == "hello"
+    assert item["status"]["image_status"] == "completed"
+
+
+async def test_status_shows_image_status_lambda_status_and_conditions(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+
+    code = await run_cli("--url", gateway.url, "status", "hello")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert "Image:       completed" in out
+    assert "Status:      running (1/1 replicas ready)" in out
+    table = out.split("\n\n", 1)[1].splitlines()
+    assert table == [
+        "TYPE                STATUS  REASON          MESSAGE",
+        "ConfigurationReady  True    Valid",
+        "BuildReady          True    BuildSucceeded  built",
+        "Running             True    Ready           1/1 replicas ready",
+    ]
+
+
+async def test_rm_deletes(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway.add("default", "hello")
+
+    code = await run_cli("--url", gateway.url, "rm", "hello")
+
+    assert code == 0
+    assert gateway.requests[-1].method == "DELETE"
+    assert ("default", "hello") not in gateway.functions
+    assert capsys.readouterr().out == "Deleting default/hello.\n"
+
+
+async def test_an_error_answer_exits_1_with_one_line_on_stderr(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_cli("--url", gateway.url, "rm", "missing")
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert err == "error: not_found: function default/missing does not exist\n"
+
+
+async def test_an_unreachable_gateway_exits_1_and_says_what_to_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+    code = await run_cli("--url", url, "ls")
+
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: unreachable: the gateway at {url} is not reachable")
+    assert "lambdabus up" in err
+
+
+def test_a_usage_error_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["deploy", "somewhere"])
+
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("error: usage: the following arguments are required: --name")
+
+
+def test_a_missing_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["deploy", str(tmp_path / "nope"), "--name", "hello"])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"error: invalid_source: {tmp_path / 'nope'} does not exist\n"
+
+
+async def test_events_prints_one_line_per_lifecycle_event(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    succeeded = {
+        "specversion": "1.0",
+        "id": "e1",
+        "type": "io.lambdabus.build.succeeded",
+        "source": "/lambdabus/builder",
+        "subject": "default/hello",
+        "time": "2024-05-01T12:00:03.250000+00:00",
+        "data": {"generation": 2, "duration_seconds": 1.25, "dependencies_cached": True},
+    }
+    failed = {
+        **succeeded,
+        "id": "e2",
+        "type": "io.lambdabus.build.failed",
+        "time": "2024-05-01T12:00:04Z",
+        "data": {"generation": 3, "reason": "SyntaxError", "message": "line 1"},
+    }
+    multi_line = "\n".join(f"data: {line}" for line in json.dumps(failed, indent=1).splitlines())
+    gateway.lifecycle_body = (
+        f": keepalive\n\nid: e1\nevent: lifecycle\ndata: {json.dumps(succeeded)}\n\n"
+        f": another comment\r\nid: e2\r\n{multi_line}\r\n\r\n"
+    ).encode()
+
+    code = await run_cli(
+        "--url", gateway.url, "events", "--function", "hello", "--type", "build.succeeded",
+        "--since", "2024-05-01T12:00:00+00:00",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "2024-05-01T12:00:03Z  build.succeeded  default/hello  "
+        "generation 2, built in 1.2s, dependencies cached",
+        "2024-05-01T12:00:04Z  build.failed  default/hello  generation 3 (SyntaxError: line 1)",
+    ]
+    assert gateway.requests[0].query == {
+        "namespace": "default",
+        "function": "hello",
+        "type": "io.lambdabus.build.succeeded",
+        "since": "2024-05-01T12:00:00Z",
+    }
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def test_render_table_aligns_columns_without_trailing_space() -> None:
+    table = render_table(["A", "LONGER"], [["xyz", ""], ["", "1"]])
+
+    assert table.splitlines() == ["A    LONGER", "xyz", "     1"]
+
+
+def test_render_table_with_no_rows_is_the_header() -> None:
+    assert render_table(["NAME", "AGE"], []) == "NAME  AGE"
+
+
+def test_render_table_refuses_ragged_rows() -> None:
+    with pytest.raises(ValueError, match="expected 2"):
+        render_table(["A", "B"], [["only one"]])
+
+
+@pytest.mark.parametrize(
+    ("seconds", "age"), [(0, "0s"), (59, "59s"), (60, "1m"), (7200, "2h"), (3 * 86400, "3d")]
+)
+def test_format_age(seconds: int, age: str) -> None:
+    assert format_age((NOW - timedelta(seconds=seconds)).isoformat(), NOW) == age
+
+
+def test_format_age_of_nonsense_is_a_dash() -> None:
+    assert format_age("yesterday", NOW) == "-"
+    assert format_age(None, NOW) == "-"
+
+
+def test_parse_since_accepts_durations_and_rfc3339() -> None:
+    assert parse_since("10m", NOW) == "2024-05-01T11:50:00Z"
+    assert parse_since("2024-05-01T14:00:00+02:00", NOW) == "2024-05-01T12:00:00Z"
+
+
+def test_parse_env_splits_on_the_first_equals_sign() -> None:
+    assert parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+
+
+def test_summarize_deployment_event() -> None:
+    event = {
+        "type": "io.lambdabus.deployment.failed",
+        "data": {"generation": 4, "replicas": 2, "ready_replicas": 0, "reason": "CrashLoop"},
+    }
+
+    assert summarize_event(event) == "generation 4, 0/2 ready (CrashLoop)"
+
+
+# -- the SSE parser ----------------------------------------------------------------------------
+
+
+def _feed_all(decoder: SSEDecoder, chunks: list[bytes]) -> list[ServerSentEvent]:
+    return [event for chunk in chunks for event in decoder.feed(chunk)]
+
+
+def test_sse_joins_multi_line_data_and_skips_comments() -> None:
+    stream = b": hello\n\ndata: first\ndata:second\n: mid-event comment\ndata:  third\n\n"
+
+    events = _feed_all(SSEDecoder(), [stream])
+
+    assert events == [ServerSentEvent(data="first\nsecond\n third")]
+
+
+def test_sse_dispatches_only_on_a_blank_line_and_keeps_event_and_id() -> None:
+    decoder = SSEDecoder()
+
+    assert decoder.feed(b"id: 7\nevent: lifecycle\ndata: x\n") == []
+    assert decoder.feed(b"\ndata: y\n\n") == [
+        ServerSentEvent(data="x", event="lifecycle", id="7"),
+        ServerSentEvent(data="y", event="message", id="7"),
+    ]
+
+
+def test_sse_handles_any_chunking_and_line_ending() -> None:
+    stream = "data: caf\u00e9\r\n\r\ndata: two\r\rdata: three\n\nevent: empty\n\n".encode()
+    expected = [ServerSentEvent(data="caf\u00e9"), ServerSentEvent("two"), ServerSentEvent("three")]
+
+    for size in (1, 2, 3, 5, len(stream)):
+        chunks = [stream[start : start + size] for start in range(0, len(stream), size)]
+        assert _feed_all(SSEDecoder(), chunks) == expected, size
+
+
+def test_sse_drops_an_unterminated_event_at_the_end() -> None:
+    assert SSEDecoder().feed(b"data: incomplete\n") == []
+
+
+# -- packaging ---------------------------------------------------------------------------------
+
+
+def test_zip_directory_is_deterministic(function_dir: Path) -> None:
+    first = zip_directory(function_dir)
+    os.utime(function_dir / "lambda_main.py", (1_000_000_000, 1_000_000_000))
+
+    assert zip_directory(function_dir) == first
+    with zipfile.ZipFile(io.BytesIO(first)) as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_zip_directory_skips_caches_vcs_and_bytecode(function_dir: Path) -> None:
+    for skipped in (".git/HEAD", "node_modules/x/index.js", ".venv/bin/python", "lib/util.pyc"):
+        (function_dir / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (function_dir / skipped).write_text("skip me")
+    (function_dir / "node_modules.txt").write_text("kept: only the directory name is skipped")
+
+    with zipfile.ZipFile(io.BytesIO(zip_directory(function_dir))) as archive:
+        names = archive.namelist()
+
+    assert names == ["lambda_main.py", "lib/util.py", "node_modules.txt"]
+
+
+def test_zip_directory_keeps_executable_bits(function_dir: Path) -> None:
+    (function_dir / "run.sh").write_text("#!/bin/sh\n")
+    (function_dir / "run.sh").chmod(0o755)
+
+    with zipfile.ZipFile(io.BytesIO(zip_directory(function_dir))) as archive:
+        modes = {info.filename: (info.external_attr >> 16) & 0o777 for info in archive.infolist()}
+
+    assert modes["run.sh"] == 0o755
+    assert modes["lambda_main.py"] == 0o644
+
+
+def test_zip_directory_skips_symlinks_out_of_the_tree(function_dir: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not upload")
+    (function_dir / "leak.txt").symlink_to(secret)
+    (function_dir / "outside").symlink_to(tmp_path)
+    (function_dir / "dangling").symlink_to(function_dir / "nowhere")
+    (function_dir / "alias.py").symlink_to(function_dir / "lib" / "util.py")
+    warnings: list[str] = []
+
+    data = zip_directory(function_dir, warn=warnings.append)
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.namelist() == ["alias.py", "lambda_main.py", "lib/util.py"]
+        assert archive.read("alias.py") == b"X = 1\n"
+    assert len(warnings) == 3
+    assert any("leak.txt" in warning and "outside" in warning for warning in warnings)
+
+
+def test_zip_directory_refuses_an_empty_tree(tmp_path: Path) -> None:
+    (tmp_path / "__pycache__").mkdir()
+
+    with pytest.raises(PackagingError, match="no files"):
+        zip_directory(tmp_path)
+
+
+def test_load_archive_reads_a_zip_as_is_and_refuses_other_files(tmp_path: Path) -> None:
+    archive = tmp_path / "fn.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("handler.js", "exports.main = () => ({})\n")
+    not_a_zip = tmp_path / "notes.txt"
+    not_a_zip.write_text("hello")
+
+    assert load_archive(archive) == archive.read_bytes()
+    with pytest.raises(PackagingError, match="not a zip file"):
+        load_archive(not_a_zip)
