@@ -169,7 +169,8 @@ class Platform:
             return 1
         came_up = False
         try:
-            self.say(f"nats     {server.url}  (JetStream store: {s.data_dir / 'nats'})")
+            self.say(f"store    {s.data_dir / 'nats'}")
+            self.say(f"nats     {server.url}")
             tasks = [
                 asyncio.create_task(self.supervise(c, server.url)) for c in self.children.values()
             ]

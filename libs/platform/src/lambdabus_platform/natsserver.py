@@ -39,13 +39,16 @@ def find_binary() -> str:
     return found
 
 
-def render_config(*, host: str, port: int, store_dir: Path, http_port: int | None = None) -> str:
-    """The server config. `sync_interval: always` fsyncs every JetStream write before the ack."""
+def render_config(
+    *, host: str, port: int, store_dir: Path, http_port: int | None = None, sync_always: bool = True
+) -> str:
+    """The server config. `sync_interval: always` fsyncs every JetStream write before the ack;
+    `sync_always=False` keeps the server default (fsync every 2 minutes) — for the benchmark only."""
     lines = [
         f'listen: "{host}:{port}"',
         "jetstream {",
         f'  store_dir: "{store_dir}"',
-        "  sync_interval: always",
+        *(["  sync_interval: always"] if sync_always else []),
         "  max_memory_store: 256MB",
         "}",
         "max_payload: 8MB",
@@ -70,11 +73,14 @@ async def run_nats_server(
     port: int = -1,
     ready_timeout: float = 20.0,
     log_path: Path | None = None,
+    sync_always: bool = True,
 ) -> AsyncIterator[NatsServer]:
     """Start nats-server, wait until it says it is ready, stop it (SIGTERM, then SIGKILL) on exit."""
     store_dir.mkdir(parents=True, exist_ok=True)
     config = store_dir / "nats.conf"
-    config.write_text(render_config(host=host, port=port, store_dir=store_dir / "jetstream"))
+    config.write_text(render_config(
+            host=host, port=port, store_dir=store_dir / "jetstream", sync_always=sync_always
+        ))
     process = await asyncio.create_subprocess_exec(
         find_binary(),
         "-c",

@@ -1,0 +1,100 @@
+"""`lambdabus up` as a subprocess, exactly as `make run` starts it, on ephemeral ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SERVICES = ("gateway", "router", "builder", "deployer", "logs")
+
+
+@dataclass
+class Platform:
+    process: subprocess.Popen[str]
+    urls: dict[str, str] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)
+
+    def descendants(self) -> set[int]:
+        """Every process below `lambdabus up`, read from /proc."""
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                parents[int(stat.parent.name)] = int(fields[1])
+        found: set[int] = set()
+        frontier = {self.process.pid}
+        while frontier:
+            children = {pid for pid, ppid in parents.items() if ppid in frontier}
+            found |= children
+            frontier = children
+        return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def platform_up(data_dir: Path, *, ready_timeout: float = 90) -> Iterator[Platform]:
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "lambdabus_client", "up", "--ephemeral-ports", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    platform = Platform(process)
+    assert process.stdout is not None
+    deadline = time.monotonic() + ready_timeout
+    try:
+        # ready by its own word: `up` prints each URL, then "lambdabus is up"
+        for line in process.stdout:
+            platform.output.append(line)
+            words = line.split()
+            if len(words) == 2 and words[0] in (*SERVICES, "nats"):
+                platform.urls[words[0]] = words[1]
+            if line.startswith("lambdabus is up"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("lambdabus up was not ready in time:\n" + "".join(platform.output))
+        else:
+            raise RuntimeError("lambdabus up exited:\n" + "".join(platform.output))
+        yield platform
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        process.stdout.close()
+
+
+def stop(platform: Platform, sig: int = signal.SIGTERM, timeout: float = 40) -> tuple[int, set[int]]:
+    """Signal `up`, wait for it to exit; return its code and the processes it left behind."""
+    before = platform.descendants()
+    assert before, "lambdabus up has no child processes"
+    platform.process.send_signal(sig)
+    code = platform.process.wait(timeout)
+    deadline = time.monotonic() + 5
+    left = {pid for pid in before if _alive(pid)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = {pid for pid in before if _alive(pid)}
+    return code, left
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
