@@ -54,3 +54,33 @@ async def test_publish_dedups_on_msg_id(bus: Bus) -> None:
     assert first == second
     third = await bus.publish("lambdabus.events.test.dedup", b"3", msg_id="other-id")
     assert third == first + 1
+
+
+async def test_kv_watch_sees_values_then_changes(bus: Bus) -> None:
+    kv = bus.kv("deployments")
+    await kv.put("watch.a", b"1")
+    seen: list[tuple[str, bytes]] = []
+
+    async def collect() -> None:
+        async for entry in kv.watch("watch.*"):
+            seen.append((entry.key, entry.value))
+            if len(seen) == 3:
+                return
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.1)
+    await kv.put("watch.b", b"2")
+    await kv.delete("watch.a")
+    await asyncio.wait_for(task, 5)
+    assert seen == [("watch.a", b"1"), ("watch.b", b"2"), ("watch.a", b"")]
+
+
+async def test_request_reply(bus: Bus) -> None:
+    async def echo(data: bytes) -> bytes:
+        return data.upper()
+
+    unsubscribe = await bus.serve("lambdabus.rpc.test.echo", echo, queue="echo")
+    try:
+        assert await bus.request("lambdabus.rpc.test.echo", b"hi") == b"HI"
+    finally:
+        await unsubscribe()

@@ -107,14 +107,49 @@ class BuildState(_Strict):
     uid: str
     generation: int
     phase: Literal["queued", "started", "succeeded", "failed"]
+    source_sha256: str = ""
     reason: str = ""
     message: str = ""
-    artifact: str | None = None
+    artifact: str | None = Field(default=None, description="artifact reference the deployer runs")
+    dependencies_cached: bool = False
+    duration_seconds: float | None = None
     updated_at: datetime
 
 
+class ArtifactManifest(_Strict):
+    """What a local build produces for the deployer: `manifest.json` in the artifact directory.
+
+    The local backends share one machine, so the artifact is a directory: the unpacked code
+    and a dependency environment (a virtualenv, or a node_modules tree) cached by the hash of
+    (runtime, dependency file) and shared by every function with the same dependencies.
+    """
+
+    runtime: Runtime
+    entrypoint: str
+    style: Literal["luna", "kyma", "node"]
+    code_dir: str = Field(description="absolute path of the unpacked, read-only code")
+    env_dir: str = Field(description="absolute path of the dependency environment")
+    source_sha256: str
+    deps_key: str = Field(description="the dependency cache key: sha256 of (runtime, dependency file)")
+
+
+InstancePhase = Literal["starting", "ready", "unhealthy", "backoff", "stopped", "crashed"]
+
+
+class InstanceState(_Strict):
+    id: str
+    generation: int
+    phase: InstancePhase
+    endpoint: str | None = None
+    restarts: int = 0
+    last_exit: str = ""
+
+
 class DeploymentState(_Strict):
-    """The deployer-owned deployment status of one function, in the `deployments` KV bucket."""
+    """The deployer-owned deployment status of one function, in the `deployments` KV bucket.
+
+    `endpoints` are the URLs of the ready instances that take traffic now; the router reads them.
+    """
 
     namespace: Label
     name: Label
@@ -126,7 +161,28 @@ class DeploymentState(_Strict):
     reason: str = ""
     message: str = ""
     endpoints: list[str] = Field(default_factory=list)
+    timeout: float = 30.0
+    instances: list[InstanceState] = Field(default_factory=list)
+    sandboxed: bool = False
     updated_at: datetime
+
+
+LogKind = Literal["build", "runtime"]
+
+
+class LogLine(_Strict):
+    """One build or runtime log line, as published on the LOGS stream
+    (`lambdabus.logs.<kind>.<ns>.<name>`)."""
+
+    ts: datetime
+    kind: LogKind
+    namespace: Label
+    name: Label
+    uid: str
+    generation: int
+    stream: Literal["stdout", "stderr", "system"]
+    instance: str | None = None
+    line: str
 
 
 class FunctionStatus(_Strict):

@@ -92,6 +92,19 @@ class Kv:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"{key} changed since revision {revision}") from exc
 
+    async def watch(self, pattern: str = ">") -> AsyncIterator[KvEntry]:
+        """Current values of matching keys, then every change, in order. A deleted or purged
+        key comes as an entry with `value == b""`."""
+        watcher = await self._kv.watch(pattern)
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                yield KvEntry(entry.key, b"" if deleted else (entry.value or b""), entry.revision or 0)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
     async def values(self, pattern: str = ">") -> list[KvEntry]:
         """Current values of keys matching a subject pattern (e.g. `default.*`), in one pass."""
         watcher = await self._kv.watch(pattern, ignore_deletes=True)
@@ -282,6 +295,35 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def publish_nowait(self, subject: str, payload: bytes) -> None:
+        """Fire-and-forget publish (the stream still stores it): for high-volume log lines,
+        where waiting for an ack per line would cost more than a lost line."""
+        await self._nc.publish(subject, payload)
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float | None = None) -> bytes:
+        """Core NATS request/reply between services."""
+        try:
+            msg = await self._nc.request(subject, payload, timeout=timeout or self._settings.request_timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise TemporaryError(f"no service answers on {subject}; is it running?") from exc
+        except nats.errors.TimeoutError as exc:
+            raise TemporaryError(f"no answer on {subject} in time; retry") from exc
+        return bytes(msg.data)
+
+    async def serve(
+        self, subject: str, handler: Callable[[bytes], Awaitable[bytes]], *, queue: str
+    ) -> Callable[[], Awaitable[None]]:
+        """Answer requests on `subject`; replicas share the work through the queue group.
+        Returns an async unsubscribe."""
+
+        async def _cb(msg: Any) -> None:
+            reply = await handler(msg.data)
+            if msg.reply:
+                await msg.respond(reply)
+
+        sub = await self._nc.subscribe(subject, queue=queue, cb=_cb)
+        return sub.unsubscribe
 
     async def count(self, stream: str, filter_subject: str) -> int:
         """How many messages of `stream` match `filter_subject` now."""

@@ -33,6 +33,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("DLQ", (f"{DLQ_PREFIX}.>",), "dead-lettered deliveries"),
 )
 
+# Request/reply subjects: outside every stream's subjects, so they are never stored.
+LOGS_QUERY_SUBJECT = "lambdabus.rpc.logs.query"
+
 # KV buckets, each owned by one service and read by others.
 FUNCTIONS_BUCKET = "functions"  # gateway
 BUILDS_BUCKET = "builds"  # builder
@@ -84,3 +87,10 @@ def lifecycle_filter(
 def entity_filter(entity: str) -> str:
     """Every lifecycle event of one entity (`function`, `build`, ...)."""
     return f"{LIFECYCLE_PREFIX}.{_checked(entity)[0]}.*.*.*"
+
+
+def logs_subject(kind: str, namespace: str, name: str) -> str:
+    """`lambdabus.logs.<build|runtime>.<ns>.<name>`."""
+    if kind not in ("build", "runtime"):
+        raise ValueError(f"not a log kind: {kind!r}")
+    return ".".join((LOGS_PREFIX, kind, *_checked(namespace, name)))
