@@ -2,8 +2,11 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-# uv manages the workspace; installed with pip on a fresh machine.
-UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+# uv manages the workspace. It is installed into .tools/ (a private venv) on first use, so a
+# fresh machine needs only python3.
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
 PY := $(UV) run --frozen
 
 .PHONY: help bootstrap sync run test lint typecheck architecture schemas schemas-check pytest bench clean
@@ -13,9 +16,11 @@ help:
 	@echo "make test   - install what is needed, then lint, types, architecture, schema drift, tests"
 	@echo "make lint | typecheck | schemas | pytest | bench | clean"
 
-bootstrap:
-	@command -v uv >/dev/null 2>&1 || test -x "$(UV)" || python3 -m pip install --quiet --user "uv>=0.5,<1" \
-		|| python3 -m pip install --quiet "uv>=0.5,<1"
+bootstrap: $(UV)
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check "uv>=0.5,<1"
 
 sync: bootstrap
 	@$(UV) sync --frozen --quiet
@@ -50,4 +55,4 @@ bench: sync
 	@for b in bench/*.py; do echo "== $$b"; $(PY) python $$b || exit 1; done
 
 clean:
-	rm -rf .lambdabus .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .lambdabus .mypy_cache .ruff_cache .pytest_cache $(TOOLS)
