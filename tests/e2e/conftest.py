@@ -49,8 +49,16 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def platform_up(data_dir: Path, *, ready_timeout: float = 90) -> Iterator[Platform]:
-    process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "lambdabus_client", "up", "--ephemeral-ports", "--data-dir", str(data_dir)],
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lambdabus_client",
+            "up",
+            "--ephemeral-ports",
+            "--data-dir",
+            str(data_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -69,7 +77,9 @@ def platform_up(data_dir: Path, *, ready_timeout: float = 90) -> Iterator[Platfo
             if line.startswith("lambdabus is up"):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError("lambdabus up was not ready in time:\n" + "".join(platform.output))
+                raise TimeoutError(
+                    "lambdabus up was not ready in time:\n" + "".join(platform.output)
+                )
         else:
             raise RuntimeError("lambdabus up exited:\n" + "".join(platform.output))
         yield platform
@@ -81,7 +91,9 @@ def platform_up(data_dir: Path, *, ready_timeout: float = 90) -> Iterator[Platfo
         process.stdout.close()
 
 
-def stop(platform: Platform, sig: int = signal.SIGTERM, timeout: float = 40) -> tuple[int, set[int]]:
+def stop(
+    platform: Platform, sig: int = signal.SIGTERM, timeout: float = 40
+) -> tuple[int, set[int]]:
     """Signal `up`, wait for it to exit; return its code and the processes it left behind."""
     before = platform.descendants()
     assert before, "lambdabus up has no child processes"

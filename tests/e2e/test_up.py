@@ -62,7 +62,9 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
         assert len(bad.stderr.strip().splitlines()) == 1
 
         # an open lifecycle stream must not hold up the shutdown
-        stream = urllib.request.urlopen(gateway + "/v1/lifecycle?since=2000-01-01T00:00:00Z", timeout=30)
+        stream = urllib.request.urlopen(
+            gateway + "/v1/lifecycle?since=2000-01-01T00:00:00Z", timeout=30
+        )
         assert stream.readline().startswith(b":")
         code, left = stop(platform, signal.SIGTERM)
         stream.close()
@@ -83,7 +85,9 @@ def test_up_restarts_a_killed_service(data_dir: Path) -> None:
     with platform_up(data_dir) as platform:
         pids = platform.descendants()
         # find the router by its /healthz answering; kill -9 every python child and see them come back
-        children = [p for p in pids if b"lambdabus_router" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        children = [
+            p for p in pids if b"lambdabus_router" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
         assert len(children) == 1
         import os
 
@@ -95,7 +99,8 @@ def test_up_restarts_a_killed_service(data_dir: Path) -> None:
             again = [
                 p
                 for p in platform.descendants()
-                if p != children[0] and b"lambdabus_router" in Path(f"/proc/{p}/cmdline").read_bytes()
+                if p != children[0]
+                and b"lambdabus_router" in Path(f"/proc/{p}/cmdline").read_bytes()
             ]
             if again:
                 break

@@ -130,7 +130,9 @@ class ArtifactManifest(_Strict):
     code_dir: str = Field(description="absolute path of the unpacked, read-only code")
     env_dir: str = Field(description="absolute path of the dependency environment")
     source_sha256: str
-    deps_key: str = Field(description="the dependency cache key: sha256 of (runtime, dependency file)")
+    deps_key: str = Field(
+        description="the dependency cache key: sha256 of (runtime, dependency file)"
+    )
 
 
 InstancePhase = Literal["starting", "ready", "unhealthy", "backoff", "stopped", "crashed"]

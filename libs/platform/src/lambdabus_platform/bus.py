@@ -101,7 +101,9 @@ class Kv:
                 if entry is None:  # end of the initial values
                     continue
                 deleted = entry.operation in ("DEL", "PURGE")
-                yield KvEntry(entry.key, b"" if deleted else (entry.value or b""), entry.revision or 0)
+                yield KvEntry(
+                    entry.key, b"" if deleted else (entry.value or b""), entry.revision or 0
+                )
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
 
@@ -304,7 +306,9 @@ class Bus:
     async def request(self, subject: str, payload: bytes, *, timeout: float | None = None) -> bytes:
         """Core NATS request/reply between services."""
         try:
-            msg = await self._nc.request(subject, payload, timeout=timeout or self._settings.request_timeout)
+            msg = await self._nc.request(
+                subject, payload, timeout=timeout or self._settings.request_timeout
+            )
         except nats.errors.NoRespondersError as exc:
             raise TemporaryError(f"no service answers on {subject}; is it running?") from exc
         except nats.errors.TimeoutError as exc:

@@ -78,9 +78,11 @@ async def run_nats_server(
     """Start nats-server, wait until it says it is ready, stop it (SIGTERM, then SIGKILL) on exit."""
     store_dir.mkdir(parents=True, exist_ok=True)
     config = store_dir / "nats.conf"
-    config.write_text(render_config(
+    config.write_text(
+        render_config(
             host=host, port=port, store_dir=store_dir / "jetstream", sync_always=sync_always
-        ))
+        )
+    )
     process = await asyncio.create_subprocess_exec(
         find_binary(),
         "-c",
