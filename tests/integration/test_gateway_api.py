@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 
 from lambdabus_events.catalog import parse_lifecycle
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.settings import NatsSettings
 from tests.integration.conftest import RunningGateway
 from tests.zips import make_zip
 
@@ -217,3 +219,69 @@ async def test_health_metrics_openapi(gateway: RunningGateway) -> None:
     unknown = await gw.http.get("/v2/nothing")
     assert unknown.status == 404
     assert (await unknown.json())["error"]["code"] == "not_found"
+
+
+async def test_invoke_relays_to_the_router(nats_settings: NatsSettings, bus: Bus) -> None:
+    """The gateway's invoke endpoint relays method, query, headers and body to the router's
+    data-plane URL and relays the answer back (a real HTTP server stands in for the router)."""
+    from aiohttp import web
+
+    from lambdabus_gateway.settings import GatewaySettings
+    from tests.integration.conftest import running_gateway
+
+    seen: list[dict[str, Any]] = []
+
+    async def router(request: web.Request) -> web.Response:
+        seen.append(
+            {
+                "path": request.path,
+                "query": dict(request.query),
+                "ce-type": request.headers.get("ce-type"),
+                "body": await request.read(),
+            }
+        )
+        return web.json_response({"result": 5}, status=201, headers={"X-Fn": "yes"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", router)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = GatewaySettings(
+            port=0, nats=nats_settings, router_url=f"http://127.0.0.1:{port}"
+        )
+        async with running_gateway(settings, bus) as gw:
+            assert (await _create(gw, "invoke-test", "echo")).status == 202
+            resp = await gw.http.post(
+                "/v1/namespaces/invoke-test/functions/echo/invoke?x=1",
+                json={"data": 5},
+                headers={"ce-type": "com.example"},
+            )
+            assert resp.status == 201
+            assert await resp.json() == {"result": 5}
+            assert resp.headers["X-Fn"] == "yes"
+            assert seen == [
+                {
+                    "path": "/invoke-test/echo/",
+                    "query": {"x": "1"},
+                    "ce-type": "com.example",
+                    "body": b'{"data": 5}',
+                }
+            ]
+            missing = await gw.http.post(
+                "/v1/namespaces/invoke-test/functions/nope/invoke", data=b""
+            )
+            assert missing.status == 404
+        # the router gone: a clear 503
+        await runner.cleanup()
+        async with running_gateway(settings, bus) as gw:
+            down = await gw.http.post(
+                "/v1/namespaces/invoke-test/functions/echo/invoke", data=b"{}"
+            )
+            assert down.status == 503
+            assert (await down.json())["error"]["code"] == "router_unavailable"
+    finally:
+        await runner.cleanup()

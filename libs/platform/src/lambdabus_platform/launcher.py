@@ -52,6 +52,7 @@ class Child:
     service: str
     process: asyncio.subprocess.Process | None = None
     url: str | None = None
+    port: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
 
@@ -81,9 +82,14 @@ class Platform:
         env["LAMBDABUS_NATS_URL"] = nats_url
         prefix = f"LAMBDABUS_{service.upper()}_"
         env[prefix + "HOST"] = self.settings.host
-        env[prefix + "PORT"] = str(self.settings.port(service))
+        # A restarted service keeps the port it had, so the URLs printed at start stay true.
+        child = self.children[service]
+        env[prefix + "PORT"] = str(child.port if child.port else self.settings.port(service))
         env[prefix + "STATE_DIR"] = str(self.settings.data_dir.resolve() / service)
         env["PYTHONUNBUFFERED"] = "1"
+        router = self.children["router"]
+        if service == "gateway" and router.url:
+            env["LAMBDABUS_GATEWAY_ROUTER_URL"] = router.url
         return env
 
     async def supervise(self, child: Child, nats_url: str) -> None:
@@ -115,6 +121,7 @@ class Platform:
                         continue
                     if line.get("event") == "listening" and not child.ready.is_set():
                         child.url = str(line.get("url"))
+                        child.port = int(line.get("port") or 0)
                         child.ready.set()
                     print(_human(line), file=self.err, flush=True)
             code = await process.wait()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
 from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
@@ -19,6 +20,7 @@ from lambdabus_platform.subjects import BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCT
 def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        invoker = Invoker(settings.router_url, settings.max_invoke_body_bytes)
         async with open_blob_store(settings.store, ctx.bus) as blobs:
             functions = Functions(
                 bus=ctx.bus,
@@ -36,9 +38,14 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
                 deployments=Registry(ctx.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState),
                 stopping=ctx.stopping,
+                invoker=invoker,
             )
             add_routes(ctx.app)
-            yield
+            await invoker.start()
+            try:
+                yield
+            finally:
+                await invoker.close()
 
     return setup
 

@@ -15,6 +15,7 @@ from aiohttp import web
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_events.names import label_problem
 from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.openapi import render_openapi
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.uploads import _json_object, read_upload
@@ -33,6 +34,7 @@ class Gateway:
     builds: Registry[BuildState]
     deployments: Registry[DeploymentState]
     stopping: asyncio.Event
+    invoker: Invoker
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -224,6 +226,13 @@ async def _with_keepalive(
         stop.cancel()
 
 
+async def invoke_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    current = await gw.functions.get(ns, name)
+    return await gw.invoker.relay(request, ns, name, current.value.spec.timeout)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(render_openapi())
 
@@ -238,5 +247,6 @@ def add_routes(app: web.Application) -> None:
     r.add_patch(base + "/{name}", patch_function)
     r.add_delete(base + "/{name}", delete_function)
     r.add_get(base + "/{name}/status", function_status)
+    r.add_post(base + "/{name}/invoke", invoke_function)
     r.add_get("/v1/lifecycle", lifecycle)
     r.add_get("/v1/openapi.json", openapi)

@@ -180,6 +180,21 @@ def render_openapi() -> dict[str, Any]:
                 },
             },
         },
+        fn + "/{name}/invoke": {
+            "parameters": _params("ns", "name"),
+            "post": {
+                "operationId": "invokeFunction",
+                "summary": "Invoke synchronously through the router; the function's answer comes back as it is",
+                "requestBody": {"content": {"*/*": {}}},
+                "responses": {
+                    "200": {"description": "the function's response"},
+                    "404": _ERRORS["404"],
+                    "413": _ERRORS["413"],
+                    "503": _json("Error", "no ready instance, or the router is unavailable"),
+                    "504": _json("Error", "the function ran past its timeout"),
+                },
+            },
+        },
         "/v1/lifecycle": {
             "get": {
                 "operationId": "lifecycle",

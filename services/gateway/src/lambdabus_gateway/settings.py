@@ -22,3 +22,7 @@ class GatewaySettings(ServiceSettings):
     max_archive_entries: int = Field(default=10_000, gt=0)
     max_spec_bytes: int = Field(default=64 * 1024, gt=0)
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    router_url: str = Field(
+        default="http://127.0.0.1:8081", description="where invocations are relayed"
+    )
+    max_invoke_body_bytes: int = Field(default=6 * MiB, gt=0)

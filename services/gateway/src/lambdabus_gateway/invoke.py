@@ -1,0 +1,84 @@
+"""`POST .../functions/{name}/invoke`: relays the request to the router, the data plane, and
+relays its answer back unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+
+from lambdabus_platform.errors import PayloadTooLarge, TemporaryError
+
+# Headers that describe one connection, not the message: never forwarded.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+
+
+def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The end-to-end headers of a message. Pure."""
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+class Invoker:
+    def __init__(self, router_url: str, max_body: int) -> None:
+        self._router = router_url.rstrip("/")
+        self._max_body = max_body
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def relay(
+        self, request: web.Request, namespace: str, name: str, timeout: float
+    ) -> web.Response:
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise PayloadTooLarge(
+                f"the invocation body is {request.content_length} bytes; the limit is {self._max_body}"
+            )
+        body = await request.content.read(self._max_body + 1)
+        if len(body) > self._max_body:
+            raise PayloadTooLarge(f"the invocation body passes the limit of {self._max_body} bytes")
+        assert self._session is not None
+        url = f"{self._router}/{namespace}/{name}/"
+        try:
+            async with self._session.request(
+                "POST",
+                url,
+                params=request.query,
+                data=body,
+                headers=forward_headers(request.headers),
+                timeout=aiohttp.ClientTimeout(total=timeout + 5),
+            ) as resp:
+                payload = await resp.read()
+                return web.Response(
+                    status=resp.status,
+                    body=payload,
+                    headers=forward_headers(resp.headers),
+                )
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise TemporaryError(
+                f"the router at {self._router} did not answer ({type(exc).__name__}); is it running?",
+                code="router_unavailable",
+            ) from exc
