@@ -9,7 +9,7 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 PY := $(UV) run --frozen
 
-.PHONY: help bootstrap sync run test lint typecheck architecture schemas schemas-check pytest bench clean
+.PHONY: help bootstrap system sync fixtures run test lint typecheck architecture schemas schemas-check pytest bench clean
 
 help:
 	@echo "make run    - install what is needed, start the whole platform (embedded NATS + 5 services)"
@@ -25,10 +25,33 @@ $(UV):
 sync: bootstrap
 	@$(UV) sync --frozen --quiet
 
-run: sync
+# bubblewrap sandboxes function instances; without it they run unsandboxed and say so.
+system:
+	@command -v bwrap >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing bubblewrap (function sandbox)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null \
+				|| echo "warning: could not install bubblewrap; functions will run unsandboxed"; \
+		else echo "note: bubblewrap is not installed; functions will run unsandboxed"; fi; }
+
+# The examples' dependencies, fetched once, so that the tests build them with no network:
+# a wheel directory for pip/uv (--no-index --find-links) and an npm cache (--offline).
+FIXTURES := .cache/fixtures.stamp
+fixtures: $(FIXTURES)
+
+$(FIXTURES): examples/python-luna/requirements.txt examples/node/package.json | bootstrap
+	@mkdir -p .cache/wheelhouse .cache/npm
+	$(TOOLS)/bin/python -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+		-d .cache/wheelhouse -r examples/python-luna/requirements.txt
+	@if command -v npm >/dev/null 2>&1; then \
+		node -e 'const d=require("./examples/node/package.json").dependencies; for (const [n,v] of Object.entries(d)) console.log(n+"@"+v)' \
+		| xargs -r npm cache add --cache .cache/npm --loglevel=error; fi
+	@touch $@
+
+run: sync system
 	$(PY) lambdabus up
 
-test: sync lint typecheck architecture schemas-check pytest
+test: sync system lint typecheck architecture schemas-check pytest
 
 lint: sync
 	$(PY) ruff check .
@@ -48,11 +71,11 @@ schemas-check: sync
 	$(PY) python -m lambdabus_events.schemagen --check
 	$(PY) python -m lambdabus_gateway.openapi --check
 
-pytest: sync
+pytest: sync fixtures
 	$(PY) pytest
 
 bench: sync
 	@for b in bench/*.py; do echo "== $$b"; $(PY) python $$b || exit 1; done
 
 clean:
-	rm -rf .lambdabus .mypy_cache .ruff_cache .pytest_cache $(TOOLS)
+	rm -rf .lambdabus .mypy_cache .ruff_cache .pytest_cache .cache $(TOOLS)
