@@ -48,7 +48,9 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def platform_up(data_dir: Path, *, ready_timeout: float = 90) -> Iterator[Platform]:
+def platform_up(
+    data_dir: Path, *, ready_timeout: float = 90, env: dict[str, str] | None = None
+) -> Iterator[Platform]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -59,6 +61,7 @@ def platform_up(data_dir: Path, *, ready_timeout: float = 90) -> Iterator[Platfo
             "--data-dir",
             str(data_dir),
         ],
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

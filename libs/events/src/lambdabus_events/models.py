@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -199,3 +199,23 @@ class FunctionStatus(_Strict):
     replicas: int
     ready_replicas: int
     message: str = ""
+
+
+class LogQuery(_Strict):
+    """A request to the logs service (`lambdabus.rpc.logs.query`)."""
+
+    namespace: Label
+    name: Label
+    kind: Literal["build", "runtime", "lifecycle"]
+    tail: int | None = Field(default=None, ge=1, le=100_000, description="the last N lines")
+    since: datetime | None = None
+    limit: int = Field(default=10_000, ge=1, le=100_000)
+
+
+class LogQueryResult(_Strict):
+    """The logs service's answer: log lines, or for `kind="lifecycle"` the function's
+    lifecycle CloudEvents (structured JSON), oldest first."""
+
+    lines: list[LogLine] = Field(default_factory=list)
+    events: list[dict[str, Any]] = Field(default_factory=list)
+    truncated: bool = False

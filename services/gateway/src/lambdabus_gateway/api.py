@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
-from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
+from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord, LogKind, LogQuery
 from lambdabus_events.names import label_problem
 from lambdabus_gateway.functions import Functions
 from lambdabus_gateway.invoke import Invoker
+from lambdabus_gateway.logs import query as query_logs
+from lambdabus_gateway.logs import stream_logs
 from lambdabus_gateway.openapi import render_openapi
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.uploads import _json_object, read_upload
@@ -23,7 +24,10 @@ from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import InvalidName, InvalidRequest, NotFound
 from lambdabus_platform.registry import Registry, Versioned
 from lambdabus_platform.status import compute_status, not_found_status
+from lambdabus_platform.streaming import with_keepalive
 from lambdabus_platform.subjects import lifecycle_filter
+
+VERSION = "0.1.0"
 
 
 @dataclass
@@ -183,7 +187,7 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     messages = gw.bus.replay("LIFECYCLE", subject, since=since)
     keepalive = gw.settings.sse_keepalive_seconds
     try:
-        async for item in _with_keepalive(messages, keepalive, gw.stopping):
+        async for item in with_keepalive(messages, keepalive, gw.stopping):
             if item is None:
                 await response.write(b": keepalive\n\n")
                 continue
@@ -200,30 +204,50 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _with_keepalive(
-    source: AsyncIterator[Any], every: float, stopping: asyncio.Event
-) -> AsyncIterator[Any]:
-    """Yield from `source`, and None whenever `every` seconds pass without an item; end when
-    the service is stopping, so that open streams never hold up a shutdown."""
-    pending = asyncio.ensure_future(anext(source))
-    stop = asyncio.ensure_future(stopping.wait())
-    try:
-        while True:
-            done, _ = await asyncio.wait(
-                {pending, stop}, timeout=every, return_when=asyncio.FIRST_COMPLETED
-            )
-            if stop in done:
-                return
-            if not done:
-                yield None
-                continue
-            yield pending.result()
-            pending = asyncio.ensure_future(anext(source))
-    except StopAsyncIteration:
-        return
-    finally:
-        pending.cancel()
-        stop.cancel()
+async def runtime_logs(request: web.Request) -> web.StreamResponse:
+    return await _logs(request, "runtime")
+
+
+async def build_logs(request: web.Request) -> web.StreamResponse:
+    return await _logs(request, "build")
+
+
+async def _logs(request: web.Request, kind: LogKind) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    # No existence check: the logs of a deleted function stay readable until they expire.
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    return await stream_logs(
+        request,
+        gw.bus,
+        kind,
+        ns,
+        name,
+        since=_parse_since(request.query.get("since")),
+        stopping=gw.stopping,
+        keepalive=gw.settings.sse_keepalive_seconds,
+    )
+
+
+async def history(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    result = await query_logs(
+        gw.bus,
+        LogQuery(
+            namespace=ns,
+            name=name,
+            kind="lifecycle",
+            since=_parse_since(request.query.get("since")),
+        ),
+    )
+    return web.json_response({"items": result.events, "truncated": result.truncated})
+
+
+async def info(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return web.json_response(
+        {"router_url": gw.settings.public_router_url or gw.settings.router_url, "version": VERSION}
+    )
 
 
 async def invoke_function(request: web.Request) -> web.Response:
@@ -248,5 +272,9 @@ def add_routes(app: web.Application) -> None:
     r.add_delete(base + "/{name}", delete_function)
     r.add_get(base + "/{name}/status", function_status)
     r.add_post(base + "/{name}/invoke", invoke_function)
+    r.add_get(base + "/{name}/logs", runtime_logs)
+    r.add_get(base + "/{name}/build/logs", build_logs)
+    r.add_get(base + "/{name}/history", history)
+    r.add_get("/v1/info", info)
     r.add_get("/v1/lifecycle", lifecycle)
     r.add_get("/v1/openapi.json", openapi)

@@ -25,4 +25,7 @@ class GatewaySettings(ServiceSettings):
     router_url: str = Field(
         default="http://127.0.0.1:8081", description="where invocations are relayed"
     )
+    public_router_url: str | None = Field(
+        default=None, description="the data-plane URL users call, if not router_url"
+    )
     max_invoke_body_bytes: int = Field(default=6 * MiB, gt=0)
