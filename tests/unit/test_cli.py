@@ -1,5 +1,6 @@
 """The `lambdabus` CLI and its client against a small fake of the gateway's HTTP API on an
-ephemeral port, plus the pure parts: archive packaging, table rendering and the SSE parser."""
+ephemeral port, plus the pure parts: archive packaging, rendering, deploy progress and the SSE
+and NDJSON parsers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import os
 import socket
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,18 +21,28 @@ from aiohttp import BodyPartReader, web
 from aiohttp.test_utils import TestServer
 
 from lambdabus_client.cli import (
+    Progress,
+    deploy_progress,
+    event_detail,
+    follow_since,
     format_age,
+    format_log_line,
     main,
     parse_env,
+    parse_headers,
     parse_since,
+    platform_error,
+    render_body,
     render_table,
     summarize_event,
+    unseen,
 )
-from lambdabus_client.client import ServerSentEvent, SSEDecoder
+from lambdabus_client.client import Invocation, NDJSONDecoder, ServerSentEvent, SSEDecoder
 from lambdabus_client.packaging import PackagingError, load_archive, zip_directory
 
 JsonObject = dict[str, Any]
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+ROUTER_URL = "http://127.0.0.1:8081"
 
 
 # -- a fake gateway ------------------------------------------------------------------------------
@@ -42,10 +53,19 @@ class Recorded:
     method: str
     path: str
     query: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
     spec: JsonObject | None = None
     archive: bytes | None = None
     archive_filename: str | None = None
     archive_content_type: str | None = None
+
+
+Answer = Callable[[bytes], web.Response]
+
+
+def _echo(body: bytes) -> web.Response:
+    return web.json_response({"got": json.loads(body) if body else None})
 
 
 @dataclass
@@ -54,8 +74,19 @@ class FakeGateway:
 
     url: str = ""
     functions: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
+    archives: dict[tuple[str, str], bytes] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     lifecycle_body: bytes = b""
+    # The lifecycle stream holds its events back until the build logs were sent, and/or stays
+    # open after them (with keepalive comments) until the client leaves.
+    lifecycle_after_logs: bool = False
+    lifecycle_stays_open: bool = False
+    log_lines: list[JsonObject] = field(default_factory=list)
+    follow_log_lines: list[JsonObject] | None = None  # what a follow sends; default log_lines
+    follow_stays_open: bool = False
+    history_items: list[JsonObject] = field(default_factory=list)
+    invoke_answer: Answer = _echo
+    logs_sent: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(
         self, namespace: str, name: str, *, runtime: str = "python3.11", age_s: int = 90
@@ -71,13 +102,22 @@ class FakeGateway:
         app.router.add_put(base + "/{name}", self._replace)
         app.router.add_delete(base + "/{name}", self._delete)
         app.router.add_get(base + "/{name}/status", self._status)
+        app.router.add_post(base + "/{name}/invoke", self._invoke)
+        app.router.add_get(base + "/{name}/logs", self._logs)
+        app.router.add_get(base + "/{name}/build/logs", self._logs)
+        app.router.add_get(base + "/{name}/history", self._history)
+        app.router.add_get("/v1/info", self._info)
         app.router.add_get("/v1/lifecycle", self._lifecycle)
         return app
 
     @web.middleware
     async def _record_request(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        recorded = Recorded(request.method, request.path, dict(request.query))
-        if request.content_type == "multipart/form-data":
+        recorded = Recorded(
+            request.method, request.path, dict(request.query), headers=dict(request.headers)
+        )
+        if request.content_type != "multipart/form-data":
+            recorded.body = await request.read()
+        else:
             reader = await request.multipart()
             async for part in reader:
                 assert isinstance(part, BodyPartReader)
@@ -98,6 +138,7 @@ class FakeGateway:
             return _error(409, "already_exists", f"function {key[0]}/{key[1]} already exists")
         record = _record(*key, 1, spec.get("runtime", "python3.11"), NOW.isoformat())
         self.functions[key] = record
+        self.archives[key] = self.requests[-1].archive or b""
         return web.json_response(record, status=202, headers={"ETag": '"1"'})
 
     async def _replace(self, request: web.Request) -> web.Response:
@@ -105,6 +146,10 @@ class FakeGateway:
         if key not in self.functions:
             return _error(404, "not_found", f"function {key[0]}/{key[1]} does not exist")
         old = self.functions[key]
+        archive = self.requests[-1].archive or b""
+        if self.archives.get(key) == archive:
+            return web.json_response(old, status=200)  # nothing changed: same generation
+        self.archives[key] = archive
         record = _record(*key, old["generation"] + 1, old["spec"]["runtime"], old["created_at"])
         self.functions[key] = record
         return web.json_response(record, status=202)
@@ -129,11 +174,62 @@ class FakeGateway:
     async def _lifecycle(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        # Written in small pieces so events and even lines straddle chunks.
-        for start in range(0, len(self.lifecycle_body), 7):
-            await response.write(self.lifecycle_body[start : start + 7])
-        await response.write_eof()
+        if self.lifecycle_after_logs:
+            await self.logs_sent.wait()
+        await _write_in_pieces(response, self.lifecycle_body)
+        if self.lifecycle_stays_open:
+            await _keep_open(response, b": keepalive\n\n")
+        else:
+            await response.write_eof()
         return response
+
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        follow = request.query.get("follow") == "1"
+        lines = self.log_lines
+        if follow and self.follow_log_lines is not None:
+            lines = self.follow_log_lines
+        if "tail" in request.query:
+            lines = lines[-int(request.query["tail"]) :]
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        if follow:
+            body = body.replace(b"\n", b"\n\n", 1)  # a keepalive among the lines
+        await _write_in_pieces(response, body)
+        self.logs_sent.set()
+        if follow and self.follow_stays_open:
+            await _keep_open(response, b"\n")
+        else:
+            await response.write_eof()
+        return response
+
+    async def _invoke(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.functions:
+            return _error(404, "function_not_found", f"function {key[0]}/{key[1]} does not exist")
+        return self.invoke_answer(self.requests[-1].body)
+
+    async def _history(self, request: web.Request) -> web.Response:
+        return web.json_response({"items": self.history_items, "truncated": False})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response({"router_url": ROUTER_URL, "version": "0.1.0"})
+
+
+async def _write_in_pieces(response: web.StreamResponse, body: bytes) -> None:
+    # Written in small pieces so events, lines and even characters straddle chunks.
+    for start in range(0, len(body), 7):
+        await response.write(body[start : start + 7])
+
+
+async def _keep_open(response: web.StreamResponse, keepalive: bytes) -> None:
+    """Keep a stream open as a follow does, until the client goes away."""
+    try:
+        while True:
+            await response.write(keepalive)
+            await asyncio.sleep(0.02)
+    except ConnectionResetError:
+        pass
 
 
 def _record(namespace: str, name: str, generation: int, runtime: str, created: str) -> JsonObject:
@@ -217,7 +313,7 @@ async def test_deploy_directory_uploads_zip_and_spec(
 ) -> None:
     code = await run_cli(
         "--url", gateway.url, "deploy", str(function_dir), "--name", "hello",
-        "--env", "GREETING=hi", "--env", "URL=a=b",
+        "--env", "GREETING=hi", "--env", "URL=a=b", "--no-wait",
     )  # fmt: skip
 
     out, err = capsys.readouterr()
@@ -234,6 +330,10 @@ async def test_deploy_directory_uploads_zip_and_spec(
     assert "Created default/hello: generation 1, sha256 111111111111" in out
     assert "entrypoint lambda_main.py" in out
     assert "Image: completed  Status: running" in out
+    assert [r.path for r in gateway.requests] == [
+        "/v1/namespaces/default/functions",
+        "/v1/namespaces/default/functions/hello/status",
+    ]  # --no-wait follows neither events nor logs
 
 
 async def test_deploy_of_an_existing_function_replaces_it_with_put(
@@ -243,7 +343,7 @@ async def test_deploy_of_an_existing_function_replaces_it_with_put(
 
     code = await run_cli(
         "deploy", str(function_dir), "--name", "hello", "-n", "prod", "--url", gateway.url,
-        "--replicas", "2", "--timeout", "5", "--memory", "1Gi",
+        "--replicas", "2", "--timeout", "5", "--memory", "1Gi", "--no-wait",
     )  # fmt: skip
 
     out, err = capsys.readouterr()
@@ -264,7 +364,9 @@ async def test_deploy_of_a_zip_sends_it_as_is(
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("handler.py", "def main(event, context):\n    return {}\n")
 
-    code = await run_cli("--url", gateway.url, "deploy", str(archive), "--name", "zipped")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(archive), "--name", "zipped", "--no-wait"
+    )  # fmt: skip
 
     assert code == 0
     assert gateway.requests[0].archive == archive.read_bytes()
@@ -434,6 +536,342 @@ async def test_events_prints_one_line_per_lifecycle_event(
     }
 
 
+def _event(kind: str, generation: int = 1, name: str = "hello", **data: Any) -> JsonObject:
+    return {
+        "specversion": "1.0",
+        "id": f"{kind}-{generation}",
+        "type": f"io.lambdabus.{kind}",
+        "source": "/lambdabus/builder",
+        "subject": f"default/{name}",
+        "time": "2024-05-01T12:00:03.250000+00:00",
+        "data": {"namespace": "default", "name": name, "uid": f"uid-{name}", **data}
+        | {"generation": generation},
+    }
+
+
+def _sse(*events: JsonObject) -> bytes:
+    return b"".join(f"event: lifecycle\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+def _log(
+    line: str,
+    *,
+    kind: str = "runtime",
+    stream: str = "stdout",
+    instance: str | None = "hello-7f9c",
+    generation: int = 1,
+    ts: str = "2024-05-01T12:00:03.250123Z",
+) -> JsonObject:
+    return {
+        "ts": ts,
+        "kind": kind,
+        "namespace": "default",
+        "name": "hello",
+        "uid": "uid-hello",
+        "generation": generation,
+        "stream": stream,
+        "instance": None if kind == "build" else instance,
+        "line": line,
+    }
+
+
+def _paths(gateway: FakeGateway) -> list[str]:
+    return [request.path for request in gateway.requests]
+
+
+async def test_deploy_waits_showing_build_logs_and_transitions_until_ready(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.log_lines = [
+        _log("an older build", kind="build", generation=0),
+        _log("Collecting humanize", kind="build"),
+        _log("Successfully installed humanize-4.9.0", kind="build", stream="stderr"),
+    ]
+    gateway.follow_stays_open = True
+    gateway.lifecycle_after_logs = True
+    gateway.lifecycle_body = _sse(
+        _event("function.created"),
+        _event("build.queued", runtime="python3.11"),
+        _event("build.queued", name="other"),
+        _event("build.started", runtime="python3.11"),
+        _event("build.succeeded", duration_seconds=1.234, dependencies_cached=True),
+        _event("deployment.started", replicas=1, ready_replicas=0),
+        _event("deployment.ready", replicas=1, ready_replicas=1),
+        _event("deployment.failed", reason="NeverSeen"),  # after the end: not read
+    )
+
+    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("Created default/hello: generation 1")
+    transitions = [line for line in lines[1:] if not line.startswith("  \u2502 ")]
+    assert transitions == [
+        "build queued",
+        "build started",
+        "build succeeded in 1.2s (dependencies cached)",
+        "deployment started (0/1 replicas ready)",
+        f"ready: {ROUTER_URL}/default/hello",
+    ]
+    build_lines = [line for line in lines if line.startswith("  \u2502 ")]
+    assert build_lines == [
+        "  \u2502 Collecting humanize",
+        "  \u2502 Successfully installed humanize-4.9.0",
+    ]
+    assert lines[-1] == f"ready: {ROUTER_URL}/default/hello"
+    by_path = {request.path: request for request in gateway.requests}
+    assert _paths(gateway)[:2] == ["/v1/info", "/v1/namespaces/default/functions"]
+    assert set(_paths(gateway)[2:]) == {
+        "/v1/lifecycle",
+        "/v1/namespaces/default/functions/hello/build/logs",
+    }
+    assert len(gateway.requests) == 4
+    since = "2024-05-01T11:59:58Z"  # a moment before the record's updated_at
+    assert by_path["/v1/lifecycle"].query == {
+        "namespace": "default",
+        "function": "hello",
+        "since": since,
+    }
+    assert by_path["/v1/namespaces/default/functions/hello/build/logs"].query == {
+        "since": since,
+        "follow": "1",
+    }
+
+
+async def test_deploy_of_a_failing_build_exits_1_with_the_reason_and_the_last_lines(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _log("Compiling lambda_main.py", kind="build")
+    rest = [
+        _log('  File "lambda_main.py", line 1', kind="build", stream="stderr"),
+        _log("SyntaxError: invalid syntax", kind="build", stream="stderr"),
+    ]
+    gateway.log_lines = [first, *rest]
+    gateway.follow_log_lines = [first]  # the rest had not been streamed yet
+    gateway.follow_stays_open = True
+    gateway.lifecycle_after_logs = True
+    gateway.lifecycle_body = _sse(
+        _event("build.queued"),
+        _event("build.started"),
+        _event("build.failed", reason="SyntaxError", message="lambda_main.py line 1"),
+    )
+
+    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    lines = out.splitlines()
+    # The streamed line came while the build ran; the rest from the tail, once, after it failed.
+    assert sorted(lines[1:4]) == ["  \u2502 Compiling lambda_main.py", "build queued",
+                                  "build started"]  # fmt: skip
+    assert lines[4:] == [
+        '  \u2502   File "lambda_main.py", line 1',
+        "  \u2502 SyntaxError: invalid syntax",
+    ]
+    assert err == "build failed: SyntaxError: lambda_main.py line 1\n"
+    (tail,) = [r for r in gateway.requests if r.path.endswith("/build/logs") and "tail" in r.query]
+    assert tail.query == {"since": "2024-05-01T11:59:58Z", "tail": "20"}
+
+
+async def test_deploy_of_a_failing_deployment_exits_1(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.lifecycle_body = _sse(
+        _event("build.succeeded"),
+        _event("deployment.started", replicas=1, ready_replicas=0),
+        _event("deployment.failed", replicas=1, ready_replicas=0, reason="CrashLoop",
+               message="exited with status 1"),
+    )  # fmt: skip
+
+    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "deployment started (0/1 replicas ready)" in out
+    assert err == "deployment failed: CrashLoop: exited with status 1\n"
+
+
+async def test_deploy_that_is_not_ready_in_time_exits_1_with_a_timeout(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.lifecycle_body = _sse(_event("build.queued"))
+    gateway.lifecycle_stays_open = True
+
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello",
+        "--wait-timeout", "0.3",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "build queued" in out
+    assert err.count("\n") == 1
+    assert err.startswith("error: timeout: default/hello generation 1 was not ready after 0.3 s")
+
+
+async def test_deploy_of_an_unchanged_function_says_so_and_does_not_wait(
+    gateway: FakeGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello",
+                         "--no-wait") == 0  # fmt: skip
+    capsys.readouterr()
+    gateway.requests.clear()
+
+    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.startswith("Unchanged default/hello: generation 1")
+    assert out.rstrip().endswith("(nothing changed, nothing to deploy)")
+    assert "/v1/lifecycle" not in _paths(gateway)
+
+
+async def test_invoke_sends_json_and_pretty_prints_the_answer(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+
+    code = await run_cli(
+        "--url", gateway.url, "invoke", "hello", "--data", '{"who": "w\u00f6rld"}',
+        "--header", "X-Trace: abc:1",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"got": {"who": "w\u00f6rld"}}
+    assert out == json.dumps({"got": {"who": "w\u00f6rld"}}, indent=2, ensure_ascii=False) + "\n"
+    sent = gateway.requests[-1]
+    assert sent.path == "/v1/namespaces/default/functions/hello/invoke"
+    assert sent.body == '{"who": "w\u00f6rld"}'.encode()
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["X-Trace"] == "abc:1"
+
+
+async def test_invoke_with_a_data_file_sends_its_bytes(
+    gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+    gateway.invoke_answer = lambda body: web.Response(body=body[::-1], content_type="text/plain")
+    payload = tmp_path / "in.txt"
+    payload.write_text("hello there")
+
+    code = await run_cli("--url", gateway.url, "invoke", "hello", "--data-file", str(payload))
+
+    assert code == 0
+    assert capsys.readouterr().out == "ereht olleh\n"
+    assert gateway.requests[-1].headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+async def test_invoke_of_a_failing_function_prints_its_body_and_exits_1(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+    gateway.invoke_answer = lambda body: web.Response(status=500, text="boom\n")
+
+    code = await run_cli("--url", gateway.url, "invoke", "hello")
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == "boom\n"
+    assert err == "error: function_error: default/hello answered 500\n"
+    assert gateway.requests[-1].body == b""
+
+
+async def test_invoke_platform_error_is_one_line(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+
+    def busy(body: bytes) -> web.Response:
+        error = {"error": {"code": "no_ready_instance", "message": "hello is starting"}}
+        return web.json_response(error, status=503, headers={"Retry-After": "2"})
+
+    gateway.invoke_answer = busy
+
+    code = await run_cli("--url", gateway.url, "invoke", "hello")
+    missing = await run_cli("--url", gateway.url, "invoke", "nope")
+
+    out, err = capsys.readouterr()
+    assert (code, missing, out) == (1, 1, "")
+    assert err.splitlines() == [
+        "error: no_ready_instance: hello is starting (retry after 2 s)",
+        "error: function_not_found: function default/nope does not exist",
+    ]
+
+
+async def test_invoke_refuses_data_that_is_not_json(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_cli("--url", gateway.url, "invoke", "hello", "--data", "{nope")
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: usage: --data is not valid JSON")
+    assert gateway.requests == []
+
+
+async def test_logs_prints_one_line_per_log_line(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.log_lines = [
+        _log("caf\u00e9 ready on :8080"),  # a 2-byte character straddles a chunk boundary
+        _log("Traceback (most recent call last):", stream="stderr"),
+        _log("instance started", stream="system", instance=None),
+    ]
+
+    code = await run_cli(
+        "--url", gateway.url, "logs", "hello", "--tail", "5", "--since", "2024-05-01T12:00:00Z"
+    )
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "12:00:03.250 hello-7f9c caf\u00e9 ready on :8080",
+        "12:00:03.250 hello-7f9c [stderr] Traceback (most recent call last):",
+        "12:00:03.250 - [system] instance started",
+    ]
+    (request,) = gateway.requests
+    assert request.path == "/v1/namespaces/default/functions/hello/logs"
+    assert request.query == {"tail": "5", "since": "2024-05-01T12:00:00Z"}
+
+
+async def test_logs_build_follow_json_prints_the_raw_objects(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.log_lines = [_log("step 1", kind="build"), _log("step 2", kind="build")]
+
+    code = await run_cli("--url", gateway.url, "-o", "json", "logs", "hello", "--build", "-f")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert [json.loads(line) for line in out.splitlines()] == gateway.log_lines
+    (request,) = gateway.requests
+    assert request.path == "/v1/namespaces/default/functions/hello/build/logs"
+    assert request.query == {"follow": "1"}
+
+
+async def test_history_renders_a_table(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.history_items = [
+        {**_event("function.created"), "time": "2024-05-01T12:00:00Z"},
+        {**_event("function.updated", 2, changes=["source"]), "time": "2024-05-01T12:01:00Z"},
+        {**_event("build.failed", 2, reason="SyntaxError", message="line 1")},
+    ]
+
+    code = await run_cli("--url", gateway.url, "history", "hello")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "TIME                  TYPE              GENERATION  DETAIL",
+        "2024-05-01T12:00:00Z  function.created  1",
+        "2024-05-01T12:01:00Z  function.updated  2           source changed",
+        "2024-05-01T12:00:03Z  build.failed      2           SyntaxError: line 1",
+    ]
+    assert gateway.requests[0].path == "/v1/namespaces/default/functions/hello/history"
+
+
 # -- pure helpers ------------------------------------------------------------------------------
 
 
@@ -480,6 +918,109 @@ def test_summarize_deployment_event() -> None:
     }
 
     assert summarize_event(event) == "generation 4, 0/2 ready (CrashLoop)"
+
+
+def _progress(event: JsonObject, generation: int = 2) -> Progress:
+    return deploy_progress(event, "uid-hello", generation, url="http://r/default/hello")
+
+
+def test_deploy_progress_follows_the_build_and_ends_when_ready() -> None:
+    assert _progress(_event("build.queued", 2)) == Progress("build queued")
+    assert _progress(_event("build.succeeded", 2, duration_seconds=3.04)) == Progress(
+        "build succeeded in 3.0s"
+    )
+    assert _progress(_event("deployment.scaled", 3, replicas=2, ready_replicas=1)) == Progress(
+        "deployment scaled (1/2 replicas ready)"
+    )
+    assert _progress(_event("deployment.ready", 2)) == Progress("ready: http://r/default/hello",
+                                                                done=True)  # fmt: skip
+
+
+def test_deploy_progress_ignores_older_generations_and_other_functions() -> None:
+    assert _progress(_event("deployment.ready", 1)) == Progress()
+    assert _progress(_event("deployment.ready", 2, name="other")) == Progress()
+    assert _progress({"type": "io.lambdabus.deployment.ready", "data": None}) == Progress()
+
+
+def test_deploy_progress_of_failures_ends_with_exit_1() -> None:
+    build = _progress(_event("build.failed", 2, reason="DependencyError", message="no\nsuch pkg"))
+    deployment = _progress(_event("deployment.failed", 2, reason="CrashLoop"))
+    deleted = _progress(_event("function.deleted", 2))
+
+    assert build == Progress(
+        "build failed: DependencyError: no such pkg", done=True, exit_code=1, show_build_tail=True
+    )
+    assert deployment == Progress("deployment failed: CrashLoop", done=True, exit_code=1)
+    assert (deleted.done, deleted.exit_code) == (True, 1)
+
+
+def test_deploy_progress_of_a_config_only_update_says_there_is_no_build() -> None:
+    assert _progress(_event("function.updated", 2, changes=["config"])) == Progress(
+        "configuration changed, no build needed"
+    )
+    assert _progress(_event("function.updated", 2, changes=["source", "config"])) == Progress()
+
+
+def test_follow_since_is_a_moment_before_the_earlier_clock() -> None:
+    record = {"updated_at": "2024-05-01T12:00:00+00:00"}
+
+    assert follow_since(record, NOW + timedelta(minutes=5)) == "2024-05-01T11:59:58Z"
+    assert follow_since(record, NOW - timedelta(minutes=5)) == "2024-05-01T11:54:58Z"
+    assert follow_since({}, NOW) == "2024-05-01T11:59:58Z"
+
+
+def test_unseen_keeps_log_lines_not_printed_yet() -> None:
+    shown, fresh = _log("a"), _log("b")
+
+    assert unseen([shown, fresh], {tuple(shown[k] for k in ("ts", "stream", "instance", "line"))})\
+        == [fresh]  # fmt: skip
+
+
+def test_format_log_line_of_a_build_line() -> None:
+    line = _log("pip install", kind="build", stream="stderr", ts="2024-05-01T14:00:00.5+02:00")
+
+    assert format_log_line(line) == "12:00:00.500 build [stderr] pip install"
+
+
+def test_event_detail_leaves_out_the_generation() -> None:
+    event = _event("deployment.failed", 4, replicas=2, ready_replicas=0, reason="CrashLoop")
+
+    assert event_detail(event) == "0/2 ready, CrashLoop"
+    assert summarize_event(event) == "generation 4, 0/2 ready (CrashLoop)"
+
+
+def test_parse_headers_splits_on_the_first_colon() -> None:
+    assert parse_headers(["X-A: 1", "X-Url:http://x"]) == {"X-A": "1", "X-Url": "http://x"}
+
+
+def test_render_body_pretty_prints_json_and_keeps_the_rest() -> None:
+    assert render_body(b'{"a":[1]}', "application/problem+json; charset=utf-8") == (
+        '{\n  "a": [\n    1\n  ]\n}\n'
+    )
+    assert render_body(b"{not json", "application/json") == "{not json"
+    assert render_body(b"\xff\x00", "application/octet-stream") == b"\xff\x00"
+
+
+def test_platform_error_needs_the_error_shape_and_an_error_status() -> None:
+    shape = json.dumps({"error": {"code": "function_timeout", "message": "took 30 s"}}).encode()
+
+    assert platform_error(Invocation(504, {}, shape)) == ("function_timeout", "took 30 s")
+    assert platform_error(Invocation(200, {}, shape)) is None
+    assert platform_error(Invocation(500, {}, b'{"error": "mine"}')) is None
+
+
+# -- the NDJSON parser -------------------------------------------------------------------------
+
+
+def test_ndjson_handles_any_chunking_and_skips_blank_lines() -> None:
+    stream = b'{"line": "caf\xc3\xa9"}\n\n{"line": "two"}\r\n\n{"line": "three"}'
+    expected = [{"line": "caf\u00e9"}, {"line": "two"}, {"line": "three"}]
+
+    for size in (1, 2, 3, 5, len(stream)):
+        decoder = NDJSONDecoder()
+        chunks = [stream[start : start + size] for start in range(0, len(stream), size)]
+        entries = [entry for chunk in chunks for entry in decoder.feed(chunk)]
+        assert [*entries, *decoder.close()] == expected, size
 
 
 # -- the SSE parser ----------------------------------------------------------------------------

@@ -1,34 +1,53 @@
-"""The `lambdabus` command line: deploy, list, inspect and remove functions, tail lifecycle events,
-and (`lambdabus up`) run the whole platform locally.
+"""The `lambdabus` command line: deploy (and watch the build), invoke, list, inspect and remove
+functions, read their logs and history, tail lifecycle events, and (`lambdabus up`) run the whole
+platform locally.
 
 Every command talks to the gateway over HTTP through `LambdabusClient`. Expected failures end
 with one line on stderr, `error: <code>: <message>`, and exit status 1 (the API said no, or could
-not be reached) or 2 (the command line itself is wrong). Rendering is done by pure functions
-(`render_table`, `format_age`, `summarize_event`) so it can be tested without I/O.
+not be reached) or 2 (the command line itself is wrong). Rendering and decisions are pure
+functions (`render_table`, `summarize_event`, `format_log_line`, `deploy_progress`, ...) so they
+can be tested without I/O.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from lambdabus_client.client import ApiError, ClientSettings, JsonObject, LambdabusClient
+from lambdabus_client.client import (
+    ApiError,
+    ClientSettings,
+    DeployAction,
+    Invocation,
+    JsonObject,
+    LambdabusClient,
+)
 from lambdabus_client.packaging import PackagingError, load_archive
 
 EVENT_TYPE_PREFIX = "io.lambdabus."
 _GLOBAL_OPTIONS_WITH_VALUE = frozenset({"--url", "--namespace", "-n", "--output", "-o"})
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+# How far before the upload a deploy replays lifecycle events and build logs from; what is
+# older than the upload is told apart by uid and generation, so this only absorbs clock skew.
+FOLLOW_MARGIN = timedelta(seconds=2)
+# Build log lines that failed builds show when they were not streamed already.
+BUILD_TAIL_LINES = 20
+# After the outcome, how long build log lines already on their way may still be printed.
+LOG_DRAIN_SECONDS = 0.2
+BUILD_LOG_PREFIX = "  \u2502 "
 
 
 class UsageError(Exception):
@@ -79,31 +98,51 @@ def format_event_time(value: object) -> str:
 def summarize_event(event: JsonObject) -> str:
     """A few words on what a lifecycle CloudEvent says, chosen by its type."""
     kind = str(event.get("type", "")).removeprefix(EVENT_TYPE_PREFIX)
-    raw = event.get("data")
-    data: JsonObject = raw if isinstance(raw, dict) else {}
+    data = _event_data(event)
+    facts = _event_facts(kind, data)
+    if kind.startswith(("trigger.", "delivery.")):
+        return ", ".join(facts)
     generation = f"generation {data['generation']}" if "generation" in data else ""
+    if kind == "function.updated" and facts:
+        return f"{generation} ({facts[0]})".strip()
+    reason = _reason(data) if kind.startswith(("build.", "deployment.")) else ""
+    return ", ".join(part for part in (generation, *facts) if part) + reason
+
+
+def event_detail(event: JsonObject) -> str:
+    """What `summarize_event` says, less the generation (for tables that show it apart)."""
+    kind = str(event.get("type", "")).removeprefix(EVENT_TYPE_PREFIX)
+    data = _event_data(event)
+    reason = _reason_text(data) if kind.startswith(("build.", "deployment.")) else ""
+    return ", ".join(part for part in (*_event_facts(kind, data), reason) if part)
+
+
+def _event_facts(kind: str, data: JsonObject) -> list[str]:
     if kind == "function.updated" and data.get("changes"):
-        return f"{generation} ({', '.join(map(str, data['changes']))} changed)".strip()
+        return [f"{', '.join(map(str, data['changes']))} changed"]
     if kind == "build.succeeded":
         took = data.get("duration_seconds")
-        parts = [generation, f"built in {took:.1f}s" if isinstance(took, int | float) else ""]
-        if data.get("dependencies_cached"):
-            parts.append("dependencies cached")
-        return ", ".join(part for part in parts if part)
+        facts = [f"built in {took:.1f}s"] if isinstance(took, int | float) else []
+        return [*facts, "dependencies cached"] if data.get("dependencies_cached") else facts
     if kind.startswith("build."):
-        parts = [generation, str(data.get("runtime", ""))]
-        return ", ".join(part for part in parts if part) + _reason(data)
+        return [str(data["runtime"])] if data.get("runtime") else []
     if kind.startswith("deployment."):
-        ready = f"{data.get('ready_replicas', '?')}/{data.get('replicas', '?')} ready"
-        return ", ".join(part for part in (generation, ready) if part) + _reason(data)
+        return [f"{data.get('ready_replicas', '?')}/{data.get('replicas', '?')} ready"]
     if kind.startswith("trigger."):
-        return f"trigger {data.get('name', '?')} -> function {data.get('function', '?')}"
+        return [f"trigger {data.get('name', '?')} -> function {data.get('function', '?')}"]
     if kind == "delivery.deadlettered":
-        return (
-            f"{data.get('event_type', '?')} to {data.get('function', '?')} "
-            f"after {data.get('attempts', '?')} attempts: {data.get('reason', '')}"
-        ).rstrip(": ")
-    return generation
+        return [
+            (
+                f"{data.get('event_type', '?')} to {data.get('function', '?')} "
+                f"after {data.get('attempts', '?')} attempts: {data.get('reason', '')}"
+            ).rstrip(": ")
+        ]
+    return []
+
+
+def _event_data(event: JsonObject) -> JsonObject:
+    data = event.get("data")
+    return data if isinstance(data, dict) else {}
 
 
 def event_line(event: JsonObject) -> str:
@@ -141,10 +180,195 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def parse_headers(pairs: Sequence[str]) -> dict[str, str]:
+    """`--header K:V` values as a header mapping (split on the first colon, trimmed)."""
+    headers: dict[str, str] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition(":")
+        if not separator or not key.strip():
+            raise UsageError(f"--header {pair!r} is not NAME:VALUE")
+        headers[key.strip()] = value.strip()
+    return headers
+
+
+def json_body(text: str) -> bytes:
+    """`--data`: it must be JSON, sent as the compact UTF-8 text the user wrote."""
+    try:
+        json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"--data is not valid JSON ({error})") from None
+    return text.encode()
+
+
+def guess_content_type(body: bytes) -> str:
+    """The type of a `--data-file`: JSON if it parses, text if it is UTF-8, else bytes."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    try:
+        json.loads(text)
+    except ValueError:
+        return "text/plain; charset=utf-8"
+    return "application/json"
+
+
+def is_json_type(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def platform_error(answer: Invocation) -> tuple[str, str] | None:
+    """`(code, message)` when an error answer has the platform's JSON error shape (no such
+    function, no ready instance, timeout, ...), rather than being the function's own."""
+    if answer.status < 400:
+        return None
+    try:
+        body = json.loads(answer.body)
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not (isinstance(error, dict) and isinstance(error.get("code"), str)):
+        return None
+    message = str(error.get("message", ""))
+    retry_after = answer.headers.get("Retry-After")
+    if retry_after:
+        message = f"{message} (retry after {retry_after} s)"
+    return error["code"], message
+
+
+def render_body(body: bytes, content_type: str | None) -> str | bytes:
+    """What `invoke` prints: JSON pretty-printed, other UTF-8 text as is, anything else as the
+    raw bytes."""
+    if is_json_type(content_type):
+        try:
+            return json.dumps(json.loads(body), indent=2, ensure_ascii=False) + "\n"
+        except ValueError:
+            pass  # claims JSON but is not: show what came
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return body
+
+
+def format_log_time(value: object) -> str:
+    """`HH:MM:SS.mmm` (UTC) of a log line's RFC 3339 `ts`."""
+    moment = _parse_time(value)
+    if moment is None:
+        return str(value) if value else "-"
+    return moment.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def format_log_line(entry: JsonObject) -> str:
+    """`<time> <instance|build> <line>`, with `[stderr]` or `[system]` before what did not come
+    from the function's stdout."""
+    source = "build" if entry.get("kind") == "build" else str(entry.get("instance") or "-")
+    stream = entry.get("stream")
+    marker = f"[{stream}] " if stream in ("stderr", "system") else ""
+    return f"{format_log_time(entry.get('ts'))} {source} {marker}{entry.get('line', '')}"
+
+
+def belongs_to(item: JsonObject, uid: str, generation: int) -> bool:
+    """Whether a log line or event data is about function `uid` at `generation` or later."""
+    item_generation = item.get("generation")
+    return (
+        item.get("uid") == uid
+        and isinstance(item_generation, int)
+        and not isinstance(item_generation, bool)
+        and item_generation >= generation
+    )
+
+
+def log_key(entry: JsonObject) -> tuple[object, ...]:
+    return tuple(entry.get(key) for key in ("ts", "stream", "instance", "line"))
+
+
+def unseen(entries: Iterable[JsonObject], seen: Collection[tuple[object, ...]]) -> list[JsonObject]:
+    return [entry for entry in entries if log_key(entry) not in seen]
+
+
+def follow_since(record: Mapping[str, Any], before_upload: datetime) -> str:
+    """Where a deploy replays events and build logs from: a moment before the upload, by the
+    gateway's clock (the record's `updated_at`) when it says, else by ours."""
+    moment = min(_parse_time(record.get("updated_at")) or before_upload, before_upload)
+    return (moment - FOLLOW_MARGIN).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def function_url(router_url: str, namespace: str, name: str) -> str:
+    return f"{router_url.rstrip('/')}/{namespace}/{name}"
+
+
+def upload_line(action: DeployAction, record: JsonObject) -> str:
+    source = record.get("source") or {}
+    line = (
+        f"{action.capitalize()} {record.get('namespace')}/{record.get('name')}: "
+        f"generation {record.get('generation')}, "
+        f"sha256 {str(source.get('sha256', ''))[:12]}, "
+        f"entrypoint {source.get('entrypoint', '-')}"
+    )
+    return line + (" (nothing changed, nothing to deploy)" if action == "unchanged" else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What one lifecycle event means for a deploy being watched."""
+
+    line: str = ""  # what to print; nothing when empty
+    done: bool = False
+    exit_code: int = 0
+    show_build_tail: bool = False  # print the build's last log lines not yet shown
+
+
+def deploy_progress(event: JsonObject, uid: str, generation: int, *, url: str) -> Progress:
+    """The step a lifecycle event is in deploying generation `generation` (or a later one) of
+    the function `uid`; `url` is where the function answers once it is ready."""
+    data = _event_data(event)
+    if not belongs_to(data, uid, generation):
+        return Progress()
+    kind = str(event.get("type", "")).removeprefix(EVENT_TYPE_PREFIX)
+    reason = _reason_text(data)
+    replicas = f"{data.get('ready_replicas', '?')}/{data.get('replicas', '?')} replicas ready"
+    changes = data.get("changes")
+    match kind:
+        case "function.updated" if isinstance(changes, list) and "source" not in changes:
+            return Progress("configuration changed, no build needed")
+        case "function.deleted":
+            return Progress("function deleted while deploying", done=True, exit_code=1)
+        case "build.queued" | "build.started":
+            return Progress(kind.replace(".", " "))
+        case "build.succeeded":
+            seconds = data.get("duration_seconds")
+            took = f" in {seconds:.1f}s" if isinstance(seconds, int | float) else ""
+            cached = " (dependencies cached)" if data.get("dependencies_cached") else ""
+            return Progress(f"build succeeded{took}{cached}")
+        case "build.failed":
+            return Progress(
+                f"build failed: {reason or 'no reason given'}",
+                done=True,
+                exit_code=1,
+                show_build_tail=True,
+            )
+        case "deployment.started" | "deployment.scaled":
+            return Progress(f"{kind.replace('.', ' ')} ({replicas})")
+        case "deployment.ready":
+            return Progress(f"ready: {url}", done=True)
+        case "deployment.failed":
+            return Progress(
+                f"deployment failed: {reason or 'no reason given'}", done=True, exit_code=1
+            )
+        case "deployment.stopped":
+            return Progress(f"deployment stopped{_reason(data)}")
+    return Progress()
+
+
 def _reason(data: JsonObject) -> str:
-    reason, message = str(data.get("reason") or ""), str(data.get("message") or "")
-    text = ": ".join(part for part in (reason, message) if part)
+    text = _reason_text(data)
     return f" ({text})" if text else ""
+
+
+def _reason_text(data: JsonObject) -> str:
+    reason, message = str(data.get("reason") or ""), str(data.get("message") or "")
+    return _one_line(": ".join(part for part in (reason, message) if part))
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -202,6 +426,42 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--timeout", type=float, help="seconds per invocation")
     deploy.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")
     deploy.add_argument("--description")
+    deploy.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return once uploaded instead of following the build and deployment",
+    )
+    deploy.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the function to be ready (default 300)",
+    )
+
+    invoke = commands.add_parser(
+        "invoke", parents=[common], help="call a function and print its answer"
+    )
+    invoke.add_argument("name")
+    body = invoke.add_mutually_exclusive_group()
+    body.add_argument("--data", metavar="JSON", help="a JSON request body")
+    body.add_argument("--data-file", metavar="FILE", help="send this file's bytes ('-': stdin)")
+    invoke.add_argument(
+        "--header", action="append", default=[], metavar="NAME:VALUE", help="repeatable"
+    )
+
+    logs = commands.add_parser("logs", parents=[common], help="show a function's log lines")
+    logs.add_argument("name")
+    logs.add_argument("--build", action="store_true", help="the build's logs, not the runtime's")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.add_argument("--since", help="from an RFC 3339 time or a duration like 10m")
+
+    history = commands.add_parser(
+        "history", parents=[common], help="show a function's lifecycle events"
+    )
+    history.add_argument("name")
 
     commands.add_parser("ls", parents=[common], help="list the functions of a namespace")
 
@@ -253,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = "usage" if isinstance(error, UsageError) else "invalid_source"
         return _fail(code, str(error), 2)
     except KeyboardInterrupt:
-        return 0 if args.command == "events" else 130
+        # Ending a tail is how a tail is meant to end.
+        return 0 if args.command == "events" or getattr(args, "follow", False) else 130
     except BrokenPipeError:
         # The reader went away (`lambdabus events | head`): not an error, and the flush at
         # interpreter exit must not complain either.
@@ -311,29 +572,225 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
         value = getattr(args, key)
         if value is not None:
             spec[key] = value
+    if args.wait_timeout <= 0:
+        raise UsageError("--wait-timeout must be more than 0 seconds")
     archive = await asyncio.to_thread(load_archive, args.source, warn=_warn)
+    namespace = settings.namespace
     async with LambdabusClient.from_settings(settings) as client:
-        action, record = await client.deploy_function(settings.namespace, spec, archive)
-        status: JsonObject | None = None
-        status_error = ""
-        try:
-            status = await client.function_status(settings.namespace, args.name)
-        except ApiError as error:
-            status_error = f"{error.code}: {error.message}"
+        # Asked first: if it fails, nothing has been uploaded yet.
+        info = await client.info() if args.wait else {}
+        before_upload = datetime.now(UTC)
+        action, record = await client.deploy_function(namespace, spec, archive)
+        if output != "json":
+            print(upload_line(action, record), flush=True)
+        if not args.wait:
+            return await _deploy_status(client, namespace, action, record, output)
+        if action != "unchanged":
+            watch = _DeployWatch(
+                client,
+                namespace,
+                args.name,
+                uid=str(record.get("uid")),
+                generation=int(record.get("generation") or 0),
+                since=follow_since(record, before_upload),
+                url=function_url(str(info.get("router_url", "")), namespace, args.name),
+                echo=output != "json",
+            )
+            try:
+                async with asyncio.timeout(args.wait_timeout):
+                    code = await watch.run()
+            except TimeoutError:
+                return _fail(
+                    "timeout",
+                    f"{namespace}/{args.name} generation {record.get('generation')} was not "
+                    f"ready after {args.wait_timeout:g} s; it may still become ready "
+                    f"(see 'lambdabus status {args.name}' and 'lambdabus logs {args.name}')",
+                    1,
+                )
+            if code != 0:
+                return code
+        if output == "json":
+            status = await client.function_status(namespace, args.name)
+            _print_json({"action": action, "function": record, "status": status})
+    return 0
+
+
+async def _deploy_status(
+    client: LambdabusClient, namespace: str, action: str, record: JsonObject, output: str
+) -> int:
+    """`deploy --no-wait`: the function's status right after the upload."""
+    status: JsonObject | None = None
+    status_error = ""
+    try:
+        status = await client.function_status(namespace, str(record.get("name")))
+    except ApiError as error:
+        status_error = f"{error.code}: {error.message}"
     if output == "json":
         _print_json({"action": action, "function": record, "status": status})
-        return 0
-    source = record.get("source") or {}
-    print(
-        f"{action.capitalize()} {record.get('namespace')}/{record.get('name')}: "
-        f"generation {record.get('generation')}, "
-        f"sha256 {str(source.get('sha256', ''))[:12]}, "
-        f"entrypoint {source.get('entrypoint', '-')}"
-    )
-    if status is not None:
+    elif status is not None:
         print(f"Image: {status.get('image_status')}  Status: {status.get('status')}")
     else:
         print(f"Status: unknown ({_one_line(status_error)})")
+    return 0
+
+
+@dataclass
+class _DeployWatch:
+    """Follows a deploy after its upload: the function's lifecycle events decide (through
+    `deploy_progress`), while its build log lines are printed as they come."""
+
+    client: LambdabusClient
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    since: str
+    url: str
+    echo: bool
+    shown: set[tuple[object, ...]] = field(default_factory=set, init=False)
+
+    async def run(self) -> int:
+        """The exit status: 0 once ready, 1 when the build or the deployment failed."""
+        build_logs = asyncio.create_task(self._print_build_logs())
+        try:
+            progress = await self._outcome()
+            # Lines already on their way still belong before the verdict.
+            await asyncio.wait([build_logs], timeout=LOG_DRAIN_SECONDS)
+        finally:
+            build_logs.cancel()
+            await asyncio.gather(build_logs, return_exceptions=True)
+        if progress.show_build_tail and self.echo:
+            await self._print_build_tail()
+        if progress.exit_code != 0:
+            print(progress.line, file=sys.stderr, flush=True)
+        elif self.echo:
+            print(progress.line, flush=True)
+        return progress.exit_code
+
+    async def _outcome(self) -> Progress:
+        events = self.client.lifecycle(
+            namespace=self.namespace, function=self.name, since=self.since
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                progress = deploy_progress(event, self.uid, self.generation, url=self.url)
+                if progress.done:
+                    return progress
+                if progress.line and self.echo:
+                    print(progress.line, flush=True)
+        raise ApiError(
+            0, "stream_closed", "the gateway ended the lifecycle stream before the deploy finished"
+        )
+
+    async def _print_build_logs(self) -> None:
+        if not self.echo:
+            return
+        entries = self.client.logs(
+            self.namespace, self.name, build=True, since=self.since, follow=True
+        )
+        try:
+            async with contextlib.aclosing(entries):
+                async for entry in entries:
+                    self._print_build_line(entry)
+        except ApiError as error:  # the outcome does not depend on the logs
+            _warn(f"build logs unavailable: {error.code}: {_one_line(error.message)}")
+
+    async def _print_build_tail(self) -> None:
+        try:
+            entries = [
+                entry
+                async for entry in self.client.logs(
+                    self.namespace, self.name, build=True, since=self.since, tail=BUILD_TAIL_LINES
+                )
+            ]
+        except ApiError as error:
+            _warn(f"build logs unavailable: {error.code}: {_one_line(error.message)}")
+            return
+        for entry in unseen(entries, self.shown):
+            self._print_build_line(entry)
+
+    def _print_build_line(self, entry: JsonObject) -> None:
+        if belongs_to(entry, self.uid, self.generation):
+            self.shown.add(log_key(entry))
+            print(f"{BUILD_LOG_PREFIX}{entry.get('line', '')}", flush=True)
+
+
+async def _invoke(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    headers = parse_headers(args.header)
+    body, content_type = b"", None
+    if args.data is not None:
+        body, content_type = json_body(args.data), "application/json"
+    elif args.data_file is not None:
+        body = await asyncio.to_thread(_read_data_file, args.data_file)
+        content_type = guess_content_type(body)
+    async with LambdabusClient.from_settings(settings) as client:
+        answer = await client.invoke(settings.namespace, args.name, body, content_type, headers)
+    error = platform_error(answer)
+    if error is not None:
+        return _fail(*error, 1)
+    rendered = render_body(answer.body, answer.headers.get("Content-Type"))
+    if isinstance(rendered, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(rendered)
+        sys.stdout.buffer.flush()
+    elif rendered:
+        print(rendered, end="" if rendered.endswith("\n") else "\n")
+    if answer.status >= 400:
+        sys.stdout.flush()
+        return _fail(
+            "function_error", f"{settings.namespace}/{args.name} answered {answer.status}", 1
+        )
+    return 0
+
+
+def _read_data_file(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"--data-file {path}: {error.strerror or error}") from None
+
+
+async def _logs(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    if args.tail is not None and args.tail < 1:
+        raise UsageError("--tail must be at least 1")
+    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    async with LambdabusClient.from_settings(settings) as client:
+        entries = client.logs(
+            settings.namespace,
+            args.name,
+            build=args.build,
+            tail=args.tail,
+            since=since,
+            follow=args.follow,
+        )
+        async with contextlib.aclosing(entries):
+            async for entry in entries:
+                line = json.dumps(entry) if output == "json" else format_log_line(entry)
+                print(line, flush=args.follow)
+    return 0
+
+
+async def _history(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    async with LambdabusClient.from_settings(settings) as client:
+        events = await client.history(settings.namespace, args.name)
+    if output == "json":
+        _print_json({"items": events})
+        return 0
+    if not events:
+        print(f"No history for {settings.namespace}/{args.name}.")
+        return 0
+    rows = [
+        [
+            format_event_time(event.get("time")),
+            str(event.get("type", "?")).removeprefix(EVENT_TYPE_PREFIX),
+            str(_event_data(event).get("generation", "-")),
+            event_detail(event),
+        ]
+        for event in events
+    ]
+    print(render_table(["TIME", "TYPE", "GENERATION", "DETAIL"], rows))
     return 0
 
 
@@ -442,6 +899,9 @@ async def _events(settings: ClientSettings, args: argparse.Namespace, output: st
 
 _COMMANDS: dict[str, Command] = {
     "deploy": _deploy,
+    "invoke": _invoke,
+    "logs": _logs,
+    "history": _history,
     "ls": _ls,
     "status": _status,
     "rm": _rm,

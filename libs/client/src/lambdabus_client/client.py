@@ -1,8 +1,8 @@
 """An async HTTP client for the Lambdabus gateway's management API.
 
 It speaks HTTP only (never NATS): `LambdabusClient` owns one aiohttp session, turns every error
-answer into an `ApiError`, and reads the lifecycle stream through `SSEDecoder`, a pure
-server-sent-events parser.
+answer into an `ApiError` (except a function's own answer to `invoke`), and reads the lifecycle
+stream through `SSEDecoder` and log streams through `NDJSONDecoder`, two pure incremental parsers.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import quote
 
 import aiohttp
@@ -22,8 +22,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 JsonObject = dict[str, Any]
+DeployAction = Literal["created", "updated", "unchanged"]
 
 USER_AGENT = "lambdabus-client/0.1.0"
+NDJSON = "application/x-ndjson"
 
 
 class ClientSettings(BaseSettings):
@@ -116,6 +118,35 @@ class SSEDecoder:
         return ServerSentEvent(data="\n".join(data), event=event or "message", id=self._last_id)
 
 
+@dataclass(slots=True)
+class NDJSONDecoder:
+    """Incremental `application/x-ndjson` parser: one JSON object per line.
+
+    Feed it bytes in chunks of any size (a line, even a UTF-8 character, may straddle chunks);
+    it returns the objects completed by each chunk. Blank lines (keepalives) are skipped; `close`
+    returns an object left on a last line without a newline.
+    """
+
+    _buffer: bytes = b""
+
+    def feed(self, chunk: bytes) -> list[JsonObject]:
+        # Splitting bytes on b"\n" is safe: no multi-byte UTF-8 sequence contains that byte.
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        return [_ndjson_object(line) for line in lines if line.strip()]
+
+    def close(self) -> list[JsonObject]:
+        rest, self._buffer = self._buffer, b""
+        return [_ndjson_object(rest)] if rest.strip() else []
+
+
+class Invocation(NamedTuple):
+    """A function's answer to `invoke`, whatever its status."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+
+
 class LambdabusClient:
     """The management API of one gateway. Use as `async with LambdabusClient(url) as client:`."""
 
@@ -174,14 +205,21 @@ class LambdabusClient:
 
     async def deploy_function(
         self, namespace: str, spec: Mapping[str, Any], archive: bytes
-    ) -> tuple[Literal["created", "updated"], JsonObject]:
-        """Create the function, or replace it if one of that name already exists."""
+    ) -> tuple[DeployAction, JsonObject]:
+        """Create the function, or replace it if one of that name already exists.
+
+        "unchanged" means the gateway kept the function as it was (same source and settings,
+        same generation), so nothing will be built or deployed.
+        """
         try:
             return "created", await self.create_function(namespace, spec, archive)
         except ApiError as error:
             if error.status != 409:
                 raise
-        return "updated", await self.replace_function(namespace, spec, archive)
+        status, record = await self._json_answer(
+            "PUT", _function_path(namespace, _spec_name(spec)), data=_upload_form(spec, archive)
+        )
+        return ("unchanged" if status == 200 else "updated"), record
 
     async def list_functions(self, namespace: str) -> list[JsonObject]:
         answer = await self._json_object("GET", _functions_path(namespace))
@@ -199,6 +237,84 @@ class LambdabusClient:
     async def delete_function(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("DELETE", _function_path(namespace, name))
 
+    async def history(self, namespace: str, name: str) -> list[JsonObject]:
+        """The function's lifecycle events (structured CloudEvents), oldest first."""
+        answer = await self._json_object("GET", _function_path(namespace, name) + "/history")
+        items = answer.get("items")
+        if not isinstance(items, list):
+            raise ApiError(200, "invalid_response", "the history has no 'items' array")
+        return items
+
+    async def info(self) -> JsonObject:
+        """The gateway's `router_url` (where functions are called) and `version`."""
+        return await self._json_object("GET", "/v1/info")
+
+    # -- invoking --------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        namespace: str,
+        name: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Invocation:
+        """Call the function through the gateway and return its answer, whatever the status.
+
+        Only failing to get an answer at all raises `ApiError`; a platform error (no such
+        function, no ready instance, ...) comes back as its JSON error answer, like the
+        function's own errors. A `Content-Type` in `headers` wins over `content_type`.
+        """
+        sent = dict(headers or {})
+        if content_type and not any(key.lower() == "content-type" for key in sent):
+            sent["Content-Type"] = content_type
+        # The gateway bounds an invocation by the function's own timeout.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout)
+        async with self._request(
+            "POST",
+            _function_path(namespace, name) + "/invoke",
+            data=body or None,
+            headers=sent,
+            timeout=timeout,
+            allow_redirects=False,
+            raise_for_status=False,
+        ) as response:
+            payload = await response.read()
+        return Invocation(response.status, response.headers, payload)
+
+    # -- log streams -----------------------------------------------------------------------
+
+    async def logs(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        build: bool = False,
+        tail: int | None = None,
+        since: str | None = None,
+        follow: bool = False,
+    ) -> AsyncGenerator[JsonObject, None]:
+        """Runtime (or, with `build`, build) log lines as objects, oldest first; with `follow`
+        the stream stays open for new lines until the gateway closes it."""
+        params = {"tail": None if tail is None else str(tail), "since": since}
+        query = {key: value for key, value in params.items() if value is not None}
+        if follow:
+            query["follow"] = "1"
+        path = _function_path(namespace, name) + ("/build/logs" if build else "/logs")
+        # Only connecting is bounded on a follow; otherwise each read is.
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout, sock_read=None if follow else self.timeout
+        )
+        decoder = NDJSONDecoder()
+        async with self._request(
+            "GET", path, params=query, headers={"Accept": NDJSON}, timeout=timeout
+        ) as response:
+            async for chunk in response.content.iter_any():
+                for entry in decoder.feed(chunk):
+                    yield entry
+            for entry in decoder.close():
+                yield entry
+
     # -- lifecycle stream ------------------------------------------------------------------
 
     async def lifecycle(
@@ -207,7 +323,7 @@ class LambdabusClient:
         function: str | None = None,
         type: str | None = None,
         since: str | None = None,
-    ) -> AsyncIterator[JsonObject]:
+    ) -> AsyncGenerator[JsonObject, None]:
         """Lifecycle CloudEvents as the gateway streams them, until it closes the stream."""
         filters = {"namespace": namespace, "function": function, "type": type, "since": since}
         params = {key: value for key, value in filters.items() if value is not None}
@@ -228,6 +344,11 @@ class LambdabusClient:
     # -- plumbing --------------------------------------------------------------------------
 
     async def _json_object(self, method: str, path: str, **kwargs: Any) -> JsonObject:
+        _, body = await self._json_answer(method, path, **kwargs)
+        return body
+
+    async def _json_answer(self, method: str, path: str, **kwargs: Any) -> tuple[int, JsonObject]:
+        """The status and JSON object of a successful answer."""
         async with self._request(method, path, **kwargs) as response:
             try:
                 body = await response.json(content_type=None)
@@ -239,19 +360,20 @@ class LambdabusClient:
             raise ApiError(
                 response.status, "invalid_response", f"{method} {path} did not answer an object"
             )
-        return body
+        return response.status, body
 
     @asynccontextmanager
     async def _request(
-        self, method: str, path: str, **kwargs: Any
+        self, method: str, path: str, *, raise_for_status: bool = True, **kwargs: Any
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request; error answers and transport failures (also while the body is read)
-        become `ApiError`s, so the caller only ever sees a successful response."""
+        """Send one request; error answers (unless `raise_for_status` is false) and transport
+        failures (also while the body is read) become `ApiError`s, so the caller only ever sees
+        a successful response."""
         if self._session is None:
             raise RuntimeError("use LambdabusClient as an async context manager")
         try:
             async with self._session.request(method, self.url + path, **kwargs) as response:
-                if response.status >= 400:
+                if raise_for_status and response.status >= 400:
                     raise await _error_from(response)
                 yield response
         except aiohttp.ClientConnectorError as exc:
@@ -292,6 +414,18 @@ def _event_object(event: ServerSentEvent) -> JsonObject:
         ) from exc
     if not isinstance(body, dict):
         raise ApiError(200, "invalid_event", "the lifecycle stream sent data that is not an object")
+    return body
+
+
+def _ndjson_object(line: bytes) -> JsonObject:
+    try:
+        body = json.loads(line)
+    except ValueError as exc:
+        raise ApiError(
+            200, "invalid_response", "the log stream sent a line that is not JSON"
+        ) from exc
+    if not isinstance(body, dict):
+        raise ApiError(200, "invalid_response", "the log stream sent a line that is not an object")
     return body
 
 
