@@ -278,7 +278,11 @@ def _status(namespace: str, name: str, generation: int) -> JsonObject:
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return web.json_response(
+        {"error": {"code": code, "message": message}},
+        status=status,
+        headers={"X-Lambdabus-Error": code},
+    )
 
 
 @pytest.fixture
@@ -785,7 +789,11 @@ async def test_invoke_platform_error_is_one_line(
 
     def busy(body: bytes) -> web.Response:
         error = {"error": {"code": "no_ready_instance", "message": "hello is starting"}}
-        return web.json_response(error, status=503, headers={"Retry-After": "2"})
+        return web.json_response(
+            error,
+            status=503,
+            headers={"Retry-After": "2", "X-Lambdabus-Error": "no_ready_instance"},
+        )
 
     gateway.invoke_answer = busy
 
@@ -1001,12 +1009,15 @@ def test_render_body_pretty_prints_json_and_keeps_the_rest() -> None:
     assert render_body(b"\xff\x00", "application/octet-stream") == b"\xff\x00"
 
 
-def test_platform_error_needs_the_error_shape_and_an_error_status() -> None:
+def test_platform_error_needs_the_marker_the_error_shape_and_an_error_status() -> None:
     shape = json.dumps({"error": {"code": "function_timeout", "message": "took 30 s"}}).encode()
+    marked = {"X-Lambdabus-Error": "function_timeout"}
 
-    assert platform_error(Invocation(504, {}, shape)) == ("function_timeout", "took 30 s")
-    assert platform_error(Invocation(200, {}, shape)) is None
-    assert platform_error(Invocation(500, {}, b'{"error": "mine"}')) is None
+    assert platform_error(Invocation(504, marked, shape)) == ("function_timeout", "took 30 s")
+    assert platform_error(Invocation(200, marked, shape)) is None
+    assert platform_error(Invocation(500, marked, b'{"error": "mine"}')) is None
+    # the function's own answer in the same shape is the function's, not the platform's
+    assert platform_error(Invocation(504, {}, shape)) is None
 
 
 # -- the NDJSON parser -------------------------------------------------------------------------

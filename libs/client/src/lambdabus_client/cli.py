@@ -219,9 +219,10 @@ def is_json_type(content_type: str | None) -> bool:
 
 
 def platform_error(answer: Invocation) -> tuple[str, str] | None:
-    """`(code, message)` when an error answer has the platform's JSON error shape (no such
-    function, no ready instance, timeout, ...), rather than being the function's own."""
-    if answer.status < 400:
+    """`(code, message)` when the platform itself refused (no such function, no ready instance,
+    timeout, ...), rather than the function answering an error: the platform marks its own
+    answers with the `X-Lambdabus-Error` header."""
+    if answer.status < 400 or "X-Lambdabus-Error" not in answer.headers:
         return None
     try:
         body = json.loads(answer.body)

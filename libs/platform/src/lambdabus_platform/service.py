@@ -146,8 +146,12 @@ Setup = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
 SERVICE_KEY = web.AppKey("service", ServiceContext)
 
 
+ERROR_HEADER = "X-Lambdabus-Error"
+
+
 def error_response(error: LambdabusError) -> web.Response:
-    headers = {}
+    """The platform's own error answer; the header tells it apart from a function's answer."""
+    headers = {ERROR_HEADER: error.code}
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
@@ -193,6 +197,7 @@ async def _observe(
         return web.json_response(
             {"error": {"code": "internal", "message": "internal error; see the service log"}},
             status=500,
+            headers={ERROR_HEADER: "internal"},
         )
     finally:
         ctx.metrics.http_requests.labels(request.method, route, str(status)).inc()
