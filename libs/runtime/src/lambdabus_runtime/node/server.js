@@ -1,0 +1,372 @@
+'use strict';
+/*
+ * The Lambdabus Node.js runtime: serves handler.js's main(event, context) over HTTP/1.1.
+ * Node's own modules only. Same flags and process contract as `python -m lambdabus_runtime`:
+ *
+ *   node server.js --code DIR --entrypoint handler.js --function NS/NAME [--port 0]
+ *       [--host 127.0.0.1] [--timeout SECONDS] [--memory MIB] [--runtime nodejs20] [--max-body BYTES]
+ *
+ * - Prints {"event": "listening", "port": N} on stdout once it serves; an exception while
+ *   loading the entry point prints its stack on stderr and exits 3; SIGTERM stops accepting,
+ *   lets in-flight requests finish (up to 5 s) and exits 0. GET /healthz answers itself.
+ * - require() finds the function's dependencies through NODE_PATH (set by the deployer).
+ *   An ES module entry point (ERR_REQUIRE_ESM) is loaded with import().
+ * - event: {data, 'ce-type', 'ce-source', 'ce-id', 'ce-time', 'ce-specversion' ('' when
+ *   absent), other ce-* headers, extensions: {request: {method, url, path, headers, query,
+ *   body}}}. `data` is the parsed body for a JSON content type (invalid JSON → 400), a Buffer
+ *   for application/octet-stream, otherwise a string when the body is UTF-8 (else a Buffer),
+ *   null when empty. `path` has a leading /NS/NAME cut off.
+ * - context: {'function-name', namespace, timeout, runtime, 'memory-limit'}.
+ * - The value main returns (or its promise resolves to): null/undefined → 204; a string →
+ *   text/plain; a Buffer/Uint8Array → application/octet-stream; an object whose `statusCode`
+ *   is a number → that response: {statusCode, headers, body, isBase64Encoded} with `body`
+ *   encoded by the same rules (isBase64Encoded: a base64 string body is decoded), as AWS
+ *   Lambda proxy integrations answer; any other value → JSON.
+ * - A thrown error → 500 {"error": {"code": "function_error", "message": "<name>: <message>"}},
+ *   its stack on stderr; running past --timeout → 504 function_timeout (the call cannot be
+ *   stopped and runs on).
+ */
+
+const http = require('http');
+const path = require('path');
+const { pathToFileURL } = require('url');
+
+const EXIT_USAGE = 2;
+const EXIT_IMPORT_ERROR = 3;
+const EXIT_BIND_ERROR = 1;
+const DRAIN_GRACE_MS = 5000;
+const IDLE_TIMEOUT_MS = 300000;
+const MAX_HEAD = 64 * 1024;
+
+const USAGE =
+  'usage: node server.js --code DIR --entrypoint FILE --function NS/NAME [--port PORT]\n' +
+  '       [--host HOST] [--timeout SECONDS] [--memory MIB] [--runtime NAME] [--max-body BYTES]\n';
+
+function log(message) {
+  process.stderr.write(`lambdabus-runtime: ${message}\n`);
+}
+
+function usageError(message) {
+  process.stderr.write(`${USAGE}server.js: error: ${message}\n`);
+  process.exit(EXIT_USAGE);
+}
+
+function parseArgs(argv) {
+  const known = new Set(['code', 'entrypoint', 'function', 'port', 'host', 'timeout', 'memory', 'runtime', 'max-body']);
+  const raw = {};
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '-h' || arg === '--help') {
+      process.stdout.write(USAGE);
+      process.exit(0);
+    }
+    if (!arg.startsWith('--')) usageError(`unexpected argument ${JSON.stringify(arg)}`);
+    const eq = arg.indexOf('=');
+    const key = eq === -1 ? arg.slice(2) : arg.slice(2, eq);
+    if (!known.has(key)) usageError(`unknown option --${key}`);
+    if (eq === -1) {
+      if (i + 1 === argv.length) usageError(`--${key} needs a value`);
+      raw[key] = argv[++i];
+    } else {
+      raw[key] = arg.slice(eq + 1);
+    }
+  }
+  for (const key of ['code', 'entrypoint', 'function']) {
+    if (raw[key] === undefined) usageError(`missing --${key}`);
+  }
+  const parts = raw.function.split('/');
+  if (parts.length !== 2 || !parts[0] || !parts[1]) usageError('--function must be NS/NAME');
+  const number = (key, fallback, check) => {
+    if (raw[key] === undefined) return fallback;
+    const value = Number(raw[key]);
+    if (raw[key].trim() === '' || !check(value)) usageError(`invalid value for --${key}: ${JSON.stringify(raw[key])}`);
+    return value;
+  };
+  return {
+    code: raw.code,
+    entrypoint: raw.entrypoint,
+    namespace: parts[0],
+    name: parts[1],
+    port: number('port', 0, (v) => Number.isInteger(v) && v >= 0 && v <= 65535),
+    host: raw.host === undefined ? '127.0.0.1' : raw.host,
+    timeout: number('timeout', 180, (v) => Number.isFinite(v) && v > 0),
+    memory: number('memory', null, (v) => Number.isInteger(v) && v > 0),
+    runtime: raw.runtime === undefined ? 'nodejs20' : raw.runtime,
+    maxBody: number('max-body', 6 * 1024 * 1024, (v) => Number.isInteger(v) && v > 0),
+  };
+}
+
+async function loadMain(codeDir, entrypoint) {
+  const file = path.resolve(codeDir, entrypoint);
+  let mod;
+  try {
+    mod = require(file);
+  } catch (err) {
+    if (!err || err.code !== 'ERR_REQUIRE_ESM') throw err;
+    mod = await import(pathToFileURL(file).href);
+  }
+  if (typeof mod === 'function') return mod;
+  if (mod && typeof mod.main === 'function') return mod.main;
+  if (mod && mod.default && typeof mod.default.main === 'function') return mod.default.main;
+  throw new Error(`${entrypoint} exports no main function`);
+}
+
+class InvalidJSON extends Error {}
+
+const TIMED_OUT = Symbol('timed out');
+
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+
+function decodeData(body, contentType) {
+  if (body.length === 0) return null;
+  let charsetOk = true;
+  if (contentType) {
+    const [mediaRaw, ...params] = contentType.split(';');
+    const media = mediaRaw.trim().toLowerCase();
+    if (media === 'application/json' || media.endsWith('+json')) {
+      try {
+        return JSON.parse(body.toString('utf8'));
+      } catch (err) {
+        throw new InvalidJSON(`the body is not valid JSON: ${err.message}`);
+      }
+    }
+    if (media === 'application/octet-stream') return body;
+    for (const param of params) {
+      const [name, value] = param.split('=');
+      if (name.trim().toLowerCase() === 'charset' && value !== undefined) {
+        charsetOk = ['utf-8', 'utf8', 'us-ascii'].includes(value.trim().replace(/"/g, '').toLowerCase());
+      }
+    }
+  }
+  if (!charsetOk) return body;
+  try {
+    return utf8.decode(body);
+  } catch {
+    return body;
+  }
+}
+
+function safeDecode(text) {
+  if (!text.includes('%')) return text;
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
+}
+
+const JSON_HEADERS = { 'content-type': 'application/json' };
+
+function errorBody(code, message) {
+  return JSON.stringify({ error: { code, message } });
+}
+
+function describe(err) {
+  if (err instanceof Error) return err.message ? `${err.name}: ${err.message}` : err.name;
+  return String(err);
+}
+
+function encodeBody(body, contentType) {
+  if (body === undefined || body === null) return [Buffer.alloc(0), contentType];
+  if (Buffer.isBuffer(body) || body instanceof Uint8Array) {
+    return [body, contentType || 'application/octet-stream'];
+  }
+  if (typeof body === 'string') return [body, contentType || 'text/plain; charset=utf-8'];
+  const text = JSON.stringify(body);
+  if (text === undefined) throw new TypeError(`${typeof body} is not a response body`);
+  return [text, contentType || 'application/json'];
+}
+
+// (status, headers, body) for the value main returned.
+function encodeResult(result) {
+  if (result === undefined || result === null) return [204, {}, ''];
+  if (typeof result === 'object' && !Buffer.isBuffer(result) && typeof result.statusCode === 'number') {
+    const status = result.statusCode;
+    if (!Number.isInteger(status) || status < 200 || status > 599) {
+      throw new RangeError(`statusCode must be an integer from 200 to 599, not ${status}`);
+    }
+    const headers = {};
+    let contentType;
+    for (const [name, value] of Object.entries(result.headers || {})) {
+      if (name.toLowerCase() === 'content-type') contentType = String(value);
+      else headers[name] = value;
+    }
+    let body = result.body;
+    if (result.isBase64Encoded && typeof body === 'string') body = Buffer.from(body, 'base64');
+    const [payload, type] = encodeBody(body, contentType);
+    if (type) headers['content-type'] = type;
+    return [status, headers, payload];
+  }
+  const [payload, type] = encodeBody(result, undefined);
+  return [200, { 'content-type': type }, payload];
+}
+
+function main() {
+  const options = parseArgs(process.argv.slice(2));
+  const prefix = `/${options.namespace}/${options.name}`;
+  const timeoutMs = options.timeout * 1000;
+  const context = {
+    'function-name': options.name,
+    namespace: options.namespace,
+    timeout: options.timeout,
+    runtime: options.runtime,
+    'memory-limit': options.memory ? `${options.memory}Mi` : null,
+  };
+  let draining = false;
+
+  function send(res, status, headers, body) {
+    if (res.headersSent) return;
+    if (draining) headers = { ...headers, connection: 'close' };
+    if (status === 204 || status === 304) {
+      res.writeHead(status, headers);
+      res.end();
+      return;
+    }
+    res.writeHead(status, { ...headers, 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  }
+
+  function sendError(res, status, code, message, close) {
+    send(res, status, close ? { ...JSON_HEADERS, connection: 'close' } : JSON_HEADERS, errorBody(code, message));
+  }
+
+  function makeEvent(req, body) {
+    const url = req.url;
+    const q = url.indexOf('?');
+    let rawPath = q === -1 ? url : url.slice(0, q);
+    if (rawPath.startsWith(prefix)) {
+      const rest = rawPath.slice(prefix.length);
+      if (rest === '') rawPath = '/';
+      else if (rest[0] === '/') rawPath = rest;
+    }
+    const query = {};
+    if (q !== -1) {
+      for (const [key, value] of new URLSearchParams(url.slice(q + 1))) {
+        if (!(key in query)) query[key] = value;
+      }
+    }
+    const request = { method: req.method, url, path: safeDecode(rawPath), headers: req.headers, query, body };
+    const event = {
+      data: decodeData(body, req.headers['content-type']),
+      'ce-type': '',
+      'ce-source': '',
+      'ce-id': '',
+      'ce-time': '',
+      'ce-specversion': '',
+    };
+    for (const [key, value] of Object.entries(req.headers)) {
+      if (key.startsWith('ce-')) event[key] = safeDecode(String(value));
+    }
+    event.extensions = { request };
+    return event;
+  }
+
+  async function invoke(fn, req, res, body) {
+    let event;
+    try {
+      event = makeEvent(req, body);
+    } catch (err) {
+      if (err instanceof InvalidJSON) return sendError(res, 400, 'invalid_json', err.message);
+      throw err;
+    }
+    let timer;
+    const timedOut = new Promise((resolve) => {
+      timer = setTimeout(resolve, timeoutMs, TIMED_OUT);
+    });
+    try {
+      const call = (async () => fn(event, { ...context }))();
+      const result = await Promise.race([call, timedOut]);
+      if (result === TIMED_OUT) {
+        const message = `the function did not finish within ${options.timeout} s`;
+        log(`function_timeout: ${req.method} ${event.extensions.request.path}: ${message} (it cannot be stopped and runs on)`);
+        call.catch(() => {});
+        return sendError(res, 504, 'function_timeout', message);
+      }
+      const [status, headers, payload] = encodeResult(result);
+      send(res, status, headers, payload);
+    } catch (err) {
+      if (err instanceof InvalidJSON) return sendError(res, 400, 'invalid_json', err.message);
+      process.stderr.write(`${(err && err.stack) || String(err)}\n`);
+      sendError(res, 500, 'function_error', describe(err));
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  return loadMain(options.code, options.entrypoint).then(
+    (fn) => {
+      const server = http.createServer({ maxHeaderSize: MAX_HEAD }, (req, res) => {
+        if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD')) {
+          req.resume();
+          return send(res, 200, JSON_HEADERS, '{"status":"ok"}');
+        }
+        // A body over the limit is answered at once and then read and dropped (not cut off:
+        // closing on unread data resets the connection, which can destroy the answer).
+        const declared = Number(req.headers['content-length'] || 0);
+        if (declared > options.maxBody) {
+          req.resume();
+          return sendError(res, 413, 'body_too_large', `the body exceeds ${options.maxBody} bytes`);
+        }
+        const chunks = [];
+        let size = 0;
+        let tooLarge = false;
+        req.on('data', (chunk) => {
+          if (tooLarge) return;
+          size += chunk.length;
+          if (size > options.maxBody) {
+            tooLarge = true;
+            chunks.length = 0;
+            sendError(res, 413, 'body_too_large', `the body exceeds ${options.maxBody} bytes`);
+          } else {
+            chunks.push(chunk);
+          }
+        });
+        req.on('end', () => {
+          if (tooLarge) return;
+          invoke(fn, req, res, Buffer.concat(chunks, size)).catch((err) => {
+            log(`internal error: ${(err && err.stack) || err}`);
+            sendError(res, 500, 'internal_error', describe(err), true);
+          });
+        });
+        req.on('error', () => {});
+      });
+      server.keepAliveTimeout = IDLE_TIMEOUT_MS;
+      server.on('clientError', (err, socket) => {
+        if (!socket.writable) return socket.destroy();
+        const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400;
+        const code = status === 431 ? 'headers_too_large' : 'bad_request';
+        const body = errorBody(code, err.code || 'malformed request');
+        socket.end(
+          `HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nContent-Type: application/json\r\n` +
+            `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+        );
+      });
+      server.on('error', (err) => {
+        log(`cannot listen on ${options.host}:${options.port}: ${err.message}`);
+        process.exit(EXIT_BIND_ERROR);
+      });
+      server.listen({ port: options.port, host: options.host }, () => {
+        process.stdout.write(`{"event": "listening", "port": ${server.address().port}}\n`);
+      });
+      const shutdown = () => {
+        if (draining) return;
+        draining = true;
+        server.close(() => process.exit(0));
+        server.closeIdleConnections();
+        setTimeout(() => {
+          log(`requests still running after ${DRAIN_GRACE_MS / 1000} s; cut off`);
+          process.exit(0);
+        }, DRAIN_GRACE_MS).unref();
+      };
+      process.on('SIGTERM', shutdown);
+      process.on('SIGINT', shutdown);
+    },
+    (err) => {
+      process.stderr.write(`${(err && err.stack) || String(err)}\n`);
+      log(`loading ${options.entrypoint} failed: ${describe(err)}`);
+      process.exit(EXIT_IMPORT_ERROR);
+    },
+  );
+}
+
+main();
