@@ -54,7 +54,7 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
         assert "hello" in listed.stdout
         status_out = _cli(gateway, "status", "hello")
         assert status_out.returncode == 0, status_out.stderr
-        for word in ("pending", "waiting", "ConfigurationReady", "BuildReady", "Running"):
+        for word in ("ConfigurationReady", "BuildReady", "Running"):
             assert word in status_out.stdout
         bad = _cli(gateway, "deploy", str(fn), "--name", "Not_A_Label")
         assert bad.returncode == 1

@@ -108,6 +108,9 @@ class BuildState(_Strict):
     generation: int
     phase: Literal["queued", "started", "succeeded", "failed"]
     source_sha256: str = ""
+    runtime: str = Field(
+        default="", description="the runtime built for; another one needs a new build"
+    )
     reason: str = ""
     message: str = ""
     artifact: str | None = Field(default=None, description="artifact reference the deployer runs")

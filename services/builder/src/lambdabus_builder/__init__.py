@@ -1,1 +1,1 @@
-"""lambdabus_builder."""
+"""lambdabus_builder: turns a function's source archive into an artifact the deployer runs."""

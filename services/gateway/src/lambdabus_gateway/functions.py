@@ -57,7 +57,9 @@ def next_record(
 ) -> tuple[FunctionRecord, list[Change]]:
     """The record after an update, and what changed. Pure."""
     changes: list[Change] = []
-    if source is not None and source.sha256 != current.source.sha256:
+    # Another runtime means another build of the same source.
+    new_source = source is not None and source.sha256 != current.source.sha256
+    if new_source or config.runtime != current.spec.runtime:
         changes.append("source")
     if config != current.spec:
         changes.append("config")

@@ -1,0 +1,343 @@
+"""The local build backend: a directory per build on this machine, beside a dependency
+environment shared by every build with the same dependencies.
+
+Under the builder's state dir:
+- `envs/<deps_key>/`: a virtualenv made by `uv venv` and filled by `uv pip install`, or a
+  `node_modules` tree made by `npm install`. Made in `envs/.tmp-<key>-<token>/` and renamed into
+  place, so an environment that exists is complete; one per key at a time (a lock per key).
+- `artifacts/<ns>/<name>/<uid>-<generation>/`: `code/` (the unpacked source, compiled, then
+  read-only) and `manifest.json`, made as `<uid>-<generation>.partial-<token>/` and renamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import uv
+
+from lambdabus_builder import process
+from lambdabus_builder.backend import BuildLog, BuildRequest, BuildResult
+from lambdabus_builder.errors import BuildFailure
+from lambdabus_builder.plan import (
+    DEPENDENCY_FILES,
+    NODE_LOCKFILE,
+    artifact_dir,
+    dependency_bytes,
+    deps_key,
+    env_dir,
+    lists_requirements,
+    node_syntax_error,
+    style_of,
+    syntax_error_message,
+    tail_message,
+)
+from lambdabus_builder.settings import BuilderSettings
+from lambdabus_events.models import ArtifactManifest, Runtime
+from lambdabus_platform.archive import ArchiveLimits, extract_archive
+from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
+
+_CHECKER = Path(__file__).with_name("compilecheck.py")
+_TMP_ENV = ".tmp-"
+_PARTIAL = ".partial-"
+
+
+class LocalBackend:
+    """`BuildBackend` on the local disk (see the module docstring for the layout)."""
+
+    def __init__(self, settings: BuilderSettings) -> None:
+        self._settings = settings
+        self._root = settings.state_dir.resolve()
+        self._uv = uv.find_uv_bin()
+        self._limits = ArchiveLimits(
+            max_entries=settings.max_archive_entries,
+            max_uncompressed=settings.max_uncompressed_bytes,
+        )
+        self._env_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    async def recover(self) -> None:
+        def clean() -> None:
+            envs = self._root / "envs"
+            for leftover in envs.glob(f"{_TMP_ENV}*") if envs.is_dir() else ():
+                remove_tree(leftover)
+            for leftover in self._root.glob(f"artifacts/*/*/*{_PARTIAL}*"):
+                remove_tree(leftover)
+
+        await asyncio.to_thread(clean)
+
+    async def forget(self, namespace: str, name: str, uid: str) -> None:
+        def remove() -> None:
+            function_dir = self._root / "artifacts" / namespace / name
+            for build in function_dir.glob(f"{uid}-*"):
+                remove_tree(build)
+            for empty in (function_dir, function_dir.parent):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+
+        await asyncio.to_thread(remove)
+
+    async def build(self, request: BuildRequest, log: BuildLog) -> BuildResult:
+        record = request.record
+        runtime = record.spec.runtime
+        final = artifact_dir(
+            self._root, record.namespace, record.name, record.uid, request.generation
+        )
+        work = final.with_name(f"{final.name}{_PARTIAL}{secrets.token_hex(4)}")
+        code = work / "code"
+        try:
+            await log.write("system", f"unpacking the source ({len(request.archive)} bytes)")
+            try:
+                style = style_of(record.source.entrypoint)
+                await asyncio.to_thread(extract_archive, request.archive, code, self._limits)
+            except (ArchiveError, PayloadTooLarge, ValueError) as exc:
+                raise BuildFailure(
+                    "InvalidSource", f"the source archive cannot be used: {exc}"
+                ) from exc
+            if not (code / record.source.entrypoint).is_file():
+                raise BuildFailure(
+                    "InvalidSource",
+                    f"the archive has no {record.source.entrypoint} at its root",
+                )
+            key = deps_key(runtime, self._dependency_bytes(runtime, code))
+            env, cached = await self._environment(runtime, key, code, log)
+            await log.write("system", f"checking that {record.source.entrypoint} compiles")
+            if runtime == "nodejs20":
+                await self._check_node(code, record.source.entrypoint, log)
+            else:
+                await self._check_python(env, code, log)
+            manifest = ArtifactManifest(
+                runtime=runtime,
+                entrypoint=record.source.entrypoint,
+                style=style,
+                code_dir=str(final / "code"),
+                env_dir=str(env),
+                source_sha256=record.source.sha256,
+                deps_key=key,
+            )
+            (work / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+            await asyncio.to_thread(make_read_only, code)
+            if final.exists():  # a build of this generation interrupted after its rename
+                await asyncio.to_thread(remove_tree, final)
+            work.rename(final)
+        except BaseException:
+            await _discard(work)
+            raise
+        return BuildResult(f"file://{final / 'manifest.json'}", cached, key)
+
+    # -- dependencies ---------------------------------------------------------------------
+
+    @staticmethod
+    def _dependency_bytes(runtime: Runtime, code: Path) -> bytes:
+        manifest = _read(code / DEPENDENCY_FILES[runtime])
+        lockfile = _read(code / NODE_LOCKFILE) if runtime == "nodejs20" else None
+        return dependency_bytes(runtime, manifest, lockfile)
+
+    async def _environment(
+        self, runtime: Runtime, key: str, code: Path, log: BuildLog
+    ) -> tuple[Path, bool]:
+        """The environment for `key`, and whether it was there already."""
+        env = env_dir(self._root, key)
+        if env.is_dir():
+            await log.write("system", f"using cached dependencies {key}")
+            return env, True
+        lock = self._env_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if env.is_dir():  # another build made it while this one waited
+                await log.write("system", f"using cached dependencies {key}")
+                return env, True
+            env.parent.mkdir(parents=True, exist_ok=True)
+            tmp = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
+            started = time.monotonic()
+            try:
+                if runtime == "nodejs20":
+                    await self._node_env(tmp, code, log)
+                else:
+                    await self._python_env(tmp, code, log)
+                try:
+                    tmp.rename(env)
+                except OSError:
+                    if not env.is_dir():
+                        raise
+                    await _discard(tmp)  # another builder process made it first
+            except BaseException:
+                await _discard(tmp)
+                raise
+            await log.write(
+                "system", f"dependencies {key} ready in {time.monotonic() - started:.2f} s"
+            )
+            return env, False
+
+    async def _python_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
+        s = self._settings
+        common = ["--no-config", "--color", "never", "--no-python-downloads"]
+        if s.uv_cache_dir is not None:
+            common += ["--cache-dir", str(s.uv_cache_dir)]
+        await log.write("system", f"creating a virtualenv with {s.python}")
+        venv = await self._tool(
+            [self._uv, "venv", *common, "--relocatable", "--python", s.python, str(tmp)],
+            tmp.parent,
+            log,
+        )
+        if venv.returncode != 0:
+            raise BuildFailure(
+                "RuntimeUnavailable",
+                f"uv venv exited with {venv.returncode}: {tail_message(venv.stderr)}",
+            )
+        requirements = _read(code / "requirements.txt") or b""
+        (tmp / "requirements.txt").write_bytes(requirements)  # what this environment holds
+        if not lists_requirements(requirements):
+            await log.write("system", "no requirements to install")
+            return
+        argv = [self._uv, "pip", "install", *common, "--python", str(tmp / "bin" / "python")]
+        if s.index_url is not None:
+            argv += ["--index-url", s.index_url]
+        for url in s.extra_index_url:
+            argv += ["--extra-index-url", url]
+        for link in s.find_links:
+            argv += ["--find-links", link]
+        if s.no_index:
+            argv.append("--no-index")
+        if s.compile_bytecode:
+            argv.append("--compile-bytecode")
+        argv += ["-r", "requirements.txt"]
+        await log.write("system", "installing requirements.txt with uv pip install")
+        done = await self._tool(argv, tmp, log)
+        if done.returncode != 0:
+            raise BuildFailure(
+                "DependencyInstallFailed",
+                f"uv pip install exited with {done.returncode}: {tail_message(done.stderr)}",
+            )
+
+    async def _node_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
+        s = self._settings
+        tmp.mkdir()
+        package = _read(code / "package.json")
+        if package is None:
+            await log.write("system", "no package.json: no dependencies to install")
+            (tmp / "node_modules").mkdir()
+            return
+        (tmp / "package.json").write_bytes(package)
+        lock = _read(code / NODE_LOCKFILE)
+        if lock is not None:
+            (tmp / NODE_LOCKFILE).write_bytes(lock)
+        argv = [s.npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--no-update-notifier"]
+        if s.npm_registry is not None:
+            argv.append(f"--registry={s.npm_registry}")
+        if s.npm_offline:
+            argv.append("--offline")
+        if s.npm_cache is not None:
+            argv.append(f"--cache={s.npm_cache.resolve()}")
+        await log.write("system", "installing package.json with npm install")
+        done = await self._tool(argv, tmp, log)
+        if done.returncode != 0:
+            raise BuildFailure(
+                "DependencyInstallFailed",
+                f"npm install exited with {done.returncode}: {tail_message(done.stderr)}",
+            )
+        (tmp / "node_modules").mkdir(exist_ok=True)  # npm makes none for no dependencies
+
+    @staticmethod
+    async def _tool(argv: list[str], cwd: Path, log: BuildLog) -> process.Completed:
+        return await process.run(argv, cwd=cwd, on_line=log.write)
+
+    # -- checks ---------------------------------------------------------------------------
+
+    async def _check_python(self, env: Path, code: Path, log: BuildLog) -> None:
+        """Compile every .py file with the function's own interpreter; the bytecode it writes
+        spares the instances compiling at each cold start."""
+        lines: list[str] = []
+
+        async def collect(stream: process.Stream, line: str) -> None:
+            if stream == "stdout":
+                lines.append(line)
+            else:
+                await log.write(stream, line)
+
+        python = env / "bin" / "python"
+        done = await process.run(
+            [str(python), "-I", str(_CHECKER), str(code)], cwd=code, on_line=collect
+        )
+        if done.returncode == 0:
+            return
+        try:
+            error = json.loads(lines[-1])
+            file, line, message = str(error["file"]), error.get("line"), str(error["message"])
+            text = error.get("text")
+        except (IndexError, ValueError, KeyError, TypeError):
+            raise BuildFailure(
+                "InternalError",
+                f"the compile check exited with {done.returncode}: {tail_message(done.stderr)}",
+            ) from None
+        summary = syntax_error_message(file, line if isinstance(line, int) else None, message, None)
+        await log.write("stderr", f"{error.get('error', 'SyntaxError')}: {summary}")
+        if isinstance(text, str) and text.strip():
+            await log.write("stderr", "    " + text.rstrip("\r\n"))
+            offset = error.get("offset")
+            if isinstance(offset, int) and offset > 0:
+                await log.write("stderr", "    " + " " * (offset - 1) + "^")
+        raise BuildFailure(
+            "SyntaxError",
+            syntax_error_message(file, line if isinstance(line, int) else None, message, text),
+        )
+
+    async def _check_node(self, code: Path, entrypoint: str, log: BuildLog) -> None:
+        done = await process.run(
+            [self._settings.node, "--check", entrypoint], cwd=code, on_line=log.write
+        )
+        if done.returncode != 0:
+            raise BuildFailure("SyntaxError", node_syntax_error(done.stderr, str(code)))
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
+
+
+async def _discard(path: Path) -> None:
+    """Remove a partial result, even while the build is being cancelled."""
+    if path.exists():
+        await asyncio.shield(asyncio.to_thread(remove_tree, path))
+
+
+def make_read_only(root: Path) -> None:
+    """chmod a-w everything under `root` (files first, then their directories)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in [*filenames, *dirnames]:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o222)
+    os.chmod(root, stat.S_IMODE(os.stat(root).st_mode) & ~0o222)
+
+
+def remove_tree(root: Path) -> None:
+    """Remove a tree, read-only parts included."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_dir() and not root.is_symlink():
+        os.chmod(root, stat.S_IMODE(os.stat(root).st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+        for dirpath, dirnames, _ in os.walk(root):
+            for name in dirnames:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path):
+                    os.chmod(
+                        path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IWUSR | stat.S_IXUSR
+                    )
+        shutil.rmtree(root)
+    else:
+        root.unlink()
+
+
+__all__ = ["LocalBackend", "make_read_only", "remove_tree"]

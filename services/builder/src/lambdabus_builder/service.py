@@ -1,0 +1,43 @@
+"""The builder service's wiring: the artifact store, the local backend and the `Builder`, its
+durable consumer of function events, and its reconciliation loop, for the service's lifetime."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from lambdabus_builder.backend import BuildBackend
+from lambdabus_builder.builds import Builder
+from lambdabus_builder.local import LocalBackend
+from lambdabus_builder.metrics import BuildMetrics
+from lambdabus_builder.settings import BuilderSettings
+from lambdabus_platform.blobstore import open_blob_store
+from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
+from lambdabus_platform.subjects import entity_filter
+
+DURABLE = "builder"
+
+
+def make_setup(settings: BuilderSettings, backend: BuildBackend | None = None) -> Setup:
+    """The service's setup; `backend` replaces the local one (tests pass a wrapped one)."""
+
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        async with open_blob_store(settings.store, ctx.bus) as blobs:
+            builder = Builder(
+                bus=ctx.bus,
+                settings=settings,
+                backend=backend if backend is not None else LocalBackend(settings),
+                blobs=blobs,
+                metrics=BuildMetrics.create(ctx.metrics.registry),
+            )
+            subscribe_lifecycle(
+                ctx, entity_filter("function"), durable=DURABLE, handler=builder.handle
+            )
+            await builder.start()
+            try:
+                yield
+            finally:
+                await builder.close()
+
+    return setup

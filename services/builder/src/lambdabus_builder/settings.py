@@ -1,0 +1,66 @@
+"""Builder settings: `LAMBDABUS_BUILDER_*` (plus the shared `LAMBDABUS_NATS_*`, `LAMBDABUS_STORE_*`)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from lambdabus_platform.settings import ServiceSettings, StoreSettings
+
+MiB = 1024 * 1024
+
+
+def default_python() -> str:
+    """The interpreter function virtualenvs are made from: the base interpreter of this one
+    (not a virtualenv's), else `python3.11` on PATH."""
+    base = getattr(sys, "_base_executable", None)
+    if base and Path(base).exists():
+        return str(base)
+    return shutil.which("python3.11") or sys.executable
+
+
+class BuilderSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_BUILDER_", extra="ignore")
+
+    port: int = Field(default=8082, ge=0, le=65535)
+    state_dir: Path = Field(
+        default=Path(".lambdabus/builder"),
+        description="the builder's own directory: dependency environments and artifacts",
+    )
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    max_concurrent_builds: int = Field(default=2, ge=1, le=64)
+    build_timeout: float = Field(
+        default=600.0, gt=0, description="seconds per build, queue wait excluded"
+    )
+    reconcile_interval: float = Field(
+        default=30.0, gt=0, description="seconds between two reconciliations of KV against builds"
+    )
+    # Python dependencies (uv)
+    python: str = Field(
+        default_factory=default_python, description="interpreter of the function virtualenvs"
+    )
+    index_url: str | None = None
+    extra_index_url: list[str] = Field(default_factory=list)
+    find_links: list[str] = Field(default_factory=list)
+    no_index: bool = False
+    compile_bytecode: bool = Field(
+        default=True,
+        description="precompile installed packages: instances run on a read-only root, where "
+        "Python cannot write bytecode caches at import",
+    )
+    uv_cache_dir: Path | None = Field(default=None, description="None: uv's own default")
+    # Node dependencies (npm)
+    node: str = "node"
+    npm: str = "npm"
+    npm_registry: str | None = None
+    npm_offline: bool = Field(
+        default=False, description="install from npm's cache only (--offline)"
+    )
+    npm_cache: Path | None = Field(default=None, description="npm's cache dir; None: npm's default")
+    # Archive limits (the gateway checked them on upload; the same rules apply on extraction)
+    max_uncompressed_bytes: int = Field(default=250 * MiB, gt=0)
+    max_archive_entries: int = Field(default=10_000, gt=0)

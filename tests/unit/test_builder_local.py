@@ -1,0 +1,329 @@
+"""The local build backend on its own: real uv, npm and node, temp directories, no NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from lambdabus_builder.backend import BuildRequest, BuildResult, LogStream
+from lambdabus_builder.errors import BuildFailure
+from lambdabus_builder.local import LocalBackend
+from lambdabus_builder.settings import BuilderSettings
+from lambdabus_events.models import (
+    ArtifactManifest,
+    FunctionConfig,
+    FunctionRecord,
+    Runtime,
+    SourceRef,
+)
+from lambdabus_testing.wheels import WheelIndex
+from tests.zips import make_zip
+
+HELLO = "import tinydep\n\nasync def main(request):\n    return {'four': tinydep.double(2)}\n"
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+class MemoryLog:
+    def __init__(self) -> None:
+        self.lines: list[tuple[LogStream, str]] = []
+
+    async def write(self, stream: LogStream, line: str) -> None:
+        self.lines.append((stream, line))
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def request(
+    files: dict[str, str | bytes],
+    *,
+    name: str = "hello",
+    uid: str = "u1",
+    runtime: Runtime = "python3.11",
+    entrypoint: str = "lambda_main.py",
+    generation: int = 1,
+) -> BuildRequest:
+    archive = make_zip(files)
+    record = FunctionRecord(
+        namespace="default",
+        name=name,
+        uid=uid,
+        generation=generation,
+        spec=FunctionConfig(runtime=runtime),
+        source=SourceRef(
+            sha256=hashlib.sha256(archive).hexdigest(),
+            size=len(archive),
+            kind="archive",
+            entrypoint=entrypoint,
+            files=len(files),
+        ),
+        created_at=T0,
+        updated_at=T0,
+    )
+    return BuildRequest(record, generation, archive)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, wheel_index: WheelIndex) -> BuilderSettings:
+    return BuilderSettings(
+        state_dir=tmp_path / "builder",
+        no_index=True,
+        find_links=[str(wheel_index.path)],
+        npm_offline=True,
+    )
+
+
+@pytest.fixture
+def backend(settings: BuilderSettings) -> LocalBackend:
+    return LocalBackend(settings)
+
+
+async def output(*argv: str, env: dict[str, str] | None = None) -> str:
+    """A command's stdout; it must succeed."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
+def manifest_of(result: BuildResult) -> ArtifactManifest:
+    assert result.artifact.startswith("file:///")
+    path = Path(result.artifact.removeprefix("file://"))
+    return ArtifactManifest.model_validate_json(path.read_text())
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp-" in p.name or ".partial-" in p.name]
+
+
+async def test_a_python_build_with_a_requirement(backend: LocalBackend) -> None:
+    log = MemoryLog()
+    result = await backend.build(
+        request({"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}), log
+    )
+    assert not result.dependencies_cached
+    manifest = manifest_of(result)
+    assert (manifest.runtime, manifest.entrypoint, manifest.style) == (
+        "python3.11",
+        "lambda_main.py",
+        "luna",
+    )
+    code, env = Path(manifest.code_dir), Path(manifest.env_dir)
+    assert code == backend.root / "artifacts/default/hello/u1-1/code"
+    assert (
+        env == backend.root / "envs" / result.deps_key == backend.root / "envs" / manifest.deps_key
+    )
+    imported = await output(
+        str(env / "bin" / "python"), "-c", "import tinydep; print(tinydep.double(21))"
+    )
+    assert imported == "42"
+    # the code is read-only and compiled for the function's interpreter
+    assert (code / "lambda_main.py").read_text() == HELLO
+    for path in (code, code / "lambda_main.py"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0
+    assert list((code / "__pycache__").glob("lambda_main.cpython-311.pyc"))
+    # uv's own output is in the log, between the builder's steps
+    text = log.text()
+    assert "installing requirements.txt with uv pip install" in text
+    assert "+ tinydep==1.0.0" in text
+    order = [
+        next(i for i, (_, line) in enumerate(log.lines) if needle in line)
+        for needle in ("installing requirements.txt", "+ tinydep==1.0.0", "ready in", "compiles")
+    ]
+    assert order == sorted(order)
+    assert leftovers(backend.root) == []
+
+
+async def test_the_same_requirements_use_the_cached_environment(backend: LocalBackend) -> None:
+    files: dict[str, str | bytes] = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    first = await backend.build(request(files), MemoryLog())
+    log = MemoryLog()
+    second = await backend.build(request(files, name="other", uid="u2"), log)
+    assert second.dependencies_cached
+    assert second.deps_key == first.deps_key
+    assert ("system", f"using cached dependencies {first.deps_key}") in log.lines
+    assert "uv" not in log.text()
+    assert manifest_of(second).env_dir == manifest_of(first).env_dir
+
+
+async def test_concurrent_builds_of_one_key_install_once(backend: LocalBackend) -> None:
+    files: dict[str, str | bytes] = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    logs = [MemoryLog() for _ in range(3)]
+    results = await asyncio.gather(
+        *(
+            backend.build(request(files, name=f"fn{i}", uid=f"u{i}"), log)
+            for i, log in enumerate(logs)
+        )
+    )
+    assert sorted(r.dependencies_cached for r in results) == [False, True, True]
+    installs = sum("installing requirements.txt" in log.text() for log in logs)
+    assert installs == 1
+
+
+async def test_no_requirements_is_an_empty_environment(backend: LocalBackend) -> None:
+    log = MemoryLog()
+    result = await backend.build(
+        request({"handler.py": "def main(e, c):\n    return 1\n"}, entrypoint="handler.py"), log
+    )
+    manifest = manifest_of(result)
+    assert manifest.style == "kyma"
+    assert (Path(manifest.env_dir) / "bin" / "python").exists()
+    assert ("system", "no requirements to install") in log.lines
+
+
+async def test_an_uninstallable_requirement_fails_and_leaves_no_environment(
+    backend: LocalBackend,
+) -> None:
+    log = MemoryLog()
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({"lambda_main.py": HELLO, "requirements.txt": "nonexistent-pkg-xyz\n"}), log
+        )
+    assert caught.value.reason == "DependencyInstallFailed"
+    assert "nonexistent-pkg-xyz" in caught.value.message
+    assert "uv pip install exited with 1" in caught.value.message
+    assert any(s == "stderr" and "nonexistent-pkg-xyz" in line for s, line in log.lines)
+    assert list((backend.root / "envs").iterdir()) == []
+    assert leftovers(backend.root) == []
+    assert not (backend.root / "artifacts/default/hello/u1-1").exists()
+
+
+async def test_a_syntax_error_names_file_and_line(backend: LocalBackend) -> None:
+    source = "import os\n\nx = = 1\n"
+    log = MemoryLog()
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(request({"lambda_main.py": HELLO, "lib/util.py": source}), log)
+    assert caught.value.reason == "SyntaxError"
+    assert caught.value.message == "lib/util.py:3: invalid syntax: x = = 1"
+    assert ("stderr", "SyntaxError: lib/util.py:3: invalid syntax") in log.lines
+    assert ("stderr", "    x = = 1") in log.lines
+    assert leftovers(backend.root) == []
+
+
+async def test_an_archive_that_is_not_a_zip_is_invalid_source(backend: LocalBackend) -> None:
+    bad = request({"lambda_main.py": HELLO})
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(BuildRequest(bad.record, 1, b"not a zip"), MemoryLog())
+    assert caught.value.reason == "InvalidSource"
+    missing = request({"other.py": "x = 1\n"})
+    with pytest.raises(BuildFailure, match=r"no lambda_main\.py at its root"):
+        await backend.build(missing, MemoryLog())
+    assert leftovers(backend.root) == []
+
+
+async def test_a_cancelled_build_kills_its_tool_and_leaves_nothing(
+    tmp_path: Path, settings: BuilderSettings
+) -> None:
+    # an "interpreter" that never answers uv's query holds the build in `uv venv`
+    slow = tmp_path / "slow-python"
+    pidfile = tmp_path / "pid"
+    slow.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    slow.chmod(0o755)
+    backend = LocalBackend(settings.model_copy(update={"python": str(slow)}))
+    log = MemoryLog()
+    task = asyncio.create_task(backend.build(request({"lambda_main.py": HELLO}), log))
+    for _ in range(500):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    pid = int(pidfile.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
+    assert leftovers(backend.root) == []
+    assert list((backend.root / "envs").iterdir()) == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return "zombie"
+
+
+async def test_forget_keeps_shared_environments_and_other_uids(backend: LocalBackend) -> None:
+    files: dict[str, str | bytes] = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    old = await backend.build(request(files, uid="old"), MemoryLog())
+    new = await backend.build(request(files, uid="new"), MemoryLog())
+    await backend.forget("default", "hello", "old")
+    assert not Path(manifest_of(new).code_dir).parent.with_name("old-1").exists()
+    assert Path(manifest_of(new).code_dir).exists()
+    assert Path(manifest_of(new).env_dir).is_dir()
+    assert old.deps_key == new.deps_key
+    await backend.forget("default", "hello", "new")
+    assert not (backend.root / "artifacts/default").exists()
+    assert (backend.root / "envs" / new.deps_key).is_dir()
+
+
+async def test_recover_removes_what_an_interrupted_build_left(backend: LocalBackend) -> None:
+    partial = backend.root / "artifacts/ns/fn/u-1.partial-abcd/code"
+    partial.mkdir(parents=True)
+    (partial / "x.py").write_text("x = 1\n")
+    os.chmod(partial, 0o555)
+    tmp_env = backend.root / "envs/.tmp-key-abcd"
+    tmp_env.mkdir(parents=True)
+    done_env = backend.root / "envs/key"
+    done_env.mkdir()
+    await backend.recover()
+    assert leftovers(backend.root) == []
+    assert done_env.is_dir()
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+async def test_a_node_build_with_a_local_tarball(backend: LocalBackend, npm_tarball: Path) -> None:
+    package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
+    handler = "const t = require('tinydep');\nexports.main = (e, c) => ({ four: t.double(2) });\n"
+    req = request(
+        {"handler.js": handler, "package.json": json.dumps(package)},
+        runtime="nodejs20",
+        entrypoint="handler.js",
+    )
+    log = MemoryLog()
+    result = await backend.build(req, log)
+    manifest = manifest_of(result)
+    assert manifest.style == "node"
+    modules = Path(manifest.env_dir) / "node_modules"
+    ran = await output(
+        "node",
+        "-e",
+        "console.log(require('tinydep').double(21))",
+        env={**os.environ, "NODE_PATH": str(modules)},
+    )
+    assert ran == "42"
+    assert "installing package.json with npm install" in log.text()
+    again = await backend.build(
+        request(
+            {"handler.js": handler, "package.json": json.dumps(package)},
+            runtime="nodejs20",
+            entrypoint="handler.js",
+            uid="u2",
+        ),
+        MemoryLog(),
+    )
+    assert again.dependencies_cached
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+async def test_a_node_syntax_error(backend: LocalBackend) -> None:
+    req = request(
+        {"handler.js": "exports.main = (e, c) => {\n  return 1\n};;; )\n"},
+        runtime="nodejs20",
+        entrypoint="handler.js",
+    )
+    log = MemoryLog()
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(req, log)
+    assert caught.value.reason == "SyntaxError"
+    assert caught.value.message.startswith("handler.js:3: SyntaxError: Unexpected token ')'")
+    assert any(line.endswith("handler.js:3") for _, line in log.lines)
