@@ -47,7 +47,7 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
                 assert b"lambdabus_nats_connected" in resp.read()
         gateway = platform.urls["gateway"]
 
-        deployed = _cli(gateway, "deploy", str(fn), "--name", "hello", "--env", "A=1")
+        deployed = _cli(gateway, "deploy", str(fn), "--name", "hello", "--env", "A=1", "--no-wait")
         assert deployed.returncode == 0, deployed.stderr
         listed = _cli(gateway, "ls")
         assert listed.returncode == 0, listed.stderr
@@ -56,7 +56,7 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
         assert status_out.returncode == 0, status_out.stderr
         for word in ("ConfigurationReady", "BuildReady", "Running"):
             assert word in status_out.stdout
-        bad = _cli(gateway, "deploy", str(fn), "--name", "Not_A_Label")
+        bad = _cli(gateway, "deploy", str(fn), "--name", "Not_A_Label", "--no-wait")
         assert bad.returncode == 1
         assert bad.stderr.startswith("error: invalid_name:")
         assert len(bad.stderr.strip().splitlines()) == 1
