@@ -87,9 +87,13 @@ def platform_up(
             raise RuntimeError("lambdabus up exited:\n" + "".join(platform.output))
         yield platform
     finally:
+        left = platform.descendants()
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+        for pid in left:  # the services run in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait(10)
         process.stdout.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,6 +53,10 @@ class StreamMessage:
     data: bytes
     sequence: int
     time: datetime | None
+
+
+def _from_seq(seq: int) -> api.ConsumerConfig:
+    return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq)
 
 
 class Kv:
@@ -172,10 +177,12 @@ class Bus:
         try:
             yield cls(nc, settings)
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.drain(), timeout=5)
+            if nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.drain(), timeout=5)
             if not nc.is_closed:
-                await nc.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), timeout=5)
 
     @property
     def connected(self) -> bool:
@@ -184,6 +191,11 @@ class Bus:
     @property
     def url(self) -> str:
         return self._settings.url
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (a reply included), in bytes."""
+        return int(self._nc.max_payload)
 
     async def declare(self, *, object_bucket: str | None = ARTIFACTS_BUCKET) -> None:
         """Declare streams, KV buckets and the object store; safe to call from every replica."""
@@ -297,6 +309,116 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def read(
+        self,
+        stream: str,
+        filter_subject: str,
+        *,
+        since: datetime | None = None,
+        start_seq: int | None = None,
+        limit: int,
+        newest: bool = False,
+    ) -> list[StreamMessage]:
+        """A bounded read that does not follow: at most `limit` messages of `stream` matching
+        `filter_subject` stored now, from `start_seq` or `since` (else from the first), oldest
+        first. With `newest`, the last `limit` of them instead of the first, found without
+        reading the ones before: probe consumers count what is pending from a sequence, and the
+        read starts where at least `limit` remain.
+        """
+        if limit <= 0:
+            return []
+        if since is not None:
+            lower = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
+            )
+        elif start_seq is not None:
+            lower = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)
+            )
+        else:
+            lower = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        name, pending = await self._probe(stream, filter_subject, lower)
+        if newest and pending > limit:
+            await self._drop_consumer(stream, name)
+            name, pending = await self._seek_newest(stream, filter_subject, limit)
+        try:
+            messages = await self._fetch(stream, name, pending if newest else min(pending, limit))
+        finally:
+            await self._drop_consumer(stream, name)
+        return messages[-limit:] if newest else messages
+
+    async def _probe(
+        self, stream: str, filter_subject: str, config: api.ConsumerConfig
+    ) -> tuple[str, int]:
+        """Create a read-only ephemeral pull consumer; (its name, messages pending for it)."""
+        name = uuid.uuid4().hex
+        info = await self._js.add_consumer(
+            stream,
+            config.evolve(
+                name=name,
+                filter_subject=filter_subject,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        return name, int(info.num_pending or 0)
+
+    async def _seek_newest(self, stream: str, filter_subject: str, count: int) -> tuple[str, int]:
+        """A consumer from a sequence after which at least `count` (and not many more) matching
+        messages are stored: gallop back from the end, then bisect the last step."""
+        state = (await self._js.stream_info(stream)).state
+        first, last = int(state.first_seq), int(state.last_seq)
+        step, above = count, last + 1  # `above`: a start known to leave fewer than `count`
+        while True:
+            start = max(first, last - step + 1)
+            name, pending = await self._probe(stream, filter_subject, _from_seq(start))
+            if pending >= count or start == first:
+                break
+            await self._drop_consumer(stream, name)
+            above, step = start, step * 4
+        # Narrow a start that leaves far more than needed (a burst of matching messages).
+        while pending > 2 * count + 256 and above - start > 1:
+            middle = (start + above) // 2
+            mid_name, mid_pending = await self._probe(stream, filter_subject, _from_seq(middle))
+            if mid_pending >= count:
+                await self._drop_consumer(stream, name)
+                name, pending, start = mid_name, mid_pending, middle
+            else:
+                await self._drop_consumer(stream, mid_name)
+                above = middle
+        return name, pending
+
+    async def _fetch(self, stream: str, consumer: str, count: int) -> list[StreamMessage]:
+        """The next `count` messages of a consumer that has at least that many pending."""
+        out: list[StreamMessage] = []
+        if count <= 0:
+            return out
+        sub = await self._js.pull_subscribe_bind(consumer=consumer, stream=stream)
+        try:
+            while len(out) < count:
+                batch = await sub.fetch(
+                    min(count - len(out), 1000), timeout=self._settings.request_timeout
+                )
+                for msg in batch:
+                    meta = msg.metadata
+                    out.append(
+                        StreamMessage(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
+                    )
+        except TimeoutError as exc:  # nats-py raises asyncio's and its own subclass of it
+            # Fewer than counted: some expired meanwhile. Nothing at all: the server is slow.
+            if not out:
+                raise TemporaryError(f"reading {stream} timed out; retry") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return out[:count]
+
+    async def _drop_consumer(self, stream: str, name: str) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+            await self._js.delete_consumer(stream, name)
 
     async def publish_nowait(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget publish (the stream still stores it): for high-volume log lines,

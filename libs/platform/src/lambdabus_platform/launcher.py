@@ -23,6 +23,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lambdabus_platform.natsserver import NatsServerError, run_nats_server
+from lambdabus_platform.procs import die_with_parent
 
 SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
 
@@ -104,6 +105,7 @@ class Platform:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # signals reach it from us only, in order
+                preexec_fn=die_with_parent(),  # and it goes if we are killed
             )
             child.process = process
             assert process.stderr is not None

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lambdabus_platform.procs import die_with_parent
+
 _LISTEN = re.compile(rb"Listening for client connections on ([0-9.:\[\]a-f]+):(\d+)")
 _READY = b"Server is ready"
 
@@ -90,6 +92,7 @@ async def run_nats_server(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
     assert process.stderr is not None
     stderr = process.stderr

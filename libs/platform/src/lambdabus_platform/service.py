@@ -279,8 +279,21 @@ async def serve(
                 log.info("stopping", extra={"event": "stopping"})
                 ctx.stopping.set()
                 await runner.cleanup()
-                await broker.stop()
+                await _stop_broker(broker, settings.shutdown_grace_seconds)
     log.info("stopped", extra={"event": "stopped"})
+
+
+async def _stop_broker(broker: NatsBroker, grace: float) -> None:
+    """Stop FastStream's subscribers and connection. Its graceful drain fails while NATS is
+    unreachable; then close the connection without draining, so a service always stops."""
+    try:
+        await asyncio.wait_for(broker.stop(), grace)
+    except Exception as exc:
+        log.warning("event subscribers stopped without draining", extra={"error": repr(exc)})
+        connection = getattr(broker, "_connection", None)  # FastStream has no public close-now
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
 
 
 def _bound_port(runner: web.AppRunner) -> int | None:

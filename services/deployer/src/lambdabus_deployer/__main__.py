@@ -1,50 +1,88 @@
 """`python -m lambdabus_deployer`: run the deployer service.
 
-It consumes build and function lifecycle events through its durable consumer. Running instances
-(the local sandbox and Kubernetes backends) is not built yet, so it records what it saw and the
-function's lambda status stays `waiting` — the gateway reports exactly that.
+It turns every function with a successful build into running instances (the local backend:
+sandboxed processes), keeps them healthy, rolls out new revisions without a gap, and records
+what runs (endpoints included) in the `deployments` KV bucket for the router.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+import aiohttp
 
-from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_platform.service import ServiceContext, run, subscribe_lifecycle
-from lambdabus_platform.settings import ServiceSettings
+from lambdabus_deployer.deployer import Deployer
+from lambdabus_deployer.local import open_local_backend
+from lambdabus_deployer.metrics import DeployerMetrics
+from lambdabus_deployer.runtime import locate_runtime
+from lambdabus_deployer.sandbox import detect_sandbox
+from lambdabus_deployer.settings import DeployerSettings
+from lambdabus_deployer.state import DeploymentStates
+from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
 from lambdabus_platform.subjects import entity_filter
 
 log = logging.getLogger("lambdabus.deployer")
 
 
-class DeployerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_DEPLOYER_", extra="ignore")
+def make_setup(settings: DeployerSettings) -> Setup:
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        sandbox = await detect_sandbox(settings.sandbox)
+        if sandbox.enabled:
+            log.info("instances run in a bubblewrap sandbox", extra={"bwrap": sandbox.bwrap})
+        else:
+            log.warning("instances run UNSANDBOXED", extra={"reason": sandbox.reason})
+        runtime = locate_runtime(settings)
+        if runtime.pythonpath is None:
+            log.warning("the runtime SDK (lambdabus_runtime) was not found; python functions fail")
+        states = DeploymentStates(ctx.bus)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            open_local_backend(
+                settings,
+                sandbox=sandbox,
+                runtime=runtime,
+                http=http,
+                report=states.observe,
+                logs=states.publish_log,
+                metrics=DeployerMetrics.create(ctx.metrics.registry),
+            ) as backend,
+        ):
+            deployer = Deployer(bus=ctx.bus, backend=backend, states=states)
+            subscribe_lifecycle(
+                ctx, entity_filter("build"), durable="deployer-builds", handler=deployer.on_event
+            )
+            subscribe_lifecycle(
+                ctx,
+                entity_filter("function"),
+                durable="deployer-functions",
+                handler=deployer.on_event,
+            )
+            reconciling = asyncio.create_task(
+                deployer.reconcile_forever(settings.reconcile_interval)
+            )
+            try:
+                yield
+            finally:
+                reconciling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reconciling
+                try:
+                    await asyncio.wait_for(states.close(), 3)
+                except Exception as exc:
+                    log.warning("could not withdraw endpoints", extra={"error": repr(exc)})
+            # Leaving open_local_backend stops every instance: nothing outlives the deployer.
 
-    port: int = Field(default=8083, ge=0, le=65535)
-
-
-@contextlib.asynccontextmanager
-async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-    async def on_event(event: LifecycleEvent) -> None:
-        """build.succeeded, function.updated / deleted: what the deployer will run or stop."""
-        log.info(
-            "lifecycle event", extra={"type": event.type, "subject": event.subject, "id": event.id}
-        )
-
-    subscribe_lifecycle(ctx, entity_filter("build"), durable="deployer-builds", handler=on_event)
-    subscribe_lifecycle(
-        ctx, entity_filter("function"), durable="deployer-functions", handler=on_event
-    )
-    yield
+    return setup
 
 
 def main() -> int:
-    return run("deployer", DeployerSettings(), setup)
+    settings = DeployerSettings()
+    return run("deployer", settings, make_setup(settings))
 
 
 if __name__ == "__main__":

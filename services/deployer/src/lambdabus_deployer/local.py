@@ -1,0 +1,715 @@
+"""The local backend: instances are (sandboxed) processes of this deployer.
+
+Per function, one runner task owns every decision (start, scale, roll out, switch, drain,
+give up), so they never race; instances only report what happened to them and wake it. An
+instance is one supervised slot: its process, its restarts with back-off, its health checks,
+its log capture and its scratch dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import resource
+import secrets
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from lambdabus_deployer.backend import LogSink, Reporter
+from lambdabus_deployer.logcapture import InstanceLog
+from lambdabus_deployer.metrics import DeployerMetrics
+from lambdabus_deployer.plan import (
+    DesiredRevision,
+    Failure,
+    InstanceSpec,
+    Observation,
+    RuntimePaths,
+    backoff_delay,
+    crash_message,
+    instance_env,
+    is_crashloop,
+    manifest_path,
+    render_sandbox_command,
+    uses_rlimit_as,
+)
+from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, start_time
+from lambdabus_deployer.sandbox import Sandbox
+from lambdabus_deployer.settings import DeployerSettings
+from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceState
+from lambdabus_platform.errors import LambdabusError
+
+log = logging.getLogger("lambdabus.deployer.local")
+
+MiB = 1024 * 1024
+
+
+def _limit_address_space(limit: int) -> None:  # runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _address_space_limit(memory_mib: int) -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = memory_mib * MiB
+    return limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def _runs(pid: int, program: str) -> bool:
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe") == program
+    except OSError:
+        return False
+
+
+def _signal_group(pgid: int, sig: int, *, spare: str | None = None) -> None:
+    """Signal an instance's process group, sparing the processes that run `spare` (bwrap):
+    bwrap does not pass signals on, and its death SIGKILLs the sandbox (--die-with-parent)
+    before the runtime could finish its graceful exit; it exits when the runtime has."""
+    if spare is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        return
+    for pid in _group_members(pgid):
+        if pid != pgid and not _runs(pid, spare):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "ended"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+def load_manifest(revision: DesiredRevision) -> ArtifactManifest:
+    path = manifest_path(revision.artifact)
+    try:
+        manifest = ArtifactManifest.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise LambdabusError(
+            f"cannot read the artifact manifest {path}: {exc.strerror or exc}",
+            code="artifact_unavailable",
+        ) from exc
+    except ValueError as exc:
+        raise LambdabusError(
+            f"the artifact manifest {path} is not valid: {exc}", code="artifact_unavailable"
+        ) from exc
+    for directory in (manifest.code_dir, manifest.env_dir):
+        if not Path(directory).is_dir():
+            raise LambdabusError(
+                f"the artifact of generation {revision.build_generation} is gone: "
+                f"{directory} does not exist",
+                code="artifact_unavailable",
+            )
+    return manifest
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int | None
+    was_ready: bool
+    ran_for: float
+    why: str = ""
+
+    def describe(self) -> str:
+        text = _describe_exit(self.code)
+        if self.why:
+            text = f"{self.why}; it {text}"
+        elif not self.was_ready:
+            text += " before it was ready"
+        return text
+
+
+class Instance:
+    """One slot of a revision: a process, restarted with back-off until stopped."""
+
+    def __init__(self, group: RevisionSet) -> None:
+        self.group = group
+        backend = group.runner.backend
+        rev = group.revision
+        self.id = f"{rev.name}-{group.key[:6]}-{secrets.token_hex(3)}"
+        self.scratch = backend.settings.instances_dir / self.id
+        self.phase: InstancePhase = "starting"
+        self.endpoint: str | None = None
+        self.restarts = 0
+        self.last_exit = ""
+        self.unready_streak = 0
+        self.retired = False
+        self.log = InstanceLog(
+            instance=self.id,
+            revision=rev,
+            sink=backend.logs,
+            max_bytes=backend.settings.log_line_max_bytes,
+            rate=backend.settings.log_rate_lines_per_second,
+        )
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._supervise(), name=f"instance {self.id}")
+
+    def state(self) -> InstanceState:
+        return InstanceState(
+            id=self.id,
+            generation=self.group.revision.generation,
+            phase=self.phase,
+            endpoint=self.endpoint,
+            restarts=self.restarts,
+            last_exit=self.last_exit,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and self.endpoint is not None
+
+    def _changed(self) -> None:
+        self.group.runner.wake()
+
+    async def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after the grace) and delete the scratch dir."""
+        self._stop.set()
+        try:
+            await asyncio.shield(self._task)
+        except Exception:
+            log.exception("instance supervisor failed", extra={"instance": self.id})
+
+    async def _supervise(self) -> None:
+        backend = self.group.runner.backend
+        s = backend.settings
+        backoff = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    outcome = await self._run_once()
+                except Exception as exc:  # nothing could be started: no runtime, no interpreter...
+                    message = exc.message if isinstance(exc, LambdabusError) else repr(exc)
+                    log.warning(
+                        "cannot start an instance", extra={"instance": self.id, "error": message}
+                    )
+                    self.last_exit = f"could not be started: {message}"
+                    self.phase = "crashed"
+                    self.group.fail(
+                        Failure(
+                            reason="StartFailed", message=f"instance {self.id} {self.last_exit}"
+                        )
+                    )
+                    return
+                if self._stop.is_set() or self.retired or self.group.retired:
+                    await self.log.system(f"instance {self.id} stopped: it {outcome.describe()}")
+                    return
+                self.endpoint = None
+                self.last_exit = outcome.describe()
+                if outcome.was_ready:
+                    self.unready_streak = 0
+                    if outcome.ran_for >= s.crashloop_window:
+                        backoff = 0
+                else:
+                    self.unready_streak += 1
+                if self.group.exited(self):
+                    self.phase = "crashed"
+                    await self.log.system(f"{self.last_exit}; not restarted: crash loop")
+                    self._changed()
+                    return
+                delay = backoff_delay(backoff, s.restart_base_delay, s.restart_max_delay)
+                backoff += 1
+                self.phase = "backoff"
+                self._changed()
+                await self.log.system(f"{self.last_exit}; restarting in {delay:g} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if not self._stop.is_set():
+                    self.restarts += 1
+                    backend.metrics.restarts.inc()
+                    self.phase = "starting"
+                    self._changed()
+        finally:
+            self.phase = "stopped"
+            self.endpoint = None
+            await asyncio.to_thread(shutil.rmtree, self.scratch, True)
+
+    async def _run_once(self) -> Outcome:
+        backend = self.group.runner.backend
+        s = backend.settings
+        manifest = self.group.manifest
+        spec = InstanceSpec(
+            id=self.id,
+            scratch=str(self.scratch),
+            revision=self.group.revision,
+            runtime=backend.runtime,
+        )
+        argv = render_sandbox_command(manifest, spec, s, sandbox=backend.sandbox)
+        env = instance_env(manifest, spec, s)
+        preexec = (
+            functools.partial(_limit_address_space, _address_space_limit(spec.revision.memory))
+            if uses_rlimit_as(manifest)
+            else None
+        )
+        self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log.tail.clear()
+        if backend.sandbox.enabled:
+            await self.log.system(f"starting instance {self.id} (sandbox: bubblewrap)")
+        else:
+            await self.log.system(
+                f"starting instance {self.id} UNSANDBOXED: {backend.sandbox.reason}"
+            )
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=self.scratch,
+            start_new_session=True,  # its own process group: signals reach all of it, and only it
+            preexec_fn=preexec,
+        )
+        started = time.monotonic()
+        backend.metrics.instances_running.inc()
+        assert process.stdout is not None
+        assert process.stderr is not None
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pumps = [
+            asyncio.create_task(self.log.pump(process.stdout, "stdout", listening)),
+            asyncio.create_task(self.log.pump(process.stderr, "stderr")),
+        ]
+        drops = asyncio.create_task(self.log.report_drops())
+        exited = asyncio.create_task(process.wait())
+        stopping = asyncio.create_task(self._stop.wait())
+        why, was_ready = "", False
+        try:
+            began = start_time(process.pid)
+            if began is not None:
+                backend.table.add(
+                    ProcessRecord(
+                        pid=process.pid,
+                        start_time=began,
+                        instance=self.id,
+                        function=spec.revision.function,
+                        revision=self.group.key,
+                        scratch=str(self.scratch),
+                    )
+                )
+            first: set[asyncio.Future[Any]] = {listening, exited, stopping}
+            done, _ = await asyncio.wait(
+                first,
+                timeout=s.start_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if listening in done:
+                was_ready = True
+                self.endpoint = f"http://127.0.0.1:{listening.result()}"
+                self.phase = "ready"
+                self._changed()
+                await self.log.system(f"instance {self.id} ready on {self.endpoint}")
+                why = await self._watch(exited, stopping)
+            elif not done:
+                why = f"did not say it listens within {s.start_timeout:g} s"
+        finally:
+            if process.returncode is None:
+                graceful = self._stop.is_set() and not why
+                await self._terminate(process, exited, graceful=graceful)
+            # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1).
+            _signal_group(process.pid, signal.SIGKILL)
+            _, late = await asyncio.wait(pumps, timeout=2)
+            for task in (*late, drops, stopping):
+                task.cancel()
+            await asyncio.gather(*late, drops, stopping, return_exceptions=True)
+            if not listening.done():
+                listening.cancel()
+            await self.log.flush_dropped()
+            backend.table.discard(self.id)
+            backend.metrics.instances_running.dec()
+        return Outcome(process.returncode, was_ready, time.monotonic() - started, why)
+
+    async def _watch(self, exited: asyncio.Task[int], stopping: asyncio.Task[Any]) -> str:
+        """Poll /healthz until the process exits, is stopped, or fails too many polls in a row."""
+        backend = self.group.runner.backend
+        s = backend.settings
+        url = f"{self.endpoint}/healthz"
+        failures = 0
+        timeout = aiohttp.ClientTimeout(total=s.health_timeout)
+        while True:
+            done, _ = await asyncio.wait(
+                {exited, stopping}, timeout=s.health_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                return ""
+            try:
+                async with backend.http.get(url, timeout=timeout) as response:
+                    healthy = response.status == 200
+                    await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                healthy = False
+            if healthy:
+                if failures and self.phase == "unhealthy":
+                    self.phase = "ready"
+                    self._changed()
+                failures = 0
+                continue
+            failures += 1
+            if self.phase == "ready":
+                self.phase = "unhealthy"  # out of the endpoints until it answers again
+                self._changed()
+            if failures >= s.health_failures:
+                return f"failed {failures} health checks in a row"
+
+    async def _terminate(
+        self, process: asyncio.subprocess.Process, exited: asyncio.Task[int], *, graceful: bool
+    ) -> None:
+        backend = self.group.runner.backend
+        bwrap = backend.sandbox.bwrap if backend.sandbox.enabled else None
+        if graceful:
+            _signal_group(
+                process.pid, signal.SIGTERM, spare=os.path.realpath(bwrap) if bwrap else None
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), backend.settings.stop_grace_seconds)
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGKILL)
+        await exited
+
+
+class RevisionSet:
+    """The instances of one revision of a function."""
+
+    def __init__(
+        self, runner: FunctionRunner, revision: DesiredRevision, manifest: ArtifactManifest
+    ) -> None:
+        self.runner = runner
+        self.revision = revision
+        self.key = revision.key
+        self.manifest = manifest
+        self.instances: list[Instance] = []
+        self.failure: Failure | None = None
+        self.retired = False
+        self._exits: deque[float] = deque(maxlen=256)
+
+    def scale(self, replicas: int) -> list[Instance]:
+        """Start or drop instances to reach `replicas`; returns the dropped ones (to stop)."""
+        while len(self.instances) < replicas:
+            self.instances.append(Instance(self))
+        dropped = self.instances[replicas:]
+        del self.instances[replicas:]
+        return dropped
+
+    def ready_endpoints(self) -> list[str]:
+        return [i.endpoint for i in self.instances if i.ready and i.endpoint]
+
+    def all_ready(self) -> bool:
+        return bool(self.instances) and all(i.ready for i in self.instances)
+
+    def exited(self, instance: Instance) -> bool:
+        """Record an unexpected exit; True when the revision is crash-looping (it is failed)."""
+        s = self.runner.backend.settings
+        now = time.monotonic()
+        self._exits.append(now)
+        if not is_crashloop(
+            self._exits,
+            now,
+            window=s.crashloop_window,
+            limit=s.crashloop_restarts,
+            unready_streak=instance.unready_streak,
+        ):
+            return False
+        self.fail(
+            Failure(
+                reason="CrashLoop",
+                message=crash_message(instance.id, instance.last_exit, instance.log.tail_text()),
+            )
+        )
+        return True
+
+    def fail(self, failure: Failure) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self.runner.wake()
+
+    async def stop(self) -> None:
+        self.retired = True
+        await asyncio.gather(*(i.stop() for i in self.instances))
+
+
+class FunctionRunner:
+    """Everything the local backend runs for one function, and the one task that decides."""
+
+    def __init__(self, backend: LocalBackend, desired: DesiredRevision) -> None:
+        self.backend = backend
+        self.desired = desired
+        self.serving: RevisionSet | None = None
+        self.target: RevisionSet | None = None
+        self.failure: Failure | None = None
+        self.failed_key: str | None = None
+        self.scaling = False
+        self.removed = False
+        self._previous: DesiredRevision | None = None
+        self._failed_instances: tuple[InstanceState, ...] = ()  # as they were when it failed
+        # Out of the endpoints: drained and stopped once the state saying so is written.
+        self._to_drain: list[RevisionSet | Instance] = []
+        self._stopping: set[RevisionSet | Instance] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self._task = asyncio.create_task(self._loop(), name=f"runner {desired.function}")
+
+    def apply(self, desired: DesiredRevision) -> None:
+        self.desired = desired
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._step()
+            except Exception:
+                log.exception(
+                    "deployer runner step failed", extra={"function": self.desired.function}
+                )
+                await asyncio.sleep(1)
+                self.wake()
+
+    async def _step(self) -> None:
+        desired = self.desired
+        if self.failed_key is not None and desired.key != self.failed_key:
+            self.failure, self.failed_key, self._failed_instances = None, None, ()
+        if self.failed_key is None:
+            self._converge(desired)
+        for group in (self.target, self.serving):
+            if group is not None and group.failure is not None:
+                self.failure, self.failed_key = group.failure, group.key
+                self._failed_instances = tuple(i.state() for i in group.instances)
+                if group is self.target:
+                    self.target = None
+                else:
+                    self.serving = None
+                self._stop(group)
+        if self.target is not None and self.target.all_ready():
+            if self.serving is not None:
+                self._to_drain.append(self.serving)
+            self.serving, self.target = self.target, None
+        self._previous = desired
+        await self._report()
+        # Only now that the state naming the new endpoints is written do the old ones go.
+        while self._to_drain:
+            self._stop(self._to_drain.pop(), drain=True)
+
+    def _converge(self, desired: DesiredRevision) -> None:
+        previous = self._previous
+        if previous is None or previous.generation != desired.generation:
+            # What this generation changed: only the replica count, or what runs.
+            self.scaling = (
+                previous is not None
+                and previous.key == desired.key
+                and previous.replicas != desired.replicas
+            )
+        if desired.replicas == 0:
+            if self.target is not None:
+                self._stop(self.target)
+            if self.serving is not None:
+                self._to_drain.append(self.serving)
+            self.target = self.serving = None
+            return
+        if self.serving is not None and self.serving.key == desired.key:
+            if self.target is not None:
+                self._stop(self.target)
+                self.target = None
+            self._to_drain.extend(self.serving.scale(desired.replicas))
+            self.serving.revision = desired
+            return
+        if self.target is not None and self.target.key == desired.key:
+            self.target.revision = desired
+            for instance in self.target.scale(desired.replicas):
+                self._stop(instance)
+            return
+        if self.target is not None:
+            self._stop(self.target)
+            self.target = None
+        try:
+            manifest = load_manifest(desired)
+        except LambdabusError as exc:
+            self.failure = Failure(reason="ArtifactUnavailable", message=exc.message)
+            self.failed_key = desired.key
+            return
+        self.target = RevisionSet(self, desired, manifest)
+        self.target.scale(desired.replicas)
+
+    def observe(self) -> Observation:
+        groups = [g for g in (self.target, self.serving) if g is not None]
+        endpoints = self.serving.ready_endpoints() if self.serving is not None else []
+        if not endpoints and self.target is not None:
+            endpoints = self.target.ready_endpoints()
+        sandbox = self.backend.sandbox
+        return Observation(
+            revision=self.desired,
+            instances=(
+                *(i.state() for g in groups for i in g.instances),
+                *(self._failed_instances if self.failure else ()),
+            ),
+            endpoints=tuple(endpoints),
+            rolling_out=self.target is not None,
+            scaling=self.scaling,
+            serving_generation=self.serving.revision.generation if self.serving else None,
+            failure=self.failure,
+            sandboxed=sandbox.enabled,
+            sandbox_note=sandbox.reason,
+        )
+
+    async def _report(self) -> None:
+        if not self.removed:
+            await self.backend.report(self.observe())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _stop(self, what: RevisionSet | Instance, *, drain: bool = False) -> None:
+        """Stop a revision's instances or one instance, in the background; after `drain`
+        seconds when it took traffic until now (in-flight and routed requests finish)."""
+        what.retired = True  # not restarted any more
+        self._stopping.add(what)
+
+        async def _go() -> None:
+            if drain and self.backend.settings.drain_seconds:
+                await asyncio.sleep(self.backend.settings.drain_seconds)
+            await what.stop()
+            self._stopping.discard(what)
+
+        self._spawn(_go())
+
+    async def remove(self) -> None:
+        """Stop everything at once (no drain) and end the runner."""
+        self.removed = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        left: set[RevisionSet | Instance] = {*self._to_drain, *self._stopping}
+        left |= {g for g in (self.target, self.serving) if g is not None}
+        await asyncio.gather(*(x.stop() for x in left))
+
+
+class LocalBackend:
+    """Runs every function's instances as processes of this deployer (see `DeployBackend`)."""
+
+    def __init__(
+        self,
+        settings: DeployerSettings,
+        *,
+        sandbox: Sandbox,
+        runtime: RuntimePaths,
+        http: aiohttp.ClientSession,
+        report: Reporter,
+        logs: LogSink,
+        metrics: DeployerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.runtime = runtime
+        self.http = http
+        self.report = report
+        self.logs = logs
+        self.metrics = metrics
+        self.table = ProcessTable(settings.process_table)
+        self._runners: dict[tuple[str, str], FunctionRunner] = {}
+
+    def functions(self) -> set[tuple[str, str]]:
+        return set(self._runners)
+
+    def current(self, namespace: str, name: str) -> DesiredRevision | None:
+        runner = self._runners.get((namespace, name))
+        return runner.desired if runner is not None else None
+
+    async def apply(self, desired: DesiredRevision) -> None:
+        key = (desired.namespace, desired.name)
+        runner = self._runners.get(key)
+        if runner is not None and runner.desired.uid != desired.uid:
+            await self.remove(*key)
+            runner = None
+        if runner is None:
+            self._runners[key] = FunctionRunner(self, desired)
+        else:
+            runner.apply(desired)
+
+    async def remove(self, namespace: str, name: str) -> None:
+        runner = self._runners.pop((namespace, name), None)
+        if runner is not None:
+            await runner.remove()
+
+    async def recover(self) -> None:
+        """Kill the instances a previous run of this deployer left behind, forget their
+        scratch dirs: a fresh start of exactly what is desired follows."""
+        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        killed = await asyncio.to_thread(self.table.kill_leftovers)
+        for record in killed:
+            log.warning(
+                "killed an instance left by a previous run",
+                extra={"pid": record.pid, "instance": record.instance, "function": record.function},
+            )
+        for leftover in self.settings.instances_dir.iterdir():
+            await asyncio.to_thread(shutil.rmtree, leftover, True)
+
+    async def aclose(self) -> None:
+        runners = list(self._runners.values())
+        self._runners.clear()
+        await asyncio.gather(*(r.remove() for r in runners))
+
+
+@contextlib.asynccontextmanager
+async def open_local_backend(
+    settings: DeployerSettings,
+    *,
+    sandbox: Sandbox,
+    runtime: RuntimePaths,
+    http: aiohttp.ClientSession,
+    report: Reporter,
+    logs: LogSink,
+    metrics: DeployerMetrics,
+) -> AsyncIterator[LocalBackend]:
+    """The backend for the deployer's lifetime: leftovers killed on entry, every instance
+    stopped on exit (instances are our children; nothing may outlive the deployer)."""
+    backend = LocalBackend(
+        settings,
+        sandbox=sandbox,
+        runtime=runtime,
+        http=http,
+        report=report,
+        logs=logs,
+        metrics=metrics,
+    )
+    await backend.recover()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()

@@ -1,0 +1,176 @@
+"""Capture of an instance's stdout and stderr as runtime log lines.
+
+The pipes are always drained, whatever the function writes, so it never blocks on a full pipe.
+Lines longer than the limit are cut (and say so); beyond the per-instance rate the lines are
+counted, not published, and one `system` line a second says how many were dropped. The last
+lines are kept in memory for the message of a crashed instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+from lambdabus_deployer.backend import LogSink
+from lambdabus_deployer.plan import DesiredRevision
+from lambdabus_events.models import LogLine
+
+CHUNK = 64 * 1024
+TAIL_LINES = 50
+TAIL_BYTES = 1024
+
+Stream = Literal["stdout", "stderr", "system"]
+
+
+class LineBudget:
+    """At most `rate` lines in each one-second window; the rest are counted as dropped."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._window = float("-inf")
+        self._used = 0
+        self.dropped = 0
+
+    def take(self, now: float, lines: int = 1) -> int:
+        """How many of `lines` may be published now (the first ones)."""
+        if now - self._window >= 1.0:
+            self._window, self._used = now, 0
+        admitted = max(0, min(lines, self.rate - self._used))
+        self._used += admitted
+        self.dropped += lines - admitted
+        return admitted
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+
+def listening_port(raw: bytes) -> int | None:
+    """The port of the runtime's `{"event": "listening", "port": N}` line, else None."""
+    if not raw.startswith(b"{") or b"listening" not in raw:
+        return None
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("event") != "listening":
+        return None
+    port = message.get("port")
+    return port if isinstance(port, int) and 0 < port < 65536 else None
+
+
+class InstanceLog:
+    """The log of one instance (across its restarts): publishing, rate, tail."""
+
+    def __init__(
+        self,
+        *,
+        instance: str,
+        revision: DesiredRevision,
+        sink: LogSink,
+        max_bytes: int,
+        rate: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.instance = instance
+        self._rev = revision
+        self._sink = sink
+        self._max = max_bytes
+        self._budget = LineBudget(rate)
+        self._clock = clock
+        self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
+
+    def tail_text(self) -> list[str]:
+        return [_decode(raw) for raw in self.tail]
+
+    async def emit(self, stream: Stream, text: str) -> None:
+        rev = self._rev
+        line = LogLine(
+            ts=datetime.now(UTC),
+            kind="runtime",
+            namespace=rev.namespace,
+            name=rev.name,
+            uid=rev.uid,
+            generation=rev.generation,
+            stream=stream,
+            instance=self.instance,
+            line=text,
+        )
+        await self._sink(line)
+
+    async def system(self, text: str) -> None:
+        await self.emit("system", text)
+
+    async def flush_dropped(self) -> None:
+        dropped = self._budget.take_dropped()
+        if dropped:
+            await self.system(
+                f"dropped {dropped} lines: more than {self._budget.rate} lines a second"
+            )
+
+    async def report_drops(self, interval: float = 1.0) -> None:
+        """Say once a second how many lines were dropped; runs while the instance runs."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush_dropped()
+
+    async def pump(
+        self,
+        reader: asyncio.StreamReader,
+        stream: Literal["stdout", "stderr"],
+        listening: asyncio.Future[int] | None = None,
+    ) -> None:
+        """Read a pipe to its end, publishing its lines."""
+        partial = b""
+        carried = 0  # bytes cut from the line in `partial`
+        while chunk := await reader.read(CHUNK):
+            data = partial + chunk
+            lines = data.split(b"\n")
+            rest = lines.pop()
+            first_extra, carried = (carried, 0) if lines else (0, carried)
+            if len(rest) > self._max:
+                carried += len(rest) - self._max
+                rest = rest[: self._max]
+            partial = rest
+            if lines:
+                awaited = listening is not None and not listening.done() and b"listening" in data
+                await self._lines(lines, stream, listening if awaited else None, first_extra)
+        if partial or carried:
+            await self._lines([partial], stream, listening, carried)
+
+    async def _lines(
+        self,
+        lines: list[bytes],
+        stream: Literal["stdout", "stderr"],
+        listening: asyncio.Future[int] | None,
+        first_extra: int,
+    ) -> None:
+        if listening is not None and not listening.done():
+            for index, raw in enumerate(lines):
+                port = listening_port(raw)
+                if port is not None:
+                    listening.set_result(port)
+                    del lines[index]
+                    if index == 0:
+                        first_extra = 0
+                    break
+        if not lines:
+            return
+        self.tail.extend(raw[:TAIL_BYTES] for raw in lines[-TAIL_LINES:])
+        admitted = self._budget.take(self._clock(), len(lines))
+        for index in range(admitted):
+            raw = lines[index]
+            extra = (first_extra if index == 0 else 0) + max(0, len(raw) - self._max)
+            text = _decode(raw[: self._max])
+            if extra:
+                text += f" … [truncated: {extra} more bytes; lines are cut at {self._max} bytes]"
+            await self.emit(stream, text)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace").rstrip("\r")

@@ -1,0 +1,29 @@
+"""The deployer's own Prometheus metrics, registered beside the service shell's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+@dataclass(frozen=True)
+class DeployerMetrics:
+    instances_running: Gauge
+    restarts: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> DeployerMetrics:
+        registry = registry or CollectorRegistry()
+        return cls(
+            instances_running=Gauge(
+                "lambdabus_deployer_instances_running",
+                "instance processes running now",
+                registry=registry,
+            ),
+            restarts=Counter(
+                "lambdabus_deployer_instance_restarts",
+                "instances restarted after they exited or failed their health check",
+                registry=registry,
+            ),
+        )

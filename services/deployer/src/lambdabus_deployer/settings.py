@@ -1,0 +1,91 @@
+"""Deployer settings: `LAMBDABUS_DEPLOYER_*` (plus the shared `LAMBDABUS_NATS_*`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from lambdabus_platform.settings import ServiceSettings
+
+SandboxMode = Literal["auto", "bubblewrap", "none"]
+
+
+def _inherited_path() -> str:
+    # The one variable of the platform's environment an instance keeps (see `plan.instance_env`).
+    return os.environ.get("PATH") or os.defpath
+
+
+class DeployerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_DEPLOYER_", extra="ignore")
+
+    port: int = Field(default=8083, ge=0, le=65535)
+    state_dir: Path = Path(".lambdabus/deployer")
+    platform_dir: Path | None = Field(
+        default=None,
+        description="the platform's state dir, hidden from sandboxed instances "
+        "(default: the parent of state_dir, i.e. `.lambdabus`)",
+    )
+
+    health_interval: float = Field(default=1.0, gt=0, description="seconds between /healthz polls")
+    health_timeout: float = Field(default=2.0, gt=0)
+    health_failures: int = Field(
+        default=3, ge=1, description="consecutive failed polls before an instance is restarted"
+    )
+    start_timeout: float = Field(
+        default=30.0, gt=0, description="seconds for an instance to say it listens"
+    )
+    restart_base_delay: float = Field(default=0.5, gt=0)
+    restart_max_delay: float = Field(default=30.0, gt=0)
+    crashloop_restarts: int = Field(
+        default=5,
+        ge=1,
+        description="this many exits of a revision's instances within crashloop_window "
+        "(or of one instance in a row before it was ever ready) fail the deployment",
+    )
+    crashloop_window: float = Field(default=60.0, gt=0)
+    sandbox: SandboxMode = "auto"
+    reconcile_interval: float = Field(default=10.0, gt=0)
+    log_line_max_bytes: int = Field(default=16384, ge=256)
+    log_rate_lines_per_second: int = Field(default=2000, ge=1)
+    drain_seconds: float = Field(
+        default=5.0, ge=0, description="old instances keep serving this long after a switch"
+    )
+    stop_grace_seconds: float = Field(
+        default=6.0,
+        gt=0,
+        description="SIGTERM to SIGKILL when stopping an instance (the runtime drains for 5 s)",
+    )
+
+    runtime_pythonpath: str | None = Field(
+        default=None,
+        description="PYTHONPATH holding lambdabus_runtime (default: where it is installed)",
+    )
+    node_server: Path | None = Field(
+        default=None, description="the runtime's node server.js (default: from lambdabus_runtime)"
+    )
+    path: str = Field(
+        default_factory=_inherited_path, description="PATH given to instances (default: ours)"
+    )
+
+    @field_validator("state_dir", "platform_dir", "node_server")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Bind mounts and the process table need absolute paths; resolve once, here.
+        return value.resolve() if value is not None else None
+
+    @property
+    def hidden_dir(self) -> Path:
+        """The platform state dir a sandboxed instance must not see."""
+        return self.platform_dir or self.state_dir.parent
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.state_dir / "instances"
+
+    @property
+    def process_table(self) -> Path:
+        return self.state_dir / "instances.json"

@@ -1,0 +1,139 @@
+"""The deployer's own records: `DeploymentState` in the `deployments` KV bucket, and the
+`deployment.*` lifecycle events, each published after the state it announces is written.
+Also where runtime log lines leave for the LOGS stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from datetime import UTC, datetime
+
+from lambdabus_deployer.plan import (
+    Observation,
+    deployment_event,
+    idle_state,
+    next_deployment_state,
+    stopped_state,
+    withdrawn_state,
+)
+from lambdabus_events.catalog import LifecycleEvent
+from lambdabus_events.models import DeploymentState, LogLine
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import TemporaryError
+from lambdabus_platform.registry import Registry
+from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, logs_subject
+
+log = logging.getLogger("lambdabus.deployer.state")
+
+Key = tuple[str, str]
+
+
+class DeploymentStates:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._registry = Registry(bus.kv(DEPLOYMENTS_BUCKET), DeploymentState)
+        self._last: dict[Key, DeploymentState] = {}
+        self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._gone: set[Key] = set()  # being removed: late observations must not revive them
+        self._closed = False
+        self._lost_log_lines = 0
+
+    async def get(self, namespace: str, name: str) -> DeploymentState | None:
+        found = await self._registry.get(namespace, name)
+        return found.value if found is not None else None
+
+    async def keys(self) -> set[Key]:
+        entries = await self._bus.kv(DEPLOYMENTS_BUCKET).values(">")
+        return {(ns, name) for ns, _, name in (e.key.partition(".") for e in entries)}
+
+    async def _previous(self, key: Key) -> DeploymentState | None:
+        if key in self._last:
+            return self._last[key]
+        return await self.get(*key)
+
+    async def _publish(self, event: LifecycleEvent) -> None:
+        for attempt in range(3):
+            try:
+                await self._bus.publish_lifecycle(event)
+                return
+            except TemporaryError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def observe(self, obs: Observation) -> None:
+        """Fold a backend's observation into the state; write it, then announce a transition.
+        Raises when NATS fails: the backend reports again."""
+        key = (obs.revision.namespace, obs.revision.name)
+        async with self._locks[key]:
+            if self._closed or key in self._gone:
+                return
+            previous = await self._previous(key)
+            decision = next_deployment_state(previous, obs, datetime.now(UTC))
+            if decision.write:
+                await self._registry.put(*key, decision.state)
+            if decision.event is not None:
+                await self._publish(decision.event)
+            self._last[key] = decision.state
+
+    async def idle(self, namespace: str, name: str, generation: int) -> None:
+        """Nothing runs for the function, and nothing can yet: clear endpoints it may list."""
+        key = (namespace, name)
+        async with self._locks[key]:
+            previous = await self._previous(key)
+            if previous is None or not (previous.endpoints or previous.instances):
+                return
+            state = idle_state(previous, generation, datetime.now(UTC))
+            await self._registry.put(*key, state)
+            if state.phase != previous.phase:
+                await self._publish(deployment_event(state))
+            self._last[key] = state
+
+    async def withdraw(self, namespace: str, name: str) -> None:
+        """First step of a removal: `stopped`, no endpoints, so the router stops sending."""
+        key = (namespace, name)
+        async with self._locks[key]:
+            self._gone.add(key)
+            previous = await self._previous(key)
+            if previous is not None and previous.phase != "stopped":
+                state = stopped_state(previous, datetime.now(UTC))
+                await self._registry.put(*key, state)
+                self._last[key] = state
+
+    async def forget(self, namespace: str, name: str) -> None:
+        """Last step of a removal, once the instances are gone: announce it, delete the key."""
+        key = (namespace, name)
+        async with self._locks[key]:
+            previous = await self._previous(key)
+            if previous is not None:
+                if previous.phase != "stopped":
+                    previous = stopped_state(previous, datetime.now(UTC))
+                await self._publish(deployment_event(previous))
+                await self._registry.delete(*key)
+            self._last.pop(key, None)
+            self._gone.discard(key)
+
+    async def close(self) -> None:
+        """The deployer stops: no state names an endpoint of an instance about to stop."""
+        self._closed = True
+        now = datetime.now(UTC)
+        for key, state in list(self._last.items()):
+            if state.endpoints or state.instances:
+                async with self._locks[key]:
+                    await self._registry.put(*key, withdrawn_state(state, now))
+
+    async def publish_log(self, line: LogLine) -> None:
+        """Fire-and-forget: a lost runtime log line never holds an instance up."""
+        try:
+            await self._bus.publish_nowait(
+                logs_subject("runtime", line.namespace, line.name), line.model_dump_json().encode()
+            )
+        except Exception as exc:
+            self._lost_log_lines += 1
+            if self._lost_log_lines in (1, 10, 100) or self._lost_log_lines % 10_000 == 0:
+                log.warning(
+                    "runtime log lines lost",
+                    extra={"lost": self._lost_log_lines, "error": repr(exc)},
+                )

@@ -1,0 +1,91 @@
+"""The process table that finds the instances a killed deployer left behind, and the
+detection of bubblewrap."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, is_running, start_time
+from lambdabus_deployer.sandbox import SandboxUnavailable, detect_sandbox
+
+# -- process table ---------------------------------------------------------------------------
+
+
+def spawn_sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "30"], start_new_session=True)
+
+
+def record_of(process: subprocess.Popen[bytes], started: int | None = None) -> ProcessRecord:
+    began = start_time(process.pid) if started is None else started
+    assert began is not None
+    return ProcessRecord(
+        pid=process.pid,
+        start_time=began,
+        instance=f"i-{process.pid}",
+        function="default/hello",
+        revision="abc",
+        scratch="/nowhere",
+    )
+
+
+def test_leftovers_are_killed_but_a_reused_pid_is_spared(tmp_path: Path) -> None:
+    orphan, stranger = spawn_sleeper(), spawn_sleeper()
+    try:
+        table = ProcessTable(tmp_path / "instances.json")
+        table.add(record_of(orphan))
+        # A record whose pid now belongs to another process: its start time differs.
+        began = start_time(stranger.pid)
+        assert began is not None
+        table.add(record_of(stranger, started=began - 1))
+        assert not is_running(record_of(stranger, started=began - 1))
+
+        again = ProcessTable(tmp_path / "instances.json")  # the next run of the deployer
+        assert {r.pid for r in again.load()} == {orphan.pid, stranger.pid}
+        killed = again.kill_leftovers(wait=5)
+        assert [r.pid for r in killed] == [orphan.pid]
+        assert orphan.wait(5) == -9
+        assert stranger.poll() is None
+        assert again.load() == []
+    finally:
+        for process in (orphan, stranger):
+            process.kill()
+            process.wait()
+
+
+def test_a_missing_or_broken_table_holds_nothing(tmp_path: Path) -> None:
+    table = ProcessTable(tmp_path / "instances.json")
+    assert table.load() == []
+    (tmp_path / "instances.json").write_text("{not json")
+    assert table.load() == []
+    assert table.kill_leftovers() == []
+
+
+def test_start_time_of_a_dead_process_is_none() -> None:
+    process = spawn_sleeper()
+    assert start_time(process.pid) is not None
+    process.kill()
+    process.wait()
+    assert start_time(process.pid) is None
+
+
+# -- sandbox detection -----------------------------------------------------------------------
+
+
+async def test_sandbox_can_be_turned_off() -> None:
+    sandbox = await detect_sandbox("none")
+    assert not sandbox.enabled
+    assert "disabled by settings" in sandbox.reason
+
+
+async def test_without_bwrap_auto_falls_back_and_bubblewrap_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("lambdabus_deployer.sandbox.shutil.which", lambda name: None)
+    sandbox = await detect_sandbox("auto")
+    assert not sandbox.enabled
+    assert sandbox.reason == "bubblewrap (bwrap) is not installed"
+    with pytest.raises(SandboxUnavailable, match="install bubblewrap"):
+        await detect_sandbox("bubblewrap")
