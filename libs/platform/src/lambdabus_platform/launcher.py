@@ -180,8 +180,15 @@ class Platform:
         try:
             self.say(f"store    {s.data_dir / 'nats'}")
             self.say(f"nats     {server.url}")
-            tasks = [
-                asyncio.create_task(self.supervise(c, server.url)) for c in self.children.values()
+            # The router first: the gateway relays invocations to it and needs its URL.
+            router = self.children["router"]
+            tasks = [asyncio.create_task(self.supervise(router, server.url))]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(router.ready.wait(), s.ready_timeout)
+            tasks += [
+                asyncio.create_task(self.supervise(c, server.url))
+                for c in self.children.values()
+                if c is not router
             ]
             waiting: asyncio.Future[Any] = asyncio.gather(
                 *(c.ready.wait() for c in self.children.values())
