@@ -9,7 +9,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from lambdabus_events.names import Label
 
@@ -204,20 +204,37 @@ class FunctionStatus(_Strict):
     message: str = ""
 
 
+# The logs query, asked over NATS request/reply on `LOGS_QUERY_SUBJECT` and answered by the
+# logs service; a request it cannot answer gets the platform's error shape instead.
+MAX_QUERY_LIMIT = 10_000
+
+LogQueryKind = Literal["build", "runtime", "lifecycle"]
+
+
 class LogQuery(_Strict):
-    """A request to the logs service (`lambdabus.rpc.logs.query`)."""
+    """Which lines of one function to read: its build or runtime log, or its lifecycle (the
+    audit trail). Lines come oldest first; `tail` keeps the last N, `since` the ones stored at
+    or after a time, both together the last N of those."""
 
     namespace: Label
     name: Label
-    kind: Literal["build", "runtime", "lifecycle"]
-    tail: int | None = Field(default=None, ge=1, le=100_000, description="the last N lines")
-    since: datetime | None = None
-    limit: int = Field(default=10_000, ge=1, le=100_000)
+    kind: LogQueryKind
+    tail: int | None = Field(default=None, ge=0, description="only the last N lines")
+    since: AwareDatetime | None = Field(
+        default=None, description="only lines stored at or after this time (RFC 3339)"
+    )
+    limit: int = Field(
+        default=MAX_QUERY_LIMIT,
+        ge=1,
+        le=MAX_QUERY_LIMIT,
+        description="at most this many lines in the reply",
+    )
 
 
 class LogQueryResult(_Strict):
-    """The logs service's answer: log lines, or for `kind="lifecycle"` the function's
-    lifecycle CloudEvents (structured JSON), oldest first."""
+    """The reply: `lines` for a build or runtime query, `events` (structured-mode CloudEvents)
+    for a lifecycle one. `truncated`: the reply holds fewer than the query asked for, cut by
+    `limit` or by the size a NATS reply may have."""
 
     lines: list[LogLine] = Field(default_factory=list)
     events: list[dict[str, Any]] = Field(default_factory=list)

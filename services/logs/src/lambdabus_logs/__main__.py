@@ -1,7 +1,8 @@
 """`python -m lambdabus_logs`: run the logs service.
 
-It consumes the lifecycle stream for the audit trail through its durable consumer. Serving build
-and runtime log queries is not built yet; the LIFECYCLE stream itself holds the audit history.
+It answers logs queries (`LogQuery` over NATS request/reply on `LOGS_QUERY_SUBJECT`) from the
+LOGS stream (build and runtime lines) and the LIFECYCLE stream (a function's audit trail), and
+writes one audit line per lifecycle transition to its own log.
 """
 
 from __future__ import annotations
@@ -10,35 +11,41 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_platform.service import ServiceContext, run, subscribe_lifecycle
-from lambdabus_platform.settings import ServiceSettings
-from lambdabus_platform.subjects import LIFECYCLE_PREFIX
+from lambdabus_logs.queries import LogQueries, QueryMetrics
+from lambdabus_logs.settings import LogsSettings
+from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
+from lambdabus_platform.subjects import LIFECYCLE_PREFIX, LOGS_QUERY_SUBJECT
 
 log = logging.getLogger("lambdabus.logs")
 
 
-class LogsSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_LOGS_", extra="ignore")
+def make_setup(settings: LogsSettings) -> Setup:
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        async def on_lifecycle(event: LifecycleEvent) -> None:
+            """Every lifecycle transition: one audit line."""
+            log.info("audit", extra={"type": event.type, "subject": event.subject, "id": event.id})
 
-    port: int = Field(default=8084, ge=0, le=65535)
+        subscribe_lifecycle(
+            ctx, f"{LIFECYCLE_PREFIX}.>", durable="logs-audit", handler=on_lifecycle
+        )
+        queries = LogQueries(
+            ctx.bus, QueryMetrics(ctx.metrics.registry), max_reply_bytes=settings.max_reply_bytes
+        )
+        unsubscribe = await ctx.bus.serve(LOGS_QUERY_SUBJECT, queries.answer, queue="logs")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await unsubscribe()
 
-
-@contextlib.asynccontextmanager
-async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-    async def on_lifecycle(event: LifecycleEvent) -> None:
-        """Every lifecycle transition: one audit line."""
-        log.info("audit", extra={"type": event.type, "subject": event.subject, "id": event.id})
-
-    subscribe_lifecycle(ctx, f"{LIFECYCLE_PREFIX}.>", durable="logs-audit", handler=on_lifecycle)
-    yield
+    return setup
 
 
 def main() -> int:
-    return run("logs", LogsSettings(), setup)
+    settings = LogsSettings()
+    return run("logs", settings, make_setup(settings))
 
 
 if __name__ == "__main__":

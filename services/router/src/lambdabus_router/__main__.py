@@ -1,46 +1,49 @@
 """`python -m lambdabus_router`: run the router service (the data plane, default port 8081).
 
-It follows deployment events to learn endpoints. Forwarding invocations and delivering
-triggered events are not built yet: every data-plane path answers 404 with the JSON error shape.
+It keeps the endpoints of every function from the `deployments` KV bucket (and which functions
+exist from `functions`) and relays `ANY /{ns}/{name}/{path...}` to a ready instance.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from lambdabus_platform.service import ServiceContext, Setup, run
+from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_router.metrics import InvocationMetrics
+from lambdabus_router.proxy import Router
+from lambdabus_router.settings import RouterSettings
 
-from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_platform.service import ServiceContext, run, subscribe_lifecycle
-from lambdabus_platform.settings import ServiceSettings
-from lambdabus_platform.subjects import entity_filter
-
-log = logging.getLogger("lambdabus.router")
+# aiohttp's own cap on a request body sits above ours, so that the router answers 413 itself.
+_SLACK = 1024 * 1024
 
 
-class RouterSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_ROUTER_", extra="ignore")
+def make_setup(
+    settings: RouterSettings, *, on_router: Callable[[Router], None] | None = None
+) -> Setup:
+    """The router's part of the service shell; `on_router` hands the running router to an
+    embedding test or tool."""
 
-    port: int = Field(default=8081, ge=0, le=65535)
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        router = Router(settings, InvocationMetrics(ctx.metrics.registry))
+        async with router.running(ctx.bus.kv(DEPLOYMENTS_BUCKET), ctx.bus.kv(FUNCTIONS_BUCKET)):
+            router.add_routes(ctx.app)
+            if on_router is not None:
+                on_router(router)
+            yield
+
+    return setup
 
 
-@contextlib.asynccontextmanager
-async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-    async def on_deployment(event: LifecycleEvent) -> None:
-        """deployment.*: endpoints appear and disappear."""
-        log.info("deployment event", extra={"type": event.type, "subject": event.subject})
-
-    subscribe_lifecycle(
-        ctx, entity_filter("deployment"), durable="router-deployments", handler=on_deployment
-    )
-    yield
+def client_max_size(settings: RouterSettings) -> int:
+    return settings.max_body_bytes + _SLACK
 
 
 def main() -> int:
-    return run("router", RouterSettings(), setup)
+    settings = RouterSettings()
+    return run("router", settings, make_setup(settings), client_max_size=client_max_size(settings))
 
 
 if __name__ == "__main__":

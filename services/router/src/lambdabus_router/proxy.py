@@ -1,0 +1,345 @@
+"""The synchronous data plane: `ANY /{ns}/{name}/{path...}` relayed to a ready instance.
+
+The request goes out as it came (method, raw path and query, end-to-end headers plus
+`X-Forwarded-*`, body) over one pooled keep-alive client session; the response comes back the
+same way. The body is buffered up to `max_body_bytes`, so a connection refused by one instance
+can be retried on another: nothing of the request reached the first one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
+
+from lambdabus_events.names import label_problem
+from lambdabus_platform.bus import Kv
+from lambdabus_platform.errors import (
+    InvalidName,
+    InvalidRequest,
+    LambdabusError,
+    NotFound,
+    PayloadTooLarge,
+    TemporaryError,
+)
+from lambdabus_platform.service import error_response
+from lambdabus_router.headers import request_headers, response_headers
+from lambdabus_router.metrics import InvocationMetrics
+from lambdabus_router.settings import RouterSettings
+from lambdabus_router.table import (
+    FunctionId,
+    Table,
+    apply,
+    apply_known,
+    load,
+    load_known,
+    parse_key,
+    pick,
+)
+
+log = logging.getLogger("lambdabus.router")
+
+_NO_BODY = b""
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Router:
+    """The endpoints table (kept by two KV watchers) and the request handler that uses it."""
+
+    def __init__(self, settings: RouterSettings, metrics: InvocationMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.table: Table = {}
+        self.known: frozenset[FunctionId] = frozenset()
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self._least_loaded = settings.balance == "least_in_flight"
+        self._counter = 0
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._limit = settings.max_body_bytes
+        self._changed = asyncio.Condition()
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self, deployments: Kv, functions: Kv) -> AsyncIterator[Router]:
+        """Load both tables, follow them, and own the client session, for the router's life."""
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=s.pool_size_per_instance,
+            keepalive_timeout=s.keepalive_seconds,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            # Send the caller's headers and nothing the client library would add of its own.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        follower: asyncio.Task[None] | None = None
+        try:
+            await self._load(deployments, functions)
+            follower = asyncio.create_task(self._follow(deployments, functions))
+            yield self
+        finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
+            await self._session.close()
+            self._session = None
+
+    async def _load(self, deployments: Kv, functions: Kv) -> None:
+        """Replace both tables with the buckets' current values."""
+        self._set_known(load_known((e.key, e.value) for e in await functions.values(">")))
+        self.table = load((e.key, e.value) for e in await deployments.values(">"))
+        log.info(
+            "endpoints loaded",
+            extra={"functions": len(self.known), "deployments": len(self.table)},
+        )
+        await self._notify()
+
+    async def _follow(self, deployments: Kv, functions: Kv) -> None:
+        """Follow both buckets for the router's life. Should a watch end, both tables are
+        loaded afresh before watching again, so nothing missed meanwhile lingers."""
+        loop = asyncio.get_running_loop()
+        delay = 0.1
+        while True:
+            opened = loop.time()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._watch(deployments, self._on_deployment))
+                    group.create_task(self._watch(functions, self._on_function))
+            except* Exception as errors:
+                log.warning("KV watch failed; re-opening", exc_info=errors)
+            # Back off while watches keep failing at once; start over after a long run.
+            delay = 0.1 if loop.time() - opened > 60 else min(delay * 2, 5.0)
+            await asyncio.sleep(delay)
+            with contextlib.suppress(Exception):
+                await self._load(deployments, functions)
+                delay = 0.1
+
+    async def _watch(self, kv: Kv, on_entry: Callable[[str, bytes], None]) -> None:
+        async for entry in kv.watch(">"):
+            on_entry(entry.key, entry.value)
+            await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def until(self, predicate: Callable[[Router], bool]) -> None:
+        """Wait until the tables satisfy `predicate` (for tests and tools: the router says
+        when it has seen a change, nobody polls)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: predicate(self))
+
+    def _on_deployment(self, key: str, value: bytes) -> None:
+        self.table = apply(self.table, key, value)
+        if value and parse_key(key) not in self.table:
+            log.warning("ignoring a deployments entry that is not a state", extra={"key": key})
+
+    def _on_function(self, key: str, value: bytes) -> None:
+        self._set_known(apply_known(self.known, key, value))
+
+    def _set_known(self, known: frozenset[FunctionId]) -> None:
+        for fid in self.known - known:
+            self.metrics.forget(*fid)
+        self.known = known
+
+    # -- the data plane ---------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{ns}/{name}", self.handle)
+        app.router.add_route("*", "/{ns}/{name}/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        info = request.match_info
+        fid = (info["ns"], info["name"])
+        response = await self._invoke(request, fid)
+        if fid in self.known:
+            self.metrics.observe(fid[0], fid[1], response.status, time.perf_counter() - started)
+        else:
+            self.metrics.observe("", "", response.status, time.perf_counter() - started)
+        return response
+
+    async def _invoke(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
+        if fid not in self.known:
+            return error_response(_unknown(fid))
+        state = self.table.get(fid)
+        if state is None or not state.endpoints:
+            return error_response(
+                TemporaryError(
+                    f"function {fid[0]}/{fid[1]} has no ready instance yet; retry shortly",
+                    code="no_ready_instance",
+                    retry_after=1,
+                )
+            )
+        try:
+            body = await self._read_body(request)
+        except BodyTooLarge:
+            return error_response(
+                PayloadTooLarge(
+                    f"the request body is larger than {self._limit} bytes",
+                    details={"max_body_bytes": self._limit},
+                )
+            )
+        except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as exc:
+            return error_response(
+                InvalidRequest(f"the request body could not be read in full: {exc}")
+            )
+        headers = request_headers(
+            request.headers.items(),
+            client=request.remote,
+            host=request.host,
+            proto=request.scheme,
+        )
+        timeout = self._timeouts.get(state.timeout)
+        if timeout is None:
+            timeout = self._timeouts[state.timeout] = aiohttp.ClientTimeout(
+                total=state.timeout + self.settings.timeout_margin_seconds,
+                sock_connect=self.settings.connect_timeout_seconds,
+            )
+        endpoints = state.endpoints
+        self._counter += 1
+        in_flight = self.in_flight if self._least_loaded else None
+        endpoint = pick(endpoints, self._counter, in_flight)
+        assert endpoint is not None
+        retried = False
+        while True:
+            try:
+                return await self._forward(request, endpoint, headers, body, timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Refused, unreachable or timed out while connecting: no byte of the request
+                # reached this instance, so another one may take it, once.
+                other = (
+                    None if retried else pick(endpoints, self._counter, in_flight, exclude=endpoint)
+                )
+                if other is None:
+                    return _bad_gateway(fid, exc)
+                log.debug("instance refused; trying another", extra={"endpoint": endpoint})
+                self.metrics.retried()
+                endpoint, retried = other, True
+            except TimeoutError:
+                return error_response(
+                    LambdabusError(
+                        f"function {fid[0]}/{fid[1]} did not answer within its timeout "
+                        f"of {state.timeout:g} s",
+                        code="function_timeout",
+                        status=504,
+                        details={"timeout": state.timeout},
+                    )
+                )
+            except aiohttp.ClientError as exc:
+                return _bad_gateway(fid, exc)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, refused as soon as it is known to be over the limit: from
+        Content-Length before reading, or while reading a chunked one."""
+        length = request.content_length
+        if length is not None:
+            if length > self._limit:
+                raise BodyTooLarge
+            if length == 0:
+                return _NO_BODY
+            return await request.content.readexactly(length)
+        if not request.body_exists:
+            return _NO_BODY
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > self._limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        endpoint: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        timeout: aiohttp.ClientTimeout,
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        url = URL(endpoint + request.raw_path, encoded=True)
+        self.in_flight[endpoint] += 1
+        try:
+            async with self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body or None,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as upstream:
+                length = upstream.content_length
+                if length is not None and length <= self.settings.buffer_response_bytes:
+                    payload = await upstream.read()
+                    return web.Response(
+                        status=upstream.status,
+                        reason=upstream.reason,
+                        headers=response_headers(upstream.headers.items()),
+                        body=payload,
+                    )
+                return await self._stream(request, upstream)
+        finally:
+            self.in_flight[endpoint] -= 1
+
+    async def _stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """Relay a large or unsized response as it arrives."""
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=response_headers(upstream.headers.items()),
+        )
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status is sent already: cut the connection so the caller sees a truncated
+            # body rather than a complete-looking one.
+            log.warning("instance response broke off", extra={"error": repr(exc)})
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+
+def _unknown(fid: FunctionId) -> LambdabusError:
+    for value, what in ((fid[0], "namespace"), (fid[1], "function name")):
+        problem = label_problem(value)
+        if problem:
+            return InvalidName(f"{what} {value!r} {problem}")
+    return NotFound(f"function {fid[0]}/{fid[1]} does not exist", code="function_not_found")
+
+
+def _bad_gateway(fid: FunctionId, exc: BaseException) -> web.Response:
+    log.debug("instance failed", extra={"function": f"{fid[0]}/{fid[1]}", "error": repr(exc)})
+    return error_response(
+        LambdabusError(
+            f"the instance of {fid[0]}/{fid[1]} closed or refused the connection; retry",
+            code="bad_gateway",
+            status=502,
+        )
+    )

@@ -1,0 +1,372 @@
+"""The router's synchronous path over real HTTP: a router served in-process against the
+session's nats-server, and small aiohttp servers on ephemeral ports standing in for instances."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from lambdabus_events.models import (
+    DeploymentState,
+    FunctionConfig,
+    FunctionRecord,
+    SourceRef,
+)
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.registry import Registry
+from lambdabus_platform.service import serve
+from lambdabus_platform.settings import NatsSettings
+from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_router.__main__ import client_max_size, make_setup
+from lambdabus_router.proxy import Router
+from lambdabus_router.settings import RouterSettings
+
+LIMIT = 4096
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str = ""
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@contextlib.asynccontextmanager
+async def backend(name: str) -> AsyncIterator[Backend]:
+    """An "instance": echoes what it got; `/…/sleep` waits until released."""
+    me = Backend(name)
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        seen = {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": list(request.headers.items()),
+            "body": body,
+        }
+        me.seen.append(seen)
+        if request.path.endswith("/stream"):
+            stream = web.StreamResponse(status=200, headers={"X-Backend": name})
+            await stream.prepare(request)
+            for i in range(3):
+                await stream.write(f"chunk {i};".encode())
+            await stream.write_eof()
+            return stream
+        if request.path.endswith("/gzip"):
+            packed = gzip.compress(b"squeezed " * 100)
+            return web.Response(
+                body=packed, headers={"Content-Encoding": "gzip", "X-Backend": name}
+            )
+        if request.path.endswith("/sleep"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(me.release.wait(), 10)
+        response = web.Response(status=201, body=b"from " + name.encode() + b": " + body)
+        response.headers["X-Backend"] = name
+        response.headers.add("Set-Cookie", "a=1")
+        response.headers.add("Set-Cookie", "b=2")
+        response.headers["Keep-Alive"] = "timeout=99"
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    me.url = f"http://127.0.0.1:{port}"
+    try:
+        yield me
+    finally:
+        me.release.set()
+        await runner.cleanup()
+
+
+def closed_port_url() -> str:
+    """A loopback URL nobody listens on: a port the kernel gave us, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class RunningRouter:
+    url: str
+    http: aiohttp.ClientSession
+    router: Router
+    bus: Bus
+    namespace: str
+
+    async def add_function(
+        self, name: str, endpoints: list[str] | None, *, timeout: float = 30.0
+    ) -> None:
+        """A function record, and (unless `endpoints` is None) its deployment state."""
+        now = datetime.now(UTC)
+        record = FunctionRecord(
+            namespace=self.namespace,
+            name=name,
+            uid=f"uid-{name}",
+            generation=1,
+            spec=FunctionConfig(timeout=timeout),
+            source=SourceRef(
+                sha256="0" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1
+            ),
+            created_at=now,
+            updated_at=now,
+        )
+        await Registry(self.bus.kv(FUNCTIONS_BUCKET), FunctionRecord).put(
+            self.namespace, name, record
+        )
+        if endpoints is not None:
+            await self.deploy(name, endpoints, timeout=timeout)
+        fid = (self.namespace, name)
+        await asyncio.wait_for(
+            self.router.until(lambda r: fid in r.known and (endpoints is None or fid in r.table)),
+            5,
+        )
+
+    async def deploy(self, name: str, endpoints: list[str], *, timeout: float = 30.0) -> None:
+        state = DeploymentState(
+            namespace=self.namespace,
+            name=name,
+            uid=f"uid-{name}",
+            generation=1,
+            phase="ready",
+            replicas=len(endpoints),
+            ready_replicas=len(endpoints),
+            endpoints=endpoints,
+            timeout=timeout,
+            updated_at=datetime.now(UTC),
+        )
+        await Registry(self.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState).put(
+            self.namespace, name, state
+        )
+        fid = (self.namespace, name)
+        await asyncio.wait_for(
+            self.router.until(lambda r: fid in r.table and r.table[fid].endpoints == endpoints),
+            5,
+        )
+
+
+@pytest.fixture
+async def router(nats_settings: NatsSettings, bus: Bus) -> AsyncIterator[RunningRouter]:
+    settings = RouterSettings(
+        port=0, nats=nats_settings, max_body_bytes=LIMIT, timeout_margin_seconds=0.1
+    )
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    got: asyncio.Future[Router] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        serve(
+            "router",
+            settings,
+            make_setup(settings, on_router=got.set_result),
+            client_max_size=client_max_size(settings),
+            stop=stop,
+            on_ready=ready.set_result,
+        )
+    )
+    waiters: set[asyncio.Future[Any]] = {task, ready}
+    done, _ = await asyncio.wait(waiters, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    url = await asyncio.wait_for(ready, 1)
+    try:
+        async with aiohttp.ClientSession(base_url=url) as http:
+            yield RunningRouter(url, http, got.result(), bus, f"r{uuid.uuid4().hex[:10]}")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def error_code(response: aiohttp.ClientResponse) -> str:
+    body = await response.json()
+    return str(body["error"]["code"])
+
+
+async def test_forwards_the_request_as_it_came_and_spreads_load(router: RunningRouter) -> None:
+    async with backend("a") as a, backend("b") as b:
+        await router.add_function("echo", [a.url, b.url])
+        ns = router.namespace
+        path = f"/{ns}/echo/some/deep/path%20x?q=1&q=2&sp=a%2Fb"
+        async with router.http.patch(
+            URL(path, encoded=True),
+            data=b"\x00binary body\xff",
+            headers={
+                "X-Custom": "kept",
+                "Content-Type": "application/x-thing",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authorization": "secret",
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "dropped",
+                "X-Forwarded-For": "203.0.113.9",
+            },
+        ) as response:
+            assert response.status == 201
+            body = await response.read()
+            assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+            assert "Keep-Alive" not in response.headers
+            backend_name = response.headers["X-Backend"]
+        assert body == f"from {backend_name}: ".encode() + b"\x00binary body\xff"
+        (seen,) = (a.seen if backend_name == "a" else b.seen)[-1:]
+        assert seen["method"] == "PATCH"
+        assert seen["path"] == path
+        assert seen["body"] == b"\x00binary body\xff"
+        headers = dict(seen["headers"])
+        assert headers["X-Custom"] == "kept"
+        assert headers["Content-Type"] == "application/x-thing"
+        for hop in ("Keep-Alive", "Proxy-Authorization", "X-Hop"):
+            assert hop not in headers
+        assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+        assert headers["X-Forwarded-Host"] == router.url.removeprefix("http://")
+        assert headers["X-Forwarded-Proto"] == "http"
+        assert "User-Agent" in headers  # the caller's, relayed; nothing added of the router's
+        assert headers["User-Agent"].startswith("Python/")
+
+        for _ in range(10):
+            async with router.http.get(f"/{ns}/echo") as response:
+                assert response.status == 201
+        assert {s["path"] for s in a.seen + b.seen} >= {f"/{ns}/echo"}
+        assert len(a.seen) >= 4
+        assert len(b.seen) >= 4
+
+
+async def test_unknown_function_is_404_and_a_bad_name_400(router: RunningRouter) -> None:
+    async with router.http.get(f"/{router.namespace}/nope/x") as response:
+        assert response.status == 404
+        assert await error_code(response) == "function_not_found"
+    for bad in ("/Upper/fn", "/ns/under_score", f"/ns/{'a' * 64}", "/ns/x.y"):
+        async with router.http.post(bad, data=b"x") as response:
+            assert response.status == 400, bad
+            assert await error_code(response) == "invalid_name"
+
+
+async def test_known_function_without_a_ready_instance_is_503(router: RunningRouter) -> None:
+    await router.add_function("cold", None)
+    await router.add_function("empty", [])
+    for name in ("cold", "empty"):
+        async with router.http.get(f"/{router.namespace}/{name}") as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert await error_code(response) == "no_ready_instance"
+
+
+async def test_body_over_the_limit_is_413(router: RunningRouter) -> None:
+    async with backend("a") as a:
+        await router.add_function("big", [a.url])
+        url = f"/{router.namespace}/big"
+        async with router.http.post(url, data=b"x" * (LIMIT + 1)) as response:
+            assert response.status == 413
+            assert await error_code(response) == "payload_too_large"
+
+        async def chunked(total: int) -> AsyncIterator[bytes]:
+            for _ in range(total // 1024):
+                yield b"y" * 1024
+
+        async with router.http.post(url, data=chunked(LIMIT + 2048)) as response:
+            assert response.status == 413
+            assert await error_code(response) == "payload_too_large"
+        async with router.http.post(url, data=chunked(LIMIT)) as response:
+            assert response.status == 201
+            assert await response.read() == b"from a: " + b"y" * LIMIT
+        assert len(a.seen) == 1
+
+
+async def test_a_function_past_its_timeout_is_504(router: RunningRouter) -> None:
+    async with backend("slow") as slow:
+        await router.add_function("slow", [slow.url], timeout=0.2)
+        started = asyncio.get_running_loop().time()
+        async with router.http.post(f"/{router.namespace}/slow/sleep", data=b"x") as response:
+            assert response.status == 504
+            assert await error_code(response) == "function_timeout"
+        assert asyncio.get_running_loop().time() - started < 5
+        assert len(slow.seen) == 1
+
+
+async def test_an_endpoint_removed_from_kv_gets_no_more_traffic(router: RunningRouter) -> None:
+    async with backend("a") as a, backend("b") as b:
+        await router.add_function("shift", [a.url, b.url])
+        url = f"/{router.namespace}/shift"
+        for _ in range(6):
+            async with router.http.get(url) as response:
+                assert response.status == 201
+        assert a.seen
+        assert b.seen
+        await router.deploy("shift", [b.url])
+        before = len(a.seen)
+        for _ in range(6):
+            async with router.http.get(url) as response:
+                assert response.headers["X-Backend"] == "b"
+        assert len(a.seen) == before
+
+        await router.bus.kv(DEPLOYMENTS_BUCKET).delete(f"{router.namespace}.shift")
+        fid = (router.namespace, "shift")
+        await asyncio.wait_for(router.router.until(lambda r: fid not in r.table), 5)
+        async with router.http.get(url) as response:
+            assert response.status == 503
+
+
+async def test_a_refused_connection_goes_to_the_other_endpoint(router: RunningRouter) -> None:
+    dead = closed_port_url()
+    async with backend("b") as b:
+        await router.add_function("flaky", [dead, b.url])
+        for _ in range(6):
+            async with router.http.post(f"/{router.namespace}/flaky", data=b"once") as response:
+                assert response.status == 201
+                assert response.headers["X-Backend"] == "b"
+        assert len(b.seen) == 6
+    await router.add_function("dead", [dead])
+    async with router.http.get(f"/{router.namespace}/dead") as response:
+        assert response.status == 502
+        assert await error_code(response) == "bad_gateway"
+
+
+async def test_invocations_are_counted_by_function_and_status(router: RunningRouter) -> None:
+    async with backend("a") as a:
+        await router.add_function("counted", [a.url])
+        for _ in range(3):
+            async with router.http.get(f"/{router.namespace}/counted") as response:
+                assert response.status == 201
+    async with router.http.get("/metrics") as response:
+        text = await response.text()
+    ns = router.namespace
+    assert (
+        f'lambdabus_router_invocations_total{{function="counted",namespace="{ns}",status="201"}} 3.0'
+        in text
+    )
+    assert (
+        f'lambdabus_router_invocation_duration_seconds_count{{function="counted",namespace="{ns}"}} 3.0'
+        in text
+    )
+
+
+async def test_responses_are_relayed_as_they_came(router: RunningRouter) -> None:
+    """An unsized (chunked) response is streamed through; a compressed one is not unpacked."""
+    async with backend("a") as a:
+        await router.add_function("relay", [a.url])
+        async with router.http.get(f"/{router.namespace}/relay/stream") as response:
+            assert response.status == 200
+            assert await response.read() == b"chunk 0;chunk 1;chunk 2;"
+        async with (
+            aiohttp.ClientSession(base_url=router.url, auto_decompress=False) as raw,
+            raw.get(f"/{router.namespace}/relay/gzip") as response,
+        ):
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(await response.read()) == b"squeezed " * 100
+        async with router.http.head(f"/{router.namespace}/relay/x") as response:
+            assert response.status == 201
+            assert response.headers["X-Backend"] == "a"
