@@ -239,3 +239,102 @@ class LogQueryResult(_Strict):
     lines: list[LogLine] = Field(default_factory=list)
     events: list[dict[str, Any]] = Field(default_factory=list)
     truncated: bool = False
+
+
+# -- triggers, deliveries, dead letters, async invocations ---------------------------------------
+
+Backoff = Literal["exponential", "linear"]
+
+
+class DeliveryPolicy(_Strict):
+    """How the router delivers a trigger's events to its function."""
+
+    retries: int = Field(default=3, ge=0, le=100, description="attempts after the first")
+    backoff: Backoff = "exponential"
+    backoff_delay: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds before the first retry"
+    )
+    timeout: float = Field(default=30.0, gt=0, le=900, description="seconds per attempt")
+    max_in_flight: int = Field(default=64, ge=1, le=10_000)
+
+
+class TriggerSpec(_Strict):
+    """A trigger as a user declares it: every event matching `filter` goes to `function`.
+
+    Filter keys are CloudEvent attribute names (`type`, `source`, `subject`, or an extension);
+    values match exactly, or by prefix when they end in `*`.
+    """
+
+    name: Label
+    function: Label
+    filter: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9]{1,20}$")],
+        Annotated[str, Field(min_length=1, max_length=1024)],
+    ] = Field(default_factory=dict)
+    delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
+
+
+class TriggerRecord(_Strict):
+    """The gateway-owned record of a trigger, in the `triggers` KV bucket (`<ns>.<name>`)."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    function: Label
+    filter: dict[str, str]
+    delivery: DeliveryPolicy
+    created_at: datetime
+
+
+class DeadLetter(_Strict):
+    """An event whose delivery was given up, on the DLQ stream (`lambdabus.dlq.<ns>.<trigger>`)."""
+
+    namespace: Label
+    trigger: Label
+    trigger_uid: str
+    function: Label
+    event: dict[str, Any] = Field(description="the event as a structured-mode CloudEvent")
+    reason: str = Field(
+        description="why: http_status_<n>, timeout, connection_refused, invalid_event, ..."
+    )
+    message: str = ""
+    attempts: int = Field(ge=1)
+    last_status: int | None = None
+    first_attempt_at: datetime | None = None
+    deadlettered_at: datetime
+
+
+InvocationStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class InvocationRecord(_Strict):
+    """An asynchronous invocation, in the `invocations` KV bucket (`<ns>.<id>`): the gateway
+    writes it `queued`, the router moves it on."""
+
+    namespace: Label
+    function: Label
+    id: str
+    status: InvocationStatus
+    attempts: int = 0
+    result: Any = None
+    result_status: int | None = None
+    result_content_type: str | None = None
+    error: str | None = None
+    callback_url: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class InvocationRequest(_Strict):
+    """What an asynchronous invocation replays to the function, on `lambdabus.events.i.<ns>.<fn>`."""
+
+    namespace: Label
+    function: Label
+    id: str
+    method: str = "POST"
+    path: str = "/"
+    query: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+    body_base64: str = ""
+    callback_url: str | None = None
+    delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)

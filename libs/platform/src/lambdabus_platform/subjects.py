@@ -40,7 +40,15 @@ LOGS_QUERY_SUBJECT = "lambdabus.rpc.logs.query"
 FUNCTIONS_BUCKET = "functions"  # gateway
 BUILDS_BUCKET = "builds"  # builder
 DEPLOYMENTS_BUCKET = "deployments"  # deployer
-KV_BUCKETS: tuple[str, ...] = (FUNCTIONS_BUCKET, BUILDS_BUCKET, DEPLOYMENTS_BUCKET)
+TRIGGERS_BUCKET = "triggers"  # gateway
+INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
+KV_BUCKETS: tuple[str, ...] = (
+    FUNCTIONS_BUCKET,
+    BUILDS_BUCKET,
+    DEPLOYMENTS_BUCKET,
+    TRIGGERS_BUCKET,
+    INVOCATIONS_BUCKET,
+)
 # Object store bucket of the NATS artifact store backend.
 ARTIFACTS_BUCKET = "artifacts"
 
@@ -94,3 +102,81 @@ def logs_subject(kind: str, namespace: str, name: str) -> str:
     if kind not in ("build", "runtime"):
         raise ValueError(f"not a log kind: {kind!r}")
     return ".".join((LOGS_PREFIX, kind, *_checked(namespace, name)))
+
+
+# -- user events (EVENTS stream) -------------------------------------------------------------
+#
+#   lambdabus.events.t.<encoded type>       a user CloudEvent, by its type
+#   lambdabus.events.r.<ns>.<trigger>       a dead letter sent again to one trigger (redrive)
+#   lambdabus.events.i.<ns>.<function>      an asynchronous invocation
+#
+# The type's dots stay token separators, so a trigger on `com.example.order.created` or on the
+# prefix `com.example.*` is a subject filter; every other byte outside [A-Za-z0-9_-] is written
+# as `%XX`, so no attribute value can act as a wildcard (`*`, `>`) or add a token. A type with
+# an empty token (leading, trailing or doubled dots) is escaped whole into one token.
+
+EVENT_TYPE_PREFIX = f"{EVENTS_PREFIX}.t"
+REDRIVE_PREFIX = f"{EVENTS_PREFIX}.r"
+INVOKE_PREFIX = f"{EVENTS_PREFIX}.i"
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _escape(piece: str) -> str:
+    return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in piece)
+
+
+def encode_type(event_type: str) -> str:
+    """A CloudEvent type as subject tokens (see above). Pure; never empty."""
+    if not event_type:
+        raise ValueError("a CloudEvent type is never empty")
+    pieces = event_type.split(".")
+    if any(p == "" for p in pieces):
+        return _escape(event_type)
+    return ".".join(_escape(p) for p in pieces)
+
+
+def event_subject(event_type: str) -> str:
+    return f"{EVENT_TYPE_PREFIX}.{encode_type(event_type)}"
+
+
+def type_filter_subject(type_filter: str | None) -> str:
+    """The narrowest subject filter that holds every event a trigger's `type` filter matches;
+    the rest of the matching is done by `match_trigger`."""
+    if not type_filter:
+        return f"{EVENT_TYPE_PREFIX}.>"
+    if not type_filter.endswith("*"):
+        return event_subject(type_filter)
+    prefix = type_filter[:-1]
+    # A prefix that ends on a dot ends on a token boundary: `a.b.*` → `...t.a.b.>`.
+    if prefix.endswith(".") and prefix.count(".") and "" not in prefix[:-1].split("."):
+        return f"{EVENT_TYPE_PREFIX}.{encode_type(prefix[:-1])}.>"
+    return f"{EVENT_TYPE_PREFIX}.>"
+
+
+def redrive_subject(namespace: str, trigger: str) -> str:
+    return ".".join((REDRIVE_PREFIX, *_checked(namespace, trigger)))
+
+
+def invoke_subject(namespace: str, function: str) -> str:
+    return ".".join((INVOKE_PREFIX, *_checked(namespace, function)))
+
+
+def dlq_subject(namespace: str, trigger: str) -> str:
+    return ".".join((DLQ_PREFIX, *_checked(namespace, trigger)))
+
+
+def trigger_key(namespace: str, name: str) -> str:
+    return function_key(namespace, name)
+
+
+def trigger_consumer(namespace: str, name: str, uid: str) -> str:
+    """The durable consumer name of one trigger (unique per trigger incarnation)."""
+    _checked(namespace, name)
+    return f"trigger_{namespace}_{name}_{uid.replace('-', '')[:12]}"
+
+
+def event_dedup_id(source: str, event_id: str) -> str:
+    """`Nats-Msg-Id` of a user event: the CloudEvents identity is (source, id)."""
+    import hashlib
+
+    return hashlib.sha256(f"{source}\0{event_id}".encode()).hexdigest()
