@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from lambdabus_events.catalog import LifecycleEvent
+from lambdabus_events.cloudevents_io import to_json
 from lambdabus_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -265,15 +266,25 @@ class Bus:
             raise TemporaryError("NATS JetStream did not acknowledge the publish; retry") from exc
         return int(ack.seq)
 
-    async def publish_lifecycle(self, event: LifecycleEvent) -> int:
-        """Publish a catalog event; its deterministic id is the `Nats-Msg-Id`."""
+    async def publish_lifecycle(self, event: LifecycleEvent, *, attempts: int = 3) -> int:
+        """Publish a catalog event (structured-mode JSON by the CloudEvents SDK). Its
+        deterministic id is the `Nats-Msg-Id`, so retrying a publish whose ack was lost is
+        safe: JetStream stores it once. Raises TemporaryError when every attempt failed."""
         subject = lifecycle_subject(event.type, event.namespace, event.name)
-        return await self.publish(
-            subject,
-            event.model_dump_json().encode(),
-            msg_id=event.id,
-            headers={"Content-Type": "application/cloudevents+json"},
-        )
+        payload = to_json(event)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.publish(
+                    subject,
+                    payload,
+                    msg_id=event.id,
+                    headers={"Content-Type": "application/cloudevents+json"},
+                )
+            except TemporaryError:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
 
     async def replay(
         self,
