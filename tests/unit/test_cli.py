@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import uuid
 import zipfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,12 +23,17 @@ from aiohttp.test_utils import TestServer
 
 from lambdabus_client.cli import (
     Progress,
+    build_event,
     deploy_progress,
     event_detail,
     follow_since,
     format_age,
+    format_delivery,
+    format_filter,
     format_log_line,
+    invocation_lines,
     main,
+    next_poll,
     parse_env,
     parse_headers,
     parse_since,
@@ -87,6 +93,11 @@ class FakeGateway:
     history_items: list[JsonObject] = field(default_factory=list)
     invoke_answer: Answer = _echo
     logs_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    events: list[JsonObject] = field(default_factory=list)
+    triggers: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
+    deadletters: list[JsonObject] = field(default_factory=list)
+    # The statuses an asynchronous invocation goes through, one per status read.
+    invocation_statuses: list[JsonObject] = field(default_factory=list)
 
     def add(
         self, namespace: str, name: str, *, runtime: str = "python3.11", age_s: int = 90
@@ -108,6 +119,14 @@ class FakeGateway:
         app.router.add_get(base + "/{name}/history", self._history)
         app.router.add_get("/v1/info", self._info)
         app.router.add_get("/v1/lifecycle", self._lifecycle)
+        app.router.add_post("/v1/events", self._publish)
+        namespace = "/v1/namespaces/{ns}"
+        app.router.add_post(namespace + "/triggers", self._create_trigger)
+        app.router.add_get(namespace + "/triggers", self._list_triggers)
+        app.router.add_delete(namespace + "/triggers/{name}", self._delete_trigger)
+        app.router.add_get(namespace + "/deadletters", self._list_deadletters)
+        app.router.add_post(namespace + "/deadletters/{id}/redrive", self._redrive)
+        app.router.add_get(namespace + "/invocations/{id}", self._invocation)
         return app
 
     @web.middleware
@@ -207,7 +226,73 @@ class FakeGateway:
         key = (request.match_info["ns"], request.match_info["name"])
         if key not in self.functions:
             return _error(404, "function_not_found", f"function {key[0]}/{key[1]} does not exist")
+        if request.headers.get("Prefer") == "respond-async":
+            return web.json_response(
+                {"invocation_id": INVOCATION_ID, "status": "queued"},
+                status=202,
+                headers={"Location": f"/v1/namespaces/{key[0]}/invocations/{INVOCATION_ID}"},
+            )
         return self.invoke_answer(self.requests[-1].body)
+
+    async def _publish(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/cloudevents+json":
+            return _error(400, "unsupported_content_type", "not a structured CloudEvent")
+        event = json.loads(self.requests[-1].body)
+        seen = any((e["source"], e["id"]) == (event["source"], event["id"]) for e in self.events)
+        if not seen:
+            self.events.append(event)
+        return web.json_response(
+            {"accepted": 1, "ids": [event["id"]], "duplicates": int(seen)}, status=202
+        )
+
+    async def _create_trigger(self, request: web.Request) -> web.Response:
+        spec = json.loads(self.requests[-1].body)
+        namespace = request.match_info["ns"]
+        if (namespace, spec["function"]) not in self.functions:
+            return _error(404, "function_not_found", f"function {spec['function']} does not exist")
+        key = (namespace, spec["name"])
+        if key in self.triggers:
+            return _error(409, "trigger_exists", f"trigger {key[0]}/{key[1]} already exists")
+        self.triggers[key] = _trigger(namespace, spec)
+        return web.json_response(self.triggers[key], status=201)
+
+    async def _list_triggers(self, request: web.Request) -> web.Response:
+        namespace = request.match_info["ns"]
+        items = [t for (ns, _), t in sorted(self.triggers.items()) if ns == namespace]
+        return web.json_response({"items": items})
+
+    async def _delete_trigger(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.triggers:
+            return _error(404, "trigger_not_found", f"trigger {key[0]}/{key[1]} does not exist")
+        return web.json_response(self.triggers.pop(key), status=202)
+
+    async def _list_deadletters(self, request: web.Request) -> web.Response:
+        trigger = request.query.get("trigger")
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+        items = [
+            d
+            for d in self.deadletters
+            if (trigger is None or d["trigger"] == trigger) and int(d["id"]) > after
+        ][:limit]
+        more = items[-1]["id"] if len(items) == limit else None
+        return web.json_response({"items": items, "next": more})
+
+    async def _redrive(self, request: web.Request) -> web.Response:
+        for letter in self.deadletters:
+            if letter["id"] == request.match_info["id"]:
+                self.deadletters.remove(letter)
+                return web.json_response({**letter, "redriven": True}, status=202)
+        return _error(404, "deadletter_not_found", f"no dead letter {request.match_info['id']}")
+
+    async def _invocation(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] != INVOCATION_ID or not self.invocation_statuses:
+            return _error(404, "invocation_not_found", "no such invocation")
+        record = self.invocation_statuses[0]
+        if len(self.invocation_statuses) > 1:
+            self.invocation_statuses.pop(0)
+        return web.json_response(record)
 
     async def _history(self, request: web.Request) -> web.Response:
         return web.json_response({"items": self.history_items, "truncated": False})
@@ -256,6 +341,64 @@ def _record(namespace: str, name: str, generation: int, runtime: str, created: s
         "created_at": created,
         "updated_at": created,
     }
+
+
+INVOCATION_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _trigger(namespace: str, spec: JsonObject) -> JsonObject:
+    delivery = {
+        "retries": 3,
+        "backoff": "exponential",
+        "backoff_delay": 1.0,
+        "timeout": 30.0,
+        "max_in_flight": 64,
+        **spec.get("delivery", {}),
+    }
+    return {
+        "namespace": namespace,
+        "name": spec["name"],
+        "uid": f"uid-{spec['name']}",
+        "function": spec["function"],
+        "filter": spec.get("filter", {}),
+        "delivery": delivery,
+        "created_at": (datetime.now(UTC) - timedelta(seconds=150)).isoformat(),
+    }
+
+
+def _dead_letter(number: int, trigger: str, event_type: str, age_s: int = 30) -> JsonObject:
+    moment = (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat()
+    return {
+        "id": str(number),
+        "namespace": "default",
+        "trigger": trigger,
+        "trigger_uid": f"uid-{trigger}",
+        "function": "orders",
+        "event": {"specversion": "1.0", "id": f"e{number}", "source": "/s", "type": event_type},
+        "reason": "http_status_500",
+        "message": "",
+        "attempts": 4,
+        "last_status": 500,
+        "first_attempt_at": moment,
+        "deadlettered_at": moment,
+    }
+
+
+def _invocation(status: str, **fields: Any) -> JsonObject:
+    return {
+        "namespace": "default",
+        "function": "hello",
+        "id": INVOCATION_ID,
+        "status": status,
+        "attempts": 0,
+        "result": None,
+        "result_status": None,
+        "result_content_type": None,
+        "error": None,
+        "callback_url": None,
+        "created_at": NOW.isoformat(),
+        "updated_at": NOW.isoformat(),
+    } | fields
 
 
 def _status(namespace: str, name: str, generation: int) -> JsonObject:
@@ -878,6 +1021,296 @@ async def test_history_renders_a_table(
         "2024-05-01T12:00:03Z  build.failed      2           SyntaxError: line 1",
     ]
     assert gateway.requests[0].path == "/v1/namespaces/default/functions/hello/history"
+
+
+# -- events, triggers, dead letters, asynchronous invocations -----------------------------------
+
+
+async def test_publish_sends_a_structured_event(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_cli(
+        "--url", gateway.url, "publish", "--type", "com.example.order.created",
+        "--source", "/shop", "--id", "42", "--subject", "orders/42",
+        "--data", '{"total": 5}', "--ext", "region=eu", "--ext", "trace=a=b",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out == "Published event 42 (com.example.order.created).\n"
+    request = gateway.requests[-1]
+    assert (request.method, request.path) == ("POST", "/v1/events")
+    assert request.headers["Content-Type"] == "application/cloudevents+json"
+    assert json.loads(request.body) == {
+        "specversion": "1.0",
+        "id": "42",
+        "source": "/shop",
+        "type": "com.example.order.created",
+        "subject": "orders/42",
+        "region": "eu",
+        "trace": "a=b",
+        "data": {"total": 5},
+        "datacontenttype": "application/json",
+    }
+
+
+async def test_publish_gives_a_new_id_and_says_when_an_event_was_stored_already(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = await run_cli("--url", gateway.url, "publish", "--type", "t", "--source", "/s")
+    event_id = gateway.events[0]["id"]
+    again = await run_cli(
+        "--url", gateway.url, "publish", "--type", "t", "--source", "/s", "--id", event_id
+    )
+
+    out = capsys.readouterr().out.splitlines()
+    assert (first, again) == (0, 0)
+    assert str(uuid.UUID(event_id)) == event_id
+    assert "data" not in gateway.events[0]
+    assert out == [
+        f"Published event {event_id} (t).",
+        f"Already stored: event {event_id} from /s (same source and id); not stored again.",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "{nope"], "--data is not valid JSON"),
+        (["--ext", "novalue"], "--ext 'novalue' is not KEY=VALUE"),
+        (["--ext", "type=x"], "would replace the event's own 'type'"),
+    ],
+)
+def test_publish_usage_errors(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--url", "http://127.0.0.1:1", "publish", "--type", "t", "--source", "/s", *extra])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: usage: ")
+    assert message in err
+
+
+async def test_triggers_create_ls_rm(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "orders")
+
+    created = await run_cli(
+        "--url", gateway.url, "triggers", "create", "on-order", "--function", "orders",
+        "--filter", "type=com.example.order.*", "--filter", "source=/shop",
+        "--retries", "5", "--backoff", "linear", "--backoff-delay", "0.5",
+        "--timeout", "10", "--max-in-flight", "8",
+    )  # fmt: skip
+    plain = await run_cli(
+        "triggers", "create", "all", "--function", "orders", "--url", gateway.url
+    )  # fmt: skip
+    listed = await run_cli("--url", gateway.url, "triggers", "ls")
+    removed = await run_cli("--url", gateway.url, "triggers", "rm", "all")
+
+    out, err = capsys.readouterr()
+    assert (created, plain, listed, removed, err) == (0, 0, 0, 0, "")
+    spec = json.loads(gateway.requests[0].body)
+    assert spec == {
+        "name": "on-order",
+        "function": "orders",
+        "filter": {"type": "com.example.order.*", "source": "/shop"},
+        "delivery": {
+            "retries": 5,
+            "backoff": "linear",
+            "backoff_delay": 0.5,
+            "timeout": 10.0,
+            "max_in_flight": 8,
+        },
+    }
+    assert json.loads(gateway.requests[1].body) == {
+        "name": "all",
+        "function": "orders",
+        "filter": {},
+    }
+    assert out.splitlines() == [
+        "Created trigger default/on-order: type=com.example.order.*,source=/shop -> function "
+        "orders (5 retries, linear from 0.5s, timeout 10s).",
+        "Created trigger default/all: * -> function orders (3 retries, exponential from 1s, "
+        "timeout 30s).",
+        *render_table(
+            ["NAME", "FUNCTION", "FILTER", "DELIVERY", "AGE"],
+            [
+                ["all", "orders", "*", "3 retries, exponential from 1s, timeout 30s", "2m"],
+                [
+                    "on-order",
+                    "orders",
+                    "type=com.example.order.*,source=/shop",
+                    "5 retries, linear from 0.5s, timeout 10s",
+                    "2m",
+                ],
+            ],
+        ).splitlines(),
+        "Deleting trigger default/all.",
+    ]
+    assert gateway.requests[-1].method == "DELETE"
+    assert gateway.requests[-1].path == "/v1/namespaces/default/triggers/all"
+    assert list(gateway.triggers) == [("default", "on-order")]
+
+
+async def test_triggers_errors_and_empty_listing(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = await run_cli(
+        "--url", gateway.url, "triggers", "create", "t", "--function", "nope"
+    )  # fmt: skip
+    bad_filter = await run_cli(
+        "--url", gateway.url, "triggers", "create", "t", "--function", "f", "--filter", "type"
+    )  # fmt: skip
+    empty = await run_cli("--url", gateway.url, "triggers", "ls", "-n", "quiet")
+
+    out, err = capsys.readouterr()
+    assert (missing, bad_filter, empty) == (1, 2, 0)
+    assert err.splitlines() == [
+        "error: function_not_found: function nope does not exist",
+        "error: usage: --filter 'type' is not KEY=VALUE",
+    ]
+    assert out == "No triggers in namespace quiet.\n"
+
+
+async def test_deadletters_ls_and_redrive(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.deadletters = [
+        _dead_letter(3, "orders", "com.example.order.created", age_s=120),
+        _dead_letter(7, "audit", "com.example.audit", age_s=5),
+    ]
+
+    listed = await run_cli("--url", gateway.url, "deadletters", "ls")
+    paged = await run_cli(
+        "--url", gateway.url, "deadletters", "ls", "--trigger", "orders", "--limit", "1"
+    )  # fmt: skip
+    redriven = await run_cli("--url", gateway.url, "deadletters", "redrive", "3")
+    missing = await run_cli("--url", gateway.url, "deadletters", "redrive", "3")
+    empty = await run_cli("--url", gateway.url, "deadletters", "ls", "--trigger", "orders")
+
+    out, err = capsys.readouterr()
+    assert (listed, paged, redriven, missing, empty) == (0, 0, 0, 1, 0)
+    assert out.splitlines() == [
+        "ID  TRIGGER  TYPE                       EVENT  REASON           ATTEMPTS  AGE",
+        "3   orders   com.example.order.created  e3     http_status_500  4         2m",
+        "7   audit    com.example.audit          e7     http_status_500  4         5s",
+        "ID  TRIGGER  TYPE                       EVENT  REASON           ATTEMPTS  AGE",
+        "3   orders   com.example.order.created  e3     http_status_500  4         2m",
+        "More: lambdabus deadletters ls --after 3",
+        "Redriven dead letter 3: event e3 (com.example.order.created) sent to trigger orders "
+        "again.",
+        "No dead letters for trigger orders in namespace default.",
+    ]
+    assert err == "error: deadletter_not_found: no dead letter 3\n"
+    assert gateway.requests[1].query == {"trigger": "orders", "limit": "1"}
+    assert gateway.requests[2].path == "/v1/namespaces/default/deadletters/3/redrive"
+
+
+async def test_invoke_async_prints_the_invocation_id(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.add("default", "hello")
+
+    code = await run_cli(
+        "--url", gateway.url, "invoke", "hello", "--async", "--data", '{"a": 1}',
+        "--callback-url", "https://example.com/cb", "--header", "X-Trace: t1",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err, out) == (0, "", f"{INVOCATION_ID}\n")
+    request = gateway.requests[-1]
+    assert request.body == b'{"a": 1}'
+    assert request.headers["Prefer"] == "respond-async"
+    assert request.headers["X-Callback-Url"] == "https://example.com/cb"
+    assert request.headers["X-Trace"] == "t1"
+    assert request.headers["Content-Type"] == "application/json"
+
+
+async def test_invocation_wait_polls_until_it_finished(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.invocation_statuses = [
+        _invocation("queued"),
+        _invocation("running", attempts=1),
+        _invocation("succeeded", attempts=1, result={"answer": 42}, result_status=200),
+    ]
+
+    code = await run_cli("--url", gateway.url, "invocation", INVOCATION_ID, "--wait")
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"Invocation:  {INVOCATION_ID}",
+        "Function:    default/hello",
+        "Status:      succeeded",
+        "Attempts:    1",
+        "HTTP status: 200",
+        "Result:",
+        "  {",
+        '    "answer": 42',
+        "  }",
+    ]
+    assert [r.path for r in gateway.requests] == [
+        f"/v1/namespaces/default/invocations/{INVOCATION_ID}"
+    ] * 3
+
+
+async def test_invocation_without_wait_and_a_failed_one(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.invocation_statuses = [_invocation("queued")]
+    queued = await run_cli("--url", gateway.url, "invocation", INVOCATION_ID)
+    gateway.invocation_statuses = [_invocation("failed", attempts=4, error="http_status_500")]
+    failed = await run_cli("--url", gateway.url, "invocation", INVOCATION_ID, "--wait")
+    unknown = await run_cli("--url", gateway.url, "invocation", "nope")
+
+    out, err = capsys.readouterr()
+    assert (queued, failed, unknown) == (0, 1, 1)
+    assert "Status:      queued" in out
+    assert "Status:      failed" in out
+    assert "Error:       http_status_500" in out
+    assert err.splitlines() == [
+        "error: invocation_failed: http_status_500",
+        "error: invocation_not_found: no such invocation",
+    ]
+
+
+def test_callback_url_needs_async(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--url", "http://127.0.0.1:1", "invoke", "fn", "--callback-url", "http://x"])
+
+    assert code == 2
+    assert capsys.readouterr().err == "error: usage: --callback-url needs --async\n"
+
+
+def test_build_event_and_trigger_rendering() -> None:
+    event = build_event(type="t", source="/s", id="1", extensions={"ext": "v"})
+
+    assert event == {"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "ext": "v"}
+    assert format_filter({}) == "*"
+    assert format_filter({"type": "a.*", "subject": "x"}) == "type=a.*,subject=x"
+    assert format_delivery(
+        {"retries": 1, "backoff": "linear", "backoff_delay": 2, "timeout": 5}
+    ) == ("1 retry, linear from 2s, timeout 5s")
+    assert format_delivery(None) == "3 retries, exponential from 1s, timeout 30s"
+
+
+def test_invocation_lines_show_text_results_as_they_are() -> None:
+    lines = invocation_lines(_invocation("succeeded", result="line one\nline two"))
+
+    assert lines[-3:] == ["Result:", "  line one", "  line two"]
+    assert "Error" not in "\n".join(lines)
+
+
+def test_next_poll_grows_to_two_seconds() -> None:
+    delays = [0.2]
+    for _ in range(8):
+        delays.append(next_poll(delays[-1]))
+
+    assert delays[1] == pytest.approx(0.3)
+    assert delays == sorted(delays)
+    assert delays[-1] == 2.0
 
 
 # -- pure helpers ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The `lambdabus` command line: deploy (and watch the build), invoke, list, inspect and remove
-functions, read their logs and history, tail lifecycle events, and (`lambdabus up`) run the whole
-platform locally.
+"""The `lambdabus` command line: deploy (and watch the build), invoke (now or asynchronously),
+list, inspect and remove functions, read their logs and history, tail lifecycle events, publish
+CloudEvents, manage triggers and dead letters, and (`lambdabus up`) run the whole platform
+locally.
 
 Every command talks to the gateway over HTTP through `LambdabusClient`. Expected failures end
 with one line on stderr, `error: <code>: <message>`, and exit status 1 (the API said no, or could
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import sys
+import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -189,6 +191,91 @@ def parse_headers(pairs: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"--header {pair!r} is not NAME:VALUE")
         headers[key.strip()] = value.strip()
     return headers
+
+
+def parse_assignments(pairs: Sequence[str], option: str) -> dict[str, str]:
+    """`KEY=VALUE` values of a repeatable option (split on the first `=`)."""
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise UsageError(f"{option} {pair!r} is not KEY=VALUE")
+        values[key] = value
+    return values
+
+
+def build_event(
+    *,
+    type: str,
+    source: str,
+    id: str,
+    subject: str | None = None,
+    data: str | None = None,
+    extensions: Mapping[str, str] | None = None,
+) -> JsonObject:
+    """The structured-mode CloudEvent `publish` sends; `data` is JSON text. The gateway
+    validates it (one set of rules, in one place)."""
+    event: JsonObject = {"specversion": "1.0", "id": id, "source": source, "type": type}
+    if subject is not None:
+        event["subject"] = subject
+    for name, value in (extensions or {}).items():
+        if name in event or name in ("data", "data_base64", "datacontenttype"):
+            raise UsageError(f"--ext {name}=... would replace the event's own '{name}'")
+        event[name] = value
+    if data is not None:
+        try:
+            event["data"] = json.loads(data)
+        except ValueError as error:
+            raise UsageError(f"--data is not valid JSON ({error})") from None
+        event["datacontenttype"] = "application/json"
+    return event
+
+
+def format_filter(value: object) -> str:
+    """A trigger's filter as `key=value` pairs (`*` when it matches every event)."""
+    if not isinstance(value, dict) or not value:
+        return "*"
+    return ",".join(f"{key}={match}" for key, match in value.items())
+
+
+def format_delivery(value: object) -> str:
+    """`3 retries, exponential from 1s, timeout 30s` (what is not said is the default)."""
+    delivery = value if isinstance(value, dict) else {}
+    retries = delivery.get("retries", 3)
+    backoff = delivery.get("backoff", "exponential")
+    return (
+        f"{retries} {'retry' if retries == 1 else 'retries'}, "
+        f"{backoff} from {delivery.get('backoff_delay', 1.0):g}s, "
+        f"timeout {delivery.get('timeout', 30.0):g}s"
+    )
+
+
+FINISHED = frozenset({"succeeded", "failed"})
+
+
+def invocation_lines(record: JsonObject) -> list[str]:
+    """What `lambdabus invocation` prints about an asynchronous invocation."""
+    lines = [
+        f"Invocation:  {record.get('id', '-')}",
+        f"Function:    {record.get('namespace', '-')}/{record.get('function', '-')}",
+        f"Status:      {record.get('status', '-')}",
+        f"Attempts:    {record.get('attempts', 0)}",
+    ]
+    if record.get("result_status") is not None:
+        lines.append(f"HTTP status: {record['result_status']}")
+    if record.get("error"):
+        lines.append(f"Error:       {_one_line(str(record['error']))}")
+    result = record.get("result")
+    if result is not None:
+        text = result if isinstance(result, str) else json.dumps(result, indent=2)
+        lines.append("Result:")
+        lines.extend(f"  {line}" for line in text.splitlines() or [""])
+    return lines
+
+
+def next_poll(delay: float) -> float:
+    """The wait before the next status poll: from 0.2 s, growing by half, at most 2 s."""
+    return min(max(delay, 0.1) * 1.5, 2.0)
 
 
 def json_body(text: str) -> bytes:
@@ -451,6 +538,82 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument(
         "--header", action="append", default=[], metavar="NAME:VALUE", help="repeatable"
     )
+    invoke.add_argument(
+        "--async",
+        dest="run_async",
+        action="store_true",
+        help="queue it and print the invocation id (see 'lambdabus invocation ID')",
+    )
+    invoke.add_argument(
+        "--callback-url", metavar="URL", help="with --async: where the result is posted"
+    )
+
+    invocation = commands.add_parser(
+        "invocation",
+        parents=[common],
+        help="show an asynchronous invocation (exit status 1 when it failed)",
+    )
+    invocation.add_argument("id")
+    invocation.add_argument("--wait", action="store_true", help="wait until it succeeded or failed")
+    invocation.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long --wait waits (default 300)",
+    )
+
+    publish = commands.add_parser(
+        "publish", parents=[common], help="publish a CloudEvent for triggers to deliver"
+    )
+    publish.add_argument("--type", required=True, help="e.g. com.example.order.created")
+    publish.add_argument("--source", required=True, help="a URI-reference, e.g. /shop")
+    publish.add_argument("--id", help="the event id (default: a new UUID)")
+    publish.add_argument("--subject")
+    publish.add_argument("--data", metavar="JSON", help="the event's data, as JSON")
+    publish.add_argument(
+        "--ext", action="append", default=[], metavar="NAME=VALUE", help="an extension attribute"
+    )
+
+    triggers = commands.add_parser(
+        "triggers", parents=[common], help="list, create and remove triggers"
+    )
+    trigger_actions = triggers.add_subparsers(dest="action", metavar="ACTION", required=True)
+    trigger_actions.add_parser("ls", parents=[common], help="list the namespace's triggers")
+    create = trigger_actions.add_parser(
+        "create", parents=[common], help="deliver matching events to a function"
+    )
+    create.add_argument("name")
+    create.add_argument("--function", required=True)
+    create.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="ATTRIBUTE=VALUE",
+        help="repeatable; a value ending in * matches by prefix (default: every event)",
+    )
+    create.add_argument("--retries", type=int, help="attempts after the first (default 3)")
+    create.add_argument("--backoff", choices=("exponential", "linear"))
+    create.add_argument("--backoff-delay", type=float, metavar="SECONDS")
+    create.add_argument("--timeout", type=float, metavar="SECONDS", help="per attempt")
+    create.add_argument("--max-in-flight", type=int, metavar="N")
+    trigger_rm = trigger_actions.add_parser("rm", parents=[common], help="delete a trigger")
+    trigger_rm.add_argument("name")
+
+    deadletters = commands.add_parser(
+        "deadletters", parents=[common], help="list and redrive dead-lettered events"
+    )
+    deadletter_actions = deadletters.add_subparsers(dest="action", metavar="ACTION", required=True)
+    deadletter_ls = deadletter_actions.add_parser(
+        "ls", parents=[common], help="list dead letters, oldest first"
+    )
+    deadletter_ls.add_argument("--trigger", help="only this trigger's")
+    deadletter_ls.add_argument("--after", metavar="ID", help="only those after this id")
+    deadletter_ls.add_argument("--limit", type=int, metavar="N", help="at most N (default 100)")
+    redrive = deadletter_actions.add_parser(
+        "redrive", parents=[common], help="send a dead letter's event to its trigger again"
+    )
+    redrive.add_argument("id")
 
     logs = commands.add_parser("logs", parents=[common], help="show a function's log lines")
     logs.add_argument("name")
@@ -718,12 +881,24 @@ class _DeployWatch:
 
 async def _invoke(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     headers = parse_headers(args.header)
+    if args.callback_url is not None and not args.run_async:
+        raise UsageError("--callback-url needs --async")
     body, content_type = b"", None
     if args.data is not None:
         body, content_type = json_body(args.data), "application/json"
     elif args.data_file is not None:
         body = await asyncio.to_thread(_read_data_file, args.data_file)
         content_type = guess_content_type(body)
+    if args.run_async:
+        async with LambdabusClient.from_settings(settings) as client:
+            queued = await client.invoke_async(
+                settings.namespace, args.name, body, content_type, headers, args.callback_url
+            )
+        if output == "json":
+            _print_json(queued)
+        else:
+            print(queued.get("invocation_id", ""))
+        return 0
     async with LambdabusClient.from_settings(settings) as client:
         answer = await client.invoke(settings.namespace, args.name, body, content_type, headers)
     error = platform_error(answer)
@@ -898,6 +1073,169 @@ async def _events(settings: ClientSettings, args: argparse.Namespace, output: st
     return 0
 
 
+async def _invocation(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    if args.wait_timeout <= 0:
+        raise UsageError("--wait-timeout must be more than 0 seconds")
+    async with LambdabusClient.from_settings(settings) as client:
+        record = await client.get_invocation(settings.namespace, args.id)
+        if args.wait:
+            delay = 0.2
+            try:
+                async with asyncio.timeout(args.wait_timeout):
+                    while record.get("status") not in FINISHED:
+                        await asyncio.sleep(delay)
+                        delay = next_poll(delay)
+                        record = await client.get_invocation(settings.namespace, args.id)
+            except TimeoutError:
+                return _fail(
+                    "timeout",
+                    f"invocation {args.id} is still {record.get('status')} after "
+                    f"{args.wait_timeout:g} s",
+                    1,
+                )
+    if output == "json":
+        _print_json(record)
+    else:
+        print("\n".join(invocation_lines(record)))
+    if record.get("status") == "failed":
+        sys.stdout.flush()
+        return _fail("invocation_failed", str(record.get("error") or "it failed"), 1)
+    return 0
+
+
+async def _publish(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    event = build_event(
+        type=args.type,
+        source=args.source,
+        id=args.id or str(uuid.uuid4()),
+        subject=args.subject,
+        data=args.data,
+        extensions=parse_assignments(args.ext, "--ext"),
+    )
+    async with LambdabusClient.from_settings(settings) as client:
+        answer = await client.publish(event)
+    if output == "json":
+        _print_json(answer)
+    elif answer.get("duplicates"):
+        print(
+            f"Already stored: event {event['id']} from {event['source']} "
+            "(same source and id); not stored again."
+        )
+    else:
+        print(f"Published event {event['id']} ({event['type']}).")
+    return 0
+
+
+async def _triggers(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    namespace = settings.namespace
+    async with LambdabusClient.from_settings(settings) as client:
+        if args.action == "create":
+            delivery = {
+                key: value
+                for key, value in (
+                    ("retries", args.retries),
+                    ("backoff", args.backoff),
+                    ("backoff_delay", args.backoff_delay),
+                    ("timeout", args.timeout),
+                    ("max_in_flight", args.max_in_flight),
+                )
+                if value is not None
+            }
+            spec: JsonObject = {
+                "name": args.name,
+                "function": args.function,
+                "filter": parse_assignments(args.filter, "--filter"),
+            }
+            if delivery:
+                spec["delivery"] = delivery
+            record = await client.create_trigger(namespace, spec)
+            if output == "json":
+                _print_json(record)
+            else:
+                print(
+                    f"Created trigger {namespace}/{args.name}: "
+                    f"{format_filter(record.get('filter'))} -> function {args.function} "
+                    f"({format_delivery(record.get('delivery'))})."
+                )
+            return 0
+        if args.action == "rm":
+            record = await client.delete_trigger(namespace, args.name)
+            if output == "json":
+                _print_json(record)
+            else:
+                print(f"Deleting trigger {namespace}/{args.name}.")
+            return 0
+        items = await client.list_triggers(namespace)
+    if output == "json":
+        _print_json({"items": items})
+        return 0
+    if not items:
+        print(f"No triggers in namespace {namespace}.")
+        return 0
+    now = datetime.now(UTC)
+    rows = [
+        [
+            str(item.get("name", "?")),
+            str(item.get("function", "?")),
+            format_filter(item.get("filter")),
+            format_delivery(item.get("delivery")),
+            format_age(item.get("created_at"), now),
+        ]
+        for item in items
+    ]
+    print(render_table(["NAME", "FUNCTION", "FILTER", "DELIVERY", "AGE"], rows))
+    return 0
+
+
+async def _deadletters(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    namespace = settings.namespace
+    async with LambdabusClient.from_settings(settings) as client:
+        if args.action == "redrive":
+            answer = await client.redrive(namespace, args.id)
+            if output == "json":
+                _print_json(answer)
+            else:
+                event = answer.get("event") or {}
+                print(
+                    f"Redriven dead letter {args.id}: event {event.get('id', '?')} "
+                    f"({event.get('type', '?')}) sent to trigger {answer.get('trigger', '?')} again."
+                )
+            return 0
+        if args.limit is not None and args.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        page = await client.list_deadletters(
+            namespace, args.trigger, after=args.after, limit=args.limit
+        )
+    items = page["items"]
+    if output == "json":
+        _print_json(page)
+        return 0
+    if not items:
+        where = f"trigger {args.trigger} in " if args.trigger else ""
+        print(f"No dead letters for {where}namespace {namespace}.")
+        return 0
+    now = datetime.now(UTC)
+    rows = []
+    for item in items:
+        event = item.get("event") if isinstance(item.get("event"), dict) else {}
+        reason = str(item.get("reason", ""))
+        rows.append(
+            [
+                str(item.get("id", "?")),
+                str(item.get("trigger", "?")),
+                str(event.get("type", "?")),
+                str(event.get("id", "?")),
+                reason,
+                str(item.get("attempts", "?")),
+                format_age(item.get("deadlettered_at"), now),
+            ]
+        )
+    print(render_table(["ID", "TRIGGER", "TYPE", "EVENT", "REASON", "ATTEMPTS", "AGE"], rows))
+    if page.get("next"):
+        print(f"More: lambdabus deadletters ls --after {page['next']}")
+    return 0
+
+
 _COMMANDS: dict[str, Command] = {
     "deploy": _deploy,
     "invoke": _invoke,
@@ -907,4 +1245,8 @@ _COMMANDS: dict[str, Command] = {
     "status": _status,
     "rm": _rm,
     "events": _events,
+    "invocation": _invocation,
+    "publish": _publish,
+    "triggers": _triggers,
+    "deadletters": _deadletters,
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -26,6 +26,9 @@ DeployAction = Literal["created", "updated", "unchanged"]
 
 USER_AGENT = "lambdabus-client/0.1.0"
 NDJSON = "application/x-ndjson"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+CALLBACK_HEADER = "X-Callback-Url"
 
 
 class ClientSettings(BaseSettings):
@@ -282,6 +285,98 @@ class LambdabusClient:
             payload = await response.read()
         return Invocation(response.status, response.headers, payload)
 
+    async def invoke_async(
+        self,
+        namespace: str,
+        name: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        callback_url: str | None = None,
+    ) -> JsonObject:
+        """Queue an invocation (`Prefer: respond-async`); the answer holds `invocation_id`,
+        which `get_invocation` reads the status and result of."""
+        sent = dict(headers or {})
+        if content_type and not any(key.lower() == "content-type" for key in sent):
+            sent["Content-Type"] = content_type
+        sent["Prefer"] = "respond-async"
+        if callback_url is not None:
+            sent[CALLBACK_HEADER] = callback_url
+        return await self._json_object(
+            "POST", _function_path(namespace, name) + "/invoke", data=body or None, headers=sent
+        )
+
+    async def get_invocation(self, namespace: str, invocation_id: str) -> JsonObject:
+        """An asynchronous invocation: `status` queued|running|succeeded|failed, `result`,
+        `error`, `attempts`."""
+        return await self._json_object(
+            "GET", f"{_namespace_path(namespace)}/invocations/{quote(invocation_id, safe='')}"
+        )
+
+    # -- events, triggers, dead letters ----------------------------------------------------
+
+    async def publish(self, event: Mapping[str, Any]) -> JsonObject:
+        """Publish one CloudEvent (structured mode); the answer says whether it was a
+        duplicate of one stored already (`duplicates`)."""
+        return await self._json_object(
+            "POST",
+            "/v1/events",
+            data=json.dumps(dict(event)).encode(),
+            headers={"Content-Type": STRUCTURED_CONTENT_TYPE},
+        )
+
+    async def publish_batch(self, events: Sequence[Mapping[str, Any]]) -> JsonObject:
+        """Publish several CloudEvents at once; all are stored, or (one invalid) none."""
+        return await self._json_object(
+            "POST",
+            "/v1/events",
+            data=json.dumps([dict(event) for event in events]).encode(),
+            headers={"Content-Type": BATCH_CONTENT_TYPE},
+        )
+
+    async def list_triggers(self, namespace: str) -> list[JsonObject]:
+        return await self._items("GET", _triggers_path(namespace), "trigger list")
+
+    async def create_trigger(self, namespace: str, spec: Mapping[str, Any]) -> JsonObject:
+        """Create a trigger (`name`, `function`, `filter`, `delivery`); 409 if it exists."""
+        return await self._json_object("POST", _triggers_path(namespace), json=dict(spec))
+
+    async def get_trigger(self, namespace: str, name: str) -> JsonObject:
+        return await self._json_object("GET", f"{_triggers_path(namespace)}/{quote(name, safe='')}")
+
+    async def delete_trigger(self, namespace: str, name: str) -> JsonObject:
+        return await self._json_object(
+            "DELETE", f"{_triggers_path(namespace)}/{quote(name, safe='')}"
+        )
+
+    async def list_deadletters(
+        self,
+        namespace: str,
+        trigger: str | None = None,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> JsonObject:
+        """A page of dead letters, oldest first: `items`, and `next` (pass it as `after`) when
+        there may be more."""
+        params = {
+            "trigger": trigger,
+            "after": after,
+            "limit": None if limit is None else str(limit),
+        }
+        query = {key: value for key, value in params.items() if value is not None}
+        answer = await self._json_object(
+            "GET", f"{_namespace_path(namespace)}/deadletters", params=query
+        )
+        if not isinstance(answer.get("items"), list):
+            raise ApiError(200, "invalid_response", "the dead letter list has no 'items' array")
+        return answer
+
+    async def redrive(self, namespace: str, deadletter_id: str) -> JsonObject:
+        """Send a dead letter's event to its trigger again; it leaves the list."""
+        path = f"{_namespace_path(namespace)}/deadletters/{quote(deadletter_id, safe='')}/redrive"
+        return await self._json_object("POST", path)
+
     # -- log streams -----------------------------------------------------------------------
 
     async def logs(
@@ -342,6 +437,13 @@ class LambdabusClient:
                     yield _event_object(event)
 
     # -- plumbing --------------------------------------------------------------------------
+
+    async def _items(self, method: str, path: str, what: str) -> list[JsonObject]:
+        answer = await self._json_object(method, path)
+        items = answer.get("items")
+        if not isinstance(items, list):
+            raise ApiError(200, "invalid_response", f"the {what} has no 'items' array")
+        return items
 
     async def _json_object(self, method: str, path: str, **kwargs: Any) -> JsonObject:
         _, body = await self._json_answer(method, path, **kwargs)
@@ -444,8 +546,16 @@ def _spec_name(spec: Mapping[str, Any]) -> str:
     return name
 
 
+def _namespace_path(namespace: str) -> str:
+    return f"/v1/namespaces/{quote(namespace, safe='')}"
+
+
 def _functions_path(namespace: str) -> str:
-    return f"/v1/namespaces/{quote(namespace, safe='')}/functions"
+    return f"{_namespace_path(namespace)}/functions"
+
+
+def _triggers_path(namespace: str) -> str:
+    return f"{_namespace_path(namespace)}/triggers"
 
 
 def _function_path(namespace: str, name: str) -> str:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -39,6 +42,7 @@ from lambdabus_platform.subjects import ARTIFACTS_BUCKET, KV_BUCKETS, STREAMS, l
 log = logging.getLogger(__name__)
 
 _DAY = 86_400.0
+_NO_MESSAGE_FOUND = 10057  # JetStream's err_code for deleting a message that is not there
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class StreamMessage:
     data: bytes
     sequence: int
     time: datetime | None
+
+
+@dataclass(frozen=True)
+class PublishAck:
+    sequence: int
+    duplicate: bool
 
 
 def _from_seq(seq: int) -> api.ConsumerConfig:
@@ -215,7 +225,11 @@ class Bus:
                 storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS,
                 max_age=max_age[spec.name],
-                duplicate_window=s.duplicate_window_seconds,
+                duplicate_window=(
+                    s.events_duplicate_window_seconds
+                    if spec.name == "EVENTS"
+                    else s.duplicate_window_seconds
+                ),
                 num_replicas=s.replicas,
                 allow_direct=True,
             )
@@ -257,6 +271,19 @@ class Bus:
         headers: dict[str, str] | None = None,
     ) -> int:
         """Publish to a stream and wait for the ack; returns the stream sequence."""
+        ack = await self.publish_ack(subject, payload, msg_id=msg_id, headers=headers)
+        return ack.sequence
+
+    async def publish_ack(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PublishAck:
+        """`publish`, answering also whether the stream had the `msg_id` already (in its
+        duplicate window): then nothing new was stored and `sequence` is the first copy's."""
         hdrs = dict(headers or {})
         if msg_id is not None:
             hdrs["Nats-Msg-Id"] = msg_id
@@ -264,7 +291,34 @@ class Bus:
             ack = await self._js.publish(subject, payload, headers=hdrs or None)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise TemporaryError("NATS JetStream did not acknowledge the publish; retry") from exc
-        return int(ack.seq)
+        return PublishAck(int(ack.seq), bool(ack.duplicate))
+
+    async def get_message(self, stream: str, sequence: int) -> StreamMessage | None:
+        """The message stored at `sequence` of `stream` (a direct get), or None if there is
+        none (never stored, deleted, or expired)."""
+        if sequence < 1:
+            return None
+        try:
+            raw = await self._js.get_msg(stream, seq=sequence, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.errors.TimeoutError as exc:
+            raise TemporaryError(f"reading {stream} timed out; retry") from exc
+        if raw.seq != sequence or raw.subject is None:
+            return None
+        return StreamMessage(raw.subject, bytes(raw.data or b""), sequence, raw.time)
+
+    async def delete_message(self, stream: str, sequence: int) -> bool:
+        """Remove one message of `stream`; False if it was not there (anymore)."""
+        try:
+            return bool(await self._js.delete_msg(stream, sequence))
+        except nats.js.errors.APIError as exc:
+            # The server answers "no message found" (10057) as a 500, not a 404.
+            if isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == _NO_MESSAGE_FOUND:
+                return False
+            raise
+        except nats.errors.TimeoutError as exc:
+            raise TemporaryError(f"deleting from {stream} timed out; retry") from exc
 
     async def publish_lifecycle(self, event: LifecycleEvent, *, attempts: int = 3) -> int:
         """Publish a catalog event (structured-mode JSON by the CloudEvents SDK). Its
@@ -478,6 +532,113 @@ class Bus:
         sub = await self._nc.subscribe(subject, cb=_cb)
         return sub.unsubscribe
 
+    # -- durable pull consumers -----------------------------------------------------------
+
+    async def ensure_consumer(
+        self,
+        stream: str,
+        name: str,
+        *,
+        filter_subjects: Sequence[str],
+        ack_wait: float,
+        max_ack_pending: int,
+        start_time: datetime | None = None,
+        description: str = "",
+    ) -> None:
+        """Declare a durable pull consumer (idempotent; a changed `ack_wait` or
+        `max_ack_pending` is applied to the existing one). Explicit acks, no delivery limit
+        (the caller counts attempts), from the first message stored at or after `start_time`
+        (else from the stream's first). Replicas that read it share its messages: each goes to
+        one of them."""
+        config = api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            description=description or None,
+            deliver_policy=(
+                api.DeliverPolicy.BY_START_TIME if start_time else api.DeliverPolicy.ALL
+            ),
+            opt_start_time=start_time,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            filter_subjects=list(filter_subjects),
+            max_ack_pending=max_ack_pending,
+        )
+        try:
+            await self._js.add_consumer(stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            # It exists with a setting that cannot change (its start): keep it as it is.
+            if not await self.consumer_exists(stream, name):
+                raise LambdabusError(
+                    f"cannot create consumer {name} on {stream}: {exc.description}"
+                ) from exc
+            log.warning(
+                "keeping an existing consumer whose settings differ",
+                extra={"stream": stream, "consumer": name, "error": exc.description},
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TemporaryError(f"creating consumer {name} on {stream} timed out; retry") from exc
+
+    async def consumer_exists(self, stream: str, name: str) -> bool:
+        try:
+            await self._js.consumer_info(stream, name)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TemporaryError(f"reading consumer {name} on {stream} timed out; retry") from exc
+        return True
+
+    async def consumer_state(self, stream: str, name: str) -> ConsumerState | None:
+        """Where a consumer is (None if there is none of that name)."""
+        try:
+            info = await self._js.consumer_info(stream, name)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TemporaryError(f"reading consumer {name} on {stream} timed out; retry") from exc
+        return ConsumerState(
+            pending=int(info.num_pending or 0),
+            ack_pending=int(info.num_ack_pending or 0),
+            redelivered=int(info.num_redelivered or 0),
+            delivered=int(info.delivered.consumer_seq if info.delivered else 0),
+        )
+
+    async def consumer_names(self, stream: str, *, prefix: str = "") -> list[str]:
+        """Names of the consumers of `stream` that start with `prefix`."""
+        names: list[str] = []
+        offset = 0
+        try:
+            while True:
+                page = await self._js.consumers_info(stream, offset=offset)
+                names.extend(info.name for info in page if info.name.startswith(prefix))
+                offset += len(page)
+                if len(page) < _LIST_PAGE:
+                    return names
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TemporaryError(f"listing the consumers of {stream} timed out; retry") from exc
+
+    async def delete_consumer(self, stream: str, name: str) -> bool:
+        """Delete a durable consumer; False if there was none of that name."""
+        try:
+            return bool(await self._js.delete_consumer(stream, name))
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TemporaryError(f"deleting consumer {name} on {stream} timed out; retry") from exc
+
+    @contextlib.asynccontextmanager
+    async def pull(
+        self, stream: str, consumer: str, *, expires: float = 5.0
+    ) -> AsyncIterator[Pull]:
+        """Read a durable pull consumer (see `Pull`) for the life of the context. Messages
+        received and not handed out by then are sent back at once (nak) for others to take."""
+        puller = Pull(self._nc, stream, consumer, expires=expires)
+        await puller.open()
+        try:
+            yield puller
+        finally:
+            await puller.close()
+
     # -- object store ---------------------------------------------------------------------
 
     def _store(self) -> ObjectStore:
@@ -513,3 +674,197 @@ class Bus:
             nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError
         ):
             await self._store().delete(name)
+
+
+# -- pull consumers: messages as they are stored -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """A durable consumer's position: messages not delivered yet (`pending`), delivered and
+    not acknowledged (`ack_pending`), delivered more than once (`redelivered`), and how many
+    deliveries it made in all (`delivered`, redeliveries included)."""
+
+    pending: int
+    ack_pending: int
+    redelivered: int
+    delivered: int
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to deliver or to acknowledge."""
+        return self.pending == 0 and self.ack_pending == 0
+
+
+_JS_API: Final = "$JS.API"
+_LIST_PAGE: Final = 256  # consumers per page of the JetStream list API
+_REQUEST_GRACE: Final = 1.0  # seconds a pull request is counted past its expiry
+
+
+class PulledMessage:
+    """One message of a durable pull consumer: subject, payload, headers, its place in the
+    stream, how many times it was delivered (this time included) and when it was stored, and
+    the acknowledgements — the first one sent counts, later ones do nothing."""
+
+    __slots__ = (
+        "_msg",
+        "_settled",
+        "data",
+        "deliveries",
+        "headers",
+        "stored_at",
+        "stream_seq",
+        "subject",
+    )
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self._settled = False
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] = msg.headers or {}
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>,
+        # or the newer form with <domain>.<account hash> after ACK and a token at the end.
+        tokens = msg.reply.split(".")
+        base = 2 if len(tokens) == 9 else 4
+        self.deliveries = int(tokens[base + 2])
+        self.stream_seq = int(tokens[base + 3])
+        self.stored_at = int(tokens[base + 5]) / 1e9  # seconds since the epoch
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    async def ack(self) -> None:
+        """Done: the consumer never delivers it again."""
+        if not self._settled:
+            self._settled = True
+            await _send(self._msg.ack())
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Deliver it again, after `delay` seconds (else at once)."""
+        if not self._settled:
+            self._settled = True
+            await _send(self._msg.nak(delay=delay if delay and delay > 0 else None))
+
+    async def in_progress(self) -> None:
+        """Still being worked on: restart its ack wait."""
+        if not self._settled:
+            await _send(self._msg.in_progress())
+
+    async def term(self) -> None:
+        """Never deliver it again, though it was not handled."""
+        if not self._settled:
+            self._settled = True
+            await _send(self._msg.term())
+
+
+async def _send(acknowledgement: Awaitable[None]) -> None:
+    try:
+        await acknowledgement
+    except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+        raise TemporaryError("NATS is not connected; the message comes again later") from exc
+
+
+class Pull:
+    """Messages of one durable pull consumer as they are stored, for a caller that handles up
+    to N at a time.
+
+    `fetch(n)` returns as soon as any message is there (it does not wait for a full batch): the
+    pull requests stay open on the server for `expires` seconds and their messages queue here
+    for the next `fetch`. It asks for at most `n` minus what is queued or already asked for, so
+    nothing waits here long enough to reach its ack wait.
+    """
+
+    def __init__(self, nc: Client, stream: str, consumer: str, *, expires: float) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        self._nc = nc
+        self._next = f"{_JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._expires = expires
+        self._queue: deque[PulledMessage] = deque()
+        # Open pull requests, oldest first: [messages still to come, local expiry].
+        self._requests: deque[list[float]] = deque()
+        self._arrived = asyncio.Event()
+        self._missing = False
+        self._sub: Any = None
+
+    async def open(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        for message in self.take_queued():
+            with contextlib.suppress(Exception):
+                await message.nak()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def take_queued(self) -> list[PulledMessage]:
+        """Every message received and not handed out yet."""
+        taken = list(self._queue)
+        self._queue.clear()
+        return taken
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[PulledMessage]:
+        """Up to `max_messages`, as soon as there is one; [] after `timeout` seconds without
+        any. NotFound when the consumer does not exist (deleted meanwhile)."""
+        if not self._queue and not self._missing:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            while self._requests and self._requests[0][1] < now:
+                self._requests.popleft()
+            want = max_messages - int(sum(r[0] for r in self._requests))
+            if want > 0:
+                await self._request(want, now)
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+        if self._missing:
+            self._missing = False
+            raise NotFound(f"consumer {self.consumer} on {self.stream} does not exist")
+        count = min(max_messages, len(self._queue))
+        return [self._queue.popleft() for _ in range(count)]
+
+    async def _request(self, batch: int, now: float) -> None:
+        payload = json.dumps({"batch": batch, "expires": int(self._expires * 1e9)}).encode()
+        self._requests.append([float(batch), now + self._expires + _REQUEST_GRACE])
+        try:
+            await self._nc.publish(self._next, payload, reply=self._inbox)
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            self._requests.pop()
+            raise TemporaryError("NATS is not connected; cannot pull messages") from exc
+
+    async def _on_message(self, msg: Msg) -> None:
+        if msg.reply:  # a stored message (a status from the server has no reply subject)
+            self._queue.append(PulledMessage(msg))
+            if self._requests:
+                head = self._requests[0]
+                head[0] -= 1
+                if head[0] <= 0:
+                    self._requests.popleft()
+            self._arrived.set()
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        description = headers.get("Description", "").lower()
+        if status in ("404", "408"):  # a pull request ended (expired) before it was filled
+            if self._requests:
+                self._requests.popleft()
+        elif status == "409" and "exceeded" in description:  # a request over a limit: dropped
+            if self._requests:
+                self._requests.pop()
+        elif status == "503" or (status == "409" and "deleted" in description):
+            self._requests.clear()  # no consumer answers (no responders) or it was deleted
+            self._missing = True
+            self._arrived.set()
+        elif status == "409":  # leadership change, server shutdown: ask again
+            self._requests.clear()
+            self._arrived.set()
+        # 100: an idle heartbeat or flow control; nothing to do

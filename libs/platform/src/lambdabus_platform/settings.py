@@ -31,6 +31,12 @@ class NatsSettings(BaseSettings):
     logs_max_age_days: float = Field(default=7.0, gt=0)
     events_max_age_days: float = Field(default=7.0, gt=0)
     duplicate_window_seconds: float = Field(default=120.0, gt=0)
+    events_duplicate_window_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="how long EVENTS remembers a (source, id) to store it once; the server keeps "
+        "every message id of the window in memory",
+    )
 
 
 class S3Settings(BaseSettings):

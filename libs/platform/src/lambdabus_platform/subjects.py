@@ -165,6 +165,20 @@ def dlq_subject(namespace: str, trigger: str) -> str:
     return ".".join((DLQ_PREFIX, *_checked(namespace, trigger)))
 
 
+def dlq_filter(namespace: str, trigger: str | None = None) -> str:
+    """The dead letters of one trigger, or (no trigger) of every trigger of a namespace."""
+    if trigger is not None:
+        return dlq_subject(namespace, trigger)
+    return f"{DLQ_PREFIX}.{_checked(namespace)[0]}.*"
+
+
+def invocation_key(namespace: str, invocation_id: str) -> str:
+    """KV key of an asynchronous invocation: `<ns>.<id>`, the id a uuid4 as 32 hex digits."""
+    if len(invocation_id) != 32 or invocation_id.strip("0123456789abcdef"):
+        raise ValueError(f"not an invocation id: {invocation_id!r}")
+    return f"{_checked(namespace)[0]}.{invocation_id}"
+
+
 def trigger_key(namespace: str, name: str) -> str:
     return function_key(namespace, name)
 

@@ -1,7 +1,8 @@
 """The instance's HTTP server: one asyncio task per connection, calls into the function.
 
 Async functions run on the loop, sync ones in a worker thread. A call past the timeout
-gets 504 (an async one is cancelled; a thread cannot be, so it is left to finish).
+gets 504 (an async one is cancelled; a thread cannot be, so it is left to finish, and
+once such calls hold every worker thread, /healthz fails so that the instance is restarted).
 SIGTERM stops accepting, closes idle connections, lets in-flight requests finish for up
 to `DRAIN_GRACE` seconds and exits 0.
 """
@@ -170,7 +171,7 @@ class Server:
                 return
 
             if head.target == "/healthz" and head.method in ("GET", "HEAD"):
-                status, header_lines, payload = _HEALTH
+                status, header_lines, payload = self.health()
             else:
                 request = Request(
                     head.method,
@@ -268,7 +269,26 @@ class Server:
         return result
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+        job = self._pool.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:  # timed out, or the instance stops
+            was_stuck = self._pool.stuck
+            self._pool.abandon(job)
+            if self._pool.stuck and not was_stuck:
+                log(
+                    f"all {self._pool.size} worker threads are held by calls that timed out "
+                    "and still run; no call can run any more: /healthz fails, so that the "
+                    "instance is restarted"
+                )
+            raise
+
+    def health(self) -> tuple[int, str, bytes]:
+        """/healthz: 503 once hung sync calls hold every worker thread (see `WorkerPool`)."""
+        if not self._pool.stuck:
+            return _HEALTH
+        message = f"all {self._pool.size} worker threads are held by calls that timed out"
+        return 503, _JSON_HEADER, json_bytes({"status": "stuck", "message": message})
 
     def _timed_out(self, request: Request) -> tuple[int, str, bytes]:
         message = f"the function did not finish within {self.timeout:g} s"

@@ -4,7 +4,8 @@ Unlike `ThreadPoolExecutor`, the threads get a 4 MiB stack instead of the defaul
 (an instance runs under RLIMIT_AS = its memory, and every stack reserves address space),
 a thread that cannot be started only lowers the concurrency instead of failing the call,
 and the threads are daemons: a call that timed out and never returns does not keep the
-process from exiting.
+process from exiting. Such a call holds its thread for good; once every thread is held so, the
+pool is `stuck` (nothing can run any more) and the instance says so on /healthz.
 """
 
 from __future__ import annotations
@@ -34,10 +35,30 @@ class WorkerPool:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._workers = 0
+        self._capped = False  # a thread could not be started: the pool stays this size
+        self._abandoned: set[concurrent.futures.Future[Any]] = set()
 
     @property
     def workers(self) -> int:
         return self._workers
+
+    @property
+    def size(self) -> int:
+        """How many threads the pool may have."""
+        return self._workers if self._capped else self.max_workers
+
+    @property
+    def stuck(self) -> bool:
+        """Every thread the pool may have runs a call nobody waits for any more."""
+        return self.size > 0 and len(self._abandoned) >= self.size
+
+    def abandon(self, future: concurrent.futures.Future[Any]) -> None:
+        """The caller gave up on a running call (it timed out): its thread is held until the
+        call returns, if ever. A call still queued is cancelled instead and never runs."""
+        if future.cancel() or future.done():
+            return
+        self._abandoned.add(future)
+        future.add_done_callback(self._abandoned.discard)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         """Queue `fn(*args)`; call from one thread only (the event loop's)."""
@@ -57,6 +78,7 @@ class WorkerPool:
         except RuntimeError:  # "can't start new thread": out of address space or threads
             if self._workers == 0:
                 raise NoWorkerError("no worker thread can be started for a sync function") from None
+            self._capped = True
             return
         finally:
             threading.stack_size(previous)

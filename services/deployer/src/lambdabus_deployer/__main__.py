@@ -16,6 +16,7 @@ import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
 from lambdabus_deployer.local import open_local_backend
+from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.sandbox import detect_sandbox
@@ -42,13 +43,14 @@ def make_setup(settings: DeployerSettings) -> Setup:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (
             aiohttp.ClientSession(connector=connector) as http,
+            open_log_shipper(ctx.bus) as shipper,
             open_local_backend(
                 settings,
                 sandbox=sandbox,
                 runtime=runtime,
                 http=http,
                 report=states.observe,
-                logs=states.publish_log,
+                logs=shipper.publish,
                 metrics=DeployerMetrics.create(ctx.metrics.registry),
             ) as backend,
         ):

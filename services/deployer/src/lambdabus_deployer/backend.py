@@ -17,7 +17,8 @@ from lambdabus_events.models import LogLine
 # Awaited by the backend before it acts on what it reported (old instances are drained only
 # after the state naming the new endpoints is written).
 Reporter = Callable[[Observation], Awaitable[None]]
-LogSink = Callable[[LogLine], Awaitable[None]]
+# Takes a line on its way to the LOGS stream; False when it was dropped (the store is behind).
+LogSink = Callable[[LogLine], Awaitable[bool | None]]
 
 
 class DeployBackend(Protocol):

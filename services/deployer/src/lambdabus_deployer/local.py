@@ -108,6 +108,9 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             name = str(-code)
         return f"was killed by {name}"
+    if code > 128:  # how a shell or the sandbox reports a child killed by a signal
+        with contextlib.suppress(ValueError):
+            return f"exited with code {code} ({signal.Signals(code - 128).name})"
     return f"exited with code {code}"
 
 

@@ -1,9 +1,11 @@
 """Capture of an instance's stdout and stderr as runtime log lines.
 
-The pipes are always drained, whatever the function writes, so it never blocks on a full pipe.
-Lines longer than the limit are cut (and say so); beyond the per-instance rate the lines are
-counted, not published, and one `system` line a second says how many were dropped. The last
-lines are kept in memory for the message of a crashed instance.
+The pipes are always read, whatever the function writes, so it never waits long on a full pipe
+(at most `THROTTLE` seconds, while it writes more lines than it may). Lines longer than the
+limit are cut (and say so); beyond the per-instance rate, or when the sink refuses them (the
+log store is behind), the lines are counted, not published, and one `system` line a second says
+how many were dropped and why. The last lines are kept in memory for the message of a crashed
+instance.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from lambdabus_deployer.plan import DesiredRevision
 from lambdabus_events.models import LogLine
 
 CHUNK = 64 * 1024
+# Seconds a pipe is left to fill between reads while its lines are dropped anyway (see `pump`).
+THROTTLE = 0.05
 TAIL_LINES = 50
 TAIL_BYTES = 1024
 
@@ -45,23 +49,44 @@ class LineBudget:
         self.dropped += lines - admitted
         return admitted
 
+    def spent(self, now: float) -> bool:
+        """Whether every further line of the current window is dropped."""
+        return now - self._window < 1.0 and self._used >= self.rate
+
     def take_dropped(self) -> int:
         dropped, self.dropped = self.dropped, 0
         return dropped
 
 
-def listening_port(raw: bytes) -> int | None:
-    """The port of the runtime's `{"event": "listening", "port": N}` line, else None."""
-    if not raw.startswith(b"{") or b"listening" not in raw:
+_LISTENING = b'{"event": "listening"'
+
+
+def split_listening(raw: bytes) -> tuple[bytes, int] | None:
+    """The runtime's `{"event": "listening", "port": N}` announcement at the end of a line:
+    (what came before it on that line, the port), else None.
+
+    The announcement is one write, but a thread of the function may be printing at the same
+    moment: `print` writes its text and its newline separately, so the announcement can land
+    between them, after the function's unfinished line. That text is the function's output."""
+    at = raw.rfind(_LISTENING)
+    if at < 0:
         return None
     try:
-        message = json.loads(raw)
+        message = json.loads(raw[at:])
     except ValueError:
         return None
     if not isinstance(message, dict) or message.get("event") != "listening":
         return None
     port = message.get("port")
-    return port if isinstance(port, int) and 0 < port < 65536 else None
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    return raw[:at], port
+
+
+def listening_port(raw: bytes) -> int | None:
+    """The port of a line that is the runtime's listening announcement, else None."""
+    found = split_listening(raw)
+    return found[1] if found is not None and not found[0] else None
 
 
 class InstanceLog:
@@ -82,6 +107,7 @@ class InstanceLog:
         self._sink = sink
         self._max = max_bytes
         self._budget = LineBudget(rate)
+        self._refused = 0  # lines the sink dropped: the log store was behind
         self._clock = clock
         self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
 
@@ -101,7 +127,8 @@ class InstanceLog:
             instance=self.instance,
             line=text,
         )
-        await self._sink(line)
+        if await self._sink(line) is False:
+            self._refused += 1
 
     async def system(self, text: str) -> None:
         await self.emit("system", text)
@@ -112,6 +139,9 @@ class InstanceLog:
             await self.system(
                 f"dropped {dropped} lines: more than {self._budget.rate} lines a second"
             )
+        refused, self._refused = self._refused, 0
+        if refused:
+            await self.system(f"dropped {refused} lines: the log store is not keeping up")
 
     async def report_drops(self, interval: float = 1.0) -> None:
         """Say once a second how many lines were dropped; runs while the instance runs."""
@@ -125,7 +155,11 @@ class InstanceLog:
         stream: Literal["stdout", "stderr"],
         listening: asyncio.Future[int] | None = None,
     ) -> None:
-        """Read a pipe to its end, publishing its lines."""
+        """Read a pipe to its end, publishing its lines.
+
+        Past the rate, reading a flood as it comes (a few lines per wake-up, to drop them)
+        would cost the deployer a whole core: then the pipe is left to fill for `THROTTLE`
+        seconds between reads, and the function's writes wait for at most that long."""
         partial = b""
         carried = 0  # bytes cut from the line in `partial`
         while chunk := await reader.read(CHUNK):
@@ -140,6 +174,8 @@ class InstanceLog:
             if lines:
                 awaited = listening is not None and not listening.done() and b"listening" in data
                 await self._lines(lines, stream, listening if awaited else None, first_extra)
+            if len(chunk) < CHUNK and self._budget.spent(self._clock()):
+                await asyncio.sleep(THROTTLE)
         if partial or carried:
             await self._lines([partial], stream, listening, carried)
 
@@ -152,12 +188,16 @@ class InstanceLog:
     ) -> None:
         if listening is not None and not listening.done():
             for index, raw in enumerate(lines):
-                port = listening_port(raw)
-                if port is not None:
+                found = split_listening(raw)
+                if found is not None:
+                    before, port = found
                     listening.set_result(port)
-                    del lines[index]
-                    if index == 0:
-                        first_extra = 0
+                    if before:
+                        lines[index] = before
+                    else:
+                        del lines[index]
+                        if index == 0:
+                            first_extra = 0
                     break
         if not lines:
             return

@@ -326,6 +326,26 @@ def _transition(previous: DeploymentState | None, state: DeploymentState) -> boo
     return before != (state.uid, state.generation, state.phase, state.replicas)
 
 
+def instances_note(instances: Sequence[InstanceState]) -> str:
+    """What went wrong with running instances, for the status message: one that does not answer
+    its health checks, and why instances were restarted, so that a function that runs again
+    after a crash (out of memory, killed, stuck) still says what happened to it."""
+    notes = [
+        f"instance {i.id} does not answer its health checks"
+        for i in instances
+        if i.phase == "unhealthy"
+    ]
+    exited = [i for i in instances if i.last_exit]
+    if exited:
+        most = max(exited, key=lambda i: i.restarts)
+        restarts = sum(i.restarts for i in instances)
+        so_far = (
+            f"{restarts} restart{'' if restarts == 1 else 's'} so far" if restarts else "restarting"
+        )
+        notes.append(f"instance {most.id} {most.last_exit}, {so_far}")
+    return "".join(f"; {note}" for note in notes)
+
+
 def next_deployment_state(
     previous: DeploymentState | None, obs: Observation, now: datetime
 ) -> Decision:
@@ -355,6 +375,8 @@ def next_deployment_state(
         elif previous is not None and previous.uid == rev.uid and previous.phase == "ready":
             phase = "ready"
         reason, message = "InstancesRestarting", f"{ready}/{rev.replicas} instances ready"
+    if obs.failure is None:
+        message += instances_note(obs.instances)
     if not obs.sandboxed:
         message += f" (unsandboxed: {obs.sandbox_note or 'bubblewrap is not available'})"
     state = DeploymentState(

@@ -1,6 +1,5 @@
 """The deployer's own records: `DeploymentState` in the `deployments` KV bucket, and the
 `deployment.*` lifecycle events, each published after the state it announces is written.
-Also where runtime log lines leave for the LOGS stream.
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ from lambdabus_deployer.plan import (
     withdrawn_state,
 )
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import DeploymentState, LogLine
+from lambdabus_events.models import DeploymentState
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import TemporaryError
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, logs_subject
+from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET
 
 log = logging.getLogger("lambdabus.deployer.state")
 
@@ -38,7 +37,6 @@ class DeploymentStates:
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._gone: set[Key] = set()  # being removed: late observations must not revive them
         self._closed = False
-        self._lost_log_lines = 0
 
     async def get(self, namespace: str, name: str) -> DeploymentState | None:
         found = await self._registry.get(namespace, name)
@@ -123,17 +121,3 @@ class DeploymentStates:
             if state.endpoints or state.instances:
                 async with self._locks[key]:
                     await self._registry.put(*key, withdrawn_state(state, now))
-
-    async def publish_log(self, line: LogLine) -> None:
-        """Fire-and-forget: a lost runtime log line never holds an instance up."""
-        try:
-            await self._bus.publish_nowait(
-                logs_subject("runtime", line.namespace, line.name), line.model_dump_json().encode()
-            )
-        except Exception as exc:
-            self._lost_log_lines += 1
-            if self._lost_log_lines in (1, 10, 100) or self._lost_log_lines % 10_000 == 0:
-                log.warning(
-                    "runtime log lines lost",
-                    extra={"lost": self._lost_log_lines, "error": repr(exc)},
-                )

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
+from lambdabus_gateway.deadletters import DeadLetters
 from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.invocations import Invocations
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.settings import GatewaySettings
+from lambdabus_gateway.triggers import Triggers
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
+from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import ServiceContext, run
-from lambdabus_platform.subjects import BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_platform.subjects import (
+    BUILDS_BUCKET,
+    DEPLOYMENTS_BUCKET,
+    FUNCTIONS_BUCKET,
+    INVOCATIONS_BUCKET,
+    TRIGGERS_BUCKET,
+)
+
+log = logging.getLogger("lambdabus.gateway")
 
 
 def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
@@ -31,6 +44,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                     max_uncompressed=settings.max_uncompressed_bytes,
                 ),
             )
+            triggers = Triggers(bus=ctx.bus, kv=ctx.bus.kv(TRIGGERS_BUCKET), functions=functions)
             ctx.app[GATEWAY] = Gateway(
                 settings=settings,
                 bus=ctx.bus,
@@ -39,8 +53,19 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 deployments=Registry(ctx.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState),
                 stopping=ctx.stopping,
                 invoker=invoker,
+                triggers=triggers,
+                deadletters=DeadLetters(bus=ctx.bus, triggers=triggers),
+                invocations=Invocations(
+                    bus=ctx.bus,
+                    kv=ctx.bus.kv(INVOCATIONS_BUCKET),
+                    max_body=settings.max_invoke_body_bytes,
+                ),
             )
             add_routes(ctx.app)
+            try:
+                await triggers.reconcile()
+            except LambdabusError as exc:  # the next start tries again
+                log.warning("could not reconcile triggers", extra={"error": exc.message})
             await invoker.start()
             try:
                 yield

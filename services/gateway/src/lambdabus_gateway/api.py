@@ -1,4 +1,5 @@
-"""The management API: HTTP routes over `Functions`, status, and the lifecycle stream (SSE)."""
+"""The management API: HTTP routes over functions, their status, the lifecycle stream (SSE),
+user events, triggers, dead letters and asynchronous invocations."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from aiohttp import web
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord, LogKind, LogQuery
 from lambdabus_events.names import label_problem
+from lambdabus_gateway.deadletters import DeadLetters, parse_id, parse_limit
+from lambdabus_gateway.events import Limits, encoded, read_events, store
 from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.invocations import Invocations, wants_async
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.logs import query as query_logs
 from lambdabus_gateway.logs import stream_logs
 from lambdabus_gateway.openapi import render_openapi
 from lambdabus_gateway.settings import GatewaySettings
-from lambdabus_gateway.uploads import _json_object, read_upload
+from lambdabus_gateway.triggers import Triggers, parse_trigger
+from lambdabus_gateway.uploads import _json_object, read_body, read_upload
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import InvalidName, InvalidRequest, NotFound
 from lambdabus_platform.registry import Registry, Versioned
@@ -39,6 +44,9 @@ class Gateway:
     deployments: Registry[DeploymentState]
     stopping: asyncio.Event
     invoker: Invoker
+    triggers: Triggers
+    deadletters: DeadLetters
+    invocations: Invocations
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -116,6 +124,8 @@ async def delete_function(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
     record = await gw.functions.delete(ns, name, request.headers.get("If-Match"))
+    # Its triggers go with it (a crash in between is repaired by `Triggers.reconcile`).
+    await gw.triggers.delete_for_function(ns, name)
     return web.json_response(record.model_dump(mode="json"), status=202)
 
 
@@ -254,7 +264,108 @@ async def invoke_function(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
     current = await gw.functions.get(ns, name)
+    if wants_async(request.headers.getall("Prefer", [])):
+        record = await gw.invocations.submit(request, current.value)
+        return web.json_response(
+            {"invocation_id": record.id, "status": record.status},
+            status=202,
+            headers={
+                "Location": f"/v1/namespaces/{ns}/invocations/{record.id}",
+                "Preference-Applied": "respond-async",
+            },
+        )
     return await gw.invoker.relay(request, ns, name, current.value.spec.timeout)
+
+
+async def get_invocation(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    record = await gw.invocations.get(ns, request.match_info["id"])
+    return web.json_response(record.model_dump(mode="json"))
+
+
+# -- user events -------------------------------------------------------------------------------
+
+
+async def publish_events(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    s = gw.settings
+    limits = Limits(s.max_event_bytes, s.max_batch_bytes, s.max_batch_events)
+    batch, events = await read_events(request, limits)
+    payloads = encoded(events, batch=batch, limits=limits, max_payload=gw.bus.max_payload)
+    stored = await store(gw.bus, events, payloads)
+    return web.json_response(stored.to_json(), status=202)
+
+
+# -- triggers ----------------------------------------------------------------------------------
+
+
+async def create_trigger(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    if request.content_type not in ("application/json", ""):
+        raise InvalidRequest(
+            f"unsupported content type {request.content_type!r}: send the trigger as application/json",
+            code="unsupported_media_type",
+            status=415,
+        )
+    body = await read_body(request, gw.settings.max_spec_bytes, "the trigger")
+    spec = parse_trigger(_json_object(body, "the trigger"))
+    created = await gw.triggers.create(ns, spec)
+    return web.json_response(
+        created.value.model_dump(mode="json"),
+        status=201,
+        headers={"Location": f"/v1/namespaces/{ns}/triggers/{spec.name}"},
+    )
+
+
+async def list_triggers(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    items = await gw.triggers.in_namespace(ns)
+    return web.json_response({"items": [i.model_dump(mode="json") for i in items]})
+
+
+async def get_trigger(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "trigger name")
+    current = await gw.triggers.get(ns, name)
+    return web.json_response(current.value.model_dump(mode="json"))
+
+
+async def delete_trigger(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "trigger name")
+    record = await gw.triggers.delete(ns, name)
+    return web.json_response(record.model_dump(mode="json"), status=202)
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+async def list_deadletters(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    trigger = request.query.get("trigger") or None
+    if trigger is not None:
+        problem = label_problem(trigger)
+        if problem:
+            raise InvalidName(f"trigger name {trigger!r} {problem}")
+    after = request.query.get("after")
+    items, more = await gw.deadletters.list(
+        ns,
+        trigger,
+        after=parse_id(after) if after else None,
+        limit=parse_limit(request.query.get("limit")),
+    )
+    return web.json_response({"items": items, "next": more})
+
+
+async def redrive_deadletter(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    answer = await gw.deadletters.redrive(ns, parse_id(request.match_info["id"]))
+    return web.json_response(answer, status=202)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -275,6 +386,15 @@ def add_routes(app: web.Application) -> None:
     r.add_get(base + "/{name}/logs", runtime_logs)
     r.add_get(base + "/{name}/build/logs", build_logs)
     r.add_get(base + "/{name}/history", history)
+    namespace = "/v1/namespaces/{ns}"
+    r.add_post(namespace + "/triggers", create_trigger)
+    r.add_get(namespace + "/triggers", list_triggers)
+    r.add_get(namespace + "/triggers/{name}", get_trigger)
+    r.add_delete(namespace + "/triggers/{name}", delete_trigger)
+    r.add_get(namespace + "/deadletters", list_deadletters)
+    r.add_post(namespace + "/deadletters/{id}/redrive", redrive_deadletter)
+    r.add_get(namespace + "/invocations/{id}", get_invocation)
+    r.add_post("/v1/events", publish_events)
     r.add_get("/v1/info", info)
     r.add_get("/v1/lifecycle", lifecycle)
     r.add_get("/v1/openapi.json", openapi)

@@ -101,6 +101,18 @@ def check_if_match(if_match: str | None, current: Versioned[FunctionRecord]) -> 
         )
 
 
+async def publish_lifecycle(bus: Bus, event: LifecycleEvent) -> None:
+    """Publish a lifecycle event, retrying a missing ack a few times (the id deduplicates)."""
+    for attempt in range(3):
+        try:
+            await bus.publish_lifecycle(event)
+            return
+        except TemporaryError:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+
+
 class Functions:
     def __init__(
         self,
@@ -138,14 +150,7 @@ class Functions:
         assert stored.sha256 == source.ref.sha256
 
     async def _publish(self, event: LifecycleEvent) -> None:
-        for attempt in range(3):
-            try:
-                await self._bus.publish_lifecycle(event)
-                return
-            except TemporaryError:
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
+        await publish_lifecycle(self._bus, event)
 
     async def get(self, namespace: str, name: str) -> Versioned[FunctionRecord]:
         current = await self._records.get(namespace, name)

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import aiohttp
 from aiohttp import web
 
-from lambdabus_platform.errors import PayloadTooLarge, TemporaryError
+from lambdabus_gateway.uploads import read_body
+from lambdabus_platform.errors import TemporaryError
 
 # Headers that describe one connection, not the message: never forwarded.
 HOP_BY_HOP = frozenset(
@@ -53,13 +54,7 @@ class Invoker:
     async def relay(
         self, request: web.Request, namespace: str, name: str, timeout: float
     ) -> web.Response:
-        if request.content_length is not None and request.content_length > self._max_body:
-            raise PayloadTooLarge(
-                f"the invocation body is {request.content_length} bytes; the limit is {self._max_body}"
-            )
-        body = await request.content.read(self._max_body + 1)
-        if len(body) > self._max_body:
-            raise PayloadTooLarge(f"the invocation body passes the limit of {self._max_body} bytes")
+        body = await read_body(request, self._max_body, "the invocation body")
         assert self._session is not None
         url = f"{self._router}/{namespace}/{name}/"
         try:

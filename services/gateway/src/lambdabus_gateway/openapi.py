@@ -15,7 +15,16 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from lambdabus_events.models import RUNTIMES, FunctionRecord, FunctionSpec, FunctionStatus
+from lambdabus_events.models import (
+    RUNTIMES,
+    DeadLetter,
+    FunctionRecord,
+    FunctionSpec,
+    FunctionStatus,
+    InvocationRecord,
+    TriggerRecord,
+    TriggerSpec,
+)
 from lambdabus_events.names import LABEL_PATTERN
 
 
@@ -31,6 +40,38 @@ class Error(BaseModel):
 
 class FunctionList(BaseModel):
     items: list[FunctionRecord]
+
+
+class TriggerList(BaseModel):
+    items: list[TriggerRecord]
+
+
+class DeadLetterItem(DeadLetter):
+    id: str = Field(description="the dead letter's id: its sequence in the DLQ stream")
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetterItem]
+    next: str | None = Field(
+        default=None, description="pass as `after` for the next page; null when there is no more"
+    )
+
+
+class Redriven(DeadLetterItem):
+    redriven: bool = True
+
+
+class InvocationAccepted(BaseModel):
+    invocation_id: str = Field(description="32 hex digits; GET .../invocations/{id} reads it")
+    status: str = "queued"
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="how many events the request held; all are stored")
+    ids: list[str] = Field(description="their ids, in order")
+    duplicates: int = Field(
+        description="how many of them were stored already (same source and id) and not again"
+    )
 
 
 class InlineSource(BaseModel):
@@ -82,6 +123,62 @@ def _params(*names: str) -> list[dict[str, Any]]:
     ]
 
 
+EVENTS_DESCRIPTION = """\
+Publish CloudEvents 1.0 for triggers to deliver, in any HTTP mode:
+
+- binary: the attributes as `ce-<name>` headers (percent-encoded), the data as the body,
+  `Content-Type` as `datacontenttype`;
+- structured: one event as a JSON object, `Content-Type: application/cloudevents+json`;
+- batch: a JSON array of structured events, `Content-Type: application/cloudevents-batch+json`.
+
+Every event must have `id`, `source`, `specversion` (`1.0`) and `type`, non-empty strings; `time`,
+when present, is RFC 3339; `data` and `data_base64` exclude each other and `data_base64` is
+base64; attribute names are 1 to 20 of a-z and 0-9. One invalid event refuses the whole request:
+400 `invalid_cloudevent`, with `error.details.attribute` (and, in a batch, `error.details.index`)
+naming the first problem and `error.details.problems` listing all; nothing is stored. A request
+in none of the three modes (no `ce-*` headers and no CloudEvents content type) is a 400
+`unsupported_content_type`. A single event's body, and each event of a batch, is at most 1 MiB
+(`LAMBDABUS_GATEWAY_MAX_EVENT_BYTES`): 413 beyond.
+
+The 202 comes once every event is stored in the `EVENTS` stream. An event with the `(source, id)`
+of one stored within the duplicate window (`LAMBDABUS_NATS_EVENTS_DUPLICATE_WINDOW_SECONDS`, 10
+minutes by default) is not stored again and counts in `duplicates`; so a request that failed
+(503) can be sent again whole.
+
+**Publishing straight onto NATS.** A producer with access to NATS may skip this endpoint: publish
+the event in structured mode (JSON, header `Content-Type: application/cloudevents+json`) with a
+JetStream publish, waiting for the ack, to the subject `lambdabus.events.t.<encoded type>` with
+the header `Nats-Msg-Id: <hex sha256 of source + NUL + id>` (the deduplication key). The encoded
+type keeps the type's dots as token separators and writes every other byte outside
+`[A-Za-z0-9_-]` as `%XX` (uppercase hex of its UTF-8 bytes), so no value can act as a wildcard
+(`*`, `>`) or add a token; a type with an empty token (a leading, trailing or doubled dot) is
+escaped whole into one token, its dots as `%2E`. For example `com.example.order.created` →
+`lambdabus.events.t.com.example.order.created`, `a b.*` → `lambdabus.events.t.a%20b.%2A`,
+`.x` → `lambdabus.events.t.%2Ex`. Nothing validates an event published that way: send only
+valid CloudEvents 1.0.
+"""
+
+_STRUCTURED_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "a CloudEvent in the JSON format (structured mode)",
+    "required": ["specversion", "id", "source", "type"],
+    "properties": {
+        "specversion": {"const": "1.0"},
+        "id": {"type": "string", "minLength": 1},
+        "source": {"type": "string", "minLength": 1, "format": "uri-reference"},
+        "type": {"type": "string", "minLength": 1},
+        "subject": {"type": "string", "minLength": 1},
+        "time": {"type": "string", "format": "date-time"},
+        "datacontenttype": {"type": "string", "minLength": 1},
+        "dataschema": {"type": "string", "format": "uri"},
+        "data": {},
+        "data_base64": {"type": "string", "contentEncoding": "base64"},
+    },
+    "propertyNames": {"pattern": "^([a-z0-9]{1,20}|data_base64)$"},
+    "additionalProperties": {"type": ["string", "integer", "boolean"]},
+}
+
+
 @cache
 def render_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
@@ -94,6 +191,14 @@ def render_openapi() -> dict[str, Any]:
                 FunctionList,
                 Error,
                 InlineUpload,
+                TriggerSpec,
+                TriggerRecord,
+                TriggerList,
+                DeadLetterList,
+                Redriven,
+                InvocationRecord,
+                InvocationAccepted,
+                EventsAccepted,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -185,13 +290,196 @@ def render_openapi() -> dict[str, Any]:
             "post": {
                 "operationId": "invokeFunction",
                 "summary": "Invoke synchronously through the router; the function's answer comes back as it is",
+                "description": (
+                    "With `Prefer: respond-async` the invocation is queued instead: 202 with "
+                    "`invocation_id`, `Location` (GET it for the status and result) and "
+                    "`Preference-Applied: respond-async`. An `X-Callback-Url` (http or https) "
+                    "receives the result. The function gets the request's end-to-end headers, "
+                    "query and body, and is retried like a trigger's delivery."
+                ),
+                "parameters": [
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "example": "respond-async"},
+                    },
+                    {
+                        "name": "X-Callback-Url",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "format": "uri"},
+                    },
+                ],
                 "requestBody": {"content": {"*/*": {}}},
                 "responses": {
                     "200": {"description": "the function's response"},
+                    "202": _json(
+                        "InvocationAccepted",
+                        "queued (Prefer: respond-async)",
+                        {
+                            "Location": {"schema": {"type": "string"}},
+                            "Preference-Applied": {"schema": {"type": "string"}},
+                        },
+                    ),
+                    "400": _json("Error", "X-Callback-Url is not an http(s) URL"),
                     "404": _ERRORS["404"],
                     "413": _ERRORS["413"],
                     "503": _json("Error", "no ready instance, or the router is unavailable"),
                     "504": _json("Error", "the function ran past its timeout"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/invocations/{id}": {
+            "parameters": [
+                *_params("ns"),
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+            ],
+            "get": {
+                "operationId": "getInvocation",
+                "summary": "An asynchronous invocation: queued, running, succeeded or failed",
+                "responses": {
+                    "200": _json("InvocationRecord", "its status, result or error, attempts"),
+                    "404": _json("Error", "no such invocation (`invocation_not_found`)"),
+                },
+            },
+        },
+        "/v1/events": {
+            "post": {
+                "operationId": "publishEvents",
+                "summary": "Publish CloudEvents (binary, structured or batch mode)",
+                "description": EVENTS_DESCRIPTION,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/cloudevents+json": {"schema": _STRUCTURED_EVENT},
+                        "application/cloudevents-batch+json": {
+                            "schema": {"type": "array", "items": _STRUCTURED_EVENT}
+                        },
+                        "*/*": {
+                            "schema": {"description": "binary mode: the data; attributes in ce-*"}
+                        },
+                    },
+                },
+                "responses": {
+                    "202": _json("EventsAccepted", "stored"),
+                    "400": _json(
+                        "Error",
+                        "`invalid_cloudevent` (details name the attribute) or "
+                        "`unsupported_content_type`; nothing stored",
+                    ),
+                    "413": _ERRORS["413"],
+                    "503": _json("Error", "NATS did not acknowledge; send the request again"),
+                },
+            }
+        },
+        "/v1/namespaces/{ns}/triggers": {
+            "parameters": _params("ns"),
+            "post": {
+                "operationId": "createTrigger",
+                "summary": "Deliver every event matching `filter` to `function`",
+                "description": (
+                    "Filter keys are attribute names (`type`, `source`, `subject`, `id` or an "
+                    "extension); a value matches exactly, or by prefix when it ends in `*` "
+                    "(allowed only there). The function must exist; it need not run yet, its "
+                    "events wait. Deleting the function deletes its triggers."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("TriggerSpec")}},
+                },
+                "responses": {
+                    "201": _json(
+                        "TriggerRecord",
+                        "created",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
+                    "400": _json("Error", "`invalid_name`, `invalid_filter` or `invalid_trigger`"),
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                    "409": _json("Error", "the trigger exists (`trigger_exists`)"),
+                    "415": _ERRORS["415"],
+                },
+            },
+            "get": {
+                "operationId": "listTriggers",
+                "responses": {
+                    "200": _json("TriggerList", "the namespace's triggers, by name"),
+                    "400": _ERRORS["400"],
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/triggers/{name}": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "getTrigger",
+                "responses": {
+                    "200": _json("TriggerRecord", "the trigger"),
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such trigger (`trigger_not_found`)"),
+                },
+            },
+            "delete": {
+                "operationId": "deleteTrigger",
+                "responses": {
+                    "202": _json("TriggerRecord", "deleted; its consumer goes"),
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such trigger (`trigger_not_found`)"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/deadletters": {
+            "parameters": _params("ns"),
+            "get": {
+                "operationId": "listDeadLetters",
+                "summary": "Events whose delivery was given up, oldest first",
+                "parameters": [
+                    {
+                        "name": "trigger",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": LABEL_PATTERN},
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "only dead letters after this id (the previous `next`)",
+                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ],
+                "responses": {
+                    "200": _json("DeadLetterList", "a page of dead letters"),
+                    "400": _ERRORS["400"],
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/deadletters/{id}/redrive": {
+            "parameters": [
+                *_params("ns"),
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                },
+            ],
+            "post": {
+                "operationId": "redriveDeadLetter",
+                "summary": "Send a dead letter's event again to its trigger, and remove it",
+                "responses": {
+                    "202": _json("Redriven", "sent again; no longer listed"),
+                    "400": _json("Error", "not a dead letter id"),
+                    "404": _json(
+                        "Error",
+                        "no such dead letter (`deadletter_not_found`) or its trigger is gone "
+                        "(`trigger_not_found`)",
+                    ),
                 },
             },
         },

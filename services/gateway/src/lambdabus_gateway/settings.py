@@ -29,3 +29,10 @@ class GatewaySettings(ServiceSettings):
         default=None, description="the data-plane URL users call, if not router_url"
     )
     max_invoke_body_bytes: int = Field(default=6 * MiB, gt=0)
+    max_event_bytes: int = Field(
+        default=1 * MiB,
+        gt=0,
+        description="largest CloudEvent: the body of a binary or structured one, each of a batch",
+    )
+    max_batch_bytes: int = Field(default=10 * MiB, gt=0, description="largest batch body")
+    max_batch_events: int = Field(default=1000, gt=0, description="most events in one batch")

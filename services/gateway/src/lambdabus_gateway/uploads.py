@@ -129,7 +129,7 @@ async def read_upload(
     if ctype == "multipart/form-data":
         return await _read_multipart(request, max_upload, max_spec, require_source)
     if ctype in ("application/json", ""):
-        body = await _read_body(request, max_upload)
+        body = await read_body(request, max_upload)
         fields = _json_object(body, "the request body")
         inline = None
         if "source" in fields:
@@ -147,13 +147,19 @@ async def read_upload(
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, what: str = "body") -> bytes:
+    """The whole request body, or a 413 as soon as it passes `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"{what} is {request.content_length} bytes; the limit is {limit} bytes",
+            details={"limit": limit},
+        )
     data = bytearray()
     async for chunk in request.content.iter_chunked(_CHUNK):
         data += chunk
         if len(data) > limit:
             raise PayloadTooLarge(
-                f"body passes the limit of {limit} bytes", details={"limit": limit}
+                f"{what} passes the limit of {limit} bytes", details={"limit": limit}
             )
     return bytes(data)
 

@@ -1,7 +1,9 @@
 """`python -m lambdabus_router`: run the router service (the data plane, default port 8081).
 
 It keeps the endpoints of every function from the `deployments` KV bucket (and which functions
-exist from `functions`) and relays `ANY /{ns}/{name}/{path...}` to a ready instance.
+exist from `functions`) and relays `ANY /{ns}/{name}/{path...}` to a ready instance; it delivers
+the events of every trigger in the `triggers` bucket and runs asynchronous invocations
+(`dispatch`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 
 from lambdabus_platform.service import ServiceContext, Setup, run
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
-from lambdabus_router.metrics import InvocationMetrics
+from lambdabus_router.dispatch import Dispatch, dispatching
+from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
 
@@ -20,10 +23,13 @@ _SLACK = 1024 * 1024
 
 
 def make_setup(
-    settings: RouterSettings, *, on_router: Callable[[Router], None] | None = None
+    settings: RouterSettings,
+    *,
+    on_router: Callable[[Router], None] | None = None,
+    on_dispatch: Callable[[Dispatch], None] | None = None,
 ) -> Setup:
-    """The router's part of the service shell; `on_router` hands the running router to an
-    embedding test or tool."""
+    """The router's part of the service shell; `on_router` and `on_dispatch` hand the running
+    router and its asynchronous side to an embedding test or tool."""
 
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
@@ -32,7 +38,14 @@ def make_setup(
             router.add_routes(ctx.app)
             if on_router is not None:
                 on_router(router)
-            yield
+            if not settings.deliveries:
+                yield
+                return
+            metrics = DeliveryMetrics(ctx.metrics.registry)
+            async with dispatching(ctx.bus, router, metrics, settings, ctx.stopping) as dispatch:
+                if on_dispatch is not None:
+                    on_dispatch(dispatch)
+                yield
 
     return setup
 

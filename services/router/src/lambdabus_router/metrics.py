@@ -74,3 +74,103 @@ class InvocationMetrics:
             self._invocations.remove(namespace, name, str(key[2]))
         if self._histograms.pop((namespace, name), None) is not None:
             self._duration.remove(namespace, name)
+
+
+class DeliveryMetrics:
+    """Event deliveries by trigger and outcome, attempts, dead letters and latency (from the
+    time the event was stored to the 2xx answer), replies, and asynchronous invocations.
+
+    Children are cached per label values like `InvocationMetrics`; a deleted trigger's series
+    are dropped with `forget`.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._deliveries = Counter(
+            "lambdabus_router_deliveries",
+            "messages of trigger consumers handled, by outcome: delivered, retried, "
+            "deadlettered, skipped (filter did not match), waiting (no ready instance)",
+            ["namespace", "trigger", "outcome"],
+            registry=registry,
+        )
+        self._attempts = Counter(
+            "lambdabus_router_delivery_attempts",
+            "delivery attempts, by the function's HTTP status or the error that kept one back",
+            ["namespace", "trigger", "result"],
+            registry=registry,
+        )
+        self._dead_letters = Counter(
+            "lambdabus_router_dead_letters",
+            "events given up on and put in the DLQ stream, by reason",
+            ["namespace", "trigger", "reason"],
+            registry=registry,
+        )
+        self._latency = Histogram(
+            "lambdabus_router_delivery_latency_seconds",
+            "from the event's storing in EVENTS to its delivery (a 2xx answer)",
+            ["namespace", "trigger"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
+        self._replies = Counter(
+            "lambdabus_router_replies",
+            "CloudEvents found in functions' answers: published, invalid, or failed to publish",
+            ["outcome"],
+            registry=registry,
+        )
+        self._async = Counter(
+            "lambdabus_router_async_invocations",
+            "asynchronous invocations by outcome: succeeded, failed, retried, waiting",
+            ["namespace", "function", "outcome"],
+            registry=registry,
+        )
+        self._callbacks = Counter(
+            "lambdabus_router_callbacks",
+            "result callbacks of asynchronous invocations: delivered or failed",
+            ["outcome"],
+            registry=registry,
+        )
+        self._per_trigger = (self._deliveries, self._attempts, self._dead_letters)
+        self._counters: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        self._latencies: dict[tuple[str, str], Histogram] = {}
+
+    def _inc(self, metric: Counter, *labels: str) -> None:
+        key = (id(metric), labels)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metric.labels(*labels)
+        child.inc()
+
+    def delivery(self, namespace: str, trigger: str, outcome: str) -> None:
+        self._inc(self._deliveries, namespace, trigger, outcome)
+
+    def attempt(self, namespace: str, trigger: str, result: str) -> None:
+        self._inc(self._attempts, namespace, trigger, result)
+
+    def dead_letter(self, namespace: str, trigger: str, reason: str) -> None:
+        self._inc(self._dead_letters, namespace, trigger, reason)
+
+    def delivered_after(self, namespace: str, trigger: str, seconds: float) -> None:
+        child = self._latencies.get((namespace, trigger))
+        if child is None:
+            child = self._latencies[(namespace, trigger)] = self._latency.labels(namespace, trigger)
+        child.observe(seconds)
+
+    def reply(self, outcome: str) -> None:
+        self._inc(self._replies, outcome)
+
+    def invocation(self, namespace: str, function: str, outcome: str) -> None:
+        self._inc(self._async, namespace, function, outcome)
+
+    def callback(self, outcome: str) -> None:
+        self._inc(self._callbacks, outcome)
+
+    def forget(self, namespace: str, trigger: str) -> None:
+        """Drop the series of a deleted trigger."""
+        for metric in self._per_trigger:
+            for key in [k for k in self._counters if k[0] == id(metric)]:
+                labels = key[1]
+                if labels[:2] == (namespace, trigger):
+                    del self._counters[key]
+                    metric.remove(*labels)
+        if self._latencies.pop((namespace, trigger), None) is not None:
+            self._latency.remove(namespace, trigger)

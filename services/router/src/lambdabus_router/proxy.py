@@ -1,9 +1,10 @@
 """The synchronous data plane: `ANY /{ns}/{name}/{path...}` relayed to a ready instance.
 
 The request goes out as it came (method, raw path and query, end-to-end headers plus
-`X-Forwarded-*`, body) over one pooled keep-alive client session; the response comes back the
-same way. The body is buffered up to `max_body_bytes`, so a connection refused by one instance
-can be retried on another: nothing of the request reached the first one.
+`X-Forwarded-*`, body) over a pooled keep-alive connection of the router's own HTTP/1.1 client
+(`upstream`); the response comes back the same way. The body is buffered up to
+`max_body_bytes`, so a connection refused by one instance can be retried on another: nothing of
+the request reached the first one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from yarl import URL
 
 from lambdabus_events.names import label_problem
 from lambdabus_platform.bus import Kv
@@ -44,6 +44,7 @@ from lambdabus_router.table import (
     parse_key,
     pick,
 )
+from lambdabus_router.upstream import ConnectFailed, Response, Upstream, UpstreamError
 
 log = logging.getLogger("lambdabus.router")
 
@@ -65,8 +66,8 @@ class Router:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self._least_loaded = settings.balance == "least_in_flight"
         self._counter = 0
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
         self._limit = settings.max_body_bytes
         self._changed = asyncio.Condition()
 
@@ -74,7 +75,8 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def running(self, deployments: Kv, functions: Kv) -> AsyncIterator[Router]:
-        """Load both tables, follow them, and own the client session, for the router's life."""
+        """Load both tables, follow them, and own the HTTP clients, for the router's life: the
+        data plane's `Upstream`, and an aiohttp session for other calls to instances."""
         s = self.settings
         connector = aiohttp.TCPConnector(
             limit=0,
@@ -92,14 +94,20 @@ class Router:
         )
         follower: asyncio.Task[None] | None = None
         try:
-            await self._load(deployments, functions)
-            follower = asyncio.create_task(self._follow(deployments, functions))
-            yield self
+            async with Upstream(
+                pool_size=s.pool_size_per_instance,
+                connect_timeout=s.connect_timeout_seconds,
+                keepalive=s.keepalive_seconds,
+            ) as self._upstream:
+                await self._load(deployments, functions)
+                follower = asyncio.create_task(self._follow(deployments, functions))
+                yield self
         finally:
             if follower is not None:
                 follower.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await follower
+            self._upstream = None
             await self._session.close()
             self._session = None
 
@@ -209,12 +217,7 @@ class Router:
             host=request.host,
             proto=request.scheme,
         )
-        timeout = self._timeouts.get(state.timeout)
-        if timeout is None:
-            timeout = self._timeouts[state.timeout] = aiohttp.ClientTimeout(
-                total=state.timeout + self.settings.timeout_margin_seconds,
-                sock_connect=self.settings.connect_timeout_seconds,
-            )
+        timeout = state.timeout + self.settings.timeout_margin_seconds
         endpoints = state.endpoints
         self._counter += 1
         in_flight = self.in_flight if self._least_loaded else None
@@ -224,7 +227,7 @@ class Router:
         while True:
             try:
                 return await self._forward(request, endpoint, headers, body, timeout)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            except ConnectFailed as exc:
                 # Refused, unreachable or timed out while connecting: no byte of the request
                 # reached this instance, so another one may take it, once.
                 other = (
@@ -245,7 +248,7 @@ class Router:
                         details={"timeout": state.timeout},
                     )
                 )
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 return _bad_gateway(fid, exc)
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -275,55 +278,69 @@ class Router:
         endpoint: str,
         headers: list[tuple[str, str]],
         body: bytes,
-        timeout: aiohttp.ClientTimeout,
+        timeout: float,
     ) -> web.StreamResponse:
-        assert self._session is not None
-        url = URL(endpoint + request.raw_path, encoded=True)
+        assert self._upstream is not None
         self.in_flight[endpoint] += 1
         try:
-            async with self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body or None,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as upstream:
-                length = upstream.content_length
-                if length is not None and length <= self.settings.buffer_response_bytes:
-                    payload = await upstream.read()
-                    return web.Response(
-                        status=upstream.status,
-                        reason=upstream.reason,
-                        headers=response_headers(upstream.headers.items()),
-                        body=payload,
-                    )
-                return await self._stream(request, upstream)
+            try:
+                upstream = await self._upstream.request(
+                    endpoint,
+                    request.method,
+                    request.raw_path,
+                    headers,
+                    body,
+                    timeout=timeout,
+                    buffer_limit=self.settings.buffer_response_bytes,
+                )
+            except ValueError as exc:  # a CR or LF that would split the instance's request
+                return error_response(InvalidRequest(f"the request cannot be forwarded: {exc}"))
+            if upstream.body is not None and request.method != "HEAD":
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=response_headers(upstream.headers),
+                    body=upstream.body,
+                )
+            return await self._stream(request, upstream)
         finally:
             self.in_flight[endpoint] -= 1
 
-    async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        """Relay a large or unsized response as it arrives."""
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream.headers.items()),
-        )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
+    async def _stream(self, request: web.Request, upstream: Response) -> web.StreamResponse:
+        """Relay a large or unsized response as it arrives (and a HEAD answer, with the
+        Content-Length it declares for the body it does not carry)."""
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # The status is sent already: cut the connection so the caller sees a truncated
-            # body rather than a complete-looking one.
-            log.warning("instance response broke off", extra={"error": repr(exc)})
-            if request.transport is not None:
-                request.transport.close()
-        return response
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=response_headers(upstream.headers),
+            )
+            length = _head_length(upstream) if request.method == "HEAD" else upstream.length
+            if length is not None:
+                response.content_length = length
+            await response.prepare(request)
+            try:
+                while chunk := await upstream.read():
+                    await response.write(chunk)
+            except (UpstreamError, TimeoutError) as exc:
+                # The status is sent already: cut the connection so the caller sees a truncated
+                # body rather than a complete-looking one.
+                log.warning("instance response broke off", extra={"error": repr(exc)})
+                if request.transport is not None:
+                    request.transport.close()
+            return response
+        finally:
+            upstream.close()
+
+
+def _head_length(upstream: Response) -> int | None:
+    """The size a HEAD answer declares for the body it does not carry (relayed as it came)."""
+    if upstream.status in (204, 304) or upstream.status < 200:
+        return None
+    for name, value in upstream.headers:
+        if name.lower() == "content-length" and value.isascii() and value.isdigit():
+            return int(value)
+    return None
 
 
 def _unknown(fid: FunctionId) -> LambdabusError:

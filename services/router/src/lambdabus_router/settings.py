@@ -40,3 +40,48 @@ class RouterSettings(ServiceSettings):
         description="responses up to this Content-Length are relayed in one write; "
         "longer or unsized ones are streamed",
     )
+    # -- event deliveries and asynchronous invocations --------------------------------------
+    deliveries: bool = Field(
+        default=True, description="deliver trigger events and run asynchronous invocations"
+    )
+    ack_wait_margin_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="added to a trigger's delivery timeout for its consumer's ack wait: a "
+        "message whose answer is this late is delivered again",
+    )
+    wait_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="how long a message waits before it is tried again when its function has "
+        "no ready instance (not counted as an attempt)",
+    )
+    pull_expires_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="life of one pull request on a consumer"
+    )
+    reconcile_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how often trigger consumers are checked against the `triggers` bucket",
+    )
+    max_backoff_seconds: float = Field(
+        default=3600.0, gt=0, description="the longest wait between two delivery attempts"
+    )
+    reply_max_bytes: int = Field(
+        default=1 * MiB, gt=0, description="largest function answer read as a reply event"
+    )
+    invocations_max_in_flight: int = Field(
+        default=256, ge=1, description="asynchronous invocations run at once by one router"
+    )
+    invocations_ack_wait_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="ack wait of the invocations consumer (kept alive while a call runs longer)",
+    )
+    result_max_bytes: int = Field(
+        default=512 * 1024,
+        gt=0,
+        description="largest asynchronous result kept in the invocation record",
+    )
+    callback_attempts: int = Field(default=3, ge=1, le=10)
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
