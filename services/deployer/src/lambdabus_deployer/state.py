@@ -20,7 +20,6 @@ from lambdabus_deployer.plan import (
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_events.models import DeploymentState
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.errors import TemporaryError
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET
 
@@ -52,14 +51,7 @@ class DeploymentStates:
         return await self.get(*key)
 
     async def _publish(self, event: LifecycleEvent) -> None:
-        for attempt in range(3):
-            try:
-                await self._bus.publish_lifecycle(event)
-                return
-            except TemporaryError:
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
+        await self._bus.publish_lifecycle(event)  # retries itself; the Msg-Id dedups
 
     async def observe(self, obs: Observation) -> None:
         """Fold a backend's observation into the state; write it, then announce a transition.

@@ -37,7 +37,6 @@ from lambdabus_platform.errors import (
     InvalidSpec,
     NotFound,
     PreconditionFailed,
-    TemporaryError,
 )
 from lambdabus_platform.registry import Registry, Versioned
 
@@ -102,15 +101,8 @@ def check_if_match(if_match: str | None, current: Versioned[FunctionRecord]) -> 
 
 
 async def publish_lifecycle(bus: Bus, event: LifecycleEvent) -> None:
-    """Publish a lifecycle event, retrying a missing ack a few times (the id deduplicates)."""
-    for attempt in range(3):
-        try:
-            await bus.publish_lifecycle(event)
-            return
-        except TemporaryError:
-            if attempt == 2:
-                raise
-            await asyncio.sleep(0.2 * (attempt + 1))
+    """Publish a lifecycle event (`Bus.publish_lifecycle` retries a missing ack; the id dedups)."""
+    await bus.publish_lifecycle(event)
 
 
 class Functions:
