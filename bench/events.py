@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -32,7 +31,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
@@ -59,10 +57,10 @@ from lambdabus_platform.subjects import (
     event_subject,
     trigger_consumer,
 )
+from lambdabus_testing.processes import ready_process
 
 NAMESPACE, FUNCTION, TRIGGER = "bench", "sink", "all-orders"
 EVENT_TYPE = "com.example.order.created"
-START_TIMEOUT = 20.0
 WINDOW = 256  # publishes awaiting their ack at once
 
 
@@ -144,61 +142,6 @@ async def _serve_sink() -> None:
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def process(
-    *args: str, env: dict[str, str], stream: str
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, object]]]:
-    """Start a process, wait for its JSON `listening` line on `stream`, keep draining its
-    output, stop it (SIGTERM, then SIGKILL) on exit."""
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    watched = proc.stdout if stream == "stdout" else proc.stderr
-    other = proc.stderr if stream == "stdout" else proc.stdout
-    tail: list[bytes] = []
-
-    async def wait_ready() -> dict[str, object]:
-        while line := await watched.readline():
-            tail.append(line)
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("event") == "listening":
-                    return record
-        raise RuntimeError(
-            f"{args[:3]} exited before it was ready:\n" + b"".join(tail[-20:]).decode()
-        )
-
-    async def drain(reader: asyncio.StreamReader) -> None:
-        while await reader.readline():
-            pass
-
-    drains = [asyncio.create_task(drain(other))]
-    try:
-        record = await asyncio.wait_for(wait_ready(), START_TIMEOUT)
-        drains.append(asyncio.create_task(drain(watched)))
-        yield proc, record
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        for task in drains:
-            task.cancel()
-        await asyncio.gather(*drains, return_exceptions=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -425,7 +368,7 @@ async def run_router(
 ) -> tuple[dict[str, float], dict[str, float], int]:
     out: dict[str, float] = {}
     env = dict(os.environ)
-    async with process(sys.executable, __file__, "--sink", env=env, stream="stdout") as (
+    async with ready_process(sys.executable, __file__, "--sink", env=env, stream="stdout") as (
         sink_proc,
         sink_rec,
     ):
@@ -442,7 +385,7 @@ async def run_router(
         command = [sys.executable, "-m", "lambdabus_router"]
         if args.profile_router:
             command[1:1] = ["-m", "cProfile", "-o", args.profile_router]
-        async with process(*command, env=env, stream="stderr") as (router_proc, _):
+        async with ready_process(*command, env=env, stream="stderr") as (router_proc, _):
             name = trigger_consumer(NAMESPACE, TRIGGER, trigger.uid)
             for _ in range(200):
                 if await bus.consumer_exists("EVENTS", name):

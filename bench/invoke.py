@@ -38,12 +38,12 @@ from lambdabus_platform.natsserver import run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_testing.processes import ready_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_SRC = ROOT / "libs" / "runtime" / "src"
 NAMESPACE, NAME = "bench", "hello"
 FUNCTION_SOURCE = "async def main(request):\n    return {'ok': True}\n"
-START_TIMEOUT = 20.0
 
 
 # -- the fallback instance: stdlib only, the runtime's start-up protocol ----------------------
@@ -106,61 +106,6 @@ async def _serve_fallback(delay: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def process(
-    *args: str, env: dict[str, str], ready: str, stream: str
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, object]]]:
-    """Start a process, wait for the JSON line whose `event` is `ready` on `stream` (stdout or
-    stderr), keep draining its output, and stop it (SIGTERM, then SIGKILL) on exit."""
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    watched = proc.stdout if stream == "stdout" else proc.stderr
-    other = proc.stderr if stream == "stdout" else proc.stdout
-    tail: list[bytes] = []
-
-    async def wait_ready() -> dict[str, object]:
-        while line := await watched.readline():
-            tail.append(line)
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("event") == ready:
-                    return record
-        raise RuntimeError(
-            f"{args[:3]} exited before it was ready:\n" + b"".join(tail[-20:]).decode()
-        )
-
-    async def drain(reader: asyncio.StreamReader) -> None:
-        while await reader.readline():
-            pass
-
-    drains = [asyncio.create_task(drain(other))]
-    try:
-        record = await asyncio.wait_for(wait_ready(), START_TIMEOUT)
-        drains.append(asyncio.create_task(drain(watched)))
-        yield proc, record
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        for task in drains:
-            task.cancel()
-        await asyncio.gather(*drains, return_exceptions=True)
-
-
-@contextlib.asynccontextmanager
 async def instance(code_dir: Path, force_fallback: bool) -> AsyncIterator[tuple[str, str, int]]:
     """(endpoint URL, what serves it, its pid)."""
     env = dict(os.environ)
@@ -181,7 +126,10 @@ async def instance(code_dir: Path, force_fallback: bool) -> AsyncIterator[tuple[
             f"{NAMESPACE}/{NAME}",
         )
         try:
-            async with process(*args, env=env, ready="listening", stream="stdout") as (p, rec):
+            async with ready_process(*args, env=env, ready="listening", stream="stdout") as (
+                p,
+                rec,
+            ):
                 url = f"http://127.0.0.1:{rec['port']}"
                 if await _answers(url):
                     yield url, "lambdabus_runtime (python -m lambdabus_runtime)", p.pid
@@ -189,7 +137,7 @@ async def instance(code_dir: Path, force_fallback: bool) -> AsyncIterator[tuple[
                 print("# the runtime SDK did not answer 200; using the fallback instance")
         except (RuntimeError, TimeoutError) as exc:
             print(f"# the runtime SDK could not serve ({str(exc).splitlines()[0]}); fallback")
-    async with process(
+    async with ready_process(
         sys.executable, __file__, "--fallback-instance", env=env, ready="listening", stream="stdout"
     ) as (p, rec):
         yield f"http://127.0.0.1:{rec['port']}", "fallback asyncio HTTP/1.1 server (bench)", p.pid
@@ -258,7 +206,7 @@ async def router(
         LAMBDABUS_ROUTER_STATE_DIR=str(state_dir),
         LAMBDABUS_ROUTER_BALANCE=balance,
     )
-    async with process(
+    async with ready_process(
         sys.executable, "-m", "lambdabus_router", env=env, ready="listening", stream="stderr"
     ) as (proc, rec):
         yield RouterProcess(str(rec["url"]), proc.pid)
@@ -266,7 +214,7 @@ async def router(
 
 @contextlib.asynccontextmanager
 async def fallback_instance(delay: float) -> AsyncIterator[str]:
-    async with process(
+    async with ready_process(
         sys.executable,
         __file__,
         "--fallback-instance",
