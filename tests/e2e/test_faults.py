@@ -30,12 +30,11 @@ import pytest
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import logs_subject
-from tests.e2e.conftest import SERVICES, Platform, platform_up
-from tests.e2e.test_functions import (
-    NPM_CACHE,
-    WHEELHOUSE,
+from tests.e2e.conftest import SERVICES, Platform
+from tests.e2e.helpers import (
     cli,
     http,
+    offline_platform,
     runtime_processes,
     status_of,
     wait_for,
@@ -275,24 +274,7 @@ class Prober:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    if not WHEELHOUSE.exists():
-        pytest.fail("run `make fixtures` first: the examples' dependencies for offline builds")
-    env = {
-        "LAMBDABUS_BUILDER_NO_INDEX": "true",
-        "LAMBDABUS_BUILDER_FIND_LINKS": json.dumps([str(WHEELHOUSE)]),
-        "LAMBDABUS_BUILDER_NPM_CACHE": str(NPM_CACHE),
-        "LAMBDABUS_BUILDER_NPM_OFFLINE": "true",
-        "LAMBDABUS_DEPLOYER_RESTART_BASE_DELAY": "0.2",
-        "LAMBDABUS_DEPLOYER_RESTART_MAX_DELAY": "1",
-        "LAMBDABUS_DEPLOYER_HEALTH_INTERVAL": "0.5",
-        "LAMBDABUS_DEPLOYER_HEALTH_TIMEOUT": "0.5",
-        "LAMBDABUS_DEPLOYER_DRAIN_SECONDS": "1",
-        "LAMBDABUS_DEPLOYER_RECONCILE_INTERVAL": "2",
-    }
-    with platform_up(tmp_path_factory.mktemp("faults") / "state", env=env) as running:
-        yield running
-        running.process.send_signal(signal.SIGTERM)
-        running.process.wait(60)
+    yield from offline_platform(tmp_path_factory, "faults", LAMBDABUS_DEPLOYER_HEALTH_TIMEOUT="0.5")
 
 
 @pytest.fixture(scope="module")

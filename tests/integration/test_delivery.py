@@ -21,7 +21,6 @@ from aiohttp import web
 from lambdabus_events.models import (
     DeadLetter,
     DeliveryPolicy,
-    DeploymentState,
     FunctionConfig,
     FunctionRecord,
     InvocationRecord,
@@ -34,7 +33,6 @@ from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import (
-    DEPLOYMENTS_BUCKET,
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
     TRIGGERS_BUCKET,
@@ -51,6 +49,7 @@ from lambdabus_router.__main__ import client_max_size, make_setup
 from lambdabus_router.dispatch import Dispatch
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
+from tests.integration.routing import deploy_endpoints
 
 WAIT = 15.0
 FAST = DeliveryPolicy(retries=2, backoff_delay=0.05, timeout=5.0, max_in_flight=8)
@@ -150,25 +149,7 @@ class Platform:
             await self.deploy(name, endpoints)
 
     async def deploy(self, name: str, endpoints: list[str]) -> None:
-        state = DeploymentState(
-            namespace=self.namespace,
-            name=name,
-            uid=f"uid-{name}",
-            generation=1,
-            phase="ready",
-            replicas=len(endpoints),
-            ready_replicas=len(endpoints),
-            endpoints=endpoints,
-            updated_at=datetime.now(UTC),
-        )
-        await Registry(self.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState).put(
-            self.namespace, name, state
-        )
-        fid = (self.namespace, name)
-        await asyncio.wait_for(
-            self.router.until(lambda r: fid in r.table and r.table[fid].endpoints == endpoints),
-            5,
-        )
+        await deploy_endpoints(self.bus, self.router, self.namespace, name, endpoints)
 
     async def trigger(
         self,

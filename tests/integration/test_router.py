@@ -19,7 +19,6 @@ from aiohttp import web
 from yarl import URL
 
 from lambdabus_events.models import (
-    DeploymentState,
     FunctionConfig,
     FunctionRecord,
     SourceRef,
@@ -32,6 +31,7 @@ from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
 from lambdabus_router.__main__ import client_max_size, make_setup
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
+from tests.integration.routing import deploy_endpoints
 
 LIMIT = 4096
 
@@ -140,25 +140,8 @@ class RunningRouter:
         )
 
     async def deploy(self, name: str, endpoints: list[str], *, timeout: float = 30.0) -> None:
-        state = DeploymentState(
-            namespace=self.namespace,
-            name=name,
-            uid=f"uid-{name}",
-            generation=1,
-            phase="ready",
-            replicas=len(endpoints),
-            ready_replicas=len(endpoints),
-            endpoints=endpoints,
-            timeout=timeout,
-            updated_at=datetime.now(UTC),
-        )
-        await Registry(self.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState).put(
-            self.namespace, name, state
-        )
-        fid = (self.namespace, name)
-        await asyncio.wait_for(
-            self.router.until(lambda r: fid in r.table and r.table[fid].endpoints == endpoints),
-            5,
+        await deploy_endpoints(
+            self.bus, self.router, self.namespace, name, endpoints, timeout=timeout
         )
 
 
