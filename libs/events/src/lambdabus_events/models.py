@@ -31,6 +31,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Env names a function may not set: the runtime and the sandbox depend on them.
+RESERVED_ENV = frozenset(
+    {
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "HOME",
+        "TMPDIR",
+    }
+)
+RESERVED_ENV_PREFIXES = ("LAMBDABUS_", "LD_")
+MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_ENV_TOTAL_BYTES = 256 * 1024
+
+
+def env_problem(env: dict[str, str]) -> str | None:
+    """What is wrong with a function's env (reserved names, sizes), or None."""
+    total = 0
+    for key, value in env.items():
+        if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
+            return (
+                f"env variable {key} is reserved: the runtime and the sandbox set it "
+                f"(reserved: {', '.join(sorted(RESERVED_ENV))}, and names starting with "
+                f"{' or '.join(RESERVED_ENV_PREFIXES)})"
+            )
+        size = len(key.encode()) + len(value.encode())
+        if len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            return (
+                f"env variable {key} is {len(value.encode())} bytes; a value may have at most "
+                f"{MAX_ENV_VALUE_BYTES} bytes (use a secret mounted as a file for larger data)"
+            )
+        total += size
+    if total > MAX_ENV_TOTAL_BYTES:
+        return f"the env holds {total} bytes; at most {MAX_ENV_TOTAL_BYTES} in all"
+    return None
+
+
+class SecretKeyRef(_Strict):
+    """`env_from` entry: the value of one key of a secret in the function's namespace."""
+
+    secret: Label
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]{1,253}$")]
+
+
 class FunctionConfig(_Strict):
     """What a user may set on a function besides its name and source."""
 
@@ -40,6 +91,43 @@ class FunctionConfig(_Strict):
     timeout: float = Field(default=30.0, gt=0, le=900, description="seconds per invocation")
     memory: int = Field(default=256, ge=16, le=16384, description="MiB per instance")
     description: str = Field(default="", max_length=1024)
+    cpu: int = Field(default=1000, ge=10, le=64000, description="millicores per instance")
+    pids: int = Field(default=128, ge=8, le=32768, description="processes per instance")
+    open_files: int = Field(default=1024, ge=64, le=65536, description="open files per process")
+    tmp_size: int = Field(default=64, ge=1, le=16384, description="MiB of /tmp per instance")
+    network: Literal["outbound", "none"] = Field(
+        default="outbound", description="outbound: the internet, never the host; none: no network"
+    )
+    invoke_auth: Literal["none", "token"] = Field(
+        default="none", description="token: the router needs a bearer token that may invoke"
+    )
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=100_000, description="reserved concurrency; excess gets 429"
+    )
+    secrets: list[Label] = Field(
+        default_factory=list, max_length=32, description="mounted as /secrets/<name>/<key>"
+    )
+    env_from: dict[EnvName, SecretKeyRef] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _env_allowed(cls, value: dict[str, str]) -> dict[str, str]:
+        problem = env_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("env_from")
+    @classmethod
+    def _env_from_allowed(cls, value: dict[str, SecretKeyRef]) -> dict[str, SecretKeyRef]:
+        problem = env_problem(dict.fromkeys(value, ""))
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def secret_names(self) -> set[str]:
+        """Every secret the function uses, mounted or through env_from."""
+        return {*self.secrets, *(ref.secret for ref in self.env_from.values())}
 
     @field_validator("memory", mode="before")
     @classmethod
