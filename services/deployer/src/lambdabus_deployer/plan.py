@@ -57,6 +57,16 @@ class DesiredRevision:
     replicas: int
     memory: int
     timeout: float
+    cpu: int = 1000
+    pids: int = 128
+    open_files: int = 1024
+    tmp_size: int = 64
+    network: Literal["outbound", "none"] = "outbound"
+    # Resolved from the secrets KV by the deployer (never in a record or an event): each
+    # secret named in `spec.secrets` as (name, ((key, value), ...)), mounted read-only at
+    # /secrets/<name>/<key>; and the env vars of `spec.env_from`, applied inside the sandbox.
+    secret_files: tuple[tuple[str, tuple[tuple[str, bytes], ...]], ...] = ()
+    secret_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def function(self) -> str:
@@ -66,8 +76,22 @@ class DesiredRevision:
     def key(self) -> str:
         """Identifies what an instance runs. The replica count is not part of it: changing it
         scales the running revision instead of rolling out a new one."""
+        secrets = hashlib.sha256(repr((self.secret_files, self.secret_env)).encode()).hexdigest()
         material = json.dumps(
-            [self.uid, self.artifact, self.runtime, self.env, self.memory, self.timeout]
+            [
+                self.uid,
+                self.artifact,
+                self.runtime,
+                self.env,
+                self.memory,
+                self.timeout,
+                self.cpu,
+                self.pids,
+                self.open_files,
+                self.tmp_size,
+                self.network,
+                secrets,
+            ]
         )
         return hashlib.sha256(material.encode()).hexdigest()[:12]
 
@@ -88,6 +112,11 @@ def _built(
         replicas=spec.replicas,
         memory=spec.memory,
         timeout=spec.timeout,
+        cpu=spec.cpu,
+        pids=spec.pids,
+        open_files=spec.open_files,
+        tmp_size=spec.tmp_size,
+        network=spec.network,
     )
 
 
