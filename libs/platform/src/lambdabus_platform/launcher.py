@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lambdabus_platform.natsserver import NatsServerError, run_nats_server
 from lambdabus_platform.procs import die_with_parent
+from lambdabus_platform.secretbox import KEY_FILE_NAME
 
 SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
 # The only services that hold the secrets key: the gateway seals, the deployer opens.
@@ -85,7 +86,7 @@ class Platform:
         if service in SECRETS_KEY_HOLDERS:
             # Only the path: the key stays in its 0600 file, never in an environment.
             env["LAMBDABUS_SECRETS_KEY_FILE"] = os.environ.get(
-                "LAMBDABUS_SECRETS_KEY_FILE", str(self.settings.data_dir.resolve() / "secrets.key")
+                "LAMBDABUS_SECRETS_KEY_FILE", str(self.settings.data_dir.resolve() / KEY_FILE_NAME)
             )
             if "LAMBDABUS_SECRETS_KEY" in os.environ:
                 env["LAMBDABUS_SECRETS_KEY"] = os.environ["LAMBDABUS_SECRETS_KEY"]

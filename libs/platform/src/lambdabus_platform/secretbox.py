@@ -103,8 +103,9 @@ def load_or_create_key_file(path: Path) -> bytes:
     return parse_key(path.read_text())
 
 
-def open_secret_box(settings: SecretsSettings) -> SecretBox:
-    """The box from the settings: the key itself, else the key file (created when missing)."""
+def open_secret_box(settings: SecretsSettings, data_dir: Path) -> SecretBox:
+    """The box from the settings: the key itself, else the key file (created when missing;
+    `secrets.key` in `data_dir` unless a path is set)."""
     if settings.key is not None:
         return SecretBox(parse_key(settings.key.get_secret_value()))
-    return SecretBox(load_or_create_key_file(settings.key_file))
+    return SecretBox(load_or_create_key_file(settings.key_file or data_dir / KEY_FILE_NAME))

@@ -104,8 +104,9 @@ class SecretsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_SECRETS_", extra="ignore")
 
     key: SecretStr | None = Field(default=None, description="base64 of a 32-byte AES key")
-    key_file: Path = Field(
-        default=Path(".lambdabus/secrets.key"),
-        description="the key file, created at first start when missing (`lambdabus up` points "
-        "the gateway and the deployer, and no other service, at the one in its data dir)",
+    key_file: Path | None = Field(
+        default=None,
+        description="the key file, created at first start when missing (default: secrets.key "
+        "in the data dir; `lambdabus up` points the gateway and the deployer, and no other "
+        "service, at it)",
     )

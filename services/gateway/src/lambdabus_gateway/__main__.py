@@ -40,7 +40,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
         invoker = Invoker(settings.router_url, settings.max_invoke_body_bytes)
-        box = open_secret_box(settings.secrets)
+        box = open_secret_box(settings.secrets, settings.state_dir)
         records = Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord)
         quotas = Quotas(kv=ctx.bus.kv(QUOTAS_BUCKET), functions=records, settings=settings.quota)
         async with open_blob_store(settings.store, ctx.bus) as blobs:
