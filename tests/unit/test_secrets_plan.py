@@ -3,15 +3,19 @@ API's checks of a secret body (no value ever in a message), and the quota arithm
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lambdabus_client.cli import summarize_event
 from lambdabus_deployer.plan import Failure, ResolvedSecrets, resolve_secrets
 from lambdabus_events.models import FunctionConfig, FunctionRecord, Quota
 from lambdabus_gateway.quotas import Usage, quota_problem, usage_of
 from lambdabus_gateway.secrets import parse_secret_body
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.launcher import Platform, UpSettings
 
 SPEC = FunctionConfig(
     secrets=["db", "tls"],
@@ -124,3 +128,25 @@ def test_an_override_takes_the_defaults_it_does_not_set() -> None:
     assert Quota(max_instances=5).over(defaults) == Quota(
         max_functions=100, max_instances=5, max_concurrent_invocations=1000
     )
+
+
+def test_only_the_gateway_and_the_deployer_are_told_where_the_key_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAMBDABUS_SECRETS_KEY", "c2VjcmV0")
+    platform = Platform(UpSettings(data_dir=tmp_path), out=io.StringIO(), err=io.StringIO())
+    for service in ("gateway", "deployer"):
+        env = platform.env_for(service, "nats://127.0.0.1:1")
+        assert env["LAMBDABUS_SECRETS_KEY_FILE"] == str(tmp_path.resolve() / "secrets.key")
+        assert env["LAMBDABUS_SECRETS_KEY"] == "c2VjcmV0"
+    for service in ("router", "builder", "logs"):
+        env = platform.env_for(service, "nats://127.0.0.1:1")
+        assert not [k for k in env if k.startswith("LAMBDABUS_SECRETS_")], service
+
+
+def test_the_cli_summarizes_a_secret_event_by_its_key_names() -> None:
+    event = {
+        "type": "io.lambdabus.secret.updated",
+        "data": {"namespace": "ns", "name": "db", "keys": ["password", "user"], "version": 3},
+    }
+    assert summarize_event(event) == "version 3, keys password, user"
