@@ -199,3 +199,22 @@ async def test_a_function_without_secrets_is_untouched_by_them(
     revision = backend.current(NS, "plain")
     assert revision is not None
     assert (revision.secret_files, revision.secret_env) == ((), ())
+
+
+async def test_a_deployer_with_another_key_says_so_and_starts_nothing(
+    gateway: RunningGateway, bus: Bus
+) -> None:
+    gw = gateway
+    resp = await gw.http.post(
+        f"/v1/namespaces/{NS}/secrets", json={"name": "tls", "data": {"cert": "C"}}
+    )
+    assert resp.status == 201
+    record = await _function_with_a_build(gw, "wrong-key", secrets=["tls"])
+    backend = MemoryBackend()
+    other = SecretStore(bus.kv(SECRETS_BUCKET), SecretBox(secrets.token_bytes(32)))
+    dep = Deployer(bus=bus, backend=backend, states=DeploymentStates(bus), secrets=other)
+    await dep.reconcile_one(NS, "wrong-key")
+    assert backend.applied == []
+    status, reason, message = await _status(bus, record)
+    assert (status, reason) == ("pending", "SecretUnreadable")
+    assert "secret tls cannot be decrypted" in message

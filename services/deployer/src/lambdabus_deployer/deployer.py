@@ -11,7 +11,13 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from lambdabus_deployer.backend import DeployBackend
-from lambdabus_deployer.plan import Failure, SecretValues, desired_instances, resolve_secrets
+from lambdabus_deployer.plan import (
+    SECRET_UNREADABLE,
+    Failure,
+    ResolvedSecrets,
+    desired_instances,
+    resolve_secrets,
+)
 from lambdabus_deployer.state import DeploymentStates, Key
 from lambdabus_events.catalog import (
     BuildSucceeded,
@@ -63,7 +69,7 @@ class Deployer:
                 await self._remove(namespace, name)
                 running = None
             build = await self._builds.get(namespace, name)
-            resolved = resolve_secrets(namespace, record.spec, await self._secret_values(record))
+            resolved = await self._resolve(record)
             if isinstance(resolved, Failure):
                 if running is not None:
                     # What runs keeps running (as with a failed build); the new revision waits.
@@ -93,13 +99,12 @@ class Deployer:
                     return
             await self._backend.apply(desired)
 
-    async def _secret_values(self, record: FunctionRecord) -> SecretValues:
-        """The secrets the function names that exist, decrypted; the missing ones are left out
-        (`resolve_secrets` says which). A secret that cannot be decrypted counts as missing and
-        is logged by name: the deployer's key is not the gateway's."""
+    async def _resolve(self, record: FunctionRecord) -> ResolvedSecrets | Failure:
+        """The function's secrets, decrypted and resolved (see `resolve_secrets`); a secret the
+        deployer cannot decrypt (its key is not the gateway's) fails it the same way."""
         names = record.spec.secret_names()
         if not names or self._secrets is None:
-            return {}
+            return resolve_secrets(record.namespace, record.spec, {})
         found: dict[str, dict[str, str]] = {}
         for name in sorted(names):
             item = await self._secrets.get(record.namespace, name)
@@ -112,7 +117,13 @@ class Deployer:
                     "cannot decrypt a secret: the deployer's secrets key is not the gateway's",
                     extra={"namespace": record.namespace, "secret": name},
                 )
-        return found
+                return Failure(
+                    SECRET_UNREADABLE,
+                    f"secret {name} cannot be decrypted by the deployer: its secrets key is not "
+                    "the one the gateway sealed it with (an operator must give both the same "
+                    "LAMBDABUS_SECRETS_KEY or key file)",
+                )
+        return resolve_secrets(record.namespace, record.spec, found)
 
     async def on_secret_change(self, namespace: str, secret: str) -> None:
         """A secret was created, replaced or deleted: converge every function that uses it (a

@@ -112,6 +112,7 @@ class DesiredRevision:
 # The secrets a function names that exist in its namespace: name → {key: value}.
 SecretValues = Mapping[str, Mapping[str, str]]
 SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_UNREADABLE = "SecretUnreadable"
 
 
 @dataclass(frozen=True)
