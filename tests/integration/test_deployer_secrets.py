@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from lambdabus_deployer.backend import Reporter
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.plan import DesiredRevision
+from lambdabus_deployer.plan import DesiredRevision, Observation
 from lambdabus_deployer.state import DeploymentStates
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_platform.bus import Bus
@@ -35,13 +36,15 @@ from lambdabus_platform.subjects import (
 from tests.integration.conftest import SESSION_SECRETS_KEY, RunningGateway
 
 NS = "dep-secrets"
+ENDPOINT = "http://127.0.0.1:9"
 HELLO = "async def main(request):\n    return {}\n"
 
 
 class MemoryBackend:
     """A DeployBackend that runs nothing and remembers every revision it was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: Reporter | None = None) -> None:
+        self.report = report
         self.running: dict[tuple[str, str], DesiredRevision] = {}
         self.applied: list[DesiredRevision] = []
         self.changed = asyncio.Event()
@@ -56,6 +59,12 @@ class MemoryBackend:
         self.running[(desired.namespace, desired.name)] = desired
         self.applied.append(desired)
         self.changed.set()
+        if self.report is not None:  # it runs at once, on one endpoint nobody calls
+            await self.report(
+                Observation(
+                    revision=desired, instances=(), endpoints=(ENDPOINT,) * desired.replicas
+                )
+            )
 
     async def remove(self, namespace: str, name: str) -> None:
         self.running.pop((namespace, name), None)
@@ -74,9 +83,10 @@ async def _until(check: Callable[[], Any], what: str, timeout: float = 10) -> An
 
 @pytest.fixture
 async def deployer(bus: Bus) -> AsyncIterator[tuple[Deployer, MemoryBackend]]:
-    backend = MemoryBackend()
+    states = DeploymentStates(bus)
+    backend = MemoryBackend(states.observe)
     store = SecretStore(bus.kv(SECRETS_BUCKET), SecretBox(base64.b64decode(SESSION_SECRETS_KEY)))
-    deployer = Deployer(bus=bus, backend=backend, states=DeploymentStates(bus), secrets=store)
+    deployer = Deployer(bus=bus, backend=backend, states=states, secrets=store)
     # Only this test's namespace: the session's nats-server is shared with other tests.
     watching = asyncio.create_task(deployer.watch_secrets(bus.kv(SECRETS_BUCKET).watch(f"{NS}.*")))
     try:
@@ -173,11 +183,18 @@ async def test_missing_secret_pends_then_a_put_rolls_out_the_new_value(
     assert two.secret_files == (("db", (("password", second.encode()),)),)
     assert two.key != one.key
 
-    # Deleting it leaves what runs running (no crash loop); it is still what was applied.
+    # Deleting it leaves what runs running (no crash loop); it is still what was applied,
+    # and the status says why nothing newer can start.
+    assert (await _status(gw.bus, record))[0] == "running"
     assert (await gw.http.delete(f"/v1/namespaces/{NS}/secrets/db")).status == 200
-    await asyncio.sleep(0.3)
     await dep.reconcile_one(NS, "uses-db")
     assert backend.current(NS, "uses-db") == two
+    status, reason, message = await _status(gw.bus, record)
+    assert (status, reason) == ("pending", "SecretNotFound")
+    assert message.endswith(f"generation {record.generation} keeps serving")
+    serving = await Registry(gw.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState).get(NS, "uses-db")
+    assert serving is not None
+    assert serving.value.endpoints == [ENDPOINT]
 
     # No value reached the lifecycle stream or the deployment state.
     stream = await gw.bus.read("LIFECYCLE", lifecycle_filter(namespace=NS), limit=1000)

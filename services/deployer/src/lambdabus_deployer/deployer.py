@@ -73,10 +73,7 @@ class Deployer:
             if isinstance(resolved, Failure):
                 if running is not None:
                     # What runs keeps running (as with a failed build); the new revision waits.
-                    log.warning(
-                        "a secret the function names is missing; what runs stays as it is",
-                        extra={"namespace": namespace, "function": name, "reason": resolved.reason},
-                    )
+                    await self._states.blocked(record, resolved, serving=True)
                     return
                 if desired_instances(record, build.value if build else None) is None:
                     await self._states.idle(namespace, name, record.generation)

@@ -530,10 +530,25 @@ def idle_state(previous: DeploymentState, generation: int, now: datetime) -> Dep
 
 
 def blocked_state(
-    previous: DeploymentState | None, record: FunctionRecord, failure: Failure, now: datetime
+    previous: DeploymentState | None,
+    record: FunctionRecord,
+    failure: Failure,
+    now: datetime,
+    *,
+    serving: bool = False,
 ) -> DeploymentState:
     """A function that cannot start until something it names exists (a secret): pending, with
-    the reason and what to do, and no endpoints (nothing of it runs)."""
+    the reason and what to do, and no endpoints (nothing of it runs). With `serving`, what runs
+    keeps running and keeps its endpoints; the state says why the new revision does not start."""
+    if serving and previous is not None and previous.uid == record.uid:
+        return previous.model_copy(
+            update={
+                "phase": "started",
+                "reason": failure.reason,
+                "message": f"{failure.message}; generation {previous.generation} keeps serving",
+                "updated_at": now,
+            }
+        )
     return DeploymentState(
         namespace=record.namespace,
         name=record.name,

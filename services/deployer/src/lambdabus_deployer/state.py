@@ -83,14 +83,17 @@ class DeploymentStates:
                 await self._publish(deployment_event(state))
             self._last[key] = state
 
-    async def blocked(self, record: FunctionRecord, failure: Failure) -> None:
-        """The function cannot start (a secret it names is missing): say so, once."""
+    async def blocked(
+        self, record: FunctionRecord, failure: Failure, *, serving: bool = False
+    ) -> None:
+        """The function cannot start (a secret it names is missing): say so, once. `serving`:
+        an older revision runs on (its endpoints stay)."""
         key = (record.namespace, record.name)
         async with self._locks[key]:
             if self._closed or key in self._gone:
                 return
             previous = await self._previous(key)
-            state = blocked_state(previous, record, failure, datetime.now(UTC))
+            state = blocked_state(previous, record, failure, datetime.now(UTC), serving=serving)
             if previous is not None and previous.model_dump(
                 exclude={"updated_at"}
             ) == state.model_dump(exclude={"updated_at"}):
