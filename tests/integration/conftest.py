@@ -4,7 +4,9 @@ nats-server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,14 @@ from lambdabus_gateway.__main__ import make_setup
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.service import serve
-from lambdabus_platform.settings import NatsSettings
+from lambdabus_platform.settings import NatsSettings, SecretsSettings
+
+# One secrets key for every gateway of the session (they share the session's nats-server).
+SESSION_SECRETS_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def secrets_settings() -> SecretsSettings:
+    return SecretsSettings(key=SESSION_SECRETS_KEY)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -56,6 +65,6 @@ async def running_gateway(settings: GatewaySettings, bus: Bus) -> AsyncIterator[
 
 @pytest.fixture
 async def gateway(nats_settings: NatsSettings, bus: Bus) -> AsyncIterator[RunningGateway]:
-    settings = GatewaySettings(port=0, nats=nats_settings)
+    settings = GatewaySettings(port=0, nats=nats_settings, secrets=secrets_settings())
     async with running_gateway(settings, bus) as gw:
         yield gw

@@ -50,7 +50,7 @@ from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import BUILDS_BUCKET, FUNCTIONS_BUCKET, function_key, logs_subject
 from lambdabus_testing.wheels import WheelIndex
-from tests.integration.conftest import RunningGateway, running_gateway
+from tests.integration.conftest import RunningGateway, running_gateway, secrets_settings
 from tests.zips import make_zip
 
 NS = "builds"
@@ -81,7 +81,9 @@ def builder_settings(
 
 @pytest.fixture
 async def gateway(nats_settings: NatsSettings, bus: Bus) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(GatewaySettings(port=0, nats=nats_settings), bus) as gw:
+    async with running_gateway(
+        GatewaySettings(port=0, nats=nats_settings, secrets=secrets_settings()), bus
+    ) as gw:
         yield gw
 
 

@@ -35,6 +35,7 @@ from lambdabus_events.catalog import (
     BuildSucceededData,
     FunctionDeleted,
     FunctionDeletedData,
+    FunctionSpecSummary,
     FunctionUpdated,
     FunctionUpdatedData,
     LifecycleEvent,
@@ -316,7 +317,7 @@ class World:
             name=record.name,
             uid=record.uid,
             generation=updated.generation,
-            spec=spec,
+            spec=FunctionSpecSummary.of(spec),
             source=record.source,
             changes=["config"],
         )

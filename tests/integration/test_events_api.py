@@ -18,7 +18,7 @@ from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import event_subject
-from tests.integration.conftest import RunningGateway, running_gateway
+from tests.integration.conftest import RunningGateway, running_gateway, secrets_settings
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -312,7 +312,13 @@ async def test_types_never_reach_nats_as_wildcards_or_extra_tokens(
 
 
 async def test_size_limits(nats_settings: NatsSettings, bus: Bus) -> None:
-    settings = GatewaySettings(port=0, nats=nats_settings, max_event_bytes=2048, max_batch_events=2)
+    settings = GatewaySettings(
+        port=0,
+        nats=nats_settings,
+        secrets=secrets_settings(),
+        max_event_bytes=2048,
+        max_batch_events=2,
+    )
     async with running_gateway(settings, bus) as gw:
         before = await gw.bus.count("EVENTS", ALL_EVENTS)
         big = _event(data="x" * 3000)

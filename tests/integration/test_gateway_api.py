@@ -11,7 +11,7 @@ import aiohttp
 from lambdabus_events.catalog import parse_lifecycle
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.settings import NatsSettings
-from tests.integration.conftest import RunningGateway
+from tests.integration.conftest import RunningGateway, secrets_settings
 from tests.zips import make_zip
 
 HELLO = "async def main(request):\n    return {'hello': 'world'}\n"
@@ -251,7 +251,10 @@ async def test_invoke_relays_to_the_router(nats_settings: NatsSettings, bus: Bus
     port = runner.addresses[0][1]
     try:
         settings = GatewaySettings(
-            port=0, nats=nats_settings, router_url=f"http://127.0.0.1:{port}"
+            port=0,
+            nats=nats_settings,
+            router_url=f"http://127.0.0.1:{port}",
+            secrets=secrets_settings(),
         )
         async with running_gateway(settings, bus) as gw:
             assert (await _create(gw, "invoke-test", "echo")).status == 202

@@ -21,6 +21,7 @@ from lambdabus_events.catalog import (
     FunctionCreatedData,
     FunctionDeleted,
     FunctionDeletedData,
+    FunctionSpecSummary,
     lifecycle_event,
 )
 from lambdabus_events.models import (
@@ -166,7 +167,7 @@ async def test_lifecycle_is_the_audit_history_of_one_function(logs: RunningLogs)
                     name=name,
                     uid=f"u-{name}",
                     generation=1,
-                    spec=FunctionConfig(),
+                    spec=FunctionSpecSummary.of(FunctionConfig()),
                     source=source,
                 ),
                 service="gateway",

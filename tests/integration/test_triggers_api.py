@@ -30,7 +30,7 @@ from lambdabus_platform.subjects import (
     redrive_subject,
     trigger_key,
 )
-from tests.integration.conftest import RunningGateway, running_gateway
+from tests.integration.conftest import RunningGateway, running_gateway, secrets_settings
 
 HELLO = "async def main(request):\n    return {'hello': 'world'}\n"
 
@@ -205,7 +205,7 @@ async def test_a_restarted_gateway_deletes_triggers_left_without_a_function(
     """The gateway stopped between deleting a function and deleting its triggers: on start it
     deletes the orphans (and says so), and keeps the rest."""
     ns = _ns()
-    settings = GatewaySettings(port=0, nats=nats_settings)
+    settings = GatewaySettings(port=0, nats=nats_settings, secrets=secrets_settings())
     async with running_gateway(settings, bus) as gw:
         await _function(gw, ns, "kept")
         status, _, _ = await _call(

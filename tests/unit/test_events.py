@@ -37,9 +37,14 @@ from lambdabus_events.catalog import (
     FunctionCreatedData,
     FunctionDeleted,
     FunctionDeletedData,
+    FunctionSpecSummary,
     FunctionUpdated,
     FunctionUpdatedData,
     LifecycleEvent,
+    SecretCreated,
+    SecretData,
+    SecretDeleted,
+    SecretUpdated,
     Service,
     TriggerCreated,
     TriggerData,
@@ -48,7 +53,7 @@ from lambdabus_events.catalog import (
     parse_lifecycle,
     schema_url,
 )
-from lambdabus_events.models import FunctionConfig, SourceRef
+from lambdabus_events.models import FunctionConfig, SourceRef, env_digest
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 TIME = datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
@@ -61,13 +66,22 @@ _DEPLOY = DeploymentData(**_REF, replicas=2, ready_replicas=1, reason="Scaling",
 _TRIGGER = TriggerData(
     namespace="team-a", name="on-upload", function="hello", filter={"type": "com.example.up"}
 )
+_SECRET = SecretData(namespace="team-a", name="hello", keys=["password"], version=2)
 
 # One (service, data) per catalog type; test_every_type_has_a_sample keeps it complete.
 SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
-    FunctionCreated: ("gateway", FunctionCreatedData(**_REF, spec=_SPEC, source=_SOURCE)),
+    FunctionCreated: (
+        "gateway",
+        FunctionCreatedData(**_REF, spec=FunctionSpecSummary.of(_SPEC), source=_SOURCE),
+    ),
     FunctionUpdated: (
         "gateway",
-        FunctionUpdatedData(**_REF, spec=_SPEC, source=_SOURCE, changes=["source", "config"]),
+        FunctionUpdatedData(
+            **_REF,
+            spec=FunctionSpecSummary.of(_SPEC),
+            source=_SOURCE,
+            changes=["source", "config"],
+        ),
     ),
     FunctionDeleted: ("gateway", FunctionDeletedData(**_REF)),
     BuildQueued: ("builder", BuildQueuedData(**_BUILD)),
@@ -89,6 +103,9 @@ SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
     DeploymentStopped: ("deployer", _DEPLOY),
     TriggerCreated: ("gateway", _TRIGGER),
     TriggerDeleted: ("gateway", _TRIGGER),
+    SecretCreated: ("gateway", _SECRET),
+    SecretUpdated: ("gateway", _SECRET),
+    SecretDeleted: ("gateway", _SECRET),
     DeliveryDeadlettered: (
         "router",
         DeliveryDeadletteredData(
@@ -314,3 +331,24 @@ def test_check_cli_exit_status(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert f"different: {index}" in result.stderr
+
+
+def test_function_events_carry_env_keys_and_a_digest_not_values() -> None:
+    event = sample(FunctionCreated)
+    raw = event.model_dump_json()
+    assert "hé / 100%" not in raw
+    spec = event.model_dump(mode="json")["data"]["spec"]
+    assert spec["env_keys"] == ["GREETING"]
+    assert "env" not in spec
+    assert spec["env_digest"] == env_digest({"GREETING": "hé / 100%"})
+    # an event stored before, with the values, is read back without them
+    old = json.loads(raw)
+    old["data"]["spec"] = {"runtime": "nodejs20", "env": {"GREETING": "hé / 100%"}}
+    reread = parse_lifecycle(json.dumps(old))
+    assert "hé / 100%" not in reread.model_dump_json()
+    assert reread.model_dump()["data"]["spec"]["env_digest"] == spec["env_digest"]
+
+
+def test_the_spec_summary_has_every_field_but_the_env() -> None:
+    summary = set(FunctionSpecSummary.model_fields) - {"env_keys", "env_digest"}
+    assert summary == set(FunctionConfig.model_fields) - {"env"}

@@ -102,7 +102,7 @@ def summarize_event(event: JsonObject) -> str:
     kind = str(event.get("type", "")).removeprefix(EVENT_TYPE_PREFIX)
     data = _event_data(event)
     facts = _event_facts(kind, data)
-    if kind.startswith(("trigger.", "delivery.")):
+    if kind.startswith(("trigger.", "delivery.", "secret.")):
         return ", ".join(facts)
     generation = f"generation {data['generation']}" if "generation" in data else ""
     if kind == "function.updated" and facts:
@@ -132,6 +132,10 @@ def _event_facts(kind: str, data: JsonObject) -> list[str]:
         return [f"{data.get('ready_replicas', '?')}/{data.get('replicas', '?')} ready"]
     if kind.startswith("trigger."):
         return [f"trigger {data.get('name', '?')} -> function {data.get('function', '?')}"]
+    if kind.startswith("secret."):
+        keys = data.get("keys")
+        named = ", ".join(map(str, keys)) if isinstance(keys, list) else "?"
+        return [f"version {data.get('version', '?')}", f"keys {named}"]
     if kind == "delivery.deadlettered":
         return [
             (

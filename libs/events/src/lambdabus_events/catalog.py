@@ -11,9 +11,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal, TypeVar, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from lambdabus_events.models import FunctionConfig, SourceRef
+from lambdabus_events.models import (
+    EnvName,
+    FunctionConfig,
+    Runtime,
+    SecretKeyName,
+    SecretKeyRef,
+    SourceRef,
+    env_digest,
+)
 from lambdabus_events.names import LABEL_MAX, LABEL_PATTERN, Label
 
 SCHEMA_BASE = "https://lambdabus.io/schemas/events/"
@@ -39,14 +47,61 @@ class FunctionRef(_Data):
     generation: int = Field(ge=1)
 
 
+class FunctionSpecSummary(_Data):
+    """A function's spec as lifecycle events carry it: everything but the env values, which
+    stay in the function record (events live in the LIFECYCLE stream for a year and are read by
+    auditors). `env_digest` changes whenever a value does."""
+
+    runtime: Runtime
+    env_keys: list[EnvName] = Field(description="names of the env variables, sorted")
+    env_digest: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="sha256 over the sorted (name, value) items"
+    )
+    replicas: int
+    timeout: float
+    memory: int
+    description: str
+    cpu: int
+    pids: int
+    open_files: int
+    tmp_size: int
+    network: Literal["outbound", "none"]
+    invoke_auth: Literal["none", "token"]
+    max_concurrency: int | None
+    secrets: list[Label]
+    env_from: dict[EnvName, SecretKeyRef]
+
+    @classmethod
+    def of(cls, config: FunctionConfig) -> FunctionSpecSummary:
+        fields = config.model_dump(exclude={"env"})
+        return cls(**fields, env_keys=sorted(config.env), env_digest=env_digest(config.env))
+
+
+def _summarized(value: object) -> object:
+    """A full spec (a FunctionConfig, or its JSON as events stored before env values left
+    them carried it) becomes its summary: no code path can put env values into an event."""
+    if isinstance(value, FunctionConfig):
+        return FunctionSpecSummary.of(value)
+    if isinstance(value, dict) and "env" in value:
+        env = {str(k): str(v) for k, v in dict(value["env"] or {}).items()}
+        rest = {k: v for k, v in value.items() if k != "env"}
+        defaults = FunctionConfig().model_dump(mode="json", exclude={"env"})
+        return {**defaults, **rest, "env_keys": sorted(env), "env_digest": env_digest(env)}
+    return value
+
+
 class FunctionCreatedData(FunctionRef):
-    spec: FunctionConfig
+    spec: FunctionSpecSummary
     source: SourceRef
+
+    _spec = field_validator("spec", mode="before")(_summarized)
 
 
 class FunctionUpdatedData(FunctionRef):
-    spec: FunctionConfig
+    spec: FunctionSpecSummary
     source: SourceRef
+
+    _spec = field_validator("spec", mode="before")(_summarized)
     changes: list[Literal["source", "config"]] = Field(
         description="what changed: 'source' needs a new build, 'config' only a redeploy"
     )
@@ -104,6 +159,15 @@ class DeliveryDeadletteredData(_Data):
     event_type: str
     attempts: int = Field(ge=1)
     reason: str
+
+
+class SecretData(_Data):
+    """A secret's name and key names; its values never travel in an event."""
+
+    namespace: Label
+    name: Label
+    keys: list[SecretKeyName]
+    version: int = Field(ge=1)
 
 
 DataT = TypeVar("DataT", bound=_Data)
@@ -229,6 +293,24 @@ class TriggerDeleted(LifecycleEvent):
     data: TriggerData
 
 
+class SecretCreated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.secret.created"
+    type: Literal["io.lambdabus.secret.created"] = "io.lambdabus.secret.created"
+    data: SecretData
+
+
+class SecretUpdated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.secret.updated"
+    type: Literal["io.lambdabus.secret.updated"] = "io.lambdabus.secret.updated"
+    data: SecretData
+
+
+class SecretDeleted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.secret.deleted"
+    type: Literal["io.lambdabus.secret.deleted"] = "io.lambdabus.secret.deleted"
+    data: SecretData
+
+
 class DeliveryDeadlettered(LifecycleEvent):
     EVENT_TYPE: ClassVar[str] = "io.lambdabus.delivery.deadlettered"
     type: Literal["io.lambdabus.delivery.deadlettered"] = "io.lambdabus.delivery.deadlettered"
@@ -250,6 +332,9 @@ CATALOG: tuple[type[LifecycleEvent], ...] = (
     DeploymentStopped,
     TriggerCreated,
     TriggerDeleted,
+    SecretCreated,
+    SecretUpdated,
+    SecretDeleted,
     DeliveryDeadlettered,
 )
 EVENT_TYPES: dict[str, type[LifecycleEvent]] = {cls.EVENT_TYPE: cls for cls in CATALOG}
@@ -270,6 +355,9 @@ AnyLifecycleEvent = Annotated[
         DeploymentStopped,
         TriggerCreated,
         TriggerDeleted,
+        SecretCreated,
+        SecretUpdated,
+        SecretDeleted,
         DeliveryDeadlettered,
     ],
     Field(discriminator="type"),

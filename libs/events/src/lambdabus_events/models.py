@@ -5,6 +5,8 @@ These shapes travel in lifecycle events and live in JetStream KV, so they are pa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -75,11 +77,22 @@ def env_problem(env: dict[str, str]) -> str | None:
     return None
 
 
+def env_digest(env: dict[str, str]) -> str:
+    """sha256 over the sorted (name, value) items: tells whether an env changed without
+    carrying its values (lifecycle events hold this, never the values)."""
+    material = json.dumps(sorted(env.items()), separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]{1,253}$"
+SecretKeyName = Annotated[str, Field(pattern=SECRET_KEY_PATTERN)]
+
+
 class SecretKeyRef(_Strict):
     """`env_from` entry: the value of one key of a secret in the function's namespace."""
 
     secret: Label
-    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]{1,253}$")]
+    key: SecretKeyName
 
 
 class FunctionConfig(_Strict):
@@ -426,3 +439,42 @@ class InvocationRequest(_Strict):
     body_base64: str = ""
     callback_url: str | None = None
     delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
+
+
+# -- secrets and quotas ------------------------------------------------------------------------
+
+
+class SecretInfo(_Strict):
+    """What the API shows of a secret: its key names and versions, never a value."""
+
+    namespace: Label
+    name: Label
+    keys: list[SecretKeyName]
+    version: int = Field(ge=1, description="1 at creation, +1 at every replacement")
+    created_at: datetime
+    updated_at: datetime
+
+
+class Quota(_Strict):
+    """Limits of one namespace. In the `quotas` KV bucket (`<ns>`) only the fields an operator
+    set are stored; the rest come from the settings' defaults."""
+
+    max_functions: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_instances: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="sum of the functions' replicas"
+    )
+    max_concurrent_invocations: int | None = Field(default=None, ge=0, le=10_000_000)
+
+    def over(self, defaults: Quota) -> Quota:
+        """These limits, each unset one taken from `defaults`."""
+        return Quota(
+            max_functions=self.max_functions
+            if self.max_functions is not None
+            else defaults.max_functions,
+            max_instances=self.max_instances
+            if self.max_instances is not None
+            else defaults.max_instances,
+            max_concurrent_invocations=self.max_concurrent_invocations
+            if self.max_concurrent_invocations is not None
+            else defaults.max_concurrent_invocations,
+        )

@@ -37,7 +37,13 @@ from lambdabus_platform.errors import (
     TemporaryError,
 )
 from lambdabus_platform.settings import NatsSettings
-from lambdabus_platform.subjects import ARTIFACTS_BUCKET, KV_BUCKETS, STREAMS, lifecycle_subject
+from lambdabus_platform.subjects import (
+    ARTIFACTS_BUCKET,
+    KV_BUCKETS,
+    NO_HISTORY_BUCKETS,
+    STREAMS,
+    lifecycle_subject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +248,7 @@ class Bus:
             kv = await self._js.create_key_value(
                 api.KeyValueConfig(
                     bucket=bucket,
-                    history=5,
+                    history=1 if bucket in NO_HISTORY_BUCKETS else 5,
                     storage=api.StorageType.FILE,
                     replicas=s.replicas,
                 )

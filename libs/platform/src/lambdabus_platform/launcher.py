@@ -24,8 +24,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lambdabus_platform.natsserver import NatsServerError, run_nats_server
 from lambdabus_platform.procs import die_with_parent
+from lambdabus_platform.secretbox import KEY_FILE_NAME
 
 SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
+# The only services that hold the secrets key: the gateway seals, the deployer opens.
+SECRETS_KEY_HOLDERS = frozenset({"gateway", "deployer"})
 
 
 class UpSettings(BaseSettings):
@@ -79,7 +82,14 @@ class Platform:
         print(text, file=self.out, flush=True)
 
     def env_for(self, service: str, nats_url: str) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDABUS_SECRETS_")}
+        if service in SECRETS_KEY_HOLDERS:
+            # Only the path: the key stays in its 0600 file, never in an environment.
+            env["LAMBDABUS_SECRETS_KEY_FILE"] = os.environ.get(
+                "LAMBDABUS_SECRETS_KEY_FILE", str(self.settings.data_dir.resolve() / KEY_FILE_NAME)
+            )
+            if "LAMBDABUS_SECRETS_KEY" in os.environ:
+                env["LAMBDABUS_SECRETS_KEY"] = os.environ["LAMBDABUS_SECRETS_KEY"]
         env["LAMBDABUS_NATS_URL"] = nats_url
         prefix = f"LAMBDABUS_{service.upper()}_"
         env[prefix + "HOST"] = self.settings.host

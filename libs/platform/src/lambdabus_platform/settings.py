@@ -84,3 +84,29 @@ class ServiceSettings(BaseSettings):
     log_level: LogLevel = "INFO"
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     state_dir: Path = Path(".lambdabus")
+
+
+class QuotaSettings(BaseSettings):
+    """Default limits of every namespace (`LAMBDABUS_QUOTA_*`); an operator overrides them per
+    namespace through `PUT /v1/namespaces/{ns}/quota` (the `quotas` KV bucket)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_QUOTA_", extra="ignore")
+
+    max_functions: int = Field(default=100, ge=0)
+    max_instances: int = Field(default=50, ge=0, description="sum of the functions' replicas")
+    max_concurrent_invocations: int = Field(default=1000, ge=0)
+
+
+class SecretsSettings(BaseSettings):
+    """Where the secrets key is: `LAMBDABUS_SECRETS_KEY` (base64 of 32 bytes) or
+    `LAMBDABUS_SECRETS_KEY_FILE` (created at first start when missing)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_SECRETS_", extra="ignore")
+
+    key: SecretStr | None = Field(default=None, description="base64 of a 32-byte AES key")
+    key_file: Path | None = Field(
+        default=None,
+        description="the key file, created at first start when missing (default: secrets.key "
+        "in the data dir; `lambdabus up` points the gateway and the deployer, and no other "
+        "service, at it)",
+    )

@@ -42,13 +42,19 @@ BUILDS_BUCKET = "builds"  # builder
 DEPLOYMENTS_BUCKET = "deployments"  # deployer
 TRIGGERS_BUCKET = "triggers"  # gateway
 INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
+SECRETS_BUCKET = "secrets"  # gateway; encrypted values, read by the deployer only
+QUOTAS_BUCKET = "quotas"  # gateway; per-namespace overrides (`<ns>`), read by the router
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
     DEPLOYMENTS_BUCKET,
     TRIGGERS_BUCKET,
     INVOCATIONS_BUCKET,
+    SECRETS_BUCKET,
+    QUOTAS_BUCKET,
 )
+# Buckets that keep no history: an old value (a replaced secret) must not stay readable.
+NO_HISTORY_BUCKETS = frozenset({SECRETS_BUCKET})
 # Object store bucket of the NATS artifact store backend.
 ARTIFACTS_BUCKET = "artifacts"
 
@@ -63,6 +69,11 @@ def _checked(*tokens: str) -> tuple[str, ...]:
 def function_key(namespace: str, name: str) -> str:
     """KV key of a function: `<ns>.<name>`."""
     return ".".join(_checked(namespace, name))
+
+
+def namespace_key(namespace: str) -> str:
+    """KV key of a per-namespace record (a quota): `<ns>`."""
+    return _checked(namespace)[0]
 
 
 def namespace_pattern(namespace: str) -> str:

@@ -22,8 +22,10 @@ from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.sandbox import detect_sandbox
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
+from lambdabus_platform.secretbox import open_secret_box
+from lambdabus_platform.secretstore import SecretStore
 from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
-from lambdabus_platform.subjects import entity_filter
+from lambdabus_platform.subjects import SECRETS_BUCKET, entity_filter
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -40,6 +42,9 @@ def make_setup(settings: DeployerSettings) -> Setup:
         if runtime.pythonpath is None:
             log.warning("the runtime SDK (lambdabus_runtime) was not found; python functions fail")
         states = DeploymentStates(ctx.bus)
+        secrets = SecretStore(
+            ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.hidden_dir)
+        )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (
             aiohttp.ClientSession(connector=connector) as http,
@@ -54,7 +59,7 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 metrics=DeployerMetrics.create(ctx.metrics.registry),
             ) as backend,
         ):
-            deployer = Deployer(bus=ctx.bus, backend=backend, states=states)
+            deployer = Deployer(bus=ctx.bus, backend=backend, states=states, secrets=secrets)
             subscribe_lifecycle(
                 ctx, entity_filter("build"), durable="deployer-builds", handler=deployer.on_event
             )
@@ -67,12 +72,16 @@ def make_setup(settings: DeployerSettings) -> Setup:
             reconciling = asyncio.create_task(
                 deployer.reconcile_forever(settings.reconcile_interval)
             )
+            watching = asyncio.create_task(
+                _watch_secrets(deployer, ctx, settings.reconcile_interval)
+            )
             try:
                 yield
             finally:
-                reconciling.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reconciling
+                for task in (reconciling, watching):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 try:
                     await asyncio.wait_for(states.close(), 3)
                 except Exception as exc:
@@ -80,6 +89,19 @@ def make_setup(settings: DeployerSettings) -> Setup:
             # Leaving open_local_backend stops every instance: nothing outlives the deployer.
 
     return setup
+
+
+async def _watch_secrets(deployer: Deployer, ctx: ServiceContext, retry: float) -> None:
+    """A changed secret rolls out the functions that use it; a broken watch starts again (the
+    periodic reconcile covers the gap)."""
+    while True:
+        try:
+            await deployer.watch_secrets(ctx.bus.kv(SECRETS_BUCKET).watch(">"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watching the secrets failed; watching again")
+        await asyncio.sleep(retry)
 
 
 def main() -> int:

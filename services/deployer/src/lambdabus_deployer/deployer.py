@@ -8,9 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 from lambdabus_deployer.backend import DeployBackend
-from lambdabus_deployer.plan import desired_instances
+from lambdabus_deployer.plan import (
+    SECRET_UNREADABLE,
+    Failure,
+    ResolvedSecrets,
+    desired_instances,
+    resolve_secrets,
+)
 from lambdabus_deployer.state import DeploymentStates, Key
 from lambdabus_events.catalog import (
     BuildSucceeded,
@@ -19,18 +26,28 @@ from lambdabus_events.catalog import (
     LifecycleEvent,
 )
 from lambdabus_events.models import BuildState, FunctionRecord
-from lambdabus_platform.bus import Bus
+from lambdabus_platform.bus import Bus, KvEntry
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.subjects import BUILDS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_platform.secretbox import SecretKeyError
+from lambdabus_platform.secretstore import SecretStore
+from lambdabus_platform.subjects import BUILDS_BUCKET, FUNCTIONS_BUCKET, namespace_pattern
 
 log = logging.getLogger("lambdabus.deployer")
 
 
 class Deployer:
-    def __init__(self, *, bus: Bus, backend: DeployBackend, states: DeploymentStates) -> None:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        backend: DeployBackend,
+        states: DeploymentStates,
+        secrets: SecretStore | None = None,
+    ) -> None:
         self._bus = bus
         self._backend = backend
         self._states = states
+        self._secrets = secrets
         self._functions = Registry(bus.kv(FUNCTIONS_BUCKET), FunctionRecord)
         self._builds = Registry(bus.kv(BUILDS_BUCKET), BuildState)
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -52,7 +69,18 @@ class Deployer:
                 await self._remove(namespace, name)
                 running = None
             build = await self._builds.get(namespace, name)
-            desired = desired_instances(record, build.value if build else None, running)
+            resolved = await self._resolve(record)
+            if isinstance(resolved, Failure):
+                if running is not None:
+                    # What runs keeps running (as with a failed build); the new revision waits.
+                    await self._states.blocked(record, resolved, serving=True)
+                    return
+                if desired_instances(record, build.value if build else None) is None:
+                    await self._states.idle(namespace, name, record.generation)
+                    return
+                await self._states.blocked(record, resolved)
+                return
+            desired = desired_instances(record, build.value if build else None, running, resolved)
             if desired is None:
                 await self._states.idle(namespace, name, record.generation)
                 return
@@ -67,6 +95,54 @@ class Deployer:
                     # It failed before this deployer started; a new generation tries again.
                     return
             await self._backend.apply(desired)
+
+    async def _resolve(self, record: FunctionRecord) -> ResolvedSecrets | Failure:
+        """The function's secrets, decrypted and resolved (see `resolve_secrets`); a secret the
+        deployer cannot decrypt (its key is not the gateway's) fails it the same way."""
+        names = record.spec.secret_names()
+        if not names or self._secrets is None:
+            return resolve_secrets(record.namespace, record.spec, {})
+        found: dict[str, dict[str, str]] = {}
+        for name in sorted(names):
+            item = await self._secrets.get(record.namespace, name)
+            if item is None:
+                continue
+            try:
+                found[name] = self._secrets.values(item.secret)
+            except SecretKeyError:
+                log.error(
+                    "cannot decrypt a secret: the deployer's secrets key is not the gateway's",
+                    extra={"namespace": record.namespace, "secret": name},
+                )
+                return Failure(
+                    SECRET_UNREADABLE,
+                    f"secret {name} cannot be decrypted by the deployer: its secrets key is not "
+                    "the one the gateway sealed it with (an operator must give both the same "
+                    "LAMBDABUS_SECRETS_KEY or key file)",
+                )
+        return resolve_secrets(record.namespace, record.spec, found)
+
+    async def on_secret_change(self, namespace: str, secret: str) -> None:
+        """A secret was created, replaced or deleted: converge every function that uses it (a
+        changed value changes the revision key, so they roll out)."""
+        entries = await self._bus.kv(FUNCTIONS_BUCKET).values(namespace_pattern(namespace))
+        for entry in entries:
+            record = FunctionRecord.model_validate_json(entry.value)
+            if secret in record.spec.secret_names():
+                await self.reconcile_one(namespace, record.name)
+
+    async def watch_secrets(self, changes: AsyncIterator[KvEntry]) -> None:
+        """Follow the secrets KV (its first pass replays the current values) and converge the
+        functions of every secret that changes."""
+        async for entry in changes:
+            namespace, _, secret = entry.key.partition(".")
+            try:
+                await self.on_secret_change(namespace, secret)
+            except Exception:
+                log.exception(
+                    "reconcile after a secret change failed; retried at the next pass",
+                    extra={"namespace": namespace, "secret": secret},
+                )
 
     async def _remove(self, namespace: str, name: str) -> None:
         if (namespace, name) not in self._backend.functions() and (

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,7 @@ from lambdabus_events.models import (
     ArtifactManifest,
     BuildState,
     DeploymentState,
+    FunctionConfig,
     FunctionRecord,
     InstanceState,
     Runtime,
@@ -35,6 +37,7 @@ from lambdabus_events.models import (
 from lambdabus_platform.errors import PermanentError
 
 FILE_ARTIFACT = "file://"
+_KEY_SALT = os.urandom(16)
 CRASH_TAIL_LINES = 20
 
 
@@ -65,8 +68,11 @@ class DesiredRevision:
     # Resolved from the secrets KV by the deployer (never in a record or an event): each
     # secret named in `spec.secrets` as (name, ((key, value), ...)), mounted read-only at
     # /secrets/<name>/<key>; and the env vars of `spec.env_from`, applied inside the sandbox.
-    secret_files: tuple[tuple[str, tuple[tuple[str, bytes], ...]], ...] = ()
-    secret_env: tuple[tuple[str, str], ...] = ()
+    # Not in the repr: a revision in a log line or an error must not show a value.
+    secret_files: tuple[tuple[str, tuple[tuple[str, bytes], ...]], ...] = field(
+        default=(), repr=False
+    )
+    secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def function(self) -> str:
@@ -76,7 +82,12 @@ class DesiredRevision:
     def key(self) -> str:
         """Identifies what an instance runs. The replica count is not part of it: changing it
         scales the running revision instead of rolling out a new one."""
-        secrets = hashlib.sha256(repr((self.secret_files, self.secret_env)).encode()).hexdigest()
+        # Salted per process: the key shows in instance ids (logs, metrics), and an unsalted
+        # hash of a short password could be searched offline. The deployer restarts every
+        # instance when it starts, so no key needs to outlive the process.
+        secrets = hashlib.sha256(
+            _KEY_SALT + repr((self.secret_files, self.secret_env)).encode()
+        ).hexdigest()
         material = json.dumps(
             [
                 self.uid,
@@ -96,8 +107,53 @@ class DesiredRevision:
         return hashlib.sha256(material.encode()).hexdigest()[:12]
 
 
+# -- secrets ---------------------------------------------------------------------------------
+
+# The secrets a function names that exist in its namespace: name → {key: value}.
+SecretValues = Mapping[str, Mapping[str, str]]
+SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_UNREADABLE = "SecretUnreadable"
+
+
+@dataclass(frozen=True)
+class ResolvedSecrets:
+    files: tuple[tuple[str, tuple[tuple[str, bytes], ...]], ...] = field(default=(), repr=False)
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+
+def resolve_secrets(
+    namespace: str, spec: FunctionConfig, found: SecretValues
+) -> ResolvedSecrets | Failure:
+    """What `spec.secrets` mounts and `spec.env_from` sets, from the secrets found; or a
+    SecretNotFound failure naming the first missing secret or key (names only). Pure."""
+    for name in sorted(spec.secret_names()):
+        if name not in found:
+            return Failure(
+                SECRET_NOT_FOUND,
+                f"secret {name} does not exist in namespace {namespace}; create it "
+                f"(POST /v1/namespaces/{namespace}/secrets) and the function starts",
+            )
+    for var, ref in sorted(spec.env_from.items()):
+        if ref.key not in found[ref.secret]:
+            return Failure(
+                SECRET_NOT_FOUND,
+                f"secret {ref.secret} has no key {ref.key} (env_from {var}); its keys: "
+                f"{', '.join(sorted(found[ref.secret])) or 'none'}",
+            )
+    files = tuple(
+        (name, tuple((k, v.encode()) for k, v in sorted(found[name].items())))
+        for name in sorted(set(spec.secrets))
+    )
+    env = tuple((var, found[ref.secret][ref.key]) for var, ref in sorted(spec.env_from.items()))
+    return ResolvedSecrets(files, env)
+
+
 def _built(
-    record: FunctionRecord, build: BuildState, artifact: str, generation: int
+    record: FunctionRecord,
+    build: BuildState,
+    artifact: str,
+    generation: int,
+    secrets: ResolvedSecrets,
 ) -> DesiredRevision:
     spec = record.spec
     return DesiredRevision(
@@ -117,18 +173,25 @@ def _built(
         open_files=spec.open_files,
         tmp_size=spec.tmp_size,
         network=spec.network,
+        secret_files=secrets.files,
+        secret_env=secrets.env,
     )
 
 
 def desired_instances(
-    record: FunctionRecord, build_state: BuildState | None, running: DesiredRevision | None = None
+    record: FunctionRecord,
+    build_state: BuildState | None,
+    running: DesiredRevision | None = None,
+    secrets: ResolvedSecrets | None = None,
 ) -> DesiredRevision | None:
     """The revision to run: the artifact of the newest succeeded build of this function (this
     uid) with the config of the current record, so a config-only update redeploys the same
     artifact. A generation applies whole: while the build of a new source is pending (or
     failed), what runs keeps running unchanged (`running`), and its new config waits for its
     new code. With nothing running, a build of an older source is better than nothing; it runs
-    under the generation it was built for. None when nothing was built."""
+    under the generation it was built for. None when nothing was built. `secrets`: what the
+    record's secrets resolved to (see `resolve_secrets`)."""
+    secrets = secrets or ResolvedSecrets()
     build = build_state
     if (
         build is not None
@@ -139,9 +202,10 @@ def desired_instances(
         same_source = build.source_sha256 in ("", record.source.sha256)
         same_runtime = build.runtime in ("", record.spec.runtime)
         if same_source and same_runtime:
-            return _built(record, build, build.artifact, record.generation)
+            return _built(record, build, build.artifact, record.generation, secrets)
         if running is None or running.uid != record.uid:
-            return _built(record, build, build.artifact, min(build.generation, record.generation))
+            generation = min(build.generation, record.generation)
+            return _built(record, build, build.artifact, generation, secrets)
     if running is not None and running.uid == record.uid:
         return running
     return None
@@ -462,6 +526,42 @@ def idle_state(previous: DeploymentState, generation: int, now: datetime) -> Dep
             "instances": [],
             "updated_at": now,
         }
+    )
+
+
+def blocked_state(
+    previous: DeploymentState | None,
+    record: FunctionRecord,
+    failure: Failure,
+    now: datetime,
+    *,
+    serving: bool = False,
+) -> DeploymentState:
+    """A function that cannot start until something it names exists (a secret): pending, with
+    the reason and what to do, and no endpoints (nothing of it runs). With `serving`, what runs
+    keeps running and keeps its endpoints; the state says why the new revision does not start."""
+    if serving and previous is not None and previous.uid == record.uid:
+        return previous.model_copy(
+            update={
+                "phase": "started",
+                "reason": failure.reason,
+                "message": f"{failure.message}; generation {previous.generation} keeps serving",
+                "updated_at": now,
+            }
+        )
+    return DeploymentState(
+        namespace=record.namespace,
+        name=record.name,
+        uid=record.uid,
+        generation=record.generation,
+        phase="started",
+        replicas=record.spec.replicas,
+        ready_replicas=0,
+        reason=failure.reason,
+        message=failure.message,
+        timeout=record.spec.timeout,
+        sandboxed=previous.sandboxed if previous is not None else False,
+        updated_at=now,
     )
 
 

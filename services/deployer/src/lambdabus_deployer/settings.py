@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from lambdabus_platform.settings import ServiceSettings
+from lambdabus_platform.settings import SecretsSettings, ServiceSettings
 
 SandboxMode = Literal["auto", "bubblewrap", "none"]
 
@@ -48,6 +48,7 @@ class DeployerSettings(ServiceSettings):
     )
     crashloop_window: float = Field(default=60.0, gt=0)
     sandbox: SandboxMode = "auto"
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     reconcile_interval: float = Field(default=10.0, gt=0)
     log_line_max_bytes: int = Field(default=16384, ge=256)
     log_rate_lines_per_second: int = Field(default=2000, ge=1)

@@ -10,7 +10,9 @@ from collections import defaultdict
 from datetime import UTC, datetime
 
 from lambdabus_deployer.plan import (
+    Failure,
     Observation,
+    blocked_state,
     deployment_event,
     idle_state,
     next_deployment_state,
@@ -18,7 +20,7 @@ from lambdabus_deployer.plan import (
     withdrawn_state,
 )
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import DeploymentState
+from lambdabus_events.models import DeploymentState, FunctionRecord
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET
@@ -78,6 +80,30 @@ class DeploymentStates:
             state = idle_state(previous, generation, datetime.now(UTC))
             await self._registry.put(*key, state)
             if state.phase != previous.phase:
+                await self._publish(deployment_event(state))
+            self._last[key] = state
+
+    async def blocked(
+        self, record: FunctionRecord, failure: Failure, *, serving: bool = False
+    ) -> None:
+        """The function cannot start (a secret it names is missing): say so, once. `serving`:
+        an older revision runs on (its endpoints stay)."""
+        key = (record.namespace, record.name)
+        async with self._locks[key]:
+            if self._closed or key in self._gone:
+                return
+            previous = await self._previous(key)
+            state = blocked_state(previous, record, failure, datetime.now(UTC), serving=serving)
+            if previous is not None and previous.model_dump(
+                exclude={"updated_at"}
+            ) == state.model_dump(exclude={"updated_at"}):
+                return
+            await self._registry.put(*key, state)
+            if previous is None or (previous.phase, previous.generation, previous.reason) != (
+                state.phase,
+                state.generation,
+                state.reason,
+            ):
                 await self._publish(deployment_event(state))
             self._last[key] = state
 

@@ -12,18 +12,24 @@ from lambdabus_gateway.deadletters import DeadLetters
 from lambdabus_gateway.functions import Functions
 from lambdabus_gateway.invocations import Invocations
 from lambdabus_gateway.invoke import Invoker
+from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.secrets import Secrets
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.triggers import Triggers
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.registry import Registry
+from lambdabus_platform.secretbox import open_secret_box
+from lambdabus_platform.secretstore import SecretStore
 from lambdabus_platform.service import ServiceContext, run
 from lambdabus_platform.subjects import (
     BUILDS_BUCKET,
     DEPLOYMENTS_BUCKET,
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
+    QUOTAS_BUCKET,
+    SECRETS_BUCKET,
     TRIGGERS_BUCKET,
 )
 
@@ -34,15 +40,19 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
         invoker = Invoker(settings.router_url, settings.max_invoke_body_bytes)
+        box = open_secret_box(settings.secrets, settings.state_dir)
+        records = Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord)
+        quotas = Quotas(kv=ctx.bus.kv(QUOTAS_BUCKET), functions=records, settings=settings.quota)
         async with open_blob_store(settings.store, ctx.bus) as blobs:
             functions = Functions(
                 bus=ctx.bus,
-                records=Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord),
+                records=records,
                 blobs=blobs,
                 limits=ArchiveLimits(
                     max_entries=settings.max_archive_entries,
                     max_uncompressed=settings.max_uncompressed_bytes,
                 ),
+                quotas=quotas,
             )
             triggers = Triggers(bus=ctx.bus, kv=ctx.bus.kv(TRIGGERS_BUCKET), functions=functions)
             ctx.app[GATEWAY] = Gateway(
@@ -60,6 +70,8 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                     kv=ctx.bus.kv(INVOCATIONS_BUCKET),
                     max_body=settings.max_invoke_body_bytes,
                 ),
+                secrets=Secrets(bus=ctx.bus, store=SecretStore(ctx.bus.kv(SECRETS_BUCKET), box)),
+                quotas=quotas,
             )
             add_routes(ctx.app)
             try:

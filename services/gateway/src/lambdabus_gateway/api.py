@@ -22,6 +22,8 @@ from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.logs import query as query_logs
 from lambdabus_gateway.logs import stream_logs
 from lambdabus_gateway.openapi import render_openapi
+from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.secrets import MAX_BODY_BYTES, Secrets, parse_secret_body
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.triggers import Triggers, parse_trigger
 from lambdabus_gateway.uploads import _json_object, read_body, read_upload
@@ -47,6 +49,8 @@ class Gateway:
     triggers: Triggers
     deadletters: DeadLetters
     invocations: Invocations
+    secrets: Secrets
+    quotas: Quotas
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -368,6 +372,92 @@ async def redrive_deadletter(request: web.Request) -> web.Response:
     return web.json_response(answer, status=202)
 
 
+# -- secrets (values go in, never out) ---------------------------------------------------------
+
+
+async def _secret_body(request: web.Request) -> object:
+    if request.content_type not in ("application/json", ""):
+        raise InvalidRequest(
+            f"unsupported content type {request.content_type!r}: send the secret as application/json",
+            code="unsupported_media_type",
+            status=415,
+        )
+    raw = await read_body(request, MAX_BODY_BYTES, "the secret")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # The decoder's message quotes the input around the fault: say where, not what.
+        raise InvalidRequest(
+            'the secret is not valid UTF-8 JSON: send {"name": ..., "data": {"key": "value"}}',
+            code="malformed_json",
+        ) from None
+
+
+async def create_secret(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    body = parse_secret_body(await _secret_body(request))
+    info = await gw.secrets.create(ns, body)
+    return web.json_response(
+        info.model_dump(mode="json"),
+        status=201,
+        headers={"Location": f"/v1/namespaces/{ns}/secrets/{info.name}"},
+    )
+
+
+async def list_secrets(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    items = await gw.secrets.in_namespace(ns)
+    return web.json_response({"items": [i.model_dump(mode="json") for i in items]})
+
+
+async def get_secret(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "secret name")
+    return web.json_response((await gw.secrets.get(ns, name)).model_dump(mode="json"))
+
+
+async def replace_secret(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "secret name")
+    body = parse_secret_body(await _secret_body(request), name=name)
+    return web.json_response((await gw.secrets.replace(ns, body)).model_dump(mode="json"))
+
+
+async def delete_secret(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "secret name")
+    return web.json_response((await gw.secrets.delete(ns, name)).model_dump(mode="json"))
+
+
+# -- quotas ------------------------------------------------------------------------------------
+
+
+async def _quota_response(gw: Gateway, ns: str) -> web.Response:
+    override = await gw.quotas.override(ns)
+    return web.json_response(
+        {
+            "namespace": ns,
+            **override.over(gw.quotas.defaults).model_dump(),
+            "overrides": override.model_dump(exclude_none=True),
+        }
+    )
+
+
+async def get_quota(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return await _quota_response(gw, _label(request, "ns", "namespace"))
+
+
+async def put_quota(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    body = await read_body(request, gw.settings.max_spec_bytes, "the quota")
+    await gw.quotas.set(ns, _json_object(body, "the quota"))
+    return await _quota_response(gw, ns)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(render_openapi())
 
@@ -394,6 +484,13 @@ def add_routes(app: web.Application) -> None:
     r.add_get(namespace + "/deadletters", list_deadletters)
     r.add_post(namespace + "/deadletters/{id}/redrive", redrive_deadletter)
     r.add_get(namespace + "/invocations/{id}", get_invocation)
+    r.add_post(namespace + "/secrets", create_secret)
+    r.add_get(namespace + "/secrets", list_secrets)
+    r.add_get(namespace + "/secrets/{name}", get_secret)
+    r.add_put(namespace + "/secrets/{name}", replace_secret)
+    r.add_delete(namespace + "/secrets/{name}", delete_secret)
+    r.add_get(namespace + "/quota", get_quota)
+    r.add_put(namespace + "/quota", put_quota)
     r.add_post("/v1/events", publish_events)
     r.add_get("/v1/info", info)
     r.add_get("/v1/lifecycle", lifecycle)

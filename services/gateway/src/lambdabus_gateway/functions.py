@@ -20,12 +20,14 @@ from lambdabus_events.catalog import (
     FunctionCreatedData,
     FunctionDeleted,
     FunctionDeletedData,
+    FunctionSpecSummary,
     FunctionUpdated,
     FunctionUpdatedData,
     LifecycleEvent,
     lifecycle_event,
 )
 from lambdabus_events.models import FunctionConfig, FunctionRecord, Runtime, SourceRef
+from lambdabus_gateway.quotas import Quotas
 from lambdabus_gateway.uploads import Upload, parse_config, parse_spec
 from lambdabus_platform.archive import ArchiveLimits, build_inline_archive, inspect_archive
 from lambdabus_platform.blobstore import BlobStore
@@ -113,11 +115,13 @@ class Functions:
         records: Registry[FunctionRecord],
         blobs: BlobStore,
         limits: ArchiveLimits,
+        quotas: Quotas | None = None,
     ) -> None:
         self._bus = bus
         self._records = records
         self._blobs = blobs
         self._limits = limits
+        self._quotas = quotas
 
     async def _prepare_source(self, upload: Upload, runtime: Runtime) -> Source | None:
         if upload.archive is not None:
@@ -160,6 +164,10 @@ class Functions:
                 f"function {namespace}/{spec.name} already exists; use PUT to replace it",
                 code="function_exists",
             )
+        if self._quotas is not None:
+            await self._quotas.check(
+                namespace, spec.name, adds_function=True, replicas=spec.replicas
+            )
         source = await self._prepare_source(upload, spec.runtime)
         assert source is not None  # read_upload(require_source=True) guarantees one
         await self._store(source)
@@ -186,7 +194,7 @@ class Functions:
             name=spec.name,
             uid=record.uid,
             generation=1,
-            spec=record.spec,
+            spec=FunctionSpecSummary.of(record.spec),
             source=record.source,
         )
         await self._publish(
@@ -255,6 +263,11 @@ class Functions:
             )
             if not changes:
                 return current, []
+            grows = config.replicas > current.value.spec.replicas
+            if self._quotas is not None and grows:
+                await self._quotas.check(
+                    namespace, name, adds_function=False, replicas=config.replicas
+                )
             if source is not None and "source" in changes and not stored_source:
                 await self._store(source)
                 stored_source = True
@@ -271,7 +284,7 @@ class Functions:
                 name=name,
                 uid=record.uid,
                 generation=record.generation,
-                spec=record.spec,
+                spec=FunctionSpecSummary.of(record.spec),
                 source=record.source,
                 changes=changes,
             )

@@ -22,6 +22,8 @@ from lambdabus_events.models import (
     FunctionSpec,
     FunctionStatus,
     InvocationRecord,
+    Quota,
+    SecretInfo,
     TriggerRecord,
     TriggerSpec,
 )
@@ -74,6 +76,25 @@ class EventsAccepted(BaseModel):
     )
 
 
+class SecretWrite(BaseModel):
+    name: str = Field(description="an RFC 1035 label (may be left out in a PUT)")
+    data: dict[str, str] = Field(
+        description="key ([-._a-zA-Z0-9]{1,253}) → value; at most 64 KiB per value, 1 MiB in all"
+    )
+
+
+class SecretList(BaseModel):
+    items: list[SecretInfo]
+
+
+class NamespaceQuota(BaseModel):
+    namespace: str
+    max_functions: int
+    max_instances: int = Field(description="sum of the functions' replicas")
+    max_concurrent_invocations: int
+    overrides: Quota = Field(description="what an operator set; the rest are the defaults")
+
+
 class InlineSource(BaseModel):
     files: dict[str, str] = Field(description="path → text; must hold the runtime's entry point")
 
@@ -106,6 +127,13 @@ _ERRORS = {
         "413": "body or unpacked archive too large",
         "415": "unsupported content type",
     }.items()
+}
+_QUOTA = {
+    "429": _json(
+        "Error",
+        "`quota_exceeded`: the namespace's functions or instances (replicas) would pass its "
+        "quota; the message says what to do",
+    )
 }
 _ETAG = {"ETag": {"schema": {"type": "string"}, "description": "the record's KV revision"}}
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
@@ -199,6 +227,11 @@ def render_openapi() -> dict[str, Any]:
                 InvocationRecord,
                 InvocationAccepted,
                 EventsAccepted,
+                SecretWrite,
+                SecretInfo,
+                SecretList,
+                Quota,
+                NamespaceQuota,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -235,6 +268,7 @@ def render_openapi() -> dict[str, Any]:
                 "responses": {
                     "202": _json("FunctionRecord", "accepted; the build follows", _ETAG),
                     **_ERRORS,
+                    **_QUOTA,
                 },
             },
             "get": {
@@ -259,6 +293,7 @@ def render_openapi() -> dict[str, Any]:
                     "202": _json("FunctionRecord", "changed; a new generation", _ETAG),
                     "200": _json("FunctionRecord", "nothing changed", _ETAG),
                     **_ERRORS,
+                    **_QUOTA,
                 },
             },
             "patch": {
@@ -267,7 +302,11 @@ def render_openapi() -> dict[str, Any]:
                 "requestBody": {
                     "content": {"application/merge-patch+json": {"schema": {"type": "object"}}}
                 },
-                "responses": {"202": _json("FunctionRecord", "changed", _ETAG), **_ERRORS},
+                "responses": {
+                    "202": _json("FunctionRecord", "changed", _ETAG),
+                    **_ERRORS,
+                    **_QUOTA,
+                },
             },
             "delete": {
                 "operationId": "deleteFunction",
@@ -424,6 +463,90 @@ def render_openapi() -> dict[str, Any]:
                     "202": _json("TriggerRecord", "deleted; its consumer goes"),
                     "400": _ERRORS["400"],
                     "404": _json("Error", "no such trigger (`trigger_not_found`)"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/secrets": {
+            "parameters": _params("ns"),
+            "post": {
+                "operationId": "createSecret",
+                "summary": "Store a secret, encrypted at rest; no answer ever shows its values",
+                "description": (
+                    "A function uses it by `secrets: [name]` (each key a read-only file "
+                    "/secrets/<name>/<key>) or `env_from: {VAR: {secret, key}}`. Changing it "
+                    "rolls out the functions that use it."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SecretWrite")}},
+                },
+                "responses": {
+                    "201": _json(
+                        "SecretInfo",
+                        "created: key names and version, no values",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
+                    "400": _json("Error", "`invalid_name`, `invalid_secret` or `malformed_json`"),
+                    "409": _json("Error", "the secret exists (`secret_exists`); PUT replaces it"),
+                    "413": _ERRORS["413"],
+                    "415": _ERRORS["415"],
+                },
+            },
+            "get": {
+                "operationId": "listSecrets",
+                "responses": {
+                    "200": _json("SecretList", "the namespace's secrets: key names, no values"),
+                    "400": _ERRORS["400"],
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/secrets/{name}": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "getSecret",
+                "responses": {
+                    "200": _json("SecretInfo", "key names and version, no values"),
+                    "404": _json("Error", "no such secret (`secret_not_found`)"),
+                },
+            },
+            "put": {
+                "operationId": "replaceSecret",
+                "summary": "Replace a secret's data (the version goes up by one)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SecretWrite")}},
+                },
+                "responses": {
+                    "200": _json("SecretInfo", "replaced"),
+                    "400": _json("Error", "`invalid_name`, `invalid_secret` or `malformed_json`"),
+                    "404": _json("Error", "no such secret (`secret_not_found`)"),
+                    "413": _ERRORS["413"],
+                },
+            },
+            "delete": {
+                "operationId": "deleteSecret",
+                "responses": {
+                    "200": _json("SecretInfo", "deleted; functions that use it keep running"),
+                    "404": _json("Error", "no such secret (`secret_not_found`)"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/quota": {
+            "parameters": _params("ns"),
+            "get": {
+                "operationId": "getQuota",
+                "responses": {"200": _json("NamespaceQuota", "the limits in force")},
+            },
+            "put": {
+                "operationId": "setQuota",
+                "summary": "Set a namespace's overrides (fields left out take the defaults)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Quota")}},
+                },
+                "responses": {
+                    "200": _json("NamespaceQuota", "the limits in force now"),
+                    "400": _ERRORS["400"],
                 },
             },
         },

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lambdabus_platform.settings import ServiceSettings, StoreSettings
+from lambdabus_platform.settings import (
+    QuotaSettings,
+    SecretsSettings,
+    ServiceSettings,
+    StoreSettings,
+)
 
 MiB = 1024 * 1024
 
@@ -15,6 +20,8 @@ class GatewaySettings(ServiceSettings):
 
     port: int = Field(default=8080, ge=0, le=65535)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
     max_upload_bytes: int = Field(default=50 * MiB, gt=0, description="largest upload body")
     max_uncompressed_bytes: int = Field(
         default=250 * MiB, gt=0, description="largest unpacked archive"

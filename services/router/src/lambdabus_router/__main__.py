@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from lambdabus_platform.service import ServiceContext, Setup, run
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET, QUOTAS_BUCKET
 from lambdabus_router.dispatch import Dispatch, dispatching
 from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
@@ -34,7 +34,9 @@ def make_setup(
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
         router = Router(settings, InvocationMetrics(ctx.metrics.registry))
-        async with router.running(ctx.bus.kv(DEPLOYMENTS_BUCKET), ctx.bus.kv(FUNCTIONS_BUCKET)):
+        async with router.running(
+            ctx.bus.kv(DEPLOYMENTS_BUCKET), ctx.bus.kv(FUNCTIONS_BUCKET), ctx.bus.kv(QUOTAS_BUCKET)
+        ):
             router.add_routes(ctx.app)
             if on_router is not None:
                 on_router(router)

@@ -39,10 +39,12 @@ from lambdabus_router.table import (
     Table,
     apply,
     apply_known,
+    concurrency_of,
     load,
     load_known,
     parse_key,
     pick,
+    quota_concurrency,
 )
 from lambdabus_router.upstream import ConnectFailed, Response, Upstream, UpstreamError
 
@@ -70,11 +72,21 @@ class Router:
         self._upstream: Upstream | None = None
         self._limit = settings.max_body_bytes
         self._changed = asyncio.Condition()
+        # Admission: per-function `max_concurrency` and the per-namespace quota on concurrent
+        # invocations, against counters of what is open now (no I/O on the request path).
+        self.max_concurrency: dict[FunctionId, int] = {}
+        self.namespace_limits: dict[str, int] = {}
+        self._default_namespace_limit = settings.quota.max_concurrent_invocations
+        self.active: defaultdict[FunctionId, int] = defaultdict(int)
+        self.namespace_active: defaultdict[str, int] = defaultdict(int)
+        self._retry_after = settings.busy_retry_after_seconds
 
     # -- lifetime ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def running(self, deployments: Kv, functions: Kv) -> AsyncIterator[Router]:
+    async def running(
+        self, deployments: Kv, functions: Kv, quotas: Kv | None = None
+    ) -> AsyncIterator[Router]:
         """Load both tables, follow them, and own the HTTP clients, for the router's life: the
         data plane's `Upstream`, and an aiohttp session for other calls to instances."""
         s = self.settings
@@ -99,8 +111,8 @@ class Router:
                 connect_timeout=s.connect_timeout_seconds,
                 keepalive=s.keepalive_seconds,
             ) as self._upstream:
-                await self._load(deployments, functions)
-                follower = asyncio.create_task(self._follow(deployments, functions))
+                await self._load(deployments, functions, quotas)
+                follower = asyncio.create_task(self._follow(deployments, functions, quotas))
                 yield self
         finally:
             if follower is not None:
@@ -111,9 +123,17 @@ class Router:
             await self._session.close()
             self._session = None
 
-    async def _load(self, deployments: Kv, functions: Kv) -> None:
-        """Replace both tables with the buckets' current values."""
-        self._set_known(load_known((e.key, e.value) for e in await functions.values(">")))
+    async def _load(self, deployments: Kv, functions: Kv, quotas: Kv | None) -> None:
+        """Replace the tables with the buckets' current values."""
+        records = [(e.key, e.value) for e in await functions.values(">")]
+        self._set_known(load_known(records))
+        self.max_concurrency = {}
+        for key, value in records:
+            self._on_limit(key, value)
+        if quotas is not None:
+            self.namespace_limits = {}
+            for entry in await quotas.values(">"):
+                self._on_quota(entry.key, entry.value)
         self.table = load((e.key, e.value) for e in await deployments.values(">"))
         log.info(
             "endpoints loaded",
@@ -121,7 +141,7 @@ class Router:
         )
         await self._notify()
 
-    async def _follow(self, deployments: Kv, functions: Kv) -> None:
+    async def _follow(self, deployments: Kv, functions: Kv, quotas: Kv | None) -> None:
         """Follow both buckets for the router's life. Should a watch end, both tables are
         loaded afresh before watching again, so nothing missed meanwhile lingers."""
         loop = asyncio.get_running_loop()
@@ -132,13 +152,15 @@ class Router:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._watch(deployments, self._on_deployment))
                     group.create_task(self._watch(functions, self._on_function))
+                    if quotas is not None:
+                        group.create_task(self._watch(quotas, self._on_quota))
             except* Exception as errors:
                 log.warning("KV watch failed; re-opening", exc_info=errors)
             # Back off while watches keep failing at once; start over after a long run.
             delay = 0.1 if loop.time() - opened > 60 else min(delay * 2, 5.0)
             await asyncio.sleep(delay)
             with contextlib.suppress(Exception):
-                await self._load(deployments, functions)
+                await self._load(deployments, functions, quotas)
                 delay = 0.1
 
     async def _watch(self, kv: Kv, on_entry: Callable[[str, bytes], None]) -> None:
@@ -163,6 +185,24 @@ class Router:
 
     def _on_function(self, key: str, value: bytes) -> None:
         self._set_known(apply_known(self.known, key, value))
+        self._on_limit(key, value)
+
+    def _on_limit(self, key: str, value: bytes) -> None:
+        fid = parse_key(key)
+        if fid is None:
+            return
+        limit = concurrency_of(value)
+        if limit is None:
+            self.max_concurrency.pop(fid, None)
+        else:
+            self.max_concurrency[fid] = limit
+
+    def _on_quota(self, key: str, value: bytes) -> None:
+        limit = quota_concurrency(value)
+        if limit is None:
+            self.namespace_limits.pop(key, None)
+        else:
+            self.namespace_limits[key] = limit
 
     def _set_known(self, known: frozenset[FunctionId]) -> None:
         for fid in self.known - known:
@@ -179,12 +219,35 @@ class Router:
         started = time.perf_counter()
         info = request.match_info
         fid = (info["ns"], info["name"])
-        response = await self._invoke(request, fid)
+        if fid in self.known:
+            response = await self._admitted(request, fid)
+        else:
+            response = await self._invoke(request, fid)
         if fid in self.known:
             self.metrics.observe(fid[0], fid[1], response.status, time.perf_counter() - started)
         else:
             self.metrics.observe("", "", response.status, time.perf_counter() - started)
         return response
+
+    async def _admitted(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
+        """`_invoke` within the function's `max_concurrency` and its namespace's quota of
+        concurrent invocations; beyond either, 429 with Retry-After at once. O(1)."""
+        active = self.active[fid]
+        limit = self.max_concurrency.get(fid)
+        if limit is not None and active >= limit:
+            return error_response(_at_max_concurrency(fid, limit, self._retry_after))
+        ns = fid[0]
+        in_namespace = self.namespace_active[ns]
+        quota = self.namespace_limits.get(ns, self._default_namespace_limit)
+        if in_namespace >= quota:
+            return error_response(_over_quota(ns, quota, self._retry_after))
+        self.active[fid] = active + 1
+        self.namespace_active[ns] = in_namespace + 1
+        try:
+            return await self._invoke(request, fid)
+        finally:
+            self.active[fid] -= 1
+            self.namespace_active[ns] -= 1
 
     async def _invoke(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
         if fid not in self.known:
@@ -349,6 +412,29 @@ def _unknown(fid: FunctionId) -> LambdabusError:
         if problem:
             return InvalidName(f"{what} {value!r} {problem}")
     return NotFound(f"function {fid[0]}/{fid[1]} does not exist", code="function_not_found")
+
+
+def _at_max_concurrency(fid: FunctionId, limit: int, retry_after: float) -> TemporaryError:
+    return TemporaryError(
+        f"function {fid[0]}/{fid[1]} is at its max_concurrency of {limit} invocations; retry "
+        "after the Retry-After seconds, or raise the function's max_concurrency",
+        code="max_concurrency",
+        status=429,
+        retry_after=retry_after,
+        details={"max_concurrency": limit},
+    )
+
+
+def _over_quota(namespace: str, limit: int, retry_after: float) -> TemporaryError:
+    return TemporaryError(
+        f"namespace {namespace} is at its quota of {limit} concurrent invocations; retry after "
+        "the Retry-After seconds, or ask an operator to raise the quota "
+        f"(PUT /v1/namespaces/{namespace}/quota)",
+        code="quota_exceeded",
+        status=429,
+        retry_after=retry_after,
+        details={"max_concurrent_invocations": limit},
+    )
 
 
 def _bad_gateway(fid: FunctionId, exc: BaseException) -> web.Response:

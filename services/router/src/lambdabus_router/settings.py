@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lambdabus_platform.settings import ServiceSettings
+from lambdabus_platform.settings import QuotaSettings, ServiceSettings
 
 MiB = 1024 * 1024
 
@@ -19,6 +19,10 @@ class RouterSettings(ServiceSettings):
 
     port: int = Field(default=8081, ge=0, le=65535)
     max_body_bytes: int = Field(default=6 * MiB, gt=0, description="largest invocation body")
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    busy_retry_after_seconds: float = Field(
+        default=1.0, gt=0, description="Retry-After of a 429 for max_concurrency or the quota"
+    )
     timeout_margin_seconds: float = Field(
         default=1.0, ge=0, description="added to the function's timeout before answering 504"
     )

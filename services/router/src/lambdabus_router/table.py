@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from lambdabus_events.models import DeploymentState
+from lambdabus_events.models import DeploymentState, FunctionRecord, Quota
 from lambdabus_events.names import is_label
 
 FunctionId = tuple[str, str]
@@ -79,6 +79,27 @@ def apply_known(known: frozenset[FunctionId], key: str, value: bytes) -> frozens
     if value:
         return known if fid in known else known | {fid}
     return known - {fid} if fid in known else known
+
+
+def concurrency_of(value: bytes) -> int | None:
+    """A function's `max_concurrency` from its `functions` KV value (None: unlimited, or a
+    deleted key or a value that is not a record)."""
+    if not value:
+        return None
+    try:
+        return FunctionRecord.model_validate_json(value).spec.max_concurrency
+    except ValidationError:
+        return None
+
+
+def quota_concurrency(value: bytes) -> int | None:
+    """A namespace's `max_concurrent_invocations` override from its `quotas` KV value."""
+    if not value:
+        return None
+    try:
+        return Quota.model_validate_json(value).max_concurrent_invocations
+    except ValidationError:
+        return None
 
 
 def pick(
