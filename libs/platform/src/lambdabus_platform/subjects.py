@@ -42,12 +42,14 @@ BUILDS_BUCKET = "builds"  # builder
 DEPLOYMENTS_BUCKET = "deployments"  # deployer
 TRIGGERS_BUCKET = "triggers"  # gateway
 INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
+TOKENS_BUCKET = "tokens"  # gateway; routers read it (hashes of API tokens, never a secret)
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
     DEPLOYMENTS_BUCKET,
     TRIGGERS_BUCKET,
     INVOCATIONS_BUCKET,
+    TOKENS_BUCKET,
 )
 # Object store bucket of the NATS artifact store backend.
 ARTIFACTS_BUCKET = "artifacts"

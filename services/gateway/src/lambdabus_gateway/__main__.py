@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
+from lambdabus_gateway.auth import AUTH, TOKENS, authenticate
 from lambdabus_gateway.deadletters import DeadLetters
 from lambdabus_gateway.functions import Functions
 from lambdabus_gateway.invocations import Invocations
@@ -17,6 +18,7 @@ from lambdabus_gateway.triggers import Triggers
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import ServiceContext, run
 from lambdabus_platform.subjects import (
@@ -24,8 +26,11 @@ from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
+    TOKENS_BUCKET,
     TRIGGERS_BUCKET,
 )
+from lambdabus_platform.tokens import FailureLimiter
+from lambdabus_platform.tokenstore import TokenStore
 
 log = logging.getLogger("lambdabus.gateway")
 
@@ -34,7 +39,14 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
         invoker = Invoker(settings.router_url, settings.max_invoke_body_bytes)
-        async with open_blob_store(settings.store, ctx.bus) as blobs:
+        tokens = TokenStore(ctx.bus.kv(TOKENS_BUCKET))
+        limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_seconds)
+        ctx.app[TOKENS] = tokens
+        ctx.app[AUTH] = Authenticator(tokens, limiter)
+        ctx.app.middlewares.append(authenticate)
+        async with open_blob_store(settings.store, ctx.bus) as blobs, tokens.watching():
+            if settings.bootstrap_token_file is not None:
+                await tokens.bootstrap_admin(settings.bootstrap_token_file)
             functions = Functions(
                 bus=ctx.bus,
                 records=Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord),
