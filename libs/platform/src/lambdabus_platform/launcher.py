@@ -26,6 +26,7 @@ from lambdabus_platform.natsserver import NatsServerError, run_nats_server
 from lambdabus_platform.procs import die_with_parent
 
 SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 class UpSettings(BaseSettings):
@@ -74,6 +75,7 @@ class Platform:
         self.children = {name: Child(name) for name in SERVICES}
         self.stopping = asyncio.Event()
         self.logs_dir = settings.data_dir / "logs"
+        self.admin_token_path = settings.data_dir / ADMIN_TOKEN_FILE
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -91,6 +93,8 @@ class Platform:
         router = self.children["router"]
         if service == "gateway" and router.url:
             env["LAMBDABUS_GATEWAY_ROUTER_URL"] = router.url
+        if service == "gateway":  # it mints the first admin token, once, into this file
+            env["LAMBDABUS_GATEWAY_BOOTSTRAP_TOKEN_FILE"] = str(self.admin_token_path.resolve())
         return env
 
     async def supervise(self, child: Child, nats_url: str) -> None:
@@ -201,6 +205,11 @@ class Platform:
             if came_up:
                 for child in self.children.values():
                     self.say(f"{child.service:<8} {child.url}")
+                if self.admin_token_path.exists():
+                    self.say(
+                        f"admin token in {self.admin_token_path} (the CLI reads it when run "
+                        "here; elsewhere set LAMBDABUS_TOKEN)"
+                    )
                 self.say("lambdabus is up; Ctrl-C stops it")
             elif not stop.is_set():
                 late = [c.service for c in self.children.values() if not c.ready.is_set()]
