@@ -184,7 +184,7 @@ SAMPLES: dict[str, tuple[str, str, dict[str, Any], int]] = {
 MATRIX: dict[Role, set[str]] = {
     "admin": set(SAMPLES),
     "developer": {"info", "read", "manage", "invoke", "publish", "audit"},
-    "viewer": {"info", "read", "audit"},
+    "viewer": {"info", "read", "audit", "metrics"},
     "invoker": {"info", "invoke"},
     "auditor": {"info", "audit"},
 }
@@ -544,3 +544,92 @@ async def test_app_serves_the_openapi_security_scheme(gateway: RunningGateway) -
     assert spec["security"] == [{"bearer": []}]
     assert spec["paths"]["/healthz"]["get"]["security"] == []
     assert "401" in spec["paths"]["/v1/tokens"]["post"]["responses"]
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+async def _cli(*args: str) -> int:
+    from lambdabus_client.cli import main
+
+    return await asyncio.to_thread(main, list(args))
+
+
+async def test_cli_token_commands_and_clear_refusals(
+    gateway: RunningGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    monkeypatch.delenv("LAMBDABUS_TOKEN", raising=False)
+    missing = tmp_path / "nowhere" / "admin.token"
+    monkeypatch.setenv("LAMBDABUS_TOKEN_FILE", str(missing))
+    url = ("--url", gateway.url)
+
+    # no token at all: one clear line, no traceback
+    assert await _cli(*url, "ls") == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: unauthenticated:")
+    assert "LAMBDABUS_TOKEN" in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+    # the token file, as `lambdabus up` writes it
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(gateway.token + "\n")
+    monkeypatch.setenv("LAMBDABUS_TOKEN_FILE", str(token_file))
+    assert await _cli(*url, "token", "create", "ci", "--role", "viewer", "--namespace", NS,
+                      "--ns", "team-b", "--expires-in", "600") == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    secret = out.strip()
+    assert secret.startswith("lbt_")
+    assert "shown this once" in err
+    token_id = secret.split("_")[1]
+
+    assert await _cli(*url, "token", "ls") == 0
+    out, _ = capsys.readouterr()
+    assert token_id in out
+    assert secret.split("_")[2] not in out
+    assert "team-a,team-b" in out
+
+    # LAMBDABUS_TOKEN wins over the file: the viewer may not delete
+    monkeypatch.setenv("LAMBDABUS_TOKEN", secret)
+    assert await _cli(*url, "-n", NS, "rm", "anything") == 1
+    _, err = capsys.readouterr()
+    assert err.startswith("error: forbidden:")
+    assert len(err.strip().splitlines()) == 1
+    assert await _cli(*url, "token", "ls") == 1
+    capsys.readouterr()
+
+    monkeypatch.delenv("LAMBDABUS_TOKEN")
+    assert await _cli(*url, "token", "rm", token_id) == 0
+    out, _ = capsys.readouterr()
+    assert f"Revoked token {token_id}" in out
+    monkeypatch.setenv("LAMBDABUS_TOKEN", secret)
+    assert await _cli(*url, "-n", NS, "ls") == 1
+    _, err = capsys.readouterr()
+    assert err.startswith("error: unauthenticated:")
+    assert "refused" in err
+
+
+async def test_cli_events_name_the_actor(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lambdabus events` prints who caused each event (`history` is covered by test_up, where
+    the logs service runs)."""
+    ns = f"c{uuid.uuid4().hex[:8]}"
+    await _create(gateway, ns, "fn")
+    monkeypatch.setenv("LAMBDABUS_TOKEN", gateway.token)
+
+    async def tail() -> None:
+        await _cli("--url", gateway.url, "-n", ns, "events", "--since", "1h")
+
+    task = asyncio.create_task(tail())
+    deadline = time.monotonic() + 10
+    out = ""
+    while "by test-admin" not in out and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        out += capsys.readouterr().out
+    task.cancel()
+    assert "function.created" in out
+    assert "by test-admin" in out

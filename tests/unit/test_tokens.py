@@ -41,7 +41,7 @@ EXPECTED: dict[str, set[Action]] = {
         Action.PUBLISH,
         Action.AUDIT,
     },
-    "viewer": {Action.INFO, Action.READ, Action.AUDIT},
+    "viewer": {Action.INFO, Action.READ, Action.AUDIT, Action.METRICS},
     "invoker": {Action.INFO, Action.INVOKE},
     "auditor": {Action.INFO, Action.AUDIT},
 }

@@ -75,7 +75,8 @@ PERMISSIONS: Final[dict[Role, frozenset[Action]]] = {
             Action.AUDIT,
         }
     ),
-    "viewer": frozenset({Action.INFO, Action.READ, Action.AUDIT}),
+    # A viewer for every namespace is what a Prometheus scrape of the gateway uses.
+    "viewer": frozenset({Action.INFO, Action.READ, Action.AUDIT, Action.METRICS}),
     "invoker": frozenset({Action.INFO, Action.INVOKE}),
     "auditor": frozenset({Action.INFO, Action.AUDIT}),
 }

@@ -108,7 +108,7 @@ class InlineUpload(FunctionSpec):
 AUTH_TEXT = """\
 Every route but `/healthz` needs `Authorization: Bearer <token>`. A token has one role (admin:
 everything; developer: manage functions, triggers, secrets, dead letters, invoke, publish, read,
-audit; viewer: read and audit; invoker: invoke; auditor: the lifecycle stream and history) and
+audit; viewer: read, audit, metrics; invoker: invoke; auditor: the lifecycle stream and history) and
 namespaces (`["*"]`: every one). Publishing events, the metrics, tokens and quotas need `["*"]`.
 A token in the query string (`token=`, `access_token=`) is refused (400 `token_in_query`).
 """
