@@ -527,6 +527,13 @@ async def test_bootstrap_mints_one_admin_token_once(
     path.unlink()
     assert not await store_a.bootstrap_admin(path)
     assert not path.exists()
+    # the operator lost it: `lambdabus up --renew-admin-token` mints another, revokes the old
+    assert await store_b.bootstrap_admin(path, renew=True)
+    renewed = path.read_text().strip()
+    assert renewed != value
+    fresh = TokenStore(kv)  # what any replica reads
+    assert (await fresh.verify(renewed)).record is not None
+    assert (await fresh.verify(value)).record is None
     await kv.delete("bootstrap")
 
 

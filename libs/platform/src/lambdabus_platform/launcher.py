@@ -40,6 +40,9 @@ class UpSettings(BaseSettings):
     builder_port: int = Field(default=8082, ge=0, le=65535)
     deployer_port: int = Field(default=8083, ge=0, le=65535)
     logs_port: int = Field(default=8084, ge=0, le=65535)
+    renew_admin_token: bool = Field(
+        default=False, description="mint a new admin token if <data dir>/admin.token is gone"
+    )
     ready_timeout: float = Field(default=60.0, gt=0)
     grace_seconds: float = Field(default=10.0, gt=0)
     max_restart_delay: float = Field(default=10.0, gt=0)
@@ -95,6 +98,7 @@ class Platform:
             env["LAMBDABUS_GATEWAY_ROUTER_URL"] = router.url
         if service == "gateway":  # it mints the first admin token, once, into this file
             env["LAMBDABUS_GATEWAY_BOOTSTRAP_TOKEN_FILE"] = str(self.admin_token_path.resolve())
+            env["LAMBDABUS_GATEWAY_BOOTSTRAP_RENEW"] = str(self.settings.renew_admin_token).lower()
         return env
 
     async def supervise(self, child: Child, nats_url: str) -> None:
@@ -245,8 +249,15 @@ def main(
         action="store_true",
         help="let every server pick a free port (the URLs are printed once ready)",
     )
+    parser.add_argument(
+        "--renew-admin-token",
+        action="store_true",
+        help="the admin token file is lost: mint a new one (the old bootstrap token is revoked)",
+    )
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
+    if args.renew_admin_token:
+        overrides["renew_admin_token"] = True
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.ephemeral_ports:

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from lambdabus_platform.bus import Kv
-from lambdabus_platform.errors import AlreadyExists, NotFound
+from lambdabus_platform.errors import AlreadyExists, Conflict, NotFound
 from lambdabus_platform.tokens import (
     BOOTSTRAP_KEY,
     Minted,
@@ -152,25 +152,37 @@ class TokenStore:
         self._cache.pop(token_id, None)
         return record
 
-    async def bootstrap_admin(self, path: Path) -> bool:
+    async def bootstrap_admin(self, path: Path, *, renew: bool = False) -> bool:
         """On a platform's first start, mint an admin token for every namespace and write it to
         `path` (mode 0600). Only one replica ever does (compare-and-set on a bootstrap record);
-        nothing happens when `path` exists or the bootstrap happened before. True if it minted."""
+        nothing happens when `path` exists or the bootstrap happened before, unless `renew`
+        (the operator lost the file: a new one is minted, the old bootstrap token revoked).
+        True if it minted."""
         if path.exists():
             return False
-        if await self._kv.get(BOOTSTRAP_KEY) is not None:
+        before = await self._kv.get(BOOTSTRAP_KEY)
+        if before is not None and not renew:
             log.warning(
                 "the admin token was bootstrapped before but its file is gone; mint another "
-                "with an admin token (`lambdabus token create`)",
+                "with an admin token (`lambdabus token create`), or restart with "
+                "`lambdabus up --renew-admin-token`",
                 extra={"path": str(path)},
             )
             return False
         minted = await self.create("bootstrap-admin", "admin", ["*"])
         try:
-            await self._kv.create(BOOTSTRAP_KEY, minted.record.id.encode())
-        except AlreadyExists:  # another replica won: it writes the file
+            if before is None:
+                await self._kv.create(BOOTSTRAP_KEY, minted.record.id.encode())
+            else:
+                await self._kv.update(BOOTSTRAP_KEY, minted.record.id.encode(), before.revision)
+        except (AlreadyExists, Conflict):  # another replica won: it writes the file
             await self._kv.delete(minted.record.id)
             return False
+        if before is not None:
+            old = before.value.decode(errors="replace")
+            if is_token_id(old):
+                await self._kv.delete(old)
+                self._cache.pop(old, None)
         write_secret_file(path, minted.token + "\n")
         log.info("bootstrapped an admin token", extra={"path": str(path), "id": minted.record.id})
         return True

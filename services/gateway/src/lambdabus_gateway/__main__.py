@@ -46,7 +46,9 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
         ctx.app.middlewares.append(authenticate)
         async with open_blob_store(settings.store, ctx.bus) as blobs, tokens.watching():
             if settings.bootstrap_token_file is not None:
-                await tokens.bootstrap_admin(settings.bootstrap_token_file)
+                await tokens.bootstrap_admin(
+                    settings.bootstrap_token_file, renew=settings.bootstrap_renew
+                )
             functions = Functions(
                 bus=ctx.bus,
                 records=Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord),

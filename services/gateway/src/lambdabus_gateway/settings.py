@@ -43,6 +43,11 @@ class GatewaySettings(ServiceSettings):
         description="on the platform's first start, write a new admin token here (mode 0600); "
         "`lambdabus up` sets <data dir>/admin.token",
     )
+    bootstrap_renew: bool = Field(
+        default=False,
+        description="when the bootstrap token file is gone, mint a new admin token into it "
+        "(and revoke the old bootstrap one)",
+    )
     auth_max_failures: int = Field(
         default=20, ge=1, description="failed authentications per client address per window"
     )
