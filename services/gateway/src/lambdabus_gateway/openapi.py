@@ -139,18 +139,26 @@ _ERRORS = {
         "415": "unsupported content type",
     }.items()
 }
-_AUTH_ERRORS = {
-    "401": _json(
+_AUTH_RESPONSES = {
+    "Unauthenticated": _json(
         "Error",
         "`unauthenticated`: no token, or a malformed, unknown, revoked or expired one",
         {"WWW-Authenticate": {"schema": {"type": "string"}}},
     ),
-    "403": _json("Error", "`forbidden`: the token's role or namespaces do not cover it"),
-    "429": _json(
+    "Forbidden": _json("Error", "`forbidden`: the token's role or namespaces do not cover it"),
+    "TooManyFailedAttempts": _json(
         "Error",
         "`too_many_failed_attempts`: 20 failed authentications from this address in a minute",
         {"Retry-After": {"schema": {"type": "integer"}}},
     ),
+}
+_AUTH_ERRORS = {
+    status: {"$ref": f"#/components/responses/{name}"}
+    for status, name in (
+        ("401", "Unauthenticated"),
+        ("403", "Forbidden"),
+        ("429", "TooManyFailedAttempts"),
+    )
 }
 _ETAG = {"ETag": {"schema": {"type": "string"}, "description": "the record's KV revision"}}
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
@@ -611,6 +619,7 @@ def render_openapi() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "components": {
             "schemas": defs["$defs"],
+            "responses": _AUTH_RESPONSES,
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
