@@ -33,11 +33,16 @@ WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 HELLO = "async def main(request):\n    return {'n': %d}\n"
 
 
+# The admin token `lambdabus up` bootstraps, sent to the gateway (not to the router).
+TOKEN: dict[str, str] = {}
+
+
 def call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if TOKEN and url.startswith(TOKEN["gateway"]):
+        headers["Authorization"] = f"Bearer {TOKEN['token']}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -151,6 +156,9 @@ def main() -> None:
             if line.startswith("lambdabus is up"):
                 break
         gateway, router = urls["gateway"], urls["router"]
+        TOKEN.update(
+            gateway=gateway, token=(Path(tmp) / "state" / "admin.token").read_text().strip()
+        )
         try:
             first: list[float] = []
             for i in range(args.rounds):

@@ -15,6 +15,16 @@ from pathlib import Path
 import pytest
 
 SERVICES = ("gateway", "router", "builder", "deployer", "logs")
+# The admin token each running platform's gateway minted at first start, by gateway URL.
+GATEWAY_TOKENS: dict[str, str] = {}
+
+
+def token_for(url: str) -> str | None:
+    """The admin token of the platform whose gateway `url` points at, if it is one."""
+    for gateway, token in GATEWAY_TOKENS.items():
+        if url == gateway or url.startswith(gateway + "/"):
+            return token
+    return None
 
 
 @dataclass
@@ -22,6 +32,16 @@ class Platform:
     process: subprocess.Popen[str]
     urls: dict[str, str] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
+    token: str = ""  # the admin token `up` bootstrapped into <data dir>/admin.token
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        """The environment a CLI call against this platform needs (its admin token)."""
+        return {**os.environ, "LAMBDABUS_TOKEN": self.token}
 
     def descendants(self) -> set[int]:
         """Every process below `lambdabus up`, read from /proc."""
@@ -85,8 +105,11 @@ def platform_up(
                 )
         else:
             raise RuntimeError("lambdabus up exited:\n" + "".join(platform.output))
+        platform.token = (data_dir / "admin.token").read_text().strip()
+        GATEWAY_TOKENS[platform.urls["gateway"]] = platform.token
         yield platform
     finally:
+        GATEWAY_TOKENS.pop(platform.urls.get("gateway", ""), None)
         left = platform.descendants()
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):

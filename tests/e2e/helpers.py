@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Platform, platform_up
+from tests.e2e.conftest import Platform, platform_up, token_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -26,9 +26,11 @@ NPM_CACHE = ROOT / ".cache" / "npm"
 
 def http(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    token = token_for(url)  # a call to a platform's gateway goes with its admin token
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             raw = resp.read()
@@ -47,6 +49,7 @@ def cli(platform: Platform, *args: str, timeout: float = 120) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=platform.cli_env,
     )
 
 

@@ -11,25 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import SERVICES, platform_up, stop
+from tests.e2e.conftest import SERVICES, Platform, platform_up, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
-def _get(url: str) -> tuple[int, dict[str, object]]:
+def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=10
+        ) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
 
 
-def _cli(gateway: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(platform: Platform, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lambdabus_client", "--url", gateway, *args],
+        [sys.executable, "-m", "lambdabus_client", "--url", platform.urls["gateway"], *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=platform.cli_env,
     )
 
 
@@ -40,30 +44,45 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
 
     with platform_up(data_dir) as platform:
         assert set(platform.urls) == {*SERVICES, "nats"}
+        # the first start minted an admin token, readable by its owner only, and said where
+        token_file = data_dir / "admin.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert any(str(token_file) in line for line in platform.output), platform.output
         for service in SERVICES:
             status, body = _get(platform.urls[service] + "/healthz")
             assert (status, body["service"], body["nats"]) == (200, service, "connected")
-            with urllib.request.urlopen(platform.urls[service] + "/metrics", timeout=10) as resp:
+            request = urllib.request.Request(
+                platform.urls[service] + "/metrics",
+                headers=platform.auth if service == "gateway" else {},
+            )
+            with urllib.request.urlopen(request, timeout=10) as resp:
                 assert b"lambdabus_nats_connected" in resp.read()
         gateway = platform.urls["gateway"]
+        assert _get(gateway + "/v1/namespaces/default/functions")[0] == 401
 
-        deployed = _cli(gateway, "deploy", str(fn), "--name", "hello", "--env", "A=1", "--no-wait")
+        deployed = _cli(platform, "deploy", str(fn), "--name", "hello", "--env", "A=1", "--no-wait")
         assert deployed.returncode == 0, deployed.stderr
-        listed = _cli(gateway, "ls")
+        listed = _cli(platform, "ls")
         assert listed.returncode == 0, listed.stderr
         assert "hello" in listed.stdout
-        status_out = _cli(gateway, "status", "hello")
+        status_out = _cli(platform, "status", "hello")
         assert status_out.returncode == 0, status_out.stderr
         for word in ("ConfigurationReady", "BuildReady", "Running"):
             assert word in status_out.stdout
-        bad = _cli(gateway, "deploy", str(fn), "--name", "Not_A_Label", "--no-wait")
+        history = _cli(platform, "history", "hello")
+        assert history.returncode == 0, history.stderr
+        assert "bootstrap-admin" in history.stdout  # the actor of function.created
+        bad = _cli(platform, "deploy", str(fn), "--name", "Not_A_Label", "--no-wait")
         assert bad.returncode == 1
         assert bad.stderr.startswith("error: invalid_name:")
         assert len(bad.stderr.strip().splitlines()) == 1
 
         # an open lifecycle stream must not hold up the shutdown
         stream = urllib.request.urlopen(
-            gateway + "/v1/lifecycle?since=2000-01-01T00:00:00Z", timeout=30
+            urllib.request.Request(
+                gateway + "/v1/lifecycle?since=2000-01-01T00:00:00Z", headers=platform.auth
+            ),
+            timeout=30,
         )
         assert stream.readline().startswith(b":")
         code, left = stop(platform, signal.SIGTERM)
@@ -71,9 +90,13 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
         assert code == 0, "".join(platform.output)
         assert left == set(), f"processes left behind: {left}"
 
-    # a second run on the same state finds the function it had
+    # a second run on the same state finds the function it had, and keeps its admin token
+    first_token = platform.token
     with platform_up(data_dir) as platform:
-        status, record = _get(platform.urls["gateway"] + "/v1/namespaces/default/functions/hello")
+        assert platform.token == first_token
+        status, record = _get(
+            platform.urls["gateway"] + "/v1/namespaces/default/functions/hello", platform.token
+        )
         assert status == 200
         assert record["spec"]["env"] == {"A": "1"}  # type: ignore[index]
         code, left = stop(platform, signal.SIGINT)

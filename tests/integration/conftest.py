@@ -19,6 +19,8 @@ from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings, SecretsSettings
+from lambdabus_platform.subjects import TOKENS_BUCKET
+from lambdabus_platform.tokenstore import TokenStore
 
 # One secrets key for every gateway of the session (they share the session's nats-server).
 SESSION_SECRETS_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -34,6 +36,13 @@ class RunningGateway:
     http: aiohttp.ClientSession
     bus: Bus
     settings: GatewaySettings
+    token: str  # an admin token for every namespace; `http` sends it
+
+
+async def admin_token(bus: Bus, name: str = "test-admin") -> str:
+    """A new admin token for every namespace, stored in the `tokens` bucket."""
+    minted = await TokenStore(bus.kv(TOKENS_BUCKET)).create(name, "admin", ["*"])
+    return minted.token
 
 
 @contextlib.asynccontextmanager
@@ -55,9 +64,12 @@ async def running_gateway(settings: GatewaySettings, bus: Bus) -> AsyncIterator[
     if task in done:
         task.result()  # raises what stopped it
     url = await asyncio.wait_for(ready, 1)
+    token = await admin_token(bus)
     try:
-        async with aiohttp.ClientSession(base_url=url) as http:
-            yield RunningGateway(url, http, bus, settings)
+        async with aiohttp.ClientSession(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}
+        ) as http:
+            yield RunningGateway(url, http, bus, settings, token)
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)

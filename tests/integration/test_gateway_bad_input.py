@@ -205,6 +205,7 @@ async def test_oversized_upload_refused_before_it_is_read(gateway: RunningGatewa
     writer.write(
         (
             f"POST /v1/namespaces/{NS}/functions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {gateway.token}\r\n"
             "Content-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {declared}\r\n\r\n--b\r\n"
         ).encode()

@@ -1005,7 +1005,12 @@ async def test_history_renders_a_table(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gateway.history_items = [
-        {**_event("function.created"), "time": "2024-05-01T12:00:00Z"},
+        {
+            **_event("function.created"),
+            "time": "2024-05-01T12:00:00Z",
+            "actorid": "00112233aabbccdd",
+            "actorname": "ci",
+        },
         {**_event("function.updated", 2, changes=["source"]), "time": "2024-05-01T12:01:00Z"},
         {**_event("build.failed", 2, reason="SyntaxError", message="line 1")},
     ]
@@ -1015,10 +1020,10 @@ async def test_history_renders_a_table(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "TIME                  TYPE              GENERATION  DETAIL",
-        "2024-05-01T12:00:00Z  function.created  1",
-        "2024-05-01T12:01:00Z  function.updated  2           source changed",
-        "2024-05-01T12:00:03Z  build.failed      2           SyntaxError: line 1",
+        "TIME                  TYPE              GENERATION  ACTOR                  DETAIL",
+        "2024-05-01T12:00:00Z  function.created  1           ci (00112233aabbccdd)",
+        "2024-05-01T12:01:00Z  function.updated  2           -                      source changed",
+        "2024-05-01T12:00:03Z  build.failed      2           -                      SyntaxError: line 1",
     ]
     assert gateway.requests[0].path == "/v1/namespaces/default/functions/hello/history"
 

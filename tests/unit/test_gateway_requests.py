@@ -93,8 +93,8 @@ def test_invocation_headers_join_repeats_and_drop_platform_and_hop_by_hop_header
         ("Authorization", "Bearer t"),
     ]
 
+    # Authorization holds the caller's platform token: never stored, never passed on
     assert invocation_headers(headers) == {
         "Content-Type": "application/json",
         "Accept": "text/plain, application/json",
-        "Authorization": "Bearer t",
     }

@@ -155,7 +155,19 @@ def event_line(event: JsonObject) -> str:
     kind = str(event.get("type", "?")).removeprefix(EVENT_TYPE_PREFIX)
     fields = [format_event_time(event.get("time")), kind, str(event.get("subject", "-"))]
     summary = summarize_event(event)
+    actor = event_actor(event)
+    if actor != "-":
+        summary = f"{summary} (by {actor})" if summary else f"by {actor}"
     return "  ".join([*fields, summary] if summary else fields)
+
+
+def event_actor(event: JsonObject) -> str:
+    """Who caused a lifecycle event (the `actorname`/`actorid` extensions), `-` if no API
+    call did."""
+    name, actor_id = event.get("actorname"), event.get("actorid")
+    if name and actor_id:
+        return f"{name} ({actor_id})"
+    return str(name or actor_id or "-")
 
 
 def parse_since(value: str, now: datetime) -> str:
@@ -498,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="'json' prints the API's JSON instead of tables",
     )
+    # `token create` has its own repeatable --namespace: it cannot take the global one.
+    common_no_namespace = _Parser(add_help=False)
+    common_no_namespace.add_argument("--url", default=argparse.SUPPRESS, help="gateway URL")
+    common_no_namespace.add_argument(
+        "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS
+    )
     parser = _Parser(prog="lambdabus", description="Lambdabus functions", parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -639,6 +657,33 @@ def build_parser() -> argparse.ArgumentParser:
     remove = commands.add_parser("rm", parents=[common], help="delete a function")
     remove.add_argument("name")
 
+    token = commands.add_parser(
+        "token", parents=[common], help="mint, list and revoke API tokens (admin)"
+    )
+    token_actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    token_create = token_actions.add_parser(
+        "create", parents=[common_no_namespace], help="mint a token; prints its secret once"
+    )
+    token_create.add_argument("name")
+    token_create.add_argument(
+        "--role", required=True, choices=("admin", "developer", "viewer", "invoker", "auditor")
+    )
+    token_create.add_argument(
+        "--namespace",
+        "--ns",
+        dest="token_namespaces",
+        action="append",
+        required=True,
+        metavar="NS",
+        help="repeatable; '*' for every namespace",
+    )
+    token_create.add_argument(
+        "--expires-in", type=int, metavar="SECONDS", help="default: never expires"
+    )
+    token_actions.add_parser("ls", parents=[common], help="list tokens (never their secrets)")
+    token_rm = token_actions.add_parser("rm", parents=[common], help="revoke a token")
+    token_rm.add_argument("id")
+
     events = commands.add_parser("events", parents=[common], help="tail lifecycle events")
     events.add_argument("--function", help="only events of this function")
     events.add_argument("--type", help="only this type, e.g. build.failed")
@@ -676,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(command(settings, args, output))
     except ApiError as error:
-        return _fail(error.code, error.message, 1)
+        return _fail(error.code, error.message + auth_hint(error.status, settings), 1)
     except (UsageError, PackagingError) as error:
         code = "usage" if isinstance(error, UsageError) else "invalid_source"
         return _fail(code, str(error), 2)
@@ -688,6 +733,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter exit must not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def auth_hint(status: int, settings: ClientSettings) -> str:
+    """What to do about a 401 or 403, said after the gateway's own message."""
+    if status == 401:
+        if settings.resolved_token() is None:
+            return (
+                f" (no token: set LAMBDABUS_TOKEN, or run where {settings.token_file} is, "
+                "as `lambdabus up` writes it)"
+            )
+        return " (the token in LAMBDABUS_TOKEN or the token file was refused)"
+    if status == 403:
+        return " (ask an admin for a token with that role and namespace)"
+    return ""
 
 
 def _up(arguments: list[str]) -> int:
@@ -907,7 +966,7 @@ async def _invoke(settings: ClientSettings, args: argparse.Namespace, output: st
         answer = await client.invoke(settings.namespace, args.name, body, content_type, headers)
     error = platform_error(answer)
     if error is not None:
-        return _fail(*error, 1)
+        return _fail(error[0], error[1] + auth_hint(answer.status, settings), 1)
     rendered = render_body(answer.body, answer.headers.get("Content-Type"))
     if isinstance(rendered, bytes):
         sys.stdout.flush()
@@ -966,11 +1025,12 @@ async def _history(settings: ClientSettings, args: argparse.Namespace, output: s
             format_event_time(event.get("time")),
             str(event.get("type", "?")).removeprefix(EVENT_TYPE_PREFIX),
             str(_event_data(event).get("generation", "-")),
+            event_actor(event),
             event_detail(event),
         ]
         for event in events
     ]
-    print(render_table(["TIME", "TYPE", "GENERATION", "DETAIL"], rows))
+    print(render_table(["TIME", "TYPE", "GENERATION", "ACTOR", "DETAIL"], rows))
     return 0
 
 
@@ -1240,7 +1300,66 @@ async def _deadletters(settings: ClientSettings, args: argparse.Namespace, outpu
     return 0
 
 
+def token_rows(items: Sequence[JsonObject], now: datetime) -> list[list[str]]:
+    rows = []
+    for item in items:
+        expires = item.get("expires")
+        rows.append(
+            [
+                str(item.get("id", "?")),
+                str(item.get("name", "?")),
+                str(item.get("role", "?")),
+                ",".join(map(str, item.get("namespaces") or [])),
+                format_age(item.get("created"), now),
+                "expired"
+                if item.get("expired")
+                else (format_event_time(expires) if expires else "never"),
+            ]
+        )
+    return rows
+
+
+async def _token(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    async with LambdabusClient.from_settings(settings) as client:
+        if args.action == "create":
+            if args.expires_in is not None and args.expires_in < 1:
+                raise UsageError("--expires-in must be at least 1 second")
+            minted = await client.create_token(
+                args.name, args.role, args.token_namespaces, args.expires_in
+            )
+            if output == "json":
+                _print_json(minted)
+            else:
+                print(
+                    f"Created token {minted.get('id')} ({minted.get('role')} for "
+                    f"{', '.join(map(str, minted.get('namespaces') or []))}"
+                    f"{', expires ' + str(minted['expires']) if minted.get('expires') else ''}).",
+                    file=sys.stderr,
+                )
+                print("Its secret is shown this once; keep it safe:", file=sys.stderr)
+                print(minted.get("token", ""))
+            return 0
+        if args.action == "rm":
+            record = await client.delete_token(args.id)
+            if output == "json":
+                _print_json(record)
+            else:
+                print(f"Revoked token {args.id} ({record.get('name', '?')}).")
+            return 0
+        items = await client.list_tokens()
+    if output == "json":
+        _print_json({"items": items})
+        return 0
+    if not items:
+        print("No tokens.")
+        return 0
+    rows = token_rows(items, datetime.now(UTC))
+    print(render_table(["ID", "NAME", "ROLE", "NAMESPACES", "AGE", "EXPIRES"], rows))
+    return 0
+
+
 _COMMANDS: dict[str, Command] = {
+    "token": _token,
     "deploy": _deploy,
     "invoke": _invoke,
     "logs": _logs,

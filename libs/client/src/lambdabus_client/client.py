@@ -13,12 +13,13 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import quote
 
 import aiohttp
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 JsonObject = dict[str, Any]
@@ -39,6 +40,22 @@ class ClientSettings(BaseSettings):
     url: str = "http://127.0.0.1:8080"
     namespace: str = "default"
     timeout: float = Field(default=30.0, gt=0, description="seconds per request")
+    token: SecretStr | None = Field(default=None, description="API token (LAMBDABUS_TOKEN)")
+    token_file: Path = Field(
+        default=Path(".lambdabus/admin.token"),
+        description="read when LAMBDABUS_TOKEN is not set: the admin token `lambdabus up` "
+        "writes into its data directory",
+    )
+
+    def resolved_token(self) -> str | None:
+        """LAMBDABUS_TOKEN, else the token file's first line when it is there."""
+        if self.token is not None and self.token.get_secret_value().strip():
+            return self.token.get_secret_value().strip()
+        try:
+            text = self.token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text.strip() or None
 
 
 class ApiError(Exception):
@@ -153,19 +170,22 @@ class Invocation(NamedTuple):
 class LambdabusClient:
     """The management API of one gateway. Use as `async with LambdabusClient(url) as client:`."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.token = token
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_settings(cls, settings: ClientSettings) -> Self:
-        return cls(settings.url, timeout=settings.timeout)
+        return cls(settings.url, timeout=settings.timeout, token=settings.resolved_token())
 
     async def __aenter__(self) -> Self:
+        headers = {"User-Agent": USER_AGENT}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            headers={"User-Agent": USER_AGENT},
+            timeout=aiohttp.ClientTimeout(total=self.timeout), headers=headers
         )
         return self
 
@@ -251,6 +271,31 @@ class LambdabusClient:
     async def info(self) -> JsonObject:
         """The gateway's `router_url` (where functions are called) and `version`."""
         return await self._json_object("GET", "/v1/info")
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    async def create_token(
+        self,
+        name: str,
+        role: str,
+        namespaces: Sequence[str],
+        expires_in: int | None = None,
+    ) -> JsonObject:
+        """Mint a token (admin only); the answer's `token` is the secret, shown this once."""
+        body: JsonObject = {
+            "name": name,
+            "role": role,
+            "namespaces": list(namespaces),
+            "expires_in": expires_in,
+        }
+        return await self._json_object("POST", "/v1/tokens", json=body)
+
+    async def list_tokens(self) -> list[JsonObject]:
+        return await self._items("GET", "/v1/tokens", "token list")
+
+    async def delete_token(self, token_id: str) -> JsonObject:
+        """Revoke a token: every gateway and router refuses it within a second."""
+        return await self._json_object("DELETE", f"/v1/tokens/{quote(token_id, safe='')}")
 
     # -- invoking --------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, ClassVar, Literal, Self, TypeVar, Union
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -190,7 +190,14 @@ class LifecycleEvent(BaseModel):
     time: AwareDatetime = Field(description="RFC 3339 with an offset, as CloudEvents requires")
     datacontenttype: Literal["application/json"] = "application/json"
     dataschema: str = Field(min_length=1)
+    # Extension attributes: who caused it, when an API call did (its token's id and name).
+    actorid: str | None = Field(default=None, min_length=1, max_length=64)
+    actorname: str | None = Field(default=None, min_length=1, max_length=128)
     data: _Data
+
+    def with_actor(self, actor_id: str, actor_name: str) -> Self:
+        """The same event, naming who caused it (the id stays: the transition is the same)."""
+        return self.model_copy(update={"actorid": actor_id, "actorname": actor_name})
 
     @property
     def entity(self) -> str:

@@ -26,7 +26,7 @@ _ADAPTER: TypeAdapter[AnyLifecycleEvent] = TypeAdapter(AnyLifecycleEvent)
 
 def to_cloudevent(event: LifecycleEvent) -> CloudEvent:
     """The SDK's CloudEvent for a catalog event (`time` stays a datetime, `data` becomes JSON)."""
-    attributes = event.model_dump(exclude={"data"})
+    attributes = event.model_dump(exclude={"data"}, exclude_none=True)
     return CloudEvent(attributes, event.data.model_dump(mode="json"))
 
 

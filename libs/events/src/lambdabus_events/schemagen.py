@@ -31,8 +31,10 @@ def event_schema(cls: type[LifecycleEvent]) -> dict[str, Any]:
     """The JSON Schema of one catalog type, as a whole structured-mode CloudEvent."""
     schema = cls.model_json_schema()
     # Our producers always send every attribute (defaults included), and `type` is what
-    # consumers dispatch on, so the wire schema requires them all.
-    schema["required"] = list(schema["properties"])
+    # consumers dispatch on, so the wire schema requires them all; but the optional extension
+    # attributes (default None, e.g. the actor), which are left out when absent.
+    optional = {name for name, field in cls.model_fields.items() if field.default is None}
+    schema["required"] = [name for name in schema["properties"] if name not in optional]
     return {"$schema": JSON_SCHEMA_DIALECT, "$id": schema_url(cls.EVENT_TYPE), **schema}
 
 

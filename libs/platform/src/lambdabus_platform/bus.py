@@ -326,10 +326,20 @@ class Bus:
         except nats.errors.TimeoutError as exc:
             raise TemporaryError(f"deleting from {stream} timed out; retry") from exc
 
-    async def publish_lifecycle(self, event: LifecycleEvent, *, attempts: int = 3) -> int:
+    async def publish_lifecycle(
+        self,
+        event: LifecycleEvent,
+        *,
+        attempts: int = 3,
+        actor: tuple[str, str] | None = None,
+    ) -> int:
         """Publish a catalog event (structured-mode JSON by the CloudEvents SDK). Its
         deterministic id is the `Nats-Msg-Id`, so retrying a publish whose ack was lost is
-        safe: JetStream stores it once. Raises TemporaryError when every attempt failed."""
+        safe: JetStream stores it once. `actor` (token id, name) names who caused it, as the
+        `actorid`/`actorname` extension attributes. Raises TemporaryError when every attempt
+        failed."""
+        if actor is not None:
+            event = event.with_actor(*actor)
         subject = lifecycle_subject(event.type, event.namespace, event.name)
         payload = to_json(event)
         for attempt in range(1, attempts + 1):

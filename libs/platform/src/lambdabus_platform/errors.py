@@ -96,3 +96,25 @@ class Conflict(PermanentError):
 
     status = 409
     code = "conflict"
+
+
+class Unauthenticated(PermanentError):
+    """No token, or one that is malformed, unknown, revoked or expired: send a valid
+    `Authorization: Bearer <token>`."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(PermanentError):
+    """The token is valid but its role or namespaces do not cover the request."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyFailedAttempts(TemporaryError):
+    """Too many failed authentication attempts from this address: wait `retry_after`."""
+
+    status = 429
+    code = "too_many_failed_attempts"

@@ -29,6 +29,7 @@ from lambdabus_platform.secretbox import KEY_FILE_NAME
 SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
 # The only services that hold the secrets key: the gateway seals, the deployer opens.
 SECRETS_KEY_HOLDERS = frozenset({"gateway", "deployer"})
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 class UpSettings(BaseSettings):
@@ -42,6 +43,9 @@ class UpSettings(BaseSettings):
     builder_port: int = Field(default=8082, ge=0, le=65535)
     deployer_port: int = Field(default=8083, ge=0, le=65535)
     logs_port: int = Field(default=8084, ge=0, le=65535)
+    renew_admin_token: bool = Field(
+        default=False, description="mint a new admin token if <data dir>/admin.token is gone"
+    )
     ready_timeout: float = Field(default=60.0, gt=0)
     grace_seconds: float = Field(default=10.0, gt=0)
     max_restart_delay: float = Field(default=10.0, gt=0)
@@ -77,6 +81,7 @@ class Platform:
         self.children = {name: Child(name) for name in SERVICES}
         self.stopping = asyncio.Event()
         self.logs_dir = settings.data_dir / "logs"
+        self.admin_token_path = settings.data_dir / ADMIN_TOKEN_FILE
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -101,6 +106,9 @@ class Platform:
         router = self.children["router"]
         if service == "gateway" and router.url:
             env["LAMBDABUS_GATEWAY_ROUTER_URL"] = router.url
+        if service == "gateway":  # it mints the first admin token, once, into this file
+            env["LAMBDABUS_GATEWAY_BOOTSTRAP_TOKEN_FILE"] = str(self.admin_token_path.resolve())
+            env["LAMBDABUS_GATEWAY_BOOTSTRAP_RENEW"] = str(self.settings.renew_admin_token).lower()
         return env
 
     async def supervise(self, child: Child, nats_url: str) -> None:
@@ -211,6 +219,11 @@ class Platform:
             if came_up:
                 for child in self.children.values():
                     self.say(f"{child.service:<8} {child.url}")
+                if self.admin_token_path.exists():
+                    self.say(
+                        f"admin token in {self.admin_token_path} (the CLI reads it when run "
+                        "here; elsewhere set LAMBDABUS_TOKEN)"
+                    )
                 self.say("lambdabus is up; Ctrl-C stops it")
             elif not stop.is_set():
                 late = [c.service for c in self.children.values() if not c.ready.is_set()]
@@ -246,8 +259,15 @@ def main(
         action="store_true",
         help="let every server pick a free port (the URLs are printed once ready)",
     )
+    parser.add_argument(
+        "--renew-admin-token",
+        action="store_true",
+        help="the admin token file is lost: mint a new one (the old bootstrap token is revoked)",
+    )
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
+    if args.renew_admin_token:
+        overrides["renew_admin_token"] = True
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.ephemeral_ports:

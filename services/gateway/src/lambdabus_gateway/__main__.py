@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
+from lambdabus_gateway.auth import AUTH, TOKENS, authenticate
 from lambdabus_gateway.deadletters import DeadLetters
 from lambdabus_gateway.functions import Functions
 from lambdabus_gateway.invocations import Invocations
@@ -19,6 +20,7 @@ from lambdabus_gateway.triggers import Triggers
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
@@ -30,8 +32,11 @@ from lambdabus_platform.subjects import (
     INVOCATIONS_BUCKET,
     QUOTAS_BUCKET,
     SECRETS_BUCKET,
+    TOKENS_BUCKET,
     TRIGGERS_BUCKET,
 )
+from lambdabus_platform.tokens import FailureLimiter
+from lambdabus_platform.tokenstore import TokenStore
 
 log = logging.getLogger("lambdabus.gateway")
 
@@ -43,7 +48,16 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
         box = open_secret_box(settings.secrets, settings.state_dir)
         records = Registry(ctx.bus.kv(FUNCTIONS_BUCKET), FunctionRecord)
         quotas = Quotas(kv=ctx.bus.kv(QUOTAS_BUCKET), functions=records, settings=settings.quota)
-        async with open_blob_store(settings.store, ctx.bus) as blobs:
+        tokens = TokenStore(ctx.bus.kv(TOKENS_BUCKET))
+        limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_seconds)
+        ctx.app[TOKENS] = tokens
+        ctx.app[AUTH] = Authenticator(tokens, limiter)
+        ctx.app.middlewares.append(authenticate)
+        async with open_blob_store(settings.store, ctx.bus) as blobs, tokens.watching():
+            if settings.bootstrap_token_file is not None:
+                await tokens.bootstrap_admin(
+                    settings.bootstrap_token_file, renew=settings.bootstrap_renew
+                )
             functions = Functions(
                 bus=ctx.bus,
                 records=records,

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord, LogKind, LogQuery
 from lambdabus_events.names import label_problem
+from lambdabus_gateway.auth import TOKEN, add_token_routes, require_namespace
 from lambdabus_gateway.deadletters import DeadLetters, parse_id, parse_limit
 from lambdabus_gateway.events import Limits, encoded, read_events, store
 from lambdabus_gateway.functions import Functions
@@ -189,6 +190,11 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     query = dict(request.query)
     subject = lifecycle_subject_filter(query)
     since = _parse_since(query.get("since"))
+    token = request[TOKEN]
+    if query.get("namespace"):
+        require_namespace(request, query["namespace"])
+    # A token for some namespaces sees their events only (the subject's 5th token).
+    scope = None if token.all_namespaces else frozenset(token.namespaces)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -204,6 +210,8 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
         async for item in with_keepalive(messages, keepalive, gw.stopping):
             if item is None:
                 await response.write(b": keepalive\n\n")
+                continue
+            if scope is not None and item.subject.split(".")[4] not in scope:
                 continue
             event_type = json.loads(item.data).get("type", "")
             frame = (
@@ -278,7 +286,13 @@ async def invoke_function(request: web.Request) -> web.Response:
                 "Preference-Applied": "respond-async",
             },
         )
-    return await gw.invoker.relay(request, ns, name, current.value.spec.timeout)
+    return await gw.invoker.relay(
+        request,
+        ns,
+        name,
+        current.value.spec.timeout,
+        forward_token=current.value.spec.invoke_auth == "token",
+    )
 
 
 async def get_invocation(request: web.Request) -> web.Response:
@@ -495,3 +509,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/info", info)
     r.add_get("/v1/lifecycle", lifecycle)
     r.add_get("/v1/openapi.json", openapi)
+    add_token_routes(app)

@@ -40,6 +40,7 @@ from lambdabus_platform.errors import (
     NotFound,
     PreconditionFailed,
 )
+from lambdabus_platform.httpauth import CURRENT_ACTOR
 from lambdabus_platform.registry import Registry, Versioned
 
 log = logging.getLogger("lambdabus.gateway.functions")
@@ -103,8 +104,10 @@ def check_if_match(if_match: str | None, current: Versioned[FunctionRecord]) -> 
 
 
 async def publish_lifecycle(bus: Bus, event: LifecycleEvent) -> None:
-    """Publish a lifecycle event (`Bus.publish_lifecycle` retries a missing ack; the id dedups)."""
-    await bus.publish_lifecycle(event)
+    """Publish a lifecycle event (`Bus.publish_lifecycle` retries a missing ack; the id dedups),
+    naming the API caller whose request caused it."""
+    actor = CURRENT_ACTOR.get()
+    await bus.publish_lifecycle(event, actor=(actor.id, actor.name) if actor else None)
 
 
 class Functions:

@@ -29,8 +29,8 @@ from lambdabus_platform.subjects import invocation_key, invoke_subject
 log = logging.getLogger("lambdabus.gateway.invocations")
 
 CALLBACK_HEADER = "X-Callback-Url"
-# Headers meant for the platform, not the function.
-_PLATFORM_HEADERS = frozenset({"prefer", CALLBACK_HEADER.lower()})
+# Headers meant for the platform, not the function (never stored: the caller's token).
+_PLATFORM_HEADERS = frozenset({"prefer", "authorization", CALLBACK_HEADER.lower()})
 _HEADER_ROOM = 1024
 
 

@@ -52,9 +52,22 @@ class Invoker:
             await self._session.close()
 
     async def relay(
-        self, request: web.Request, namespace: str, name: str, timeout: float
+        self,
+        request: web.Request,
+        namespace: str,
+        name: str,
+        timeout: float,
+        *,
+        forward_token: bool = False,
     ) -> web.Response:
+        """Relay to the router. The caller's `Authorization` (its platform token, checked
+        already) goes along only to a function with `invoke_auth: token`, for the router to
+        check in turn (the router strips it before the instance); a public function never
+        sees it."""
         body = await read_body(request, self._max_body, "the invocation body")
+        headers = forward_headers(request.headers)
+        if not forward_token:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         assert self._session is not None
         url = f"{self._router}/{namespace}/{name}/"
         try:
@@ -63,7 +76,7 @@ class Invoker:
                 url,
                 params=request.query,
                 data=body,
-                headers=forward_headers(request.headers),
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout + 5),
             ) as resp:
                 payload = await resp.read()

@@ -28,6 +28,29 @@ from lambdabus_events.models import (
     TriggerSpec,
 )
 from lambdabus_events.names import LABEL_PATTERN
+from lambdabus_platform.tokens import TokenRequest
+
+
+class TokenInfo(BaseModel):
+    id: str = Field(description="16 hex digits; DELETE /v1/tokens/{id} revokes it")
+    name: str
+    role: str = Field(description="admin, developer, viewer, invoker or auditor")
+    namespaces: list[str] = Field(description='its namespaces, or ["*"] for every one')
+    expires: str | None = Field(description="RFC 3339; null: never")
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="lbt_<id>_<secret>: shown this once, never stored")
+
+
+class TokenListed(TokenInfo):
+    created: str
+    expired: bool
+    created_by: str | None = Field(description="the id of the token that minted it")
+
+
+class TokenList(BaseModel):
+    items: list[TokenListed]
 
 
 class ErrorBody(BaseModel):
@@ -103,6 +126,15 @@ class InlineUpload(FunctionSpec):
     source: InlineSource
 
 
+AUTH_TEXT = """\
+Every route but `/healthz` needs `Authorization: Bearer <token>`. A token has one role (admin:
+everything; developer: manage functions, triggers, secrets, dead letters, invoke, publish, read,
+audit; viewer: read, audit, metrics; invoker: invoke; auditor: the lifecycle stream and history) and
+namespaces (`["*"]`: every one). Publishing events, the metrics, tokens and quotas need `["*"]`.
+A token in the query string (`token=`, `access_token=`) is refused (400 `token_in_query`).
+"""
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -132,7 +164,29 @@ _QUOTA = {
     "429": _json(
         "Error",
         "`quota_exceeded`: the namespace's functions or instances (replicas) would pass its "
-        "quota; the message says what to do",
+        "quota; the message says what to do. Or `too_many_failed_attempts` (Retry-After): 20 "
+        "failed authentications from this address in a minute",
+    )
+}
+_AUTH_RESPONSES = {
+    "Unauthenticated": _json(
+        "Error",
+        "`unauthenticated`: no token, or a malformed, unknown, revoked or expired one",
+        {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    ),
+    "Forbidden": _json("Error", "`forbidden`: the token's role or namespaces do not cover it"),
+    "TooManyFailedAttempts": _json(
+        "Error",
+        "`too_many_failed_attempts`: 20 failed authentications from this address in a minute",
+        {"Retry-After": {"schema": {"type": "integer"}}},
+    ),
+}
+_AUTH_ERRORS = {
+    status: {"$ref": f"#/components/responses/{name}"}
+    for status, name in (
+        ("401", "Unauthenticated"),
+        ("403", "Forbidden"),
+        ("429", "TooManyFailedAttempts"),
     )
 }
 _ETAG = {"ETag": {"schema": {"type": "string"}, "description": "the record's KV revision"}}
@@ -232,6 +286,9 @@ def render_openapi() -> dict[str, Any]:
                 SecretList,
                 Quota,
                 NamespaceQuota,
+                TokenRequest,
+                TokenCreated,
+                TokenList,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -620,9 +677,51 @@ def render_openapi() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/tokens": {
+            "post": {
+                "operationId": "createToken",
+                "summary": "Mint an API token (an admin token for every namespace only)",
+                "description": (
+                    "The secret (`token`) is in this answer only; the platform keeps a hash. A "
+                    "token cannot be minted beyond the minting token's role, namespaces or "
+                    "expiry."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("TokenRequest")}},
+                },
+                "responses": {
+                    "201": _json("TokenCreated", "minted; keep the secret"),
+                    "400": _json("Error", "`invalid_token_request`"),
+                },
+            },
+            "get": {
+                "operationId": "listTokens",
+                "responses": {"200": _json("TokenList", "every token, never a secret")},
+            },
+        },
+        "/v1/tokens/{id}": {
+            "parameters": [
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                }
+            ],
+            "delete": {
+                "operationId": "revokeToken",
+                "summary": "Revoke a token: every gateway and router refuses it within a second",
+                "responses": {
+                    "200": _json("TokenListed", "revoked"),
+                    "404": _json("Error", "no such token (`token_not_found`)"),
+                },
+            },
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
+                "security": [],
                 "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
             }
         },
@@ -633,11 +732,30 @@ def render_openapi() -> dict[str, Any]:
             }
         },
     }
+    for path_item in paths.values():
+        for key, operation in path_item.items():
+            if key != "parameters" and operation.get("security") != []:
+                # A route's own 429 (quota_exceeded) stays: both codes are documented there.
+                for status, response in _AUTH_ERRORS.items():
+                    operation["responses"].setdefault(status, response)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Lambdabus management API", "version": "1"},
+        "info": {"title": "Lambdabus management API", "version": "1", "description": AUTH_TEXT},
         "paths": paths,
-        "components": {"schemas": defs["$defs"]},
+        "security": [{"bearer": []}],
+        "components": {
+            "schemas": defs["$defs"],
+            "responses": _AUTH_RESPONSES,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "lbt_<id>_<secret>",
+                    "description": "an API token (POST /v1/tokens; the first admin token is in "
+                    "<data dir>/admin.token)",
+                }
+            },
+        },
     }
 
 

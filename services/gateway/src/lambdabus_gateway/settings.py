@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -43,3 +45,17 @@ class GatewaySettings(ServiceSettings):
     )
     max_batch_bytes: int = Field(default=10 * MiB, gt=0, description="largest batch body")
     max_batch_events: int = Field(default=1000, gt=0, description="most events in one batch")
+    bootstrap_token_file: Path | None = Field(
+        default=None,
+        description="on the platform's first start, write a new admin token here (mode 0600); "
+        "`lambdabus up` sets <data dir>/admin.token",
+    )
+    bootstrap_renew: bool = Field(
+        default=False,
+        description="when the bootstrap token file is gone, mint a new admin token into it "
+        "(and revoke the old bootstrap one)",
+    )
+    auth_max_failures: int = Field(
+        default=20, ge=1, description="failed authentications per client address per window"
+    )
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0)

@@ -11,8 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.service import ServiceContext, Setup, run
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET, QUOTAS_BUCKET
+from lambdabus_platform.subjects import (
+    DEPLOYMENTS_BUCKET,
+    FUNCTIONS_BUCKET,
+    QUOTAS_BUCKET,
+    TOKENS_BUCKET,
+)
+from lambdabus_platform.tokens import FailureLimiter
+from lambdabus_platform.tokenstore import TokenStore
 from lambdabus_router.dispatch import Dispatch, dispatching
 from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
@@ -33,9 +41,18 @@ def make_setup(
 
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-        router = Router(settings, InvocationMetrics(ctx.metrics.registry))
-        async with router.running(
-            ctx.bus.kv(DEPLOYMENTS_BUCKET), ctx.bus.kv(FUNCTIONS_BUCKET), ctx.bus.kv(QUOTAS_BUCKET)
+        tokens = TokenStore(ctx.bus.kv(TOKENS_BUCKET))
+        limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_seconds)
+        router = Router(
+            settings, InvocationMetrics(ctx.metrics.registry), Authenticator(tokens, limiter)
+        )
+        async with (
+            tokens.watching(),
+            router.running(
+                ctx.bus.kv(DEPLOYMENTS_BUCKET),
+                ctx.bus.kv(FUNCTIONS_BUCKET),
+                ctx.bus.kv(QUOTAS_BUCKET),
+            ),
         ):
             router.add_routes(ctx.app)
             if on_router is not None:

@@ -30,7 +30,14 @@ from lambdabus_platform.errors import (
     PayloadTooLarge,
     TemporaryError,
 )
+from lambdabus_platform.httpauth import (
+    Authenticator,
+    auth_error_response,
+    authorize,
+    client_address,
+)
 from lambdabus_platform.service import error_response
+from lambdabus_platform.tokens import Action
 from lambdabus_router.headers import request_headers, response_headers
 from lambdabus_router.metrics import InvocationMetrics
 from lambdabus_router.settings import RouterSettings
@@ -39,9 +46,11 @@ from lambdabus_router.table import (
     Table,
     apply,
     apply_known,
+    apply_protected,
     concurrency_of,
     load,
     load_known,
+    load_protected,
     parse_key,
     pick,
     quota_concurrency,
@@ -60,11 +69,19 @@ class BodyTooLarge(Exception):
 class Router:
     """The endpoints table (kept by two KV watchers) and the request handler that uses it."""
 
-    def __init__(self, settings: RouterSettings, metrics: InvocationMetrics) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        metrics: InvocationMetrics,
+        auth: Authenticator | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.auth = auth
         self.table: Table = {}
         self.known: frozenset[FunctionId] = frozenset()
+        # Functions with `invoke_auth: token`: a caller needs a token that may invoke there.
+        self.protected: frozenset[FunctionId] = frozenset()
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self._least_loaded = settings.balance == "least_in_flight"
         self._counter = 0
@@ -126,6 +143,7 @@ class Router:
     async def _load(self, deployments: Kv, functions: Kv, quotas: Kv | None) -> None:
         """Replace the tables with the buckets' current values."""
         records = [(e.key, e.value) for e in await functions.values(">")]
+        self.protected = load_protected(records)
         self._set_known(load_known(records))
         self.max_concurrency = {}
         for key, value in records:
@@ -184,6 +202,7 @@ class Router:
             log.warning("ignoring a deployments entry that is not a state", extra={"key": key})
 
     def _on_function(self, key: str, value: bytes) -> None:
+        self.protected = apply_protected(self.protected, key, value)
         self._set_known(apply_known(self.known, key, value))
         self._on_limit(key, value)
 
@@ -252,6 +271,11 @@ class Router:
     async def _invoke(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
         if fid not in self.known:
             return error_response(_unknown(fid))
+        protected = fid in self.protected
+        if protected:
+            refused = await self._check_token(request, fid)
+            if refused is not None:
+                return refused
         state = self.table.get(fid)
         if state is None or not state.endpoints:
             return error_response(
@@ -280,6 +304,8 @@ class Router:
             host=request.host,
             proto=request.scheme,
         )
+        if protected:  # the platform token was for the router: the function never sees it
+            headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
         timeout = state.timeout + self.settings.timeout_margin_seconds
         endpoints = state.endpoints
         self._counter += 1
@@ -313,6 +339,21 @@ class Router:
                 )
             except UpstreamError as exc:
                 return _bad_gateway(fid, exc)
+
+    async def _check_token(self, request: web.Request, fid: FunctionId) -> web.Response | None:
+        """The refusal of a call to a protected function (401, 403 or 429), or None."""
+        if self.auth is None:
+            return error_response(
+                TemporaryError(
+                    "this router checks no tokens; the function needs one", code="no_token_check"
+                )
+            )
+        try:
+            record = await self.auth.authenticate(request.headers, client_address(request))
+            authorize(record, Action.INVOKE, fid[0])
+        except LambdabusError as exc:
+            return auth_error_response(exc)
+        return None
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, refused as soon as it is known to be over the limit: from

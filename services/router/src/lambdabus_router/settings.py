@@ -30,6 +30,12 @@ class RouterSettings(ServiceSettings):
         default=2.0, gt=0, description="to open a connection to an instance"
     )
     balance: Balance = "least_in_flight"
+    auth_max_failures: int = Field(
+        default=20,
+        ge=1,
+        description="failed token checks (invoke_auth: token) per client address per window",
+    )
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0)
     pool_size_per_instance: int = Field(
         default=256, ge=0, description="open connections per instance (0: unbounded)"
     )

@@ -7,6 +7,7 @@ looked up a state keeps a consistent one while the watcher moves on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import ValidationError
@@ -100,6 +101,37 @@ def quota_concurrency(value: bytes) -> int | None:
         return Quota.model_validate_json(value).max_concurrent_invocations
     except ValidationError:
         return None
+
+
+def needs_token(value: bytes) -> bool:
+    """Whether a `functions` value is a function whose spec says `invoke_auth: token`. A value
+    that cannot be read counts as protected: unreadable fails closed."""
+    if not value:
+        return False
+    try:
+        record = json.loads(value)
+        return bool(record["spec"].get("invoke_auth", "none") != "none")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
+def load_protected(entries: Iterable[tuple[str, bytes]]) -> frozenset[FunctionId]:
+    """The functions that need a token to be invoked, from a snapshot of `functions`."""
+    return frozenset(
+        fid for key, value in entries if (fid := parse_key(key)) is not None and needs_token(value)
+    )
+
+
+def apply_protected(
+    protected: frozenset[FunctionId], key: str, value: bytes
+) -> frozenset[FunctionId]:
+    """The protected set after one `functions` KV entry."""
+    fid = parse_key(key)
+    if fid is None:
+        return protected
+    if needs_token(value):
+        return protected if fid in protected else protected | {fid}
+    return protected - {fid} if fid in protected else protected
 
 
 def pick(
