@@ -110,8 +110,6 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("DELETE", _NS + "/secrets/{name}"): Action.MANAGE,
     ("GET", _NS + "/quota"): Action.READ,
     ("PUT", _NS + "/quota"): Action.QUOTAS,
-    ("PATCH", _NS + "/quota"): Action.QUOTAS,
-    ("DELETE", _NS + "/quota"): Action.QUOTAS,
     ("POST", "/v1/events"): Action.PUBLISH,
     ("GET", "/v1/info"): Action.INFO,
     ("GET", "/v1/lifecycle"): Action.AUDIT,
