@@ -234,3 +234,46 @@ async def test_concurrent_first_starts_make_one_key(tmp_path: Path) -> None:
         *(asyncio.to_thread(load_or_create_key_file, path) for _ in range(8))
     )
     assert len(set(keys)) == 1
+
+
+async def test_cli_secret_commands_never_print_values(
+    gateway: RunningGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from lambdabus_client.cli import main
+
+    ns = f"c{secrets.token_hex(4)}"
+    first, second = _value(), _value()
+    password_file = tmp_path / "password"
+    password_file.write_text(second)
+    monkeypatch.setenv("LAMBDABUS_TOKEN", gateway.token)
+    base = ["--url", gateway.url, "-n", ns, "secret"]
+
+    async def cli(*args: str) -> int:
+        return await asyncio.to_thread(main, [*base, *args])
+
+    assert await cli("create", "db", "--from-literal", f"user={first}") == 0
+    assert await cli("set", "db", "--from-file", f"password={password_file}") == 0
+    assert await cli("ls") == 0
+    out, err = capsys.readouterr()
+    assert "Created secret" in out
+    assert "Replaced secret" in out
+    assert "db" in out
+    assert "password" in out
+    assert _contains(out + err, first, second) == []
+
+    # the replaced data holds only `password`
+    listed = await gateway.http.get(f"{gateway.url}/v1/namespaces/{ns}/secrets/db")
+    assert (await listed.json())["keys"] == ["password"]
+
+    assert await cli("create", "empty") == 2
+    _, err = capsys.readouterr()
+    assert "--from-literal" in err
+    assert "Traceback" not in err
+
+    assert await cli("rm", "db") == 0
+    assert await cli("ls") == 0
+    out, _ = capsys.readouterr()
+    assert f"No secrets in namespace {ns}." in out

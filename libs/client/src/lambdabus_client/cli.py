@@ -198,6 +198,39 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def parse_env_from(pairs: Sequence[str]) -> dict[str, dict[str, str]]:
+    """`--env-from VAR=SECRET:KEY` values as the spec's `env_from`."""
+    refs: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        var, separator, ref = pair.partition("=")
+        secret, colon, key = ref.partition(":")
+        if not separator or not var or not colon or not secret or not key:
+            raise UsageError(f"--env-from {pair!r} is not VAR=SECRET:KEY")
+        refs[var] = {"secret": secret, "key": key}
+    return refs
+
+
+def secret_data(literals: Sequence[str], files: Sequence[str]) -> dict[str, str]:
+    """A secret's data from `--from-literal KEY=VALUE` and `--from-file KEY=PATH` (as kubectl)."""
+    data: dict[str, str] = {}
+    for pair in literals:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise UsageError(f"--from-literal {pair!r} is not KEY=VALUE")
+        data[key] = value
+    for pair in files:
+        key, separator, path = pair.partition("=")
+        if not separator or not key or not path:
+            raise UsageError(f"--from-file {pair!r} is not KEY=PATH")
+        try:
+            data[key] = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--from-file {key}: cannot read {path} as text: {exc}") from exc
+    if not data:
+        raise UsageError("a secret needs at least one --from-literal or --from-file")
+    return data
+
+
 def parse_headers(pairs: Sequence[str]) -> dict[str, str]:
     """`--header K:V` values as a header mapping (split on the first colon, trimmed)."""
     headers: dict[str, str] = {}
@@ -537,6 +570,27 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")
     deploy.add_argument("--description")
     deploy.add_argument(
+        "--secret",
+        dest="secrets",
+        action="append",
+        metavar="NAME",
+        help="mount a secret of the namespace at /secrets/NAME/<key> (repeatable)",
+    )
+    deploy.add_argument(
+        "--env-from",
+        action="append",
+        metavar="VAR=SECRET:KEY",
+        help="set env var VAR from a key of a secret (repeatable)",
+    )
+    deploy.add_argument(
+        "--invoke-auth", choices=("none", "token"), help="token: callers need a bearer token"
+    )
+    deploy.add_argument("--network", choices=("outbound", "none"), help="default: outbound")
+    deploy.add_argument("--cpu", type=int, metavar="MILLICORES", help="default: 1000")
+    deploy.add_argument(
+        "--max-concurrency", type=int, metavar="N", help="at most N invocations at once"
+    )
+    deploy.add_argument(
         "--no-wait",
         dest="wait",
         action="store_false",
@@ -684,6 +738,26 @@ def build_parser() -> argparse.ArgumentParser:
     token_rm = token_actions.add_parser("rm", parents=[common], help="revoke a token")
     token_rm.add_argument("id")
 
+    secret = commands.add_parser(
+        "secret", parents=[common], help="create, replace, list and delete secrets"
+    )
+    secret_actions = secret.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for verb, text in (
+        ("create", "create a secret (values are never shown again)"),
+        ("set", "replace a secret's data; the functions using it roll out"),
+    ):
+        writer = secret_actions.add_parser(verb, parents=[common], help=text)
+        writer.add_argument("name")
+        writer.add_argument(
+            "--from-literal", action="append", default=[], metavar="KEY=VALUE", dest="literals"
+        )
+        writer.add_argument(
+            "--from-file", action="append", default=[], metavar="KEY=PATH", dest="files"
+        )
+    secret_actions.add_parser("ls", parents=[common], help="list secrets (key names only)")
+    secret_rm = secret_actions.add_parser("rm", parents=[common], help="delete a secret")
+    secret_rm.add_argument("name")
+
     events = commands.add_parser("events", parents=[common], help="tail lifecycle events")
     events.add_argument("--function", help="only events of this function")
     events.add_argument("--type", help="only this type, e.g. build.failed")
@@ -795,7 +869,20 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
     spec: JsonObject = {"name": args.name}
     if args.env:
         spec["env"] = parse_env(args.env)
-    for key in ("runtime", "replicas", "timeout", "memory", "description"):
+    if args.env_from:
+        spec["env_from"] = parse_env_from(args.env_from)
+    for key in (
+        "runtime",
+        "replicas",
+        "timeout",
+        "memory",
+        "description",
+        "secrets",
+        "invoke_auth",
+        "network",
+        "cpu",
+        "max_concurrency",
+    ):
         value = getattr(args, key)
         if value is not None:
             spec[key] = value
@@ -1358,7 +1445,41 @@ async def _token(settings: ClientSettings, args: argparse.Namespace, output: str
     return 0
 
 
+async def _secret(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    namespace = settings.namespace
+    async with LambdabusClient.from_settings(settings) as client:
+        if args.action in ("create", "set"):
+            data = secret_data(args.literals, args.files)
+            if args.action == "create":
+                info = await client.create_secret(namespace, args.name, data)
+            else:
+                info = await client.replace_secret(namespace, args.name, data)
+            if output == "json":
+                _print_json(info)
+            else:
+                verb = "Created" if args.action == "create" else "Replaced"
+                keys = ", ".join(map(str, info.get("keys") or []))
+                print(f"{verb} secret {namespace}/{args.name} (keys: {keys}).")
+            return 0
+        if args.action == "rm":
+            await client.delete_secret(namespace, args.name)
+            if output != "json":
+                print(f"Deleted secret {namespace}/{args.name}.")
+            return 0
+        items = await client.list_secrets(namespace)
+    if output == "json":
+        _print_json({"items": items})
+        return 0
+    if not items:
+        print(f"No secrets in namespace {namespace}.")
+        return 0
+    rows = [[str(i.get("name", "")), ", ".join(map(str, i.get("keys") or []))] for i in items]
+    print(render_table(["NAME", "KEYS"], rows))
+    return 0
+
+
 _COMMANDS: dict[str, Command] = {
+    "secret": _secret,
     "token": _token,
     "deploy": _deploy,
     "invoke": _invoke,

@@ -297,6 +297,26 @@ class LambdabusClient:
         """Revoke a token: every gateway and router refuses it within a second."""
         return await self._json_object("DELETE", f"/v1/tokens/{quote(token_id, safe='')}")
 
+    # -- secrets ---------------------------------------------------------------------------
+
+    async def create_secret(self, namespace: str, name: str, data: Mapping[str, str]) -> JsonObject:
+        """Create a secret; the answer names its keys, never its values."""
+        body = {"name": name, "data": dict(data)}
+        return await self._json_object("POST", _secrets_path(namespace), json=body)
+
+    async def replace_secret(
+        self, namespace: str, name: str, data: Mapping[str, str]
+    ) -> JsonObject:
+        path = f"{_secrets_path(namespace)}/{quote(name, safe='')}"
+        return await self._json_object("PUT", path, json={"data": dict(data)})
+
+    async def list_secrets(self, namespace: str) -> list[JsonObject]:
+        return await self._items("GET", _secrets_path(namespace), "secret list")
+
+    async def delete_secret(self, namespace: str, name: str) -> JsonObject:
+        path = f"{_secrets_path(namespace)}/{quote(name, safe='')}"
+        return await self._json_object("DELETE", path)
+
     # -- invoking --------------------------------------------------------------------------
 
     async def invoke(
@@ -597,6 +617,10 @@ def _namespace_path(namespace: str) -> str:
 
 def _functions_path(namespace: str) -> str:
     return f"{_namespace_path(namespace)}/functions"
+
+
+def _secrets_path(namespace: str) -> str:
+    return f"{_namespace_path(namespace)}/secrets"
 
 
 def _triggers_path(namespace: str) -> str:
