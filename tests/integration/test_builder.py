@@ -516,11 +516,14 @@ async def test_a_build_that_takes_too_long_times_out(
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 async def test_a_node_function_with_a_local_tarball_dependency(
-    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings, npm_tarball: Path
+    nats_settings: NatsSettings, bus: Bus, builder_settings: BuilderSettings, npm_tarball: Path
 ) -> None:
+    """A file: dependency, which the operator must allow on both the gateway and the builder."""
     package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
     handler = "const t = require('tinydep');\nexports.main = (e, c) => ({ four: t.double(2) });\n"
-    async with running_builder(builder_settings):
+    allowing = GatewaySettings(port=0, nats=nats_settings, allow_unsafe_requirements=True)
+    settings = builder_settings.model_copy(update={"allow_unsafe_requirements": True})
+    async with running_gateway(allowing, bus) as gateway, running_builder(settings):
         await create(
             gateway,
             "nodefn",

@@ -281,7 +281,11 @@ async def test_recover_removes_what_an_interrupted_build_left(backend: LocalBack
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
-async def test_a_node_build_with_a_local_tarball(backend: LocalBackend, npm_tarball: Path) -> None:
+async def test_a_node_build_with_a_local_tarball(
+    settings: BuilderSettings, npm_tarball: Path
+) -> None:
+    # a file: dependency is refused unless the operator allows it
+    backend = LocalBackend(settings.model_copy(update={"allow_unsafe_requirements": True}))
     package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
     handler = "const t = require('tinydep');\nexports.main = (e, c) => ({ four: t.double(2) });\n"
     req = request(
@@ -312,6 +316,78 @@ async def test_a_node_build_with_a_local_tarball(backend: LocalBackend, npm_tarb
         MemoryLog(),
     )
     assert again.dependencies_cached
+
+
+@pytest.mark.parametrize(
+    ("requirements", "says"),
+    [
+        ("-r /etc/shadow\n", "requirements.txt:1: '-r /etc/shadow'"),
+        ("tinydep\ngit+file:///tmp/repo\n", "requirements.txt:2: 'git+file:///tmp/repo'"),
+        ("--index-url http://127.0.0.1:9/simple\ntinydep\n", "requirements.txt:1"),
+    ],
+)
+async def test_refused_requirements_fail_before_anything_is_installed(
+    backend: LocalBackend, requirements: str, says: str
+) -> None:
+    """The gateway's upload rules, checked again by the builder (defence in depth)."""
+    log = MemoryLog()
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({"lambda_main.py": HELLO, "requirements.txt": requirements}), log
+        )
+    assert caught.value.reason == "InvalidDependencies"
+    assert says in caught.value.message
+    assert "uv" not in log.text()
+    assert not (backend.root / "envs").exists() or list((backend.root / "envs").iterdir()) == []
+    assert leftovers(backend.root) == []
+
+
+async def test_a_refused_package_json_spec_fails_the_build(backend: LocalBackend) -> None:
+    package = {"dependencies": {"x": "git+file:///tmp/repo"}}
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request(
+                {"handler.js": "exports.main = () => 1;\n", "package.json": json.dumps(package)},
+                runtime="nodejs20",
+                entrypoint="handler.js",
+            ),
+            MemoryLog(),
+        )
+    assert caught.value.reason == "InvalidDependencies"
+    assert "dependencies.x" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "runtime", "content"),
+    [
+        ("lambda_main.py", "python3.11", ""),
+        ("handler.py", "python3.11", "  \n\n\t\n"),
+        ("handler.js", "nodejs20", "\n"),
+    ],
+)
+async def test_an_empty_entry_point_is_a_build_error_naming_it(
+    backend: LocalBackend, entrypoint: str, runtime: Runtime, content: str
+) -> None:
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({entrypoint: content}, runtime=runtime, entrypoint=entrypoint), MemoryLog()
+        )
+    assert caught.value.reason == "InvalidSource"
+    assert caught.value.message.startswith(f"{entrypoint} is empty")
+    assert leftovers(backend.root) == []
+
+
+async def test_an_entry_point_without_main_is_a_build_error(backend: LocalBackend) -> None:
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({"lambda_main.py": "async def handler(request):\n    return 1\n"}),
+            MemoryLog(),
+        )
+    assert caught.value.reason == "InvalidSource"
+    assert caught.value.message.startswith("lambda_main.py: defines no main function")
+    # any binding of main will do: an import, an assignment
+    for source in ("from os import path as main\n", "def f(): pass\nmain = f\n"):
+        await backend.build(request({"lambda_main.py": source}, uid=f"u{len(source)}"), MemoryLog())
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")

@@ -32,6 +32,7 @@ from lambdabus_builder.plan import (
     artifact_dir,
     dependency_bytes,
     deps_key,
+    entrypoint_hint,
     env_dir,
     lists_requirements,
     node_syntax_error,
@@ -42,6 +43,12 @@ from lambdabus_builder.plan import (
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.models import ArtifactManifest, Runtime
 from lambdabus_platform.archive import ArchiveLimits, extract_archive
+from lambdabus_platform.dependencies import (
+    DEPENDENCY_FILE_LIMITS,
+    DependencyError,
+    check_dependency_files,
+    lifecycle_scripts,
+)
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
 
 _CHECKER = Path(__file__).with_name("compilecheck.py")
@@ -104,18 +111,26 @@ class LocalBackend:
                 raise BuildFailure(
                     "InvalidSource", f"the source archive cannot be used: {exc}"
                 ) from exc
-            if not (code / record.source.entrypoint).is_file():
+            entry = code / record.source.entrypoint
+            if not entry.is_file():
                 raise BuildFailure(
                     "InvalidSource",
                     f"the archive has no {record.source.entrypoint} at its root",
                 )
+            if _blank(entry):
+                raise BuildFailure(
+                    "InvalidSource",
+                    f"{record.source.entrypoint} is empty: it must define the function's "
+                    f"handler ({entrypoint_hint(style)})",
+                )
+            await self._check_dependencies(runtime, code, log)
             key = deps_key(runtime, self._dependency_bytes(runtime, code))
             env, cached = await self._environment(runtime, key, code, log)
             await log.write("system", f"checking that {record.source.entrypoint} compiles")
             if runtime == "nodejs20":
                 await self._check_node(code, record.source.entrypoint, log)
             else:
-                await self._check_python(env, code, log)
+                await self._check_python(env, code, record.source.entrypoint, log)
             manifest = ArtifactManifest(
                 runtime=runtime,
                 entrypoint=record.source.entrypoint,
@@ -136,6 +151,25 @@ class LocalBackend:
         return BuildResult(f"file://{final / 'manifest.json'}", cached, key)
 
     # -- dependencies ---------------------------------------------------------------------
+
+    async def _check_dependencies(self, runtime: Runtime, code: Path, log: BuildLog) -> None:
+        """The gateway's upload rules again, before anything is installed."""
+        files = {name: _read(code / name) for name in DEPENDENCY_FILE_LIMITS}
+        try:
+            check_dependency_files(
+                runtime, files, allow_unsafe=self._settings.allow_unsafe_requirements
+            )
+        except DependencyError as exc:
+            raise BuildFailure("InvalidDependencies", exc.message) from exc
+        package = files.get("package.json")
+        if runtime == "nodejs20" and package is not None:
+            scripts = lifecycle_scripts(package)
+            if scripts:
+                await log.write(
+                    "system",
+                    f"package.json has install scripts ({', '.join(scripts)}): they run inside "
+                    "the build sandbox, which sees only this build's directory",
+                )
 
     @staticmethod
     def _dependency_bytes(runtime: Runtime, code: Path) -> bytes:
@@ -253,7 +287,7 @@ class LocalBackend:
 
     # -- checks ---------------------------------------------------------------------------
 
-    async def _check_python(self, env: Path, code: Path, log: BuildLog) -> None:
+    async def _check_python(self, env: Path, code: Path, entrypoint: str, log: BuildLog) -> None:
         """Compile every .py file with the function's own interpreter; the bytecode it writes
         spares the instances compiling at each cold start."""
         lines: list[str] = []
@@ -266,7 +300,7 @@ class LocalBackend:
 
         python = env / "bin" / "python"
         done = await process.run(
-            [str(python), "-I", str(_CHECKER), str(code)], cwd=code, on_line=collect
+            [str(python), "-I", str(_CHECKER), str(code), entrypoint], cwd=code, on_line=collect
         )
         if done.returncode == 0:
             return
@@ -287,7 +321,7 @@ class LocalBackend:
             if isinstance(offset, int) and offset > 0:
                 await log.write("stderr", "    " + " " * (offset - 1) + "^")
         raise BuildFailure(
-            "SyntaxError",
+            "InvalidSource" if error.get("error") == "NoHandler" else "SyntaxError",
             syntax_error_message(file, line if isinstance(line, int) else None, message, text),
         )
 
@@ -299,9 +333,22 @@ class LocalBackend:
             raise BuildFailure("SyntaxError", node_syntax_error(done.stderr, str(code)))
 
 
-def _read(path: Path) -> bytes | None:
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but white space."""
+    with path.open("rb") as file:
+        while chunk := file.read(64 * 1024):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _read(path: Path, limit: int | None = None) -> bytes | None:
+    """A file's bytes (the first `limit` of them), or None if it is not a readable file."""
     try:
-        return path.read_bytes() if path.is_file() else None
+        if not path.is_file():
+            return None
+        with path.open("rb") as file:
+            return file.read(-1 if limit is None else limit)
     except OSError:
         return None
 

@@ -61,6 +61,12 @@ class BuilderSettings(ServiceSettings):
         default=False, description="install from npm's cache only (--offline)"
     )
     npm_cache: Path | None = Field(default=None, description="npm's cache dir; None: npm's default")
+    allow_unsafe_requirements: bool = Field(
+        default=False,
+        description="install requirements.txt options (-r, -e, --index-url, ...), local paths, "
+        "VCS and URL requirements, and package.json file:/git/URL specs (refused by default: "
+        "checked again here after the gateway's upload check; builds stay sandboxed either way)",
+    )
     # Archive limits (the gateway checked them on upload; the same rules apply on extraction)
     max_uncompressed_bytes: int = Field(default=250 * MiB, gt=0)
     max_archive_entries: int = Field(default=10_000, gt=0)
