@@ -52,6 +52,7 @@ from lambdabus_events.models import (
     SourceRef,
 )
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.envdigest import tree_digest
 from lambdabus_platform.natsserver import run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import serve
@@ -231,6 +232,7 @@ class World:
             env_dir=str(env),
             source_sha256="0" * 64,
             deps_key=runtime,
+            env_digest=tree_digest(env),
         )
         (base / "manifest.json").write_text(manifest.model_dump_json())
         return f"file://{base / 'manifest.json'}"

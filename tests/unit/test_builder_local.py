@@ -24,6 +24,7 @@ from lambdabus_events.models import (
     Runtime,
     SourceRef,
 )
+from lambdabus_platform.envdigest import tree_digest
 from lambdabus_testing.wheels import WheelIndex
 from tests.zips import make_zip
 
@@ -154,6 +155,26 @@ async def test_the_same_requirements_use_the_cached_environment(backend: LocalBa
     assert ("system", f"using cached dependencies {first.deps_key}") in log.lines
     assert "uv" not in log.text()
     assert manifest_of(second).env_dir == manifest_of(first).env_dir
+
+
+async def test_an_environment_is_sealed_and_its_digest_recorded(backend: LocalBackend) -> None:
+    files: dict[str, str | bytes] = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    first = manifest_of(await backend.build(request(files), MemoryLog()))
+    env = Path(first.env_dir)
+    assert first.env_digest == tree_digest(env)
+    assert (env.parent / f"{env.name}.sha256").read_text().strip() == first.env_digest
+    for path in [env, *env.rglob("*")]:
+        info = path.lstat()
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid()), path
+        if not path.is_symlink():
+            assert stat.S_IMODE(info.st_mode) & 0o222 == 0, path
+    # a cache hit takes the recorded digest without hashing the tree again
+    second = manifest_of(await backend.build(request(files, name="b", uid="u2"), MemoryLog()))
+    assert second.env_digest == first.env_digest
+    # an environment without a record (made before digests were kept) gets one on next use
+    (env.parent / f"{env.name}.sha256").unlink()
+    third = manifest_of(await backend.build(request(files, name="c", uid="u3"), MemoryLog()))
+    assert third.env_digest == first.env_digest
 
 
 async def test_concurrent_builds_of_one_key_install_once(backend: LocalBackend) -> None:

@@ -49,11 +49,13 @@ from lambdabus_platform.dependencies import (
     check_dependency_files,
     lifecycle_scripts,
 )
+from lambdabus_platform.envdigest import tree_digest
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
 
 _CHECKER = Path(__file__).with_name("compilecheck.py")
 _TMP_ENV = ".tmp-"
 _PARTIAL = ".partial-"
+_DIGEST = ".sha256"
 
 
 class LocalBackend:
@@ -125,7 +127,7 @@ class LocalBackend:
                 )
             await self._check_dependencies(runtime, code, log)
             key = deps_key(runtime, self._dependency_bytes(runtime, code))
-            env, cached = await self._environment(runtime, key, code, log)
+            env, cached, digest = await self._environment(runtime, key, code, log)
             await log.write("system", f"checking that {record.source.entrypoint} compiles")
             if runtime == "nodejs20":
                 await self._check_node(code, record.source.entrypoint, log)
@@ -139,6 +141,7 @@ class LocalBackend:
                 env_dir=str(env),
                 source_sha256=record.source.sha256,
                 deps_key=key,
+                env_digest=digest,
             )
             (work / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
             await asyncio.to_thread(make_read_only, code)
@@ -179,17 +182,17 @@ class LocalBackend:
 
     async def _environment(
         self, runtime: Runtime, key: str, code: Path, log: BuildLog
-    ) -> tuple[Path, bool]:
-        """The environment for `key`, and whether it was there already."""
+    ) -> tuple[Path, bool, str]:
+        """The environment for `key`, whether it was there already, and its digest."""
         env = env_dir(self._root, key)
         if env.is_dir():
             await log.write("system", f"using cached dependencies {key}")
-            return env, True
+            return env, True, await asyncio.to_thread(recorded_digest, env)
         lock = self._env_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if env.is_dir():  # another build made it while this one waited
                 await log.write("system", f"using cached dependencies {key}")
-                return env, True
+                return env, True, await asyncio.to_thread(recorded_digest, env)
             env.parent.mkdir(parents=True, exist_ok=True)
             tmp = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
             started = time.monotonic()
@@ -198,6 +201,7 @@ class LocalBackend:
                     await self._node_env(tmp, code, log)
                 else:
                     await self._python_env(tmp, code, log)
+                await asyncio.to_thread(seal, tmp)
                 try:
                     tmp.rename(env)
                 except OSError:
@@ -207,10 +211,12 @@ class LocalBackend:
             except BaseException:
                 await _discard(tmp)
                 raise
+            digest = await asyncio.to_thread(recorded_digest, env)
             await log.write(
-                "system", f"dependencies {key} ready in {time.monotonic() - started:.2f} s"
+                "system",
+                f"dependencies {key} ready in {time.monotonic() - started:.2f} s ({digest})",
             )
-            return env, False
+            return env, False, digest
 
     async def _python_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
         s = self._settings
@@ -359,6 +365,43 @@ async def _discard(path: Path) -> None:
         await asyncio.shield(asyncio.to_thread(remove_tree, path))
 
 
+def seal(root: Path) -> None:
+    """Make a finished environment immutable: owned by this (platform) user, read-only."""
+    if os.geteuid() == 0:
+        uid, gid = os.getuid(), os.getgid()
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                os.lchown(os.path.join(dirpath, name), uid, gid)
+        os.lchown(root, uid, gid)
+    make_read_only(root)
+
+
+def digest_path(env: Path) -> Path:
+    """`envs/<key>.sha256`: the digest recorded when the environment was sealed."""
+    return env.with_name(env.name + _DIGEST)
+
+
+def recorded_digest(env: Path) -> str:
+    """The digest recorded for `env`; recorded now (sealing it first) when there is none, for
+    an environment made before digests were recorded or by a builder that stopped between the
+    rename and the record."""
+    path = digest_path(env)
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    seal(env)
+    digest = tree_digest(env)
+    tmp = path.with_name(f"{_TMP_ENV}{path.name}-{secrets.token_hex(4)}")
+    tmp.write_text(digest + "\n")
+    tmp.chmod(0o444)
+    try:
+        os.link(tmp, path)  # never replaces a digest another builder recorded first
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        tmp.unlink()
+    return digest
+
+
 def make_read_only(root: Path) -> None:
     """chmod a-w everything under `root` (files first, then their directories)."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
@@ -387,4 +430,4 @@ def remove_tree(root: Path) -> None:
         root.unlink()
 
 
-__all__ = ["LocalBackend", "make_read_only", "remove_tree"]
+__all__ = ["LocalBackend", "make_read_only", "recorded_digest", "remove_tree", "seal"]

@@ -47,9 +47,11 @@ from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, start_
 from lambdabus_deployer.sandbox import Sandbox
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceState
+from lambdabus_platform.envdigest import EnvironmentVerifier
 from lambdabus_platform.errors import LambdabusError
 
 log = logging.getLogger("lambdabus.deployer.local")
+_ENVIRONMENTS = EnvironmentVerifier()  # each (env dir, digest) hashed once per process
 
 MiB = 1024 * 1024
 
@@ -134,6 +136,13 @@ def load_manifest(revision: DesiredRevision) -> ArtifactManifest:
                 f"{directory} does not exist",
                 code="artifact_unavailable",
             )
+    if not manifest.env_digest:
+        raise LambdabusError(
+            f"the artifact of generation {revision.build_generation} records no digest of its "
+            "dependency environment, so it cannot be verified: rebuild the function",
+            code="artifact_unavailable",
+        )
+    _ENVIRONMENTS.verify(manifest.env_dir, manifest.env_digest)  # EnvironmentTampered
     return manifest
 
 
@@ -559,7 +568,8 @@ class FunctionRunner:
         try:
             manifest = load_manifest(desired)
         except LambdabusError as exc:
-            self.failure = Failure(reason="ArtifactUnavailable", message=exc.message)
+            reason = str(exc.details.get("reason", "ArtifactUnavailable"))
+            self.failure = Failure(reason=reason, message=exc.message)
             self.failed_key = desired.key
             return
         self.target = RevisionSet(self, desired, manifest)
