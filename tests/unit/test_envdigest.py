@@ -36,23 +36,22 @@ def test_the_same_tree_anywhere_has_the_same_digest(tmp_path: Path) -> None:
     assert tree_digest(tmp_path / "a") == one  # stable
 
 
+def relink(path: Path, target: str) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
 CHANGES: dict[str, Callable[[Path], object]] = {
     "content": lambda r: (r / "lib/pkg/__init__.py").write_text("X = 2\n"),
     "same size content": lambda r: (r / "lib/pkg/__init__.py").write_text("Y = 1\n"),
     "mode": lambda r: (r / "bin/tool").chmod(0o777),
     "directory mode": lambda r: (r / "lib").chmod(0o777),
-    "symlink target": lambda r: (
-        (r / "bin/python").unlink(),
-        (r / "bin/python").symlink_to("/tmp/evil"),
-    ),
+    "symlink target": lambda r: relink(r / "bin/python", "/tmp/evil"),
     "new file": lambda r: (r / "lib/pkg/evil.pth").write_text("import os\n"),
     "new empty dir": lambda r: (r / "lib/x").mkdir(),
     "removed file": lambda r: (r / "bin/tool").unlink(),
     "renamed": lambda r: (r / "empty").rename(r / "empty2"),
-    "file replaced by a symlink": lambda r: (
-        (r / "bin/tool").unlink(),
-        (r / "bin/tool").symlink_to("/bin/sh"),
-    ),
+    "file replaced by a symlink": lambda r: relink(r / "bin/tool", "/bin/sh"),
 }
 
 
