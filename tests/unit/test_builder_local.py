@@ -246,24 +246,37 @@ async def test_a_cancelled_build_kills_its_tool_and_leaves_nothing(
     tmp_path: Path, settings: BuilderSettings
 ) -> None:
     # an "interpreter" that never answers uv's query holds the build in `uv venv`
-    slow = tmp_path / "slow-python"
-    pidfile = tmp_path / "pid"
-    slow.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    (tmp_path / "py" / "bin").mkdir(parents=True)
+    slow = tmp_path / "py" / "bin" / "slow-python"
+    seconds = f"60.{os.getpid()}"  # found by its argv: the sandbox may not write a pid file
+    slow.write_text(f"#!/bin/sh\nexec sleep {seconds}\n")
     slow.chmod(0o755)
     backend = LocalBackend(settings.model_copy(update={"python": str(slow)}))
     log = MemoryLog()
     task = asyncio.create_task(backend.build(request({"lambda_main.py": HELLO}), log))
-    for _ in range(500):
-        if pidfile.exists() and pidfile.read_text().strip():
+    pid = None
+    for _ in range(1000):
+        pid = _find(b"sleep\0" + seconds.encode() + b"\0")
+        if pid is not None:
             break
         await asyncio.sleep(0.01)
-    pid = int(pidfile.read_text())
+    assert pid is not None, log.text()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
     assert leftovers(backend.root) == []
     assert list((backend.root / "envs").iterdir()) == []
+
+
+def _find(cmdline: bytes) -> int | None:
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if entry.read_bytes() == cmdline:
+                return int(entry.parent.name)
+        except OSError:
+            continue
+    return None
 
 
 def _state(pid: int) -> str:
@@ -301,42 +314,57 @@ async def test_recover_removes_what_an_interrupted_build_left(backend: LocalBack
     assert done_env.is_dir()
 
 
+NPM_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "npm"
+MS = "const ms = require('ms');\nexports.main = (e, c) => ({ t: ms('2 days') });\n"
+
+
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
-async def test_a_node_build_with_a_local_tarball(
-    settings: BuilderSettings, npm_tarball: Path
-) -> None:
-    # a file: dependency is refused unless the operator allows it
-    backend = LocalBackend(settings.model_copy(update={"allow_unsafe_requirements": True}))
-    package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
-    handler = "const t = require('tinydep');\nexports.main = (e, c) => ({ four: t.double(2) });\n"
-    req = request(
-        {"handler.js": handler, "package.json": json.dumps(package)},
-        runtime="nodejs20",
-        entrypoint="handler.js",
-    )
+@pytest.mark.skipif(not NPM_CACHE.is_dir(), reason="run `make fixtures` first")
+async def test_a_node_build_from_the_offline_cache(settings: BuilderSettings) -> None:
+    backend = LocalBackend(settings.model_copy(update={"npm_cache": NPM_CACHE}))
+    package = {"name": "fn", "version": "1.0.0", "dependencies": {"ms": "2.1.3"}}
+    files: dict[str, str | bytes] = {"handler.js": MS, "package.json": json.dumps(package)}
     log = MemoryLog()
-    result = await backend.build(req, log)
+    result = await backend.build(request(files, runtime="nodejs20", entrypoint="handler.js"), log)
     manifest = manifest_of(result)
     assert manifest.style == "node"
     modules = Path(manifest.env_dir) / "node_modules"
     ran = await output(
         "node",
         "-e",
-        "console.log(require('tinydep').double(21))",
+        "console.log(require('ms')('1h'))",
         env={**os.environ, "NODE_PATH": str(modules)},
     )
-    assert ran == "42"
+    assert ran == "3600000"
     assert "installing package.json with npm install" in log.text()
+    assert manifest.env_digest == tree_digest(manifest.env_dir)
     again = await backend.build(
-        request(
-            {"handler.js": handler, "package.json": json.dumps(package)},
-            runtime="nodejs20",
-            entrypoint="handler.js",
-            uid="u2",
-        ),
-        MemoryLog(),
+        request(files, runtime="nodejs20", entrypoint="handler.js", uid="u2"), MemoryLog()
     )
     assert again.dependencies_cached
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+async def test_a_local_tarball_outside_the_build_is_not_visible_even_when_allowed(
+    settings: BuilderSettings, npm_tarball: Path
+) -> None:
+    """The operator setting lets a file: spec through the checks; the build sandbox still
+    shows npm nothing of the host outside the build."""
+    backend = LocalBackend(settings.model_copy(update={"allow_unsafe_requirements": True}))
+    if not (await backend.sandbox()).enabled:
+        pytest.skip("no sandbox on this machine")
+    npm_tarball.parent.chmod(0o755)  # readable by anyone: only the sandbox hides it
+    package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
+    req = request(
+        {"handler.js": MS, "package.json": json.dumps(package)},
+        runtime="nodejs20",
+        entrypoint="handler.js",
+    )
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(req, MemoryLog())
+    assert caught.value.reason == "DependencyInstallFailed"
+    assert "ENOENT" in caught.value.message
+    assert str(npm_tarball) in caught.value.message
 
 
 @pytest.mark.parametrize(

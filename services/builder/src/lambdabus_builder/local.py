@@ -25,6 +25,7 @@ import uv
 
 from lambdabus_builder import process
 from lambdabus_builder.backend import BuildLog, BuildRequest, BuildResult
+from lambdabus_builder.buildbox import PATH, SCRATCH, TOOLS_DIR, build_step, install_prefix
 from lambdabus_builder.errors import BuildFailure
 from lambdabus_builder.plan import (
     DEPENDENCY_FILES,
@@ -51,6 +52,7 @@ from lambdabus_platform.dependencies import (
 )
 from lambdabus_platform.envdigest import tree_digest
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
+from lambdabus_platform.sandbox import NetworkMode, Sandbox, detect_sandbox
 
 _CHECKER = Path(__file__).with_name("compilecheck.py")
 _TMP_ENV = ".tmp-"
@@ -70,10 +72,21 @@ class LocalBackend:
             max_uncompressed=settings.max_uncompressed_bytes,
         )
         self._env_locks: dict[str, asyncio.Lock] = {}
+        self._box: Sandbox | None = None
+        self._box_lock = asyncio.Lock()
 
     @property
     def root(self) -> Path:
         return self._root
+
+    async def sandbox(self) -> Sandbox:
+        """The build sandbox of this machine, detected at first use."""
+        async with self._box_lock:
+            if self._box is None:
+                self._box = await detect_sandbox(
+                    self._settings.sandbox, setting="LAMBDABUS_BUILDER_SANDBOX"
+                )
+            return self._box
 
     async def recover(self) -> None:
         def clean() -> None:
@@ -132,7 +145,7 @@ class LocalBackend:
             if runtime == "nodejs20":
                 await self._check_node(code, record.source.entrypoint, log)
             else:
-                await self._check_python(env, code, record.source.entrypoint, log)
+                await self._check_python(code, record.source.entrypoint, work, log)
             manifest = ArtifactManifest(
                 runtime=runtime,
                 entrypoint=record.source.entrypoint,
@@ -144,7 +157,7 @@ class LocalBackend:
                 env_digest=digest,
             )
             (work / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
-            await asyncio.to_thread(make_read_only, code)
+            await asyncio.to_thread(seal, code)
             if final.exists():  # a build of this generation interrupted after its rename
                 await asyncio.to_thread(remove_tree, final)
             work.rename(final)
@@ -194,23 +207,24 @@ class LocalBackend:
                 await log.write("system", f"using cached dependencies {key}")
                 return env, True, await asyncio.to_thread(recorded_digest, env)
             env.parent.mkdir(parents=True, exist_ok=True)
-            tmp = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
+            stage = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
+            tmp = stage / "env"
             started = time.monotonic()
             try:
+                steps = await self._steps(f"build/{key}", stage, log)
                 if runtime == "nodejs20":
-                    await self._node_env(tmp, code, log)
+                    await self._node_env(tmp, code, log, steps)
                 else:
-                    await self._python_env(tmp, code, log)
+                    await self._python_env(tmp, code, log, steps)
                 await asyncio.to_thread(seal, tmp)
                 try:
                     tmp.rename(env)
                 except OSError:
                     if not env.is_dir():
                         raise
-                    await _discard(tmp)  # another builder process made it first
-            except BaseException:
-                await _discard(tmp)
-                raise
+                    # another builder process made it first: this one is discarded below
+            finally:
+                await _discard(stage)
             digest = await asyncio.to_thread(recorded_digest, env)
             await log.write(
                 "system",
@@ -218,16 +232,51 @@ class LocalBackend:
             )
             return env, False, digest
 
-    async def _python_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
+    async def _steps(self, key: str, stage: Path, log: BuildLog) -> _Steps:
+        """How this build runs its tools: in the sandbox as the uid of `key` (the staging dir
+        and a scratch dir made its own), or on the host when there is no sandbox here."""
+        box = await self.sandbox()
+        scratch = stage / "scratch"
+        stage.mkdir()
+        scratch.mkdir()
+        if not box.enabled:
+            await log.write(
+                "system",
+                f"warning: the build runs without a sandbox ({box.reason}); its install "
+                "scripts run with the builder's rights",
+            )
+            return _Steps(None, key, stage, scratch)
+        identity = box.identity(key)
+        for path in (stage, scratch):
+            os.chown(path, identity.uid, identity.gid)
+        return _Steps(box, key, stage, scratch)
+
+    async def _python_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
         s = self._settings
+        python = _resolve(s.python)
         common = ["--no-config", "--color", "never", "--no-python-downloads"]
-        if s.uv_cache_dir is not None:
+        uv_bin = self._uv
+        tool_env: dict[str, str] = {}
+        local_links = [link for link in s.find_links if _is_local(link)]
+        read_only = [*filter(None, [install_prefix(python)]), *map(_local_path, local_links)]
+        files: dict[str, str] = {}
+        if steps.sandboxed:
+            uv_bin = f"{TOOLS_DIR}/uv"
+            files[uv_bin] = str(Path(self._uv).resolve())
+            tool_env["UV_CACHE_DIR"] = f"{SCRATCH}/uv-cache"  # per build: nothing shared
+        elif s.uv_cache_dir is not None:
             common += ["--cache-dir", str(s.uv_cache_dir)]
+        offline = s.no_index and len(local_links) == len(s.find_links)
+        network: NetworkMode = "none" if offline else "outbound"
         await log.write("system", f"creating a virtualenv with {s.python}")
-        venv = await self._tool(
-            [self._uv, "venv", *common, "--relocatable", "--python", s.python, str(tmp)],
-            tmp.parent,
-            log,
+        venv = await steps.run(
+            [uv_bin, "venv", *common, "--relocatable", "--python", python, str(tmp)],
+            cwd=tmp.parent,
+            log=log,
+            network=network,
+            read_only=read_only,
+            files=files,
+            env=tool_env,
         )
         if venv.returncode != 0:
             raise BuildFailure(
@@ -239,7 +288,7 @@ class LocalBackend:
         if not lists_requirements(requirements):
             await log.write("system", "no requirements to install")
             return
-        argv = [self._uv, "pip", "install", *common, "--python", str(tmp / "bin" / "python")]
+        argv = [uv_bin, "pip", "install", *common, "--python", str(tmp / "bin" / "python")]
         if s.index_url is not None:
             argv += ["--index-url", s.index_url]
         for url in s.extra_index_url:
@@ -252,14 +301,22 @@ class LocalBackend:
             argv.append("--compile-bytecode")
         argv += ["-r", "requirements.txt"]
         await log.write("system", "installing requirements.txt with uv pip install")
-        done = await self._tool(argv, tmp, log)
+        done = await steps.run(
+            argv,
+            cwd=tmp,
+            log=log,
+            network=network,
+            read_only=read_only,
+            files=files,
+            env=tool_env,
+        )
         if done.returncode != 0:
             raise BuildFailure(
                 "DependencyInstallFailed",
                 f"uv pip install exited with {done.returncode}: {tail_message(done.stderr)}",
             )
 
-    async def _node_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
+    async def _node_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
         s = self._settings
         tmp.mkdir()
         package = _read(code / "package.json")
@@ -271,15 +328,35 @@ class LocalBackend:
         lock = _read(code / NODE_LOCKFILE)
         if lock is not None:
             (tmp / NODE_LOCKFILE).write_bytes(lock)
+        steps.give(tmp, recursive=True)  # npm writes its lockfile and node_modules here
         argv = [s.npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--no-update-notifier"]
         if s.npm_registry is not None:
             argv.append(f"--registry={s.npm_registry}")
         if s.npm_offline:
             argv.append("--offline")
-        if s.npm_cache is not None:
+        if steps.sandboxed:
+            # npm needs a writable cache: a per-build one, seeded from the configured cache
+            # when installing offline (the shared cache itself is never writable by a build)
+            cache = steps.scratch / "npm-cache"
+            if s.npm_offline and s.npm_cache is not None and s.npm_cache.is_dir():
+                await asyncio.to_thread(_seed_cache, s.npm_cache.resolve(), cache)
+            else:
+                cache.mkdir()
+            steps.give(cache, recursive=True)
+            argv.append(f"--cache={SCRATCH}/npm-cache")
+        elif s.npm_cache is not None:
             argv.append(f"--cache={s.npm_cache.resolve()}")
+        node, npm = _resolve(s.node), _resolve(s.npm)
+        read_only = [p for p in (install_prefix(node), install_prefix(npm)) if p is not None]
         await log.write("system", "installing package.json with npm install")
-        done = await self._tool(argv, tmp, log)
+        done = await steps.run(
+            argv,
+            cwd=tmp,
+            log=log,
+            network="none" if s.npm_offline else "outbound",
+            read_only=read_only,
+            env={"PATH": f"{os.path.dirname(node)}:{PATH}", "npm_config_update_notifier": "false"},
+        )
         if done.returncode != 0:
             raise BuildFailure(
                 "DependencyInstallFailed",
@@ -287,15 +364,12 @@ class LocalBackend:
             )
         (tmp / "node_modules").mkdir(exist_ok=True)  # npm makes none for no dependencies
 
-    @staticmethod
-    async def _tool(argv: list[str], cwd: Path, log: BuildLog) -> process.Completed:
-        return await process.run(argv, cwd=cwd, on_line=log.write)
-
     # -- checks ---------------------------------------------------------------------------
 
-    async def _check_python(self, env: Path, code: Path, entrypoint: str, log: BuildLog) -> None:
-        """Compile every .py file with the function's own interpreter; the bytecode it writes
-        spares the instances compiling at each cold start."""
+    async def _check_python(self, code: Path, entrypoint: str, work: Path, log: BuildLog) -> None:
+        """Compile every .py file with the functions' interpreter, in the sandbox and with no
+        site packages (nothing an installed package ships runs); the bytecode it writes spares
+        the instances compiling at each cold start."""
         lines: list[str] = []
 
         async def collect(stream: process.Stream, line: str) -> None:
@@ -304,10 +378,28 @@ class LocalBackend:
             else:
                 await log.write(stream, line)
 
-        python = env / "bin" / "python"
-        done = await process.run(
-            [str(python), "-I", str(_CHECKER), str(code), entrypoint], cwd=code, on_line=collect
-        )
+        python = _resolve(self._settings.python)
+        stage = work / "check"
+        steps = await self._steps(f"check/{work.parent.name}", stage, log)
+        try:
+            checker = str(_CHECKER)
+            files: dict[str, str] = {}
+            if steps.sandboxed:
+                checker = f"{TOOLS_DIR}/compilecheck.py"
+                files[checker] = str(_CHECKER)
+                steps.give(code, recursive=True)
+            done = await steps.run(
+                [python, "-I", "-S", checker, str(code), entrypoint],
+                cwd=code,
+                log=log,
+                network="none",
+                read_only=[p for p in (install_prefix(python),) if p is not None],
+                files=files,
+                on_line=collect,
+                writable=code,
+            )
+        finally:
+            await _discard(stage)
         if done.returncode == 0:
             return
         try:
@@ -337,6 +429,91 @@ class LocalBackend:
         )
         if done.returncode != 0:
             raise BuildFailure("SyntaxError", node_syntax_error(done.stderr, str(code)))
+
+
+class _Steps:
+    """Runs one build's tools: in the sandbox (`box`) as the uid of `key`, seeing `stage`
+    (writable) and `scratch` as /tmp; or on the host when `box` is None."""
+
+    def __init__(self, box: Sandbox | None, key: str, stage: Path, scratch: Path) -> None:
+        self.box = box
+        self.key = key
+        self.stage = stage
+        self.scratch = scratch
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.box is not None
+
+    def give(self, path: Path, *, recursive: bool = False) -> None:
+        """Make `path` (and what is under it) the sandbox uid's, so the build may write there."""
+        if self.box is None or not self.box.switch_uid:
+            return
+        identity = self.box.identity(self.key)
+        os.lchown(path, identity.uid, identity.gid)
+        if recursive:
+            for dirpath, dirnames, filenames in os.walk(path):
+                for name in [*dirnames, *filenames]:
+                    os.lchown(os.path.join(dirpath, name), identity.uid, identity.gid)
+
+    async def run(
+        self,
+        argv: list[str],
+        *,
+        cwd: Path,
+        log: BuildLog,
+        network: NetworkMode,
+        read_only: list[str] | None = None,
+        files: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        on_line: process.OnLine | None = None,
+        writable: Path | None = None,
+    ) -> process.Completed:
+        if self.box is None:
+            return await process.run(argv, cwd=cwd, on_line=on_line or log.write)
+        spec = build_step(
+            argv,
+            stage=str(writable or self.stage),
+            scratch=str(self.scratch),
+            chdir=str(cwd),
+            network=network,
+            read_only=read_only or (),
+            files=files,
+            env=env,
+        )
+        return await process.run_sandboxed(
+            self.box, spec, key=self.key, on_line=on_line or log.write
+        )
+
+
+def _resolve(program: str) -> str:
+    """The real path of a program (a name is looked up on PATH), for binding it."""
+    found = shutil.which(program) if os.sep not in program else program
+    return os.path.realpath(found) if found else program
+
+
+def _is_local(link: str) -> bool:
+    return "://" not in link or link.startswith("file://")
+
+
+def _local_path(link: str) -> str:
+    return str(Path(link.removeprefix("file://")).resolve())
+
+
+def _seed_cache(source: Path, dest: Path) -> None:
+    """A private copy of an npm cache: content files (immutable, named by their hash) linked,
+    the rest (index buckets npm appends to) copied."""
+
+    def copy(src: str, dst: str) -> None:
+        if f"{os.sep}content-v2{os.sep}" in src:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, copy_function=copy, symlinks=True)
 
 
 def _blank(path: Path) -> bool:
