@@ -294,7 +294,7 @@ class LocalBackend:
         for url in s.extra_index_url:
             argv += ["--extra-index-url", url]
         for link in s.find_links:
-            argv += ["--find-links", link]
+            argv += ["--find-links", _local_path(link) if _is_local(link) else link]
         if s.no_index:
             argv.append("--no-index")
         if s.compile_bytecode:
@@ -497,7 +497,8 @@ def _is_local(link: str) -> bool:
 
 
 def _local_path(link: str) -> str:
-    return str(Path(link.removeprefix("file://")).resolve())
+    """A find-links dir as uv will be given it (bound at that path: bwrap follows symlinks)."""
+    return os.path.abspath(link.removeprefix("file://"))
 
 
 def _seed_cache(source: Path, dest: Path) -> None:
