@@ -14,6 +14,7 @@ from lambdabus_platform.sandbox import SYSTEM_PATHS, Bind, NetworkMode, SandboxS
 
 TOOLS_DIR = "/lambdabus/bin"  # single files bound into the sandbox (uv, the compile check)
 SCRATCH = "/tmp"
+BUILD_DIR = "/build"  # where a dependency build sees its staging dir: no host path shows
 PATH = f"{TOOLS_DIR}:/usr/local/bin:/usr/bin:/bin"
 
 
@@ -38,6 +39,7 @@ def build_step(
     *,
     stage: str,
     scratch: str,
+    stage_inside: str | None = None,
     chdir: str,
     network: NetworkMode,
     read_only: Iterable[str] = (),
@@ -45,16 +47,17 @@ def build_step(
     env: Mapping[str, str] | None = None,
     hostname: str = "build",
 ) -> SandboxSpec:
-    """The sandbox of one build step. `files` binds single host files read-only at the given
-    sandbox paths (under `TOOLS_DIR`); `read_only` are host dirs bound at their own paths. The
-    scratch dir comes first, so binds below /tmp (a state dir in a temp dir) stay visible."""
+    """The sandbox of one build step. `stage` is bound writable at `stage_inside` (default: its
+    own path); `files` binds single host files read-only at the given sandbox paths (under
+    `TOOLS_DIR`); `read_only` are host dirs bound at their own paths. The scratch dir comes
+    first, so binds below /tmp (a state dir in a temp dir) stay visible."""
     binds = [Bind(scratch, SCRATCH, writable=True)]
     for path in sorted(set(read_only)):
         if not visible_anyway(path):
             binds.append(Bind(path, path))
     for dest, source in sorted((files or {}).items()):
         binds.append(Bind(source, dest))
-    binds.append(Bind(stage, stage, writable=True))
+    binds.append(Bind(stage, stage_inside or stage, writable=True))
     environment = {
         "HOME": SCRATCH,
         "TMPDIR": SCRATCH,

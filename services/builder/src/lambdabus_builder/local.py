@@ -25,7 +25,14 @@ import uv
 
 from lambdabus_builder import process
 from lambdabus_builder.backend import BuildLog, BuildRequest, BuildResult
-from lambdabus_builder.buildbox import PATH, SCRATCH, TOOLS_DIR, build_step, install_prefix
+from lambdabus_builder.buildbox import (
+    BUILD_DIR,
+    PATH,
+    SCRATCH,
+    TOOLS_DIR,
+    build_step,
+    install_prefix,
+)
 from lambdabus_builder.errors import BuildFailure
 from lambdabus_builder.plan import (
     DEPENDENCY_FILES,
@@ -232,9 +239,10 @@ class LocalBackend:
             )
             return env, False, digest
 
-    async def _steps(self, key: str, stage: Path, log: BuildLog) -> _Steps:
-        """How this build runs its tools: in the sandbox as the uid of `key` (the staging dir
-        and a scratch dir made its own), or on the host when there is no sandbox here."""
+    async def _steps(self, key: str, stage: Path, log: BuildLog, inside: str = BUILD_DIR) -> _Steps:
+        """How this build runs its tools: in the sandbox as the uid of `key` (the staging dir,
+        seen as `inside`, and a scratch dir made its own), or on the host when there is no
+        sandbox here."""
         box = await self.sandbox()
         scratch = stage / "scratch"
         stage.mkdir()
@@ -245,11 +253,11 @@ class LocalBackend:
                 f"warning: the build runs without a sandbox ({box.reason}); its install "
                 "scripts run with the builder's rights",
             )
-            return _Steps(None, key, stage, scratch)
+            return _Steps(None, key, stage, scratch, str(stage))
         identity = box.identity(key)
         for path in (stage, scratch):
             os.chown(path, identity.uid, identity.gid)
-        return _Steps(box, key, stage, scratch)
+        return _Steps(box, key, stage, scratch, inside)
 
     async def _python_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
         s = self._settings
@@ -270,7 +278,7 @@ class LocalBackend:
         network: NetworkMode = "none" if offline else "outbound"
         await log.write("system", f"creating a virtualenv with {s.python}")
         venv = await steps.run(
-            [uv_bin, "venv", *common, "--relocatable", "--python", python, str(tmp)],
+            [uv_bin, "venv", *common, "--relocatable", "--python", python, steps.path(tmp)],
             cwd=tmp.parent,
             log=log,
             network=network,
@@ -288,7 +296,7 @@ class LocalBackend:
         if not lists_requirements(requirements):
             await log.write("system", "no requirements to install")
             return
-        argv = [uv_bin, "pip", "install", *common, "--python", str(tmp / "bin" / "python")]
+        argv = [uv_bin, "pip", "install", *common, "--python", steps.path(tmp / "bin" / "python")]
         if s.index_url is not None:
             argv += ["--index-url", s.index_url]
         for url in s.extra_index_url:
@@ -380,7 +388,7 @@ class LocalBackend:
 
         python = _resolve(self._settings.python)
         stage = work / "check"
-        steps = await self._steps(f"check/{work.parent.name}", stage, log)
+        steps = await self._steps(f"check/{work.parent.name}", stage, log, inside=str(code))
         try:
             checker = str(_CHECKER)
             files: dict[str, str] = {}
@@ -435,11 +443,20 @@ class _Steps:
     """Runs one build's tools: in the sandbox (`box`) as the uid of `key`, seeing `stage`
     (writable) and `scratch` as /tmp; or on the host when `box` is None."""
 
-    def __init__(self, box: Sandbox | None, key: str, stage: Path, scratch: Path) -> None:
+    def __init__(
+        self, box: Sandbox | None, key: str, stage: Path, scratch: Path, inside: str
+    ) -> None:
         self.box = box
         self.key = key
         self.stage = stage
         self.scratch = scratch
+        self.inside = inside  # where the sandbox sees the staging dir
+
+    def path(self, host: Path) -> str:
+        """Where a tool sees a host path under the staging dir."""
+        if self.box is None or not host.is_relative_to(self.stage):
+            return str(host)
+        return str(Path(self.inside) / host.relative_to(self.stage))
 
     @property
     def sandboxed(self) -> bool:
@@ -474,8 +491,9 @@ class _Steps:
         spec = build_step(
             argv,
             stage=str(writable or self.stage),
+            stage_inside=str(writable) if writable is not None else self.inside,
             scratch=str(self.scratch),
-            chdir=str(cwd),
+            chdir=self.path(cwd),
             network=network,
             read_only=read_only or (),
             files=files,
