@@ -224,6 +224,7 @@ def test_a_git_file_setup_py_cannot_touch_the_host(lenient: Running, open_dir: P
     assert build["reason"] == "DependencyInstallFailed"
     assert not marker.exists()
     assert not list(open_dir.glob("marker*"))
+    print(f"\ngit+file: {build['message']}")
 
 
 def test_r_etc_shadow_shows_nothing_of_it(lenient: Running) -> None:
@@ -242,6 +243,7 @@ def test_r_etc_shadow_shows_nothing_of_it(lenient: Running) -> None:
         assert line not in log
         assert line.split(":")[1] not in log or line.split(":")[1] in ("", "*", "!", "!*")
     assert "root:" not in log
+    print(f"\n-r /etc/shadow: {build['message']}")
 
 
 def test_an_internal_index_url_never_connects(lenient: Running, listener: Listener) -> None:
@@ -257,6 +259,7 @@ def test_an_internal_index_url_never_connects(lenient: Running, listener: Listen
     build = lenient.build_failed("index", timeout=120)
     assert build["reason"] == "DependencyInstallFailed"
     assert listener.connections == 0
+    print(f"\n--index-url 127.0.0.1: {build['message']}")
 
 
 # -- postinstall against another function's environment ----------------------------------------
@@ -343,3 +346,4 @@ def test_a_postinstall_cannot_change_another_functions_environment(strict: Runni
     assert "EVIL" not in victim_file.read_text()
     status, answer = http("GET", f"{strict.platform.urls['router']}/{NS}/victim")
     assert (status, answer) == (200, {"words": "1.2 million"})
+    print("\npostinstall: " + "; ".join(line for line in log.splitlines() if "BLOCKED" in line))
