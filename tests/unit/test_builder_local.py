@@ -452,3 +452,48 @@ async def test_a_node_syntax_error(backend: LocalBackend) -> None:
     assert caught.value.reason == "SyntaxError"
     assert caught.value.message.startswith("handler.js:3: SyntaxError: Unexpected token ')'")
     assert any(line.endswith("handler.js:3") for _, line in log.lines)
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+@pytest.mark.skipif(not NPM_CACHE.is_dir(), reason="run `make fixtures` first")
+async def test_an_offline_node_build_cannot_change_the_shared_npm_cache(
+    settings: BuilderSettings, tmp_path: Path
+) -> None:
+    """The build gets a private copy of the cache: its content files are links to the shared
+    ones, which stay the platform's and read-only to the build."""
+    shared = tmp_path / "npm-cache"
+    shutil.copytree(NPM_CACHE, shared)
+    os.chmod(tmp_path, 0o755)
+    before = {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+    backend = LocalBackend(settings.model_copy(update={"npm_cache": shared}))
+    attack = (
+        "const fs=require('fs'),path=require('path');"
+        "function walk(d){for(const n of fs.readdirSync(d)){const p=path.join(d,n);"
+        "if(fs.lstatSync(p).isDirectory())walk(p);"
+        "else{try{fs.writeFileSync(p,'poisoned');console.log('WROTE '+p)}"
+        "catch(e){console.log('BLOCKED '+e.code)}}}}"
+        "walk('/tmp/npm-cache/_cacache/content-v2')"
+    )
+    package = {
+        "name": "fn",
+        "version": "1.0.0",
+        "dependencies": {"ms": "2.1.3"},
+        "attack": attack,
+        "scripts": {"postinstall": "node -e \"eval(require('./package.json').attack)\""},
+    }
+    log = MemoryLog()
+    await backend.build(
+        request(
+            {"handler.js": MS, "package.json": json.dumps(package)},
+            runtime="nodejs20",
+            entrypoint="handler.js",
+        ),
+        log,
+    )
+    if (await backend.sandbox()).switch_uid:
+        assert "BLOCKED EACCES" in log.text()
+        assert "WROTE" not in log.text()
+    after = {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+    for path, content in before.items():
+        if "content-v2" in str(path):
+            assert after[path] == content, path

@@ -463,15 +463,22 @@ class _Steps:
         return self.box is not None
 
     def give(self, path: Path, *, recursive: bool = False) -> None:
-        """Make `path` (and what is under it) the sandbox uid's, so the build may write there."""
+        """Make `path` (and what is under it) the sandbox uid's, so the build may write there.
+        Files with more than one link (a seeded cache's shared content) stay the platform's:
+        the build may read them, never change them for the next build."""
         if self.box is None or not self.box.switch_uid:
             return
         identity = self.box.identity(self.key)
         os.lchown(path, identity.uid, identity.gid)
-        if recursive:
-            for dirpath, dirnames, filenames in os.walk(path):
-                for name in [*dirnames, *filenames]:
-                    os.lchown(os.path.join(dirpath, name), identity.uid, identity.gid)
+        if not recursive:
+            return
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames:
+                os.lchown(os.path.join(dirpath, name), identity.uid, identity.gid)
+            for name in filenames:
+                file = os.path.join(dirpath, name)
+                if os.lstat(file).st_nlink == 1:
+                    os.lchown(file, identity.uid, identity.gid)
 
     async def run(
         self,
