@@ -202,10 +202,12 @@ def bwrap_args(
         "--dir",
         "/tmp",
     ]
-    for bind in spec.binds:
+    # Parents before children: a bind over /tmp must not hide one made inside it before.
+    for bind in sorted(spec.binds, key=lambda b: len(Path(b.dest).parts)):
         args += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.dest]
     for data, fd in zip(spec.files, file_fds, strict=True):
         args += ["--perms", f"{data.mode:04o}", "--ro-bind-data", str(fd), data.dest]
+    args += ["--remount-ro", "/"]  # the sandbox's own root (a tmpfs) holds nothing to write
     args.append("--clearenv")
     for key, value in spec.env:
         args += ["--setenv", key, value]
