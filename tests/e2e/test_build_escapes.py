@@ -210,6 +210,24 @@ def test_escape_lines_are_refused_at_upload_and_nothing_is_stored(
     assert not list((strict.data_dir / "builder").glob("artifacts/*/*"))
 
 
+def test_an_empty_or_handlerless_entry_point_is_a_build_error_naming_it(strict: Running) -> None:
+    cases = {
+        "empty": ("", "lambda_main.py is empty"),
+        "nomain": ("def handler(request):\n    return 1\n", "lambda_main.py: defines no main"),
+        "broken": ("async def main(request):\n    return = 1\n", "lambda_main.py:2"),
+    }
+    for name, (source, _) in cases.items():
+        status, body = strict.upload(name, {"lambda_main.py": source})
+        assert status == 202, body
+    for name, (_, says) in cases.items():
+        build = strict.build_failed(name)
+        assert build["reason"] in ("InvalidSource", "SyntaxError"), build
+        assert build["message"].startswith(says), build
+        st = status_of(strict.platform, name)
+        assert st["status"] == "waiting", st  # never started, so no crash loop
+        assert http("DELETE", f"{strict.gateway}/v1/namespaces/{NS}/functions/{name}")[0] == 202
+
+
 # -- let through by the operator: the sandbox stops them -----------------------------------
 
 

@@ -3,10 +3,14 @@ environment shared by every build with the same dependencies.
 
 Under the builder's state dir:
 - `envs/<deps_key>/`: a virtualenv made by `uv venv` and filled by `uv pip install`, or a
-  `node_modules` tree made by `npm install`. Made in `envs/.tmp-<key>-<token>/` and renamed into
-  place, so an environment that exists is complete; one per key at a time (a lock per key).
-- `artifacts/<ns>/<name>/<uid>-<generation>/`: `code/` (the unpacked source, compiled, then
-  read-only) and `manifest.json`, made as `<uid>-<generation>.partial-<token>/` and renamed.
+  `node_modules` tree made by `npm install`, in the build sandbox (`buildbox`). Made in
+  `envs/.tmp-<key>-<token>/env` (beside the build's scratch dir), sealed (the platform's,
+  read-only) and renamed into place, so an environment that exists is complete and immutable;
+  one per key at a time (a lock per key). `envs/<deps_key>.sha256` is its tree digest, recorded
+  when it was sealed and copied into every manifest that uses it.
+- `artifacts/<ns>/<name>/<uid>-<generation>/`: `code/` (the unpacked source, compiled in the
+  sandbox, then sealed) and `manifest.json`, made as `<uid>-<generation>.partial-<token>/` and
+  renamed.
 """
 
 from __future__ import annotations
