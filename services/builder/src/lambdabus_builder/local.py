@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -63,8 +64,14 @@ from lambdabus_platform.dependencies import (
 )
 from lambdabus_platform.envdigest import tree_digest
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
-from lambdabus_platform.sandbox import NetworkMode, Sandbox, detect_sandbox
+from lambdabus_platform.sandbox import (
+    NetworkMode,
+    Sandbox,
+    detect_sandbox,
+    install_egress_rules,
+)
 
+logger = logging.getLogger("lambdabus.builder.local")
 _CHECKER = Path(__file__).with_name("compilecheck.py")
 _TMP_ENV = ".tmp-"
 _PARTIAL = ".partial-"
@@ -94,9 +101,17 @@ class LocalBackend:
         """The build sandbox of this machine, detected at first use."""
         async with self._box_lock:
             if self._box is None:
-                self._box = await detect_sandbox(
+                box = await detect_sandbox(
                     self._settings.sandbox, setting="LAMBDABUS_BUILDER_SANDBOX"
                 )
+                if not box.enabled:
+                    logger.warning("builds run UNSANDBOXED", extra={"reason": box.reason})
+                elif box.outbound:
+                    # builds with an index get outbound network: not to link-local addresses
+                    # (cloud metadata) nor to this host's own addresses either
+                    firewall = await install_egress_rules(box)
+                    logger.info("egress rules for sandboxed builds", extra={"result": firewall})
+                self._box = box
             return self._box
 
     async def recover(self) -> None:
