@@ -106,7 +106,19 @@ def test_paths_urls_and_vcs_are_refused(line: str, says: str) -> None:
     assert says in refused_line(line)
 
 
-@pytest.mark.parametrize("line", ["pkg==${VERSION}", "pkg; ${X}", "%%%", "pkg ==", "pkg -x"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "pkg==${VERSION}",
+        "pkg; ${X}",
+        "%%%",
+        "pkg ==",
+        "pkg -x",
+        "pkg; python_version > '3' --index-url http://127.0.0.1/",
+        "pkg --config-settings=--build-option=--evil",
+        "pkg==1.0 --global-option=build_ext",
+    ],
+)
 def test_anything_else_is_refused(line: str) -> None:
     refused_line(line)
 

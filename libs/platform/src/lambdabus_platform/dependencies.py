@@ -200,6 +200,12 @@ def _requirement_problem(line: str) -> str | None:
             what = f"is an installer option ({option}) that {does}"
         return f"{what}: refused ({_ALLOW_HINT})"
     requirement = _HASH_TAIL.sub("", line).strip()
+    trailing = re.search(r"\s(--?[A-Za-z][\w-]*)", requirement)
+    if trailing is not None and not requirement.lower().startswith(("http", "git+", "file:")):
+        return (
+            f"has an installer option after the requirement ({trailing.group(1)}); only --hash "
+            f"may follow one ({_ALLOW_HINT})"
+        )
     if _PLAIN.match(requirement) and not requirement.lower().endswith(_ARCHIVE_SUFFIXES):
         return None
     return _unplain_requirement(requirement)
