@@ -592,6 +592,9 @@ class FunctionRunner:
         if self.failed_key is not None and desired.key != self.failed_key:
             self.failure, self.failed_key, self._failed_instances = None, None, ()
         if self.failed_key is None:
+            # hash a new environment off the event loop: load_manifest then finds it verified
+            with contextlib.suppress(LambdabusError):
+                await asyncio.to_thread(load_manifest, desired)
             self._converge(desired)
         for group in (self.target, self.serving):
             if group is not None and group.failure is not None:
