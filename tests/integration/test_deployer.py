@@ -583,6 +583,20 @@ async def test_a_crash_at_import_is_a_crash_loop(world: World) -> None:
     assert state.instances[0].restarts == 2  # crashloop_restarts=3: three exits, two restarts
 
 
+async def test_an_environment_changed_after_its_build_is_never_run(world: World) -> None:
+    await world.create("tampered", PROBE)
+    env = world.platform / "builder" / "envs" / "python3.11"
+    (env / "evil.pth").write_text("import os; os.system('echo pwned')\n")  # after the build
+    async with running_deployer(world.settings()):
+        state = await world.wait_state("tampered", lambda s: s is not None and s.phase == "failed")
+    assert state is not None
+    assert state.reason == "EnvironmentTampered"
+    assert str(env) in state.message
+    assert "rebuild" in state.message
+    assert state.endpoints == []
+    assert not any(i.phase in ("starting", "ready") for i in state.instances)
+
+
 async def test_a_config_update_rolls_out_without_a_gap(world: World) -> None:
     async with running_deployer(world.settings()):
         record = await world.create("roll", PROBE, env={"GREETING": "one"})
