@@ -366,7 +366,9 @@ class LocalBackend:
             # when installing offline (the shared cache itself is never writable by a build)
             cache = steps.scratch / "npm-cache"
             if s.npm_offline and s.npm_cache is not None and s.npm_cache.is_dir():
-                await asyncio.to_thread(_seed_cache, s.npm_cache.resolve(), cache)
+                # shared content is linked only when the build runs as another uid than ours
+                link = steps.box is not None and steps.box.switch_uid
+                await asyncio.to_thread(_seed_cache, s.npm_cache.resolve(), cache, link)
             else:
                 cache.mkdir()
             steps.give(cache, recursive=True)
@@ -545,12 +547,12 @@ def _local_path(link: str) -> str:
     return os.path.abspath(link.removeprefix("file://"))
 
 
-def _seed_cache(source: Path, dest: Path) -> None:
-    """A private copy of an npm cache: content files (immutable, named by their hash) linked,
-    the rest (index buckets npm appends to) copied."""
+def _seed_cache(source: Path, dest: Path, link: bool) -> None:
+    """A private copy of an npm cache: with `link`, content files (immutable, named by their
+    hash) are hard links, the rest (index buckets npm appends to) copied."""
 
     def copy(src: str, dst: str) -> None:
-        if f"{os.sep}content-v2{os.sep}" in src:
+        if link and f"{os.sep}content-v2{os.sep}" in src:
             try:
                 os.link(src, dst)
                 return
