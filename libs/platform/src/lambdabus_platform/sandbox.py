@@ -237,18 +237,25 @@ def slirp_args(*, userns_fd: int, netns_fd: int, ready_fd: int, exit_fd: int) ->
     ]
 
 
-def egress_rules(uid_first: int, uid_last: int) -> list[list[str]]:
-    """iptables commands (without the program) that refuse the sandboxes' outbound traffic
-    (made by slirp4netns, as the sandbox's uid) to link-local addresses (cloud metadata) and
-    to any address of this host (its loopback and its own interfaces' addresses)."""
+def egress_rules(uid_first: int, uid_last: int, *, ipv6: bool = False) -> list[list[str]]:
+    """iptables (or ip6tables) commands, without the program, that refuse the sandboxes'
+    outbound traffic (made by slirp4netns, as the sandbox's uid) to link-local addresses
+    (cloud metadata) and to any address of this host (its loopback and its own interfaces')."""
     owner = ["-m", "owner", "--uid-owner", f"{uid_first}-{uid_last}"]
+    refuse = (
+        [["-d", "fe80::/10"], ["-d", "::1/128"], ["-m", "addrtype", "--dst-type", "LOCAL"]]
+        if ipv6
+        else [
+            ["-d", "169.254.0.0/16"],
+            ["-d", "127.0.0.0/8"],
+            ["-m", "addrtype", "--dst-type", "LOCAL"],
+            ["-m", "addrtype", "--dst-type", "BROADCAST"],
+        ]
+    )
     return [
         ["-N", FIREWALL_CHAIN],
         ["-F", FIREWALL_CHAIN],
-        ["-A", FIREWALL_CHAIN, "-d", "169.254.0.0/16", "-j", "REJECT"],
-        ["-A", FIREWALL_CHAIN, "-d", "127.0.0.0/8", "-j", "REJECT"],
-        ["-A", FIREWALL_CHAIN, "-m", "addrtype", "--dst-type", "LOCAL", "-j", "REJECT"],
-        ["-A", FIREWALL_CHAIN, "-m", "addrtype", "--dst-type", "BROADCAST", "-j", "REJECT"],
+        *(["-A", FIREWALL_CHAIN, *match, "-j", "REJECT"] for match in refuse),
         ["-D", "OUTPUT", *owner, "-j", FIREWALL_CHAIN],
         ["-I", "OUTPUT", "1", *owner, "-j", FIREWALL_CHAIN],
     ]
@@ -678,21 +685,7 @@ async def install_egress_rules(sandbox: Sandbox) -> str:
             results.append(f"{program} is not installed")
             continue
         last = sandbox.uid_base + sandbox.uid_count - 1
-        rules = egress_rules(sandbox.uid_base, last)
-        if program == "ip6tables":
-            rules = [
-                [
-                    (
-                        "fe80::/10"
-                        if a == "169.254.0.0/16"
-                        else "::1/128"
-                        if a == "127.0.0.0/8"
-                        else a
-                    )
-                    for a in rule
-                ]
-                for rule in rules
-            ]
+        rules = egress_rules(sandbox.uid_base, last, ipv6=program == "ip6tables")
         failed = ""
         for rule in rules:
             process = await asyncio.create_subprocess_exec(
