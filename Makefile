@@ -25,14 +25,19 @@ $(UV):
 sync: bootstrap
 	@$(UV) sync --frozen --quiet
 
-# bubblewrap sandboxes function instances; without it they run unsandboxed and say so.
+# bubblewrap sandboxes function instances (and builds); slirp4netns gives them outbound network
+# in their own network namespace; iptables (as root) keeps that traffic off this host's own
+# and link-local addresses. Without them functions run unsandboxed / with no network, and say so.
+SYSTEM_TOOLS := bwrap:bubblewrap slirp4netns:slirp4netns iptables:iptables
 system:
-	@command -v bwrap >/dev/null 2>&1 || { \
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+		command -v $${tool%%:*} >/dev/null 2>&1 || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool##*:}"; done; \
+	[ -z "$$missing" ] || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing bubblewrap (function sandbox)"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null \
-				|| echo "warning: could not install bubblewrap; functions will run unsandboxed"; \
-		else echo "note: bubblewrap is not installed; functions will run unsandboxed"; fi; }
+			echo "installing$$missing (function sandbox)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
+				|| echo "warning: could not install$$missing; functions may run unsandboxed"; \
+		else echo "note: not installed:$$missing; functions may run unsandboxed"; fi; }
 
 # The examples' dependencies, fetched once, so that the tests build them with no network:
 # a wheel directory for pip/uv (--no-index --find-links) and an npm cache (--offline).

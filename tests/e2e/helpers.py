@@ -81,6 +81,14 @@ def wait_running(platform: Platform, name: str, timeout: float = 90) -> dict[str
     return wait_for(check, timeout, f"{name} running")  # type: ignore[no-any-return]
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line, empty once it is gone (processes come and go meanwhile)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def runtime_processes(name: str) -> list[int]:
     """Function instances of default/<name> anywhere on the machine (not only below `up`)."""
     pids = []

@@ -20,6 +20,7 @@ from tests.e2e.conftest import Platform
 from tests.e2e.helpers import (
     EXAMPLES,
     cli,
+    cmdline,
     http,
     offline_platform,
     runtime_processes,
@@ -190,11 +191,7 @@ def test_deployer_killed_and_restarted_reconciles(platform: Platform, tmp_path: 
     assert cli(platform, "deploy", str(fn), "--name", "steady", "--replicas", "2").returncode == 0
     wait_running(platform, "steady")
     wait_for(lambda: len(runtime_processes("steady")) == 2, 30, "two instances")
-    deployers = [
-        p
-        for p in platform.descendants()
-        if b"lambdabus_deployer" in Path(f"/proc/{p}/cmdline").read_bytes()
-    ]
+    deployers = [p for p in platform.descendants() if b"lambdabus_deployer" in cmdline(p)]
     assert len(deployers) == 1
     os.kill(deployers[0], signal.SIGKILL)
     # `up` restarts it; it must end with exactly `replicas` instances and no orphan
@@ -202,8 +199,7 @@ def test_deployer_killed_and_restarted_reconciles(platform: Platform, tmp_path: 
         lambda: [
             p
             for p in platform.descendants()
-            if p not in deployers
-            and b"lambdabus_deployer" in Path(f"/proc/{p}/cmdline").read_bytes()
+            if p not in deployers and b"lambdabus_deployer" in cmdline(p)
         ],
         30,
         "a new deployer",

@@ -504,7 +504,8 @@ async def test_a_build_that_takes_too_long_times_out(
     gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings, tmp_path: Path
 ) -> None:
     # an "interpreter" that never answers holds the build in `uv venv`
-    slow = tmp_path / "slow-python"
+    (tmp_path / "py" / "bin").mkdir(parents=True)
+    slow = tmp_path / "py" / "bin" / "slow-python"
     slow.write_text("#!/bin/sh\nexec sleep 60\n")
     slow.chmod(0o755)
     settings = builder_settings.model_copy(update={"python": str(slow), "build_timeout": 0.5})
@@ -518,25 +519,27 @@ async def test_a_build_that_takes_too_long_times_out(
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 async def test_a_node_function_with_a_local_tarball_dependency(
-    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings, npm_tarball: Path
+    nats_settings: NatsSettings, bus: Bus, builder_settings: BuilderSettings, npm_tarball: Path
 ) -> None:
+    """A file: dependency is refused at upload; an operator may let it through both the
+    gateway and the builder, and the build sandbox still shows npm nothing outside the build."""
     package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
     handler = "const t = require('tinydep');\nexports.main = (e, c) => ({ four: t.double(2) });\n"
-    async with running_builder(builder_settings):
-        await create(
-            gateway,
-            "nodefn",
-            {"handler.js": handler, "package.json": json.dumps(package)},
-            runtime="nodejs20",
-        )
+    files = {"handler.js": handler, "package.json": json.dumps(package)}
+    refusing = GatewaySettings(port=0, nats=nats_settings)
+    async with running_gateway(refusing, bus) as gateway:
+        body = {"name": "nodefn", "runtime": "nodejs20", "source": {"files": files}}
+        resp = await gateway.http.post(f"/v1/namespaces/{NS}/functions", json=body)
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_dependencies"
+    allowing = GatewaySettings(port=0, nats=nats_settings, allow_unsafe_requirements=True)
+    settings = builder_settings.model_copy(update={"allow_unsafe_requirements": True})
+    async with running_gateway(allowing, bus) as gateway, running_builder(settings):
+        await create(gateway, "nodefn", files, runtime="nodejs20")
         state = await wait_built(bus, "nodefn")
+    sandboxed = shutil.which("bwrap") is not None
+    if sandboxed:
+        assert (state.phase, state.reason) == ("failed", "DependencyInstallFailed")
+        assert "ENOENT" in state.message
+    else:
         assert state.phase == "succeeded", state.message
-    manifest = manifest_of(state)
-    assert (manifest.runtime, manifest.style, manifest.entrypoint) == (
-        "nodejs20",
-        "node",
-        "handler.js",
-    )
-    tinydep = Path(manifest.env_dir) / "node_modules" / "tinydep" / "index.js"
-    assert "double" in tinydep.read_text()
-    assert json.loads((Path(manifest.env_dir) / "package.json").read_text()) == package

@@ -356,3 +356,84 @@ async def test_multipart_without_parts(gateway: RunningGateway) -> None:
         f"/v1/namespaces/{NS}/functions", data=b"x", headers={"Content-Type": "text/plain"}
     )
     await _assert_refused(gateway, resp, status=415, code="unsupported_media_type", before=before)
+
+
+DEPENDENCIES: list[tuple[str, dict[str, str], str, str]] = [
+    ("-r", {"requirements.txt": "ok\n-r /etc/shadow\n"}, "python3.11", "requirements.txt:2"),
+    ("-e", {"requirements.txt": "-e ./pkg\n"}, "python3.11", "requirements.txt:1"),
+    ("-c", {"requirements.txt": "-c /etc/passwd\n"}, "python3.11", "-c /etc/passwd"),
+    (
+        "--index-url",
+        {"requirements.txt": "--index-url http://127.0.0.1:8080/simple\nx\n"},
+        "python3.11",
+        "--index-url",
+    ),
+    ("-f", {"requirements.txt": "-f /root\n"}, "python3.11", "-f /root"),
+    ("git+file", {"requirements.txt": "git+file:///tmp/repo\n"}, "python3.11", "VCS"),
+    ("file:", {"requirements.txt": "file:///etc/passwd\n"}, "python3.11", "file: URL"),
+    ("local path", {"requirements.txt": "../pkg\n"}, "python3.11", "local path"),
+    ("name @ url", {"requirements.txt": "x @ https://e.com/x.whl\n"}, "python3.11", "x @"),
+    (
+        "npm file:",
+        {"package.json": '{"dependencies": {"x": "file:/etc"}}'},
+        "nodejs20",
+        "dependencies.x",
+    ),
+    (
+        "npm github",
+        {"package.json": '{"dependencies": {"x": "user/repo"}}'},
+        "nodejs20",
+        "GitHub",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("files", "runtime", "mentions"),
+    [pytest.param(f, r, m, id=i) for i, f, r, m in DEPENDENCIES],
+)
+async def test_refused_dependency_files(
+    gateway: RunningGateway, files: dict[str, str], runtime: str, mentions: str
+) -> None:
+    entry = ("handler.js", "exports.main = () => 1;\n") if runtime == "nodejs20" else ENTRY
+    archive = make_zip({**dict([entry]), **files})
+    for upload in ("archive", "inline"):
+        before = await _lifecycle_total(gateway)
+        if upload == "archive":
+            resp = await _upload(gateway, archive, {"name": "fn", "runtime": runtime})
+        else:
+            resp = await gateway.http.post(
+                f"/v1/namespaces/{NS}/functions",
+                json={
+                    "name": "fn",
+                    "runtime": runtime,
+                    "source": {"files": {**dict([entry]), **files}},
+                },
+            )
+        await _assert_refused(
+            gateway,
+            resp,
+            status=400,
+            code="invalid_dependencies",
+            mentions=mentions,
+            archive=archive if upload == "archive" else None,
+            before=before,
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "mentions"), [("a" * 256 + ".py", "259 bytes"), ("d/" * 600 + "x.py", "1204 bytes")]
+)
+async def test_names_too_long(gateway: RunningGateway, name: str, mentions: str) -> None:
+    archive = make_zip({**dict([ENTRY]), name: "x = 1\n"})
+    before = await _lifecycle_total(gateway)
+    resp = await _upload(gateway, archive, SPEC)
+    await _assert_refused(
+        gateway,
+        resp,
+        status=400,
+        code="path_too_long",
+        mentions=mentions,
+        archive=archive,
+        before=before,
+    )

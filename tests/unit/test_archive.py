@@ -433,3 +433,63 @@ def test_extract_applies_the_same_rules(tmp_path: Path) -> None:
         extract_archive(python_zip(("docs/lambda.html", b"")), tmp_path)
     assert caught.value.code == "incomplete_docs"
     assert list(tmp_path.iterdir()) == []
+
+
+# -- name lengths ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("a" * 256 + ".py", "259 bytes"),
+        ("lib/" + "b" * 256, "256 bytes"),
+        ("é" * 128 + ".py", "259 bytes"),  # 2 bytes a character: bytes count, not characters
+        ("/".join(["d" * 200] * 6) + "/x.py", "1210 bytes"),
+        ("x/" * 2048 + "y.py", "4100 bytes"),
+    ],
+)
+def test_a_name_too_long_is_refused(name: str, says: str) -> None:
+    error = rejected(python_zip((name, b"x")), "path_too_long")
+    assert says in error.message
+    assert error.details["max_component"] == 255
+    assert error.details["max_path"] == 1024
+    assert len(error.message) < 400  # the name is cut in the message
+
+
+def test_names_at_the_limits_are_accepted(tmp_path: Path) -> None:
+    component = "c" * 255
+    path = ("c" * 250 + "/") * 4 + "x" * 17 + ".py"
+    assert len(path.encode()) == 1024
+    data = python_zip((component, b"1"), (path, b"2"))
+    inspect_archive(data, "python3.11")
+    extract_archive(data, tmp_path / "out")
+    assert (tmp_path / "out" / component).read_bytes() == b"1"
+
+
+def test_inline_archive_refuses_a_name_too_long() -> None:
+    with pytest.raises(ArchiveError) as caught:
+        build_inline_archive({"lambda_main.py": "", "z" * 300: ""})
+    assert caught.value.code == "path_too_long"
+
+
+def test_extract_refuses_a_name_too_long_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError) as caught:
+        extract_archive(python_zip(("q" * 300, b"x")), tmp_path / "out")
+    assert caught.value.code == "path_too_long"
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+# -- kept files ------------------------------------------------------------------------------
+
+
+def test_inspect_keeps_the_root_files_asked_for_up_to_their_limit() -> None:
+    data = python_zip(
+        ("requirements.txt", b"humanize\n"),
+        ("package.json", b"x" * 100),
+        ("lib/requirements.txt", b"not at the root"),
+    )
+    info = inspect_archive(
+        data, "python3.11", keep={"requirements.txt": 1000, "package.json": 10, "absent": 5}
+    )
+    assert info.kept == {"requirements.txt": b"humanize\n", "package.json": b"x" * 11}
+    assert inspect_archive(data, "python3.11").kept == {}

@@ -24,6 +24,7 @@ from lambdabus_events.models import (
     Runtime,
     SourceRef,
 )
+from lambdabus_platform.envdigest import tree_digest
 from lambdabus_testing.wheels import WheelIndex
 from tests.zips import make_zip
 
@@ -156,6 +157,26 @@ async def test_the_same_requirements_use_the_cached_environment(backend: LocalBa
     assert manifest_of(second).env_dir == manifest_of(first).env_dir
 
 
+async def test_an_environment_is_sealed_and_its_digest_recorded(backend: LocalBackend) -> None:
+    files: dict[str, str | bytes] = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    first = manifest_of(await backend.build(request(files), MemoryLog()))
+    env = Path(first.env_dir)
+    assert first.env_digest == tree_digest(env)
+    assert (env.parent / f"{env.name}.sha256").read_text().strip() == first.env_digest
+    for path in [env, *env.rglob("*")]:
+        info = path.lstat()
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid()), path
+        if not path.is_symlink():
+            assert stat.S_IMODE(info.st_mode) & 0o222 == 0, path
+    # a cache hit takes the recorded digest without hashing the tree again
+    second = manifest_of(await backend.build(request(files, name="b", uid="u2"), MemoryLog()))
+    assert second.env_digest == first.env_digest
+    # an environment without a record (made before digests were kept) gets one on next use
+    (env.parent / f"{env.name}.sha256").unlink()
+    third = manifest_of(await backend.build(request(files, name="c", uid="u3"), MemoryLog()))
+    assert third.env_digest == first.env_digest
+
+
 async def test_concurrent_builds_of_one_key_install_once(backend: LocalBackend) -> None:
     files: dict[str, str | bytes] = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
     logs = [MemoryLog() for _ in range(3)]
@@ -225,24 +246,37 @@ async def test_a_cancelled_build_kills_its_tool_and_leaves_nothing(
     tmp_path: Path, settings: BuilderSettings
 ) -> None:
     # an "interpreter" that never answers uv's query holds the build in `uv venv`
-    slow = tmp_path / "slow-python"
-    pidfile = tmp_path / "pid"
-    slow.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    (tmp_path / "py" / "bin").mkdir(parents=True)
+    slow = tmp_path / "py" / "bin" / "slow-python"
+    seconds = f"60.{os.getpid()}"  # found by its argv: the sandbox may not write a pid file
+    slow.write_text(f"#!/bin/sh\nexec sleep {seconds}\n")
     slow.chmod(0o755)
     backend = LocalBackend(settings.model_copy(update={"python": str(slow)}))
     log = MemoryLog()
     task = asyncio.create_task(backend.build(request({"lambda_main.py": HELLO}), log))
-    for _ in range(500):
-        if pidfile.exists() and pidfile.read_text().strip():
+    pid = None
+    for _ in range(1000):
+        pid = _find(b"sleep\0" + seconds.encode() + b"\0")
+        if pid is not None:
             break
         await asyncio.sleep(0.01)
-    pid = int(pidfile.read_text())
+    assert pid is not None, log.text()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
     assert leftovers(backend.root) == []
     assert list((backend.root / "envs").iterdir()) == []
+
+
+def _find(cmdline: bytes) -> int | None:
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if entry.read_bytes() == cmdline:
+                return int(entry.parent.name)
+        except OSError:
+            continue
+    return None
 
 
 def _state(pid: int) -> str:
@@ -280,38 +314,129 @@ async def test_recover_removes_what_an_interrupted_build_left(backend: LocalBack
     assert done_env.is_dir()
 
 
+NPM_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "npm"
+MS = "const ms = require('ms');\nexports.main = (e, c) => ({ t: ms('2 days') });\n"
+
+
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
-async def test_a_node_build_with_a_local_tarball(backend: LocalBackend, npm_tarball: Path) -> None:
-    package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
-    handler = "const t = require('tinydep');\nexports.main = (e, c) => ({ four: t.double(2) });\n"
-    req = request(
-        {"handler.js": handler, "package.json": json.dumps(package)},
-        runtime="nodejs20",
-        entrypoint="handler.js",
-    )
+@pytest.mark.skipif(not NPM_CACHE.is_dir(), reason="run `make fixtures` first")
+async def test_a_node_build_from_the_offline_cache(settings: BuilderSettings) -> None:
+    backend = LocalBackend(settings.model_copy(update={"npm_cache": NPM_CACHE}))
+    package = {"name": "fn", "version": "1.0.0", "dependencies": {"ms": "2.1.3"}}
+    files: dict[str, str | bytes] = {"handler.js": MS, "package.json": json.dumps(package)}
     log = MemoryLog()
-    result = await backend.build(req, log)
+    result = await backend.build(request(files, runtime="nodejs20", entrypoint="handler.js"), log)
     manifest = manifest_of(result)
     assert manifest.style == "node"
     modules = Path(manifest.env_dir) / "node_modules"
     ran = await output(
         "node",
         "-e",
-        "console.log(require('tinydep').double(21))",
+        "console.log(require('ms')('1h'))",
         env={**os.environ, "NODE_PATH": str(modules)},
     )
-    assert ran == "42"
+    assert ran == "3600000"
     assert "installing package.json with npm install" in log.text()
+    assert manifest.env_digest == tree_digest(manifest.env_dir)
     again = await backend.build(
-        request(
-            {"handler.js": handler, "package.json": json.dumps(package)},
-            runtime="nodejs20",
-            entrypoint="handler.js",
-            uid="u2",
-        ),
-        MemoryLog(),
+        request(files, runtime="nodejs20", entrypoint="handler.js", uid="u2"), MemoryLog()
     )
     assert again.dependencies_cached
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+async def test_a_local_tarball_outside_the_build_is_not_visible_even_when_allowed(
+    settings: BuilderSettings, npm_tarball: Path
+) -> None:
+    """The operator setting lets a file: spec through the checks; the build sandbox still
+    shows npm nothing of the host outside the build."""
+    backend = LocalBackend(settings.model_copy(update={"allow_unsafe_requirements": True}))
+    if not (await backend.sandbox()).enabled:
+        pytest.skip("no sandbox on this machine")
+    npm_tarball.parent.chmod(0o755)  # readable by anyone: only the sandbox hides it
+    package = {"name": "fn", "version": "1.0.0", "dependencies": {"tinydep": f"file:{npm_tarball}"}}
+    req = request(
+        {"handler.js": MS, "package.json": json.dumps(package)},
+        runtime="nodejs20",
+        entrypoint="handler.js",
+    )
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(req, MemoryLog())
+    assert caught.value.reason == "DependencyInstallFailed"
+    assert "ENOENT" in caught.value.message
+    assert str(npm_tarball) in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("requirements", "says"),
+    [
+        ("-r /etc/shadow\n", "requirements.txt:1: '-r /etc/shadow'"),
+        ("tinydep\ngit+file:///tmp/repo\n", "requirements.txt:2: 'git+file:///tmp/repo'"),
+        ("--index-url http://127.0.0.1:9/simple\ntinydep\n", "requirements.txt:1"),
+    ],
+)
+async def test_refused_requirements_fail_before_anything_is_installed(
+    backend: LocalBackend, requirements: str, says: str
+) -> None:
+    """The gateway's upload rules, checked again by the builder (defence in depth)."""
+    log = MemoryLog()
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({"lambda_main.py": HELLO, "requirements.txt": requirements}), log
+        )
+    assert caught.value.reason == "InvalidDependencies"
+    assert says in caught.value.message
+    assert "uv" not in log.text()
+    assert not (backend.root / "envs").exists() or list((backend.root / "envs").iterdir()) == []
+    assert leftovers(backend.root) == []
+
+
+async def test_a_refused_package_json_spec_fails_the_build(backend: LocalBackend) -> None:
+    package = {"dependencies": {"x": "git+file:///tmp/repo"}}
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request(
+                {"handler.js": "exports.main = () => 1;\n", "package.json": json.dumps(package)},
+                runtime="nodejs20",
+                entrypoint="handler.js",
+            ),
+            MemoryLog(),
+        )
+    assert caught.value.reason == "InvalidDependencies"
+    assert "dependencies.x" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "runtime", "content"),
+    [
+        ("lambda_main.py", "python3.11", ""),
+        ("handler.py", "python3.11", "  \n\n\t\n"),
+        ("handler.js", "nodejs20", "\n"),
+    ],
+)
+async def test_an_empty_entry_point_is_a_build_error_naming_it(
+    backend: LocalBackend, entrypoint: str, runtime: Runtime, content: str
+) -> None:
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({entrypoint: content}, runtime=runtime, entrypoint=entrypoint), MemoryLog()
+        )
+    assert caught.value.reason == "InvalidSource"
+    assert caught.value.message.startswith(f"{entrypoint} is empty")
+    assert leftovers(backend.root) == []
+
+
+async def test_an_entry_point_without_main_is_a_build_error(backend: LocalBackend) -> None:
+    with pytest.raises(BuildFailure) as caught:
+        await backend.build(
+            request({"lambda_main.py": "async def handler(request):\n    return 1\n"}),
+            MemoryLog(),
+        )
+    assert caught.value.reason == "InvalidSource"
+    assert caught.value.message.startswith("lambda_main.py: defines no main function")
+    # any binding of main will do: an import, an assignment
+    for source in ("from os import path as main\n", "def f(): pass\nmain = f\n"):
+        await backend.build(request({"lambda_main.py": source}, uid=f"u{len(source)}"), MemoryLog())
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -327,3 +452,50 @@ async def test_a_node_syntax_error(backend: LocalBackend) -> None:
     assert caught.value.reason == "SyntaxError"
     assert caught.value.message.startswith("handler.js:3: SyntaxError: Unexpected token ')'")
     assert any(line.endswith("handler.js:3") for _, line in log.lines)
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+@pytest.mark.skipif(not NPM_CACHE.is_dir(), reason="run `make fixtures` first")
+async def test_an_offline_node_build_cannot_change_the_shared_npm_cache(
+    settings: BuilderSettings, tmp_path: Path
+) -> None:
+    """The build gets a private copy of the cache: its content files are links to the shared
+    ones, which stay the platform's and read-only to the build."""
+    shared = tmp_path / "npm-cache"
+    shutil.copytree(NPM_CACHE, shared)
+    os.chmod(tmp_path, 0o755)
+    before = {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+    backend = LocalBackend(settings.model_copy(update={"npm_cache": shared}))
+    if not (await backend.sandbox()).enabled:
+        pytest.skip("no sandbox on this machine: an unsandboxed build uses the cache itself")
+    attack = (
+        "const fs=require('fs'),path=require('path');"
+        "function walk(d){for(const n of fs.readdirSync(d)){const p=path.join(d,n);"
+        "if(fs.lstatSync(p).isDirectory())walk(p);"
+        "else{try{fs.writeFileSync(p,'poisoned');console.log('WROTE '+p)}"
+        "catch(e){console.log('BLOCKED '+e.code)}}}}"
+        "walk('/tmp/npm-cache/_cacache/content-v2')"
+    )
+    package = {
+        "name": "fn",
+        "version": "1.0.0",
+        "dependencies": {"ms": "2.1.3"},
+        "attack": attack,
+        "scripts": {"postinstall": "node -e \"eval(require('./package.json').attack)\""},
+    }
+    log = MemoryLog()
+    await backend.build(
+        request(
+            {"handler.js": MS, "package.json": json.dumps(package)},
+            runtime="nodejs20",
+            entrypoint="handler.js",
+        ),
+        log,
+    )
+    if (await backend.sandbox()).switch_uid:  # as root: the content files are not the build's
+        assert "BLOCKED EACCES" in log.text()
+        assert "WROTE" not in log.text()
+    after = {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+    for path, content in before.items():
+        if "content-v2" in str(path):
+            assert after[path] == content, path

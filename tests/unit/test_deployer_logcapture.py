@@ -78,7 +78,7 @@ def test_the_listening_line() -> None:
 
 async def test_lines_are_published_as_runtime_log_lines() -> None:
     log, lines = capture()
-    listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    listening: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
     await log.pump(
         pipe(b"first li", b'ne\n{"event": "listening", "port": 8123}\nsec', b"ond\r\nlast"),
         "stdout",
@@ -98,7 +98,7 @@ async def test_lines_are_published_as_runtime_log_lines() -> None:
 
 async def test_a_listening_line_after_ready_is_an_ordinary_line() -> None:
     log, lines = capture()
-    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
     done.set_result(1)
     await log.pump(pipe(b'{"event": "listening", "port": 9}\n'), "stdout", done)
     assert [x.line for x in lines] == ['{"event": "listening", "port": 9}']

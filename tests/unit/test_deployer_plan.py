@@ -3,6 +3,7 @@ deployment state and events that follow from what a backend observes."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,18 +21,21 @@ from lambdabus_deployer.plan import (
     backoff_delay,
     crash_message,
     desired_instances,
+    env_file,
     event_key,
+    function_env,
     idle_state,
-    instance_env,
     is_crashloop,
     next_deployment_state,
-    render_sandbox_command,
+    render_sandbox,
+    render_unsandboxed,
     runtime_command,
+    runtime_env,
+    secret_files,
     stopped_state,
     uses_rlimit_as,
     withdrawn_state,
 )
-from lambdabus_deployer.sandbox import Sandbox
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.catalog import (
     DeploymentFailed,
@@ -48,11 +52,19 @@ from lambdabus_events.models import (
     InstanceState,
     SourceRef,
 )
+from lambdabus_platform.sandbox import (
+    LAUNCHER_ENV,
+    Bind,
+    DataFile,
+    Identity,
+    Sandbox,
+    bwrap_args,
+    slirp_args,
+)
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 UID = "5f0c7a43-9b64-4c55-8f44-6c9d8a2d3e10"
 ARTIFACT = "file:///srv/.lambdabus/builder/artifacts/default/hello/x-1/manifest.json"
-BWRAP = Sandbox("bubblewrap", bwrap="/usr/bin/bwrap")
 NO_SANDBOX = Sandbox("none", reason="bubblewrap (bwrap) is not installed")
 RUNTIME = RuntimePaths(
     pythonpath="/opt/lambdabus/runtime/src",
@@ -122,6 +134,7 @@ def spec(rev: DesiredRevision | None = None) -> InstanceSpec:
         scratch="/srv/.lambdabus/deployer/instances/hello-abc123-000001",
         revision=rev or revision(),
         runtime=RUNTIME,
+        socket_dir="/run/lambdabus/deployer-x/0123456789ab",
     )
 
 
@@ -224,7 +237,7 @@ def test_a_node_instance_caps_its_heap_instead_of_its_address_space() -> None:
     ]
     assert "--entrypoint" in argv
     assert not uses_rlimit_as(manifest("nodejs20"))
-    env = instance_env(manifest("nodejs20"), spec(), settings())
+    env = runtime_env(manifest("nodejs20"), spec(), settings(), tmp="/tmp", env_file_path="/e")
     assert env["NODE_PATH"] == "/srv/.lambdabus/builder/envs/abc/node_modules"
     assert "PYTHONPATH" not in env
 
@@ -237,77 +250,116 @@ def test_without_the_runtime_sdk_nothing_can_start() -> None:
         runtime_command(manifest("nodejs20"), no_sdk)
 
 
-def test_an_instance_gets_its_own_env_and_nothing_of_the_platform() -> None:
+def test_the_runtime_starts_with_the_platforms_env_only() -> None:
     rev = revision(env=(("GREETING", "hi"), ("HOME", "/root"), ("PYTHONPATH", "/evil")))
-    env = instance_env(manifest(), spec(rev), settings())
-    scratch = spec().scratch
+    env = runtime_env(manifest(), spec(rev), settings(), tmp="/tmp", env_file_path="/run/e.json")
     assert env == {
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "MALLOC_ARENA_MAX": "2",
-        "GREETING": "hi",
-        "HOME": scratch,
-        "TMPDIR": scratch,
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONPATH": "/opt/lambdabus/runtime/src",
+        "LAMBDABUS_ENV_FILE": "/run/e.json",
     }
 
 
-def test_without_bubblewrap_the_command_is_the_runtime_alone() -> None:
-    argv = render_sandbox_command(manifest(), spec(), settings(), sandbox=NO_SANDBOX)
-    assert argv == runtime_command(manifest(), spec())
+def test_the_functions_env_and_secret_env_go_to_its_env_file_without_reserved_names() -> None:
+    rev = revision(
+        env=(("GREETING", "hi"), ("HOME", "/home/x"), ("PYTHONPATH", "/evil")),
+        secret_env=(("DB_PASSWORD", "s3cret"), ("LD_AUDIT", "/x.so")),
+    )
+    assert function_env(rev) == {"GREETING": "hi", "DB_PASSWORD": "s3cret"}
+    assert json.loads(env_file(rev)) == function_env(rev)
+
+
+def test_secret_files_are_mounted_under_secrets_and_odd_names_are_skipped() -> None:
+    rev = revision(
+        secret_files=(("db", (("password", b"pw"), ("..", b"x"))), ("a/b", (("k", b"v"),)))
+    )
+    assert secret_files(rev) == (DataFile("/secrets/db/password", b"pw", mode=0o400),)
+
+
+def test_without_bubblewrap_the_runtime_listens_on_its_socket_with_its_env_file() -> None:
+    argv, env = render_unsandboxed(manifest(), spec(), settings())
+    assert argv == runtime_command(manifest(), spec(), socket=spec().socket)
+    assert _pairs(argv, "--socket", 1) == [(f"{spec().socket_dir}/sock",)]
+    assert env["LAMBDABUS_ENV_FILE"] == f"{spec().socket_dir}/env.json"
+    assert env["HOME"] == spec().scratch
 
 
 def _pairs(argv: list[str], option: str, arity: int) -> list[tuple[str, ...]]:
     return [tuple(argv[i + 1 : i + 1 + arity]) for i, arg in enumerate(argv) if arg == option]
 
 
-def test_the_sandbox_argv() -> None:
-    argv = render_sandbox_command(manifest(), spec(), settings(), sandbox=BWRAP)
-    separator = argv.index("--")
-    options, command = argv[1:separator], argv[separator + 1 :]
-    assert argv[0] == "/usr/bin/bwrap"
-    assert command == runtime_command(manifest(), spec())
-    m, scratch = manifest(), spec().scratch
-    mounts = [
-        (arg, *(options[i + 1 : i + 3] if arg.endswith("bind") else options[i + 1 : i + 2]))
-        for i, arg in enumerate(options)
-        if arg in ("--ro-bind", "--bind", "--tmpfs", "--dev", "--proc")
-    ]
-    assert mounts == [
-        ("--ro-bind", "/", "/"),
-        ("--tmpfs", "/tmp"),
-        ("--dev", "/dev"),
-        ("--proc", "/proc"),
-        ("--tmpfs", "/srv/.lambdabus"),  # the platform's stores, hidden ...
-        ("--ro-bind", m.code_dir, m.code_dir),  # ... before what lives inside is bound back
-        ("--ro-bind", m.env_dir, m.env_dir),
-        ("--ro-bind", RUNTIME.pythonpath, RUNTIME.pythonpath),
-        ("--bind", scratch, scratch),
-    ]
-    for flag in ("--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"):
-        assert flag in options
-    assert "--die-with-parent" in options
-    assert "--unshare-net" not in options
-    assert "--unshare-all" not in options
-    assert _pairs(options, "--uid", 1) == [("65534",)]
-    assert _pairs(options, "--gid", 1) == [("65534",)]
-    assert _pairs(options, "--chdir", 1) == [(scratch,)]
-
-
-def test_the_platform_dir_to_hide_can_be_set() -> None:
-    argv = render_sandbox_command(
-        manifest(), spec(), settings(platform_dir=Path("/var/lib/lambdabus")), sandbox=BWRAP
+def test_the_sandbox_of_an_instance() -> None:
+    m, instance = manifest(), spec()
+    sandbox = render_sandbox(m, instance, settings(), interpreter_dirs=["/root/.pyenv/3.11"])
+    assert sandbox.command[:3] == ("/lambdabus/deps/bin/python", "-m", "lambdabus_runtime")
+    assert _pairs(list(sandbox.command), "--code", 1) == [("/lambdabus/code",)]
+    assert _pairs(list(sandbox.command), "--socket", 1) == [("/run/lambdabus/http/sock",)]
+    assert sandbox.binds == (
+        Bind(m.code_dir, "/lambdabus/code"),
+        Bind(m.env_dir, "/lambdabus/deps"),
+        Bind(RUNTIME.pythonpath or "", "/lambdabus/runtime/python0"),
+        Bind("/root/.pyenv/3.11", "/root/.pyenv/3.11"),
+        Bind(instance.scratch, "/tmp", writable=True),
+        Bind(instance.socket_dir, "/run/lambdabus/http", writable=True),
     )
-    assert _pairs(argv, "--tmpfs", 1) == [("/tmp",), ("/var/lib/lambdabus",)]
+    assert sandbox.chdir == "/tmp"
+    assert dict(sandbox.env)["LAMBDABUS_ENV_FILE"] == "/run/lambdabus/env.json"
+    assert dict(sandbox.env)["HOME"] == "/tmp"
+    assert dict(sandbox.env)["PYTHONPATH"] == "/lambdabus/runtime/python0"
+    assert dict(sandbox.env)["PYTHONPATH"] == "/lambdabus/runtime/python0"
+    assert sandbox.files[0].dest == "/run/lambdabus/env.json"
+    assert sandbox.network == "outbound"
+    assert instance.endpoint == "unix:/run/lambdabus/deployer-x/0123456789ab/sock"
+
+
+def test_the_network_of_a_sandbox_is_the_functions() -> None:
+    sandbox = render_sandbox(manifest(), spec(revision(network="none")), settings())
+    assert sandbox.network == "none"
+
+
+def test_a_reserved_variable_never_reaches_the_launcher() -> None:
+    """Even a revision that skipped the API's validation: LD_PRELOAD (or any of the function's
+    env) is not in bubblewrap's argv, bubblewrap's env or slirp4netns's, only in the data file
+    the runtime reads inside the sandbox (and reserved names not even there)."""
+    rev = revision(
+        env=(("LD_PRELOAD", "/code/evil.so"), ("API_KEY", "k-123")),
+        secret_env=(("DB_PASSWORD", "s3cret"),),
+        secret_files=(("db", (("password", b"s3cret"),)),),
+    )
+    sandbox = render_sandbox(manifest(), spec(rev), settings())
+    args = bwrap_args(
+        sandbox,
+        layout=(("dir", "/usr"),),
+        identity=Identity(1_300_000_001, 1_300_000_001),
+        file_fds=list(range(10, 10 + len(sandbox.files))),
+        info_fd=3,
+        block_fd=4,
+    )
+    launcher = [*args, *slirp_args(userns_fd=5, netns_fd=6, ready_fd=7, exit_fd=8)]
+    for word in ("LD_PRELOAD", "/code/evil.so", "API_KEY", "k-123", "s3cret"):
+        assert not any(word in arg for arg in launcher), word
+        assert not any(word in f"{k}={v}" for k, v in LAUNCHER_ENV.items())
+    assert "LD_PRELOAD" not in json.loads(sandbox.files[0].content)
+    assert json.loads(sandbox.files[0].content) == {"API_KEY": "k-123", "DB_PASSWORD": "s3cret"}
+    assert not any(k.startswith("LD_") for k, _ in sandbox.env)
 
 
 def test_a_sandboxed_node_instance_sees_the_runtime_server() -> None:
-    argv = render_sandbox_command(manifest("nodejs20"), spec(), settings(), sandbox=BWRAP)
-    assert ("/opt/lambdabus/runtime/src/lambdabus_runtime/node",) * 2 in _pairs(
-        argv, "--ro-bind", 2
+    sandbox = render_sandbox(manifest("nodejs20"), spec(), settings())
+    node_dir = "/opt/lambdabus/runtime/src/lambdabus_runtime/node"
+    assert Bind(node_dir, "/lambdabus/runtime/node") in sandbox.binds
+    assert sandbox.command[:3] == (
+        "/usr/bin/node",
+        "--max-old-space-size=256",
+        "/lambdabus/runtime/node/server.js",
     )
+    assert dict(sandbox.env)["NODE_PATH"] == "/lambdabus/deps/node_modules"
 
 
 # -- restarts --------------------------------------------------------------------------------

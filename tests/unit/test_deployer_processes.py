@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, is_running, start_time
-from lambdabus_deployer.sandbox import SandboxUnavailable, detect_sandbox
+from lambdabus_platform.sandbox import SandboxUnavailable, detect_sandbox
 
 # -- process table ---------------------------------------------------------------------------
 
@@ -83,7 +83,7 @@ async def test_sandbox_can_be_turned_off() -> None:
 async def test_without_bwrap_auto_falls_back_and_bubblewrap_refuses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("lambdabus_deployer.sandbox.shutil.which", lambda name: None)
+    monkeypatch.setattr("lambdabus_platform.sandbox.shutil.which", lambda name: None)
     sandbox = await detect_sandbox("auto")
     assert not sandbox.enabled
     assert sandbox.reason == "bubblewrap (bwrap) is not installed"

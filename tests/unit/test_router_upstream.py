@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -251,8 +252,9 @@ async def read_request(reader: asyncio.StreamReader, instance: Instance) -> byte
 
 
 @contextlib.asynccontextmanager
-async def instance(script: Script) -> AsyncIterator[Instance]:
-    """A server running `script(me, n, reader, writer)` for its n-th connection (from 0)."""
+async def instance(script: Script, *, unix: str | None = None) -> AsyncIterator[Instance]:
+    """A server running `script(me, n, reader, writer)` for its n-th connection (from 0), on
+    a loopback port, or on the Unix socket `unix`."""
     me = Instance()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -268,8 +270,12 @@ async def instance(script: Script) -> AsyncIterator[Instance]:
             me.open_now -= 1
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    me.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    if unix is not None:
+        server = await asyncio.start_unix_server(handle, unix)
+        me.url = f"unix:{unix}"
+    else:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        me.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     async with server:
         yield me
 
@@ -338,6 +344,29 @@ async def test_a_sized_answer_is_read_whole_over_one_kept_connection() -> None:
         + me.url.removeprefix("http://").encode()
         + b"\r\nX-Test: 1\r\nContent-Length: 4\r\n\r\nping"
     )
+
+
+async def test_a_unix_endpoint_is_reached_through_its_socket_over_one_kept_connection(
+    tmp_path: Path,
+) -> None:
+    socket = tmp_path / "sock"
+    async with instance(answering(OK), unix=str(socket)) as me, client() as upstream:
+        for _ in range(3):
+            response = await call(upstream, me.url)
+            assert (response.status, response.body) == (200, b"hello")
+        assert me.accepted == 1
+        assert upstream.connections(me.url) == (1, 1)
+    assert me.requests[0].startswith(b"POST /ns/fn HTTP/1.1\r\nHost: localhost\r\n")
+
+
+async def test_a_unix_endpoint_without_a_listener_or_with_a_relative_path_fails_to_connect(
+    tmp_path: Path,
+) -> None:
+    async with client() as upstream:
+        with pytest.raises(ConnectFailed, match="cannot connect"):
+            await call(upstream, f"unix:{tmp_path / 'gone'}")
+        with pytest.raises(ConnectFailed, match="not an absolute"):
+            await call(upstream, "unix:relative/sock")
 
 
 async def test_an_endpoint_path_prefixes_the_target() -> None:

@@ -350,6 +350,7 @@ def test_cli_parses_the_deployer_command_line() -> None:
         ["--code", "/c", "--entrypoint", "h.py", "--function", "a/b", "--timeout", "0"],
         ["--code", "/c", "--entrypoint", "h.py", "--function", "a/b", "--bogus", "1"],
         ["--code", "/c", "--entrypoint", "h.py", "--function"],
+        ["--code", "/c", "--entrypoint", "h.py", "--function", "a/b", "--socket", "rel/sock"],
     ],
 )
 def test_cli_rejects_a_wrong_command_line(argv: list[str]) -> None:
@@ -808,6 +809,78 @@ def test_import_time_crash_exits_3_with_the_traceback_on_stderr(
     assert message in result.stderr
     if "broken" in message:
         assert str(code / filename) in result.stderr  # the user's frame is in the traceback
+
+
+ENV_PROBE = {
+    "handler.py": """
+        import os
+        SEEN_AT_IMPORT = os.environ.get("GREETING")
+        def main(event, context):
+            return {"import": SEEN_AT_IMPORT, "call": os.environ.get("GREETING"),
+                    "file_var": os.environ.get("LAMBDABUS_ENV_FILE")}
+        """,
+    "handler.js": """
+        const seenAtImport = process.env.GREETING || null;
+        module.exports = { main: async () => ({ import: seenAtImport,
+            call: process.env.GREETING || null, file_var: process.env.LAMBDABUS_ENV_FILE || null }) };
+        """,
+}
+
+
+@pytest.mark.parametrize("entrypoint", ["handler.py", "handler.js"])
+async def test_on_a_unix_socket_with_the_env_from_a_file(tmp_path: Path, entrypoint: str) -> None:
+    """How the sandboxed deployer runs it: it listens on --socket (mode 0600) and says so; the
+    function's env comes from LAMBDABUS_ENV_FILE and is there before the code is imported."""
+    code = write_code(tmp_path / "code", entrypoint, ENV_PROBE[entrypoint])
+    env_file = tmp_path / "env.json"
+    env_file.write_text(json.dumps({"GREETING": "from the file"}))
+    socket_path = tmp_path / "sock"
+    if entrypoint.endswith(".js"):
+        if NODE is None:
+            pytest.skip("node is not installed")
+        command = node_command(code)
+    else:
+        command = python_command(code, entrypoint)
+    at = command.index("--port")
+    command[at : at + 2] = ["--socket", str(socket_path)]
+    env = {**os.environ, "PYTHONPATH": runtime_pythonpath(), "LAMBDABUS_ENV_FILE": str(env_file)}
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line.decode() == f'{{"event": "listening", "socket": "{socket_path}"}}\n'
+        assert socket_path.stat().st_mode & 0o777 == 0o600
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.post(f"http://localhost/{FUNCTION}/", json={}) as response,
+        ):
+            assert response.status == 200
+            seen = await response.json()
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    assert seen == {"import": "from the file", "call": "from the file", "file_var": None}
+
+
+def test_an_unreadable_env_file_stops_the_runtime_before_the_code_loads(tmp_path: Path) -> None:
+    code = write_code(tmp_path / "code", "handler.py", ENV_PROBE["handler.py"])
+    (tmp_path / "env.json").write_text('["not", "an", "object"]')
+    for path, message in (
+        (tmp_path / "gone.json", "cannot read"),
+        (tmp_path / "env.json", "not an object"),
+    ):
+        result = subprocess.run(
+            python_command(code, "handler.py"),
+            env={**os.environ, "PYTHONPATH": runtime_pythonpath(), "LAMBDABUS_ENV_FILE": str(path)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 4
+        assert message in result.stderr
 
 
 def test_runtime_paths() -> None:

@@ -237,6 +237,12 @@ class ArtifactManifest(_Strict):
     deps_key: str = Field(
         description="the dependency cache key: sha256 of (runtime, dependency file)"
     )
+    env_digest: str = Field(
+        default="",
+        description="`sha256:<hex>` over the dependency environment's tree (paths, modes, "
+        "contents, symlink targets), recorded when it was sealed; the deployer runs nothing "
+        "from an environment that no longer matches it (or from a manifest without one)",
+    )
 
 
 InstancePhase = Literal["starting", "ready", "unhealthy", "backoff", "stopped", "crashed"]

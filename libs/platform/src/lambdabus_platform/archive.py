@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +34,8 @@ _UNIX = 3
 _ENCRYPTED = 0x1
 _DOCS = ("docs/lambda.html", "docs/lambda.yml")
 _INLINE_DATE = (1980, 1, 1, 0, 0, 0)
+MAX_NAME_BYTES = 255  # one path component, as most file systems allow (NAME_MAX)
+MAX_PATH_BYTES = 1024  # a whole entry name, well below PATH_MAX once under a build dir
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # bzip2 and lzma are left out on purpose: zipfile decompresses them without an output bound,
 # so one small read could expand to gigabytes in memory before any byte is counted.
@@ -51,6 +53,9 @@ class ArchiveInfo:
     entrypoint: str  # e.g. "lambda_main.py"
     files: int  # number of regular files
     uncompressed_size: int  # real bytes decompressed
+    # the root files asked for with `keep`: at most their limit + 1 bytes, so a caller sees
+    # that one passed its limit without holding all of it
+    kept: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,27 +67,48 @@ class _Entry:
 
 
 def inspect_archive(
-    data: bytes | BinaryIO, runtime: Runtime, limits: ArchiveLimits = ArchiveLimits()
+    data: bytes | BinaryIO,
+    runtime: Runtime,
+    limits: ArchiveLimits = ArchiveLimits(),
+    keep: Mapping[str, int] | None = None,
 ) -> ArchiveInfo:
     """Check an uploaded zip against every rule, decompressing it fully without keeping it.
 
     Raises `ArchiveError` (400) naming the broken rule in `code`, or `PayloadTooLarge` (413,
     `archive_too_large`) once the really decompressed bytes pass `limits.max_uncompressed`.
     A bad CRC, an invalid compressed stream or a declared size that differs from the real one
-    is `corrupt_entry`. A file object must be seekable.
+    is `corrupt_entry`. A file object must be seekable. `keep` names root files (e.g. the
+    dependency files) whose content to return in `kept`, each up to its limit plus one byte.
     """
+    keep = keep or {}
+    kept: dict[str, bytes] = {}
     with _open(data) as zf:
         entries = _scan(zf, limits)
         entrypoint = _entrypoint(entries, runtime)
         total = 0
         for entry in entries:
-            if not entry.is_dir:
+            if entry.is_dir:
+                continue
+            if entry.name not in keep:
                 total += _decompress(zf, entry, total, limits, None)
+                continue
+            buffer = bytearray()
+            total += _decompress(zf, entry, total, limits, _capped(buffer, keep[entry.name] + 1))
+            kept[entry.name] = bytes(buffer)
     return ArchiveInfo(
         entrypoint=entrypoint,
         files=sum(not e.is_dir for e in entries),
         uncompressed_size=total,
+        kept=kept,
     )
+
+
+def _capped(buffer: bytearray, cap: int) -> Callable[[bytes], None]:
+    def sink(chunk: bytes) -> None:
+        if len(buffer) < cap:
+            buffer.extend(chunk[: cap - len(buffer)])
+
+    return sink
 
 
 def extract_archive(
@@ -139,6 +165,7 @@ def build_inline_archive(files: Mapping[str, str]) -> bytes:
         problem = _path_problem(path, directory=False)
         if problem is not None:
             raise _unsafe(path, problem)
+        _check_length(path)
     _check_conflicts(set(files), set(files))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -200,6 +227,7 @@ def _entry(info: zipfile.ZipInfo) -> _Entry:
         problem = _path_problem(name, directory=True)
         if problem is not None:
             raise _unsafe(name, problem)
+        _check_length(name)
     name = info.filename
     if info.flag_bits & _ENCRYPTED:
         raise ArchiveError(
@@ -253,12 +281,41 @@ def _path_problem(name: str, *, directory: bool) -> str | None:
     return None
 
 
+def _check_length(name: str) -> None:
+    """Raise `path_too_long` for a component over 255 bytes or a name over 1,024 bytes: such a
+    name cannot be written on the builder's file system (or not below a build dir)."""
+    problem = _length_problem(name)
+    if problem is not None:
+        shown = name if len(name) <= 120 else name[:100] + "..."
+        raise ArchiveError(
+            f"archive entry {shown!r} has a name too long: {problem}; shorten the path",
+            code="path_too_long",
+            details={"entry": shown, "max_component": MAX_NAME_BYTES, "max_path": MAX_PATH_BYTES},
+        )
+
+
+def _length_problem(name: str) -> str | None:
+    parts = name.rstrip("/").split("/")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_PATH_BYTES:
+        return f"it is {size} bytes long, more than the limit of {MAX_PATH_BYTES} bytes"
+    for part in parts:
+        length = len(part.encode("utf-8", "surrogateescape"))
+        if length > MAX_NAME_BYTES:
+            return (
+                f"its component {part[:40]!r}... is {length} bytes long, more than the limit "
+                f"of {MAX_NAME_BYTES} bytes"
+            )
+    return None
+
+
 def _unsafe(name: str, problem: str) -> ArchiveError:
+    shown = name if len(name) <= 120 else name[:100] + "..."
     return ArchiveError(
-        f"archive entry {name!r} is not a safe relative path: {problem}; "
+        f"archive entry {shown!r} is not a safe relative path: {problem}; "
         "use plain paths relative to the archive root, like 'lib/util.py'",
         code="unsafe_path",
-        details={"entry": name},
+        details={"entry": shown},
     )
 
 

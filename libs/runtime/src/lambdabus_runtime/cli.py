@@ -1,8 +1,8 @@
 """The command line of an instance, parsed without argparse (it would double the import time).
 
 python -m lambdabus_runtime --code DIR --entrypoint FILE --function NS/NAME [--port 0]
-    [--host 127.0.0.1] [--timeout SECONDS] [--memory MIB] [--runtime python3.11]
-    [--max-body BYTES]
+    [--host 127.0.0.1] [--socket PATH] [--timeout SECONDS] [--memory MIB]
+    [--runtime python3.11] [--max-body BYTES]
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ DEFAULT_MAX_BODY = 6 * 1024 * 1024
 DEFAULT_RUNTIME = "python3.11"
 
 USAGE = f"""usage: {PROG} --code DIR --entrypoint FILE --function NS/NAME [--port PORT]
-       [--host HOST] [--timeout SECONDS] [--memory MIB] [--runtime NAME] [--max-body BYTES]
+       [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]
+       [--max-body BYTES]
 
-Serve one function over HTTP/1.1. Prints {{"event": "listening", "port": N}} on stdout once
-it accepts requests; SIGTERM drains in-flight requests and exits 0; an exception while
-importing the entry point exits 3.
+Serve one function over HTTP/1.1. Prints {{"event": "listening", "port": N}} (or
+{{"event": "listening", "socket": PATH}}) on stdout once it accepts requests; SIGTERM drains
+in-flight requests and exits 0; an exception while importing the entry point exits 3.
+With LAMBDABUS_ENV_FILE set, the JSON object in that file is added to the environment
+before the function is loaded (the sandbox passes the function's env this way).
 
 options:
   --code DIR          the function's code directory (added to sys.path)
@@ -29,6 +32,7 @@ options:
   --function NS/NAME  the function's namespace and name; a leading /NS/NAME is cut from paths
   --port PORT         the port to bind, 0 for a free one (default 0)
   --host HOST         the address to bind (default 127.0.0.1)
+  --socket PATH       listen on this Unix socket instead of TCP
   --timeout SECONDS   a call running longer gets 504 (default {DEFAULT_TIMEOUT:g})
   --memory MIB        the memory limit, passed to the function in its context
   --runtime NAME      the runtime name, passed to the function in its context (default {DEFAULT_RUNTIME})
@@ -54,6 +58,7 @@ class Options:
         "namespace",
         "port",
         "runtime",
+        "socket",
         "timeout",
     )
 
@@ -66,6 +71,7 @@ class Options:
         name: str,
         port: int = 0,
         host: str = "127.0.0.1",
+        socket: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         memory: int | None = None,
         runtime: str = DEFAULT_RUNTIME,
@@ -77,6 +83,7 @@ class Options:
         self.name = name
         self.port = port
         self.host = host
+        self.socket = socket
         self.timeout = timeout
         self.memory = memory
         self.runtime = runtime
@@ -110,6 +117,7 @@ _OPTIONS = (
     "function",
     "port",
     "host",
+    "socket",
     "timeout",
     "memory",
     "runtime",
@@ -159,6 +167,10 @@ def parse_args(argv: Sequence[str]) -> Options:
                 options.port = _port(text)
             elif key == "host":
                 options.host = text
+            elif key == "socket":
+                if not text.startswith("/"):
+                    raise ValueError
+                options.socket = text
             elif key == "timeout":
                 options.timeout = _positive_float(text)
             elif key == "memory":

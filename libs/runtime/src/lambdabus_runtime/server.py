@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
+import json
 import os
 import signal
 import sys
@@ -341,15 +343,28 @@ async def serve(options: Options) -> int:
         return EXIT_IMPORT_ERROR
 
     server = Server(function, options)
+    where = options.socket or f"{options.host}:{options.port}"
     try:
-        listener = await asyncio.start_server(
-            server.handle, options.host, options.port, limit=MAX_HEAD, backlog=1024
-        )
+        if options.socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(options.socket)  # left by a previous run of this instance
+            listener = await asyncio.start_unix_server(
+                server.handle, options.socket, limit=MAX_HEAD, backlog=1024
+            )
+            os.chmod(options.socket, 0o600)
+        else:
+            listener = await asyncio.start_server(
+                server.handle, options.host, options.port, limit=MAX_HEAD, backlog=1024
+            )
     except OSError as exc:
-        log(f"cannot listen on {options.host}:{options.port}: {exc}")
+        log(f"cannot listen on {where}: {exc}")
         return EXIT_BIND_ERROR
-    port = listener.sockets[0].getsockname()[1]
-    sys.stdout.write(f'{{"event": "listening", "port": {port}}}\n')
+    if options.socket:
+        announcement = f'{{"event": "listening", "socket": {json.dumps(options.socket)}}}'
+    else:
+        port = listener.sockets[0].getsockname()[1]
+        announcement = f'{{"event": "listening", "port": {port}}}'
+    sys.stdout.write(announcement + "\n")
     sys.stdout.flush()
 
     loop = asyncio.get_running_loop()

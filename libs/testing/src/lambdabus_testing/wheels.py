@@ -83,9 +83,13 @@ def make_npm_tarball(directory: Path, name: str = "tinydep", version: str = "1.0
 @pytest.fixture(scope="session")
 def wheel_index(tmp_path_factory: pytest.TempPathFactory) -> WheelIndex:
     """A find-links directory with the `tinydep` wheel: builds run with
-    `--no-index --find-links <path>` and never touch the network."""
+    `--no-index --find-links <path>` and never touch the network. World-readable, as a
+    wheelhouse must be: sandboxed builds read it as an unprivileged uid."""
     path = tmp_path_factory.mktemp("wheels")
     make_wheel(path)
+    path.chmod(0o755)
+    for wheel in path.iterdir():
+        wheel.chmod(0o644)
     return WheelIndex(path)
 
 

@@ -1,12 +1,14 @@
-"""Run by a function's own interpreter (`<env>/bin/python -I compilecheck.py <code_dir>`): compile
-every `.py` file under the code directory, writing the bytecode caches that the read-only code
-directory could not get at import time, and print the first error as one JSON line.
+"""Run by a function's own interpreter (`<env>/bin/python -I compilecheck.py <code_dir>
+[<entrypoint>]`): compile every `.py` file under the code directory, writing the bytecode caches
+that the read-only code directory could not get at import time, check that the entry point binds
+`main` at its top level (without running it), and print the first error as one JSON line.
 
 Standard library only, and no import of the builder: it runs outside the builder's environment.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import py_compile
@@ -35,11 +37,45 @@ def check(root: str) -> dict[str, object] | None:
     return None
 
 
+def defines_main(tree: ast.Module) -> bool:
+    """Whether a module binds `main` anywhere (def, class, assignment, import), or may (a star
+    import). Permissive on purpose: a false "yes" fails at the first start, as before."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name == "main":
+                return True
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            if any(
+                a.name == "*" or (a.asname or a.name.split(".")[0]) == "main" for a in node.names
+            ):
+                return True
+        elif isinstance(node, ast.Name) and node.id == "main" and isinstance(node.ctx, ast.Store):
+            return True
+    return False
+
+
+def check_entrypoint(root: str, entrypoint: str) -> dict[str, object] | None:
+    with open(os.path.join(root, entrypoint), "rb") as file:
+        tree = ast.parse(file.read(), entrypoint)
+    if defines_main(tree):
+        return None
+    return {
+        "file": entrypoint,
+        "line": None,
+        "offset": None,
+        "message": "defines no main function: the runtime calls `main`",
+        "text": None,
+        "error": "NoHandler",
+    }
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: compilecheck.py CODE_DIR", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: compilecheck.py CODE_DIR [ENTRYPOINT]", file=sys.stderr)
         return 2
     error = check(argv[1])
+    if error is None and len(argv) == 3:
+        error = check_entrypoint(argv[1], argv[2])
     if error is None:
         return 0
     print(json.dumps(error))

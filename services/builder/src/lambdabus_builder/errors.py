@@ -9,6 +9,7 @@ from lambdabus_platform.errors import PermanentError
 
 FailureReason = Literal[
     "InvalidSource",  # the archive cannot be fetched or extracted, or lacks its entry point
+    "InvalidDependencies",  # a dependency file line the builder refuses to install
     "DependencyInstallFailed",  # uv or npm exited non-zero
     "SyntaxError",  # the code does not compile
     "BuildTimeout",  # the build took longer than `build_timeout`

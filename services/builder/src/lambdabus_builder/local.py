@@ -3,10 +3,14 @@ environment shared by every build with the same dependencies.
 
 Under the builder's state dir:
 - `envs/<deps_key>/`: a virtualenv made by `uv venv` and filled by `uv pip install`, or a
-  `node_modules` tree made by `npm install`. Made in `envs/.tmp-<key>-<token>/` and renamed into
-  place, so an environment that exists is complete; one per key at a time (a lock per key).
-- `artifacts/<ns>/<name>/<uid>-<generation>/`: `code/` (the unpacked source, compiled, then
-  read-only) and `manifest.json`, made as `<uid>-<generation>.partial-<token>/` and renamed.
+  `node_modules` tree made by `npm install`, in the build sandbox (`buildbox`). Made in
+  `envs/.tmp-<key>-<token>/env` (beside the build's scratch dir), sealed (the platform's,
+  read-only) and renamed into place, so an environment that exists is complete and immutable;
+  one per key at a time (a lock per key). `envs/<deps_key>.sha256` is its tree digest, recorded
+  when it was sealed and copied into every manifest that uses it.
+- `artifacts/<ns>/<name>/<uid>-<generation>/`: `code/` (the unpacked source, compiled in the
+  sandbox, then sealed) and `manifest.json`, made as `<uid>-<generation>.partial-<token>/` and
+  renamed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +30,14 @@ import uv
 
 from lambdabus_builder import process
 from lambdabus_builder.backend import BuildLog, BuildRequest, BuildResult
+from lambdabus_builder.buildbox import (
+    BUILD_DIR,
+    PATH,
+    SCRATCH,
+    TOOLS_DIR,
+    build_step,
+    install_prefix,
+)
 from lambdabus_builder.errors import BuildFailure
 from lambdabus_builder.plan import (
     DEPENDENCY_FILES,
@@ -32,6 +45,7 @@ from lambdabus_builder.plan import (
     artifact_dir,
     dependency_bytes,
     deps_key,
+    entrypoint_hint,
     env_dir,
     lists_requirements,
     node_syntax_error,
@@ -42,11 +56,26 @@ from lambdabus_builder.plan import (
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.models import ArtifactManifest, Runtime
 from lambdabus_platform.archive import ArchiveLimits, extract_archive
+from lambdabus_platform.dependencies import (
+    DEPENDENCY_FILE_LIMITS,
+    DependencyError,
+    check_dependency_files,
+    lifecycle_scripts,
+)
+from lambdabus_platform.envdigest import tree_digest
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
+from lambdabus_platform.sandbox import (
+    NetworkMode,
+    Sandbox,
+    detect_sandbox,
+    install_egress_rules,
+)
 
+logger = logging.getLogger("lambdabus.builder.local")
 _CHECKER = Path(__file__).with_name("compilecheck.py")
 _TMP_ENV = ".tmp-"
 _PARTIAL = ".partial-"
+_DIGEST = ".sha256"
 
 
 class LocalBackend:
@@ -61,10 +90,29 @@ class LocalBackend:
             max_uncompressed=settings.max_uncompressed_bytes,
         )
         self._env_locks: dict[str, asyncio.Lock] = {}
+        self._box: Sandbox | None = None
+        self._box_lock = asyncio.Lock()
 
     @property
     def root(self) -> Path:
         return self._root
+
+    async def sandbox(self) -> Sandbox:
+        """The build sandbox of this machine, detected at first use."""
+        async with self._box_lock:
+            if self._box is None:
+                box = await detect_sandbox(
+                    self._settings.sandbox, setting="LAMBDABUS_BUILDER_SANDBOX"
+                )
+                if not box.enabled:
+                    logger.warning("builds run UNSANDBOXED", extra={"reason": box.reason})
+                elif box.outbound:
+                    # builds with an index get outbound network: not to link-local addresses
+                    # (cloud metadata) nor to this host's own addresses either
+                    firewall = await install_egress_rules(box)
+                    logger.info("egress rules for sandboxed builds", extra={"result": firewall})
+                self._box = box
+            return self._box
 
     async def recover(self) -> None:
         def clean() -> None:
@@ -104,18 +152,26 @@ class LocalBackend:
                 raise BuildFailure(
                     "InvalidSource", f"the source archive cannot be used: {exc}"
                 ) from exc
-            if not (code / record.source.entrypoint).is_file():
+            entry = code / record.source.entrypoint
+            if not entry.is_file():
                 raise BuildFailure(
                     "InvalidSource",
                     f"the archive has no {record.source.entrypoint} at its root",
                 )
+            if _blank(entry):
+                raise BuildFailure(
+                    "InvalidSource",
+                    f"{record.source.entrypoint} is empty: it must define the function's "
+                    f"handler ({entrypoint_hint(style)})",
+                )
+            await self._check_dependencies(runtime, code, log)
             key = deps_key(runtime, self._dependency_bytes(runtime, code))
-            env, cached = await self._environment(runtime, key, code, log)
+            env, cached, digest = await self._environment(runtime, key, code, log)
             await log.write("system", f"checking that {record.source.entrypoint} compiles")
             if runtime == "nodejs20":
                 await self._check_node(code, record.source.entrypoint, log)
             else:
-                await self._check_python(env, code, log)
+                await self._check_python(code, record.source.entrypoint, work, log)
             manifest = ArtifactManifest(
                 runtime=runtime,
                 entrypoint=record.source.entrypoint,
@@ -124,9 +180,10 @@ class LocalBackend:
                 env_dir=str(env),
                 source_sha256=record.source.sha256,
                 deps_key=key,
+                env_digest=digest,
             )
             (work / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
-            await asyncio.to_thread(make_read_only, code)
+            await asyncio.to_thread(seal, code)
             if final.exists():  # a build of this generation interrupted after its rename
                 await asyncio.to_thread(remove_tree, final)
             work.rename(final)
@@ -137,6 +194,25 @@ class LocalBackend:
 
     # -- dependencies ---------------------------------------------------------------------
 
+    async def _check_dependencies(self, runtime: Runtime, code: Path, log: BuildLog) -> None:
+        """The gateway's upload rules again, before anything is installed."""
+        files = {name: _read(code / name) for name in DEPENDENCY_FILE_LIMITS}
+        try:
+            check_dependency_files(
+                runtime, files, allow_unsafe=self._settings.allow_unsafe_requirements
+            )
+        except DependencyError as exc:
+            raise BuildFailure("InvalidDependencies", exc.message) from exc
+        package = files.get("package.json")
+        if runtime == "nodejs20" and package is not None:
+            scripts = lifecycle_scripts(package)
+            if scripts:
+                await log.write(
+                    "system",
+                    f"package.json has install scripts ({', '.join(scripts)}): they run inside "
+                    "the build sandbox, which sees only this build's directory",
+                )
+
     @staticmethod
     def _dependency_bytes(runtime: Runtime, code: Path) -> bytes:
         manifest = _read(code / DEPENDENCY_FILES[runtime])
@@ -145,49 +221,89 @@ class LocalBackend:
 
     async def _environment(
         self, runtime: Runtime, key: str, code: Path, log: BuildLog
-    ) -> tuple[Path, bool]:
-        """The environment for `key`, and whether it was there already."""
+    ) -> tuple[Path, bool, str]:
+        """The environment for `key`, whether it was there already, and its digest."""
         env = env_dir(self._root, key)
         if env.is_dir():
             await log.write("system", f"using cached dependencies {key}")
-            return env, True
+            return env, True, await asyncio.to_thread(recorded_digest, env)
         lock = self._env_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if env.is_dir():  # another build made it while this one waited
                 await log.write("system", f"using cached dependencies {key}")
-                return env, True
+                return env, True, await asyncio.to_thread(recorded_digest, env)
             env.parent.mkdir(parents=True, exist_ok=True)
-            tmp = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
+            stage = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
+            tmp = stage / "env"
             started = time.monotonic()
             try:
+                steps = await self._steps(f"build/{key}", stage, log)
                 if runtime == "nodejs20":
-                    await self._node_env(tmp, code, log)
+                    await self._node_env(tmp, code, log, steps)
                 else:
-                    await self._python_env(tmp, code, log)
+                    await self._python_env(tmp, code, log, steps)
+                await asyncio.to_thread(seal, tmp)
                 try:
                     tmp.rename(env)
                 except OSError:
                     if not env.is_dir():
                         raise
-                    await _discard(tmp)  # another builder process made it first
-            except BaseException:
-                await _discard(tmp)
-                raise
+                    # another builder process made it first: this one is discarded below
+            finally:
+                await _discard(stage)
+            digest = await asyncio.to_thread(recorded_digest, env)
             await log.write(
-                "system", f"dependencies {key} ready in {time.monotonic() - started:.2f} s"
+                "system",
+                f"dependencies {key} ready in {time.monotonic() - started:.2f} s ({digest})",
             )
-            return env, False
+            return env, False, digest
 
-    async def _python_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
+    async def _steps(self, key: str, stage: Path, log: BuildLog, inside: str = BUILD_DIR) -> _Steps:
+        """How this build runs its tools: in the sandbox as the uid of `key` (the staging dir,
+        seen as `inside`, and a scratch dir made its own), or on the host when there is no
+        sandbox here."""
+        box = await self.sandbox()
+        scratch = stage / "scratch"
+        stage.mkdir()
+        scratch.mkdir()
+        if not box.enabled:
+            await log.write(
+                "system",
+                f"warning: the build runs without a sandbox ({box.reason}); its install "
+                "scripts run with the builder's rights",
+            )
+            return _Steps(None, key, stage, scratch, str(stage))
+        identity = box.identity(key)
+        for path in (stage, scratch):
+            os.chown(path, identity.uid, identity.gid)
+        return _Steps(box, key, stage, scratch, inside)
+
+    async def _python_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
         s = self._settings
+        python = _resolve(s.python)
         common = ["--no-config", "--color", "never", "--no-python-downloads"]
-        if s.uv_cache_dir is not None:
+        uv_bin = self._uv
+        tool_env: dict[str, str] = {}
+        local_links = [link for link in s.find_links if _is_local(link)]
+        read_only = [*filter(None, [install_prefix(python)]), *map(_local_path, local_links)]
+        files: dict[str, str] = {}
+        if steps.sandboxed:
+            uv_bin = f"{TOOLS_DIR}/uv"
+            files[uv_bin] = str(Path(self._uv).resolve())
+            tool_env["UV_CACHE_DIR"] = f"{SCRATCH}/uv-cache"  # per build: nothing shared
+        elif s.uv_cache_dir is not None:
             common += ["--cache-dir", str(s.uv_cache_dir)]
+        offline = s.no_index and len(local_links) == len(s.find_links)
+        network: NetworkMode = "none" if offline else "outbound"
         await log.write("system", f"creating a virtualenv with {s.python}")
-        venv = await self._tool(
-            [self._uv, "venv", *common, "--relocatable", "--python", s.python, str(tmp)],
-            tmp.parent,
-            log,
+        venv = await steps.run(
+            [uv_bin, "venv", *common, "--relocatable", "--python", python, steps.path(tmp)],
+            cwd=tmp.parent,
+            log=log,
+            network=network,
+            read_only=read_only,
+            files=files,
+            env=tool_env,
         )
         if venv.returncode != 0:
             raise BuildFailure(
@@ -199,27 +315,35 @@ class LocalBackend:
         if not lists_requirements(requirements):
             await log.write("system", "no requirements to install")
             return
-        argv = [self._uv, "pip", "install", *common, "--python", str(tmp / "bin" / "python")]
+        argv = [uv_bin, "pip", "install", *common, "--python", steps.path(tmp / "bin" / "python")]
         if s.index_url is not None:
             argv += ["--index-url", s.index_url]
         for url in s.extra_index_url:
             argv += ["--extra-index-url", url]
         for link in s.find_links:
-            argv += ["--find-links", link]
+            argv += ["--find-links", _local_path(link) if _is_local(link) else link]
         if s.no_index:
             argv.append("--no-index")
         if s.compile_bytecode:
             argv.append("--compile-bytecode")
         argv += ["-r", "requirements.txt"]
         await log.write("system", "installing requirements.txt with uv pip install")
-        done = await self._tool(argv, tmp, log)
+        done = await steps.run(
+            argv,
+            cwd=tmp,
+            log=log,
+            network=network,
+            read_only=read_only,
+            files=files,
+            env=tool_env,
+        )
         if done.returncode != 0:
             raise BuildFailure(
                 "DependencyInstallFailed",
                 f"uv pip install exited with {done.returncode}: {tail_message(done.stderr)}",
             )
 
-    async def _node_env(self, tmp: Path, code: Path, log: BuildLog) -> None:
+    async def _node_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
         s = self._settings
         tmp.mkdir()
         package = _read(code / "package.json")
@@ -231,15 +355,37 @@ class LocalBackend:
         lock = _read(code / NODE_LOCKFILE)
         if lock is not None:
             (tmp / NODE_LOCKFILE).write_bytes(lock)
+        steps.give(tmp, recursive=True)  # npm writes its lockfile and node_modules here
         argv = [s.npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--no-update-notifier"]
         if s.npm_registry is not None:
             argv.append(f"--registry={s.npm_registry}")
         if s.npm_offline:
             argv.append("--offline")
-        if s.npm_cache is not None:
+        if steps.sandboxed:
+            # npm needs a writable cache: a per-build one, seeded from the configured cache
+            # when installing offline (the shared cache itself is never writable by a build)
+            cache = steps.scratch / "npm-cache"
+            if s.npm_offline and s.npm_cache is not None and s.npm_cache.is_dir():
+                # shared content is linked only when the build runs as another uid than ours
+                link = steps.box is not None and steps.box.switch_uid
+                await asyncio.to_thread(_seed_cache, s.npm_cache.resolve(), cache, link)
+            else:
+                cache.mkdir()
+            steps.give(cache, recursive=True)
+            argv.append(f"--cache={SCRATCH}/npm-cache")
+        elif s.npm_cache is not None:
             argv.append(f"--cache={s.npm_cache.resolve()}")
+        node, npm = _resolve(s.node), _resolve(s.npm)
+        read_only = [p for p in (install_prefix(node), install_prefix(npm)) if p is not None]
         await log.write("system", "installing package.json with npm install")
-        done = await self._tool(argv, tmp, log)
+        done = await steps.run(
+            argv,
+            cwd=tmp,
+            log=log,
+            network="none" if s.npm_offline else "outbound",
+            read_only=read_only,
+            env={"PATH": f"{os.path.dirname(node)}:{PATH}", "npm_config_update_notifier": "false"},
+        )
         if done.returncode != 0:
             raise BuildFailure(
                 "DependencyInstallFailed",
@@ -247,15 +393,12 @@ class LocalBackend:
             )
         (tmp / "node_modules").mkdir(exist_ok=True)  # npm makes none for no dependencies
 
-    @staticmethod
-    async def _tool(argv: list[str], cwd: Path, log: BuildLog) -> process.Completed:
-        return await process.run(argv, cwd=cwd, on_line=log.write)
-
     # -- checks ---------------------------------------------------------------------------
 
-    async def _check_python(self, env: Path, code: Path, log: BuildLog) -> None:
-        """Compile every .py file with the function's own interpreter; the bytecode it writes
-        spares the instances compiling at each cold start."""
+    async def _check_python(self, code: Path, entrypoint: str, work: Path, log: BuildLog) -> None:
+        """Compile every .py file with the functions' interpreter, in the sandbox and with no
+        site packages (nothing an installed package ships runs); the bytecode it writes spares
+        the instances compiling at each cold start."""
         lines: list[str] = []
 
         async def collect(stream: process.Stream, line: str) -> None:
@@ -264,10 +407,28 @@ class LocalBackend:
             else:
                 await log.write(stream, line)
 
-        python = env / "bin" / "python"
-        done = await process.run(
-            [str(python), "-I", str(_CHECKER), str(code)], cwd=code, on_line=collect
-        )
+        python = _resolve(self._settings.python)
+        stage = work / "check"
+        steps = await self._steps(f"check/{work.parent.name}", stage, log, inside=str(code))
+        try:
+            checker = str(_CHECKER)
+            files: dict[str, str] = {}
+            if steps.sandboxed:
+                checker = f"{TOOLS_DIR}/compilecheck.py"
+                files[checker] = str(_CHECKER)
+                steps.give(code, recursive=True)
+            done = await steps.run(
+                [python, "-I", "-S", checker, str(code), entrypoint],
+                cwd=code,
+                log=log,
+                network="none",
+                read_only=[p for p in (install_prefix(python),) if p is not None],
+                files=files,
+                on_line=collect,
+                writable=code,
+            )
+        finally:
+            await _discard(stage)
         if done.returncode == 0:
             return
         try:
@@ -287,7 +448,7 @@ class LocalBackend:
             if isinstance(offset, int) and offset > 0:
                 await log.write("stderr", "    " + " " * (offset - 1) + "^")
         raise BuildFailure(
-            "SyntaxError",
+            "InvalidSource" if error.get("error") == "NoHandler" else "SyntaxError",
             syntax_error_message(file, line if isinstance(line, int) else None, message, text),
         )
 
@@ -299,9 +460,125 @@ class LocalBackend:
             raise BuildFailure("SyntaxError", node_syntax_error(done.stderr, str(code)))
 
 
-def _read(path: Path) -> bytes | None:
+class _Steps:
+    """Runs one build's tools: in the sandbox (`box`) as the uid of `key`, seeing `stage`
+    (writable) and `scratch` as /tmp; or on the host when `box` is None."""
+
+    def __init__(
+        self, box: Sandbox | None, key: str, stage: Path, scratch: Path, inside: str
+    ) -> None:
+        self.box = box
+        self.key = key
+        self.stage = stage
+        self.scratch = scratch
+        self.inside = inside  # where the sandbox sees the staging dir
+
+    def path(self, host: Path) -> str:
+        """Where a tool sees a host path under the staging dir."""
+        if self.box is None or not host.is_relative_to(self.stage):
+            return str(host)
+        return str(Path(self.inside) / host.relative_to(self.stage))
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.box is not None
+
+    def give(self, path: Path, *, recursive: bool = False) -> None:
+        """Make `path` (and what is under it) the sandbox uid's, so the build may write there.
+        Files with more than one link (a seeded cache's shared content) stay the platform's:
+        the build may read them, never change them for the next build."""
+        if self.box is None or not self.box.switch_uid:
+            return
+        identity = self.box.identity(self.key)
+        os.lchown(path, identity.uid, identity.gid)
+        if not recursive:
+            return
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames:
+                os.lchown(os.path.join(dirpath, name), identity.uid, identity.gid)
+            for name in filenames:
+                file = os.path.join(dirpath, name)
+                if os.lstat(file).st_nlink == 1:
+                    os.lchown(file, identity.uid, identity.gid)
+
+    async def run(
+        self,
+        argv: list[str],
+        *,
+        cwd: Path,
+        log: BuildLog,
+        network: NetworkMode,
+        read_only: list[str] | None = None,
+        files: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        on_line: process.OnLine | None = None,
+        writable: Path | None = None,
+    ) -> process.Completed:
+        if self.box is None:
+            return await process.run(argv, cwd=cwd, on_line=on_line or log.write)
+        spec = build_step(
+            argv,
+            stage=str(writable or self.stage),
+            stage_inside=str(writable) if writable is not None else self.inside,
+            scratch=str(self.scratch),
+            chdir=self.path(cwd),
+            network=network,
+            read_only=read_only or (),
+            files=files,
+            env=env,
+        )
+        return await process.run_sandboxed(
+            self.box, spec, key=self.key, on_line=on_line or log.write
+        )
+
+
+def _resolve(program: str) -> str:
+    """The real path of a program (a name is looked up on PATH), for binding it."""
+    found = shutil.which(program) if os.sep not in program else program
+    return os.path.realpath(found) if found else program
+
+
+def _is_local(link: str) -> bool:
+    return "://" not in link or link.startswith("file://")
+
+
+def _local_path(link: str) -> str:
+    """A find-links dir as uv will be given it (bound at that path: bwrap follows symlinks)."""
+    return os.path.abspath(link.removeprefix("file://"))
+
+
+def _seed_cache(source: Path, dest: Path, link: bool) -> None:
+    """A private copy of an npm cache: with `link`, content files (immutable, named by their
+    hash) are hard links, the rest (index buckets npm appends to) copied."""
+
+    def copy(src: str, dst: str) -> None:
+        if link and f"{os.sep}content-v2{os.sep}" in src:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, copy_function=copy, symlinks=True)
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but white space."""
+    with path.open("rb") as file:
+        while chunk := file.read(64 * 1024):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _read(path: Path, limit: int | None = None) -> bytes | None:
+    """A file's bytes (the first `limit` of them), or None if it is not a readable file."""
     try:
-        return path.read_bytes() if path.is_file() else None
+        if not path.is_file():
+            return None
+        with path.open("rb") as file:
+            return file.read(-1 if limit is None else limit)
     except OSError:
         return None
 
@@ -310,6 +587,43 @@ async def _discard(path: Path) -> None:
     """Remove a partial result, even while the build is being cancelled."""
     if path.exists():
         await asyncio.shield(asyncio.to_thread(remove_tree, path))
+
+
+def seal(root: Path) -> None:
+    """Make a finished environment immutable: owned by this (platform) user, read-only."""
+    if os.geteuid() == 0:
+        uid, gid = os.getuid(), os.getgid()
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                os.lchown(os.path.join(dirpath, name), uid, gid)
+        os.lchown(root, uid, gid)
+    make_read_only(root)
+
+
+def digest_path(env: Path) -> Path:
+    """`envs/<key>.sha256`: the digest recorded when the environment was sealed."""
+    return env.with_name(env.name + _DIGEST)
+
+
+def recorded_digest(env: Path) -> str:
+    """The digest recorded for `env`; recorded now (sealing it first) when there is none, for
+    an environment made before digests were recorded or by a builder that stopped between the
+    rename and the record."""
+    path = digest_path(env)
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    seal(env)
+    digest = tree_digest(env)
+    tmp = path.with_name(f"{_TMP_ENV}{path.name}-{secrets.token_hex(4)}")
+    tmp.write_text(digest + "\n")
+    tmp.chmod(0o444)
+    try:
+        os.link(tmp, path)  # never replaces a digest another builder recorded first
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        tmp.unlink()
+    return digest
 
 
 def make_read_only(root: Path) -> None:
@@ -340,4 +654,4 @@ def remove_tree(root: Path) -> None:
         root.unlink()
 
 
-__all__ = ["LocalBackend", "make_read_only", "remove_tree"]
+__all__ = ["LocalBackend", "make_read_only", "recorded_digest", "remove_tree", "seal"]

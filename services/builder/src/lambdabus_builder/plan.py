@@ -88,6 +88,15 @@ def style_of(entrypoint: str) -> Style:
         raise ValueError(f"not an entry point: {entrypoint!r}") from None
 
 
+def entrypoint_hint(style: Style) -> str:
+    """What an entry point of `style` must define, for error messages."""
+    return {
+        "luna": "e.g. `async def main(request): ...`",
+        "kyma": "e.g. `def main(event, context): ...`",
+        "node": "e.g. `exports.main = async (event, context) => ...`",
+    }[style]
+
+
 def artifact_dir(root: Path, namespace: str, name: str, uid: str, generation: int) -> Path:
     """`<root>/artifacts/<ns>/<name>/<uid>-<generation>`: the code and manifest of one build."""
     return root / "artifacts" / namespace / name / f"{uid}-{generation}"

@@ -1,5 +1,6 @@
-"""Running a build tool (uv, npm, node, the compile check) as a child process: every output line
-handed on as it comes, the whole process group killed if the build is cancelled or times out."""
+"""Running a build tool (uv, npm, node, the compile check) as a child process, or inside the
+build sandbox: every output line handed on as it comes, the whole process group (or sandbox)
+killed if the build is cancelled or times out."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from lambdabus_builder.errors import BuildFailure
+from lambdabus_platform.sandbox import Sandbox, SandboxSpec, SandboxStartError, launch
 
 Stream = Literal["stdout", "stderr"]
 OnLine = Callable[[Stream, str], Awaitable[None]]
@@ -55,6 +57,30 @@ async def run(
         raise BuildFailure(
             "RuntimeUnavailable", f"{argv[0]} is not installed on the builder machine"
         ) from exc
+    return await _follow(process, tuple(argv), on_line, keep, lambda: _kill_group(process))
+
+
+async def run_sandboxed(
+    sandbox: Sandbox, spec: SandboxSpec, *, key: str, on_line: OnLine, keep: int = 40
+) -> Completed:
+    """`run`, inside the sandbox `spec` describes (as the host uid of `key`)."""
+    try:
+        handle = await launch(sandbox, spec, key=key)
+    except (SandboxStartError, OSError) as exc:
+        raise BuildFailure("InternalError", f"the build sandbox could not start: {exc}") from exc
+    try:
+        return await _follow(handle.process, spec.command, on_line, keep, handle.kill)
+    finally:
+        await asyncio.shield(handle.close())
+
+
+async def _follow(
+    process: asyncio.subprocess.Process,
+    argv: tuple[str, ...],
+    on_line: OnLine,
+    keep: int,
+    kill: Callable[[], None],
+) -> Completed:
     tails: dict[Stream, deque[str]] = {"stdout": deque(maxlen=keep), "stderr": deque(maxlen=keep)}
 
     async def pump(stream: Stream, reader: asyncio.StreamReader | None) -> None:
@@ -75,11 +101,11 @@ async def run(
         await asyncio.gather(pump("stdout", process.stdout), pump("stderr", process.stderr))
         code = await process.wait()
     except BaseException:
-        _kill_group(process)
+        kill()
         with contextlib.suppress(BaseException):
             await asyncio.shield(process.wait())
         raise
-    return Completed(tuple(argv), code, tuple(tails["stdout"]), tuple(tails["stderr"]))
+    return Completed(argv, code, tuple(tails["stdout"]), tuple(tails["stderr"]))
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

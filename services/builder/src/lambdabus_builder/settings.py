@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from lambdabus_platform.sandbox import SandboxMode
 from lambdabus_platform.settings import ServiceSettings, StoreSettings
 
 MiB = 1024 * 1024
@@ -52,7 +53,11 @@ class BuilderSettings(ServiceSettings):
         description="precompile installed packages: instances run on a read-only root, where "
         "Python cannot write bytecode caches at import",
     )
-    uv_cache_dir: Path | None = Field(default=None, description="None: uv's own default")
+    uv_cache_dir: Path | None = Field(
+        default=None,
+        description="None: uv's own default. Unsandboxed builds only: a sandboxed build gets "
+        "a cache of its own, so that no build can plant a package another one installs",
+    )
     # Node dependencies (npm)
     node: str = "node"
     npm: str = "npm"
@@ -61,6 +66,18 @@ class BuilderSettings(ServiceSettings):
         default=False, description="install from npm's cache only (--offline)"
     )
     npm_cache: Path | None = Field(default=None, description="npm's cache dir; None: npm's default")
+    sandbox: SandboxMode = Field(
+        default="auto",
+        description="run uv, npm (and its install scripts) and the compile check in the "
+        "bubblewrap sandbox: `auto` falls back to none (saying so in each build log) where "
+        "bubblewrap cannot run, `bubblewrap` requires it",
+    )
+    allow_unsafe_requirements: bool = Field(
+        default=False,
+        description="install requirements.txt options (-r, -e, --index-url, ...), local paths, "
+        "VCS and URL requirements, and package.json file:/git/URL specs (refused by default: "
+        "checked again here after the gateway's upload check; builds stay sandboxed either way)",
+    )
     # Archive limits (the gateway checked them on upload; the same rules apply on extraction)
     max_uncompressed_bytes: int = Field(default=250 * MiB, gt=0)
     max_archive_entries: int = Field(default=10_000, gt=0)

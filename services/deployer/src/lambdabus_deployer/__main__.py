@@ -19,9 +19,9 @@ from lambdabus_deployer.local import open_local_backend
 from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.runtime import locate_runtime
-from lambdabus_deployer.sandbox import detect_sandbox
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
+from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
 from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
@@ -33,9 +33,24 @@ log = logging.getLogger("lambdabus.deployer")
 def make_setup(settings: DeployerSettings) -> Setup:
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-        sandbox = await detect_sandbox(settings.sandbox)
+        sandbox = await detect_sandbox(
+            settings.sandbox,
+            uid_base=settings.sandbox_uid_base,
+            uid_count=settings.sandbox_uid_count,
+        )
         if sandbox.enabled:
-            log.info("instances run in a bubblewrap sandbox", extra={"bwrap": sandbox.bwrap})
+            log.info(
+                "instances run in a bubblewrap sandbox",
+                extra={
+                    "bwrap": sandbox.bwrap,
+                    "slirp4netns": sandbox.slirp4netns,
+                    "uid_switch": sandbox.switch_uid,
+                    "note": sandbox.reason,
+                },
+            )
+            if sandbox.outbound:
+                firewall = await install_egress_rules(sandbox)
+                log.info("egress rules for sandboxed traffic", extra={"result": firewall})
         else:
             log.warning("instances run UNSANDBOXED", extra={"reason": sandbox.reason})
         runtime = locate_runtime(settings)

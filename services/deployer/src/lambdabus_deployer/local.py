@@ -19,7 +19,7 @@ import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from lambdabus_deployer.backend import LogSink, Reporter
 from lambdabus_deployer.logcapture import InstanceLog
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.plan import (
+    UNIX_ENDPOINT,
     DesiredRevision,
     Failure,
     InstanceSpec,
@@ -37,19 +38,23 @@ from lambdabus_deployer.plan import (
     RuntimePaths,
     backoff_delay,
     crash_message,
-    instance_env,
+    env_file,
     is_crashloop,
     manifest_path,
-    render_sandbox_command,
+    render_sandbox,
+    render_unsandboxed,
+    secret_files,
     uses_rlimit_as,
 )
 from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, start_time
-from lambdabus_deployer.sandbox import Sandbox
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceState
+from lambdabus_platform.envdigest import EnvironmentVerifier
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
 
 log = logging.getLogger("lambdabus.deployer.local")
+_ENVIRONMENTS = EnvironmentVerifier()  # each (env dir, digest) hashed once per process
 
 MiB = 1024 * 1024
 
@@ -64,39 +69,10 @@ def _address_space_limit(memory_mib: int) -> int:
     return limit if hard == resource.RLIM_INFINITY else min(limit, hard)
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
-def _runs(pid: int, program: str) -> bool:
-    try:
-        return os.path.realpath(f"/proc/{pid}/exe") == program
-    except OSError:
-        return False
-
-
-def _signal_group(pgid: int, sig: int, *, spare: str | None = None) -> None:
-    """Signal an instance's process group, sparing the processes that run `spare` (bwrap):
-    bwrap does not pass signals on, and its death SIGKILLs the sandbox (--die-with-parent)
-    before the runtime could finish its graceful exit; it exits when the runtime has."""
-    if spare is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-        return
-    for pid in _group_members(pgid):
-        if pid != pgid and not _runs(pid, spare):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal an instance's process group (unsandboxed: the runtime and what it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -112,6 +88,56 @@ def _describe_exit(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"exited with code {code} ({signal.Signals(code - 128).name})"
     return f"exited with code {code}"
+
+
+def interpreter_dirs(manifest: ArtifactManifest, runtime: RuntimePaths) -> list[str]:
+    """The installation the instance's interpreter lives in when it is not under /usr (the
+    Python a virtualenv's `bin/python` points to, e.g. under /root/.pyenv; node from nvm):
+    the sandbox binds it read-only where it is, as nothing else of the host but /usr."""
+    if manifest.runtime == "nodejs20":
+        program = Path(runtime.node) if runtime.node else None
+    else:
+        program = Path(manifest.env_dir) / "bin" / "python"
+    if program is None:
+        return []
+    with contextlib.suppress(OSError):
+        prefix = program.resolve(strict=True).parent.parent
+        if prefix != Path("/usr") and prefix != Path("/"):
+            return [str(prefix)]
+    return []
+
+
+def _private_dir(path: Path, identity: Identity | None) -> None:
+    """A dir only its instance (and root) may enter: 0700, owned by the instance's uid."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if identity is not None:
+        os.chown(path, identity.uid, identity.gid)
+    path.chmod(0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+async def _probe_unix(path: str, timeout: float) -> bool:
+    """GET /healthz over the instance's socket: True for a 200."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                writer.write(
+                    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                )
+                status = await reader.readline()
+                await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError):
+        return False
+    parts = status.split()
+    return len(parts) >= 2 and parts[1] == b"200"
 
 
 def load_manifest(revision: DesiredRevision) -> ArtifactManifest:
@@ -134,6 +160,13 @@ def load_manifest(revision: DesiredRevision) -> ArtifactManifest:
                 f"{directory} does not exist",
                 code="artifact_unavailable",
             )
+    if not manifest.env_digest:
+        raise LambdabusError(
+            f"the artifact of generation {revision.build_generation} records no digest of its "
+            "dependency environment, so it cannot be verified: rebuild the function",
+            code="artifact_unavailable",
+        )
+    _ENVIRONMENTS.verify(manifest.env_dir, manifest.env_digest)  # EnvironmentTampered
     return manifest
 
 
@@ -162,6 +195,9 @@ class Instance:
         rev = group.revision
         self.id = f"{rev.name}-{group.key[:6]}-{secrets.token_hex(3)}"
         self.scratch = backend.settings.instances_dir / self.id
+        self.socket_dir = self._new_socket_dir()
+        # Who the instance is on the host: one uid per function (when we are root).
+        self.identity = backend.sandbox.identity(rev.function) if backend.sandbox.enabled else None
         self.phase: InstancePhase = "starting"
         self.endpoint: str | None = None
         self.restarts = 0
@@ -256,32 +292,46 @@ class Instance:
             self.phase = "stopped"
             self.endpoint = None
             await asyncio.to_thread(shutil.rmtree, self.scratch, True)
+            await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
 
-    async def _run_once(self) -> Outcome:
+    def _new_socket_dir(self) -> Path:
+        """A new dir for each run of the instance (so a restart is a new endpoint): short (a
+        socket path has at most 107 bytes) and unguessable."""
+        return self.group.runner.backend.settings.sockets_dir / secrets.token_hex(6)
+
+    async def _start(
+        self, spec: InstanceSpec, preexec: Callable[[], None] | None
+    ) -> tuple[asyncio.subprocess.Process, SandboxProcess | None]:
+        """Start the instance's process: in its sandbox, or (unsandboxed) the runtime alone."""
         backend = self.group.runner.backend
         s = backend.settings
         manifest = self.group.manifest
-        spec = InstanceSpec(
-            id=self.id,
-            scratch=str(self.scratch),
-            revision=self.group.revision,
-            runtime=backend.runtime,
-        )
-        argv = render_sandbox_command(manifest, spec, s, sandbox=backend.sandbox)
-        env = instance_env(manifest, spec, s)
-        preexec = (
-            functools.partial(_limit_address_space, _address_space_limit(spec.revision.memory))
-            if uses_rlimit_as(manifest)
-            else None
-        )
-        self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.log.tail.clear()
+        _private_dir(self.scratch, self.identity)
+        _private_dir(self.socket_dir, self.identity)
         if backend.sandbox.enabled:
-            await self.log.system(f"starting instance {self.id} (sandbox: bubblewrap)")
-        else:
-            await self.log.system(
-                f"starting instance {self.id} UNSANDBOXED: {backend.sandbox.reason}"
+            sandbox_spec = render_sandbox(
+                manifest, spec, s, interpreter_dirs=interpreter_dirs(manifest, backend.runtime)
             )
+            network = sandbox_spec.network if backend.sandbox.outbound else "none"
+            await self.log.system(
+                f"starting instance {self.id} (sandbox: bubblewrap, network: {network})"
+            )
+            handle = await launch(
+                backend.sandbox,
+                sandbox_spec,
+                key=spec.revision.function,
+                preexec=preexec,
+                start_timeout=s.start_timeout,
+            )
+            return handle.process, handle
+        await self.log.system(f"starting instance {self.id} UNSANDBOXED: {backend.sandbox.reason}")
+        argv, env = render_unsandboxed(manifest, spec, s)
+        # Unsandboxed, the env file and the secrets are files in the instance's private dir.
+        _write_private(self.socket_dir / "env.json", env_file(spec.revision))
+        for data in secret_files(spec.revision):
+            target = self.socket_dir / data.dest.lstrip("/")
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_private(target, data.content)
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -292,11 +342,33 @@ class Instance:
             start_new_session=True,  # its own process group: signals reach all of it, and only it
             preexec_fn=preexec,
         )
+        return process, None
+
+    async def _run_once(self) -> Outcome:
+        backend = self.group.runner.backend
+        s = backend.settings
+        manifest = self.group.manifest
+        await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
+        self.socket_dir = self._new_socket_dir()
+        spec = InstanceSpec(
+            id=self.id,
+            scratch=str(self.scratch),
+            revision=self.group.revision,
+            runtime=backend.runtime,
+            socket_dir=str(self.socket_dir),
+        )
+        preexec = (
+            functools.partial(_limit_address_space, _address_space_limit(spec.revision.memory))
+            if uses_rlimit_as(manifest)
+            else None
+        )
+        self.log.tail.clear()
+        process, sandboxed = await self._start(spec, preexec)
         started = time.monotonic()
         backend.metrics.instances_running.inc()
         assert process.stdout is not None
         assert process.stderr is not None
-        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        listening: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
         pumps = [
             asyncio.create_task(self.log.pump(process.stdout, "stdout", listening)),
             asyncio.create_task(self.log.pump(process.stderr, "stderr")),
@@ -326,7 +398,8 @@ class Instance:
             )
             if listening in done:
                 was_ready = True
-                self.endpoint = f"http://127.0.0.1:{listening.result()}"
+                # Where it listens is ours to say (the socket in its dir), not the instance's.
+                self.endpoint = spec.endpoint
                 self.phase = "ready"
                 self._changed()
                 await self.log.system(f"instance {self.id} ready on {self.endpoint}")
@@ -336,9 +409,11 @@ class Instance:
         finally:
             if process.returncode is None:
                 graceful = self._stop.is_set() and not why
-                await self._terminate(process, exited, graceful=graceful)
+                await self._terminate(process, sandboxed, exited, graceful=graceful)
             # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1).
             _signal_group(process.pid, signal.SIGKILL)
+            if sandboxed is not None:
+                await sandboxed.close()
             _, late = await asyncio.wait(pumps, timeout=2)
             for task in (*late, drops, stopping):
                 task.cancel()
@@ -350,26 +425,31 @@ class Instance:
             backend.metrics.instances_running.dec()
         return Outcome(process.returncode, was_ready, time.monotonic() - started, why)
 
-    async def _watch(self, exited: asyncio.Task[int], stopping: asyncio.Task[Any]) -> str:
-        """Poll /healthz until the process exits, is stopped, or fails too many polls in a row."""
+    async def _healthy(self) -> bool:
         backend = self.group.runner.backend
         s = backend.settings
-        url = f"{self.endpoint}/healthz"
-        failures = 0
+        endpoint = self.endpoint or ""
+        if endpoint.startswith(UNIX_ENDPOINT):
+            return await _probe_unix(endpoint.removeprefix(UNIX_ENDPOINT), s.health_timeout)
         timeout = aiohttp.ClientTimeout(total=s.health_timeout)
+        try:
+            async with backend.http.get(f"{endpoint}/healthz", timeout=timeout) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _watch(self, exited: asyncio.Task[int], stopping: asyncio.Task[Any]) -> str:
+        """Poll /healthz until the process exits, is stopped, or fails too many polls in a row."""
+        s = self.group.runner.backend.settings
+        failures = 0
         while True:
             done, _ = await asyncio.wait(
                 {exited, stopping}, timeout=s.health_interval, return_when=asyncio.FIRST_COMPLETED
             )
             if done:
                 return ""
-            try:
-                async with backend.http.get(url, timeout=timeout) as response:
-                    healthy = response.status == 200
-                    await response.read()
-            except (aiohttp.ClientError, TimeoutError):
-                healthy = False
-            if healthy:
+            if await self._healthy():
                 if failures and self.phase == "unhealthy":
                     self.phase = "ready"
                     self._changed()
@@ -383,17 +463,24 @@ class Instance:
                 return f"failed {failures} health checks in a row"
 
     async def _terminate(
-        self, process: asyncio.subprocess.Process, exited: asyncio.Task[int], *, graceful: bool
+        self,
+        process: asyncio.subprocess.Process,
+        sandboxed: SandboxProcess | None,
+        exited: asyncio.Task[int],
+        *,
+        graceful: bool,
     ) -> None:
         backend = self.group.runner.backend
-        bwrap = backend.sandbox.bwrap if backend.sandbox.enabled else None
         if graceful:
-            _signal_group(
-                process.pid, signal.SIGTERM, spare=os.path.realpath(bwrap) if bwrap else None
-            )
+            if sandboxed is not None:
+                sandboxed.signal(signal.SIGTERM)
+            else:
+                _signal_group(process.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), backend.settings.stop_grace_seconds)
         if process.returncode is None:
+            if sandboxed is not None:
+                sandboxed.kill()
             _signal_group(process.pid, signal.SIGKILL)
         await exited
 
@@ -505,6 +592,9 @@ class FunctionRunner:
         if self.failed_key is not None and desired.key != self.failed_key:
             self.failure, self.failed_key, self._failed_instances = None, None, ()
         if self.failed_key is None:
+            # hash a new environment off the event loop: load_manifest then finds it verified
+            with contextlib.suppress(LambdabusError):
+                await asyncio.to_thread(load_manifest, desired)
             self._converge(desired)
         for group in (self.target, self.serving):
             if group is not None and group.failure is not None:
@@ -559,7 +649,8 @@ class FunctionRunner:
         try:
             manifest = load_manifest(desired)
         except LambdabusError as exc:
-            self.failure = Failure(reason="ArtifactUnavailable", message=exc.message)
+            reason = str(exc.details.get("reason", "ArtifactUnavailable"))
+            self.failure = Failure(reason=reason, message=exc.message)
             self.failed_key = desired.key
             return
         self.target = RevisionSet(self, desired, manifest)
@@ -673,15 +764,17 @@ class LocalBackend:
     async def recover(self) -> None:
         """Kill the instances a previous run of this deployer left behind, forget their
         scratch dirs: a fresh start of exactly what is desired follows."""
-        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.instances_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.settings.sockets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         killed = await asyncio.to_thread(self.table.kill_leftovers)
         for record in killed:
             log.warning(
                 "killed an instance left by a previous run",
                 extra={"pid": record.pid, "instance": record.instance, "function": record.function},
             )
-        for leftover in self.settings.instances_dir.iterdir():
-            await asyncio.to_thread(shutil.rmtree, leftover, True)
+        for directory in (self.settings.instances_dir, self.settings.sockets_dir):
+            for leftover in directory.iterdir():
+                await asyncio.to_thread(shutil.rmtree, leftover, True)
 
     async def aclose(self) -> None:
         runners = list(self._runners.values())

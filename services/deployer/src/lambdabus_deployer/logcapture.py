@@ -61,9 +61,9 @@ class LineBudget:
 _LISTENING = b'{"event": "listening"'
 
 
-def split_listening(raw: bytes) -> tuple[bytes, int] | None:
-    """The runtime's `{"event": "listening", "port": N}` announcement at the end of a line:
-    (what came before it on that line, the port), else None.
+def split_listening(raw: bytes) -> tuple[bytes, int | str] | None:
+    """The runtime's `{"event": "listening", "port": N}` (or `"socket": PATH`) announcement at
+    the end of a line: (what came before it on that line, the port or the socket), else None.
 
     The announcement is one write, but a thread of the function may be printing at the same
     moment: `print` writes its text and its newline separately, so the announcement can land
@@ -77,14 +77,17 @@ def split_listening(raw: bytes) -> tuple[bytes, int] | None:
         return None
     if not isinstance(message, dict) or message.get("event") != "listening":
         return None
+    socket = message.get("socket")
+    if isinstance(socket, str) and socket.startswith("/"):
+        return raw[:at], socket
     port = message.get("port")
     if not isinstance(port, int) or not 0 < port < 65536:
         return None
     return raw[:at], port
 
 
-def listening_port(raw: bytes) -> int | None:
-    """The port of a line that is the runtime's listening announcement, else None."""
+def listening_port(raw: bytes) -> int | str | None:
+    """The port (or socket) of a line that is the runtime's listening announcement, else None."""
     found = split_listening(raw)
     return found[1] if found is not None and not found[0] else None
 
@@ -153,7 +156,7 @@ class InstanceLog:
         self,
         reader: asyncio.StreamReader,
         stream: Literal["stdout", "stderr"],
-        listening: asyncio.Future[int] | None = None,
+        listening: asyncio.Future[int | str] | None = None,
     ) -> None:
         """Read a pipe to its end, publishing its lines.
 
@@ -183,7 +186,7 @@ class InstanceLog:
         self,
         lines: list[bytes],
         stream: Literal["stdout", "stderr"],
-        listening: asyncio.Future[int] | None,
+        listening: asyncio.Future[int | str] | None,
         first_extra: int,
     ) -> None:
         if listening is not None and not listening.done():

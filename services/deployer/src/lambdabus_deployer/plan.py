@@ -8,12 +8,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from lambdabus_deployer.sandbox import Sandbox, bwrap_args
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.catalog import (
     DeploymentData,
@@ -26,6 +25,8 @@ from lambdabus_events.catalog import (
     lifecycle_event,
 )
 from lambdabus_events.models import (
+    RESERVED_ENV,
+    RESERVED_ENV_PREFIXES,
     ArtifactManifest,
     BuildState,
     DeploymentState,
@@ -35,6 +36,7 @@ from lambdabus_events.models import (
     Runtime,
 )
 from lambdabus_platform.errors import PermanentError
+from lambdabus_platform.sandbox import Bind, DataFile, SandboxSpec
 
 FILE_ARTIFACT = "file://"
 _KEY_SALT = os.urandom(16)
@@ -227,6 +229,20 @@ def manifest_path(artifact: str) -> Path:
 
 # -- starting an instance --------------------------------------------------------------------
 
+# Where things are inside the sandbox.
+SANDBOX_TMP = "/tmp"
+SANDBOX_RUN = "/run/lambdabus"
+SANDBOX_ENV_FILE = f"{SANDBOX_RUN}/env.json"
+SANDBOX_SOCKET_DIR = f"{SANDBOX_RUN}/http"
+SOCKET_NAME = "sock"
+SECRETS_DIR = "/secrets"
+# The code, the dependency environment and the runtime SDK, at fixed paths inside the sandbox
+# (the host's layout is none of the function's business).
+SANDBOX_CODE = "/lambdabus/code"
+SANDBOX_DEPS = "/lambdabus/deps"
+SANDBOX_RUNTIME = "/lambdabus/runtime"
+ENV_FILE_VAR = "LAMBDABUS_ENV_FILE"
+
 
 @dataclass(frozen=True)
 class RuntimePaths:
@@ -239,28 +255,43 @@ class RuntimePaths:
 
 @dataclass(frozen=True)
 class InstanceSpec:
+    """One instance's host paths: `scratch` (its /tmp, HOME and TMPDIR) and `socket_dir`
+    (where it listens; the deployer owns it, the router connects there); both private."""
+
     id: str
     scratch: str
     revision: DesiredRevision
     runtime: RuntimePaths
+    socket_dir: str = ""
+
+    @property
+    def socket(self) -> str:
+        return f"{self.socket_dir}/{SOCKET_NAME}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{UNIX_ENDPOINT}{self.socket}"
+
+
+UNIX_ENDPOINT = "unix:"
 
 
 def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-def runtime_command(manifest: ArtifactManifest, instance: InstanceSpec) -> list[str]:
-    """The runtime's own argv (outside any sandbox)."""
+def runtime_command(
+    manifest: ArtifactManifest, instance: InstanceSpec, *, socket: str | None = None
+) -> list[str]:
+    """The runtime's own argv: listening on `socket`, or on a free loopback port."""
     rev = instance.revision
+    where = ["--socket", socket] if socket else ["--port", "0", "--host", "127.0.0.1"]
     flags = [
         "--code",
         manifest.code_dir,
         "--entrypoint",
         manifest.entrypoint,
-        "--port",
-        "0",
-        "--host",
-        "127.0.0.1",
+        *where,
         "--function",
         rev.function,
         "--timeout",
@@ -292,53 +323,128 @@ def uses_rlimit_as(manifest: ArtifactManifest) -> bool:
     return manifest.runtime != "nodejs20"
 
 
-def instance_env(
-    manifest: ArtifactManifest, instance: InstanceSpec, settings: DeployerSettings
+def is_reserved(name: str) -> bool:
+    return name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def function_env(revision: DesiredRevision) -> dict[str, str]:
+    """The function's own env: `env` and then `env_from` (secrets). Names the runtime and the
+    sandbox depend on are dropped even if they got this far (the API rejects them): these
+    values are only ever applied inside the sandbox, by the runtime."""
+    env = {k: v for k, v in revision.env if not is_reserved(k)}
+    env.update((k, v) for k, v in revision.secret_env if not is_reserved(k))
+    return env
+
+
+def env_file(revision: DesiredRevision) -> bytes:
+    """The content of the file the runtime reads its function's env from (LAMBDABUS_ENV_FILE)."""
+    return json.dumps(function_env(revision), separators=(",", ":")).encode()
+
+
+def _safe_part(part: str) -> bool:
+    return bool(part) and "/" not in part and part not in (".", "..") and "\0" not in part
+
+
+def secret_files(revision: DesiredRevision) -> tuple[DataFile, ...]:
+    """`/secrets/<name>/<key>` for every key of every secret the function names."""
+    return tuple(
+        DataFile(f"{SECRETS_DIR}/{name}/{key}", value, mode=0o400)
+        for name, items in revision.secret_files
+        if _safe_part(name)
+        for key, value in items
+        if _safe_part(key)
+    )
+
+
+def runtime_env(
+    manifest: ArtifactManifest,
+    instance: InstanceSpec,
+    settings: DeployerSettings,
+    *,
+    tmp: str,
+    env_file_path: str,
 ) -> dict[str, str]:
-    """The whole environment of an instance: PATH, the function's own env, and where its
-    scratch dir and the runtime are. Nothing else of the platform's environment (no
-    LAMBDABUS_* settings, no credentials)."""
+    """The environment the runtime starts with: PATH, where its scratch dir, the runtime and
+    the function's env file are. Nothing of the platform's environment (no LAMBDABUS_*
+    settings, no credentials) and nothing of the function's (the runtime adds that itself)."""
     env = {"PATH": settings.path, "LANG": "C.UTF-8"}
     if manifest.runtime != "nodejs20":
         env["MALLOC_ARENA_MAX"] = "2"  # glibc arenas reserve 64 MiB each against RLIMIT_AS
-    env.update(instance.revision.env)
-    env.update(HOME=instance.scratch, TMPDIR=instance.scratch)
+    env.update(HOME=tmp, TMPDIR=tmp)
     if manifest.runtime == "nodejs20":
         env["NODE_PATH"] = f"{manifest.env_dir}/node_modules"
     else:
         env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
         env["PYTHONPATH"] = instance.runtime.pythonpath or ""
+    env[ENV_FILE_VAR] = env_file_path
     return env
 
 
-def _runtime_dirs(manifest: ArtifactManifest, runtime: RuntimePaths) -> list[str]:
+def _inside(
+    manifest: ArtifactManifest, runtime: RuntimePaths
+) -> tuple[ArtifactManifest, RuntimePaths, list[Bind]]:
+    """The manifest and runtime paths as the sandbox sees them, and the binds that make it so."""
+    binds = [Bind(manifest.code_dir, SANDBOX_CODE), Bind(manifest.env_dir, SANDBOX_DEPS)]
+    inside = manifest.model_copy(update={"code_dir": SANDBOX_CODE, "env_dir": SANDBOX_DEPS})
     if manifest.runtime == "nodejs20":
-        return [str(Path(runtime.node_server).parent)] if runtime.node_server else []
-    return [p for p in (runtime.pythonpath or "").split(":") if p]
+        if not runtime.node_server:
+            return inside, runtime, binds
+        server = Path(runtime.node_server)
+        binds.append(Bind(str(server.parent), f"{SANDBOX_RUNTIME}/node"))
+        return inside, replace(runtime, node_server=f"{SANDBOX_RUNTIME}/node/{server.name}"), binds
+    entries = [p for p in (runtime.pythonpath or "").split(":") if p]
+    paths = [f"{SANDBOX_RUNTIME}/python{i}" for i in range(len(entries))]
+    binds += [Bind(entry, path) for entry, path in zip(entries, paths, strict=True)]
+    return inside, replace(runtime, pythonpath=":".join(paths) or None), binds
 
 
-def render_sandbox_command(
+def render_sandbox(
     manifest: ArtifactManifest,
     instance: InstanceSpec,
     settings: DeployerSettings,
     *,
-    sandbox: Sandbox,
-) -> list[str]:
-    """The argv that starts one instance: the runtime, inside bubblewrap when it is enabled."""
-    command = runtime_command(manifest, instance)
-    if not sandbox.enabled or sandbox.bwrap is None:
-        return command
-    hidden = str(settings.hidden_dir)
-    read_only = _dedupe(
-        [manifest.code_dir, manifest.env_dir, *_runtime_dirs(manifest, instance.runtime)]
+    interpreter_dirs: Sequence[str] = (),
+) -> SandboxSpec:
+    """What one instance runs and sees in its sandbox: the runtime listening on a socket in
+    its own dir; its code, dependency environment and the runtime SDK read-only at fixed
+    paths, and the interpreter (`interpreter_dirs`, e.g. the Python a virtualenv points to)
+    read-only where it is; its scratch dir as /tmp; its env and secrets as files made from
+    data (never in an argv or an environment outside the sandbox)."""
+    rev = instance.revision
+    inside, runtime, binds = _inside(manifest, instance.runtime)
+    view = replace(instance, runtime=runtime)
+    binds += [Bind(path, path) for path in _dedupe(interpreter_dirs)]
+    binds += [
+        Bind(instance.scratch, SANDBOX_TMP, writable=True),
+        Bind(instance.socket_dir, SANDBOX_SOCKET_DIR, writable=True),
+    ]
+    command = runtime_command(inside, view, socket=f"{SANDBOX_SOCKET_DIR}/{SOCKET_NAME}")
+    env = runtime_env(inside, view, settings, tmp=SANDBOX_TMP, env_file_path=SANDBOX_ENV_FILE)
+    return SandboxSpec(
+        command=tuple(command),
+        env=tuple(env.items()),
+        binds=tuple(binds),
+        files=(DataFile(SANDBOX_ENV_FILE, env_file(rev), mode=0o400), *secret_files(rev)),
+        chdir=SANDBOX_TMP,
+        network=rev.network,
+        hostname=rev.name,
     )
-    options = bwrap_args(
-        hidden=[hidden] if hidden != "/" else [],
-        read_only=read_only,
-        writable=[instance.scratch],
-        chdir=instance.scratch,
+
+
+def render_unsandboxed(
+    manifest: ArtifactManifest, instance: InstanceSpec, settings: DeployerSettings
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and env of an instance run without a sandbox (bubblewrap unavailable or turned
+    off): the same runtime on its socket, its env file in its private socket dir."""
+    command = runtime_command(manifest, instance, socket=instance.socket)
+    env = runtime_env(
+        manifest,
+        instance,
+        settings,
+        tmp=instance.scratch,
+        env_file_path=f"{instance.socket_dir}/env.json",
     )
-    return [sandbox.bwrap, *options, "--", *command]
+    return command, env
 
 
 def _dedupe(items: Iterable[str]) -> list[str]:

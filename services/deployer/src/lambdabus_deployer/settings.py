@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from lambdabus_platform.sandbox import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, SandboxMode
 from lambdabus_platform.settings import SecretsSettings, ServiceSettings
-
-SandboxMode = Literal["auto", "bubblewrap", "none"]
 
 
 def _inherited_path() -> str:
@@ -49,6 +49,18 @@ class DeployerSettings(ServiceSettings):
     crashloop_window: float = Field(default=60.0, gt=0)
     sandbox: SandboxMode = "auto"
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
+    sandbox_uid_base: int = Field(
+        default=DEFAULT_UID_BASE,
+        ge=1000,
+        description="as root, each function's instances run as a uid of this range (stable "
+        "per function), unprivileged on the host",
+    )
+    sandbox_uid_count: int = Field(default=DEFAULT_UID_COUNT, ge=1)
+    socket_dir: Path | None = Field(
+        default=None,
+        description="where instances' Unix sockets live (default: /run/lambdabus as root, "
+        "else the temp dir; a short path, as socket paths are limited to 107 bytes)",
+    )
     reconcile_interval: float = Field(default=10.0, gt=0)
     log_line_max_bytes: int = Field(default=16384, ge=256)
     log_rate_lines_per_second: int = Field(default=2000, ge=1)
@@ -72,7 +84,7 @@ class DeployerSettings(ServiceSettings):
         default_factory=_inherited_path, description="PATH given to instances (default: ours)"
     )
 
-    @field_validator("state_dir", "platform_dir", "node_server")
+    @field_validator("state_dir", "platform_dir", "node_server", "socket_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Bind mounts and the process table need absolute paths; resolve once, here.
@@ -86,6 +98,16 @@ class DeployerSettings(ServiceSettings):
     @property
     def instances_dir(self) -> Path:
         return self.state_dir / "instances"
+
+    @property
+    def sockets_dir(self) -> Path:
+        """The instances' socket dirs (one per deployer state dir, so deployers never share)."""
+        if self.socket_dir is not None:
+            return self.socket_dir
+        tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:10]
+        if os.geteuid() == 0:
+            return Path("/run/lambdabus") / f"deployer-{tag}"
+        return Path(tempfile.gettempdir()) / f"lambdabus-{os.geteuid()}" / f"deployer-{tag}"
 
     @property
     def process_table(self) -> Path:

@@ -67,6 +67,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                     max_uncompressed=settings.max_uncompressed_bytes,
                 ),
                 quotas=quotas,
+                allow_unsafe_requirements=settings.allow_unsafe_requirements,
             )
             triggers = Triggers(bus=ctx.bus, kv=ctx.bus.kv(TRIGGERS_BUCKET), functions=functions)
             ctx.app[GATEWAY] = Gateway(

@@ -32,6 +32,7 @@ from lambdabus_gateway.uploads import Upload, parse_config, parse_spec
 from lambdabus_platform.archive import ArchiveLimits, build_inline_archive, inspect_archive
 from lambdabus_platform.blobstore import BlobStore
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.dependencies import DEPENDENCY_FILE_LIMITS, check_dependency_files
 from lambdabus_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -119,12 +120,14 @@ class Functions:
         blobs: BlobStore,
         limits: ArchiveLimits,
         quotas: Quotas | None = None,
+        allow_unsafe_requirements: bool = False,
     ) -> None:
         self._bus = bus
         self._records = records
         self._blobs = blobs
         self._limits = limits
         self._quotas = quotas
+        self._allow_unsafe_requirements = allow_unsafe_requirements
 
     async def _prepare_source(self, upload: Upload, runtime: Runtime) -> Source | None:
         if upload.archive is not None:
@@ -134,7 +137,10 @@ class Functions:
         else:
             return None
         # Decompressing up to the limit is CPU work: keep it off the event loop.
-        info = await asyncio.to_thread(inspect_archive, data, runtime, self._limits)
+        info = await asyncio.to_thread(
+            inspect_archive, data, runtime, self._limits, DEPENDENCY_FILE_LIMITS
+        )
+        check_dependency_files(runtime, info.kept, allow_unsafe=self._allow_unsafe_requirements)
         ref = SourceRef(
             sha256=hashlib.sha256(data).hexdigest(),
             size=len(data),

@@ -30,6 +30,12 @@ class GatewaySettings(ServiceSettings):
     )
     max_archive_entries: int = Field(default=10_000, gt=0)
     max_spec_bytes: int = Field(default=64 * 1024, gt=0)
+    allow_unsafe_requirements: bool = Field(
+        default=False,
+        description="accept requirements.txt options (-r, -e, --index-url, ...), local paths, "
+        "VCS and URL requirements, and package.json file:/git/URL specs at upload (the "
+        "builder has its own setting; builds stay sandboxed either way)",
+    )
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     router_url: str = Field(
         default="http://127.0.0.1:8081", description="where invocations are relayed"

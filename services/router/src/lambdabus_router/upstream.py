@@ -22,6 +22,8 @@ log = logging.getLogger("lambdabus.router.upstream")
 
 Headers = list[tuple[str, str]]
 
+UNIX_ENDPOINT = "unix:"
+
 MAX_HEAD = 64 * 1024
 _MAX_CHUNK_LINE = 4096
 # Bytes of a streamed body waiting for the caller before reading pauses (until it takes them).
@@ -518,13 +520,23 @@ class _Pool:
     open (0: unbounded); a request beyond that waits for one to come back."""
 
     def __init__(self, endpoint: str, upstream: Upstream) -> None:
-        parts = urlsplit(endpoint)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConnectFailed(f"not an http:// endpoint: {endpoint!r}")
-        self.host = parts.hostname
-        self.port = parts.port or 80
-        self.authority = parts.netloc.rpartition("@")[2]
-        self.prefix = parts.path.rstrip("/")
+        self.socket: str | None = None
+        self.host, self.port, self.prefix = "", 0, ""
+        if endpoint.startswith(UNIX_ENDPOINT):
+            # An instance in its own network namespace, reached through its socket file.
+            path = endpoint.removeprefix(UNIX_ENDPOINT)
+            if not path.startswith("/"):
+                raise ConnectFailed(f"not an absolute unix: endpoint: {endpoint!r}")
+            self.socket, self.authority = path, "localhost"
+        else:
+            parts = urlsplit(endpoint)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ConnectFailed(f"not an http:// or unix: endpoint: {endpoint!r}")
+            self.host = parts.hostname
+            self.port = parts.port or 80
+            self.authority = parts.netloc.rpartition("@")[2]
+            self.prefix = parts.path.rstrip("/")
+        self.name = self.socket or self.authority
         self.loop = upstream.loop
         self.size = upstream.pool_size
         self.connect_timeout = upstream.connect_timeout
@@ -600,23 +612,28 @@ class _Pool:
         connect_by = self.loop.time() + self.connect_timeout
         try:
             async with asyncio.timeout_at(min(deadline, connect_by)):
-                _, conn = await self.loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port
-                )
+                if self.socket is not None:
+                    _, conn = await self.loop.create_unix_connection(
+                        lambda: _Connection(self), self.socket
+                    )
+                else:
+                    _, conn = await self.loop.create_connection(
+                        lambda: _Connection(self), self.host, self.port
+                    )
         except BaseException as exc:
             self.opening -= 1
             self._wake()  # the room this attempt held is free again
             if isinstance(exc, TimeoutError) and connect_by <= deadline:
                 raise ConnectFailed(
-                    f"no connection to {self.authority} within {self.connect_timeout:g} s"
+                    f"no connection to {self.name} within {self.connect_timeout:g} s"
                 ) from None
             if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                raise ConnectFailed(f"cannot connect to {self.authority}: {exc}") from exc
+                raise ConnectFailed(f"cannot connect to {self.name}: {exc}") from exc
             raise
         self.opening -= 1
         if conn.closed:  # closed before we got it
             self._wake()
-            raise ConnectFailed(f"{self.authority} closed the connection at once")
+            raise ConnectFailed(f"{self.name} closed the connection at once")
         self.connections.add(conn)
         return conn
 
@@ -696,7 +713,7 @@ class Upstream:
         timeout: float,
         buffer_limit: int,
     ) -> Response:
-        """Send a request to `endpoint` (`http://host:port[/prefix]`) and wait for the answer
+        """Send a request to `endpoint` (`http://host:port[/prefix]` or `unix:/abs/path`) and wait for the answer
         (its head only, when the body is to be streamed) within `timeout` seconds.
 
         Raises `ConnectFailed` when no connection could be opened, TimeoutError past the

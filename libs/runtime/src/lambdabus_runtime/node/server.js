@@ -4,9 +4,13 @@
  * Node's own modules only. Same flags and process contract as `python -m lambdabus_runtime`:
  *
  *   node server.js --code DIR --entrypoint handler.js --function NS/NAME [--port 0]
- *       [--host 127.0.0.1] [--timeout SECONDS] [--memory MIB] [--runtime nodejs20] [--max-body BYTES]
+ *       [--host 127.0.0.1] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime nodejs20]
+ *       [--max-body BYTES]
  *
- * - Prints {"event": "listening", "port": N} on stdout once it serves; an exception while
+ * - With LAMBDABUS_ENV_FILE set, the JSON object in that file joins process.env before the
+ *   function is loaded (the sandbox passes the function's env this way).
+ * - Prints {"event": "listening", "port": N} (or {"event": "listening", "socket": PATH} with
+ *   --socket) on stdout once it serves; an exception while
  *   loading the entry point prints its stack on stderr and exits 3; SIGTERM stops accepting,
  *   lets in-flight requests finish (up to 5 s) and exits 0. GET /healthz answers itself.
  * - require() finds the function's dependencies through NODE_PATH (set by the deployer).
@@ -34,13 +38,15 @@ const { pathToFileURL } = require('url');
 const EXIT_USAGE = 2;
 const EXIT_IMPORT_ERROR = 3;
 const EXIT_BIND_ERROR = 1;
+const EXIT_ENV = 4;
 const DRAIN_GRACE_MS = 5000;
 const IDLE_TIMEOUT_MS = 300000;
 const MAX_HEAD = 64 * 1024;
 
 const USAGE =
   'usage: node server.js --code DIR --entrypoint FILE --function NS/NAME [--port PORT]\n' +
-  '       [--host HOST] [--timeout SECONDS] [--memory MIB] [--runtime NAME] [--max-body BYTES]\n';
+  '       [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]\n' +
+  '       [--max-body BYTES]\n';
 
 function log(message) {
   process.stderr.write(`lambdabus-runtime: ${message}\n`);
@@ -52,7 +58,7 @@ function usageError(message) {
 }
 
 function parseArgs(argv) {
-  const known = new Set(['code', 'entrypoint', 'function', 'port', 'host', 'timeout', 'memory', 'runtime', 'max-body']);
+  const known = new Set(['code', 'entrypoint', 'function', 'port', 'host', 'socket', 'timeout', 'memory', 'runtime', 'max-body']);
   const raw = {};
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -89,6 +95,7 @@ function parseArgs(argv) {
     name: parts[1],
     port: number('port', 0, (v) => Number.isInteger(v) && v >= 0 && v <= 65535),
     host: raw.host === undefined ? '127.0.0.1' : raw.host,
+    socket: raw.socket === undefined ? null : raw.socket,
     timeout: number('timeout', 180, (v) => Number.isFinite(v) && v > 0),
     memory: number('memory', null, (v) => Number.isInteger(v) && v > 0),
     runtime: raw.runtime === undefined ? 'nodejs20' : raw.runtime,
@@ -201,8 +208,32 @@ function encodeResult(result) {
   return [200, { 'content-type': type }, payload];
 }
 
+function applyEnvFile() {
+  const file = process.env.LAMBDABUS_ENV_FILE;
+  delete process.env.LAMBDABUS_ENV_FILE;
+  if (!file) return;
+  let env;
+  try {
+    env = JSON.parse(require('fs').readFileSync(file, 'utf8'));
+  } catch (err) {
+    log(`cannot read the function's env from ${file}: ${err.message}`);
+    process.exit(EXIT_ENV);
+  }
+  const ok = env && typeof env === 'object' && !Array.isArray(env) &&
+    Object.entries(env).every(([k, v]) => typeof v === 'string' && k && !k.includes('='));
+  if (!ok) {
+    log(`the function's env in ${file} is not an object of strings`);
+    process.exit(EXIT_ENV);
+  }
+  Object.assign(process.env, env);
+}
+
 function main() {
   const options = parseArgs(process.argv.slice(2));
+  if (options.socket !== null && !options.socket.startsWith('/')) {
+    usageError(`invalid value for --socket: ${JSON.stringify(options.socket)}`);
+  }
+  applyEnvFile();
   const prefix = `/${options.namespace}/${options.name}`;
   const timeoutMs = options.timeout * 1000;
   const context = {
@@ -342,12 +373,25 @@ function main() {
         );
       });
       server.on('error', (err) => {
-        log(`cannot listen on ${options.host}:${options.port}: ${err.message}`);
+        const where = options.socket || `${options.host}:${options.port}`;
+        log(`cannot listen on ${where}: ${err.message}`);
         process.exit(EXIT_BIND_ERROR);
       });
-      server.listen({ port: options.port, host: options.host }, () => {
-        process.stdout.write(`{"event": "listening", "port": ${server.address().port}}\n`);
-      });
+      if (options.socket) {
+        try {
+          require('fs').unlinkSync(options.socket); // left by a previous run of this instance
+        } catch (err) {
+          if (err.code !== 'ENOENT') throw err;
+        }
+        server.listen({ path: options.socket, backlog: 1024 }, () => {
+          require('fs').chmodSync(options.socket, 0o600);
+          process.stdout.write(`{"event": "listening", "socket": ${JSON.stringify(options.socket)}}\n`);
+        });
+      } else {
+        server.listen({ port: options.port, host: options.host }, () => {
+          process.stdout.write(`{"event": "listening", "port": ${server.address().port}}\n`);
+        });
+      }
       const shutdown = () => {
         if (draining) return;
         draining = true;

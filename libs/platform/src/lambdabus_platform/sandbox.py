@@ -1,0 +1,705 @@
+"""The sandbox for untrusted code (function instances, builds): bubblewrap around a command,
+run as an unprivileged host uid, with an allowlisted read-only view of the host, no network
+but its own loopback, or outbound network through slirp4netns.
+
+Pure parts (`bwrap_args`, `slirp_args`, `identity_for`, `system_binds`) decide; `launch` does.
+
+What a sandbox gets: /usr, /bin, /sbin, /lib*, /etc read-only (nothing else of the host: not
+/root, /home, /work, the data dir, the repo checkout); the binds its caller names; a private
+/proc (pid namespace) and a minimal /dev; new user, pid, ipc, uts, net and cgroup namespaces;
+no capabilities; its own session. When we are root, bubblewrap itself runs as an unprivileged
+uid (one per sandbox key, from a configured range) so the sandbox is nobody special on the
+host either; directories the caller binds that this uid could not reach (Python under
+/root/.pyenv) are exposed to it in a private mount namespace of the launcher only.
+Network "outbound": slirp4netns (as the same uid) gives the sandbox a NAT to the outside,
+without the host's loopback; host firewall rules (`egress_rules`) also refuse its traffic to
+link-local addresses and to the host's own addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lambdabus_platform.errors import PermanentError
+
+NetworkMode = Literal["none", "outbound"]
+SandboxMode = Literal["auto", "bubblewrap", "none"]
+
+# The whole environment of bubblewrap and slirp4netns themselves (never a user's values).
+LAUNCHER_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
+# The host paths every sandbox sees, read-only (symlinks, such as /lib -> usr/lib, stay links).
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEFAULT_UID_BASE = 1_300_000_000
+DEFAULT_UID_COUNT = 65536
+TAP = "tap0"
+FIREWALL_CHAIN = "LAMBDABUS-SANDBOX"
+
+_CLONE_NEWNS = 0x00020000
+_MS_BIND = 4096
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+_MS_NOSUID = 2
+_PR_SET_PDEATHSIG = 1
+_NS_GET_USERNS = 0xB701
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SandboxUnavailable(PermanentError):
+    code = "sandbox_unavailable"
+
+
+class SandboxStartError(PermanentError):
+    code = "sandbox_start_failed"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the sandbox is on the host (and inside: the same numbers)."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """What this machine offers, detected once (`detect_sandbox`)."""
+
+    kind: Literal["bubblewrap", "none"]
+    bwrap: str | None = None
+    slirp4netns: str | None = None
+    reason: str = ""
+    # Switch to an unprivileged uid from this range (only when we are root).
+    switch_uid: bool = False
+    uid_base: int = DEFAULT_UID_BASE
+    uid_count: int = DEFAULT_UID_COUNT
+    # The host path layout of SYSTEM_PATHS: ("dir", path) | ("symlink", path, target).
+    layout: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind == "bubblewrap" and self.bwrap is not None
+
+    @property
+    def outbound(self) -> bool:
+        """Whether `network: outbound` can be given (slirp4netns is there)."""
+        return self.enabled and self.slirp4netns is not None
+
+    def identity(self, key: str) -> Identity:
+        """The host uid/gid of the sandbox named `key` (e.g. a function's ns/name)."""
+        if not self.switch_uid:
+            return Identity(os.getuid(), os.getgid())
+        return identity_for(key, self.uid_base, self.uid_count)
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: str
+    dest: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A file made from bytes inside the sandbox (never on the host's disk)."""
+
+    dest: str
+    content: bytes
+    mode: int = 0o400
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """One sandboxed command: what it runs, sees and may reach."""
+
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    binds: tuple[Bind, ...] = ()
+    files: tuple[DataFile, ...] = ()
+    chdir: str = "/"
+    network: NetworkMode = "none"
+    hostname: str = "sandbox"
+
+
+def identity_for(key: str, base: int, count: int) -> Identity:
+    """A stable uid (= gid) for a key: tenants differ on the host too (up to hash collisions
+    within `count`)."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    uid = base + digest % count
+    return Identity(uid, uid)
+
+
+def host_layout(paths: Iterable[str] = SYSTEM_PATHS) -> tuple[tuple[str, ...], ...]:
+    """How this host lays out the system paths (done once, at detection)."""
+    out: list[tuple[str, ...]] = []
+    for path in paths:
+        if os.path.islink(path):
+            out.append(("symlink", path, os.readlink(path)))
+        elif os.path.isdir(path):
+            out.append(("dir", path))
+    return tuple(out)
+
+
+def system_binds(layout: Sequence[tuple[str, ...]]) -> list[str]:
+    args: list[str] = []
+    for entry in layout:
+        if entry[0] == "symlink":
+            args += ["--symlink", entry[2], entry[1]]
+        else:
+            args += ["--ro-bind", entry[1], entry[1]]
+    return args
+
+
+def bwrap_args(
+    spec: SandboxSpec,
+    *,
+    layout: Sequence[tuple[str, ...]],
+    identity: Identity,
+    file_fds: Sequence[int],
+    info_fd: int | None = None,
+    block_fd: int | None = None,
+) -> list[str]:
+    """bubblewrap's options (without the program): an allowlisted view of the host, then the
+    spec's binds and files in order, then its environment (bubblewrap's own stays ours)."""
+    if len(file_fds) != len(spec.files):
+        raise ValueError("one fd per data file")
+    args = [
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--uid",
+        str(identity.uid),
+        "--gid",
+        str(identity.gid),
+        "--hostname",
+        spec.hostname,
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        *system_binds(layout),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--dir",
+        "/tmp",
+    ]
+    # Parents before children: a bind over /tmp must not hide one made inside it before.
+    for bind in sorted(spec.binds, key=lambda b: len(Path(b.dest).parts)):
+        args += ["--bind" if bind.writable else "--ro-bind", bind.source, bind.dest]
+    for data, fd in zip(spec.files, file_fds, strict=True):
+        args += ["--perms", f"{data.mode:04o}", "--ro-bind-data", str(fd), data.dest]
+    args += ["--remount-ro", "/"]  # the sandbox's own root (a tmpfs) holds nothing to write
+    args.append("--clearenv")
+    for key, value in spec.env:
+        args += ["--setenv", key, value]
+    args += ["--chdir", spec.chdir]
+    if info_fd is not None:
+        args += ["--info-fd", str(info_fd)]
+    if block_fd is not None:
+        args += ["--block-fd", str(block_fd)]
+    return args
+
+
+def slirp_args(*, userns_fd: int, netns_fd: int, ready_fd: int, exit_fd: int) -> list[str]:
+    """slirp4netns's options for the sandbox whose network namespace (and the user namespace
+    owning it) are open as these fds: NAT to the outside, no host loopback (127.0.0.0/8 and
+    10.0.2.2 refused)."""
+    return [
+        "--configure",
+        "--mtu=65520",
+        "--disable-host-loopback",
+        "--enable-seccomp",
+        f"--ready-fd={ready_fd}",
+        f"--exit-fd={exit_fd}",
+        f"--userns-path=/proc/self/fd/{userns_fd}",
+        "--netns-type=path",
+        f"/proc/self/fd/{netns_fd}",
+        TAP,
+    ]
+
+
+def egress_rules(uid_first: int, uid_last: int, *, ipv6: bool = False) -> list[list[str]]:
+    """iptables (or ip6tables) commands, without the program, that refuse the sandboxes'
+    outbound traffic (made by slirp4netns, as the sandbox's uid) to link-local addresses
+    (cloud metadata) and to any address of this host (its loopback and its own interfaces')."""
+    owner = ["-m", "owner", "--uid-owner", f"{uid_first}-{uid_last}"]
+    refuse = (
+        [["-d", "fe80::/10"], ["-d", "::1/128"], ["-m", "addrtype", "--dst-type", "LOCAL"]]
+        if ipv6
+        else [
+            ["-d", "169.254.0.0/16"],
+            ["-d", "127.0.0.0/8"],
+            ["-m", "addrtype", "--dst-type", "LOCAL"],
+            ["-m", "addrtype", "--dst-type", "BROADCAST"],
+        ]
+    )
+    return [
+        ["-N", FIREWALL_CHAIN],
+        ["-F", FIREWALL_CHAIN],
+        *(["-A", FIREWALL_CHAIN, *match, "-j", "REJECT"] for match in refuse),
+        ["-D", "OUTPUT", *owner, "-j", FIREWALL_CHAIN],
+        ["-I", "OUTPUT", "1", *owner, "-j", FIREWALL_CHAIN],
+    ]
+
+
+# -- reaching bind sources as the sandbox's uid -----------------------------------------------
+
+
+def _traversable(st: os.stat_result, identity: Identity) -> bool:
+    if st.st_uid == identity.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == identity.gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def blocked_roots(sources: Iterable[str], identity: Identity) -> dict[str, list[str]]:
+    """For sources the uid cannot reach (an ancestor it may not traverse, like /root 0700):
+    the topmost such ancestor → the sources under it. Those are exposed in the launcher's
+    private mount namespace (`_expose`)."""
+    out: dict[str, list[str]] = {}
+    for source in sources:
+        path = Path(source)
+        for ancestor in reversed(path.parents):
+            if str(ancestor) == "/":
+                continue
+            try:
+                st = os.stat(ancestor)
+            except OSError:
+                break
+            if not _traversable(st, identity):
+                out.setdefault(str(ancestor), []).append(source)
+                break
+    for root in list(out):  # keep the topmost only
+        if any(other != root and root.startswith(other + "/") for other in out):
+            out[next(o for o in out if root.startswith(o + "/"))].extend(out.pop(root))
+    return out
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def _private_mounts() -> None:
+    _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _mount("none", "/", None, _MS_REC | _MS_PRIVATE, None)
+
+
+def _expose(blocked: Mapping[str, Sequence[str]]) -> None:
+    """In a private mount namespace (root, before dropping privileges): cover each blocked
+    ancestor with a traversable tmpfs holding only the binds' sources at their paths."""
+    for root, sources in blocked.items():
+        fds = [os.open(s, os.O_PATH) for s in sources]
+        _mount("tmpfs", root, "tmpfs", _MS_NOSUID, "mode=0755")
+        for source, fd in zip(sources, fds, strict=True):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(source, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(source), exist_ok=True)
+                os.close(os.open(source, os.O_CREAT | os.O_WRONLY, 0o600))
+            _mount(f"/proc/self/fd/{fd}", source, None, _MS_BIND | _MS_REC, None)
+            os.close(fd)
+
+
+def _private_tun(identity: Identity) -> None:
+    """slirp4netns opens /dev/net/tun as the sandbox's uid: give it a private node it owns
+    when the host's is root-only (no udev here), without changing the host's."""
+    try:
+        st = os.stat("/dev/net/tun")
+    except OSError:
+        return
+    if st.st_mode & 0o006 == 0o006:
+        return
+    _mount("tmpfs", "/dev/net", "tmpfs", _MS_NOSUID, "mode=0755")
+    os.mknod("/dev/net/tun", 0o600 | stat.S_IFCHR, st.st_rdev)
+    os.chown("/dev/net/tun", identity.uid, identity.gid)
+
+
+def _drop(identity: Identity) -> None:
+    os.setgroups([])
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+    if os.getuid() != identity.uid or os.geteuid() != identity.uid:
+        raise OSError(errno.EPERM, "could not drop privileges")
+
+
+def _child_setup(
+    *,
+    hook: Callable[[], None] | None,
+    identity: Identity | None,
+    blocked: Mapping[str, Sequence[str]],
+    tun: bool = False,
+) -> Callable[[], None]:
+    def setup() -> None:  # runs in the child between fork and exec
+        if hook is not None:
+            hook()  # as root still: join a cgroup, set rlimits
+        if identity is None:
+            return
+        if blocked or tun:
+            _private_mounts()
+            _expose(blocked)
+            if tun:
+                _private_tun(identity)
+        _drop(identity)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return setup
+
+
+# -- launching ----------------------------------------------------------------------------
+
+
+@dataclass
+class SandboxProcess:
+    """A running sandbox: bubblewrap (`process`), its pid-namespace init on the host
+    (`child_pid`), and slirp4netns when it has outbound network."""
+
+    process: asyncio.subprocess.Process
+    identity: Identity
+    child_pid: int | None = None
+    slirp: asyncio.subprocess.Process | None = None
+    network: NetworkMode = "none"
+    _exit_w: int | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def payload_pids(self) -> list[int]:
+        """The host pids of the sandbox's processes (the command and its descendants)."""
+        root = self.child_pid
+        if root is None:
+            return []
+        children = _children_map()
+        out: list[int] = []
+        todo = list(children.get(root, []))
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+        return out
+
+    def signal(self, sig: int) -> None:
+        """Signal the command (and its descendants), not bubblewrap: it would not pass the
+        signal on, and its death SIGKILLs the sandbox before a graceful exit."""
+        for pid in self.payload_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        if self.child_pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.child_pid, signal.SIGKILL)
+
+    async def close(self) -> None:
+        """Stop slirp4netns (after the sandbox ended, or with it)."""
+        if self._exit_w is not None:
+            os.close(self._exit_w)
+            self._exit_w = None
+        if self.slirp is not None and self.slirp.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.slirp.wait()), 2)
+            if self.slirp.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.slirp.kill()
+                await self.slirp.wait()
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _memfd(data: DataFile) -> int:
+    fd = os.memfd_create("lambdabus-data", 0)
+    view = memoryview(data.content)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def launch(
+    sandbox: Sandbox,
+    spec: SandboxSpec,
+    *,
+    key: str,
+    preexec: Callable[[], None] | None = None,
+    stdin: int | None = asyncio.subprocess.DEVNULL,
+    stdout: int | None = asyncio.subprocess.PIPE,
+    stderr: int | None = asyncio.subprocess.PIPE,
+    start_timeout: float = 10.0,
+) -> SandboxProcess:
+    """Start `spec` in a sandbox as the identity of `key`. `preexec` runs in the child before
+    privileges are dropped. With outbound network the command starts once slirp4netns has
+    configured it. Raises SandboxStartError when the sandbox cannot be set up."""
+    if not sandbox.enabled or sandbox.bwrap is None:
+        raise SandboxUnavailable(sandbox.reason or "bubblewrap is not available")
+    identity = sandbox.identity(key)
+    network = spec.network if sandbox.outbound else "none"
+    switch = identity if sandbox.switch_uid else None
+    sources = [b.source for b in spec.binds]
+    blocked = blocked_roots(sources, identity) if switch else {}
+    file_fds = [_memfd(f) for f in spec.files]
+    info_r, info_w = os.pipe()
+    block_r = block_w = None
+    if network == "outbound":
+        block_r, block_w = os.pipe()
+    pass_fds = [*file_fds, info_w, *([block_r] if block_r is not None else [])]
+    argv = [
+        sandbox.bwrap,
+        *bwrap_args(
+            spec,
+            layout=sandbox.layout,
+            identity=identity,
+            file_fds=file_fds,
+            info_fd=info_w,
+            block_fd=block_r,
+        ),
+        "--",
+        *spec.command,
+    ]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(LAUNCHER_ENV),
+            cwd="/",
+            start_new_session=True,
+            pass_fds=pass_fds,
+            preexec_fn=_child_setup(hook=preexec, identity=switch, blocked=blocked),
+        )
+    finally:
+        for fd in (*file_fds, info_w, *([block_r] if block_r is not None else [])):
+            os.close(fd)
+    handle = SandboxProcess(process=process, identity=identity, network=network)
+    try:
+        try:
+            info = await asyncio.wait_for(asyncio.to_thread(_read_all, info_r), start_timeout)
+        finally:
+            os.close(info_r)
+        if info:
+            handle.child_pid = int(json.loads(info)["child-pid"])
+        if network == "outbound":
+            assert block_w is not None
+            if handle.child_pid is None:
+                raise SandboxStartError("bubblewrap ended before its sandbox was set up")
+            await _start_slirp(sandbox, handle, identity, start_timeout)
+            os.write(block_w, b"1")
+    except BaseException:
+        handle.kill()
+        await process.wait()
+        await handle.close()
+        raise
+    finally:
+        if block_w is not None:
+            os.close(block_w)
+    return handle
+
+
+async def _start_slirp(
+    sandbox: Sandbox, handle: SandboxProcess, identity: Identity, timeout: float
+) -> None:
+    assert sandbox.slirp4netns is not None
+    assert handle.child_pid is not None
+    # The user namespace that owns the sandbox's network namespace: bubblewrap nests another
+    # one for the command (to switch uid, --disable-userns), in which slirp4netns could not
+    # configure the network.
+    netns_fd = os.open(f"/proc/{handle.child_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        userns_fd = fcntl.ioctl(netns_fd, _NS_GET_USERNS)
+    except OSError:
+        os.close(netns_fd)
+        raise
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    switch = identity if sandbox.switch_uid else None
+    try:
+        slirp = await asyncio.create_subprocess_exec(
+            sandbox.slirp4netns,
+            *slirp_args(userns_fd=userns_fd, netns_fd=netns_fd, ready_fd=ready_w, exit_fd=exit_r),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(LAUNCHER_ENV),
+            cwd="/",
+            start_new_session=True,
+            pass_fds=(ready_w, exit_r, userns_fd, netns_fd),
+            preexec_fn=_child_setup(hook=None, identity=switch, blocked={}, tun=switch is not None),
+        )
+    except BaseException:
+        for fd in (ready_r, ready_w, exit_r, exit_w):
+            os.close(fd)
+        raise
+    finally:
+        os.close(netns_fd)
+        os.close(userns_fd)
+    os.close(ready_w)
+    os.close(exit_r)
+    handle.slirp, handle._exit_w = slirp, exit_w
+    try:
+        ready = await asyncio.wait_for(asyncio.to_thread(os.read, ready_r, 1), timeout)
+    finally:
+        os.close(ready_r)
+    if ready != b"1":
+        detail = b""
+        if slirp.stderr is not None:
+            with contextlib.suppress(TimeoutError):
+                detail = await asyncio.wait_for(slirp.stderr.read(4096), 1)
+        raise SandboxStartError(
+            "slirp4netns could not give the sandbox its network: "
+            + (detail.decode(errors="replace").strip() or "it ended")
+        )
+
+
+# -- detection ----------------------------------------------------------------------------
+
+
+async def detect_sandbox(
+    mode: SandboxMode,
+    *,
+    uid_base: int = DEFAULT_UID_BASE,
+    uid_count: int = DEFAULT_UID_COUNT,
+    setting: str = "LAMBDABUS_DEPLOYER_SANDBOX",
+) -> Sandbox:
+    """Find bubblewrap (and slirp4netns) and check that a sandbox can be made here (it cannot
+    in many containers). `bubblewrap` mode turns any failure into an error; `auto` falls back
+    to no sandbox, saying why."""
+    if mode == "none":
+        return Sandbox("none", reason=f"sandbox disabled by settings ({setting}=none)")
+    bwrap = shutil.which("bwrap")
+    candidate = Sandbox(
+        "bubblewrap",
+        bwrap=bwrap,
+        slirp4netns=shutil.which("slirp4netns"),
+        switch_uid=os.geteuid() == 0,
+        uid_base=uid_base,
+        uid_count=uid_count,
+        layout=host_layout(),
+    )
+    problem = "bubblewrap (bwrap) is not installed" if bwrap is None else await _probe(candidate)
+    if problem:
+        if mode == "bubblewrap":
+            raise SandboxUnavailable(f"{problem}; install bubblewrap or set {setting}=auto")
+        return Sandbox("none", reason=problem)
+    if candidate.slirp4netns is None:
+        return dataclasses.replace(
+            candidate, reason="slirp4netns is not installed: functions get no outbound network"
+        )
+    return candidate
+
+
+async def _probe(sandbox: Sandbox) -> str:
+    true = shutil.which("true") or "/bin/true"
+    try:
+        handle = await launch(
+            sandbox,
+            SandboxSpec(command=(true,)),
+            key="lambdabus-probe",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+    except (OSError, PermanentError, ValueError) as exc:
+        return f"bubblewrap cannot run: {exc}"
+    except Exception as exc:  # a failing preexec surfaces as SubprocessError
+        return f"bubblewrap cannot run: {exc}"
+    try:
+        assert handle.process.stderr is not None
+        err = await asyncio.wait_for(handle.process.stderr.read(), 10)
+        await asyncio.wait_for(handle.process.wait(), 10)
+    except TimeoutError:
+        handle.kill()
+        await handle.process.wait()
+        return "bubblewrap did not finish a trial run in 10 s"
+    finally:
+        await handle.close()
+    if handle.process.returncode != 0:
+        detail = err.decode(errors="replace").strip() or f"exit code {handle.process.returncode}"
+        return f"bubblewrap cannot create a sandbox here ({detail})"
+    return ""
+
+
+async def install_egress_rules(sandbox: Sandbox) -> str:
+    """Install `egress_rules` for the sandbox uid range (root only, iptables needed); returns
+    what was done, or why not (to log)."""
+    if not sandbox.switch_uid:
+        return "not root: no firewall rules for sandbox traffic"
+    results = []
+    for program in ("iptables", "ip6tables"):
+        exe = shutil.which(program)
+        if exe is None:
+            results.append(f"{program} is not installed")
+            continue
+        last = sandbox.uid_base + sandbox.uid_count - 1
+        rules = egress_rules(sandbox.uid_base, last, ipv6=program == "ip6tables")
+        failed = ""
+        for rule in rules:
+            process = await asyncio.create_subprocess_exec(
+                exe,
+                "-w",
+                *rule,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=dict(LAUNCHER_ENV),
+            )
+            _, err = await process.communicate()
+            if process.returncode and rule[0] not in ("-N", "-D"):
+                failed = err.decode(errors="replace").strip()
+                break
+        results.append(f"{program}: " + (f"failed ({failed})" if failed else "installed"))
+    return "; ".join(results)
