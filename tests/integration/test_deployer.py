@@ -52,7 +52,7 @@ from lambdabus_events.models import (
     SourceRef,
 )
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.natsserver import run_nats_server
+from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
@@ -156,10 +156,10 @@ def closing(iterator: AsyncIterator[T]) -> contextlib.aclosing[AsyncGenerator[T,
 
 
 @pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     store = tmp_path / ".lambdabus" / "nats"
     async with run_nats_server(store, log_path=tmp_path / "nats.log") as server:
-        yield server.url
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from prometheus_client import (
 from pydantic import ValidationError
 
 from lambdabus_events.catalog import LifecycleEvent, parse_lifecycle
-from lambdabus_platform.bus import Bus
+from lambdabus_platform.bus import Bus, connect_options
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.jsonlog import configure_logging
 from lambdabus_platform.settings import ServiceSettings
@@ -246,9 +246,11 @@ async def serve(
     stop = stop or asyncio.Event()
     metrics = Metrics.create(name)
     async with Bus.connect(settings.nats, name=name) as bus:
-        await bus.declare()
+        if settings.nats.declare:
+            await bus.declare()
         broker = NatsBroker(
             settings.nats.url,
+            **connect_options(settings.nats),
             name=f"lambdabus-{name}-events",
             max_reconnect_attempts=-1,
             graceful_timeout=settings.shutdown_grace_seconds,
