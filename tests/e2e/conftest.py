@@ -20,8 +20,13 @@ SERVICES = ("gateway", "router", "builder", "deployer", "logs")
 @dataclass
 class Platform:
     process: subprocess.Popen[str]
+    data_dir: Path
     urls: dict[str, str] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
+
+    def nats_seed(self, user: str = "admin") -> Path:
+        """A NATS user's key, where `lambdabus up` made it."""
+        return self.data_dir / "nats" / "credentials" / f"{user}.nk"
 
     def descendants(self) -> set[int]:
         """Every process below `lambdabus up`, read from /proc."""
@@ -67,7 +72,7 @@ def platform_up(
         text=True,
         start_new_session=True,
     )
-    platform = Platform(process)
+    platform = Platform(process, data_dir)
     assert process.stdout is not None
     deadline = time.monotonic() + ready_timeout
     try:

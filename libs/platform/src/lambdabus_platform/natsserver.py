@@ -111,6 +111,11 @@ def credentials_dir(store_dir: Path) -> Path:
     return store_dir / "credentials"
 
 
+def url_file(store_dir: Path) -> Path:
+    """Where a running server's client URL is written (for `lambdabus credentials`)."""
+    return store_dir / "url"
+
+
 @contextlib.asynccontextmanager
 async def run_nats_server(
     store_dir: Path,
@@ -186,6 +191,7 @@ async def run_nats_server(
             log_file.close()
         raise
     pump = asyncio.create_task(_pump())
+    url_file(store_dir).write_text(f"nats://{host}:{actual}\n")
     try:
         yield NatsServer(url=f"nats://{host}:{actual}", port=actual, process=process, keys=keys)
     finally:
