@@ -231,6 +231,8 @@ def permissions(user: str, accesses: Mapping[str, Access] = ACCESS) -> Permissio
             f"{_API}.CONSUMER.DELETE.{stream}.*",
             f"$JS.FC.{stream}.>",
         ]
+        # nats-py finds the stream of an object's chunks by subject: stream names only.
+        pub.append(f"{_API}.STREAM.NAMES")
         if bucket in access.objects_write:
             # chunks and metadata; a replaced or deleted object's chunks are purged
             pub += [f"$O.{bucket}.>", f"{_API}.STREAM.PURGE.{stream}"]

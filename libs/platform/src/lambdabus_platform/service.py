@@ -118,6 +118,8 @@ def subscribe_lifecycle(
         stream=JStream("LIFECYCLE", declare=False),
         durable=durable,
         pull_sub=PullSub(batch_size=16, timeout=1.0),
+        # FastStream's own default is `_INBOX.`: pulled messages come to this user's inbox.
+        inbox_prefix=f"{ctx.settings.nats.inbox_prefix}.".encode(),
         title=f"{ctx.name}:{durable}",
         description=handler.__doc__,
     )
