@@ -71,9 +71,23 @@ class _Refused(Exception):
     """NATS refused the credentials (raised from nats-py's error callback to end its retries)."""
 
 
+def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
+    """The client's TLS context, when a CA or a client certificate is configured."""
+    if not (settings.tls_ca_file or settings.tls_cert_file):
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+    )
+    if settings.tls_cert_file is not None:
+        context.load_cert_chain(
+            str(settings.tls_cert_file),
+            str(settings.tls_key_file) if settings.tls_key_file else None,
+        )
+    return context
+
+
 def connect_options(settings: NatsSettings) -> dict[str, Any]:
-    """Credentials, TLS and inbox prefix as keyword arguments of `nats.connect` (and of
-    FastStream's `NatsBroker`, which passes them on)."""
+    """Credentials, TLS and inbox prefix as keyword arguments of `nats.connect`."""
     options: dict[str, Any] = {"inbox_prefix": settings.inbox_prefix}
     if settings.user is not None:
         options["user"] = settings.user
@@ -85,15 +99,8 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
         options["user_credentials"] = str(settings.creds_file)
     if settings.nkey_seed_file is not None:
         options["nkeys_seed"] = str(settings.nkey_seed_file)
-    if settings.tls_ca_file or settings.tls_cert_file:
-        context = ssl.create_default_context(
-            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
-        )
-        if settings.tls_cert_file is not None:
-            context.load_cert_chain(
-                str(settings.tls_cert_file),
-                str(settings.tls_key_file) if settings.tls_key_file else None,
-            )
+    context = tls_context(settings)
+    if context is not None:
         options["tls"] = context
     return options
 
