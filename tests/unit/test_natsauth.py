@@ -3,8 +3,14 @@ the nats.conf block rendered from it."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import nkeys
+import pytest
+from faststream.nats.security import NatsNKey, NatsToken, NatsUserPassword
+from pydantic import ValidationError
+
+from lambdabus_platform.bus import connect_options
 from lambdabus_platform.natsauth import (
     ACCESS,
     ADMIN,
@@ -15,6 +21,8 @@ from lambdabus_platform.natsauth import (
     permissions,
     render_authorization,
 )
+from lambdabus_platform.service import broker_security
+from lambdabus_platform.settings import NatsSettings
 
 OWNER = {
     "function": "gateway",
@@ -103,3 +111,39 @@ def test_the_config_has_every_user_and_no_anonymous_access() -> None:
 def test_a_malformed_key_is_not_rendered() -> None:
     with pytest.raises(ValueError, match="public nkey"):
         render_authorization({"gateway": 'U"]} ; users = [{user: x'})
+
+
+def test_settings_carry_each_kind_of_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An operator of an external NATS gives credentials through the environment; the bus and
+    FastStream's broker both connect with them."""
+    seed = tmp_path / "svc.nk"
+    monkeypatch.setenv("LAMBDABUS_NATS_NKEY_SEED_FILE", str(seed))
+    monkeypatch.setenv("LAMBDABUS_NATS_INBOX_PREFIX", "_INBOX_svc")
+    settings = NatsSettings()
+    assert connect_options(settings) == {"inbox_prefix": "_INBOX_svc", "nkeys_seed": str(seed)}
+    seed.write_bytes(nkeys.encode_seed(b"\x02" * 32, nkeys.PREFIX_BYTE_USER))
+    assert isinstance(broker_security(settings), NatsNKey)
+
+    monkeypatch.delenv("LAMBDABUS_NATS_NKEY_SEED_FILE")
+    monkeypatch.setenv("LAMBDABUS_NATS_USER", "svc")
+    monkeypatch.setenv("LAMBDABUS_NATS_PASSWORD", "pw")
+    settings = NatsSettings()
+    assert "pw" not in repr(settings)
+    options = connect_options(settings)
+    assert (options["user"], options["password"]) == ("svc", "pw")
+    security = broker_security(settings)
+    assert isinstance(security, NatsUserPassword)
+
+    monkeypatch.delenv("LAMBDABUS_NATS_USER")
+    monkeypatch.delenv("LAMBDABUS_NATS_PASSWORD")
+    monkeypatch.setenv("LAMBDABUS_NATS_TOKEN", "tok")
+    assert isinstance(broker_security(NatsSettings()), NatsToken)
+    assert connect_options(NatsSettings())["token"] == "tok"
+
+
+def test_an_inbox_prefix_with_wildcards_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAMBDABUS_NATS_INBOX_PREFIX", "_INBOX.>")
+    with pytest.raises(ValidationError):
+        NatsSettings()
