@@ -52,7 +52,7 @@ def test_no_service_publishes_lifecycle_with_a_wildcard_entity() -> None:
     [
         ("secrets", {"gateway", "deployer"}),
         ("tokens", {"gateway", "router"}),
-        ("quotas", {"gateway", "router"}),
+        ("quotas", {"gateway", "router", "deployer"}),
     ],
 )
 def test_sensitive_buckets_are_readable_by_their_users_only(bucket: str, readers: set[str]) -> None:

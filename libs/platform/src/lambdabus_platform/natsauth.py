@@ -116,7 +116,8 @@ ACCESS: Final[Mapping[str, Access]] = {
         lifecycle=("deployment",),
         publish=(f"{LOGS_PREFIX}.runtime.>",),
         kv_write=(DEPLOYMENTS_BUCKET,),
-        kv_read=(FUNCTIONS_BUCKET, BUILDS_BUCKET, SECRETS_BUCKET),
+        # quotas: per-namespace numbers (max instances), nothing secret
+        kv_read=(FUNCTIONS_BUCKET, BUILDS_BUCKET, SECRETS_BUCKET, QUOTAS_BUCKET),
         durables={"LIFECYCLE": ("deployer-builds", "deployer-functions")},
     ),
     "router": Access(
