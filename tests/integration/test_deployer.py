@@ -681,13 +681,13 @@ async def test_a_flood_of_output_is_cut_and_rate_limited(world: World) -> None:
 
 
 async def test_a_deployer_killed_with_sigkill_kills_its_orphans_when_it_restarts(
-    world: World,
+    world: World, nats_server: NatsServer
 ) -> None:
     """Unsandboxed instances outlive a SIGKILLed deployer (sandboxed ones die with it)."""
     settings = world.settings(sandbox="none")
     env = {
         "PATH": os.environ.get("PATH", os.defpath),
-        "LAMBDABUS_NATS_URL": world.nats.url,
+        **nats_server.env("deployer"),  # the deployer's own least-privilege user
         "LAMBDABUS_DEPLOYER_PORT": "0",
         "LAMBDABUS_DEPLOYER_STATE_DIR": str(settings.state_dir),
         "LAMBDABUS_DEPLOYER_SANDBOX": "none",
