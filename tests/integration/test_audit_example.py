@@ -81,3 +81,12 @@ async def test_no_credentials_before_the_first_start(tmp_path: Path) -> None:
     code, _, err = await cli("credentials", "audit", "--data-dir", str(tmp_path))
     assert code == 1
     assert "no_credentials" in err
+
+
+def test_the_readme_shows_the_tested_example() -> None:
+    """Where README.md shows the auditor example, it shows this file's code, as tested."""
+    readme = (EXAMPLE.parents[2] / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    shown = [b.split("```", 1)[0] for b in blocks if "_INBOX_auditor" in b]
+    for block in shown:
+        assert block == EXAMPLE.read_text()
