@@ -262,6 +262,20 @@ async def test_the_auditor_cannot_take_a_services_consumer(
     await bus.delete_consumer("LIFECYCLE", "builder")
 
 
+@pytest.mark.parametrize("stream", ["LOGS", "EVENTS", "DLQ"])
+async def test_the_auditor_cannot_read_another_stream(nats_server: NatsServer, stream: str) -> None:
+    """Function logs, user events and dead letters are not the audit trail."""
+    async with connected(nats_server, "auditor") as auditor:
+        for subject in (
+            f"$JS.API.CONSUMER.CREATE.{stream}.peek",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.peek",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+        ):
+            await auditor.nc.publish(subject, b"{}")
+            assert await auditor.violation("publish", subject), subject
+
+
 async def test_the_auditor_cannot_read_another_users_replies(nats_server: NatsServer) -> None:
     subject = f"{inbox_prefix('gateway')}.>"
     async with connected(nats_server, "auditor") as auditor:
@@ -281,6 +295,9 @@ async def test_the_builder_cannot_read_secrets(nats_server: NatsServer) -> None:
         assert await builder.violation(
             "publish", "$JS.API.DIRECT.GET.KV_secrets.$KV.secrets.team.db"
         )
+        # nor watch it
+        await builder.nc.publish("$JS.API.CONSUMER.CREATE.KV_secrets", b"{}")
+        assert await builder.violation("publish", "$JS.API.CONSUMER.CREATE.KV_secrets")
 
 
 async def test_the_router_cannot_read_secrets(nats_server: NatsServer) -> None:
