@@ -48,7 +48,6 @@ from lambdabus_events.models import (
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
     FUNCTIONS_BUCKET,
@@ -376,8 +375,8 @@ async def run_router(
         sink = Sink(endpoint, http)
         trigger = await register(bus, endpoint, args.max_in_flight)
         await deploy(bus, [])  # no ready instance yet: events wait in the stream
+        env.update(server.env("router"))
         env.update(
-            LAMBDABUS_NATS_URL=server.url,
             LAMBDABUS_ROUTER_PORT="0",
             LAMBDABUS_ROUTER_LOG_LEVEL="INFO",
             LAMBDABUS_ROUTER_STATE_DIR=str(root / "router"),
@@ -448,7 +447,7 @@ async def main() -> None:
         root = Path(tmp)
         async with (
             run_nats_server(root / "nats", sync_always=not args.fast_fsync) as server,
-            Bus.connect(NatsSettings(url=server.url), name="bench") as bus,
+            Bus.connect(server.settings(), name="bench") as bus,
             aiohttp.ClientSession() as http,
         ):
             await bus.declare(object_bucket=None)

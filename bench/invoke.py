@@ -34,9 +34,8 @@ import aiohttp
 
 from lambdabus_events.models import DeploymentState, FunctionConfig, FunctionRecord, SourceRef
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.natsserver import run_nats_server
+from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
 from lambdabus_testing.processes import ready_process
 
@@ -196,11 +195,11 @@ class RouterProcess:
 
 @contextlib.asynccontextmanager
 async def router(
-    nats_url: str, state_dir: Path, balance: str = "least_in_flight"
+    nats: NatsServer, state_dir: Path, balance: str = "least_in_flight"
 ) -> AsyncIterator[RouterProcess]:
     env = dict(os.environ)
+    env.update(nats.env("router"))
     env.update(
-        LAMBDABUS_NATS_URL=nats_url,
         LAMBDABUS_ROUTER_PORT="0",
         LAMBDABUS_ROUTER_LOG_LEVEL="INFO",  # the 'listening' line is at INFO; none per request
         LAMBDABUS_ROUTER_STATE_DIR=str(state_dir),
@@ -272,12 +271,12 @@ def quantile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def balancing(nats_url: str, state_dir: Path, seconds: float) -> list[str]:
+async def balancing(nats: NatsServer, state_dir: Path, seconds: float) -> list[str]:
     """Round-robin against least-in-flight over the two instances of `mixed` (one answering
     at once, one after 10 ms), with 8 concurrent clients: rows of the second table."""
     rows = []
     for policy in ("round_robin", "least_in_flight"):
-        async with router(nats_url, state_dir / policy, policy) as proc:
+        async with router(nats, state_dir / policy, policy) as proc:
             url = f"{proc.url}/{NAMESPACE}/mixed/invoke"
             await throughput(url, 0.5, 8)
             rate, samples = await throughput(url, seconds, 8)
@@ -303,7 +302,7 @@ async def main() -> None:
         code.mkdir()
         async with (
             run_nats_server(root / "nats") as nats_server,
-            Bus.connect(NatsSettings(url=nats_server.url), name="bench") as bus,
+            Bus.connect(nats_server.settings(), name="bench") as bus,
             instance(code, args.fallback) as (endpoint, served_by, instance_pid),
         ):
             await bus.declare(object_bucket=None)
@@ -312,8 +311,8 @@ async def main() -> None:
             if not args.no_balancing:
                 async with fallback_instance(0.0) as fast, fallback_instance(0.010) as slow:
                     await register(bus, "mixed", [fast, slow])
-                    balance_rows = await balancing(nats_server.url, root, 2.0)
-            async with router(nats_server.url, root / "router") as proc:
+                    balance_rows = await balancing(nats_server, root, 2.0)
+            async with router(nats_server, root / "router") as proc:
                 path = f"/{NAMESPACE}/{NAME}/invoke"
                 direct, routed = endpoint + path, proc.url + path
                 lat_direct = await latency(direct, args.requests, warmup)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.natsserver import run_nats_server
-from lambdabus_platform.settings import NatsSettings
 
 
 async def measure(sync_always: bool, messages: int, concurrency: int) -> tuple[float, float]:
@@ -23,7 +22,7 @@ async def measure(sync_always: bool, messages: int, concurrency: int) -> tuple[f
     with tempfile.TemporaryDirectory() as store:
         async with (
             run_nats_server(Path(store), sync_always=sync_always) as server,
-            Bus.connect(NatsSettings(url=server.url), name="bench") as bus,
+            Bus.connect(server.settings(), name="bench") as bus,
         ):
             await bus.declare(object_bucket=None)
             payload = b"x" * 512

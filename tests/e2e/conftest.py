@@ -30,6 +30,7 @@ def token_for(url: str) -> str | None:
 @dataclass
 class Platform:
     process: subprocess.Popen[str]
+    data_dir: Path
     urls: dict[str, str] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
     token: str = ""  # the admin token `up` bootstrapped into <data dir>/admin.token
@@ -42,6 +43,10 @@ class Platform:
     def cli_env(self) -> dict[str, str]:
         """The environment a CLI call against this platform needs (its admin token)."""
         return {**os.environ, "LAMBDABUS_TOKEN": self.token}
+
+    def nats_seed(self, user: str = "admin") -> Path:
+        """A NATS user's key, where `lambdabus up` made it."""
+        return self.data_dir / "nats" / "credentials" / f"{user}.nk"
 
     def descendants(self) -> set[int]:
         """Every process below `lambdabus up`, read from /proc."""
@@ -87,7 +92,7 @@ def platform_up(
         text=True,
         start_new_session=True,
     )
-    platform = Platform(process)
+    platform = Platform(process, data_dir)
     assert process.stdout is not None
     deadline = time.monotonic() + ready_timeout
     try:

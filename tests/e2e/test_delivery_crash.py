@@ -28,8 +28,8 @@ from lambdabus_events.models import (
     TriggerRecord,
 )
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.natsserver import NatsServer
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
     FUNCTIONS_BUCKET,
@@ -82,10 +82,10 @@ class RouterProcess:
     """`python -m lambdabus_router`, started again after each kill; ready by its own word
     (the `listening` log line)."""
 
-    def __init__(self, nats_url: str) -> None:
+    def __init__(self, nats: NatsServer) -> None:
         self.env = {
             **os.environ,
-            "LAMBDABUS_NATS_URL": nats_url,
+            **nats.env("router"),  # the router's own least-privilege user
             "LAMBDABUS_ROUTER_PORT": "0",
             "LAMBDABUS_ROUTER_LOG_LEVEL": "INFO",
             # A delivery the killed router left unacknowledged comes back after its ack wait:
@@ -192,10 +192,10 @@ async def register(bus: Bus, namespace: str, endpoint: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-async def test_sigkill_three_times_loses_no_event(nats_settings: NatsSettings, bus: Bus) -> None:
+async def test_sigkill_three_times_loses_no_event(nats_server: NatsServer, bus: Bus) -> None:
     namespace = f"c{uuid.uuid4().hex[:10]}"
     source = f"/{namespace}"
-    router = RouterProcess(nats_settings.url)
+    router = RouterProcess(nats_server)
     async with sink_server() as sink:
         await register(bus, namespace, sink.url)
         await router.start()

@@ -227,7 +227,9 @@ def count_logs(platform: Platform, name: str) -> int:
     """Runtime log lines of a function stored in the LOGS stream now."""
 
     async def count() -> int:
-        settings = NatsSettings(url=platform.urls["nats"], connect_wait_seconds=5)
+        settings = NatsSettings(
+            url=platform.urls["nats"], nkey_seed_file=platform.nats_seed(), connect_wait_seconds=5
+        )
         async with Bus.connect(settings, name="e2e-faults") as bus:
             return await bus.count("LOGS", logs_subject("runtime", NS, name))
 

@@ -44,7 +44,7 @@ from lambdabus_events.models import (
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.blobstore import NatsBlobStore
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.natsserver import run_nats_server
+from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
@@ -59,9 +59,9 @@ WAIT = 30.0
 
 
 @pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     async with run_nats_server(tmp_path / "nats", log_path=tmp_path / "nats.log") as server:
-        yield server.url
+        yield server
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ from lambdabus_events.models import (
 )
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.envdigest import tree_digest
-from lambdabus_platform.natsserver import run_nats_server
+from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.sandbox import detect_sandbox
 from lambdabus_platform.service import serve
@@ -159,10 +159,10 @@ def closing(iterator: AsyncIterator[T]) -> contextlib.aclosing[AsyncGenerator[T,
 
 
 @pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     store = tmp_path / ".lambdabus" / "nats"
     async with run_nats_server(store, log_path=tmp_path / "nats.log") as server:
-        yield server.url
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -706,13 +706,13 @@ async def test_a_flood_of_output_is_cut_and_rate_limited(world: World) -> None:
 
 
 async def test_a_deployer_killed_with_sigkill_kills_its_orphans_when_it_restarts(
-    world: World,
+    world: World, nats_server: NatsServer
 ) -> None:
     """Unsandboxed instances outlive a SIGKILLed deployer (sandboxed ones die with it)."""
     settings = world.settings(sandbox="none")
     env = {
         "PATH": os.environ.get("PATH", os.defpath),
-        "LAMBDABUS_NATS_URL": world.nats.url,
+        **nats_server.env("deployer"),  # the deployer's own least-privilege user
         "LAMBDABUS_DEPLOYER_PORT": "0",
         "LAMBDABUS_DEPLOYER_STATE_DIR": str(settings.state_dir),
         "LAMBDABUS_DEPLOYER_SANDBOX": "none",

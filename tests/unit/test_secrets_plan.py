@@ -15,7 +15,9 @@ from lambdabus_events.models import FunctionConfig, FunctionRecord, Quota
 from lambdabus_gateway.quotas import Usage, quota_problem, usage_of
 from lambdabus_gateway.secrets import parse_secret_body
 from lambdabus_platform.errors import LambdabusError
-from lambdabus_platform.launcher import Platform, UpSettings
+from lambdabus_platform.launcher import SERVICES, Platform, UpSettings
+from lambdabus_platform.natskeys import ensure_keys
+from lambdabus_platform.natsserver import NatsServer
 
 SPEC = FunctionConfig(
     secrets=["db", "tls"],
@@ -135,12 +137,14 @@ def test_only_the_gateway_and_the_deployer_are_told_where_the_key_is(
 ) -> None:
     monkeypatch.setenv("LAMBDABUS_SECRETS_KEY", "c2VjcmV0")
     platform = Platform(UpSettings(data_dir=tmp_path), out=io.StringIO(), err=io.StringIO())
+    keys = ensure_keys(tmp_path / "keys", SERVICES)
+    nats = NatsServer(url="nats://127.0.0.1:1", port=1, process=None, keys=keys)  # type: ignore[arg-type]
     for service in ("gateway", "deployer"):
-        env = platform.env_for(service, "nats://127.0.0.1:1")
+        env = platform.env_for(service, nats)
         assert env["LAMBDABUS_SECRETS_KEY_FILE"] == str(tmp_path.resolve() / "secrets.key")
         assert env["LAMBDABUS_SECRETS_KEY"] == "c2VjcmV0"
     for service in ("router", "builder", "logs"):
-        env = platform.env_for(service, "nats://127.0.0.1:1")
+        env = platform.env_for(service, nats)
         assert not [k for k in env if k.startswith("LAMBDABUS_SECRETS_")], service
 
 

@@ -758,6 +758,18 @@ def build_parser() -> argparse.ArgumentParser:
     secret_rm = secret_actions.add_parser("rm", parents=[common], help="delete a secret")
     secret_rm.add_argument("name")
 
+    credentials = commands.add_parser(
+        "credentials", parents=[common], help="credentials for outside clients"
+    )
+    credential_kinds = credentials.add_subparsers(dest="kind", metavar="KIND", required=True)
+    audit = credential_kinds.add_parser(
+        "audit",
+        parents=[common],
+        help="the NATS URL and the auditor's key file: reads the LIFECYCLE stream, nothing else",
+    )
+    audit.add_argument(
+        "--data-dir", type=Path, help="the data dir of 'lambdabus up' (default .lambdabus)"
+    )
     events = commands.add_parser("events", parents=[common], help="tail lifecycle events")
     events.add_argument("--function", help="only events of this function")
     events.add_argument("--type", help="only this type, e.g. build.failed")
@@ -1478,9 +1490,27 @@ async def _secret(settings: ClientSettings, args: argparse.Namespace, output: st
     return 0
 
 
+async def _credentials(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    from lambdabus_client.credentials import NoCredentials, audit_access
+    from lambdabus_platform.launcher import UpSettings
+
+    data_dir = args.data_dir if args.data_dir is not None else UpSettings().data_dir
+    try:
+        access = audit_access(data_dir)
+    except NoCredentials as error:
+        return _fail("no_credentials", str(error), 1)
+    if output == "json":
+        _print_json({"url": access.url, "nkey_seed_file": str(access.nkey_seed_file)})
+        return 0
+    print(f"url   {access.url}")
+    print(f"nkey  {access.nkey_seed_file}")
+    return 0
+
+
 _COMMANDS: dict[str, Command] = {
     "secret": _secret,
     "token": _token,
+    "credentials": _credentials,
     "deploy": _deploy,
     "invoke": _invoke,
     "logs": _logs,

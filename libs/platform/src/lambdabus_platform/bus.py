@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -70,6 +71,44 @@ class StreamMessage:
 class PublishAck:
     sequence: int
     duplicate: bool
+
+
+class _Refused(Exception):
+    """NATS refused the credentials (raised from nats-py's error callback to end its retries)."""
+
+
+def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
+    """The client's TLS context, when a CA or a client certificate is configured."""
+    if not (settings.tls_ca_file or settings.tls_cert_file):
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+    )
+    if settings.tls_cert_file is not None:
+        context.load_cert_chain(
+            str(settings.tls_cert_file),
+            str(settings.tls_key_file) if settings.tls_key_file else None,
+        )
+    return context
+
+
+def connect_options(settings: NatsSettings) -> dict[str, Any]:
+    """Credentials, TLS and inbox prefix as keyword arguments of `nats.connect`."""
+    options: dict[str, Any] = {"inbox_prefix": settings.inbox_prefix}
+    if settings.user is not None:
+        options["user"] = settings.user
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if settings.token is not None:
+        options["token"] = settings.token.get_secret_value()
+    if settings.creds_file is not None:
+        options["user_credentials"] = str(settings.creds_file)
+    if settings.nkey_seed_file is not None:
+        options["nkeys_seed"] = str(settings.nkey_seed_file)
+    context = tls_context(settings)
+    if context is not None:
+        options["tls"] = context
+    return options
 
 
 def _from_seq(seq: int) -> api.ConsumerConfig:
@@ -160,8 +199,13 @@ class Bus:
     @contextlib.asynccontextmanager
     async def connect(cls, settings: NatsSettings, *, name: str) -> AsyncIterator[Bus]:
         """Connect (retrying until NATS answers), yield, then drain on exit."""
+        connecting = True
 
         async def _error(exc: Exception) -> None:
+            # nats-py retries a refused first connect forever, telling only this callback:
+            # a refusal of our credentials is final, so end the connect here.
+            if connecting and "authorization" in str(exc).lower():
+                raise _Refused(str(exc))
             log.warning("nats error", extra={"error": str(exc)})
 
         async def _disconnected() -> None:
@@ -172,19 +216,30 @@ class Bus:
 
         delay, deadline = 0.1, asyncio.get_running_loop().time() + settings.connect_wait_seconds
         while True:
+            nc = Client()
+            options: dict[str, Any] = {
+                **connect_options(settings),
+                "name": f"lambdabus-{name}",
+                "connect_timeout": settings.connect_timeout,
+                "allow_reconnect": True,
+                "max_reconnect_attempts": -1,
+                "reconnect_time_wait": 0.5,
+                "error_cb": _error,
+                "disconnected_cb": _disconnected,
+                "reconnected_cb": _reconnected,
+            }
             try:
-                nc = await nats.connect(
-                    settings.url,
-                    name=f"lambdabus-{name}",
-                    connect_timeout=settings.connect_timeout,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    error_cb=_error,
-                    disconnected_cb=_disconnected,
-                    reconnected_cb=_reconnected,
-                )
+                await nc.connect(settings.url, **options)
+                connecting = False
                 break
+            except _Refused as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise LambdabusError(
+                    f"NATS at {settings.url} refused the credentials of {name!r}: {exc}; "
+                    "check LAMBDABUS_NATS_NKEY_SEED_FILE (or _CREDS_FILE, _USER/_PASSWORD, _TOKEN)",
+                    code="nats_unauthorized",
+                ) from None
             except (nats.errors.NoServersError, OSError) as exc:
                 if asyncio.get_running_loop().time() + delay > deadline:
                     raise TemporaryError(f"cannot reach NATS at {settings.url}: {exc}") from exc
@@ -261,12 +316,19 @@ class Bus:
             )
 
     def kv(self, bucket: str) -> Kv:
-        try:
-            return self._kv[bucket]
-        except KeyError:
-            raise RuntimeError(
-                f"KV bucket {bucket!r} not declared; call Bus.declare() first"
-            ) from None
+        """A declared KV bucket. Bound without asking the server (no stream info), so a user
+        needs no right on a bucket it does not use; a bucket nobody declared answers errors."""
+        if bucket not in self._kv:
+            self._kv[bucket] = Kv(
+                KeyValue(
+                    name=bucket,
+                    stream=f"KV_{bucket}",
+                    pre=f"$KV.{bucket}.",
+                    js=self._js,
+                    direct=False,
+                )
+            )
+        return self._kv[bucket]
 
     async def publish(
         self,
@@ -658,8 +720,12 @@ class Bus:
     # -- object store ---------------------------------------------------------------------
 
     def _store(self) -> ObjectStore:
-        if self._objects is None:
-            raise RuntimeError("object store not declared; call Bus.declare() first")
+        if self._objects is None:  # bound without asking the server, as `kv` is
+            self._objects = ObjectStore(
+                name=ARTIFACTS_BUCKET,
+                stream=f"OBJ_{ARTIFACTS_BUCKET}",
+                js=self._js,
+            )
         return self._objects
 
     async def object_put(self, name: str, data: bytes) -> None:

@@ -2,7 +2,11 @@
 under `.lambdabus/`) and the five services, each its own process, supervised.
 
 Ready by their own word: nats-server says "Server is ready", each service logs a `listening`
-line once it is connected, declared and serving. A service that dies is restarted with back-off.
+line once it is connected and serving.
+
+NATS has no anonymous access (see `natsauth`): the launcher declares the streams, KV buckets and
+object store once as the `admin` user, whose key no service gets; each service is handed only
+its own key (`LAMBDABUS_NATS_NKEY_SEED_FILE`) and inbox prefix, and does not declare. A service that dies is restarted with back-off.
 SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period), then NATS.
 """
 
@@ -22,7 +26,9 @@ from typing import Any, TextIO
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lambdabus_platform.natsserver import NatsServerError, run_nats_server
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.natsserver import NatsServer, NatsServerError, run_nats_server
 from lambdabus_platform.procs import die_with_parent
 from lambdabus_platform.secretbox import KEY_FILE_NAME
 
@@ -30,6 +36,20 @@ SERVICES: tuple[str, ...] = ("gateway", "router", "builder", "deployer", "logs")
 # The only services that hold the secrets key: the gateway seals, the deployer opens.
 SECRETS_KEY_HOLDERS = frozenset({"gateway", "deployer"})
 ADMIN_TOKEN_FILE = "admin.token"
+_NATS_CREDENTIAL_VARS = tuple(
+    f"LAMBDABUS_NATS_{name}"
+    for name in (
+        "URL",
+        "USER",
+        "PASSWORD",
+        "TOKEN",
+        "CREDS_FILE",
+        "NKEY_SEED_FILE",
+        "TLS_",
+        "INBOX_PREFIX",
+        "DECLARE",
+    )
+)
 
 
 class UpSettings(BaseSettings):
@@ -86,16 +106,21 @@ class Platform:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def env_for(self, service: str, nats_url: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDABUS_SECRETS_")}
+    def env_for(self, service: str, nats: NatsServer) -> dict[str, str]:
+        # No NATS credentials of ours (or of the caller's environment) but the service's own;
+        # the secrets key only for its holders, and only as the path of its 0600 file.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(_NATS_CREDENTIAL_VARS) and not k.startswith("LAMBDABUS_SECRETS_")
+        }
         if service in SECRETS_KEY_HOLDERS:
-            # Only the path: the key stays in its 0600 file, never in an environment.
             env["LAMBDABUS_SECRETS_KEY_FILE"] = os.environ.get(
                 "LAMBDABUS_SECRETS_KEY_FILE", str(self.settings.data_dir.resolve() / KEY_FILE_NAME)
             )
             if "LAMBDABUS_SECRETS_KEY" in os.environ:
                 env["LAMBDABUS_SECRETS_KEY"] = os.environ["LAMBDABUS_SECRETS_KEY"]
-        env["LAMBDABUS_NATS_URL"] = nats_url
+        env.update(nats.env(service))
         prefix = f"LAMBDABUS_{service.upper()}_"
         env[prefix + "HOST"] = self.settings.host
         # A restarted service keeps the port it had, so the URLs printed at start stay true.
@@ -111,7 +136,7 @@ class Platform:
             env["LAMBDABUS_GATEWAY_BOOTSTRAP_RENEW"] = str(self.settings.renew_admin_token).lower()
         return env
 
-    async def supervise(self, child: Child, nats_url: str) -> None:
+    async def supervise(self, child: Child, nats: NatsServer) -> None:
         delay = 0.5
         log_path = self.logs_dir / f"{child.service}.log"
         while not self.stopping.is_set():
@@ -119,7 +144,7 @@ class Platform:
                 sys.executable,
                 "-m",
                 f"lambdabus_{child.service}",
-                env=self.env_for(child.service, nats_url),
+                env=self.env_for(child.service, nats),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # signals reach it from us only, in order
@@ -186,7 +211,7 @@ class Platform:
         try:
             nats_cm = run_nats_server(
                 s.data_dir / "nats",
-                host=s.host,
+                host="127.0.0.1",  # NATS is for the platform's own processes only
                 port=s.nats_port,
                 log_path=self.logs_dir / "nats.log",
             )
@@ -198,13 +223,18 @@ class Platform:
         try:
             self.say(f"store    {s.data_dir / 'nats'}")
             self.say(f"nats     {server.url}")
+            try:
+                await declare(server)
+            except LambdabusError as exc:
+                print(f"error: cannot declare the NATS streams: {exc}", file=self.err, flush=True)
+                return 1
             # The router first: the gateway relays invocations to it and needs its URL.
             router = self.children["router"]
-            tasks = [asyncio.create_task(self.supervise(router, server.url))]
+            tasks = [asyncio.create_task(self.supervise(router, server))]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(router.ready.wait(), s.ready_timeout)
             tasks += [
-                asyncio.create_task(self.supervise(c, server.url))
+                asyncio.create_task(self.supervise(c, server))
                 for c in self.children.values()
                 if c is not router
             ]
@@ -245,6 +275,13 @@ class Platform:
             await nats_cm.__aexit__(None, None, None)
         self.say("stopped")
         return 0 if came_up else 1
+
+
+async def declare(server: NatsServer) -> None:
+    """Streams, KV buckets and the object store, declared (or converged on the current
+    settings) once, as `admin`: no service may create, change or delete them."""
+    async with Bus.connect(server.settings(), name="launcher") as bus:
+        await bus.declare()
 
 
 def main(

@@ -16,9 +16,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.security import (
+    NatsCredentials,
+    NatsNKey,
+    NatsSecurity,
+    NatsToken,
+    NatsUserPassword,
+)
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,10 +38,10 @@ from prometheus_client import (
 from pydantic import ValidationError
 
 from lambdabus_events.catalog import LifecycleEvent, parse_lifecycle
-from lambdabus_platform.bus import Bus
+from lambdabus_platform.bus import Bus, tls_context
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.jsonlog import configure_logging
-from lambdabus_platform.settings import ServiceSettings
+from lambdabus_platform.settings import NatsSettings, ServiceSettings
 
 log = logging.getLogger("lambdabus.service")
 
@@ -118,6 +126,8 @@ def subscribe_lifecycle(
         stream=JStream("LIFECYCLE", declare=False),
         durable=durable,
         pull_sub=PullSub(batch_size=16, timeout=1.0),
+        # FastStream's own default is `_INBOX.`: pulled messages come to this user's inbox.
+        inbox_prefix=f"{ctx.settings.nats.inbox_prefix}.".encode(),
         title=f"{ctx.name}:{durable}",
         description=handler.__doc__,
     )
@@ -246,9 +256,12 @@ async def serve(
     stop = stop or asyncio.Event()
     metrics = Metrics.create(name)
     async with Bus.connect(settings.nats, name=name) as bus:
-        await bus.declare()
+        if settings.nats.declare:
+            await bus.declare()
         broker = NatsBroker(
             settings.nats.url,
+            security=broker_security(settings.nats),
+            inbox_prefix=settings.nats.inbox_prefix,
             name=f"lambdabus-{name}-events",
             max_reconnect_attempts=-1,
             graceful_timeout=settings.shutdown_grace_seconds,
@@ -281,6 +294,24 @@ async def serve(
                 await runner.cleanup()
                 await _stop_broker(broker, settings.shutdown_grace_seconds)
     log.info("stopped", extra={"event": "stopped"})
+
+
+def broker_security(settings: NatsSettings) -> NatsSecurity | None:
+    """The same credentials and TLS as the bus's connection, in FastStream's terms."""
+    ssl_context = tls_context(settings)
+    tls: dict[str, Any] = {"ssl_context": ssl_context, "use_ssl": True if ssl_context else None}
+    if settings.nkey_seed_file is not None:
+        return NatsNKey.from_file(settings.nkey_seed_file, **tls)
+    if settings.creds_file is not None:
+        return NatsCredentials.from_file(settings.creds_file, **tls)
+    if settings.user is not None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        return NatsUserPassword(settings.user, password, **tls)
+    if settings.token is not None:
+        return NatsToken(settings.token.get_secret_value(), **tls)
+    if ssl_context is not None:
+        return NatsSecurity(**tls)
+    return None
 
 
 async def _stop_broker(broker: NatsBroker, grace: float) -> None:

@@ -16,11 +16,37 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 class NatsSettings(BaseSettings):
-    """How to reach NATS and how the platform's streams are shaped."""
+    """How to reach NATS, as whom, and how the platform's streams are shaped.
+
+    Credentials (any one; `lambdabus up` hands each service its own nkey seed file): an nkey
+    seed file, a creds file (JWT + seed, for a NATS in operator mode), user and password, or a
+    token. TLS: a CA file to verify the server, a client certificate and key when the server
+    asks for one.
+    """
 
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_NATS_", extra="ignore")
 
     url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = Field(default=None, description="a .creds file (JWT and nkey seed)")
+    nkey_seed_file: Path | None = Field(default=None, description="a file holding an nkey seed")
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    inbox_prefix: str = Field(
+        default="_INBOX",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="replies to this client's requests come under `<prefix>.>`; with per-user "
+        "permissions, each user gets its own prefix so no other user can read its replies",
+    )
+    declare: bool = Field(
+        default=True,
+        description="declare streams, KV buckets and the object store at start (needs a user "
+        "allowed to); `lambdabus up` declares them once as its admin user and turns this off "
+        "for the services",
+    )
     connect_timeout: float = Field(default=2.0, gt=0)
     request_timeout: float = Field(default=5.0, gt=0)
     connect_wait_seconds: float = Field(

@@ -1,5 +1,9 @@
-"""pytest fixtures: a real nats-server per test session (JetStream, temp store, ephemeral port)
-and a connected, declared `Bus` per test."""
+"""pytest fixtures: a real nats-server per test session (JetStream, temp store, ephemeral port,
+no anonymous access: every platform user has its key) and a connected, declared `Bus` per test.
+
+`nats_settings` connects as `admin` (tests act as several services at once); `nats_server`
+gives any user's settings (`nats_server.settings("builder")`) for tests of the permissions.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.natsserver import run_nats_server
+from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.settings import NatsSettings
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One nats-server for the session, run on its own event loop in a thread so that every
     test's loop can use it."""
     store = tmp_path_factory.mktemp("nats")
@@ -28,7 +32,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     async def _serve() -> None:
         try:
             async with run_nats_server(Path(store), log_path=Path(store) / "server.log") as server:
-                box["url"] = server.url
+                box["server"] = server
                 started.set()
                 await stop.wait()
         except BaseException as exc:  # surfaced to the fixture below
@@ -41,15 +45,23 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         raise RuntimeError("nats-server did not start within 30 s")
     if "error" in box:
         raise RuntimeError(f"nats-server failed: {box['error']}")
-    yield str(box["url"])
+    server = box["server"]
+    assert isinstance(server, NatsServer)
+    yield server
     loop.call_soon_threadsafe(stop.set)
     thread.join(15)
     loop.close()
 
 
 @pytest.fixture
-def nats_settings(nats_url: str) -> NatsSettings:
-    return NatsSettings(url=nats_url)
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def nats_settings(nats_server: NatsServer) -> NatsSettings:
+    """The test's own connection: the `admin` user, allowed everything."""
+    return nats_server.settings()
 
 
 @pytest.fixture
