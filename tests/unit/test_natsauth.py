@@ -10,6 +10,7 @@ import pytest
 from faststream.nats.security import NatsNKey, NatsToken, NatsUserPassword
 from pydantic import ValidationError
 
+from lambdabus_events.catalog import CATALOG, TYPE_PREFIX
 from lambdabus_platform.bus import connect_options
 from lambdabus_platform.natsauth import (
     ACCESS,
@@ -30,7 +31,14 @@ OWNER = {
     "build": "builder",
     "deployment": "deployer",
     "delivery": "router",
+    "secret": "gateway",
 }
+
+
+def test_every_entity_of_the_event_catalog_has_an_owner() -> None:
+    """A new lifecycle entity without a publisher would be refused by NATS at run time."""
+    entities = {cls.EVENT_TYPE.removeprefix(TYPE_PREFIX).split(".")[0] for cls in CATALOG}
+    assert entities == set(OWNER)
 
 
 @pytest.mark.parametrize("entity", sorted(OWNER))

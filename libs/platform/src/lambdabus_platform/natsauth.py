@@ -85,7 +85,7 @@ class Access:
 ACCESS: Final[Mapping[str, Access]] = {
     "gateway": Access(
         "gateway",
-        lifecycle=("function", "trigger"),
+        lifecycle=("function", "trigger", "secret"),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{REDRIVE_PREFIX}.>", f"{INVOKE_PREFIX}.>"),
         request=(LOGS_QUERY_SUBJECT,),
         kv_write=(
