@@ -363,6 +363,48 @@ async def balancing(nats_url: str, state_dir: Path, seconds: float) -> list[str]
     return rows
 
 
+async def compare_transports(requests: int, concurrency: int) -> None:
+    """The same router in front of two instances of the same runtime, one on a loopback port
+    and one on a Unix socket, measured in alternating blocks so that load from anything else
+    on the machine falls on both alike."""
+    blocks, per_block = 8, max(100, requests // 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for side in ("tcp", "unix"):
+            (root / side / "code").mkdir(parents=True)
+        async with (
+            run_nats_server(root / "nats") as nats_server,
+            Bus.connect(NatsSettings(url=nats_server.url), name="bench") as bus,
+            instance(root / "tcp" / "code", False, "tcp") as (tcp, _, _),
+            instance(root / "unix" / "code", False, "unix") as (unix, _, _),
+        ):
+            await bus.declare(object_bucket=None)
+            await register(bus, "over-tcp", [tcp])
+            await register(bus, "over-unix", [unix])
+            latencies: dict[str, list[float]] = {}
+            rates: dict[str, list[float]] = {}
+            async with router(nats_server.url, root / "router") as proc:
+                targets = {
+                    "direct, TCP": (tcp, f"/{NAMESPACE}/{NAME}/invoke"),
+                    "direct, Unix socket": (unix, f"/{NAMESPACE}/{NAME}/invoke"),
+                    "router -> TCP": (proc.url, f"/{NAMESPACE}/over-tcp/invoke"),
+                    "router -> Unix socket": (proc.url, f"/{NAMESPACE}/over-unix/invoke"),
+                }
+                for _ in range(blocks):
+                    for label, (endpoint, path) in targets.items():
+                        samples = await latency(endpoint, path, per_block, 50)
+                        latencies.setdefault(label, []).extend(samples)
+                        rate, _ = await throughput(endpoint, path, 1.0, concurrency)
+                        rates.setdefault(label, []).append(rate)
+    print(
+        f"# {blocks} alternating blocks of {per_block} sequential requests and 1 s at c={concurrency}"
+    )
+    print(f"{'':<28}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}")
+    for label, samples in latencies.items():
+        p50, p99 = quantile(samples, 0.5) * 1000, quantile(samples, 0.99) * 1000
+        print(f"{label:<28}{p50:>10.3f}{p99:>10.3f}{statistics.median(rates[label]):>10.0f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=3000, help="sequential requests")
@@ -379,7 +421,15 @@ async def main() -> None:
     parser.add_argument(
         "--sandbox", action="store_true", help="run the instance in the sandbox (needs bwrap)"
     )
+    parser.add_argument(
+        "--compare-transports",
+        action="store_true",
+        help="only compare router -> instance over TCP and over a Unix socket, in one run",
+    )
     args = parser.parse_args()
+    if args.compare_transports:
+        await compare_transports(args.requests, args.concurrency)
+        return
     warmup = max(100, args.requests // 10)
     load_before = os.getloadavg()[0]
 
