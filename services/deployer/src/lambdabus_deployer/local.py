@@ -782,6 +782,8 @@ class LocalBackend:
         runners = list(self._runners.values())
         self._runners.clear()
         await asyncio.gather(*(r.remove() for r in runners))
+        with contextlib.suppress(OSError):  # empty once every instance has stopped
+            self.settings.sockets_dir.rmdir()
 
 
 @contextlib.asynccontextmanager
