@@ -2,6 +2,7 @@
 through the router, measured in one run on loopback.
 
     uv run python bench/invoke.py [--requests 3000] [--seconds 5] [--concurrency 32]
+        [--transport unix|tcp] [--sandbox]
 
 It starts a real nats-server, one function instance (`python -m lambdabus_runtime` when the
 runtime SDK can serve, else a minimal asyncio HTTP/1.1 server with the same start-up protocol:
@@ -10,6 +11,12 @@ router as its own process (`python -m lambdabus_router`), then measures latency 
 one keep-alive connection) and throughput (concurrent clients for a fixed time), with the CPU
 each process spent per request. A second table compares the router's balancing policies over
 two fallback instances, one of them slow.
+
+The instance listens where the deployer's instances do: on a Unix socket (`--transport unix`,
+the default; its endpoint is `unix:<path>`), or on a loopback port (`--transport tcp`, as
+before instances got their own network namespace). "direct" is a client talking to the
+instance on that same transport, the way the router does. `--sandbox` runs the runtime in the
+real sandbox (bubblewrap as an unprivileged uid, its own network namespace, no network).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from lambdabus_events.models import DeploymentState, FunctionConfig, FunctionRec
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
+from lambdabus_platform.sandbox import Bind, SandboxSpec, detect_sandbox, launch
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_testing.endpoints import base_url, connector
 from lambdabus_testing.processes import ready_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,11 +98,15 @@ class _Instance(asyncio.Protocol):
             self._transport.write(_RESPONSE)
 
 
-async def _serve_fallback(delay: float) -> None:
+async def _serve_fallback(delay: float, socket: str | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Instance(delay), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sys.stdout.write(json.dumps({"event": "listening", "port": port}) + "\n")
+    if socket is not None:
+        server = await loop.create_unix_server(lambda: _Instance(delay), socket)
+        sys.stdout.write(json.dumps({"event": "listening", "socket": socket}) + "\n")
+    else:
+        server = await loop.create_server(lambda: _Instance(delay), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sys.stdout.write(json.dumps({"event": "listening", "port": port}) + "\n")
     sys.stdout.flush()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -105,9 +118,14 @@ async def _serve_fallback(delay: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def instance(code_dir: Path, force_fallback: bool) -> AsyncIterator[tuple[str, str, int]]:
-    """(endpoint URL, what serves it, its pid)."""
+async def instance(
+    code_dir: Path, force_fallback: bool, transport: str = "unix", sandboxed: bool = False
+) -> AsyncIterator[tuple[str, str, int]]:
+    """(endpoint, what serves it, its pid)."""
     env = dict(os.environ)
+    socket = code_dir.parent / "instance" / "sock"
+    socket.parent.mkdir(mode=0o700, exist_ok=True)
+    where = ["--socket", str(socket)] if transport == "unix" else ["--port", "0"]
     if not force_fallback and (RUNTIME_SRC / "lambdabus_runtime" / "__main__.py").exists():
         (code_dir / "lambda_main.py").write_text(FUNCTION_SOURCE)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(RUNTIME_SRC), env.get("PYTHONPATH")]))
@@ -119,17 +137,20 @@ async def instance(code_dir: Path, force_fallback: bool) -> AsyncIterator[tuple[
             str(code_dir),
             "--entrypoint",
             "lambda_main.py",
-            "--port",
-            "0",
+            *where,
             "--function",
             f"{NAMESPACE}/{NAME}",
         )
+        if sandboxed:
+            async with sandboxed_runtime(code_dir, socket) as (endpoint, pid):
+                yield endpoint, "lambdabus_runtime in the sandbox (bubblewrap)", pid
+                return
         try:
             async with ready_process(*args, env=env, ready="listening", stream="stdout") as (
                 p,
                 rec,
             ):
-                url = f"http://127.0.0.1:{rec['port']}"
+                url = f"unix:{socket}" if transport == "unix" else f"http://127.0.0.1:{rec['port']}"
                 if await _answers(url):
                     yield url, "lambdabus_runtime (python -m lambdabus_runtime)", p.pid
                     return
@@ -137,13 +158,67 @@ async def instance(code_dir: Path, force_fallback: bool) -> AsyncIterator[tuple[
         except (RuntimeError, TimeoutError) as exc:
             print(f"# the runtime SDK could not serve ({str(exc).splitlines()[0]}); fallback")
     async with ready_process(
-        sys.executable, __file__, "--fallback-instance", env=env, ready="listening", stream="stdout"
+        sys.executable,
+        __file__,
+        "--fallback-instance",
+        "0",
+        *([str(socket)] if transport == "unix" else []),
+        env=env,
+        ready="listening",
+        stream="stdout",
     ) as (p, rec):
-        yield f"http://127.0.0.1:{rec['port']}", "fallback asyncio HTTP/1.1 server (bench)", p.pid
+        url = f"unix:{socket}" if transport == "unix" else f"http://127.0.0.1:{rec['port']}"
+        yield url, "fallback asyncio HTTP/1.1 server (bench)", p.pid
 
 
-async def _answers(url: str) -> bool:
-    async with aiohttp.ClientSession() as http, http.post(url + f"/{NAMESPACE}/{NAME}") as resp:
+@contextlib.asynccontextmanager
+async def sandboxed_runtime(code_dir: Path, socket: Path) -> AsyncIterator[tuple[str, int]]:
+    """The runtime in the platform's sandbox, as the deployer starts it: (endpoint, its pid)."""
+    sandbox = await detect_sandbox("bubblewrap")
+    socket.parent.chmod(0o777)  # whichever uid the sandbox runs as may listen there
+    prefix = sys.base_prefix
+    spec = SandboxSpec(
+        command=(
+            os.path.realpath(sys.executable),
+            "-m",
+            "lambdabus_runtime",
+            "--code",
+            "/lambdabus/code",
+            "--entrypoint",
+            "lambda_main.py",
+            "--socket",
+            "/run/lambdabus/http/sock",
+            "--function",
+            f"{NAMESPACE}/{NAME}",
+        ),
+        env=(("PATH", "/usr/bin:/bin"), ("PYTHONPATH", "/lambdabus/runtime")),
+        binds=(
+            Bind(prefix, prefix),
+            Bind(str(code_dir), "/lambdabus/code"),
+            Bind(str(RUNTIME_SRC), "/lambdabus/runtime"),
+            Bind(str(socket.parent), "/run/lambdabus/http", writable=True),
+        ),
+        network="none",
+    )
+    handle = await launch(sandbox, spec, key=f"{NAMESPACE}/{NAME}")
+    try:
+        assert handle.process.stdout is not None
+        line = await asyncio.wait_for(handle.process.stdout.readline(), 30)
+        if b"listening" not in line:
+            raise RuntimeError(f"the sandboxed runtime did not start: {line!r}")
+        pids = handle.payload_pids()
+        yield f"unix:{socket}", pids[0] if pids else handle.pid
+    finally:
+        handle.kill()
+        await handle.process.wait()
+        await handle.close()
+
+
+async def _answers(endpoint: str) -> bool:
+    async with (
+        aiohttp.ClientSession(connector=connector(endpoint)) as http,
+        http.post(base_url(endpoint) + f"/{NAMESPACE}/{NAME}") as resp,
+    ):
         await resp.read()
         return resp.status == 200
 
@@ -228,11 +303,11 @@ async def fallback_instance(delay: float) -> AsyncIterator[str]:
 # -- measurements ---------------------------------------------------------------------------
 
 
-async def latency(url: str, requests: int, warmup: int) -> list[float]:
+async def latency(endpoint: str, path: str, requests: int, warmup: int) -> list[float]:
     """Seconds per request, one at a time over one keep-alive connection."""
-    connector = aiohttp.TCPConnector(limit=1)
+    url = base_url(endpoint) + path
     samples: list[float] = []
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=connector(endpoint, limit=1)) as http:
         for i in range(warmup + requests):
             started = time.perf_counter()
             async with http.post(url, data=b'{"n": 1}') as resp:
@@ -244,12 +319,14 @@ async def latency(url: str, requests: int, warmup: int) -> list[float]:
     return samples
 
 
-async def throughput(url: str, seconds: float, concurrency: int) -> tuple[float, list[float]]:
+async def throughput(
+    endpoint: str, path: str, seconds: float, concurrency: int
+) -> tuple[float, list[float]]:
     """(completed requests per second, seconds per request) with `concurrency` clients, each
     sending its next request when the last one is answered, for `seconds`."""
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    url = base_url(endpoint) + path
     samples: list[float] = []
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=connector(endpoint, limit=concurrency)) as http:
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:
@@ -277,12 +354,54 @@ async def balancing(nats: NatsServer, state_dir: Path, seconds: float) -> list[s
     rows = []
     for policy in ("round_robin", "least_in_flight"):
         async with router(nats, state_dir / policy, policy) as proc:
-            url = f"{proc.url}/{NAMESPACE}/mixed/invoke"
-            await throughput(url, 0.5, 8)
-            rate, samples = await throughput(url, seconds, 8)
+            path = f"/{NAMESPACE}/mixed/invoke"
+            await throughput(proc.url, path, 0.5, 8)
+            rate, samples = await throughput(proc.url, path, seconds, 8)
             p50, p99 = quantile(samples, 0.5) * 1000, quantile(samples, 0.99) * 1000
             rows.append(f"{policy:<28}{rate:>10.0f}{p50:>10.3f}{p99:>10.3f}")
     return rows
+
+
+async def compare_transports(requests: int, concurrency: int) -> None:
+    """The same router in front of two instances of the same runtime, one on a loopback port
+    and one on a Unix socket, measured in alternating blocks so that load from anything else
+    on the machine falls on both alike."""
+    blocks, per_block = 8, max(100, requests // 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for side in ("tcp", "unix"):
+            (root / side / "code").mkdir(parents=True)
+        async with (
+            run_nats_server(root / "nats") as nats_server,
+            Bus.connect(nats_server.settings(), name="bench") as bus,
+            instance(root / "tcp" / "code", False, "tcp") as (tcp, _, _),
+            instance(root / "unix" / "code", False, "unix") as (unix, _, _),
+        ):
+            await bus.declare(object_bucket=None)
+            await register(bus, "over-tcp", [tcp])
+            await register(bus, "over-unix", [unix])
+            latencies: dict[str, list[float]] = {}
+            rates: dict[str, list[float]] = {}
+            async with router(nats_server, root / "router") as proc:
+                targets = {
+                    "direct, TCP": (tcp, f"/{NAMESPACE}/{NAME}/invoke"),
+                    "direct, Unix socket": (unix, f"/{NAMESPACE}/{NAME}/invoke"),
+                    "router -> TCP": (proc.url, f"/{NAMESPACE}/over-tcp/invoke"),
+                    "router -> Unix socket": (proc.url, f"/{NAMESPACE}/over-unix/invoke"),
+                }
+                for _ in range(blocks):
+                    for label, (endpoint, path) in targets.items():
+                        samples = await latency(endpoint, path, per_block, 50)
+                        latencies.setdefault(label, []).extend(samples)
+                        rate, _ = await throughput(endpoint, path, 1.0, concurrency)
+                        rates.setdefault(label, []).append(rate)
+    print(
+        f"# {blocks} alternating blocks of {per_block} sequential requests and 1 s at c={concurrency}"
+    )
+    print(f"{'':<28}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}")
+    for label, samples in latencies.items():
+        p50, p99 = quantile(samples, 0.5) * 1000, quantile(samples, 0.99) * 1000
+        print(f"{label:<28}{p50:>10.3f}{p99:>10.3f}{statistics.median(rates[label]):>10.0f}")
 
 
 async def main() -> None:
@@ -292,7 +411,24 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--fallback", action="store_true", help="skip the runtime SDK")
     parser.add_argument("--no-balancing", action="store_true", help="skip the second table")
+    parser.add_argument(
+        "--transport",
+        choices=("unix", "tcp"),
+        default="unix",
+        help="where the instance listens (the deployer's instances: a Unix socket)",
+    )
+    parser.add_argument(
+        "--sandbox", action="store_true", help="run the instance in the sandbox (needs bwrap)"
+    )
+    parser.add_argument(
+        "--compare-transports",
+        action="store_true",
+        help="only compare router -> instance over TCP and over a Unix socket, in one run",
+    )
     args = parser.parse_args()
+    if args.compare_transports:
+        await compare_transports(args.requests, args.concurrency)
+        return
     warmup = max(100, args.requests // 10)
     load_before = os.getloadavg()[0]
 
@@ -303,7 +439,11 @@ async def main() -> None:
         async with (
             run_nats_server(root / "nats") as nats_server,
             Bus.connect(nats_server.settings(), name="bench") as bus,
-            instance(code, args.fallback) as (endpoint, served_by, instance_pid),
+            instance(code, args.fallback, args.transport, args.sandbox) as (
+                endpoint,
+                served_by,
+                instance_pid,
+            ),
         ):
             await bus.declare(object_bucket=None)
             await register(bus, NAME, [endpoint])
@@ -314,15 +454,15 @@ async def main() -> None:
                     balance_rows = await balancing(nats_server, root, 2.0)
             async with router(nats_server, root / "router") as proc:
                 path = f"/{NAMESPACE}/{NAME}/invoke"
-                direct, routed = endpoint + path, proc.url + path
-                lat_direct = await latency(direct, args.requests, warmup)
-                lat_routed = await latency(routed, args.requests, warmup)
+                direct, routed = endpoint, proc.url
+                lat_direct = await latency(direct, path, args.requests, warmup)
+                lat_routed = await latency(routed, path, args.requests, warmup)
                 pids = {"client": os.getpid(), "router": proc.pid, "instance": instance_pid}
                 cpu: dict[str, dict[str, float]] = {}
                 rates: dict[str, float] = {}
                 for label, url in (("direct", direct), ("router", routed)):
                     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                    rates[label], _ = await throughput(url, args.seconds, args.concurrency)
+                    rates[label], _ = await throughput(url, path, args.seconds, args.concurrency)
                     served = rates[label] * args.seconds
                     cpu[label] = {
                         name: (cpu_seconds(pid) - before[name]) / served * 1e6
@@ -339,7 +479,7 @@ async def main() -> None:
         ("p99 latency (ms)", quantile(lat_direct, 0.99) * ms, quantile(lat_routed, 0.99) * ms),
         (f"throughput c={args.concurrency} (req/s)", rates["direct"], rates["router"]),
     ]
-    print(f"# instance: {served_by}")
+    print(f"# instance: {served_by}; direct and the router reach it at {endpoint}")
     print(
         f"# {os.cpu_count()} cpus shared by client, router and instance;"
         f" load average before the run: {load_before:.2f}"
@@ -366,6 +506,11 @@ async def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--fallback-instance"]:
-        asyncio.run(_serve_fallback(float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))
+        asyncio.run(
+            _serve_fallback(
+                float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
+                sys.argv[3] if len(sys.argv) > 3 else None,
+            )
+        )
     else:
         asyncio.run(main())

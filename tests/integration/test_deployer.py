@@ -542,6 +542,43 @@ async def test_sandbox_hides_the_platform_and_drops_privileges(
     assert seen["pid"] < 10  # a pid namespace of its own
 
 
+def _launchers() -> list[int]:
+    """bubblewrap and slirp4netns processes on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "exe")).name in ("bwrap", "slirp4netns"):
+                    found.append(int(entry.name))
+    return found
+
+
+async def test_the_functions_env_reaches_the_runtime_only_inside_the_sandbox(
+    world: World, bubblewrap: bool
+) -> None:
+    """The function's env is in no argv and no environment of the launcher (bubblewrap,
+    slirp4netns): the runtime reads it from a file inside the sandbox."""
+    if not bubblewrap:
+        pytest.skip("bubblewrap cannot make a sandbox on this machine")
+    value = f"env-value-{secrets.token_hex(6)}"
+    async with running_deployer(world.settings(sandbox="bubblewrap")):
+        await world.create("envy", PROBE, env={"GREETING": value})
+        state = await world.wait_state("envy", ready_with(1))
+        assert state is not None
+        seen = await world.call(state.endpoints[0])
+        launchers = _launchers()
+        exposed = []
+        for pid in launchers:
+            with contextlib.suppress(OSError):
+                for part in ("environ", "cmdline"):
+                    if value.encode() in Path(f"/proc/{pid}/{part}").read_bytes():
+                        exposed.append((pid, part))
+    assert seen["greeting"] == value
+    assert "LAMBDABUS_ENV_FILE" not in seen["env"]  # read, then gone
+    assert launchers  # bubblewrap (and slirp4netns) were looked at
+    assert exposed == []
+
+
 async def test_without_bubblewrap_it_runs_unsandboxed_and_says_so(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -421,11 +421,15 @@ class SandboxProcess:
                 os.kill(pid, sig)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        if self.child_pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.child_pid, signal.SIGKILL)
+        """SIGKILL the sandbox: its pid 1 (the whole pid namespace goes with it), then
+        bubblewrap. The pid 1 is bubblewrap's child, so its pid is not reused while
+        bubblewrap runs."""
+        if self.process.returncode is None:
+            if self.child_pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self.child_pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
 
     async def close(self) -> None:
         """Stop slirp4netns (after the sandbox ended, or with it)."""

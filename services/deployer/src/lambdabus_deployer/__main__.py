@@ -58,7 +58,7 @@ def make_setup(settings: DeployerSettings) -> Setup:
             log.warning("the runtime SDK (lambdabus_runtime) was not found; python functions fail")
         states = DeploymentStates(ctx.bus)
         secrets = SecretStore(
-            ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.hidden_dir)
+            ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
         )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (

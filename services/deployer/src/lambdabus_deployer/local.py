@@ -17,6 +17,7 @@ import resource
 import secrets
 import shutil
 import signal
+import stat
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -113,6 +114,20 @@ def _private_dir(path: Path, identity: Identity | None) -> None:
     if identity is not None:
         os.chown(path, identity.uid, identity.gid)
     path.chmod(0o700)
+
+
+def _owned_private(path: Path, *, parent_too: bool) -> None:
+    """Make the sockets dir (and its default parent, in a shared place such as /tmp) ours
+    alone: one made in advance by someone else could hand them our instances' sockets."""
+    for directory in (path.parent, path) if parent_too else (path,):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = directory.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise LambdabusError(
+                f"{directory} is not a directory of this user; set LAMBDABUS_DEPLOYER_SOCKET_DIR",
+                code="socket_dir_unsafe",
+            )
+        directory.chmod(0o700)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -765,7 +780,7 @@ class LocalBackend:
         """Kill the instances a previous run of this deployer left behind, forget their
         scratch dirs: a fresh start of exactly what is desired follows."""
         self.settings.instances_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.settings.sockets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owned_private(self.settings.sockets_dir, parent_too=self.settings.socket_dir is None)
         killed = await asyncio.to_thread(self.table.kill_leftovers)
         for record in killed:
             log.warning(
@@ -780,6 +795,8 @@ class LocalBackend:
         runners = list(self._runners.values())
         self._runners.clear()
         await asyncio.gather(*(r.remove() for r in runners))
+        with contextlib.suppress(OSError):  # empty once every instance has stopped
+            self.settings.sockets_dir.rmdir()
 
 
 @contextlib.asynccontextmanager

@@ -24,11 +24,6 @@ class DeployerSettings(ServiceSettings):
 
     port: int = Field(default=8083, ge=0, le=65535)
     state_dir: Path = Path(".lambdabus/deployer")
-    platform_dir: Path | None = Field(
-        default=None,
-        description="the platform's state dir, hidden from sandboxed instances "
-        "(default: the parent of state_dir, i.e. `.lambdabus`)",
-    )
 
     health_interval: float = Field(default=1.0, gt=0, description="seconds between /healthz polls")
     health_timeout: float = Field(default=2.0, gt=0)
@@ -84,16 +79,11 @@ class DeployerSettings(ServiceSettings):
         default_factory=_inherited_path, description="PATH given to instances (default: ours)"
     )
 
-    @field_validator("state_dir", "platform_dir", "node_server", "socket_dir")
+    @field_validator("state_dir", "node_server", "socket_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Bind mounts and the process table need absolute paths; resolve once, here.
         return value.resolve() if value is not None else None
-
-    @property
-    def hidden_dir(self) -> Path:
-        """The platform state dir a sandboxed instance must not see."""
-        return self.platform_dir or self.state_dir.parent
 
     @property
     def instances_dir(self) -> Path:
