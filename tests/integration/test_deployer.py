@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 
 from lambdabus_deployer.__main__ import make_setup
+from lambdabus_deployer.cgroups import detect_cgroups
 from lambdabus_deployer.process_table import ProcessTable, is_running
 from lambdabus_deployer.sandbox import detect_sandbox
 from lambdabus_deployer.settings import DeployerSettings
@@ -165,6 +166,11 @@ async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 def bubblewrap() -> bool:
     return asyncio.run(detect_sandbox("auto")).enabled
+
+
+@pytest.fixture(scope="module")
+def cgroups() -> bool:
+    return detect_cgroups("lambdabus")[0] is not None
 
 
 @dataclass
@@ -824,7 +830,7 @@ async def main(request):
 """
 
 
-async def test_memory_is_limited(world: World) -> None:
+async def test_memory_is_limited(world: World, cgroups: bool) -> None:
     async with running_deployer(world.settings(crashloop_restarts=1)):
         record = await world.create("greedy", GREEDY, memory=512)
         roomy = await world.wait_state("greedy", ready_with(1))
@@ -834,5 +840,9 @@ async def test_memory_is_limited(world: World) -> None:
             "greedy", lambda s: s is not None and s.phase == "failed" and s.generation == 2
         )
         assert failed is not None
-        assert "MemoryError" in failed.message
+        if cgroups:  # the memory cgroup's OOM killer, for the whole instance
+            assert failed.reason == "OOMKilled"
+            assert "OOMKilled: it used more than its 128 MiB of memory" in failed.message
+        else:  # RLIMIT_AS: the allocation fails in Python
+            assert "MemoryError" in failed.message
         assert failed.endpoints == roomy.endpoints

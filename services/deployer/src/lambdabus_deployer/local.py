@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -27,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from lambdabus_deployer.backend import LogSink, Reporter
+from lambdabus_deployer.limits import Limiter, Limits, detect_limiter, oom_message
 from lambdabus_deployer.logcapture import InstanceLog
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.plan import (
@@ -50,18 +49,6 @@ from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceSta
 from lambdabus_platform.errors import LambdabusError
 
 log = logging.getLogger("lambdabus.deployer.local")
-
-MiB = 1024 * 1024
-
-
-def _limit_address_space(limit: int) -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _address_space_limit(memory_mib: int) -> int:
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = memory_mib * MiB
-    return limit if hard == resource.RLIM_INFINITY else min(limit, hard)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -143,6 +130,7 @@ class Outcome:
     was_ready: bool
     ran_for: float
     why: str = ""
+    oom: bool = False  # the kernel's OOM killer struck: the whole instance was killed
 
     def describe(self) -> str:
         text = _describe_exit(self.code)
@@ -166,6 +154,7 @@ class Instance:
         self.endpoint: str | None = None
         self.restarts = 0
         self.last_exit = ""
+        self.last_oom = False
         self.unready_streak = 0
         self.retired = False
         self.log = InstanceLog(
@@ -229,6 +218,7 @@ class Instance:
                     return
                 self.endpoint = None
                 self.last_exit = outcome.describe()
+                self.last_oom = outcome.oom
                 if outcome.was_ready:
                     self.unready_streak = 0
                     if outcome.ran_for >= s.crashloop_window:
@@ -266,15 +256,15 @@ class Instance:
             scratch=str(self.scratch),
             revision=self.group.revision,
             runtime=backend.runtime,
+            per_process_memory=not backend.limiter.enforces_memory,
         )
         argv = render_sandbox_command(manifest, spec, s, sandbox=backend.sandbox)
         env = instance_env(manifest, spec, s)
-        preexec = (
-            functools.partial(_limit_address_space, _address_space_limit(spec.revision.memory))
-            if uses_rlimit_as(manifest)
-            else None
-        )
         self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Its cgroup (or rlimits) and its scratch dir's tmpfs; the child joins in preexec.
+        limits = await backend.limiter.start(
+            self.id, Limits.of(spec.revision), self.scratch, python=uses_rlimit_as(manifest)
+        )
         self.log.tail.clear()
         if backend.sandbox.enabled:
             await self.log.system(f"starting instance {self.id} (sandbox: bubblewrap)")
@@ -282,16 +272,20 @@ class Instance:
             await self.log.system(
                 f"starting instance {self.id} UNSANDBOXED: {backend.sandbox.reason}"
             )
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=self.scratch,
-            start_new_session=True,  # its own process group: signals reach all of it, and only it
-            preexec_fn=preexec,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=self.scratch,
+                start_new_session=True,  # its own process group: signals reach all of it
+                preexec_fn=limits.preexec,
+            )
+        except BaseException:
+            await limits.close()
+            raise
         started = time.monotonic()
         backend.metrics.instances_running.inc()
         assert process.stdout is not None
@@ -337,8 +331,10 @@ class Instance:
             if process.returncode is None:
                 graceful = self._stop.is_set() and not why
                 await self._terminate(process, exited, graceful=graceful)
-            # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1).
+            # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1),
+            # and in its cgroup (what left the group: setsid, daemons).
             _signal_group(process.pid, signal.SIGKILL)
+            await limits.kill_all()
             _, late = await asyncio.wait(pumps, timeout=2)
             for task in (*late, drops, stopping):
                 task.cancel()
@@ -348,7 +344,11 @@ class Instance:
             await self.log.flush_dropped()
             backend.table.discard(self.id)
             backend.metrics.instances_running.dec()
-        return Outcome(process.returncode, was_ready, time.monotonic() - started, why)
+            oom = limits.oom_killed()
+            await limits.close()
+        if oom:
+            why = oom_message(spec.revision.memory)
+        return Outcome(process.returncode, was_ready, time.monotonic() - started, why, oom)
 
     async def _watch(self, exited: asyncio.Task[int], stopping: asyncio.Task[Any]) -> str:
         """Poll /healthz until the process exits, is stopped, or fails too many polls in a row."""
@@ -442,7 +442,7 @@ class RevisionSet:
             return False
         self.fail(
             Failure(
-                reason="CrashLoop",
+                reason="OOMKilled" if instance.last_oom else "CrashLoop",
                 message=crash_message(instance.id, instance.last_exit, instance.log.tail_text()),
             )
         )
@@ -584,6 +584,7 @@ class FunctionRunner:
             failure=self.failure,
             sandboxed=sandbox.enabled,
             sandbox_note=sandbox.reason,
+            limits=self.backend.limiter.report(Limits.of(self.desired)),
         )
 
     async def _report(self) -> None:
@@ -631,6 +632,7 @@ class LocalBackend:
         settings: DeployerSettings,
         *,
         sandbox: Sandbox,
+        limiter: Limiter,
         runtime: RuntimePaths,
         http: aiohttp.ClientSession,
         report: Reporter,
@@ -639,6 +641,7 @@ class LocalBackend:
     ) -> None:
         self.settings = settings
         self.sandbox = sandbox
+        self.limiter = limiter
         self.runtime = runtime
         self.http = http
         self.report = report
@@ -674,7 +677,9 @@ class LocalBackend:
         """Kill the instances a previous run of this deployer left behind, forget their
         scratch dirs: a fresh start of exactly what is desired follows."""
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        recorded = [r.instance for r in self.table.load()]
         killed = await asyncio.to_thread(self.table.kill_leftovers)
+        await self.limiter.clean_leftovers(recorded, self.settings.instances_dir.iterdir())
         for record in killed:
             log.warning(
                 "killed an instance left by a previous run",
@@ -699,12 +704,26 @@ async def open_local_backend(
     report: Reporter,
     logs: LogSink,
     metrics: DeployerMetrics,
+    limiter: Limiter | None = None,
 ) -> AsyncIterator[LocalBackend]:
     """The backend for the deployer's lifetime: leftovers killed on entry, every instance
     stopped on exit (instances are our children; nothing may outlive the deployer)."""
+    if limiter is None:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        limiter = await asyncio.to_thread(
+            detect_limiter,
+            settings.limits,
+            settings.scratch,
+            cgroup_root=settings.cgroup_root,
+            state_dir=settings.state_dir,
+            oom_poll_interval=settings.oom_poll_interval,
+        )
+        if limiter.note:
+            log.warning("instance limits are weaker here", extra={"note": limiter.note})
     backend = LocalBackend(
         settings,
         sandbox=sandbox,
+        limiter=limiter,
         runtime=runtime,
         http=http,
         report=report,

@@ -29,6 +29,7 @@ from lambdabus_events.models import (
     BuildState,
     DeploymentState,
     FunctionRecord,
+    InstanceLimits,
     InstanceState,
     Runtime,
 )
@@ -179,6 +180,9 @@ class InstanceSpec:
     scratch: str
     revision: DesiredRevision
     runtime: RuntimePaths
+    # False when a cgroup limits the memory of the whole process tree: no per-process limit
+    # (Node's heap flag, RLIMIT_AS) then, so going over it is an OOM kill, as for any runtime.
+    per_process_memory: bool = True
 
 
 def _fmt(value: float) -> str:
@@ -214,8 +218,9 @@ def runtime_command(manifest: ArtifactManifest, instance: InstanceSpec) -> list[
                 "(LAMBDABUS_DEPLOYER_NODE_SERVER)"
             )
         # V8 reserves far more address space than it uses, so RLIMIT_AS would kill it at start;
-        # the heap cap is the limit for node.
-        return [rt.node, f"--max-old-space-size={rev.memory}", rt.node_server, *flags]
+        # without a memory cgroup, the heap cap is the limit for node.
+        heap = [f"--max-old-space-size={rev.memory}"] if instance.per_process_memory else []
+        return [rt.node, *heap, rt.node_server, *flags]
     if not instance.runtime.pythonpath:
         raise RuntimeUnavailable(
             "the runtime SDK (lambdabus_runtime) is not installed; "
@@ -332,6 +337,7 @@ class Observation:
     failure: Failure | None = None
     sandboxed: bool = True
     sandbox_note: str = ""
+    limits: InstanceLimits | None = None
 
 
 Phase = Literal["started", "ready", "failed", "scaled", "stopped"]
@@ -422,6 +428,7 @@ def next_deployment_state(
         timeout=rev.timeout,
         instances=list(obs.instances),
         sandboxed=obs.sandboxed,
+        limits=obs.limits,
         updated_at=now,
     )
     if previous is not None and _same(previous, state):

@@ -1,0 +1,384 @@
+"""Per-instance limits: how each is enforced on this machine, and the instance's size-limited
+scratch dir. `detect_limiter` decides once per deployer; `Limiter.start` gives one run of an
+instance what it needs: a cgroup (memory, cpu and pids for the whole process tree), or rlimits
+where no cgroup is writable (per process only), a tmpfs of `tmp_size` MiB on its scratch dir
+(or RLIMIT_FSIZE), the `preexec` that puts the child in place before it drops privileges, and
+whether the kernel's OOM killer struck.
+
+tmpfs pages are memory: what an instance writes to its /tmp counts against its memory cgroup,
+so a function with `memory: 128, tmp_size: 64` that fills /tmp has 64 MiB left for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import resource
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from lambdabus_deployer.cgroups import (
+    CgroupHierarchy,
+    CgroupLimits,
+    InstanceCgroup,
+    detect_cgroups,
+    join,
+)
+from lambdabus_deployer.plan import DesiredRevision
+from lambdabus_deployer.settings import LimitsMode, ScratchMode
+from lambdabus_events.models import InstanceLimits
+from lambdabus_platform.errors import PermanentError
+
+log = logging.getLogger("lambdabus.deployer.limits")
+
+MiB = 1024 * 1024
+OOM_KILLED = "OOMKilled"
+
+
+class LimitsUnavailable(PermanentError):
+    code = "limits_unavailable"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the spec asks for one instance."""
+
+    memory: int  # MiB
+    cpu: int  # millicores
+    pids: int
+    open_files: int
+    tmp_size: int  # MiB
+
+    @classmethod
+    def of(cls, revision: DesiredRevision) -> Limits:
+        return cls(
+            memory=revision.memory,
+            cpu=revision.cpu,
+            pids=revision.pids,
+            open_files=revision.open_files,
+            tmp_size=revision.tmp_size,
+        )
+
+
+# -- pure ------------------------------------------------------------------------------------
+
+
+def limits_report(
+    limits: Limits, *, cgroup: bool, tmpfs: bool, per_instance_uid: bool = False
+) -> InstanceLimits:
+    """What the status says an instance runs under (see `InstanceLimits`)."""
+    if cgroup:
+        memory: int | None = limits.memory
+        cpu: int | None = limits.cpu
+        pids: int | None = limits.pids
+    else:
+        memory = limits.memory  # RLIMIT_AS for Python, the heap cap for Node: per process
+        cpu = None
+        pids = limits.pids if per_instance_uid else None
+    return InstanceLimits(
+        enforced_by="cgroup" if cgroup else "rlimit",
+        memory=memory,
+        cpu=cpu,
+        pids=pids,
+        open_files=limits.open_files,
+        tmp_size=limits.tmp_size,
+        tmp_enforced_by="tmpfs" if tmpfs else "rlimit",
+    )
+
+
+RLimit = tuple[int, int]  # (resource.RLIMIT_*, value): soft and hard alike
+
+
+def rlimits(
+    limits: Limits,
+    *,
+    cgroup: bool,
+    tmpfs: bool,
+    python: bool,
+    per_instance_uid: bool = False,
+    privileged: bool = True,
+    hard: Callable[[int], int] = lambda _: resource.RLIM_INFINITY,
+) -> tuple[RLimit, ...]:
+    """The rlimits of an instance's first process (inherited by all it starts). Open files
+    always; the others only for what no cgroup or tmpfs enforces: the address space of Python
+    (V8 reserves far more than it uses: Node gets its heap flag instead, see
+    `runtime_command`), processes only when the instance has a uid of its own (RLIMIT_NPROC
+    counts every process of the uid), and the size of each file it writes."""
+
+    def capped(res: int, value: int) -> RLimit:
+        # Without privilege a hard limit cannot be raised: stay under ours.
+        limit = hard(res)
+        if privileged or limit == resource.RLIM_INFINITY:
+            return res, value
+        return res, min(value, limit)
+
+    found = [capped(resource.RLIMIT_NOFILE, limits.open_files)]
+    if not cgroup:
+        if python:
+            found.append(capped(resource.RLIMIT_AS, limits.memory * MiB))
+        if per_instance_uid:
+            found.append(capped(resource.RLIMIT_NPROC, limits.pids))
+    if not tmpfs:
+        found.append(capped(resource.RLIMIT_FSIZE, limits.tmp_size * MiB))
+    return tuple(found)
+
+
+def tmpfs_options(size_mib: int, uid: int, gid: int) -> str:
+    return f"size={size_mib}m,mode=0700,uid={uid},gid={gid}"
+
+
+def oom_message(memory: int) -> str:
+    return f"{OOM_KILLED}: it used more than its {memory} MiB of memory and the kernel killed it"
+
+
+# -- I/O: the scratch dir --------------------------------------------------------------------
+
+
+class ScratchFs(Protocol):
+    """How an instance's scratch dir (its /tmp, HOME and TMPDIR) is limited in size."""
+
+    @property
+    def kind(self) -> Literal["tmpfs", "rlimit"]: ...
+
+    def mount(self, path: Path, size_mib: int) -> None: ...
+
+    def unmount(self, path: Path) -> None: ...
+
+
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MNT_DETACH = 2
+_EINVAL = 22
+
+
+@dataclass(frozen=True)
+class TmpfsScratch:
+    """A tmpfs of the instance's `tmp_size` mounted on its scratch dir (needs CAP_SYS_ADMIN).
+    Owner and mode are those of the dir, so whoever the sandbox runs as keeps writing it."""
+
+    kind: Literal["tmpfs", "rlimit"] = "tmpfs"
+
+    @staticmethod
+    def _libc() -> ctypes.CDLL:
+        return ctypes.CDLL(None, use_errno=True)
+
+    def mount(self, path: Path, size_mib: int) -> None:
+        st = path.stat()
+        options = tmpfs_options(size_mib, st.st_uid, st.st_gid)
+        flags = _MS_NOSUID | _MS_NODEV
+        if self._libc().mount(b"lambdabus", os.fsencode(path), b"tmpfs", flags, options.encode()):
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot mount a tmpfs: {os.strerror(err)}", str(path))
+
+    def unmount(self, path: Path) -> None:
+        # Detached: gone from the tree now, freed when nothing uses it any more.
+        if self._libc().umount2(os.fsencode(path), _MNT_DETACH):
+            err = ctypes.get_errno()
+            if err != _EINVAL:  # EINVAL: not a mount point (any more)
+                raise OSError(err, f"cannot unmount: {os.strerror(err)}", str(path))
+
+
+@dataclass(frozen=True)
+class PlainScratch:
+    """A plain dir; RLIMIT_FSIZE limits each file instead."""
+
+    kind: Literal["tmpfs", "rlimit"] = "rlimit"
+
+    def mount(self, path: Path, size_mib: int) -> None:
+        pass
+
+    def unmount(self, path: Path) -> None:
+        pass
+
+
+def _probe_tmpfs(where: Path) -> str:
+    probe = where / f".tmpfs-probe-{os.getpid()}"
+    try:
+        probe.mkdir(parents=True, exist_ok=True)
+        TmpfsScratch().mount(probe, 1)
+        TmpfsScratch().unmount(probe)
+    except OSError as exc:
+        return f"cannot mount a tmpfs ({exc.strerror or exc})"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+    return ""
+
+
+# -- one run of an instance ------------------------------------------------------------------
+
+
+def _preexec(procs_files: tuple[str, ...], limits: tuple[RLimit, ...]) -> None:
+    """In the child between fork and exec, before any privilege is dropped."""
+    join(procs_files)
+    for res, value in limits:
+        resource.setrlimit(res, (value, value))
+
+
+@dataclass
+class RunLimits:
+    """The limits of one run of an instance (see `Limiter.start`)."""
+
+    report: InstanceLimits
+    preexec: Callable[[], None]
+    cgroup: InstanceCgroup | None
+    memory: int
+    _scratch: Path
+    _scratch_fs: ScratchFs
+    _baseline: int = 0
+    _oom: bool = False
+    _watch: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def oom_killed(self) -> bool:
+        """Did the kernel's OOM killer kill a process of this run (then all of it is killed)."""
+        if not self._oom and self.cgroup is not None:
+            self._oom = self.cgroup.oom_kills() > self._baseline
+        return self._oom
+
+    def cpu_seconds(self) -> float | None:
+        return self.cgroup.cpu_seconds() if self.cgroup is not None else None
+
+    async def kill_all(self) -> None:
+        """SIGKILL every process of the run: one that escaped the process group too."""
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.kill_all)
+
+    async def watch_oom(self, interval: float) -> None:
+        """An OOM kill of any process takes the whole instance: the runtime must not live on
+        without the child it started (cgroup v2's memory.oom.group does the same)."""
+        while not self.oom_killed():  # noqa: ASYNC110 (a counter in a file: nothing to await)
+            await asyncio.sleep(interval)
+        await self.kill_all()
+
+    async def close(self) -> None:
+        """Kill what is left, remove the cgroup, unmount the scratch tmpfs."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.cgroup is not None:
+            self.oom_killed()  # read the counter while the cgroup is still there
+            try:
+                await asyncio.to_thread(self.cgroup.remove)
+            except OSError as exc:
+                log.warning("cannot remove an instance cgroup", extra={"error": str(exc)})
+        try:
+            await asyncio.to_thread(self._scratch_fs.unmount, self._scratch)
+        except OSError as exc:
+            log.warning("cannot unmount a scratch dir", extra={"error": str(exc)})
+
+
+@dataclass(frozen=True)
+class Limiter:
+    """What this machine lets the deployer enforce, decided once (`detect_limiter`)."""
+
+    hierarchy: CgroupHierarchy | None
+    scratch: ScratchFs
+    note: str = ""  # why limits are weaker than they could be
+    oom_poll_interval: float = 0.2
+
+    @property
+    def enforces_memory(self) -> bool:
+        """The memory limit holds for the whole tree: no per-process limit (RLIMIT_AS, Node's
+        heap flag) is needed, and an instance over it is OOMKilled."""
+        return self.hierarchy is not None
+
+    def report(self, limits: Limits) -> InstanceLimits:
+        return limits_report(
+            limits, cgroup=self.hierarchy is not None, tmpfs=self.scratch.kind == "tmpfs"
+        )
+
+    async def start(
+        self, instance: str, limits: Limits, scratch: Path, *, python: bool
+    ) -> RunLimits:
+        """Make the cgroup and mount the scratch tmpfs of one run (the scratch dir exists).
+        `close()` the result when the run ends."""
+        cgroup: InstanceCgroup | None = None
+        if self.hierarchy is not None:
+            cgroup = await asyncio.to_thread(
+                self.hierarchy.create,
+                instance,
+                CgroupLimits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids),
+            )
+        try:
+            await asyncio.to_thread(self.scratch.mount, scratch, limits.tmp_size)
+        except BaseException:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.remove)
+            raise
+        privileged = os.geteuid() == 0
+        found = rlimits(
+            limits,
+            cgroup=cgroup is not None,
+            tmpfs=self.scratch.kind == "tmpfs",
+            python=python,
+            privileged=privileged,
+            hard=lambda res: resource.getrlimit(res)[1],
+        )
+        procs = cgroup.procs_files if cgroup is not None else ()
+        run = RunLimits(
+            report=self.report(limits),
+            preexec=lambda: _preexec(procs, found),
+            cgroup=cgroup,
+            memory=limits.memory,
+            _scratch=scratch,
+            _scratch_fs=self.scratch,
+            _baseline=cgroup.oom_kills() if cgroup is not None else 0,
+        )
+        if cgroup is not None:
+            run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
+        return run
+
+    async def clean_leftovers(self, instances: Iterable[str], scratch_dirs: Iterable[Path]) -> None:
+        """After a deployer was killed: the cgroups of the instances it ran (killing whatever
+        still runs in them, daemons included), and the tmpfs mounts of their scratch dirs."""
+        for instance in instances:
+            found = self.hierarchy.find(instance) if self.hierarchy is not None else None
+            if found is not None:
+                try:
+                    await asyncio.to_thread(found.remove)
+                except OSError as exc:
+                    log.warning("cannot remove a leftover cgroup", extra={"error": str(exc)})
+        for directory in scratch_dirs:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.scratch.unmount, directory)
+
+
+def detect_limiter(
+    mode: LimitsMode,
+    scratch_mode: ScratchMode,
+    *,
+    cgroup_root: str,
+    state_dir: Path,
+    oom_poll_interval: float = 0.2,
+) -> Limiter:
+    """Cgroups where one is writable (else rlimits), a tmpfs scratch where we may mount one
+    (else RLIMIT_FSIZE). A mode that names a mechanism turns its absence into an error."""
+    notes = []
+    hierarchy: CgroupHierarchy | None = None
+    if mode != "rlimit":
+        hierarchy, why = detect_cgroups(cgroup_root)
+        if hierarchy is None:
+            if mode == "cgroup":
+                raise LimitsUnavailable(
+                    f"no writable cgroup for instance limits: {why}; "
+                    "set LAMBDABUS_DEPLOYER_LIMITS=auto to fall back to rlimits"
+                )
+            notes.append(f"no cgroup ({why}): rlimits per process")
+    scratch: ScratchFs = PlainScratch()
+    if scratch_mode != "rlimit":
+        problem = _probe_tmpfs(state_dir)
+        if not problem:
+            scratch = TmpfsScratch()
+        elif scratch_mode == "tmpfs":
+            raise LimitsUnavailable(
+                f"{problem}; set LAMBDABUS_DEPLOYER_SCRATCH=auto to fall back to RLIMIT_FSIZE"
+            )
+        else:
+            notes.append(f"{problem}: /tmp limited per file")
+    return Limiter(hierarchy, scratch, "; ".join(notes), oom_poll_interval)
