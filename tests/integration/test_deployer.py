@@ -251,6 +251,7 @@ class World:
         publish: bool = True,
         runtime: Runtime = "python3.11",
         memory: int = 256,
+        **config: Any,
     ) -> FunctionRecord:
         """A function record, its succeeded build, and (unless told not to) `build.succeeded`."""
         now = datetime.now(UTC)
@@ -261,7 +262,12 @@ class World:
             uid=uid,
             generation=1,
             spec=FunctionConfig(
-                env=env or {}, replicas=replicas, timeout=10, runtime=runtime, memory=memory
+                env=env or {},
+                replicas=replicas,
+                timeout=10,
+                runtime=runtime,
+                memory=memory,
+                **config,
             ),
             source=SourceRef(
                 sha256="0" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1

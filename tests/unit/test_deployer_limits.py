@@ -115,9 +115,7 @@ def test_oom_kills_are_counted_in_v1_oom_control_and_v2_memory_events() -> None:
 
 
 def test_with_a_cgroup_and_a_tmpfs_only_open_files_is_an_rlimit() -> None:
-    assert rlimits(LIMITS, cgroup=True, tmpfs=True, python=True) == (
-        (resource.RLIMIT_NOFILE, 512),
-    )
+    assert rlimits(LIMITS, cgroup=True, tmpfs=True, python=True) == ((resource.RLIMIT_NOFILE, 512),)
 
 
 def test_without_a_cgroup_python_gets_its_address_space_limited_per_process() -> None:

@@ -131,6 +131,10 @@ class InstanceCgroup(Protocol):
 
     def oom_kills(self) -> int: ...
 
+    def fork_rejections(self) -> int:
+        """How many forks the pids limit refused."""
+        ...
+
     def cpu_seconds(self) -> float | None: ...
 
     def processes(self) -> set[int]: ...
@@ -171,6 +175,18 @@ def join(procs_files: Sequence[str]) -> None:
             os.write(fd, pid)
         finally:
             os.close(fd)
+
+
+def _events_max(path: Path) -> int:
+    """The `max` counter of `pids.events` (v1 and v2 alike)."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "max":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _write(path: Path, value: str) -> None:
@@ -219,6 +235,9 @@ class V1Cgroup:
             return oom_kills((self.dirs["memory"] / "memory.oom_control").read_text())
         except OSError:
             return 0
+
+    def fork_rejections(self) -> int:
+        return _events_max(self.dirs["pids"] / "pids.events")
 
     def cpu_seconds(self) -> float | None:
         if "cpuacct" not in self.dirs:
@@ -306,6 +325,9 @@ class V2Cgroup:
             return oom_kills((self.dir / "memory.events").read_text())
         except OSError:
             return 0
+
+    def fork_rejections(self) -> int:
+        return _events_max(self.dir / "pids.events")
 
     def cpu_seconds(self) -> float | None:
         try:

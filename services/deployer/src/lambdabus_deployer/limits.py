@@ -196,7 +196,7 @@ class PlainScratch:
         pass
 
 
-def _probe_tmpfs(where: Path) -> str:
+def probe_tmpfs(where: Path) -> str:
     probe = where / f".tmpfs-probe-{os.getpid()}"
     try:
         probe.mkdir(parents=True, exist_ok=True)
@@ -372,7 +372,7 @@ def detect_limiter(
             notes.append(f"no cgroup ({why}): rlimits per process")
     scratch: ScratchFs = PlainScratch()
     if scratch_mode != "rlimit":
-        problem = _probe_tmpfs(state_dir)
+        problem = probe_tmpfs(state_dir)
         if not problem:
             scratch = TmpfsScratch()
         elif scratch_mode == "tmpfs":
