@@ -257,3 +257,69 @@ async def test_a_cpu_spinner_gets_its_share_of_a_core(
         share = (cpu1 - cpu0) / (wall1 - wall0)
         print(f"\ncpu=100: the spinner got {share:.3f} of a core")
         assert 0.04 <= share <= 0.2, share
+
+
+RLIMITS = """\
+import errno
+import os
+import resource
+
+
+def soft(which):
+    return resource.getrlimit(which)[0]
+
+
+async def main(request):
+    big = os.path.join(os.environ["TMPDIR"], "big")
+    try:
+        with open(big, "wb") as f:
+            f.write(b"x" * (3 * 1024 * 1024))
+        wrote = "ok"
+    except OSError as exc:
+        wrote = errno.errorcode.get(exc.errno, str(exc.errno))
+    if os.path.exists(big):
+        os.remove(big)
+    return {
+        "nofile": soft(resource.RLIMIT_NOFILE),
+        "as": soft(resource.RLIMIT_AS),
+        "fsize": soft(resource.RLIMIT_FSIZE),
+        "wrote": wrote,
+    }
+"""
+
+
+async def test_with_cgroups_only_open_files_is_an_rlimit(
+    world: World, hierarchy: CgroupHierarchy
+) -> None:
+    async with running_deployer(world.settings(limits="cgroup")):
+        await world.create("probe", RLIMITS, memory=128, open_files=256, tmp_size=8)
+        state = await world.wait_state("probe", ready_with(1))
+        assert state is not None
+        assert cgroup_of(hierarchy, state).processes()
+        answer = await world.call(state.endpoints[0])
+        infinity = -1  # RLIM_INFINITY
+        assert answer == {"nofile": 256, "as": infinity, "fsize": infinity, "wrote": "ok"}
+
+
+async def test_without_cgroups_rlimits_limit_each_process(world: World) -> None:
+    async with running_deployer(world.settings(limits="rlimit", scratch="rlimit")):
+        await world.create("probe", RLIMITS, memory=256, open_files=256, tmp_size=2)
+        state = await world.wait_state("probe", ready_with(1))
+        assert state is not None
+        assert state.limits is not None
+        assert state.limits.model_dump() == {
+            "enforced_by": "rlimit",
+            "memory": 256,
+            "cpu": None,
+            "pids": None,
+            "open_files": 256,
+            "tmp_size": 2,
+            "tmp_enforced_by": "rlimit",
+        }
+        answer = await world.call(state.endpoints[0])
+        assert answer == {
+            "nofile": 256,
+            "as": 256 * 1024 * 1024,
+            "fsize": 2 * 1024 * 1024,
+            "wrote": "EFBIG",  # a file over tmp_size (Python ignores SIGXFSZ)
+        }
