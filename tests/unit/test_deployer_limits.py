@@ -151,7 +151,8 @@ def test_without_privilege_no_rlimit_goes_past_our_hard_limit() -> None:
 
 
 def test_tmpfs_options_keep_the_scratch_dirs_owner() -> None:
-    assert tmpfs_options(64, 1000, 1000) == "size=64m,mode=0700,uid=1000,gid=1000"
+    assert tmpfs_options(64, 1000, 1000) == ("size=64m,nr_inodes=16384,mode=0700,uid=1000,gid=1000")
+    assert "nr_inodes=1024," in tmpfs_options(1, 0, 0)
 
 
 # -- what is reported ------------------------------------------------------------------------

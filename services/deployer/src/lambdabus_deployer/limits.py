@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import resource
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,12 @@ def rlimits(
     return tuple(found)
 
 
+INODES_PER_MIB = 256  # a file per 4 KiB on average: enough, and a bound on kernel memory
+
+
 def tmpfs_options(size_mib: int, uid: int, gid: int) -> str:
-    return f"size={size_mib}m,mode=0700,uid={uid},gid={gid}"
+    inodes = max(1024, size_mib * INODES_PER_MIB)
+    return f"size={size_mib}m,nr_inodes={inodes},mode=0700,uid={uid},gid={gid}"
 
 
 def oom_message(memory: int) -> str:
@@ -176,7 +181,15 @@ class TmpfsScratch:
             raise OSError(err, f"cannot mount a tmpfs: {os.strerror(err)}", str(path))
 
     def unmount(self, path: Path) -> None:
-        # Detached: gone from the tree now, freed when nothing uses it any more.
+        # Emptied first: a sandbox started while it was mounted holds a (hidden) copy of the
+        # mount, which would keep its pages until that sandbox ends. Detached: gone from the
+        # tree now, whatever still refers to it.
+        if path.is_mount():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
         if self._libc().umount2(os.fsencode(path), _MNT_DETACH):
             err = ctypes.get_errno()
             if err != _EINVAL:  # EINVAL: not a mount point (any more)
