@@ -7,6 +7,7 @@ import resource
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from lambdabus_client.cli import describe_limits
 from lambdabus_deployer.cgroups import (
     CgroupLimits,
     cpu_quota_us,
@@ -223,3 +224,15 @@ def test_the_limits_reach_the_deployment_state_and_the_status() -> None:
     other_uid: DeploymentState = state.model_copy(update={"uid": "another"})
     assert compute_status(record, None, other_uid).limits is None
     assert "limits" in state.model_dump(mode="json")
+
+
+def test_the_cli_says_the_limits_in_one_line() -> None:
+    cgroup = limits_report(LIMITS, cgroup=True, tmpfs=True).model_dump()
+    assert describe_limits(cgroup) == (
+        "by cgroup: memory 128 MiB, cpu 250m, pids 64, open files 512, /tmp 32 MiB (tmpfs)"
+    )
+    rlimit = limits_report(LIMITS, cgroup=False, tmpfs=False).model_dump()
+    assert describe_limits(rlimit) == (
+        "by rlimit: memory 128 MiB, cpu not enforced, pids not enforced, open files 512, "
+        "/tmp 32 MiB (rlimit)"
+    )
