@@ -179,7 +179,7 @@ async def test_a_fork_bomb_stops_at_the_pids_limit_and_the_neighbour_keeps_its_l
 async def test_a_memory_hog_is_oomkilled_reported_and_restarted(
     world: World, hierarchy: CgroupHierarchy
 ) -> None:
-    async with running_deployer(world.settings()):
+    async with running_deployer(world.settings()) as url:
         await world.create("hog", MEMORY_HOG, memory=96)
         first = await world.wait_state("hog", ready_with(1))
         assert first is not None
@@ -205,6 +205,9 @@ async def test_a_memory_hog_is_oomkilled_reported_and_restarted(
             "hog", lambda ls: any("OOMKilled" in x.line and "restarting in" in x.line for x in ls)
         )
         assert not any("ate it all" in x.line for x in lines)
+        async with world.http.get(f"{url}/metrics") as response:
+            metrics = await response.text()
+        assert "lambdabus_deployer_instance_oom_kills_total 1.0" in metrics
 
 
 async def test_a_disk_filler_gets_enospc_at_its_tmp_size_and_lives_on(

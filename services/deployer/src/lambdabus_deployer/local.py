@@ -348,6 +348,7 @@ class Instance:
             await limits.close()
         if oom:
             why = oom_message(spec.revision.memory)
+            backend.metrics.oom_kills.inc()
         return Outcome(process.returncode, was_ready, time.monotonic() - started, why, oom)
 
     async def _watch(self, exited: asyncio.Task[int], stopping: asyncio.Task[Any]) -> str:
