@@ -318,6 +318,7 @@ async def test_without_cgroups_rlimits_limit_each_process(world: World) -> None:
             "open_files": 256,
             "tmp_size": 2,
             "tmp_enforced_by": "rlimit",
+            "log_lines_per_second": 2000,
         }
         answer = await world.call(state.endpoints[0])
         assert answer == {

@@ -160,7 +160,7 @@ def test_tmpfs_options_keep_the_scratch_dirs_owner() -> None:
 
 
 def test_a_cgroup_reports_every_limit() -> None:
-    assert limits_report(LIMITS, cgroup=True, tmpfs=True) == InstanceLimits(
+    assert limits_report(LIMITS, cgroup=True, tmpfs=True, log_rate=2000) == InstanceLimits(
         enforced_by="cgroup",
         memory=128,
         cpu=250,
@@ -168,11 +168,12 @@ def test_a_cgroup_reports_every_limit() -> None:
         open_files=512,
         tmp_size=32,
         tmp_enforced_by="tmpfs",
+        log_lines_per_second=2000,
     )
 
 
 def test_rlimits_report_what_they_cannot_enforce_as_null() -> None:
-    report = limits_report(LIMITS, cgroup=False, tmpfs=False)
+    report = limits_report(LIMITS, cgroup=False, tmpfs=False, log_rate=2000)
     assert report.model_dump() == {
         "enforced_by": "rlimit",
         "memory": 128,
@@ -181,8 +182,12 @@ def test_rlimits_report_what_they_cannot_enforce_as_null() -> None:
         "open_files": 512,
         "tmp_size": 32,
         "tmp_enforced_by": "rlimit",
+        "log_lines_per_second": 2000,
     }
-    assert limits_report(LIMITS, cgroup=False, tmpfs=False, per_instance_uid=True).pids == 64
+    assert (
+        limits_report(LIMITS, cgroup=False, tmpfs=False, log_rate=2000, per_instance_uid=True).pids
+        == 64
+    )
 
 
 def test_limits_come_from_the_desired_revision() -> None:
@@ -203,7 +208,7 @@ def test_an_oom_kill_says_so_and_names_the_limit() -> None:
 
 
 def test_the_limits_reach_the_deployment_state_and_the_status() -> None:
-    report = limits_report(LIMITS, cgroup=True, tmpfs=True)
+    report = limits_report(LIMITS, cgroup=True, tmpfs=True, log_rate=2000)
     rev = revision()
     obs = Observation(revision=rev, instances=(), endpoints=("http://127.0.0.1:1",), limits=report)
     state = next_deployment_state(None, obs, NOW).state
@@ -227,12 +232,13 @@ def test_the_limits_reach_the_deployment_state_and_the_status() -> None:
 
 
 def test_the_cli_says_the_limits_in_one_line() -> None:
-    cgroup = limits_report(LIMITS, cgroup=True, tmpfs=True).model_dump()
+    cgroup = limits_report(LIMITS, cgroup=True, tmpfs=True, log_rate=2000).model_dump()
     assert describe_limits(cgroup) == (
-        "by cgroup: memory 128 MiB, cpu 250m, pids 64, open files 512, /tmp 32 MiB (tmpfs)"
+        "by cgroup: memory 128 MiB, cpu 250m, pids 64, open files 512, /tmp 32 MiB (tmpfs), "
+        "logs 2000 lines/s"
     )
-    rlimit = limits_report(LIMITS, cgroup=False, tmpfs=False).model_dump()
+    rlimit = limits_report(LIMITS, cgroup=False, tmpfs=False, log_rate=2000).model_dump()
     assert describe_limits(rlimit) == (
         "by rlimit: memory 128 MiB, cpu not enforced, pids not enforced, open files 512, "
-        "/tmp 32 MiB (rlimit)"
+        "/tmp 32 MiB (rlimit), logs 2000 lines/s"
     )

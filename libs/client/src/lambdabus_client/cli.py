@@ -1029,6 +1029,7 @@ def describe_limits(limits: dict[str, Any]) -> str:
             part("pids", "pids", ""),
             part("open files", "open_files", ""),
             f"{part('/tmp', 'tmp_size', ' MiB')} ({limits.get('tmp_enforced_by', '?')})",
+            part("logs", "log_lines_per_second", " lines/s"),
         ]
     )
 

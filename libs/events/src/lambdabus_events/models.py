@@ -246,7 +246,7 @@ class InstanceLimits(_Strict):
     per process only; memory is an address-space limit for Python (Node: its heap), and cpu and
     pids are not enforced (null). `tmp_size` is a tmpfs of that size (`tmp_enforced_by:
     "tmpfs"`) or, when the deployer cannot mount one, a limit on each file's size
-    (`"rlimit"`). `open_files` is per process in both.
+    (`"rlimit"`). `open_files` is per process in both. The log rate is the deployer's.
     """
 
     enforced_by: Literal["cgroup", "rlimit"]
@@ -256,6 +256,9 @@ class InstanceLimits(_Strict):
     open_files: int
     tmp_size: int = Field(description="MiB")
     tmp_enforced_by: Literal["tmpfs", "rlimit"]
+    log_lines_per_second: int = Field(
+        description="log lines per second per instance kept; the rest are counted and dropped"
+    )
 
 
 class DeploymentState(_Strict):

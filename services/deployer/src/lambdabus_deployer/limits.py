@@ -70,7 +70,12 @@ class Limits:
 
 
 def limits_report(
-    limits: Limits, *, cgroup: bool, tmpfs: bool, per_instance_uid: bool = False
+    limits: Limits,
+    *,
+    cgroup: bool,
+    tmpfs: bool,
+    log_rate: int,
+    per_instance_uid: bool = False,
 ) -> InstanceLimits:
     """What the status says an instance runs under (see `InstanceLimits`)."""
     if cgroup:
@@ -89,6 +94,7 @@ def limits_report(
         open_files=limits.open_files,
         tmp_size=limits.tmp_size,
         tmp_enforced_by="tmpfs" if tmpfs else "rlimit",
+        log_lines_per_second=log_rate,
     )
 
 
@@ -237,7 +243,6 @@ def _preexec(procs_files: tuple[str, ...], limits: tuple[RLimit, ...]) -> None:
 class RunLimits:
     """The limits of one run of an instance (see `Limiter.start`)."""
 
-    report: InstanceLimits
     preexec: Callable[[], None]
     cgroup: InstanceCgroup | None
     memory: int
@@ -301,9 +306,12 @@ class Limiter:
         heap flag) is needed, and an instance over it is OOMKilled."""
         return self.hierarchy is not None
 
-    def report(self, limits: Limits) -> InstanceLimits:
+    def report(self, limits: Limits, *, log_rate: int) -> InstanceLimits:
         return limits_report(
-            limits, cgroup=self.hierarchy is not None, tmpfs=self.scratch.kind == "tmpfs"
+            limits,
+            cgroup=self.hierarchy is not None,
+            tmpfs=self.scratch.kind == "tmpfs",
+            log_rate=log_rate,
         )
 
     async def start(
@@ -335,7 +343,6 @@ class Limiter:
         )
         procs = cgroup.procs_files if cgroup is not None else ()
         run = RunLimits(
-            report=self.report(limits),
             preexec=lambda: _preexec(procs, found),
             cgroup=cgroup,
             memory=limits.memory,

@@ -585,7 +585,9 @@ class FunctionRunner:
             failure=self.failure,
             sandboxed=sandbox.enabled,
             sandbox_note=sandbox.reason,
-            limits=self.backend.limiter.report(Limits.of(self.desired)),
+            limits=self.backend.limiter.report(
+                Limits.of(self.desired), log_rate=self.backend.settings.log_rate_lines_per_second
+            ),
         )
 
     async def _report(self) -> None:
