@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import shutil
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,8 @@ def oom_message(memory: int) -> str:
 
 # -- I/O: the scratch dir --------------------------------------------------------------------
 
+ChildAction = Callable[[], None]  # runs in the child between fork and exec
+
 
 class ScratchFs(Protocol):
     """How an instance's scratch dir (its /tmp, HOME and TMPDIR) is limited in size."""
@@ -156,50 +159,63 @@ class ScratchFs(Protocol):
     @property
     def kind(self) -> Literal["tmpfs", "rlimit"]: ...
 
-    def mount(self, path: Path, size_mib: int) -> None: ...
+    def prepare(self, path: Path, size_mib: int) -> ChildAction | None:
+        """What the child does to its scratch dir before it execs (None: nothing)."""
+        ...
 
-    def unmount(self, path: Path) -> None: ...
 
-
+_CLONE_NEWNS = 0x00020000
 _MS_NOSUID = 2
 _MS_NODEV = 4
-_MNT_DETACH = 2
-_EINVAL = 22
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+
+# Resolved now, in the parent: the child only calls them (no dynamic loading after fork).
+_libc = ctypes.CDLL(None, use_errno=True)
+_unshare = _libc.unshare
+_unshare.argtypes = [ctypes.c_int]
+_mount = _libc.mount
+_mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount_private_tmpfs(target: bytes, options: bytes) -> None:
+    """In the child: a mount namespace of its own in which `target` is a fresh tmpfs. Nothing
+    propagates to the host, and the kernel frees the tmpfs with the namespace, when the last
+    process of the instance has exited: nothing to unmount, nothing left when the deployer is
+    killed, no copy of it in another sandbox's mount namespace."""
+    _check(_unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    _check(
+        _mount(b"lambdabus", target, b"tmpfs", _MS_NOSUID | _MS_NODEV, options),
+        f"mount tmpfs on {os.fsdecode(target)}",
+    )
 
 
 @dataclass(frozen=True)
 class TmpfsScratch:
-    """A tmpfs of the instance's `tmp_size` mounted on its scratch dir (needs CAP_SYS_ADMIN).
-    Owner and mode are those of the dir, so whoever the sandbox runs as keeps writing it."""
+    """A tmpfs of the instance's `tmp_size` on its scratch dir, mounted by the child in a
+    private mount namespace (needs CAP_SYS_ADMIN, i.e. root, before privileges drop). Owner and
+    mode are those of the dir, so whoever the sandbox runs as keeps writing it."""
 
     kind: Literal["tmpfs", "rlimit"] = "tmpfs"
 
-    @staticmethod
-    def _libc() -> ctypes.CDLL:
-        return ctypes.CDLL(None, use_errno=True)
-
-    def mount(self, path: Path, size_mib: int) -> None:
+    def prepare(self, path: Path, size_mib: int) -> ChildAction | None:
         st = path.stat()
-        options = tmpfs_options(size_mib, st.st_uid, st.st_gid)
-        flags = _MS_NOSUID | _MS_NODEV
-        if self._libc().mount(b"lambdabus", os.fsencode(path), b"tmpfs", flags, options.encode()):
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot mount a tmpfs: {os.strerror(err)}", str(path))
-
-    def unmount(self, path: Path) -> None:
-        # Emptied first: a sandbox started while it was mounted holds a (hidden) copy of the
-        # mount, which would keep its pages until that sandbox ends. Detached: gone from the
-        # tree now, whatever still refers to it.
-        if path.is_mount():
-            for child in path.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-        if self._libc().umount2(os.fsencode(path), _MNT_DETACH):
-            err = ctypes.get_errno()
-            if err != _EINVAL:  # EINVAL: not a mount point (any more)
-                raise OSError(err, f"cannot unmount: {os.strerror(err)}", str(path))
+        target = os.fsencode(path)
+        options = tmpfs_options(size_mib, st.st_uid, st.st_gid).encode()
+        return lambda: mount_private_tmpfs(target, options)
 
 
 @dataclass(frozen=True)
@@ -208,21 +224,21 @@ class PlainScratch:
 
     kind: Literal["tmpfs", "rlimit"] = "rlimit"
 
-    def mount(self, path: Path, size_mib: int) -> None:
-        pass
-
-    def unmount(self, path: Path) -> None:
-        pass
+    def prepare(self, path: Path, size_mib: int) -> ChildAction | None:
+        return None
 
 
 def probe_tmpfs(where: Path) -> str:
+    """Why a child cannot mount its scratch tmpfs here ("" if it can): tried in a child."""
     probe = where / f".tmpfs-probe-{os.getpid()}"
+    true = shutil.which("true") or "/bin/true"
     try:
         probe.mkdir(parents=True, exist_ok=True)
-        TmpfsScratch().mount(probe, 1)
-        TmpfsScratch().unmount(probe)
-    except OSError as exc:
-        return f"cannot mount a tmpfs ({exc.strerror or exc})"
+        action = TmpfsScratch().prepare(probe, 1)
+        subprocess.run([true], preexec_fn=action, check=True, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) else str(exc)
+        return f"cannot mount a tmpfs ({detail or exc})"
     finally:
         with contextlib.suppress(OSError):
             probe.rmdir()
@@ -232,9 +248,13 @@ def probe_tmpfs(where: Path) -> str:
 # -- one run of an instance ------------------------------------------------------------------
 
 
-def _preexec(procs_files: tuple[str, ...], limits: tuple[RLimit, ...]) -> None:
+def _preexec(
+    procs_files: tuple[str, ...], scratch: ChildAction | None, limits: tuple[RLimit, ...]
+) -> None:
     """In the child between fork and exec, before any privilege is dropped."""
     join(procs_files)
+    if scratch is not None:
+        scratch()
     for res, value in limits:
         resource.setrlimit(res, (value, value))
 
@@ -243,11 +263,8 @@ def _preexec(procs_files: tuple[str, ...], limits: tuple[RLimit, ...]) -> None:
 class RunLimits:
     """The limits of one run of an instance (see `Limiter.start`)."""
 
-    preexec: Callable[[], None]
+    preexec: ChildAction
     cgroup: InstanceCgroup | None
-    memory: int
-    _scratch: Path
-    _scratch_fs: ScratchFs
     _baseline: int = 0
     _oom: bool = False
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -257,9 +274,6 @@ class RunLimits:
         if not self._oom and self.cgroup is not None:
             self._oom = self.cgroup.oom_kills() > self._baseline
         return self._oom
-
-    def cpu_seconds(self) -> float | None:
-        return self.cgroup.cpu_seconds() if self.cgroup is not None else None
 
     async def kill_all(self) -> None:
         """SIGKILL every process of the run: one that escaped the process group too."""
@@ -274,7 +288,8 @@ class RunLimits:
         await self.kill_all()
 
     async def close(self) -> None:
-        """Kill what is left, remove the cgroup, unmount the scratch tmpfs."""
+        """Kill what is left and remove the cgroup. (The scratch tmpfs goes with the last
+        process of the run: it lives in the run's own mount namespace.)"""
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -285,10 +300,6 @@ class RunLimits:
                 await asyncio.to_thread(self.cgroup.remove)
             except OSError as exc:
                 log.warning("cannot remove an instance cgroup", extra={"error": str(exc)})
-        try:
-            await asyncio.to_thread(self._scratch_fs.unmount, self._scratch)
-        except OSError as exc:
-            log.warning("cannot unmount a scratch dir", extra={"error": str(exc)})
 
 
 @dataclass(frozen=True)
@@ -317,7 +328,8 @@ class Limiter:
     async def start(
         self, instance: str, limits: Limits, scratch: Path, *, python: bool
     ) -> RunLimits:
-        """Make the cgroup and mount the scratch tmpfs of one run (the scratch dir exists).
+        """Make the cgroup of one run and say what its child does before exec (`preexec`):
+        join the cgroup, mount its scratch tmpfs, set its rlimits. The scratch dir exists.
         `close()` the result when the run ends."""
         cgroup: InstanceCgroup | None = None
         if self.hierarchy is not None:
@@ -326,37 +338,28 @@ class Limiter:
                 instance,
                 CgroupLimits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids),
             )
-        try:
-            await asyncio.to_thread(self.scratch.mount, scratch, limits.tmp_size)
-        except BaseException:
-            if cgroup is not None:
-                await asyncio.to_thread(cgroup.remove)
-            raise
-        privileged = os.geteuid() == 0
         found = rlimits(
             limits,
             cgroup=cgroup is not None,
             tmpfs=self.scratch.kind == "tmpfs",
             python=python,
-            privileged=privileged,
+            privileged=os.geteuid() == 0,
             hard=lambda res: resource.getrlimit(res)[1],
         )
         procs = cgroup.procs_files if cgroup is not None else ()
+        mount = self.scratch.prepare(scratch, limits.tmp_size)
         run = RunLimits(
-            preexec=lambda: _preexec(procs, found),
+            preexec=lambda: _preexec(procs, mount, found),
             cgroup=cgroup,
-            memory=limits.memory,
-            _scratch=scratch,
-            _scratch_fs=self.scratch,
             _baseline=cgroup.oom_kills() if cgroup is not None else 0,
         )
         if cgroup is not None:
             run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
         return run
 
-    async def clean_leftovers(self, instances: Iterable[str], scratch_dirs: Iterable[Path]) -> None:
-        """After a deployer was killed: the cgroups of the instances it ran (killing whatever
-        still runs in them, daemons included), and the tmpfs mounts of their scratch dirs."""
+    async def clean_leftovers(self, instances: Iterable[str]) -> None:
+        """After a deployer was killed: the cgroups of the instances it ran, killing whatever
+        still runs in them (daemons included)."""
         for instance in instances:
             found = self.hierarchy.find(instance) if self.hierarchy is not None else None
             if found is not None:
@@ -364,9 +367,6 @@ class Limiter:
                     await asyncio.to_thread(found.remove)
                 except OSError as exc:
                     log.warning("cannot remove a leftover cgroup", extra={"error": str(exc)})
-        for directory in scratch_dirs:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.scratch.unmount, directory)
 
 
 def detect_limiter(

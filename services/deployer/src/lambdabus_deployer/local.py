@@ -682,7 +682,7 @@ class LocalBackend:
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
         recorded = [r.instance for r in self.table.load()]
         killed = await asyncio.to_thread(self.table.kill_leftovers)
-        await self.limiter.clean_leftovers(recorded, self.settings.instances_dir.iterdir())
+        await self.limiter.clean_leftovers(recorded)
         for record in killed:
             log.warning(
                 "killed an instance left by a previous run",
