@@ -6,10 +6,13 @@ from __future__ import annotations
 import resource
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from lambdabus_client.cli import describe_limits
 from lambdabus_deployer.cgroups import (
     CgroupLimits,
+    V1Hierarchy,
+    V2Hierarchy,
     cpu_quota_us,
     oom_kills,
     own_cgroups,
@@ -242,3 +245,46 @@ def test_the_cli_says_the_limits_in_one_line() -> None:
         "by rlimit: memory 128 MiB, cpu not enforced, pids not enforced, open files 512, "
         "/tmp 32 MiB (rlimit), logs 2000 lines/s"
     )
+
+
+# -- the hierarchies' files, on a plain directory standing in for cgroupfs ----------------------
+
+
+def test_a_v2_instance_cgroup_gets_its_files_written(tmp_path: Path) -> None:
+    cgroup = V2Hierarchy(tmp_path, swap=True).create("fn-abc-1", CgroupLimits(128, 250, 64))
+    files = {p.name: p.read_text() for p in (tmp_path / "fn-abc-1").iterdir()}
+    assert files == {
+        "memory.max": str(128 * MiB),
+        "memory.swap.max": "0",
+        "memory.oom.group": "1",
+        "cpu.max": "25000 100000",
+        "pids.max": "64",
+    }
+    assert cgroup.procs_files == (str(tmp_path / "fn-abc-1" / "cgroup.procs"),)
+    (tmp_path / "fn-abc-1" / "memory.events").write_text("oom 1\noom_kill 2\n")
+    (tmp_path / "fn-abc-1" / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1\n")
+    (tmp_path / "fn-abc-1" / "pids.events").write_text("max 7\n")
+    assert (cgroup.oom_kills(), cgroup.cpu_seconds(), cgroup.fork_rejections()) == (2, 1.5, 7)
+    assert V2Hierarchy(tmp_path, swap=True).find("fn-abc-1") == cgroup
+    assert V2Hierarchy(tmp_path, swap=True).find("other") is None
+
+
+def test_a_v1_instance_cgroup_is_one_directory_per_hierarchy(tmp_path: Path) -> None:
+    roots = {c: tmp_path / c / "lambdabus" for c in ("memory", "cpu", "pids", "cpuacct")}
+    roots["cpuacct"] = roots["cpu"]  # co-mounted cpu,cpuacct: one directory
+    for root in roots.values():
+        root.mkdir(parents=True, exist_ok=True)
+    cgroup = V1Hierarchy(roots, memsw=True).create("fn-abc-1", CgroupLimits(128, 250, 64))
+    assert (roots["memory"] / "fn-abc-1" / "memory.memsw.limit_in_bytes").read_text() == str(
+        128 * MiB
+    )
+    assert (roots["cpu"] / "fn-abc-1" / "cpu.cfs_quota_us").read_text() == "25000"
+    assert (roots["pids"] / "fn-abc-1" / "pids.max").read_text() == "64"
+    assert sorted(cgroup.procs_files) == sorted(
+        str(roots[c] / "fn-abc-1" / "cgroup.procs") for c in ("memory", "cpu", "pids")
+    )
+    (roots["memory"] / "fn-abc-1" / "memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"
+    )
+    (roots["cpu"] / "fn-abc-1" / "cpuacct.usage").write_text("250000000\n")
+    assert (cgroup.oom_kills(), cgroup.cpu_seconds()) == (1, 0.25)
