@@ -292,8 +292,12 @@ class RunLimits:
         process of the run: it lives in the run's own mount namespace.)"""
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._watch
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the OOM watch of an instance failed")
         if self.cgroup is not None:
             self.oom_killed()  # read the counter while the cgroup is still there
             try:
