@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import aiohttp
 import pytest
 
 from lambdabus_deployer.cgroups import CgroupHierarchy, InstanceCgroup, detect_cgroups
-from lambdabus_deployer.limits import probe_tmpfs
+from lambdabus_deployer.limits import TmpfsScratch, probe_tmpfs
 from lambdabus_events.models import DeploymentState
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.natsserver import run_nats_server
@@ -346,3 +347,26 @@ async def test_without_cgroups_rlimits_limit_each_process(world: World) -> None:
             "fsize": 2 * 1024 * 1024,
             "wrote": "EFBIG",  # a file over tmp_size (Python ignores SIGXFSZ)
         }
+
+
+def test_the_scratch_tmpfs_is_the_childs_alone_and_has_the_owner_asked(tmp_path: Path) -> None:
+    problem = probe_tmpfs(tmp_path)
+    if problem:
+        pytest.skip(f"no tmpfs mount here: {problem}")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    mount = TmpfsScratch().prepare(scratch, 4, owner=(12345, 23456))
+    seen = subprocess.run(
+        ["sh", "-c", f"stat -c '%u:%g %a' {scratch}; grep ' {scratch} ' /proc/self/mounts"],
+        preexec_fn=mount,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert seen[0] == "12345:23456 700"
+    assert "tmpfs" in seen[1]
+    assert "size=4096k" in seen[1]
+    assert "nosuid,nodev" in seen[1]
+    # On the host: a plain empty dir, no mount to undo.
+    assert f" {scratch} " not in Path("/proc/self/mounts").read_text()
+    assert scratch.stat().st_uid == os.getuid()

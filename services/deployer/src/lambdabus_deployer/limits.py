@@ -159,8 +159,11 @@ class ScratchFs(Protocol):
     @property
     def kind(self) -> Literal["tmpfs", "rlimit"]: ...
 
-    def prepare(self, path: Path, size_mib: int) -> ChildAction | None:
-        """What the child does to its scratch dir before it execs (None: nothing)."""
+    def prepare(
+        self, path: Path, size_mib: int, owner: tuple[int, int] | None = None
+    ) -> ChildAction | None:
+        """What the child does to its scratch dir before it execs (None: nothing). The tmpfs
+        belongs to `owner` (uid, gid), by default to the dir's owner."""
         ...
 
 
@@ -211,10 +214,14 @@ class TmpfsScratch:
 
     kind: Literal["tmpfs", "rlimit"] = "tmpfs"
 
-    def prepare(self, path: Path, size_mib: int) -> ChildAction | None:
-        st = path.stat()
+    def prepare(
+        self, path: Path, size_mib: int, owner: tuple[int, int] | None = None
+    ) -> ChildAction | None:
+        if owner is None:
+            st = path.stat()
+            owner = (st.st_uid, st.st_gid)
         target = os.fsencode(path)
-        options = tmpfs_options(size_mib, st.st_uid, st.st_gid).encode()
+        options = tmpfs_options(size_mib, *owner).encode()
         return lambda: mount_private_tmpfs(target, options)
 
 
@@ -224,7 +231,9 @@ class PlainScratch:
 
     kind: Literal["tmpfs", "rlimit"] = "rlimit"
 
-    def prepare(self, path: Path, size_mib: int) -> ChildAction | None:
+    def prepare(
+        self, path: Path, size_mib: int, owner: tuple[int, int] | None = None
+    ) -> ChildAction | None:
         return None
 
 
@@ -330,10 +339,17 @@ class Limiter:
         )
 
     async def start(
-        self, instance: str, limits: Limits, scratch: Path, *, python: bool
+        self,
+        instance: str,
+        limits: Limits,
+        scratch: Path,
+        *,
+        python: bool,
+        owner: tuple[int, int] | None = None,
     ) -> RunLimits:
         """Make the cgroup of one run and say what its child does before exec (`preexec`):
-        join the cgroup, mount its scratch tmpfs, set its rlimits. The scratch dir exists.
+        join the cgroup, mount its scratch tmpfs (owned by `owner`, the uid and gid the sandbox
+        runs as; default: the scratch dir's owner), set its rlimits. The scratch dir exists.
         `close()` the result when the run ends."""
         cgroup: InstanceCgroup | None = None
         if self.hierarchy is not None:
@@ -351,7 +367,7 @@ class Limiter:
             hard=lambda res: resource.getrlimit(res)[1],
         )
         procs = cgroup.procs_files if cgroup is not None else ()
-        mount = self.scratch.prepare(scratch, limits.tmp_size)
+        mount = self.scratch.prepare(scratch, limits.tmp_size, owner)
         run = RunLimits(
             preexec=lambda: _preexec(procs, mount, found),
             cgroup=cgroup,
