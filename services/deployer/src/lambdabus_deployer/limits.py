@@ -330,12 +330,13 @@ class Limiter:
         heap flag) is needed, and an instance over it is OOMKilled."""
         return self.hierarchy is not None
 
-    def report(self, limits: Limits, *, log_rate: int) -> InstanceLimits:
+    def report(self, limits: Limits, *, log_rate: int, own_uid: bool = False) -> InstanceLimits:
         return limits_report(
             limits,
             cgroup=self.hierarchy is not None,
             tmpfs=self.scratch.kind == "tmpfs",
             log_rate=log_rate,
+            per_instance_uid=own_uid,
         )
 
     async def start(
@@ -346,11 +347,13 @@ class Limiter:
         *,
         python: bool,
         owner: tuple[int, int] | None = None,
+        own_uid: bool = False,
     ) -> RunLimits:
         """Make the cgroup of one run and say what its child does before exec (`preexec`):
         join the cgroup, mount its scratch tmpfs (owned by `owner`, the uid and gid the sandbox
-        runs as; default: the scratch dir's owner), set its rlimits. The scratch dir exists.
-        `close()` the result when the run ends."""
+        runs as; default: the scratch dir's owner), set its rlimits (RLIMIT_NPROC too without
+        a cgroup, if `own_uid`: no other process runs as the instance's uid). The scratch dir
+        exists. `close()` the result when the run ends."""
         cgroup: InstanceCgroup | None = None
         if self.hierarchy is not None:
             cgroup = await asyncio.to_thread(
@@ -363,6 +366,7 @@ class Limiter:
             cgroup=cgroup is not None,
             tmpfs=self.scratch.kind == "tmpfs",
             python=python,
+            per_instance_uid=own_uid,
             privileged=os.geteuid() == 0,
             hard=lambda res: resource.getrlimit(res)[1],
         )
