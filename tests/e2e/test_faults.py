@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from lambdabus_deployer.cgroups import detect_cgroups
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import logs_subject
@@ -419,8 +420,58 @@ def test_a_blocked_event_loop_times_out_and_gets_the_instance_restarted(
 
 
 # -- memory ------------------------------------------------------------------------------------
+# Where the deployer can make cgroups, the memory limit holds for an instance's whole process
+# tree and going over it is an OOM kill of the instance (restarted with back-off); elsewhere it
+# is an address-space limit per Python process (MemoryError) and Node's heap cap (abort).
+
+CGROUPS = detect_cgroups("lambdabus")[0] is not None
+needs_cgroups = pytest.mark.skipif(not CGROUPS, reason="no writable cgroup: rlimits apply")
+needs_rlimits = pytest.mark.skipif(CGROUPS, reason="cgroups apply here, not rlimits")
 
 
+def assert_oom_killed_and_restarted(
+    platform: Platform, canary: Prober, name: str, files: dict[str, str], **config: Any
+) -> None:
+    start = time.monotonic()
+    deploy(platform, name, files, memory=64, **config)
+    wait_status(platform, name, 60, status="running")
+    url = invoke_url(platform, name)
+    status, body, took = timed("POST", url, {"eat": True})
+    assert (status, body["error"]["code"]) == (502, "bad_gateway"), body
+    wait_for(lambda: http("POST", url, {"eat": False}) == (200, {"fine": True}), 30, "answers")
+    back = time.monotonic() - start
+    st = status_of(platform, name)
+    message = condition(st, "Running")["message"]
+    assert st["status"] == "running"
+    assert st["limits"]["enforced_by"] == "cgroup"
+    assert st["limits"]["memory"] == 64
+    assert "OOMKilled: it used more than its 64 MiB of memory" in message
+    assert "1 restart so far" in message
+    logs = logs_saying(platform, name, "restarting in")
+    assert "OOMKilled" in logs
+    print(f"\nmemory ({name}, 64 MiB): 502 in {took:.2f} s, back after {back:.2f} s: {message!r}")
+    canary.assert_undisturbed(start, f"{name} out of memory")
+    assert_platform_answers(platform)
+
+
+@needs_cgroups
+def test_memory_exhaustion_in_python_is_oomkilled_and_restarted(
+    platform: Platform, canary: Prober
+) -> None:
+    assert_oom_killed_and_restarted(platform, canary, "hog", MEMORY_HOG)
+
+
+@needs_cgroups
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_memory_exhaustion_in_node_is_oomkilled_and_restarted(
+    platform: Platform, canary: Prober
+) -> None:
+    assert_oom_killed_and_restarted(
+        platform, canary, "node-hog", NODE_MEMORY_HOG, runtime="nodejs20"
+    )
+
+
+@needs_rlimits
 def test_memory_exhaustion_in_python_is_a_500_and_the_instance_lives_on(
     platform: Platform, canary: Prober
 ) -> None:
@@ -442,6 +493,7 @@ def test_memory_exhaustion_in_python_is_a_500_and_the_instance_lives_on(
     assert_platform_answers(platform)
 
 
+@needs_rlimits
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_memory_exhaustion_in_node_kills_the_instance_which_is_restarted(
     platform: Platform, canary: Prober

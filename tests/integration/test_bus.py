@@ -84,3 +84,24 @@ async def test_request_reply(bus: Bus) -> None:
         assert await bus.request("lambdabus.rpc.test.echo", b"hi") == b"HI"
     finally:
         await unsubscribe()
+
+
+async def test_logs_stream_keeps_at_most_logs_max_bytes(nats_settings: NatsSettings) -> None:
+    """A function flooding its logs cannot fill the disk: past `logs_max_bytes` the LOGS
+    stream drops its oldest lines and keeps taking new ones."""
+    small = nats_settings.model_copy(update={"logs_max_bytes": 64 * 1024})
+    subject = "lambdabus.logs.runtime.flood.test"
+    line = b"x" * 1024
+    async with Bus.connect(small, name="flood") as bus:
+        await bus.declare()
+        try:
+            sequences = [await bus.publish(subject, line) for _ in range(300)]
+            kept = await bus.count("LOGS", subject)
+            assert 0 < kept < 64, kept
+            assert await bus.get_message("LOGS", sequences[0]) is None  # the oldest went first
+            newest = await bus.get_message("LOGS", sequences[-1])
+            assert newest is not None
+            assert newest.data == line
+        finally:
+            async with Bus.connect(nats_settings, name="restore") as restore:
+                await restore.declare()  # the other tests share this server

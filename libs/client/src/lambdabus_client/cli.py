@@ -1178,6 +1178,25 @@ async def _ls(settings: ClientSettings, args: argparse.Namespace, output: str) -
     return 0
 
 
+def describe_limits(limits: dict[str, Any]) -> str:
+    """One line of a function's status `limits`; an unenforced one says so."""
+
+    def part(label: str, key: str, unit: str) -> str:
+        value = limits.get(key)
+        return f"{label} {value}{unit}" if value is not None else f"{label} not enforced"
+
+    return ", ".join(
+        [
+            f"by {limits.get('enforced_by', '?')}: {part('memory', 'memory', ' MiB')}",
+            part("cpu", "cpu", "m"),
+            part("pids", "pids", ""),
+            part("open files", "open_files", ""),
+            f"{part('/tmp', 'tmp_size', ' MiB')} ({limits.get('tmp_enforced_by', '?')})",
+            part("logs", "log_lines_per_second", " lines/s"),
+        ]
+    )
+
+
 async def _status(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     async with LambdabusClient.from_settings(settings) as client:
         status = await client.function_status(settings.namespace, args.name)
@@ -1191,6 +1210,8 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
         f"Image:       {status.get('image_status', '-')}",
         f"Status:      {status.get('status', '-')} ({replicas})",
     ]
+    if isinstance(status.get("limits"), dict):
+        lines.append(f"Limits:      {describe_limits(status['limits'])}")
     if status.get("message"):
         lines.append(f"Message:     {_one_line(str(status['message']))}")
     conditions = [

@@ -257,6 +257,29 @@ class InstanceState(_Strict):
     last_exit: str = ""
 
 
+class InstanceLimits(_Strict):
+    """The limits an instance of a function runs under, as enforced on this machine.
+
+    `cgroup`: memory, cpu and pids hold for the instance's whole process tree (the memory
+    includes the page cache and the /tmp files it writes). `rlimit` (no writable cgroup):
+    per process only; memory is an address-space limit for Python (Node: its heap), and cpu and
+    pids are not enforced (null). `tmp_size` is a tmpfs of that size (`tmp_enforced_by:
+    "tmpfs"`) or, when the deployer cannot mount one, a limit on each file's size
+    (`"rlimit"`). `open_files` is per process in both. The log rate is the deployer's.
+    """
+
+    enforced_by: Literal["cgroup", "rlimit"]
+    memory: int | None = Field(description="MiB; null when not enforced")
+    cpu: int | None = Field(description="millicores; null when not enforced")
+    pids: int | None = Field(description="processes and threads; null when not enforced")
+    open_files: int
+    tmp_size: int = Field(description="MiB")
+    tmp_enforced_by: Literal["tmpfs", "rlimit"]
+    log_lines_per_second: int = Field(
+        description="log lines per second per instance kept; the rest are counted and dropped"
+    )
+
+
 class DeploymentState(_Strict):
     """The deployer-owned deployment status of one function, in the `deployments` KV bucket.
 
@@ -276,6 +299,7 @@ class DeploymentState(_Strict):
     timeout: float = 30.0
     instances: list[InstanceState] = Field(default_factory=list)
     sandboxed: bool = False
+    limits: InstanceLimits | None = None
     updated_at: datetime
 
 
@@ -309,6 +333,7 @@ class FunctionStatus(_Strict):
     replicas: int
     ready_replicas: int
     message: str = ""
+    limits: InstanceLimits | None = None
 
 
 # The logs query, asked over NATS request/reply on `LOGS_QUERY_SUBJECT` and answered by the

@@ -286,6 +286,8 @@ class Bus:
                 storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS,
                 max_age=max_age[spec.name],
+                max_bytes=s.logs_max_bytes if spec.name == "LOGS" else -1,
+                discard=api.DiscardPolicy.OLD,
                 duplicate_window=(
                     s.events_duplicate_window_seconds
                     if spec.name == "EVENTS"

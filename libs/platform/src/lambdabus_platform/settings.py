@@ -55,6 +55,12 @@ class NatsSettings(BaseSettings):
     replicas: int = Field(default=1, ge=1, le=5, description="stream replicas (1 when embedded)")
     lifecycle_max_age_days: float = Field(default=365.0, gt=0)
     logs_max_age_days: float = Field(default=7.0, gt=0)
+    logs_max_bytes: int = Field(
+        default=1024**3,
+        ge=1024,
+        description="the LOGS stream keeps at most this many bytes; the oldest lines go first, "
+        "so no function can fill the disk through its logs",
+    )
     events_max_age_days: float = Field(default=7.0, gt=0)
     duplicate_window_seconds: float = Field(default=120.0, gt=0)
     events_duplicate_window_seconds: float = Field(

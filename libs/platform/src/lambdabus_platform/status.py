@@ -138,8 +138,9 @@ def compute_status(
     )
     image, build_cond = _build_condition(record, build)
     status, running_cond = _running_condition(record, image, deployment)
-    replicas = deployment.replicas if deployment and deployment.uid == record.uid else 0
-    ready = deployment.ready_replicas if deployment and deployment.uid == record.uid else 0
+    current = deployment if deployment is not None and deployment.uid == record.uid else None
+    replicas = current.replicas if current else 0
+    ready = current.ready_replicas if current else 0
     message = next(
         (c.message for c in (build_cond, running_cond) if c.status == "False" and c.message), ""
     )
@@ -153,6 +154,7 @@ def compute_status(
         replicas=replicas,
         ready_replicas=ready,
         message=message,
+        limits=current.limits if current else None,
     )
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -28,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from lambdabus_deployer.backend import LogSink, Reporter
+from lambdabus_deployer.limits import Limiter, Limits, detect_limiter, oom_message
 from lambdabus_deployer.logcapture import InstanceLog
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.plan import (
@@ -56,18 +55,6 @@ from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
 
 log = logging.getLogger("lambdabus.deployer.local")
 _ENVIRONMENTS = EnvironmentVerifier()  # each (env dir, digest) hashed once per process
-
-MiB = 1024 * 1024
-
-
-def _limit_address_space(limit: int) -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _address_space_limit(memory_mib: int) -> int:
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = memory_mib * MiB
-    return limit if hard == resource.RLIM_INFINITY else min(limit, hard)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -191,6 +178,7 @@ class Outcome:
     was_ready: bool
     ran_for: float
     why: str = ""
+    oom: bool = False  # the kernel's OOM killer struck: the whole instance was killed
 
     def describe(self) -> str:
         text = _describe_exit(self.code)
@@ -217,6 +205,7 @@ class Instance:
         self.endpoint: str | None = None
         self.restarts = 0
         self.last_exit = ""
+        self.last_oom = False
         self.unready_streak = 0
         self.retired = False
         self.log = InstanceLog(
@@ -280,6 +269,7 @@ class Instance:
                     return
                 self.endpoint = None
                 self.last_exit = outcome.describe()
+                self.last_oom = outcome.oom
                 if outcome.was_ready:
                     self.unready_streak = 0
                     if outcome.ran_for >= s.crashloop_window:
@@ -321,7 +311,6 @@ class Instance:
         backend = self.group.runner.backend
         s = backend.settings
         manifest = self.group.manifest
-        _private_dir(self.scratch, self.identity)
         _private_dir(self.socket_dir, self.identity)
         if backend.sandbox.enabled:
             sandbox_spec = render_sandbox(
@@ -371,14 +360,26 @@ class Instance:
             revision=self.group.revision,
             runtime=backend.runtime,
             socket_dir=str(self.socket_dir),
-        )
-        preexec = (
-            functools.partial(_limit_address_space, _address_space_limit(spec.revision.memory))
-            if uses_rlimit_as(manifest)
-            else None
+            per_process_memory=not backend.limiter.enforces_memory,
         )
         self.log.tail.clear()
-        process, sandboxed = await self._start(spec, preexec)
+        # Its cgroup (or rlimits) and its scratch tmpfs: the child joins and mounts in
+        # `preexec`, before the sandbox drops privileges.
+        identity = self.identity
+        _private_dir(self.scratch, identity)
+        limits = await backend.limiter.start(
+            self.id,
+            Limits.of(spec.revision),
+            self.scratch,
+            python=uses_rlimit_as(manifest),
+            owner=(identity.uid, identity.gid) if identity is not None else None,
+            own_uid=identity is not None,
+        )
+        try:
+            process, sandboxed = await self._start(spec, limits.preexec)
+        except BaseException:
+            await limits.close()
+            raise
         started = time.monotonic()
         backend.metrics.instances_running.inc()
         assert process.stdout is not None
@@ -425,10 +426,12 @@ class Instance:
             if process.returncode is None:
                 graceful = self._stop.is_set() and not why
                 await self._terminate(process, sandboxed, exited, graceful=graceful)
-            # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1).
+            # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1),
+            # and in its cgroup (what left the group: setsid, daemons).
             _signal_group(process.pid, signal.SIGKILL)
             if sandboxed is not None:
                 await sandboxed.close()
+            await limits.kill_all()
             _, late = await asyncio.wait(pumps, timeout=2)
             for task in (*late, drops, stopping):
                 task.cancel()
@@ -438,7 +441,12 @@ class Instance:
             await self.log.flush_dropped()
             backend.table.discard(self.id)
             backend.metrics.instances_running.dec()
-        return Outcome(process.returncode, was_ready, time.monotonic() - started, why)
+            oom = limits.oom_killed()
+            await limits.close()
+        if oom:
+            why = oom_message(spec.revision.memory)
+            backend.metrics.oom_kills.inc()
+        return Outcome(process.returncode, was_ready, time.monotonic() - started, why, oom)
 
     async def _healthy(self) -> bool:
         backend = self.group.runner.backend
@@ -544,7 +552,7 @@ class RevisionSet:
             return False
         self.fail(
             Failure(
-                reason="CrashLoop",
+                reason="OOMKilled" if instance.last_oom else "CrashLoop",
                 message=crash_message(instance.id, instance.last_exit, instance.log.tail_text()),
             )
         )
@@ -690,6 +698,9 @@ class FunctionRunner:
             failure=self.failure,
             sandboxed=sandbox.enabled,
             sandbox_note=sandbox.reason,
+            limits=self.backend.limiter.report(
+                Limits.of(self.desired), log_rate=self.backend.settings.log_rate_lines_per_second
+            ),
         )
 
     async def _report(self) -> None:
@@ -737,6 +748,7 @@ class LocalBackend:
         settings: DeployerSettings,
         *,
         sandbox: Sandbox,
+        limiter: Limiter,
         runtime: RuntimePaths,
         http: aiohttp.ClientSession,
         report: Reporter,
@@ -745,6 +757,7 @@ class LocalBackend:
     ) -> None:
         self.settings = settings
         self.sandbox = sandbox
+        self.limiter = limiter
         self.runtime = runtime
         self.http = http
         self.report = report
@@ -781,7 +794,9 @@ class LocalBackend:
         scratch dirs: a fresh start of exactly what is desired follows."""
         self.settings.instances_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _owned_private(self.settings.sockets_dir, parent_too=self.settings.socket_dir is None)
+        recorded = [r.instance for r in self.table.load()]
         killed = await asyncio.to_thread(self.table.kill_leftovers)
+        await self.limiter.clean_leftovers(recorded)
         for record in killed:
             log.warning(
                 "killed an instance left by a previous run",
@@ -809,12 +824,26 @@ async def open_local_backend(
     report: Reporter,
     logs: LogSink,
     metrics: DeployerMetrics,
+    limiter: Limiter | None = None,
 ) -> AsyncIterator[LocalBackend]:
     """The backend for the deployer's lifetime: leftovers killed on entry, every instance
     stopped on exit (instances are our children; nothing may outlive the deployer)."""
+    if limiter is None:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        limiter = await asyncio.to_thread(
+            detect_limiter,
+            settings.limits,
+            settings.scratch,
+            cgroup_root=settings.cgroup_root,
+            state_dir=settings.state_dir,
+            oom_poll_interval=settings.oom_poll_interval,
+        )
+        if limiter.note:
+            log.warning("instance limits are weaker here", extra={"note": limiter.note})
     backend = LocalBackend(
         settings,
         sandbox=sandbox,
+        limiter=limiter,
         runtime=runtime,
         http=http,
         report=report,

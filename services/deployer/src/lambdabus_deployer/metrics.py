@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 class DeployerMetrics:
     instances_running: Gauge
     restarts: Counter
+    oom_kills: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> DeployerMetrics:
@@ -24,6 +25,11 @@ class DeployerMetrics:
             restarts=Counter(
                 "lambdabus_deployer_instance_restarts",
                 "instances restarted after they exited or failed their health check",
+                registry=registry,
+            ),
+            oom_kills=Counter(
+                "lambdabus_deployer_instance_oom_kills",
+                "instances killed because they used more than their memory limit",
                 registry=registry,
             ),
         )

@@ -32,6 +32,7 @@ from lambdabus_events.models import (
     DeploymentState,
     FunctionConfig,
     FunctionRecord,
+    InstanceLimits,
     InstanceState,
     Runtime,
 )
@@ -263,6 +264,9 @@ class InstanceSpec:
     revision: DesiredRevision
     runtime: RuntimePaths
     socket_dir: str = ""
+    # False when a cgroup limits the memory of the whole process tree: no per-process limit
+    # (Node's heap flag, RLIMIT_AS) then, so going over it is an OOM kill, as for any runtime.
+    per_process_memory: bool = True
 
     @property
     def socket(self) -> str:
@@ -309,8 +313,9 @@ def runtime_command(
                 "(LAMBDABUS_DEPLOYER_NODE_SERVER)"
             )
         # V8 reserves far more address space than it uses, so RLIMIT_AS would kill it at start;
-        # the heap cap is the limit for node.
-        return [rt.node, f"--max-old-space-size={rev.memory}", rt.node_server, *flags]
+        # without a memory cgroup, the heap cap is the limit for node.
+        heap = [f"--max-old-space-size={rev.memory}"] if instance.per_process_memory else []
+        return [rt.node, *heap, rt.node_server, *flags]
     if not instance.runtime.pythonpath:
         raise RuntimeUnavailable(
             "the runtime SDK (lambdabus_runtime) is not installed; "
@@ -502,6 +507,7 @@ class Observation:
     failure: Failure | None = None
     sandboxed: bool = True
     sandbox_note: str = ""
+    limits: InstanceLimits | None = None
 
 
 Phase = Literal["started", "ready", "failed", "scaled", "stopped"]
@@ -592,6 +598,7 @@ def next_deployment_state(
         timeout=rev.timeout,
         instances=list(obs.instances),
         sandboxed=obs.sandboxed,
+        limits=obs.limits,
         updated_at=now,
     )
     if previous is not None and _same(previous, state):

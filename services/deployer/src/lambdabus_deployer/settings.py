@@ -6,12 +6,16 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from lambdabus_platform.sandbox import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, SandboxMode
 from lambdabus_platform.settings import SecretsSettings, ServiceSettings
+
+LimitsMode = Literal["auto", "cgroup", "rlimit"]
+ScratchMode = Literal["auto", "tmpfs", "rlimit"]
 
 
 def _inherited_path() -> str:
@@ -55,6 +59,25 @@ class DeployerSettings(ServiceSettings):
         default=None,
         description="where instances' Unix sockets live (default: /run/lambdabus as root, "
         "else the temp dir; a short path, as socket paths are limited to 107 bytes)",
+    )
+    limits: LimitsMode = Field(
+        default="auto",
+        description="how instance memory, cpu and pids are limited: a cgroup per instance "
+        "(v2, else v1) for its whole process tree, or rlimits per process; auto: a cgroup "
+        "where one is writable",
+    )
+    cgroup_root: str = Field(
+        default="lambdabus",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the cgroup under the deployer's own that holds the instances' cgroups",
+    )
+    scratch: ScratchMode = Field(
+        default="auto",
+        description="how an instance's /tmp (its scratch dir) is limited to tmp_size: a tmpfs "
+        "mounted by the deployer (needs root), or RLIMIT_FSIZE per file; auto: tmpfs if we can",
+    )
+    oom_poll_interval: float = Field(
+        default=0.2, gt=0, description="seconds between reads of an instance's OOM kill counter"
     )
     reconcile_interval: float = Field(default=10.0, gt=0)
     log_line_max_bytes: int = Field(default=16384, ge=256)
