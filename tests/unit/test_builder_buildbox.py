@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lambdabus_builder.buildbox import PATH, TOOLS_DIR, build_step, install_prefix
+from pathlib import Path
+
+from lambdabus_builder.buildbox import PATH, TOOLS_DIR, build_step, install_prefix, network_env
 from lambdabus_platform.sandbox import Bind
 
 
@@ -48,3 +50,26 @@ def test_install_prefix() -> None:
         "/root/.pyenv/versions/3.11.7"
     )
     assert install_prefix("/opt/node/node") == "/opt/node"
+
+
+def test_networked_steps_get_the_operators_tls_trust_and_proxy_only(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env, paths = network_env(
+        {
+            "SSL_CERT_FILE": str(ca),
+            "SSL_CERT_DIR": "/etc/ssl/certs",
+            "HTTPS_PROXY": "http://proxy.example:3128",
+            "NODE_EXTRA_CA_CERTS": str(tmp_path / "missing.pem"),
+            "AWS_SECRET_ACCESS_KEY": "nope",
+            "LD_PRELOAD": "/tmp/evil.so",
+        }
+    )
+    assert env == {
+        "SSL_CERT_FILE": str(ca),
+        "SSL_CERT_DIR": "/etc/ssl/certs",
+        "HTTPS_PROXY": "http://proxy.example:3128",
+        "NODE_EXTRA_CA_CERTS": str(tmp_path / "missing.pem"),
+    }
+    assert str(ca) in paths  # bound read-only into the sandbox
+    assert str(tmp_path / "missing.pem") not in paths

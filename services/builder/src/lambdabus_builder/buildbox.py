@@ -18,6 +18,30 @@ BUILD_DIR = "/build"  # where a dependency build sees its staging dir: no host p
 PATH = f"{TOOLS_DIR}:/usr/local/bin:/usr/bin:/bin"
 
 
+# The operator's TLS trust and proxy settings: what a build step that uses the network needs
+# to reach the package index from this machine (a TLS-intercepting proxy's CA, an egress proxy).
+TRUST_VARIABLES = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+)
+_TRUST_PATHS = ("SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS")
+
+
+def network_env(trust: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The env a networked build step gets from the operator's trust settings (only the
+    variables of `TRUST_VARIABLES`), and the host paths it names, to bind read-only."""
+    env = {k: v for k, v in trust.items() if k in TRUST_VARIABLES and v}
+    paths = [env[k] for k in _TRUST_PATHS if k in env and os.path.isabs(env[k])]
+    return env, [p for p in paths if os.path.exists(p)]
+
+
 def visible_anyway(path: str) -> bool:
     """Whether every sandbox sees `path` already (read-only, under the system paths)."""
     return any(path == root or path.startswith(root + "/") for root in SYSTEM_PATHS)

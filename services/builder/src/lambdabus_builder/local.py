@@ -24,6 +24,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import uv
@@ -37,6 +38,7 @@ from lambdabus_builder.buildbox import (
     TOOLS_DIR,
     build_step,
     install_prefix,
+    network_env,
 )
 from lambdabus_builder.errors import BuildFailure
 from lambdabus_builder.plan import (
@@ -276,7 +278,7 @@ class LocalBackend:
         identity = box.identity(key)
         for path in (stage, scratch):
             os.chown(path, identity.uid, identity.gid)
-        return _Steps(box, key, stage, scratch, inside)
+        return _Steps(box, key, stage, scratch, inside, trust=self._settings.trust_env)
 
     async def _python_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
         s = self._settings
@@ -465,8 +467,16 @@ class _Steps:
     (writable) and `scratch` as /tmp; or on the host when `box` is None."""
 
     def __init__(
-        self, box: Sandbox | None, key: str, stage: Path, scratch: Path, inside: str
+        self,
+        box: Sandbox | None,
+        key: str,
+        stage: Path,
+        scratch: Path,
+        inside: str,
+        *,
+        trust: Mapping[str, str] | None = None,
     ) -> None:
+        self.trust = trust or {}
         self.box = box
         self.key = key
         self.stage = stage
@@ -516,6 +526,10 @@ class _Steps:
     ) -> process.Completed:
         if self.box is None:
             return await process.run(argv, cwd=cwd, on_line=on_line or log.write)
+        if network != "none":
+            trust_env, trust_paths = network_env(self.trust)
+            env = {**trust_env, **(env or {})}
+            read_only = [*(read_only or ()), *trust_paths]
         spec = build_step(
             argv,
             stage=str(writable or self.stage),

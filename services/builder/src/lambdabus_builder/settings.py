@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from lambdabus_builder.buildbox import TRUST_VARIABLES
 from lambdabus_platform.sandbox import SandboxMode
 from lambdabus_platform.settings import ServiceSettings, StoreSettings
 
@@ -24,10 +26,21 @@ def default_python() -> str:
     return shutil.which("python3.11") or sys.executable
 
 
+def _trust_env() -> dict[str, str]:
+    # The builder's own TLS trust and proxy variables, handed to networked build steps.
+    return {k: os.environ[k] for k in TRUST_VARIABLES if os.environ.get(k)}
+
+
 class BuilderSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_BUILDER_", extra="ignore")
 
     port: int = Field(default=8082, ge=0, le=65535)
+    trust_env: dict[str, str] = Field(
+        default_factory=_trust_env,
+        description="TLS trust and proxy variables (SSL_CERT_FILE, SSL_CERT_DIR, "
+        "NODE_EXTRA_CA_CERTS, HTTPS_PROXY, ...) given to build steps that use the network; "
+        "default: those of the builder's environment",
+    )
     state_dir: Path = Field(
         default=Path(".lambdabus/builder"),
         description="the builder's own directory: dependency environments and artifacts",
