@@ -26,13 +26,19 @@ from tests.e2e.helpers import cmdline, http, offline_platform, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 VICTIM_SECRET = "victim-env-value-7d1f"
+VICTIM_PASSWORD = "victim-secret-value-3c9a"
 
 VICTIM = {
     "lambda_main.py": (
         "import os\n"
         "\n"
         "async def main(request):\n"
-        "    return {'token': os.environ.get('VAULT_TOKEN'), 'uid': os.getuid()}\n"
+        "    return {\n"
+        "        'token': os.environ.get('VAULT_TOKEN'),\n"
+        "        'password': os.environ.get('VAULT_PASSWORD'),\n"
+        "        'file': open('/secrets/db/password').read(),\n"
+        "        'uid': os.getuid(),\n"
+        "    }\n"
     )
 }
 
@@ -84,7 +90,9 @@ def main(request):
     results = {name: attempt(lambda: ACTIONS[kind](*args)) for name, (kind, *args) in plan.items()}
     results["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     results["uid"] = os.getuid()
-    results["env_has_victim_secret"] = any("victim-env-value" in v for v in os.environ.values())
+    results["env_has_victim_secret"] = any(
+        "victim-env-value" in v or "victim-secret-value" in v for v in os.environ.values()
+    )
     return results
 """
 }
@@ -148,12 +156,28 @@ def host_uid(pid: int) -> int:
 @pytest.fixture(scope="module")
 def attack(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Deploy the victim and the attacker, hand the attacker the host's facts, run it once."""
-    deploy(platform, "victim", "vault", VICTIM, env={"VAULT_TOKEN": VICTIM_SECRET})
+    status, body = http(
+        "POST",
+        f"{platform.urls['gateway']}/v1/namespaces/victim/secrets",
+        {"name": "db", "data": {"password": VICTIM_PASSWORD}},
+    )
+    assert status == 201, body
+    deploy(
+        platform,
+        "victim",
+        "vault",
+        VICTIM,
+        env={"VAULT_TOKEN": VICTIM_SECRET},
+        secrets=["db"],
+        env_from={"VAULT_PASSWORD": {"secret": "db", "key": "password"}},
+    )
     deploy(platform, "attacker", "probe", ATTACKER, timeout=60)
     wait_running(platform, "victim", "vault")
     wait_running(platform, "attacker", "probe")
     router = platform.urls["router"]
-    assert http("POST", f"{router}/victim/vault", {})[1]["token"] == VICTIM_SECRET
+    victim_sees = http("POST", f"{router}/victim/vault", {})[1]
+    assert victim_sees["token"] == VICTIM_SECRET
+    assert victim_sees["password"] == victim_sees["file"] == VICTIM_PASSWORD
 
     victim_pids = wait_for(lambda: runtime_pids("victim/vault"), 30, "the victim's instance")
     attacker_pids = wait_for(lambda: runtime_pids("attacker/probe"), 30, "the attacker")
@@ -182,6 +206,8 @@ def attack(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict
     plan["victim_scratch"] = ["listdir", str(scratch[0])]
     plan["data_dir"] = ["listdir", str(state)]
     plan["root_home"] = ["listdir", "/root"]
+    plan["victim_secret_file"] = ["read", "/secrets/db/password"]
+    plan["secrets_dir"] = ["listdir", "/secrets"]
     plan["repo"] = ["listdir", str(Path(__file__).resolve().parents[2])]
     plan["shadow"] = ["read", "/etc/shadow"]
     plan["kill_victim"] = ["kill", victim_pids[0]]
@@ -236,6 +262,12 @@ def test_the_attacker_cannot_reach_the_victims_instance(attack: dict[str, Any]) 
 def test_the_attacker_cannot_read_the_victims_files(attack: dict[str, Any]) -> None:
     assert attack["victim_code"] == "ENOENT"
     assert attack["victim_scratch"] == "ENOENT"
+    assert not attack["env_has_victim_secret"]
+
+
+def test_the_attacker_cannot_read_the_victims_secret(attack: dict[str, Any]) -> None:
+    assert attack["victim_secret_file"] == "ENOENT"
+    assert attack["secrets_dir"] == "ENOENT"  # it uses no secret: nothing is mounted
     assert not attack["env_has_victim_secret"]
 
 

@@ -309,6 +309,26 @@ async def test_bad_namespaces(gateway: RunningGateway, ns: str) -> None:
         ({"name": "fn", "memory": "lots"}, "invalid_spec", "spec.memory"),
         ({"runtime": "python3.11"}, "invalid_name", "spec.name"),
         ({"name": "fn", "runtime": "python2.7"}, "unsupported_runtime", "python3.11, nodejs20"),
+        # env names the runtime and the sandbox depend on, and oversized values
+        ({"name": "fn", "env": {"LD_PRELOAD": "/code/x.so"}}, "invalid_spec", "LD_PRELOAD"),
+        ({"name": "fn", "env": {"PATH": "/code"}}, "invalid_spec", "PATH"),
+        ({"name": "fn", "env": {"PYTHONPATH": "/code"}}, "invalid_spec", "PYTHONPATH"),
+        ({"name": "fn", "env": {"NODE_OPTIONS": "-r x"}}, "invalid_spec", "NODE_OPTIONS"),
+        ({"name": "fn", "env": {"LAMBDABUS_NATS_URL": "x"}}, "invalid_spec", "LAMBDABUS_NATS_URL"),
+        ({"name": "fn", "env": {"BIG": "x" * 40_000}}, "invalid_spec", "at most 32768 bytes"),
+        (
+            {"name": "fn", "env": {f"V{i}": "x" * 30_000 for i in range(9)}},
+            "invalid_spec",
+            "at most 262144",
+        ),
+        (
+            {"name": "fn", "env_from": {"LD_PRELOAD": {"secret": "db", "key": "k"}}},
+            "invalid_spec",
+            "LD_PRELOAD",
+        ),
+        ({"name": "fn", "secrets": ["Not_A_Label"]}, "invalid_spec", "spec.secrets"),
+        ({"name": "fn", "network": "host"}, "invalid_spec", "spec.network"),
+        ({"name": "fn", "pids": 1}, "invalid_spec", "spec.pids"),
     ],
 )
 async def test_bad_specs(

@@ -29,7 +29,11 @@ class GatewaySettings(ServiceSettings):
         default=250 * MiB, gt=0, description="largest unpacked archive"
     )
     max_archive_entries: int = Field(default=10_000, gt=0)
-    max_spec_bytes: int = Field(default=64 * 1024, gt=0)
+    max_spec_bytes: int = Field(
+        default=512 * 1024,
+        gt=0,
+        description="the largest spec (JSON) taken: room for an env of 256 KiB, the most allowed",
+    )
     allow_unsafe_requirements: bool = Field(
         default=False,
         description="accept requirements.txt options (-r, -e, --index-url, ...), local paths, "
