@@ -46,6 +46,27 @@ from lambdabus_platform.settings import NatsSettings, ServiceSettings
 log = logging.getLogger("lambdabus.service")
 
 
+def _events_logger(name: str) -> logging.Logger:
+    logger = logging.getLogger(f"lambdabus.{name}.events")
+    if not any(isinstance(f, EmptyFetchFilter) for f in logger.filters):
+        logger.addFilter(EmptyFetchFilter())
+    return logger
+
+
+class EmptyFetchFilter(logging.Filter):
+    """Drops FastStream's error report of an empty pull fetch. FastStream 0.7 suppresses nats-py's
+    `nats.errors.TimeoutError` around `fetch`, but nats-py raises asyncio's plain `TimeoutError`
+    when the deadline runs out between its two pull requests; FastStream's supervisor then logs
+    an error and starts the fetch loop again. Nothing was lost: it is a fetch that found no
+    message, and an idle platform must not log errors. Any other failure is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            type(exc) is TimeoutError and "raised an exception, retrying" in record.getMessage()
+        )
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry
@@ -265,7 +286,7 @@ async def serve(
             name=f"lambdabus-{name}-events",
             max_reconnect_attempts=-1,
             graceful_timeout=settings.shutdown_grace_seconds,
-            logger=logging.getLogger(f"lambdabus.{name}.events"),
+            logger=_events_logger(name),
         )
         app = make_app(client_max_size=client_max_size)
         ctx = ServiceContext(name, settings, bus, broker, app, metrics)
