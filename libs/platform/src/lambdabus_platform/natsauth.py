@@ -188,6 +188,22 @@ def _owned_durables(accesses: Mapping[str, Access], user: str) -> dict[str, list
     return others
 
 
+def _bucket_reads(stream: str) -> list[str]:
+    """Reading a KV or object store bucket's stream: info, gets, and the ordered (ephemeral)
+    consumers of watches and listings with their flow control."""
+    return [
+        f"{_API}.STREAM.INFO.{stream}",
+        f"{_API}.STREAM.MSG.GET.{stream}",
+        f"{_API}.DIRECT.GET.{stream}",
+        f"{_API}.DIRECT.GET.{stream}.>",
+        f"{_API}.CONSUMER.CREATE.{stream}",
+        f"{_API}.CONSUMER.CREATE.{stream}.>",
+        f"{_API}.CONSUMER.INFO.{stream}.*",
+        f"{_API}.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
 def permissions(user: str, accesses: Mapping[str, Access] = ACCESS) -> Permissions:
     """The least permissions that let `user` do what its `Access` says."""
     access = accesses[user]
@@ -204,34 +220,13 @@ def permissions(user: str, accesses: Mapping[str, Access] = ACCESS) -> Permissio
 
     for bucket in _unique((*access.kv_write, *access.kv_read)):
         stream = f"KV_{bucket}"
-        pub += [
-            f"{_API}.STREAM.INFO.{stream}",
-            f"{_API}.STREAM.MSG.GET.{stream}",
-            f"{_API}.DIRECT.GET.{stream}",
-            f"{_API}.DIRECT.GET.{stream}.>",
-            # watches and listings: ordered (ephemeral) consumers, flow control
-            f"{_API}.CONSUMER.CREATE.{stream}",
-            f"{_API}.CONSUMER.CREATE.{stream}.>",
-            f"{_API}.CONSUMER.INFO.{stream}.*",
-            f"{_API}.CONSUMER.DELETE.{stream}.*",
-            f"$JS.FC.{stream}.>",
-        ]
+        pub += _bucket_reads(stream)
         if bucket in access.kv_write:
             pub.append(f"$KV.{bucket}.>")  # put, create, update, delete (a marker)
 
     for bucket in _unique((*access.objects_write, *access.objects_read)):
         stream = f"OBJ_{bucket}"
-        pub += [
-            f"{_API}.STREAM.INFO.{stream}",
-            f"{_API}.STREAM.MSG.GET.{stream}",
-            f"{_API}.DIRECT.GET.{stream}",
-            f"{_API}.DIRECT.GET.{stream}.>",
-            f"{_API}.CONSUMER.CREATE.{stream}",
-            f"{_API}.CONSUMER.CREATE.{stream}.>",
-            f"{_API}.CONSUMER.INFO.{stream}.*",
-            f"{_API}.CONSUMER.DELETE.{stream}.*",
-            f"$JS.FC.{stream}.>",
-        ]
+        pub += _bucket_reads(stream)
         # nats-py finds the stream of an object's chunks by subject: stream names only.
         pub.append(f"{_API}.STREAM.NAMES")
         if bucket in access.objects_write:
