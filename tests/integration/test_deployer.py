@@ -332,7 +332,7 @@ class World:
             name=record.name,
             uid=record.uid,
             generation=updated.generation,
-            spec=FunctionSpecSummary.of(spec),
+            spec=FunctionSpecSummary.of(spec, salt=record.env_salt),
             source=record.source,
             changes=["config"],
         )

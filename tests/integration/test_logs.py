@@ -167,7 +167,7 @@ async def test_lifecycle_is_the_audit_history_of_one_function(logs: RunningLogs)
                     name=name,
                     uid=f"u-{name}",
                     generation=1,
-                    spec=FunctionSpecSummary.of(FunctionConfig()),
+                    spec=FunctionSpecSummary.of(FunctionConfig(), salt=""),
                     source=source,
                 ),
                 service="gateway",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from lambdabus_events.catalog import parse_lifecycle
+from lambdabus_events.models import env_digest
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.secretbox import SecretBox, SecretKeyError, load_or_create_key_file
 from lambdabus_platform.secretstore import SecretStore, StoredSecret
@@ -213,6 +214,12 @@ async def test_function_events_carry_env_keys_and_a_digest_never_values(
     assert [s["env_keys"] for s in specs] == [["API_KEY", "MODE"], ["API_KEY", "MODE"]]
     assert specs[0]["env_digest"] != specs[1]["env_digest"]
     assert all("env" not in s for s in specs)
+    # keyed by the function's own random salt (in its record, not in any event)
+    record = await (await gw.http.get(f"/v1/namespaces/{ns}/functions/fn")).json()
+    assert len(record["env_salt"]) == 32
+    env = {"API_KEY": second, "MODE": "prod"}
+    assert specs[1]["env_digest"] == env_digest(env, record["env_salt"])
+    assert record["env_salt"] not in await _lifecycle_text(gw.bus, ns)
     assert not _contains(await _lifecycle_text(gw.bus, ns), first, second)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -72,13 +73,15 @@ _SECRET = SecretData(namespace="team-a", name="hello", keys=["password"], versio
 SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
     FunctionCreated: (
         "gateway",
-        FunctionCreatedData(**_REF, spec=FunctionSpecSummary.of(_SPEC), source=_SOURCE),
+        FunctionCreatedData(
+            **_REF, spec=FunctionSpecSummary.of(_SPEC, salt="test-salt"), source=_SOURCE
+        ),
     ),
     FunctionUpdated: (
         "gateway",
         FunctionUpdatedData(
             **_REF,
-            spec=FunctionSpecSummary.of(_SPEC),
+            spec=FunctionSpecSummary.of(_SPEC, salt="test-salt"),
             source=_SOURCE,
             changes=["source", "config"],
         ),
@@ -340,13 +343,17 @@ def test_function_events_carry_env_keys_and_a_digest_not_values() -> None:
     spec = event.model_dump(mode="json")["data"]["spec"]
     assert spec["env_keys"] == ["GREETING"]
     assert "env" not in spec
-    assert spec["env_digest"] == env_digest({"GREETING": "hé / 100%"})
+    # keyed by the function's salt: equal for an equal env, unguessable without the salt
+    assert spec["env_digest"] == env_digest({"GREETING": "hé / 100%"}, "test-salt")
+    assert spec["env_digest"] != env_digest({"GREETING": "hé / 100%"}, "other-salt")
+    plain = json.dumps([["GREETING", "hé / 100%"]], separators=(",", ":"), ensure_ascii=False)
+    assert spec["env_digest"] != hashlib.sha256(plain.encode()).hexdigest()
     # an event stored before, with the values, is read back without them
     old = json.loads(raw)
     old["data"]["spec"] = {"runtime": "nodejs20", "env": {"GREETING": "hé / 100%"}}
     reread = parse_lifecycle(json.dumps(old))
     assert "hé / 100%" not in reread.model_dump_json()
-    assert reread.model_dump()["data"]["spec"]["env_digest"] == spec["env_digest"]
+    assert reread.model_dump()["data"]["spec"]["env_digest"] != spec["env_digest"]
 
 
 def test_the_spec_summary_has_every_field_but_the_env() -> None:

@@ -7,6 +7,7 @@ are generated from these models (see `lambdabus_events.schemagen`).
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal, Self, TypeVar, Union
@@ -55,7 +56,9 @@ class FunctionSpecSummary(_Data):
     runtime: Runtime
     env_keys: list[EnvName] = Field(description="names of the env variables, sorted")
     env_digest: str = Field(
-        pattern=r"^[0-9a-f]{64}$", description="sha256 over the sorted (name, value) items"
+        pattern=r"^[0-9a-f]{64}$",
+        description="HMAC-SHA256 over the sorted (name, value) items, keyed by a random salt "
+        "of the function's own: equal digests mean an unchanged env; values cannot be guessed",
     )
     replicas: int
     timeout: float
@@ -72,21 +75,22 @@ class FunctionSpecSummary(_Data):
     env_from: dict[EnvName, SecretKeyRef]
 
     @classmethod
-    def of(cls, config: FunctionConfig) -> FunctionSpecSummary:
+    def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:
         fields = config.model_dump(exclude={"env"})
-        return cls(**fields, env_keys=sorted(config.env), env_digest=env_digest(config.env))
+        return cls(**fields, env_keys=sorted(config.env), env_digest=env_digest(config.env, salt))
 
 
 def _summarized(value: object) -> object:
     """A full spec (a FunctionConfig, or its JSON as events stored before env values left
     them carried it) becomes its summary: no code path can put env values into an event."""
-    if isinstance(value, FunctionConfig):
-        return FunctionSpecSummary.of(value)
+    if isinstance(value, FunctionConfig):  # without its record's salt: a digest of nothing
+        return FunctionSpecSummary.of(value, salt=secrets.token_hex(16))
     if isinstance(value, dict) and "env" in value:
         env = {str(k): str(v) for k, v in dict(value["env"] or {}).items()}
         rest = {k: v for k, v in value.items() if k != "env"}
         defaults = FunctionConfig().model_dump(mode="json", exclude={"env"})
-        return {**defaults, **rest, "env_keys": sorted(env), "env_digest": env_digest(env)}
+        digest = env_digest(env, secrets.token_hex(16))
+        return {**defaults, **rest, "env_keys": sorted(env), "env_digest": digest}
     return value
 
 

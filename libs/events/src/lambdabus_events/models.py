@@ -6,6 +6,7 @@ These shapes travel in lifecycle events and live in JetStream KV, so they are pa
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 from datetime import datetime
@@ -77,11 +78,13 @@ def env_problem(env: dict[str, str]) -> str | None:
     return None
 
 
-def env_digest(env: dict[str, str]) -> str:
-    """sha256 over the sorted (name, value) items: tells whether an env changed without
-    carrying its values (lifecycle events hold this, never the values)."""
+def env_digest(env: dict[str, str], salt: str) -> str:
+    """HMAC-SHA256, keyed by the function's own random `salt`, over the sorted (name, value)
+    items: tells whether an env changed without carrying its values (lifecycle events hold
+    this, never the values). Keyed, so a short value cannot be guessed from the digest by
+    whoever reads the events."""
     material = json.dumps(sorted(env.items()), separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(material.encode()).hexdigest()
+    return hmac.new(salt.encode(), material.encode(), hashlib.sha256).hexdigest()
 
 
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]{1,253}$"
@@ -184,6 +187,10 @@ class FunctionRecord(_Strict):
     source: SourceRef
     created_at: datetime
     updated_at: datetime
+    env_salt: str = Field(
+        default="",
+        description="random, per function: keys the env digest its lifecycle events carry",
+    )
 
 
 ImageStatus = Literal["pending", "in_progress", "error", "completed", "not_found"]

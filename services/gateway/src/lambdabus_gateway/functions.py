@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -190,6 +191,7 @@ class Functions:
             source=source.ref,
             created_at=now,
             updated_at=now,
+            env_salt=secrets.token_hex(16),
         )
         try:
             stored = await self._records.create(namespace, spec.name, record)
@@ -203,7 +205,7 @@ class Functions:
             name=spec.name,
             uid=record.uid,
             generation=1,
-            spec=FunctionSpecSummary.of(record.spec),
+            spec=FunctionSpecSummary.of(record.spec, salt=record.env_salt),
             source=record.source,
         )
         await self._publish(
@@ -272,6 +274,8 @@ class Functions:
             )
             if not changes:
                 return current, []
+            if not record.env_salt:  # a record made before env digests were keyed
+                record = record.model_copy(update={"env_salt": secrets.token_hex(16)})
             grows = config.replicas > current.value.spec.replicas
             if self._quotas is not None and grows:
                 await self._quotas.check(
@@ -293,7 +297,7 @@ class Functions:
                 name=name,
                 uid=record.uid,
                 generation=record.generation,
-                spec=FunctionSpecSummary.of(record.spec),
+                spec=FunctionSpecSummary.of(record.spec, salt=record.env_salt),
                 source=record.source,
                 changes=changes,
             )
