@@ -15,7 +15,7 @@ import pytest
 
 from lambdabus_builder.backend import BuildRequest, BuildResult, LogStream
 from lambdabus_builder.errors import BuildFailure
-from lambdabus_builder.local import LocalBackend
+from lambdabus_builder.local import LocalBackend, seal
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.models import (
     ArtifactManifest,
@@ -499,3 +499,22 @@ async def test_an_offline_node_build_cannot_change_the_shared_npm_cache(
     for path, content in before.items():
         if "content-v2" in str(path):
             assert after[path] == content, path
+
+
+def test_an_environment_swapped_for_a_symlink_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    """A build owns the dir that holds its env: an install script can replace `env` with a
+    link to a host dir. Sealing it would chown that dir to us and make it read-only."""
+    host_dir = tmp_path / "host"
+    host_dir.mkdir()
+    (host_dir / "file").write_text("x")
+    (host_dir / "file").chmod(0o644)
+    env = tmp_path / "stage" / "env"
+    env.parent.mkdir()
+    env.symlink_to(host_dir)
+    with pytest.raises(BuildFailure, match="with a symlink") as caught:
+        seal(env)
+    assert caught.value.reason == "DependencyInstallFailed"
+    assert stat.S_IMODE((host_dir / "file").stat().st_mode) == 0o644
+    assert stat.S_IMODE(host_dir.stat().st_mode) & 0o200

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from lambdabus_deployer.local import load_manifest
-from lambdabus_deployer.plan import DesiredRevision
+from lambdabus_deployer.local import interpreter_dirs, load_manifest
+from lambdabus_deployer.plan import DesiredRevision, RuntimePaths
 from lambdabus_events.models import ArtifactManifest
 from lambdabus_platform.envdigest import EnvironmentTampered, EnvironmentVerifier, tree_digest
 from lambdabus_platform.errors import LambdabusError
@@ -124,3 +125,41 @@ def test_the_deployer_loads_no_manifest_whose_environment_changed(tmp_path: Path
     with pytest.raises(LambdabusError, match="records no digest") as caught:
         load_manifest(revision_for(tmp_path, env, ""))
     assert caught.value.code == "artifact_unavailable"
+
+
+def test_the_deployer_runs_no_environment_that_is_a_symlink(tmp_path: Path) -> None:
+    """A build that swapped its env dir for a link to a host dir gets nothing run on it, even
+    with the link's digest recorded."""
+    target = make_tree(tmp_path / "host-dir")
+    link = tmp_path / "env"
+    link.symlink_to(target)
+    with pytest.raises(LambdabusError, match="is a symlink") as caught:
+        load_manifest(revision_for(tmp_path, link, tree_digest(link)))
+    assert caught.value.code == "artifact_unavailable"
+
+
+def test_only_the_deployers_own_interpreter_installation_is_bound(tmp_path: Path) -> None:
+    """`bin/python` of an environment is the build's: a link to elsewhere binds nothing."""
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    manifest = ArtifactManifest(
+        runtime="python3.11",
+        entrypoint="lambda_main.py",
+        style="luna",
+        code_dir=str(tmp_path),
+        env_dir=str(env),
+        source_sha256="0" * 64,
+        deps_key="k",
+        env_digest="x",
+    )
+    elsewhere = tmp_path / "home" / "someone" / "bin"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "python").write_text("")
+    (env / "bin" / "python").symlink_to(elsewhere / "python")
+    assert interpreter_dirs(manifest, RuntimePaths()) == []
+    (env / "bin" / "python").unlink()
+    (env / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    assert interpreter_dirs(manifest, RuntimePaths()) in (
+        [],  # under /usr: visible anyway
+        [str(Path(sys.executable).resolve().parent.parent)],
+    )

@@ -393,6 +393,7 @@ class LocalBackend:
                 "DependencyInstallFailed",
                 f"npm install exited with {done.returncode}: {tail_message(done.stderr)}",
             )
+        require_real_dir(tmp)  # before anything here follows it
         (tmp / "node_modules").mkdir(exist_ok=True)  # npm makes none for no dependencies
 
     # -- checks ---------------------------------------------------------------------------
@@ -603,8 +604,22 @@ async def _discard(path: Path) -> None:
         await asyncio.shield(asyncio.to_thread(remove_tree, path))
 
 
+def require_real_dir(root: Path) -> None:
+    """The build owned the dir that holds `root` and could have replaced it with a symlink (to
+    a host dir the builder would then chown and make read-only) or another file: refuse."""
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode):
+        raise BuildFailure(
+            "DependencyInstallFailed",
+            f"the build replaced its environment directory {root.name!r} with "
+            f"{'a symlink' if stat.S_ISLNK(info.st_mode) else 'something else'}; "
+            "install scripts may write inside it, never replace it",
+        )
+
+
 def seal(root: Path) -> None:
     """Make a finished environment immutable: owned by this (platform) user, read-only."""
+    require_real_dir(root)
     if os.geteuid() == 0:
         uid, gid = os.getuid(), os.getgid()
         for dirpath, dirnames, filenames in os.walk(root):

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -90,9 +91,21 @@ def interpreter_dirs(manifest: ArtifactManifest, runtime: RuntimePaths) -> list[
         return []
     with contextlib.suppress(OSError):
         prefix = program.resolve(strict=True).parent.parent
-        if prefix != Path("/usr") and prefix != Path("/"):
-            return [str(prefix)]
+        # `bin/python` is the build's: bind only an installation this deployer runs on itself,
+        # never what a build-made link points to.
+        if prefix in (Path("/usr"), Path("/")) or prefix not in trusted_prefixes(runtime):
+            return []
+        return [str(prefix)]
     return []
+
+
+def trusted_prefixes(runtime: RuntimePaths) -> set[Path]:
+    """Installations an instance's interpreter may come from: this Python's and node's."""
+    prefixes = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    if runtime.node:
+        with contextlib.suppress(OSError):
+            prefixes.add(Path(runtime.node).resolve(strict=True).parent.parent)
+    return prefixes
 
 
 def _private_dir(path: Path, identity: Identity | None) -> None:
@@ -156,6 +169,12 @@ def load_manifest(revision: DesiredRevision) -> ArtifactManifest:
             f"the artifact manifest {path} is not valid: {exc}", code="artifact_unavailable"
         ) from exc
     for directory in (manifest.code_dir, manifest.env_dir):
+        if Path(directory).is_symlink():
+            raise LambdabusError(
+                f"the artifact of generation {revision.build_generation} is not run: "
+                f"{directory} is a symlink, not the directory its build made; rebuild it",
+                code="artifact_unavailable",
+            )
         if not Path(directory).is_dir():
             raise LambdabusError(
                 f"the artifact of generation {revision.build_generation} is gone: "
