@@ -117,6 +117,10 @@ def test_paths_urls_and_vcs_are_refused(line: str, says: str) -> None:
         "pkg; python_version > '3' --index-url http://127.0.0.1/",
         "pkg --config-settings=--build-option=--evil",
         "pkg==1.0 --global-option=build_ext",
+        # a name that starts like a URL scheme is still a name: options after it are refused
+        'httpx; python_version>"3" --index-url http://127.0.0.1:8080/simple',
+        'httpx; os_name=="posix" --global-option=--foo',
+        "gitpython --index-url http://127.0.0.1/",
     ],
 )
 def test_anything_else_is_refused(line: str) -> None:

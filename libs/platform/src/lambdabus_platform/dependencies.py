@@ -87,6 +87,8 @@ class DependencyError(InvalidRequest):
         self.problems = problems
 
 
+_URL_SCHEME = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|git\+|file:)")
+
 def check_dependency_files(
     runtime: str, files: Mapping[str, bytes | None], *, allow_unsafe: bool = False
 ) -> None:
@@ -201,7 +203,8 @@ def _requirement_problem(line: str) -> str | None:
         return f"{what}: refused ({_ALLOW_HINT})"
     requirement = _HASH_TAIL.sub("", line).strip()
     trailing = re.search(r"\s(--?[A-Za-z][\w-]*)", requirement)
-    if trailing is not None and not requirement.lower().startswith(("http", "git+", "file:")):
+    is_url = _URL_SCHEME.match(requirement) is not None  # refused below, with that reason
+    if trailing is not None and not is_url:
         return (
             f"has an installer option after the requirement ({trailing.group(1)}); only --hash "
             f"may follow one ({_ALLOW_HINT})"

@@ -121,7 +121,7 @@ class DataFile:
     """A file made from bytes inside the sandbox (never on the host's disk)."""
 
     dest: str
-    content: bytes
+    content: bytes = field(repr=False)  # env values and secrets: never in a repr or a log
     mode: int = 0o400
 
 
