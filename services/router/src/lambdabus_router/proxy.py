@@ -238,7 +238,10 @@ class Router:
         started = time.perf_counter()
         info = request.match_info
         fid = (info["ns"], info["name"])
-        if fid in self.known:
+        refused = await self._check_token(request, fid) if fid in self.protected else None
+        if refused is not None:  # before admission: a refused caller takes no slot
+            response: web.StreamResponse = refused
+        elif fid in self.known:
             response = await self._admitted(request, fid)
         else:
             response = await self._invoke(request, fid)
@@ -271,11 +274,7 @@ class Router:
     async def _invoke(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
         if fid not in self.known:
             return error_response(_unknown(fid))
-        protected = fid in self.protected
-        if protected:
-            refused = await self._check_token(request, fid)
-            if refused is not None:
-                return refused
+        protected = fid in self.protected  # its token was checked in `handle`
         state = self.table.get(fid)
         if state is None or not state.endpoints:
             return error_response(
