@@ -89,6 +89,7 @@ class DependencyError(InvalidRequest):
 
 _URL_SCHEME = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|git\+|file:)")
 
+
 def check_dependency_files(
     runtime: str, files: Mapping[str, bytes | None], *, allow_unsafe: bool = False
 ) -> None:
