@@ -63,7 +63,7 @@ lint: sync
 	$(PY) ruff format --check .
 
 typecheck: sync
-	$(PY) mypy libs services tests bench
+	$(PY) mypy libs services tests bench tools
 
 architecture: sync
 	$(PY) lint-imports
@@ -71,10 +71,12 @@ architecture: sync
 schemas: sync
 	$(PY) python -m lambdabus_events.schemagen
 	$(PY) python -m lambdabus_gateway.openapi
+	$(PY) python tools/settingsdoc.py
 
 schemas-check: sync
 	$(PY) python -m lambdabus_events.schemagen --check
 	$(PY) python -m lambdabus_gateway.openapi --check
+	$(PY) python tools/settingsdoc.py --check
 
 pytest: sync fixtures
 	$(PY) pytest
