@@ -108,3 +108,23 @@ def test_every_block_runs_in_order(platform: Platform, tmp_path: Path) -> None:
     assert "io.lambdabus.function.created default/hello" in result.stdout, shown  # audit.py
     print(result.stdout)
     print(result.stderr)
+
+
+def test_the_wrapper_says_to_run_make_run_first(tmp_path: Path) -> None:
+    """`./lambdabus` before `make run` has installed .venv: one line saying what to do, exit 2."""
+    shutil.copy(ROOT / "lambdabus", tmp_path / "lambdabus")
+    result = subprocess.run(
+        [str(tmp_path / "lambdabus"), "ls"], capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "run `make run` first" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_the_wrapper_runs_the_checkouts_cli() -> None:
+    result = subprocess.run(
+        [str(ROOT / "lambdabus"), "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: lambdabus")
