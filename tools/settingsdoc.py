@@ -82,11 +82,22 @@ def rows(cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
             shown = "computed at start"  # from this machine (PATH, python3.11, ...)
         else:
             shown = _shown(field.get_default(call_default_factory=True))
+        description = field.description or next(
+            (
+                base.model_fields[name].description or ""
+                for base in cls.__mro__[1:]
+                if isinstance(base, type)
+                and issubclass(base, BaseSettings)
+                and name in base.model_fields
+                and base.model_fields[name].description
+            ),
+            "",
+        )
         out.append(
             (
                 f"`{(prefix + name).upper()}`",
                 f"`{_cell(shown)}`",
-                _cell(field.description or ""),
+                _cell(description),
             )
         )
     return out

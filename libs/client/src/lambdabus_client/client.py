@@ -37,8 +37,8 @@ class ClientSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_", extra="ignore")
 
-    url: str = "http://127.0.0.1:8080"
-    namespace: str = "default"
+    url: str = Field(default="http://127.0.0.1:8080", description="the gateway")
+    namespace: str = Field(default="default", description="what commands act on (-n)")
     timeout: float = Field(default=30.0, gt=0, description="seconds per request")
     token: SecretStr | None = Field(default=None, description="API token (LAMBDABUS_TOKEN)")
     token_file: Path = Field(

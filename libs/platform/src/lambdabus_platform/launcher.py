@@ -55,20 +55,29 @@ _NATS_CREDENTIAL_VARS = tuple(
 class UpSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_UP_", extra="ignore")
 
-    data_dir: Path = Path(".lambdabus")
-    host: str = "127.0.0.1"
-    nats_port: int = Field(default=4222, ge=-1, le=65535)
-    gateway_port: int = Field(default=8080, ge=0, le=65535)
-    router_port: int = Field(default=8081, ge=0, le=65535)
-    builder_port: int = Field(default=8082, ge=0, le=65535)
-    deployer_port: int = Field(default=8083, ge=0, le=65535)
-    logs_port: int = Field(default=8084, ge=0, le=65535)
+    data_dir: Path = Field(
+        default=Path(".lambdabus"),
+        description="NATS store, admin token, secrets key, credentials, service logs (--data-dir)",
+    )
+    host: str = Field(default="127.0.0.1", description="address every listener binds")
+    nats_port: int = Field(default=4222, ge=-1, le=65535, description="-1: a free port")
+    gateway_port: int = Field(default=8080, ge=0, le=65535, description="the management API")
+    router_port: int = Field(default=8081, ge=0, le=65535, description="where functions answer")
+    builder_port: int = Field(default=8082, ge=0, le=65535, description="healthz and metrics")
+    deployer_port: int = Field(default=8083, ge=0, le=65535, description="healthz and metrics")
+    logs_port: int = Field(default=8084, ge=0, le=65535, description="healthz and metrics")
     renew_admin_token: bool = Field(
         default=False, description="mint a new admin token if <data dir>/admin.token is gone"
     )
-    ready_timeout: float = Field(default=60.0, gt=0)
-    grace_seconds: float = Field(default=10.0, gt=0)
-    max_restart_delay: float = Field(default=10.0, gt=0)
+    ready_timeout: float = Field(
+        default=60.0, gt=0, description="seconds the services have to become ready at start"
+    )
+    grace_seconds: float = Field(
+        default=10.0, gt=0, description="seconds the services have to stop on Ctrl-C"
+    )
+    max_restart_delay: float = Field(
+        default=10.0, gt=0, description="longest back-off before a crashed service restarts"
+    )
 
     def port(self, service: str) -> int:
         value: int = getattr(self, f"{service}_port")

@@ -26,15 +26,15 @@ class NatsSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_NATS_", extra="ignore")
 
-    url: str = "nats://127.0.0.1:4222"
-    user: str | None = None
+    url: str = Field(default="nats://127.0.0.1:4222", description="the NATS server")
+    user: str | None = Field(default=None, description="user name (with the password)")
     password: SecretStr | None = None
-    token: SecretStr | None = None
+    token: SecretStr | None = Field(default=None, description="a NATS auth token")
     creds_file: Path | None = Field(default=None, description="a .creds file (JWT and nkey seed)")
     nkey_seed_file: Path | None = Field(default=None, description="a file holding an nkey seed")
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = Field(default=None, description="CA to verify the server by")
+    tls_cert_file: Path | None = Field(default=None, description="client certificate")
+    tls_key_file: Path | None = Field(default=None, description="client certificate's key")
     inbox_prefix: str = Field(
         default="_INBOX",
         pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
@@ -47,22 +47,32 @@ class NatsSettings(BaseSettings):
         "allowed to); `lambdabus up` declares them once as its admin user and turns this off "
         "for the services",
     )
-    connect_timeout: float = Field(default=2.0, gt=0)
-    request_timeout: float = Field(default=5.0, gt=0)
+    connect_timeout: float = Field(default=2.0, gt=0, description="seconds per connect attempt")
+    request_timeout: float = Field(default=5.0, gt=0, description="seconds per NATS request")
     connect_wait_seconds: float = Field(
         default=30.0, ge=0, description="how long to wait for NATS at start"
     )
     replicas: int = Field(default=1, ge=1, le=5, description="stream replicas (1 when embedded)")
-    lifecycle_max_age_days: float = Field(default=365.0, gt=0)
-    logs_max_age_days: float = Field(default=7.0, gt=0)
+    lifecycle_max_age_days: float = Field(
+        default=365.0,
+        gt=0,
+        description="how long the LIFECYCLE stream (the audit trail) keeps events",
+    )
+    logs_max_age_days: float = Field(
+        default=7.0, gt=0, description="how long the LOGS stream keeps log lines"
+    )
     logs_max_bytes: int = Field(
         default=1024**3,
         ge=1024,
         description="the LOGS stream keeps at most this many bytes; the oldest lines go first, "
         "so no function can fill the disk through its logs",
     )
-    events_max_age_days: float = Field(default=7.0, gt=0)
-    duplicate_window_seconds: float = Field(default=120.0, gt=0)
+    events_max_age_days: float = Field(
+        default=7.0, gt=0, description="how long the EVENTS stream keeps published CloudEvents"
+    )
+    duplicate_window_seconds: float = Field(
+        default=120.0, gt=0, description="JetStream's de-duplication window of the other streams"
+    )
     events_duplicate_window_seconds: float = Field(
         default=600.0,
         gt=0,
@@ -76,15 +86,15 @@ class S3Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_S3_", extra="ignore")
 
-    endpoint_url: str | None = None
+    endpoint_url: str | None = Field(default=None, description="unset: AWS itself")
     region: str = "us-east-1"
     bucket: str = "lambdabus-artifacts"
-    access_key_id: str | None = None
+    access_key_id: str | None = Field(default=None, description="unset: the AWS default chain")
     secret_access_key: SecretStr | None = None
-    prefix: str = "sha256/"
-    connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, le=10)
+    prefix: str = Field(default="sha256/", description="key prefix of the stored blobs")
+    connect_timeout: float = Field(default=5.0, gt=0, description="seconds")
+    read_timeout: float = Field(default=60.0, gt=0, description="seconds")
+    max_attempts: int = Field(default=3, ge=1, le=10, description="attempts per S3 call")
 
 
 class StoreSettings(BaseSettings):
@@ -92,7 +102,9 @@ class StoreSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_STORE_", extra="ignore")
 
-    backend: Literal["nats", "s3"] = "nats"
+    backend: Literal["nats", "s3"] = Field(
+        default="nats", description="nats (the JetStream object store) or s3"
+    )
     s3: S3Settings = Field(default_factory=S3Settings)
 
 
@@ -111,11 +123,15 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", env_nested_delimiter="__")
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
-    host: str = "127.0.0.1"
-    port: int = Field(default=0, ge=0, le=65535)
-    log_level: LogLevel = "INFO"
-    shutdown_grace_seconds: float = Field(default=10.0, gt=0)
-    state_dir: Path = Path(".lambdabus")
+    host: str = Field(default="127.0.0.1", description="address of its HTTP listener")
+    port: int = Field(
+        default=0, ge=0, le=65535, description="its HTTP port; 0 picks a free one (`up` sets it)"
+    )
+    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    shutdown_grace_seconds: float = Field(
+        default=10.0, gt=0, description="how long work in flight may finish on SIGTERM"
+    )
+    state_dir: Path = Field(default=Path(".lambdabus"), description="its files on local disk")
 
 
 class QuotaSettings(BaseSettings):
@@ -124,9 +140,11 @@ class QuotaSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_QUOTA_", extra="ignore")
 
-    max_functions: int = Field(default=100, ge=0)
+    max_functions: int = Field(default=100, ge=0, description="functions per namespace")
     max_instances: int = Field(default=50, ge=0, description="sum of the functions' replicas")
-    max_concurrent_invocations: int = Field(default=1000, ge=0)
+    max_concurrent_invocations: int = Field(
+        default=1000, ge=0, description="invocations in flight per namespace (per router)"
+    )
 
 
 class SecretsSettings(BaseSettings):

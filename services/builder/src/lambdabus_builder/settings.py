@@ -46,7 +46,7 @@ class BuilderSettings(ServiceSettings):
         description="the builder's own directory: dependency environments and artifacts",
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
-    max_concurrent_builds: int = Field(default=2, ge=1, le=64)
+    max_concurrent_builds: int = Field(default=2, ge=1, le=64, description="builds running at once")
     build_timeout: float = Field(
         default=600.0, gt=0, description="seconds per build, queue wait excluded"
     )
@@ -57,10 +57,14 @@ class BuilderSettings(ServiceSettings):
     python: str = Field(
         default_factory=default_python, description="interpreter of the function virtualenvs"
     )
-    index_url: str | None = None
-    extra_index_url: list[str] = Field(default_factory=list)
-    find_links: list[str] = Field(default_factory=list)
-    no_index: bool = False
+    index_url: str | None = Field(default=None, description="Python package index (unset: PyPI)")
+    extra_index_url: list[str] = Field(
+        default_factory=list, description="more indexes (a JSON list)"
+    )
+    find_links: list[str] = Field(
+        default_factory=list, description="wheel directories or pages (a JSON list)"
+    )
+    no_index: bool = Field(default=False, description="install from find_links only")
     compile_bytecode: bool = Field(
         default=True,
         description="precompile installed packages: instances run on a read-only root, where "
@@ -72,9 +76,9 @@ class BuilderSettings(ServiceSettings):
         "a cache of its own, so that no build can plant a package another one installs",
     )
     # Node dependencies (npm)
-    node: str = "node"
-    npm: str = "npm"
-    npm_registry: str | None = None
+    node: str = Field(default="node", description="Node.js executable")
+    npm: str = Field(default="npm", description="npm executable")
+    npm_registry: str | None = Field(default=None, description="unset: npm's default registry")
     npm_offline: bool = Field(
         default=False, description="install from npm's cache only (--offline)"
     )
@@ -92,5 +96,7 @@ class BuilderSettings(ServiceSettings):
         "checked again here after the gateway's upload check; builds stay sandboxed either way)",
     )
     # Archive limits (the gateway checked them on upload; the same rules apply on extraction)
-    max_uncompressed_bytes: int = Field(default=250 * MiB, gt=0)
-    max_archive_entries: int = Field(default=10_000, gt=0)
+    max_uncompressed_bytes: int = Field(
+        default=250 * MiB, gt=0, description="a source archive unpacked"
+    )
+    max_archive_entries: int = Field(default=10_000, gt=0, description="entries per zip")

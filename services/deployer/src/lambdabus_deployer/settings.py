@@ -27,26 +27,32 @@ class DeployerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_DEPLOYER_", extra="ignore")
 
     port: int = Field(default=8083, ge=0, le=65535)
-    state_dir: Path = Path(".lambdabus/deployer")
+    state_dir: Path = Field(
+        default=Path(".lambdabus/deployer"), description="its files on local disk"
+    )
 
     health_interval: float = Field(default=1.0, gt=0, description="seconds between /healthz polls")
-    health_timeout: float = Field(default=2.0, gt=0)
+    health_timeout: float = Field(default=2.0, gt=0, description="seconds per health check")
     health_failures: int = Field(
         default=3, ge=1, description="consecutive failed polls before an instance is restarted"
     )
     start_timeout: float = Field(
         default=30.0, gt=0, description="seconds for an instance to say it listens"
     )
-    restart_base_delay: float = Field(default=0.5, gt=0)
-    restart_max_delay: float = Field(default=30.0, gt=0)
+    restart_base_delay: float = Field(
+        default=0.5, gt=0, description="first back-off before a crashed instance restarts"
+    )
+    restart_max_delay: float = Field(default=30.0, gt=0, description="longest back-off")
     crashloop_restarts: int = Field(
         default=5,
         ge=1,
         description="this many exits of a revision's instances within crashloop_window "
         "(or of one instance in a row before it was ever ready) fail the deployment",
     )
-    crashloop_window: float = Field(default=60.0, gt=0)
-    sandbox: SandboxMode = "auto"
+    crashloop_window: float = Field(default=60.0, gt=0, description="seconds")
+    sandbox: SandboxMode = Field(
+        default="auto", description="auto (bubblewrap when installed), bubblewrap or none"
+    )
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     sandbox_uid_base: int = Field(
         default=DEFAULT_UID_BASE,
@@ -54,7 +60,9 @@ class DeployerSettings(ServiceSettings):
         description="as root, each function's instances run as a uid of this range (stable "
         "per function), unprivileged on the host",
     )
-    sandbox_uid_count: int = Field(default=DEFAULT_UID_COUNT, ge=1)
+    sandbox_uid_count: int = Field(
+        default=DEFAULT_UID_COUNT, ge=1, description="host uids from sandbox_uid_base on"
+    )
     socket_dir: Path | None = Field(
         default=None,
         description="where instances' Unix sockets live (default: /run/lambdabus as root, "
@@ -79,9 +87,15 @@ class DeployerSettings(ServiceSettings):
     oom_poll_interval: float = Field(
         default=0.2, gt=0, description="seconds between reads of an instance's OOM kill counter"
     )
-    reconcile_interval: float = Field(default=10.0, gt=0)
-    log_line_max_bytes: int = Field(default=16384, ge=256)
-    log_rate_lines_per_second: int = Field(default=2000, ge=1)
+    reconcile_interval: float = Field(
+        default=10.0, gt=0, description="seconds between comparing instances with the registry"
+    )
+    log_line_max_bytes: int = Field(
+        default=16384, ge=256, description="a longer line of a function is cut"
+    )
+    log_rate_lines_per_second: int = Field(
+        default=2000, ge=1, description='per instance; beyond it "dropped N lines"'
+    )
     drain_seconds: float = Field(
         default=5.0, ge=0, description="old instances keep serving this long after a switch"
     )

@@ -28,7 +28,7 @@ class GatewaySettings(ServiceSettings):
     max_uncompressed_bytes: int = Field(
         default=250 * MiB, gt=0, description="largest unpacked archive"
     )
-    max_archive_entries: int = Field(default=10_000, gt=0)
+    max_archive_entries: int = Field(default=10_000, gt=0, description="entries per zip")
     max_spec_bytes: int = Field(
         default=512 * 1024,
         gt=0,
@@ -40,14 +40,18 @@ class GatewaySettings(ServiceSettings):
         "VCS and URL requirements, and package.json file:/git/URL specs at upload (the "
         "builder has its own setting; builds stay sandboxed either way)",
     )
-    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    sse_keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="a comment on an idle SSE stream this often"
+    )
     router_url: str = Field(
         default="http://127.0.0.1:8081", description="where invocations are relayed"
     )
     public_router_url: str | None = Field(
         default=None, description="the data-plane URL users call, if not router_url"
     )
-    max_invoke_body_bytes: int = Field(default=6 * MiB, gt=0)
+    max_invoke_body_bytes: int = Field(
+        default=6 * MiB, gt=0, description="request body of an invocation through the gateway"
+    )
     max_event_bytes: int = Field(
         default=1 * MiB,
         gt=0,
@@ -68,4 +72,6 @@ class GatewaySettings(ServiceSettings):
     auth_max_failures: int = Field(
         default=20, ge=1, description="failed authentications per client address per window"
     )
-    auth_failure_window_seconds: float = Field(default=60.0, gt=0)
+    auth_failure_window_seconds: float = Field(
+        default=60.0, gt=0, description="the window of auth_max_failures"
+    )

@@ -29,13 +29,17 @@ class RouterSettings(ServiceSettings):
     connect_timeout_seconds: float = Field(
         default=2.0, gt=0, description="to open a connection to an instance"
     )
-    balance: Balance = "least_in_flight"
+    balance: Balance = Field(
+        default="least_in_flight", description="least_in_flight or round_robin across instances"
+    )
     auth_max_failures: int = Field(
         default=20,
         ge=1,
         description="failed token checks (invoke_auth: token) per client address per window",
     )
-    auth_failure_window_seconds: float = Field(default=60.0, gt=0)
+    auth_failure_window_seconds: float = Field(
+        default=60.0, gt=0, description="the window of auth_max_failures"
+    )
     pool_size_per_instance: int = Field(
         default=256, ge=0, description="open connections per instance (0: unbounded)"
     )
@@ -93,5 +97,7 @@ class RouterSettings(ServiceSettings):
         gt=0,
         description="largest asynchronous result kept in the invocation record",
     )
-    callback_attempts: int = Field(default=3, ge=1, le=10)
-    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    callback_attempts: int = Field(
+        default=3, ge=1, le=10, description="posts of an async result to its callback URL"
+    )
+    callback_timeout_seconds: float = Field(default=10.0, gt=0, description="per callback post")
