@@ -21,29 +21,25 @@ import pytest
 from aiohttp import BodyPartReader, web
 from aiohttp.test_utils import TestServer
 
-from lambdabus_client.cli import (
-    Progress,
-    build_event,
-    deploy_progress,
-    event_detail,
-    follow_since,
+from lambdabus_client.cli import main
+from lambdabus_client.client import Invocation, NDJSONDecoder, ServerSentEvent, SSEDecoder
+from lambdabus_client.commands.common import (
     format_age,
-    format_delivery,
-    format_filter,
-    format_log_line,
-    invocation_lines,
-    main,
-    next_poll,
     parse_env,
     parse_headers,
     parse_since,
+    render_table,
+)
+from lambdabus_client.commands.deploy import Progress, deploy_progress, follow_since, unseen
+from lambdabus_client.commands.events import build_event, event_detail, summarize_event
+from lambdabus_client.commands.invoke import (
+    invocation_lines,
+    next_poll,
     platform_error,
     render_body,
-    render_table,
-    summarize_event,
-    unseen,
 )
-from lambdabus_client.client import Invocation, NDJSONDecoder, ServerSentEvent, SSEDecoder
+from lambdabus_client.commands.logs import format_log_line
+from lambdabus_client.commands.triggers import format_delivery, format_filter
 from lambdabus_client.packaging import PackagingError, load_archive, zip_directory
 
 JsonObject = dict[str, Any]
