@@ -106,6 +106,7 @@ class FakeGateway:
         base = "/v1/namespaces/{ns}/functions"
         app.router.add_post(base, self._create)
         app.router.add_get(base, self._list)
+        app.router.add_get(base + "/{name}", self._get)
         app.router.add_put(base + "/{name}", self._replace)
         app.router.add_delete(base + "/{name}", self._delete)
         app.router.add_get(base + "/{name}/status", self._status)
@@ -168,6 +169,12 @@ class FakeGateway:
         record = _record(*key, old["generation"] + 1, old["spec"]["runtime"], old["created_at"])
         self.functions[key] = record
         return web.json_response(record, status=202)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.functions:
+            return _error(404, "function_not_found", f"function {key[0]}/{key[1]} does not exist")
+        return web.json_response(self.functions[key])
 
     async def _list(self, request: web.Request) -> web.Response:
         namespace = request.match_info["ns"]
@@ -960,6 +967,7 @@ async def test_invoke_refuses_data_that_is_not_json(
 async def test_logs_prints_one_line_per_log_line(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    gateway.add("default", "hello")
     gateway.log_lines = [
         _log("caf\u00e9 ready on :8080"),  # a 2-byte character straddles a chunk boundary
         _log("Traceback (most recent call last):", stream="stderr"),
@@ -977,7 +985,7 @@ async def test_logs_prints_one_line_per_log_line(
         "12:00:03.250 hello-7f9c [stderr] Traceback (most recent call last):",
         "12:00:03.250 - [system] instance started",
     ]
-    (request,) = gateway.requests
+    _exists, request = gateway.requests  # the function GET first: function_not_found
     assert request.path == "/v1/namespaces/default/functions/hello/logs"
     assert request.query == {"tail": "5", "since": "2024-05-01T12:00:00Z"}
 
@@ -985,6 +993,7 @@ async def test_logs_prints_one_line_per_log_line(
 async def test_logs_build_follow_json_prints_the_raw_objects(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    gateway.add("default", "hello")
     gateway.log_lines = [_log("step 1", kind="build"), _log("step 2", kind="build")]
 
     code = await run_cli("--url", gateway.url, "-o", "json", "logs", "hello", "--build", "-f")
@@ -992,7 +1001,7 @@ async def test_logs_build_follow_json_prints_the_raw_objects(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert [json.loads(line) for line in out.splitlines()] == gateway.log_lines
-    (request,) = gateway.requests
+    _exists, request = gateway.requests  # the function GET first: function_not_found
     assert request.path == "/v1/namespaces/default/functions/hello/build/logs"
     assert request.query == {"follow": "1"}
 
@@ -1016,10 +1025,10 @@ async def test_history_renders_a_table(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "TIME                  TYPE              GENERATION  ACTOR                  DETAIL",
-        "2024-05-01T12:00:00Z  function.created  1           ci (00112233aabbccdd)",
-        "2024-05-01T12:01:00Z  function.updated  2           -                      source changed",
-        "2024-05-01T12:00:03Z  build.failed      2           -                      SyntaxError: line 1",
+        "TIME                  TYPE              GEN  ACTOR           DETAIL",
+        "2024-05-01T12:00:00Z  function.created  1    ci (00112233a\u2026",
+        "2024-05-01T12:01:00Z  function.updated  2    -               source changed",
+        "2024-05-01T12:00:03Z  build.failed      2    -               SyntaxError: line 1",
     ]
     assert gateway.requests[0].path == "/v1/namespaces/default/functions/hello/history"
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -32,7 +34,9 @@ from lambdabus_client.commands.common import (
     _fail,
     _Parser,
     auth_hint,
+    function_name,
 )
+from lambdabus_client.commands.completion import command_tree, completion_script
 from lambdabus_client.commands.credentials import (
     _credentials,
 )
@@ -45,11 +49,14 @@ from lambdabus_client.commands.events import (
     _publish,
 )
 from lambdabus_client.commands.functions import (
+    _describe,
     _history,
     _ls,
     _rm,
     _status,
+    _update,
 )
+from lambdabus_client.commands.init import RUNTIMES, STYLES, _init
 from lambdabus_client.commands.invoke import (
     _invocation,
     _invoke,
@@ -69,6 +76,13 @@ from lambdabus_client.commands.triggers import (
 from lambdabus_client.packaging import PackagingError
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lambdabus-client")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted before and after the command; SUPPRESS keeps a command's
     # parser from overwriting a value given before it.
@@ -83,18 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-o",
         "--output",
-        choices=("table", "json"),
+        choices=("table", "json", "yaml"),
         default=argparse.SUPPRESS,
-        help="'json' prints the API's JSON instead of tables",
+        help="json or yaml print the API's answer instead of tables",
     )
     # `token create` has its own repeatable --namespace: it cannot take the global one.
     common_no_namespace = _Parser(add_help=False)
     common_no_namespace.add_argument("--url", default=argparse.SUPPRESS, help="gateway URL")
     common_no_namespace.add_argument(
-        "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS
+        "-o", "--output", choices=("table", "json", "yaml"), default=argparse.SUPPRESS
     )
     parser = _Parser(prog="lambdabus", description="Lambdabus functions", parents=[common])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script (e.g. source <(lambdabus completion bash))",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
 
     commands.add_parser(
         "up", help="run the whole platform locally (see 'lambdabus up --help')", add_help=False
@@ -104,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "deploy", parents=[common], help="create or update a function from a directory or zip"
     )
     deploy.add_argument("source", metavar="DIR|ZIP", type=Path)
-    deploy.add_argument("--name", required=True, help="function name (an RFC 1035 label)")
+    deploy.add_argument(
+        "--name", required=True, type=function_name, help="function name (an RFC 1035 label)"
+    )
     deploy.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
@@ -252,6 +274,39 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="show a function's status")
     status.add_argument("name")
 
+    describe = commands.add_parser(
+        "describe",
+        parents=[common],
+        help="show a function: spec, status, conditions, URL, triggers, recent events",
+    )
+    describe.add_argument("name")
+
+    update = commands.add_parser(
+        "update", parents=[common], help="change a function's settings (no rebuild unless needed)"
+    )
+    update.add_argument("name")
+    update.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a variable (repeatable)",
+    )
+    update.add_argument("--replicas", type=int)
+    update.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")
+    update.add_argument("--timeout", type=float, help="seconds per invocation")
+    update.add_argument("--description")
+
+    init = commands.add_parser(
+        "init", parents=[common], help="write a new function directory, ready to deploy"
+    )
+    init.add_argument("name", type=function_name)
+    init.add_argument("--runtime", required=True, choices=RUNTIMES)
+    init.add_argument(
+        "--style", choices=STYLES, default="luna", help="handler style (default luna)"
+    )
+    init.add_argument("--dir", type=Path, help="where to write it (default: ./NAME)")
+
     remove = commands.add_parser("rm", parents=[common], help="delete a function")
     remove.add_argument("name")
 
@@ -322,18 +377,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; the exit status is 0 (done), 1 (the platform refused or failed) or 2
+    (the command line is wrong). No traceback reaches the user: whatever else goes wrong is one
+    `error: internal: ...` line and status 1."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # the last resort of the exit contract
+        return _fail("internal", f"{type(error).__name__}: {error}", 1)
+
+
+def _main(arguments: list[str]) -> int:
+    parser = build_parser()
+    if not arguments:
+        parser.print_help()
+        return 0
     up_arguments = _up_arguments(arguments)
     if up_arguments is not None:
         return _up(up_arguments)
 
     try:
-        args = build_parser().parse_args(arguments)
+        args = parser.parse_args(arguments)
     except UsageError as error:
-        return _fail("usage", str(error), 2)
-    except SystemExit as exit_:  # --help
+        hint = suggestion(arguments, parser)
+        return _fail("usage", hint or str(error), 2)
+    except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else 0
 
+    if args.command == "completion":
+        print(completion_script(args.shell, command_tree(parser)), end="")
+        return 0
     overrides = {key: getattr(args, key) for key in ("url", "namespace") if hasattr(args, key)}
     try:
         settings = ClientSettings().model_copy(update=overrides)
@@ -363,6 +437,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter exit must not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def suggestion(arguments: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """'unknown command 'X' (did you mean 'Y'?) ...' when the first word that is not an option is
+    an unknown command close to a known one; '' otherwise."""
+    words = [word for word in arguments if not word.startswith("-")]
+    if not words:
+        return ""
+    known = list(command_tree(parser))
+    if words[0] in known:
+        return ""
+    close = difflib.get_close_matches(words[0], known, n=1)
+    if not close:
+        return ""
+    return f"unknown command '{words[0]}' (did you mean '{close[0]}'?; see 'lambdabus --help')"
 
 
 def _up(arguments: list[str]) -> int:
@@ -399,6 +488,9 @@ _COMMANDS: dict[str, Command] = {
     "history": _history,
     "ls": _ls,
     "status": _status,
+    "describe": _describe,
+    "update": _update,
+    "init": _init,
     "rm": _rm,
     "events": _events,
     "invocation": _invocation,

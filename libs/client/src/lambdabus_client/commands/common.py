@@ -11,6 +11,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
+import yaml
+
 from lambdabus_client.client import (
     ClientSettings,
     JsonObject,
@@ -37,18 +39,76 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart, headers first; no trailing whitespace."""
+TABLE_WIDTH = 80
+# The narrowest a column is squeezed to when a table is wider than the terminal.
+MIN_COLUMN = 6
+# How narrow a column that gives first (a detail, a message) becomes before others give.
+LAST_COLUMN = 12
+ELLIPSIS = "\u2026"
+_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def render_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    max_width: int = TABLE_WIDTH,
+    shrink_first: Sequence[int] = (),
+) -> str:
+    """Left-aligned columns two spaces apart, headers first; no trailing whitespace. A table
+    wider than `max_width` has its widest columns narrowed, their long cells cut with '…'."""
     width = len(headers)
     for row in rows:
         if len(row) != width:
             raise ValueError(f"row {list(row)!r} has {len(row)} cells, expected {width}")
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    widths = fit_widths(widths, max_width, shrink_first)
     lines = []
     for row in (headers, *rows):
-        cells = [str(cell).ljust(size) for cell, size in zip(row, widths, strict=True)]
+        cells = [
+            truncate(str(cell), size).ljust(size) for cell, size in zip(row, widths, strict=True)
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def fit_widths(
+    widths: Sequence[int], max_width: int, shrink_first: Sequence[int] = ()
+) -> list[int]:
+    """Column widths whose table (two spaces between columns) fits `max_width`: the columns of
+    `shrink_first` give first (in that order, down to `LAST_COLUMN`), then the last column, then
+    the widest; never below `MIN_COLUMN` (a table of many columns may stay wider)."""
+    fitted = list(widths)
+    excess = sum(fitted) + 2 * (len(fitted) - 1) - max_width
+    for index in (*shrink_first, len(fitted) - 1):
+        if excess <= 0 or not fitted:
+            break
+        give = min(excess, max(fitted[index] - LAST_COLUMN, 0))
+        fitted[index] -= give
+        excess -= give
+    while excess > 0:
+        widest = max(range(len(fitted)), key=lambda index: fitted[index])
+        if fitted[widest] <= MIN_COLUMN:
+            break
+        fitted[widest] -= 1
+        excess -= 1
+    return fitted
+
+
+def truncate(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the last one '…' when anything was cut."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + ELLIPSIS
+
+
+def function_name(value: str) -> str:
+    """An argparse type: a function name must be an RFC 1035 label (checked before any request,
+    so a wrong one is a usage error)."""
+    if not _LABEL.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a valid name: 1-63 lowercase letters, digits or '-', "
+            "starting with a letter and not ending with '-' (RFC 1035 label)"
+        )
+    return value
 
 
 def format_age(created_at: str | None, now: datetime) -> str:
@@ -182,6 +242,24 @@ def _fail(code: str, message: str, status: int) -> int:
 
 def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2))
+
+
+def print_data(output: str, value: object) -> None:
+    """A read command's answer as `-o json` or `-o yaml` asks."""
+    if output == "yaml":
+        print(yaml.safe_dump(value, sort_keys=False, allow_unicode=True), end="")
+    else:
+        _print_json(value)
+
+
+def print_item(output: str, value: object) -> None:
+    """One item of a stream (logs, events): a JSON line, or a YAML document."""
+    if output == "yaml":
+        print(
+            "---\n" + yaml.safe_dump(value, sort_keys=False, allow_unicode=True), end="", flush=True
+        )
+    else:
+        print(json.dumps(value), flush=True)
 
 
 def _warn(message: str) -> None:

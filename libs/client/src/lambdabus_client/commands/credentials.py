@@ -9,7 +9,7 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     _fail,
-    _print_json,
+    print_data,
 )
 
 
@@ -22,8 +22,8 @@ async def _credentials(settings: ClientSettings, args: argparse.Namespace, outpu
         access = audit_access(data_dir)
     except NoCredentials as error:
         return _fail("no_credentials", str(error), 1)
-    if output == "json":
-        _print_json({"url": access.url, "nkey_seed_file": str(access.nkey_seed_file)})
+    if output != "table":
+        print_data(output, {"url": access.url, "nkey_seed_file": str(access.nkey_seed_file)})
         return 0
     print(f"url   {access.url}")
     print(f"nkey  {access.nkey_seed_file}")

@@ -11,8 +11,8 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     UsageError,
-    _print_json,
     format_age,
+    print_data,
     render_table,
 )
 
@@ -22,8 +22,8 @@ async def _deadletters(settings: ClientSettings, args: argparse.Namespace, outpu
     async with LambdabusClient.from_settings(settings) as client:
         if args.action == "redrive":
             answer = await client.redrive(namespace, args.id)
-            if output == "json":
-                _print_json(answer)
+            if output != "table":
+                print_data(output, answer)
             else:
                 event = answer.get("event") or {}
                 print(
@@ -37,8 +37,8 @@ async def _deadletters(settings: ClientSettings, args: argparse.Namespace, outpu
             namespace, args.trigger, after=args.after, limit=args.limit
         )
     items = page["items"]
-    if output == "json":
-        _print_json(page)
+    if output != "table":
+        print_data(output, page)
         return 0
     if not items:
         where = f"trigger {args.trigger} in " if args.trigger else ""

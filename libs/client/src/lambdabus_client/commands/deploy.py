@@ -25,12 +25,12 @@ from lambdabus_client.commands.common import (
     _fail,
     _one_line,
     _parse_time,
-    _print_json,
     _reason,
     _reason_text,
     _warn,
     parse_env,
     parse_env_from,
+    print_data,
 )
 from lambdabus_client.packaging import load_archive
 
@@ -173,7 +173,7 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
         info = await client.info() if args.wait else {}
         before_upload = datetime.now(UTC)
         action, record = await client.deploy_function(namespace, spec, archive)
-        if output != "json":
+        if output == "table":
             print(upload_line(action, record), flush=True)
         if not args.wait:
             return await _deploy_status(client, namespace, action, record, output)
@@ -186,7 +186,7 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
                 generation=int(record.get("generation") or 0),
                 since=follow_since(record, before_upload),
                 url=function_url(str(info.get("router_url", "")), namespace, args.name),
-                echo=output != "json",
+                echo=output == "table",
             )
             try:
                 async with asyncio.timeout(args.wait_timeout):
@@ -201,9 +201,9 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
                 )
             if code != 0:
                 return code
-        if output == "json":
+        if output != "table":
             status = await client.function_status(namespace, args.name)
-            _print_json({"action": action, "function": record, "status": status})
+            print_data(output, {"action": action, "function": record, "status": status})
     return 0
 
 
@@ -217,8 +217,8 @@ async def _deploy_status(
         status = await client.function_status(namespace, str(record.get("name")))
     except ApiError as error:
         status_error = f"{error.code}: {error.message}"
-    if output == "json":
-        _print_json({"action": action, "function": record, "status": status})
+    if output != "table":
+        print_data(output, {"action": action, "function": record, "status": status})
     elif status is not None:
         print(f"Image: {status.get('image_status')}  Status: {status.get('status')}")
     else:

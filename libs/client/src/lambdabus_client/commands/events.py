@@ -17,12 +17,13 @@ from lambdabus_client.commands.common import (
     EVENT_TYPE_PREFIX,
     UsageError,
     _event_data,
-    _print_json,
     _reason,
     _reason_text,
     format_event_time,
     parse_assignments,
     parse_since,
+    print_data,
+    print_item,
 )
 
 
@@ -131,8 +132,8 @@ async def _events(settings: ClientSettings, args: argparse.Namespace, output: st
             namespace=settings.namespace, function=args.function, type=kind, since=since
         )
         async for event in stream:
-            if output == "json":
-                print(json.dumps(event), flush=True)
+            if output != "table":
+                print_item(output, event)
             else:
                 print(event_line(event), flush=True)
     return 0
@@ -149,8 +150,8 @@ async def _publish(settings: ClientSettings, args: argparse.Namespace, output: s
     )
     async with LambdabusClient.from_settings(settings) as client:
         answer = await client.publish(event)
-    if output == "json":
-        _print_json(answer)
+    if output != "table":
+        print_data(output, answer)
     elif answer.get("duplicates"):
         print(
             f"Already stored: event {event['id']} from {event['source']} "

@@ -1,9 +1,11 @@
-"""`ls`, `status`, `history` and `rm`: reading and removing functions."""
+"""`ls`, `status`, `describe`, `history`, `update` and `rm`: reading, changing and removing
+functions."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,24 +17,29 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     EVENT_TYPE_PREFIX,
+    UsageError,
     _event_data,
     _one_line,
-    _print_json,
     format_age,
     format_event_time,
+    parse_env,
+    print_data,
     render_table,
 )
 from lambdabus_client.commands.events import (
     event_actor,
     event_detail,
 )
+from lambdabus_client.commands.triggers import format_filter
 
 
 async def _history(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     async with LambdabusClient.from_settings(settings) as client:
         events = await client.history(settings.namespace, args.name)
-    if output == "json":
-        _print_json({"items": events})
+        if not events:  # a removed function keeps its history; one never created has none
+            await client.get_function(settings.namespace, args.name)
+    if output != "table":
+        print_data(output, {"items": events})
         return 0
     if not events:
         print(f"No history for {settings.namespace}/{args.name}.")
@@ -47,7 +54,7 @@ async def _history(settings: ClientSettings, args: argparse.Namespace, output: s
         ]
         for event in events
     ]
-    print(render_table(["TIME", "TYPE", "GENERATION", "ACTOR", "DETAIL"], rows))
+    print(render_table(["TIME", "TYPE", "GEN", "ACTOR", "DETAIL"], rows, shrink_first=(3, 4)))
     return 0
 
 
@@ -64,14 +71,15 @@ async def _ls(settings: ClientSettings, args: argparse.Namespace, output: str) -
                 return None  # deleted meanwhile, or not yet known
 
         statuses = await asyncio.gather(*(status_of(record) for record in records))
-    if output == "json":
-        _print_json(
+    if output != "table":
+        print_data(
+            output,
             {
                 "items": [
                     {**record, "status": status}
                     for record, status in zip(records, statuses, strict=True)
                 ]
-            }
+            },
         )
         return 0
     if not records:
@@ -117,9 +125,15 @@ def describe_limits(limits: dict[str, Any]) -> str:
 
 async def _status(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     async with LambdabusClient.from_settings(settings) as client:
-        status = await client.function_status(settings.namespace, args.name)
-    if output == "json":
-        _print_json(status)
+        try:
+            status = await client.function_status(settings.namespace, args.name)
+        except ApiError as error:
+            if error.status == 404 and error.code == "function_not_found":
+                # The README's promise: after `rm`, the status is not_found (and exit 1).
+                _print_not_found(settings.namespace, args.name, output)
+            raise
+    if output != "table":
+        print_data(output, status)
         return 0
     replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
     lines = [
@@ -151,8 +165,154 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
 async def _rm(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     async with LambdabusClient.from_settings(settings) as client:
         record = await client.delete_function(settings.namespace, args.name)
-    if output == "json":
-        _print_json(record)
+    if output != "table":
+        print_data(output, record)
     else:
         print(f"Deleting {settings.namespace}/{args.name}.")
+    return 0
+
+
+def _print_not_found(namespace: str, name: str, output: str) -> None:
+    status = {
+        "namespace": namespace,
+        "name": name,
+        "image_status": "not_found",
+        "status": "not_found",
+    }
+    if output != "table":
+        print_data(output, status)
+        return
+    print(f"Function:    {namespace}/{name}")
+    print("Image:       not_found")
+    print("Status:      not_found")
+    sys.stdout.flush()
+
+
+# How many recent lifecycle events `describe` shows.
+DESCRIBE_EVENTS = 5
+
+
+async def _describe(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    namespace = settings.namespace
+    async with LambdabusClient.from_settings(settings) as client:
+        record = await client.get_function(namespace, args.name)
+        status, info, triggers, events = await asyncio.gather(
+            client.function_status(namespace, args.name),
+            client.info(),
+            client.list_triggers(namespace),
+            client.history(namespace, args.name),
+        )
+    url = f"{str(info.get('router_url', '')).rstrip('/')}/{namespace}/{args.name}"
+    own_triggers = [item for item in triggers if item.get("function") == args.name]
+    recent = events[-DESCRIBE_EVENTS:]
+    if output != "table":
+        print_data(
+            output,
+            {
+                "function": record,
+                "status": status,
+                "url": url,
+                "triggers": own_triggers,
+                "events": recent,
+            },
+        )
+        return 0
+    print("\n".join(describe_lines(record, status, url)))
+    print()
+    print("Conditions:")
+    print(indent(render_table(["TYPE", "STATUS", "REASON", "MESSAGE"], condition_rows(status))))
+    print()
+    print("Triggers:")
+    if own_triggers:
+        rows = [
+            [str(item.get("name", "?")), format_filter(item.get("filter"))] for item in own_triggers
+        ]
+        print(indent(render_table(["NAME", "FILTER"], rows, max_width=78)))
+    else:
+        print("  (none)")
+    print()
+    print("Recent events:")
+    if recent:
+        rows = [
+            [
+                format_event_time(event.get("time")),
+                str(event.get("type", "?")).removeprefix(EVENT_TYPE_PREFIX),
+                event_detail(event),
+            ]
+            for event in recent
+        ]
+        print(indent(render_table(["TIME", "TYPE", "DETAIL"], rows, max_width=78)))
+    else:
+        print("  (none)")
+    return 0
+
+
+def indent(text: str) -> str:
+    return "\n".join(f"  {line}" if line else line for line in text.splitlines())
+
+
+def condition_rows(status: JsonObject) -> list[list[str]]:
+    return [
+        [
+            str(condition.get("type", "")),
+            str(condition.get("status", "")),
+            str(condition.get("reason", "")),
+            _one_line(str(condition.get("message", ""))),
+        ]
+        for condition in status.get("conditions") or []
+        if isinstance(condition, dict)
+    ]
+
+
+def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str]:
+    """The head of `describe`: who the function is, its spec, where it answers."""
+    raw_spec = record.get("spec")
+    spec: JsonObject = raw_spec if isinstance(raw_spec, dict) else {}
+    replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
+    lines = [
+        f"Name:        {record.get('namespace', '?')}/{record.get('name', '?')}",
+        f"Generation:  {record.get('generation', '-')}",
+        f"URL:         {url}",
+        f"Image:       {status.get('image_status', '-')}",
+        f"Status:      {status.get('status', '-')} ({replicas})",
+    ]
+    if status.get("message"):
+        lines.append(f"Message:     {_one_line(str(status['message']))}")
+    lines.append("Spec:")
+    for key, value in spec.items():
+        if value is None or value == {} or value == []:
+            continue
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            shown = ", ".join(map(str, value))
+        else:
+            shown = str(value)
+        lines.append(f"  {key + ':':<16} {_one_line(shown)}")
+    return lines
+
+
+async def _update(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    patch: JsonObject = {}
+    if args.env:
+        patch["env"] = parse_env(args.env)
+    for key in ("replicas", "memory", "timeout", "description"):
+        value = getattr(args, key)
+        if value is not None:
+            patch[key] = value
+    if not patch:
+        raise UsageError(
+            "nothing to update: give --env, --replicas, --memory, --timeout or --description"
+        )
+    async with LambdabusClient.from_settings(settings) as client:
+        changed, record = await client.patch_function(settings.namespace, args.name, patch)
+    if output != "table":
+        print_data(output, {"changed": changed, "function": record})
+    elif changed:
+        print(
+            f"Updated {settings.namespace}/{args.name}: generation {record.get('generation')} "
+            f"rolls out (see 'lambdabus status {args.name}')."
+        )
+    else:
+        print(f"Unchanged {settings.namespace}/{args.name}: it already had these settings.")
     return 0

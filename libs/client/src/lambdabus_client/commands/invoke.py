@@ -18,9 +18,9 @@ from lambdabus_client.commands.common import (
     UsageError,
     _fail,
     _one_line,
-    _print_json,
     auth_hint,
     parse_headers,
+    print_data,
 )
 
 FINISHED = frozenset({"succeeded", "failed"})
@@ -127,8 +127,8 @@ async def _invoke(settings: ClientSettings, args: argparse.Namespace, output: st
             queued = await client.invoke_async(
                 settings.namespace, args.name, body, content_type, headers, args.callback_url
             )
-        if output == "json":
-            _print_json(queued)
+        if output != "table":
+            print_data(output, queued)
         else:
             print(queued.get("invocation_id", ""))
         return 0
@@ -181,8 +181,8 @@ async def _invocation(settings: ClientSettings, args: argparse.Namespace, output
                     f"{args.wait_timeout:g} s",
                     1,
                 )
-    if output == "json":
-        _print_json(record)
+    if output != "table":
+        print_data(output, record)
     else:
         print("\n".join(invocation_lines(record)))
     if record.get("status") == "failed":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from datetime import UTC, datetime
 
 from lambdabus_client.client import (
@@ -16,6 +15,7 @@ from lambdabus_client.commands.common import (
     UsageError,
     _parse_time,
     parse_since,
+    print_item,
 )
 
 
@@ -41,6 +41,7 @@ async def _logs(settings: ClientSettings, args: argparse.Namespace, output: str)
         raise UsageError("--tail must be at least 1")
     since = parse_since(args.since, datetime.now(UTC)) if args.since else None
     async with LambdabusClient.from_settings(settings) as client:
+        await client.get_function(settings.namespace, args.name)  # function_not_found
         entries = client.logs(
             settings.namespace,
             args.name,
@@ -51,6 +52,8 @@ async def _logs(settings: ClientSettings, args: argparse.Namespace, output: str)
         )
         async with contextlib.aclosing(entries):
             async for entry in entries:
-                line = json.dumps(entry) if output == "json" else format_log_line(entry)
-                print(line, flush=args.follow)
+                if output != "table":
+                    print_item(output, entry)
+                else:
+                    print(format_log_line(entry), flush=args.follow)
     return 0

@@ -12,7 +12,7 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     UsageError,
-    _print_json,
+    print_data,
     render_table,
 )
 
@@ -47,8 +47,8 @@ async def _secret(settings: ClientSettings, args: argparse.Namespace, output: st
                 info = await client.create_secret(namespace, args.name, data)
             else:
                 info = await client.replace_secret(namespace, args.name, data)
-            if output == "json":
-                _print_json(info)
+            if output != "table":
+                print_data(output, info)
             else:
                 verb = "Created" if args.action == "create" else "Replaced"
                 keys = ", ".join(map(str, info.get("keys") or []))
@@ -56,12 +56,12 @@ async def _secret(settings: ClientSettings, args: argparse.Namespace, output: st
             return 0
         if args.action == "rm":
             await client.delete_secret(namespace, args.name)
-            if output != "json":
+            if output == "table":
                 print(f"Deleted secret {namespace}/{args.name}.")
             return 0
         items = await client.list_secrets(namespace)
-    if output == "json":
-        _print_json({"items": items})
+    if output != "table":
+        print_data(output, {"items": items})
         return 0
     if not items:
         print(f"No secrets in namespace {namespace}.")

@@ -14,9 +14,9 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     UsageError,
-    _print_json,
     format_age,
     format_event_time,
+    print_data,
     render_table,
 )
 
@@ -48,8 +48,8 @@ async def _token(settings: ClientSettings, args: argparse.Namespace, output: str
             minted = await client.create_token(
                 args.name, args.role, args.token_namespaces, args.expires_in
             )
-            if output == "json":
-                _print_json(minted)
+            if output != "table":
+                print_data(output, minted)
             else:
                 print(
                     f"Created token {minted.get('id')} ({minted.get('role')} for "
@@ -62,14 +62,14 @@ async def _token(settings: ClientSettings, args: argparse.Namespace, output: str
             return 0
         if args.action == "rm":
             record = await client.delete_token(args.id)
-            if output == "json":
-                _print_json(record)
+            if output != "table":
+                print_data(output, record)
             else:
                 print(f"Revoked token {args.id} ({record.get('name', '?')}).")
             return 0
         items = await client.list_tokens()
-    if output == "json":
-        _print_json({"items": items})
+    if output != "table":
+        print_data(output, {"items": items})
         return 0
     if not items:
         print("No tokens.")

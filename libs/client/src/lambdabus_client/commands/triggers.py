@@ -11,9 +11,9 @@ from lambdabus_client.client import (
     LambdabusClient,
 )
 from lambdabus_client.commands.common import (
-    _print_json,
     format_age,
     parse_assignments,
+    print_data,
     render_table,
 )
 
@@ -60,8 +60,8 @@ async def _triggers(settings: ClientSettings, args: argparse.Namespace, output: 
             if delivery:
                 spec["delivery"] = delivery
             record = await client.create_trigger(namespace, spec)
-            if output == "json":
-                _print_json(record)
+            if output != "table":
+                print_data(output, record)
             else:
                 print(
                     f"Created trigger {namespace}/{args.name}: "
@@ -71,14 +71,14 @@ async def _triggers(settings: ClientSettings, args: argparse.Namespace, output: 
             return 0
         if args.action == "rm":
             record = await client.delete_trigger(namespace, args.name)
-            if output == "json":
-                _print_json(record)
+            if output != "table":
+                print_data(output, record)
             else:
                 print(f"Deleting trigger {namespace}/{args.name}.")
             return 0
         items = await client.list_triggers(namespace)
-    if output == "json":
-        _print_json({"items": items})
+    if output != "table":
+        print_data(output, {"items": items})
         return 0
     if not items:
         print(f"No triggers in namespace {namespace}.")
