@@ -468,9 +468,12 @@ async def test_deploy_directory_uploads_zip_and_spec(
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
-    upload = gateway.requests[0]
+    exists, upload = gateway.requests[:2]
+    assert (exists.method, exists.path) == ("GET", "/v1/namespaces/default/functions/hello")
     assert (upload.method, upload.path) == ("POST", "/v1/namespaces/default/functions")
-    assert upload.spec == {"name": "hello", "env": {"GREETING": "hi", "URL": "a=b"}}
+    expected = {"name": "hello", "env": {"GREETING": "hi", "URL": "a=b"}, "runtime": "python3.11"}
+    assert upload.spec == expected
+    assert out.startswith("runtime python3.11 (no handler.js or package.json; --runtime chooses)\n")
     assert upload.archive_filename == "function.zip"
     assert upload.archive_content_type == "application/zip"
     assert upload.archive is not None
@@ -481,6 +484,7 @@ async def test_deploy_directory_uploads_zip_and_spec(
     assert "entrypoint lambda_main.py" in out
     assert "Image: completed  Status: running" in out
     assert [r.path for r in gateway.requests] == [
+        "/v1/namespaces/default/functions/hello",
         "/v1/namespaces/default/functions",
         "/v1/namespaces/default/functions/hello/status",
     ]  # --no-wait follows neither events nor logs
@@ -498,10 +502,19 @@ async def test_deploy_of_an_existing_function_replaces_it_with_put(
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
-    create, replace = gateway.requests[:2]
-    assert (create.method, replace.method) == ("POST", "PUT")
+    current, create, replace = gateway.requests[:3]
+    assert (current.method, create.method, replace.method) == ("GET", "POST", "PUT")
     assert replace.path == "/v1/namespaces/prod/functions/hello"
-    expected_spec = {"name": "hello", "replicas": 2, "timeout": 5.0, "memory": "1Gi"}
+    # The settings not given again are kept (runtime, env, description).
+    expected_spec = {
+        "runtime": "python3.11",
+        "env": {},
+        "description": "",
+        "name": "hello",
+        "replicas": 2,
+        "timeout": 5.0,
+        "memory": "1Gi",
+    }
     assert replace.spec == expected_spec
     assert replace.archive == create.archive
     assert "Updated prod/hello: generation 2" in out
@@ -519,7 +532,7 @@ async def test_deploy_of_a_zip_sends_it_as_is(
     )  # fmt: skip
 
     assert code == 0
-    assert gateway.requests[0].archive == archive.read_bytes()
+    assert gateway.requests[1].archive == archive.read_bytes()
 
 
 async def test_ls_renders_an_aligned_table(
@@ -750,7 +763,9 @@ async def test_deploy_waits_showing_build_logs_and_transitions_until_ready(
         _event("deployment.failed", reason="NeverSeen"),  # after the end: not read
     )
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
@@ -771,12 +786,16 @@ async def test_deploy_waits_showing_build_logs_and_transitions_until_ready(
     ]
     assert lines[-1] == f"ready: {ROUTER_URL}/default/hello"
     by_path = {request.path: request for request in gateway.requests}
-    assert _paths(gateway)[:2] == ["/v1/info", "/v1/namespaces/default/functions"]
-    assert set(_paths(gateway)[2:]) == {
+    assert _paths(gateway)[:3] == [
+        "/v1/namespaces/default/functions/hello",
+        "/v1/info",
+        "/v1/namespaces/default/functions",
+    ]
+    assert set(_paths(gateway)[3:]) == {
         "/v1/lifecycle",
         "/v1/namespaces/default/functions/hello/build/logs",
     }
-    assert len(gateway.requests) == 4
+    assert len(gateway.requests) == 5
     since = "2024-05-01T11:59:58Z"  # a moment before the record's updated_at
     assert by_path["/v1/lifecycle"].query == {
         "namespace": "default",
@@ -807,7 +826,9 @@ async def test_deploy_of_a_failing_build_exits_1_with_the_reason_and_the_last_li
         _event("build.failed", reason="SyntaxError", message="lambda_main.py line 1"),
     )
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert code == 1
@@ -834,7 +855,9 @@ async def test_deploy_of_a_failing_deployment_exits_1(
                message="exited with status 1"),
     )  # fmt: skip
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert code == 1
@@ -868,7 +891,9 @@ async def test_deploy_of_an_unchanged_function_says_so_and_does_not_wait(
     capsys.readouterr()
     gateway.requests.clear()
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")

@@ -130,7 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
-    deploy.add_argument("--runtime", help="python3.11 or nodejs20")
+    deploy.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help="default: the function's current one, else detected (handler.js or package.json: "
+        "nodejs20, otherwise python3.11)",
+    )
+    deploy.add_argument(
+        "--replace",
+        action="store_true",
+        help="the given settings become the whole spec (default: they change the current one)",
+    )
     deploy.add_argument("--replicas", type=int)
     deploy.add_argument("--timeout", type=float, help="seconds per invocation")
     deploy.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")

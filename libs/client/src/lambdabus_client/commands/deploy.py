@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import sys
+import zipfile
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -143,6 +145,38 @@ def deploy_progress(event: JsonObject, uid: str, generation: int, *, url: str) -
     return Progress()
 
 
+# Build log lines that are noise to someone deploying (uv's hint about its venv).
+NOISE = ("Activate with:",)
+
+
+def is_noise(line: str) -> bool:
+    return line.strip().startswith(NOISE)
+
+
+def detect_runtime(names: Collection[str]) -> tuple[str, str]:
+    """The runtime of a function's files (top-level names) and why: `handler.js` or
+    `package.json` mean nodejs20, anything else python3.11."""
+    for marker in ("handler.js", "package.json"):
+        if marker in names:
+            return "nodejs20", f"found {marker}"
+    return "python3.11", "no handler.js or package.json"
+
+
+def archive_names(archive: bytes) -> set[str]:
+    """The top-level file names of a zip archive."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as opened:
+        return {name for name in opened.namelist() if "/" not in name.rstrip("/")}
+
+
+def merged_spec(current: JsonObject | None, given: JsonObject, *, replace: bool) -> JsonObject:
+    """What a deploy uploads: the settings given on the command line over the function's current
+    ones (so a redeploy without --env keeps the env), or only the given ones with --replace."""
+    if current is None or replace:
+        return dict(given)
+    kept = current.get("spec") if isinstance(current.get("spec"), dict) else {}
+    return {**{k: v for k, v in (kept or {}).items() if v is not None}, **given}
+
+
 async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     spec: JsonObject = {"name": args.name}
     if args.env:
@@ -169,6 +203,18 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
     archive = await asyncio.to_thread(load_archive, args.source, warn=_warn)
     namespace = settings.namespace
     async with LambdabusClient.from_settings(settings) as client:
+        current: JsonObject | None = None
+        try:
+            current = await client.get_function(namespace, args.name)
+        except ApiError as error:
+            if error.status != 404:
+                raise
+        spec = merged_spec(current, spec, replace=args.replace)
+        if "runtime" not in spec:
+            runtime, why = detect_runtime(archive_names(archive))
+            spec["runtime"] = runtime
+            if output == "table":
+                print(f"runtime {runtime} ({why}; --runtime chooses)", flush=True)
         # Asked first: if it fails, nothing has been uploaded yet.
         info = await client.info() if args.wait else {}
         before_upload = datetime.now(UTC)
@@ -240,6 +286,8 @@ class _DeployWatch:
     url: str
     echo: bool
     shown: set[tuple[object, ...]] = field(default_factory=set, init=False)
+    printed: set[str] = field(default_factory=set, init=False)
+    build_done: bool = field(default=False, init=False)
 
     async def run(self) -> int:
         """The exit status: 0 once ready, 1 when the build or the deployment failed."""
@@ -268,8 +316,13 @@ class _DeployWatch:
                 progress = deploy_progress(event, self.uid, self.generation, url=self.url)
                 if progress.done:
                     return progress
-                if progress.line and self.echo:
-                    print(progress.line, flush=True)
+                if not progress.line or progress.line in self.printed or not self.echo:
+                    continue
+                self.printed.add(progress.line)  # a replayed event does not print again
+                building = progress.line.startswith(("build queued", "build started"))
+                if not building and not self.build_done:
+                    await self._drain_build_logs()
+                print(progress.line, flush=True)
         raise ApiError(
             0, "stream_closed", "the gateway ended the lifecycle stream before the deploy finished"
         )
@@ -302,6 +355,17 @@ class _DeployWatch:
             self._print_build_line(entry)
 
     def _print_build_line(self, entry: JsonObject) -> None:
-        if belongs_to(entry, self.uid, self.generation):
-            self.shown.add(log_key(entry))
+        if not belongs_to(entry, self.uid, self.generation) or self.build_done:
+            return
+        key = log_key(entry)
+        if key in self.shown:
+            return
+        self.shown.add(key)
+        if not is_noise(str(entry.get("line", ""))):
             print(f"{BUILD_LOG_PREFIX}{entry.get('line', '')}", flush=True)
+
+    async def _drain_build_logs(self) -> None:
+        """Let build log lines already on their way print, then stop printing any: nothing of
+        the build may appear after the progress has moved past it."""
+        await asyncio.sleep(LOG_DRAIN_SECONDS)
+        self.build_done = True
