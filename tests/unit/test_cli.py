@@ -1055,7 +1055,11 @@ async def test_history_renders_a_table(
         "2024-05-01T12:01:00Z  function.updated  2    -               source changed",
         "2024-05-01T12:00:03Z  build.failed      2    -               SyntaxError: line 1",
     ]
-    assert gateway.requests[0].path == "/v1/namespaces/default/functions/hello/history"
+    # a removed function (no record) still shows its history
+    assert [r.path for r in gateway.requests] == [
+        "/v1/namespaces/default/functions/hello",
+        "/v1/namespaces/default/functions/hello/history",
+    ]
 
 
 # -- events, triggers, dead letters, asynchronous invocations -----------------------------------

@@ -17,6 +17,7 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     EVENT_TYPE_PREFIX,
+    TABLE_WIDTH,
     UsageError,
     _event_data,
     _one_line,
@@ -25,6 +26,7 @@ from lambdabus_client.commands.common import (
     parse_env,
     print_data,
     render_table,
+    truncate,
 )
 from lambdabus_client.commands.events import (
     event_actor,
@@ -33,11 +35,29 @@ from lambdabus_client.commands.events import (
 from lambdabus_client.commands.triggers import format_filter
 
 
+async def _history_or_not_found(
+    client: LambdabusClient, namespace: str, name: str
+) -> list[JsonObject]:
+    """The function's lifecycle events; a removed function keeps its history, a function that
+    never existed (no record, no history) is function_not_found."""
+    try:
+        await client.get_function(namespace, name)
+    except ApiError as missing:
+        if missing.status != 404:
+            raise
+        try:
+            events = await client.history(namespace, name)
+        except ApiError:
+            raise missing from None
+        if not events:
+            raise
+        return events
+    return await client.history(namespace, name)
+
+
 async def _history(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     async with LambdabusClient.from_settings(settings) as client:
-        events = await client.history(settings.namespace, args.name)
-        if not events:  # a removed function keeps its history; one never created has none
-            await client.get_function(settings.namespace, args.name)
+        events = await _history_or_not_found(client, settings.namespace, args.name)
     if output != "table":
         print_data(output, {"items": events})
         return 0
@@ -145,7 +165,7 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
     if isinstance(status.get("limits"), dict):
         lines.append(f"Limits:      {describe_limits(status['limits'])}")
     if status.get("message"):
-        lines.append(f"Message:     {_one_line(str(status['message']))}")
+        lines.append(truncate(f"Message:     {_one_line(str(status['message']))}", TABLE_WIDTH))
     conditions = [
         [
             str(condition.get("type", "")),
@@ -196,12 +216,17 @@ async def _describe(settings: ClientSettings, args: argparse.Namespace, output: 
     namespace = settings.namespace
     async with LambdabusClient.from_settings(settings) as client:
         record = await client.get_function(namespace, args.name)
-        status, info, triggers, events = await asyncio.gather(
+        status, info, triggers = await asyncio.gather(
             client.function_status(namespace, args.name),
             client.info(),
             client.list_triggers(namespace),
-            client.history(namespace, args.name),
         )
+        events: list[JsonObject] = []
+        events_error = ""
+        try:
+            events = await client.history(namespace, args.name)
+        except ApiError as error:  # the history lives in the logs service: say so, show the rest
+            events_error = f"{error.code}: {_one_line(error.message)}"
     url = f"{str(info.get('router_url', '')).rstrip('/')}/{namespace}/{args.name}"
     own_triggers = [item for item in triggers if item.get("function") == args.name]
     recent = events[-DESCRIBE_EVENTS:]
@@ -214,13 +239,17 @@ async def _describe(settings: ClientSettings, args: argparse.Namespace, output: 
                 "url": url,
                 "triggers": own_triggers,
                 "events": recent,
+                **({"events_error": events_error} if events_error else {}),
             },
         )
         return 0
     print("\n".join(describe_lines(record, status, url)))
     print()
     print("Conditions:")
-    print(indent(render_table(["TYPE", "STATUS", "REASON", "MESSAGE"], condition_rows(status))))
+    conditions = render_table(
+        ["TYPE", "STATUS", "REASON", "MESSAGE"], condition_rows(status), max_width=TABLE_WIDTH - 2
+    )
+    print(indent(conditions))
     print()
     print("Triggers:")
     if own_triggers:
@@ -243,7 +272,11 @@ async def _describe(settings: ClientSettings, args: argparse.Namespace, output: 
         ]
         print(indent(render_table(["TIME", "TYPE", "DETAIL"], rows, max_width=78)))
     else:
-        print("  (none)")
+        print(
+            truncate(f"  (unavailable: {events_error})", TABLE_WIDTH)
+            if events_error
+            else "  (none)"
+        )
     return 0
 
 
@@ -277,10 +310,10 @@ def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str
         f"Status:      {status.get('status', '-')} ({replicas})",
     ]
     if status.get("message"):
-        lines.append(f"Message:     {_one_line(str(status['message']))}")
+        lines.append(truncate(f"Message:     {_one_line(str(status['message']))}", TABLE_WIDTH))
     lines.append("Spec:")
     for key, value in spec.items():
-        if value is None or value == {} or value == []:
+        if value is None or value in ({}, [], ""):
             continue
         if isinstance(value, dict):
             shown = ", ".join(f"{k}={v}" for k, v in value.items())
@@ -288,7 +321,7 @@ def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str
             shown = ", ".join(map(str, value))
         else:
             shown = str(value)
-        lines.append(f"  {key + ':':<16} {_one_line(shown)}")
+        lines.append(truncate(f"  {key + ':':<16} {_one_line(shown)}", TABLE_WIDTH))
     return lines
 
 
