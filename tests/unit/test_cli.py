@@ -1614,3 +1614,106 @@ def test_load_archive_reads_a_zip_as_is_and_refuses_other_files(tmp_path: Path) 
     assert load_archive(archive) == archive.read_bytes()
     with pytest.raises(PackagingError, match="not a zip file"):
         load_archive(not_a_zip)
+
+
+# -- tables, deploy decisions, init, progress ---------------------------------------------------
+
+
+def test_render_table_fits_80_columns_cutting_the_last_column_first() -> None:
+    from lambdabus_client.commands.common import render_table as table
+
+    rows = [["hello", "x" * 100]]
+    lines = table(["NAME", "MESSAGE"], rows).splitlines()
+    assert max(map(len, lines)) == 80
+    assert lines[1].endswith("x\u2026")
+    assert table(["A", "B"], [["1", "2"]]) == "A  B\n1  2"  # a narrow table is left alone
+
+
+def test_fit_widths_gives_from_the_named_columns_then_the_widest() -> None:
+    from lambdabus_client.commands.common import fit_widths
+
+    assert fit_widths([20, 30, 40], 80) == [20, 30, 26]  # the last column gives first
+    assert fit_widths([50, 50, 12], 80) == [32, 32, 12]
+    assert fit_widths([20, 60, 40], 80, shrink_first=(1,)) == [20, 16, 40]
+    assert fit_widths([7] * 20, 80) == [6] * 20  # cannot fit: never below 6
+
+
+def test_detect_runtime_merged_spec_and_noise() -> None:
+    from lambdabus_client.commands.deploy import detect_runtime, is_noise, merged_spec
+
+    assert detect_runtime({"handler.js"}) == ("nodejs20", "found handler.js")
+    assert detect_runtime({"package.json", "index.js"})[0] == "nodejs20"
+    assert detect_runtime({"lambda_main.py", "requirements.txt"})[0] == "python3.11"
+    current = {"spec": {"env": {"A": "1"}, "replicas": 2, "runtime": "python3.11"}}
+    given = {"name": "f", "replicas": 3}
+    assert merged_spec(current, given, replace=False) == {
+        "env": {"A": "1"},
+        "replicas": 3,
+        "runtime": "python3.11",
+        "name": "f",
+    }
+    assert merged_spec(current, given, replace=True) == given
+    assert merged_spec(None, given, replace=False) == given
+    assert is_noise("Activate with: source .venv/bin/activate")
+    assert not is_noise("Installed 1 package in 3ms")
+
+
+@pytest.mark.parametrize(
+    ("runtime", "style", "entry", "deps"),
+    [
+        ("python3.11", "luna", "lambda_main.py", "requirements.txt"),
+        ("python3.11", "kyma", "handler.py", "requirements.txt"),
+        ("nodejs20", "luna", "handler.js", "package.json"),
+    ],
+)
+def test_scaffold_writes_code_a_dependency_file_and_a_readme(
+    runtime: str, style: str, entry: str, deps: str
+) -> None:
+    from lambdabus_client.commands.init import scaffold
+
+    files = scaffold("hello", runtime, style)
+    assert set(files) == {entry, deps, "README.md"}
+    assert "Hello from hello!" in files[entry]
+    if entry.endswith(".py"):
+        compile(files[entry], entry, "exec")
+    else:
+        assert json.loads(files[deps])["dependencies"] == {}
+
+
+def test_init_refuses_a_non_empty_directory_and_a_bad_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert main(["init", "taken", "--runtime", "python3.11", "--dir", str(tmp_path / "taken")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["init", "Bad", "--runtime", "python3.11"]) == 2
+    assert main(["init", "ok", "--runtime", "nodejs20", "--style", "kyma",
+                 "--dir", str(tmp_path / "ok")]) == 2  # fmt: skip
+    assert not (tmp_path / "ok").exists()
+
+
+def test_completion_fish_and_zsh_name_every_command() -> None:
+    from lambdabus_client.cli import build_parser
+    from lambdabus_client.commands.completion import command_tree, completion_script
+
+    tree = command_tree(build_parser())
+    assert {"deploy", "describe", "update", "init", "triggers"} <= set(tree)
+    assert tree["triggers"].actions.keys() == {"ls", "create", "rm"}
+    fish = completion_script("fish", tree)
+    assert "complete -c lambdabus -n __fish_use_subcommand -a deploy" in fish
+    assert "-l name" in fish
+    assert completion_script("zsh", tree).startswith("autoload -U +X bashcompinit")
+
+
+def test_an_unexpected_error_is_one_line_and_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lambdabus_client.cli as cli_module
+
+    def broken(arguments: list[str]) -> int:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli_module, "_main", broken)
+    assert main(["ls"]) == 1
+    assert capsys.readouterr().err == "error: internal: RuntimeError: boom second line\n"
