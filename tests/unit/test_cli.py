@@ -1050,10 +1050,10 @@ async def test_history_renders_a_table(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "TIME                  TYPE              GEN  ACTOR           DETAIL",
-        "2024-05-01T12:00:00Z  function.created  1    ci (00112233a\u2026",
-        "2024-05-01T12:01:00Z  function.updated  2    -               source changed",
-        "2024-05-01T12:00:03Z  build.failed      2    -               SyntaxError: line 1",
+        "TIME                  TYPE              GEN  ACTOR                  DETAIL",
+        "2024-05-01T12:00:00Z  function.created  1    ci (00112233aabbccdd)",
+        "2024-05-01T12:01:00Z  function.updated  2    -                      source chan\u2026",
+        "2024-05-01T12:00:03Z  build.failed      2    -                      SyntaxError\u2026",
     ]
     # a removed function (no record) still shows its history
     assert [r.path for r in gateway.requests] == [

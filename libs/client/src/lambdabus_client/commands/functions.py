@@ -74,7 +74,7 @@ async def _history(settings: ClientSettings, args: argparse.Namespace, output: s
         ]
         for event in events
     ]
-    print(render_table(["TIME", "TYPE", "GEN", "ACTOR", "DETAIL"], rows, shrink_first=(3, 4)))
+    print(render_table(["TIME", "TYPE", "GEN", "ACTOR", "DETAIL"], rows, shrink_first=(4, 3)))
     return 0
 
 
