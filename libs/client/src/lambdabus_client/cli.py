@@ -1,13 +1,14 @@
-"""The `lambdabus` command line: deploy (and watch the build), invoke (now or asynchronously),
-list, inspect and remove functions, read their logs and history, tail lifecycle events, publish
-CloudEvents, manage triggers and dead letters, and (`lambdabus up`) run the whole platform
-locally.
+"""The `lambdabus` command line: this module builds the parser and dispatches; each command group
+lives in `lambdabus_client.commands` (deploy, invoke, functions, logs, events, triggers,
+deadletters, tokens, secrets, credentials, init, completion). `lambdabus up` runs the whole
+platform locally.
 
-Every command talks to the gateway over HTTP through `LambdabusClient`. Expected failures end
-with one line on stderr, `error: <code>: <message>`, and exit status 1 (the API said no, or could
-not be reached) or 2 (the command line itself is wrong). Rendering and decisions are pure
-functions (`render_table`, `summarize_event`, `format_log_line`, `deploy_progress`, ...) so they
-can be tested without I/O.
+The exit contract: 0 on success; 1 when the platform refused or failed, with one line on stderr,
+`error: <code>: <message>` (the gateway's `error.code`); 2 when the command line is wrong
+(`error: usage: ...`, with the nearest command for a mistyped one). No traceback reaches the
+user: anything unexpected is one `error: internal: ...` line and status 1. Rendering and
+decisions are pure functions (`render_table`, `deploy_progress`, `merged_spec`, ...) so they can
+be tested without I/O.
 """
 
 from __future__ import annotations
