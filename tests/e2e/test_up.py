@@ -73,8 +73,8 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
         assert history.returncode == 0, history.stderr
         assert "bootstrap-admin" in history.stdout  # the actor of function.created
         bad = _cli(platform, "deploy", str(fn), "--name", "Not_A_Label", "--no-wait")
-        assert bad.returncode == 1
-        assert bad.stderr.startswith("error: invalid_name:")
+        assert bad.returncode == 2  # checked before any request: a usage error
+        assert bad.stderr.startswith("error: usage: argument --name: 'Not_A_Label' is not a valid")
         assert len(bad.stderr.strip().splitlines()) == 1
 
         # an open lifecycle stream must not hold up the shutdown

@@ -21,29 +21,25 @@ import pytest
 from aiohttp import BodyPartReader, web
 from aiohttp.test_utils import TestServer
 
-from lambdabus_client.cli import (
-    Progress,
-    build_event,
-    deploy_progress,
-    event_detail,
-    follow_since,
+from lambdabus_client.cli import main
+from lambdabus_client.client import Invocation, NDJSONDecoder, ServerSentEvent, SSEDecoder
+from lambdabus_client.commands.common import (
     format_age,
-    format_delivery,
-    format_filter,
-    format_log_line,
-    invocation_lines,
-    main,
-    next_poll,
     parse_env,
     parse_headers,
     parse_since,
+    render_table,
+)
+from lambdabus_client.commands.deploy import Progress, deploy_progress, follow_since, unseen
+from lambdabus_client.commands.events import build_event, event_detail, summarize_event
+from lambdabus_client.commands.invoke import (
+    invocation_lines,
+    next_poll,
     platform_error,
     render_body,
-    render_table,
-    summarize_event,
-    unseen,
 )
-from lambdabus_client.client import Invocation, NDJSONDecoder, ServerSentEvent, SSEDecoder
+from lambdabus_client.commands.logs import format_log_line
+from lambdabus_client.commands.triggers import format_delivery, format_filter
 from lambdabus_client.packaging import PackagingError, load_archive, zip_directory
 
 JsonObject = dict[str, Any]
@@ -110,6 +106,7 @@ class FakeGateway:
         base = "/v1/namespaces/{ns}/functions"
         app.router.add_post(base, self._create)
         app.router.add_get(base, self._list)
+        app.router.add_get(base + "/{name}", self._get)
         app.router.add_put(base + "/{name}", self._replace)
         app.router.add_delete(base + "/{name}", self._delete)
         app.router.add_get(base + "/{name}/status", self._status)
@@ -172,6 +169,12 @@ class FakeGateway:
         record = _record(*key, old["generation"] + 1, old["spec"]["runtime"], old["created_at"])
         self.functions[key] = record
         return web.json_response(record, status=202)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        if key not in self.functions:
+            return _error(404, "function_not_found", f"function {key[0]}/{key[1]} does not exist")
+        return web.json_response(self.functions[key])
 
     async def _list(self, request: web.Request) -> web.Response:
         namespace = request.match_info["ns"]
@@ -465,9 +468,12 @@ async def test_deploy_directory_uploads_zip_and_spec(
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
-    upload = gateway.requests[0]
+    exists, upload = gateway.requests[:2]
+    assert (exists.method, exists.path) == ("GET", "/v1/namespaces/default/functions/hello")
     assert (upload.method, upload.path) == ("POST", "/v1/namespaces/default/functions")
-    assert upload.spec == {"name": "hello", "env": {"GREETING": "hi", "URL": "a=b"}}
+    expected = {"name": "hello", "env": {"GREETING": "hi", "URL": "a=b"}, "runtime": "python3.11"}
+    assert upload.spec == expected
+    assert out.startswith("runtime python3.11 (no handler.js or package.json; --runtime chooses)\n")
     assert upload.archive_filename == "function.zip"
     assert upload.archive_content_type == "application/zip"
     assert upload.archive is not None
@@ -478,6 +484,7 @@ async def test_deploy_directory_uploads_zip_and_spec(
     assert "entrypoint lambda_main.py" in out
     assert "Image: completed  Status: running" in out
     assert [r.path for r in gateway.requests] == [
+        "/v1/namespaces/default/functions/hello",
         "/v1/namespaces/default/functions",
         "/v1/namespaces/default/functions/hello/status",
     ]  # --no-wait follows neither events nor logs
@@ -495,10 +502,19 @@ async def test_deploy_of_an_existing_function_replaces_it_with_put(
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
-    create, replace = gateway.requests[:2]
-    assert (create.method, replace.method) == ("POST", "PUT")
+    current, create, replace = gateway.requests[:3]
+    assert (current.method, create.method, replace.method) == ("GET", "POST", "PUT")
     assert replace.path == "/v1/namespaces/prod/functions/hello"
-    expected_spec = {"name": "hello", "replicas": 2, "timeout": 5.0, "memory": "1Gi"}
+    # The settings not given again are kept (runtime, env, description).
+    expected_spec = {
+        "runtime": "python3.11",
+        "env": {},
+        "description": "",
+        "name": "hello",
+        "replicas": 2,
+        "timeout": 5.0,
+        "memory": "1Gi",
+    }
     assert replace.spec == expected_spec
     assert replace.archive == create.archive
     assert "Updated prod/hello: generation 2" in out
@@ -516,7 +532,7 @@ async def test_deploy_of_a_zip_sends_it_as_is(
     )  # fmt: skip
 
     assert code == 0
-    assert gateway.requests[0].archive == archive.read_bytes()
+    assert gateway.requests[1].archive == archive.read_bytes()
 
 
 async def test_ls_renders_an_aligned_table(
@@ -747,7 +763,9 @@ async def test_deploy_waits_showing_build_logs_and_transitions_until_ready(
         _event("deployment.failed", reason="NeverSeen"),  # after the end: not read
     )
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
@@ -768,12 +786,16 @@ async def test_deploy_waits_showing_build_logs_and_transitions_until_ready(
     ]
     assert lines[-1] == f"ready: {ROUTER_URL}/default/hello"
     by_path = {request.path: request for request in gateway.requests}
-    assert _paths(gateway)[:2] == ["/v1/info", "/v1/namespaces/default/functions"]
-    assert set(_paths(gateway)[2:]) == {
+    assert _paths(gateway)[:3] == [
+        "/v1/namespaces/default/functions/hello",
+        "/v1/info",
+        "/v1/namespaces/default/functions",
+    ]
+    assert set(_paths(gateway)[3:]) == {
         "/v1/lifecycle",
         "/v1/namespaces/default/functions/hello/build/logs",
     }
-    assert len(gateway.requests) == 4
+    assert len(gateway.requests) == 5
     since = "2024-05-01T11:59:58Z"  # a moment before the record's updated_at
     assert by_path["/v1/lifecycle"].query == {
         "namespace": "default",
@@ -804,7 +826,9 @@ async def test_deploy_of_a_failing_build_exits_1_with_the_reason_and_the_last_li
         _event("build.failed", reason="SyntaxError", message="lambda_main.py line 1"),
     )
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert code == 1
@@ -831,7 +855,9 @@ async def test_deploy_of_a_failing_deployment_exits_1(
                message="exited with status 1"),
     )  # fmt: skip
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert code == 1
@@ -865,7 +891,9 @@ async def test_deploy_of_an_unchanged_function_says_so_and_does_not_wait(
     capsys.readouterr()
     gateway.requests.clear()
 
-    code = await run_cli("--url", gateway.url, "deploy", str(function_dir), "--name", "hello")
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(function_dir), "--name", "hello", "--runtime", "python3.11"
+    )  # fmt: skip
 
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
@@ -964,6 +992,7 @@ async def test_invoke_refuses_data_that_is_not_json(
 async def test_logs_prints_one_line_per_log_line(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    gateway.add("default", "hello")
     gateway.log_lines = [
         _log("caf\u00e9 ready on :8080"),  # a 2-byte character straddles a chunk boundary
         _log("Traceback (most recent call last):", stream="stderr"),
@@ -981,7 +1010,7 @@ async def test_logs_prints_one_line_per_log_line(
         "12:00:03.250 hello-7f9c [stderr] Traceback (most recent call last):",
         "12:00:03.250 - [system] instance started",
     ]
-    (request,) = gateway.requests
+    _exists, request = gateway.requests  # the function GET first: function_not_found
     assert request.path == "/v1/namespaces/default/functions/hello/logs"
     assert request.query == {"tail": "5", "since": "2024-05-01T12:00:00Z"}
 
@@ -989,6 +1018,7 @@ async def test_logs_prints_one_line_per_log_line(
 async def test_logs_build_follow_json_prints_the_raw_objects(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    gateway.add("default", "hello")
     gateway.log_lines = [_log("step 1", kind="build"), _log("step 2", kind="build")]
 
     code = await run_cli("--url", gateway.url, "-o", "json", "logs", "hello", "--build", "-f")
@@ -996,7 +1026,7 @@ async def test_logs_build_follow_json_prints_the_raw_objects(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert [json.loads(line) for line in out.splitlines()] == gateway.log_lines
-    (request,) = gateway.requests
+    _exists, request = gateway.requests  # the function GET first: function_not_found
     assert request.path == "/v1/namespaces/default/functions/hello/build/logs"
     assert request.query == {"follow": "1"}
 
@@ -1020,12 +1050,16 @@ async def test_history_renders_a_table(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "TIME                  TYPE              GENERATION  ACTOR                  DETAIL",
-        "2024-05-01T12:00:00Z  function.created  1           ci (00112233aabbccdd)",
-        "2024-05-01T12:01:00Z  function.updated  2           -                      source changed",
-        "2024-05-01T12:00:03Z  build.failed      2           -                      SyntaxError: line 1",
+        "TIME                  TYPE              GEN  ACTOR                  DETAIL",
+        "2024-05-01T12:00:00Z  function.created  1    ci (00112233aabbccdd)",
+        "2024-05-01T12:01:00Z  function.updated  2    -                      source chan\u2026",
+        "2024-05-01T12:00:03Z  build.failed      2    -                      SyntaxError\u2026",
     ]
-    assert gateway.requests[0].path == "/v1/namespaces/default/functions/hello/history"
+    # a removed function (no record) still shows its history
+    assert [r.path for r in gateway.requests] == [
+        "/v1/namespaces/default/functions/hello",
+        "/v1/namespaces/default/functions/hello/history",
+    ]
 
 
 # -- events, triggers, dead letters, asynchronous invocations -----------------------------------
@@ -1580,3 +1614,106 @@ def test_load_archive_reads_a_zip_as_is_and_refuses_other_files(tmp_path: Path) 
     assert load_archive(archive) == archive.read_bytes()
     with pytest.raises(PackagingError, match="not a zip file"):
         load_archive(not_a_zip)
+
+
+# -- tables, deploy decisions, init, progress ---------------------------------------------------
+
+
+def test_render_table_fits_80_columns_cutting_the_last_column_first() -> None:
+    from lambdabus_client.commands.common import render_table as table
+
+    rows = [["hello", "x" * 100]]
+    lines = table(["NAME", "MESSAGE"], rows).splitlines()
+    assert max(map(len, lines)) == 80
+    assert lines[1].endswith("x\u2026")
+    assert table(["A", "B"], [["1", "2"]]) == "A  B\n1  2"  # a narrow table is left alone
+
+
+def test_fit_widths_gives_from_the_named_columns_then_the_widest() -> None:
+    from lambdabus_client.commands.common import fit_widths
+
+    assert fit_widths([20, 30, 40], 80) == [20, 30, 26]  # the last column gives first
+    assert fit_widths([50, 50, 12], 80) == [32, 32, 12]
+    assert fit_widths([20, 60, 40], 80, shrink_first=(1,)) == [20, 16, 40]
+    assert fit_widths([7] * 20, 80) == [6] * 20  # cannot fit: never below 6
+
+
+def test_detect_runtime_merged_spec_and_noise() -> None:
+    from lambdabus_client.commands.deploy import detect_runtime, is_noise, merged_spec
+
+    assert detect_runtime({"handler.js"}) == ("nodejs20", "found handler.js")
+    assert detect_runtime({"package.json", "index.js"})[0] == "nodejs20"
+    assert detect_runtime({"lambda_main.py", "requirements.txt"})[0] == "python3.11"
+    current = {"spec": {"env": {"A": "1"}, "replicas": 2, "runtime": "python3.11"}}
+    given = {"name": "f", "replicas": 3}
+    assert merged_spec(current, given, replace=False) == {
+        "env": {"A": "1"},
+        "replicas": 3,
+        "runtime": "python3.11",
+        "name": "f",
+    }
+    assert merged_spec(current, given, replace=True) == given
+    assert merged_spec(None, given, replace=False) == given
+    assert is_noise("Activate with: source .venv/bin/activate")
+    assert not is_noise("Installed 1 package in 3ms")
+
+
+@pytest.mark.parametrize(
+    ("runtime", "style", "entry", "deps"),
+    [
+        ("python3.11", "luna", "lambda_main.py", "requirements.txt"),
+        ("python3.11", "kyma", "handler.py", "requirements.txt"),
+        ("nodejs20", "luna", "handler.js", "package.json"),
+    ],
+)
+def test_scaffold_writes_code_a_dependency_file_and_a_readme(
+    runtime: str, style: str, entry: str, deps: str
+) -> None:
+    from lambdabus_client.commands.init import scaffold
+
+    files = scaffold("hello", runtime, style)
+    assert set(files) == {entry, deps, "README.md"}
+    assert "Hello from hello!" in files[entry]
+    if entry.endswith(".py"):
+        compile(files[entry], entry, "exec")
+    else:
+        assert json.loads(files[deps])["dependencies"] == {}
+
+
+def test_init_refuses_a_non_empty_directory_and_a_bad_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert main(["init", "taken", "--runtime", "python3.11", "--dir", str(tmp_path / "taken")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["init", "Bad", "--runtime", "python3.11"]) == 2
+    assert main(["init", "ok", "--runtime", "nodejs20", "--style", "kyma",
+                 "--dir", str(tmp_path / "ok")]) == 2  # fmt: skip
+    assert not (tmp_path / "ok").exists()
+
+
+def test_completion_fish_and_zsh_name_every_command() -> None:
+    from lambdabus_client.cli import build_parser
+    from lambdabus_client.commands.completion import command_tree, completion_script
+
+    tree = command_tree(build_parser())
+    assert {"deploy", "describe", "update", "init", "triggers"} <= set(tree)
+    assert tree["triggers"].actions.keys() == {"ls", "create", "rm"}
+    fish = completion_script("fish", tree)
+    assert "complete -c lambdabus -n __fish_use_subcommand -a deploy" in fish
+    assert "-l name" in fish
+    assert completion_script("zsh", tree).startswith("autoload -U +X bashcompinit")
+
+
+def test_an_unexpected_error_is_one_line_and_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lambdabus_client.cli as cli_module
+
+    def broken(arguments: list[str]) -> int:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli_module, "_main", broken)
+    assert main(["ls"]) == 1
+    assert capsys.readouterr().err == "error: internal: RuntimeError: boom second line\n"

@@ -8,7 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lambdabus_client.cli import describe_limits
+from lambdabus_client.commands.functions import describe_limits
 from lambdabus_deployer.cgroups import (
     CgroupLimits,
     V1Hierarchy,

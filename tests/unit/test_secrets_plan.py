@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lambdabus_client.cli import summarize_event
+from lambdabus_client.commands.events import summarize_event
 from lambdabus_deployer.plan import Failure, ResolvedSecrets, resolve_secrets
 from lambdabus_events.models import FunctionConfig, FunctionRecord, Quota
 from lambdabus_gateway.quotas import Usage, quota_problem, usage_of

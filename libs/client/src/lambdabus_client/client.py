@@ -254,6 +254,19 @@ class LambdabusClient:
     async def get_function(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("GET", _function_path(namespace, name))
 
+    async def patch_function(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> tuple[bool, JsonObject]:
+        """Merge-patch the function's settings (RFC 7396); whether anything changed, and the
+        record. The gateway rebuilds only when something that is built changed."""
+        status, record = await self._json_answer(
+            "PATCH",
+            _function_path(namespace, name),
+            data=json.dumps(patch),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        return status == 202, record
+
     async def function_status(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("GET", _function_path(namespace, name) + "/status")
 
