@@ -422,6 +422,8 @@ def test_decode_data_follows_the_content_type() -> None:
     assert decode_data(b"hi", "application/octet-stream") == b"hi"
     assert decode_data(b"\xff", None) == b"\xff"
     assert decode_data(b"", "application/json") is None
+    assert decode_data(b'{"data": 5}', "application/x-www-form-urlencoded") == {"data": 5}
+    assert decode_data(b"a=1&b=%7B", "application/x-www-form-urlencoded") == "a=1&b=%7B"
 
 
 def test_importing_the_entry_module_does_not_import_asyncio() -> None:
@@ -591,6 +593,17 @@ async def test_kyma_data_follows_the_content_type(kyma: Instance) -> None:
             assert (await response.json())["data"] == {"bytes": "00ff"}
         async with session.get(kyma.url("/")) as response:
             assert (await response.json())["data"] is None
+
+
+async def test_kyma_decodes_what_curl_d_sends_like_luna(kyma: Instance) -> None:
+    """`curl -d '{"data": 5}'` sends application/x-www-form-urlencoded: a body that is JSON is
+    `data` parsed, as LUNA's `request.json` reads it; a real form stays text."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(kyma.url("/"), data=b'{"data": 5}', headers=form) as response:
+            assert (await response.json())["data"] == {"data": 5}
+        async with session.post(kyma.url("/"), data=b"a=1&b=2", headers=form) as response:
+            assert (await response.json())["data"] == "a=1&b=2"
 
 
 async def test_kyma_sync_handler_runs_in_a_worker_thread(kyma: Instance) -> None:

@@ -5,8 +5,10 @@ it (JSON, query, CloudEvent) is computed on first access.
 
 How a body becomes `data` (the Kyma `event["data"]` and the LUNA `request.event["data"]`):
 a JSON content type (`application/json`, `*+json`) → the parsed value (invalid JSON → 400);
-`application/octet-stream` → bytes; any other content type, or none → str when the body is
-UTF-8 (or the charset it names), else bytes; an empty body → None.
+`application/octet-stream` → bytes; `application/x-www-form-urlencoded` (what `curl -d`
+sends) whose body is a JSON object or array → the parsed value, as LUNA's `request.json` reads
+it; any other content type, or none → str when the body is UTF-8 (or the charset it names),
+else bytes; an empty body → None.
 """
 
 from __future__ import annotations
@@ -181,6 +183,9 @@ class Request:
         return self._event  # type: ignore[no-any-return]
 
 
+_FORM = "application/x-www-form-urlencoded"
+
+
 def _is_json_type(media_type: str) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
@@ -200,6 +205,12 @@ def decode_data(body: bytes, content_type: str | None) -> Any:
                 raise InvalidJSONError(f"the body is not valid JSON: {exc}") from None
         if media_type == "application/octet-stream":
             return body
+        if media_type == _FORM and body.lstrip()[:1] in (b"{", b"["):
+            # `curl -d '{...}'` labels JSON as a form; a form body never starts with { or [.
+            try:
+                return json.loads(body)
+            except ValueError:
+                pass
         for param in params.split(";"):
             pname, _, pvalue = param.partition("=")
             if pname.strip().lower() == "charset":

@@ -18,8 +18,9 @@
  * - event: {data, 'ce-type', 'ce-source', 'ce-id', 'ce-time', 'ce-specversion' ('' when
  *   absent), other ce-* headers, extensions: {request: {method, url, path, headers, query,
  *   body}}}. `data` is the parsed body for a JSON content type (invalid JSON → 400), a Buffer
- *   for application/octet-stream, otherwise a string when the body is UTF-8 (else a Buffer),
- *   null when empty. `path` has a leading /NS/NAME cut off.
+ *   for application/octet-stream, the parsed body for application/x-www-form-urlencoded
+ *   holding a JSON object or array (what `curl -d` sends), otherwise a string when the body
+ *   is UTF-8 (else a Buffer), null when empty. `path` has a leading /NS/NAME cut off.
  * - context: {'function-name', namespace, timeout, runtime, 'memory-limit'}.
  * - The value main returns (or its promise resolves to): null/undefined → 204; a string →
  *   text/plain; a Buffer/Uint8Array → application/octet-stream; an object whose `statusCode`
@@ -138,6 +139,14 @@ function decodeData(body, contentType) {
       }
     }
     if (media === 'application/octet-stream') return body;
+    if (media === 'application/x-www-form-urlencoded' && /^\s*[[{]/.test(body.toString('latin1', 0, 64))) {
+      // `curl -d '{...}'` labels JSON as a form; a form body never starts with { or [.
+      try {
+        return JSON.parse(body.toString('utf8'));
+      } catch {
+        // not JSON after all: a string, below
+      }
+    }
     for (const param of params) {
       const [name, value] = param.split('=');
       if (name.trim().toLowerCase() === 'charset' && value !== undefined) {
