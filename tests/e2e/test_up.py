@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -132,3 +135,33 @@ def test_up_restarts_a_killed_service(data_dir: Path) -> None:
         code, left = stop(platform)
         assert code == 0
         assert left == set()
+
+
+def test_a_port_in_use_stops_up_with_one_line_naming_the_setting(data_dir: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "LAMBDABUS_UP_NATS_PORT": "-1",
+            **{f"LAMBDABUS_UP_{s.upper()}_PORT": "0" for s in SERVICES},
+            "LAMBDABUS_UP_GATEWAY_PORT": str(port),
+        }
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "lambdabus_client", "up", "--data-dir", str(data_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        took = time.monotonic() - started
+
+    assert done.returncode == 1, done
+    assert took < 10
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(port) in lines[0]
+    assert "LAMBDABUS_UP_GATEWAY_PORT" in lines[0]
+    assert done.stdout == ""

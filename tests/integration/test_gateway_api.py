@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import aiohttp
+import pytest
 
 from lambdabus_events.catalog import parse_lifecycle
+from lambdabus_gateway.__main__ import make_setup
+from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.service import PortInUse, serve
 from lambdabus_platform.settings import NatsSettings
 from tests.integration.conftest import RunningGateway, secrets_settings
 from tests.zips import make_zip
@@ -288,3 +293,20 @@ async def test_invoke_relays_to_the_router(nats_settings: NatsSettings, bus: Bus
             assert (await down.json())["error"]["code"] == "router_unavailable"
     finally:
         await runner.cleanup()
+
+
+async def test_a_port_in_use_stops_the_service_with_port_in_use(
+    nats_settings: NatsSettings, bus: Bus
+) -> None:
+    """Not a bare OSError traceback: an error that names the port and the setting, which
+    `run` turns into one log line and the exit code the launcher does not restart on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = GatewaySettings(port=port, nats=nats_settings, secrets=secrets_settings())
+        with pytest.raises(PortInUse) as caught:
+            await asyncio.wait_for(serve("gateway", settings, make_setup(settings)), 30)
+    assert caught.value.code == "port_in_use"
+    assert str(port) in caught.value.message
+    assert "LAMBDABUS_GATEWAY_PORT" in caught.value.message

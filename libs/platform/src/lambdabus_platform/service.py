@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import time
@@ -301,7 +302,14 @@ async def serve(
             )
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                await runner.cleanup()
+                await _stop_broker(broker, settings.shutdown_grace_seconds)
+                raise PortInUse(name, settings.host, settings.port) from None
             port = _bound_port(runner) or settings.port
             url = f"http://{settings.host}:{port}"
             log.info("listening", extra={"url": url, "port": port, "event": "listening"})
@@ -315,6 +323,18 @@ async def serve(
                 await runner.cleanup()
                 await _stop_broker(broker, settings.shutdown_grace_seconds)
     log.info("stopped", extra={"event": "stopped"})
+
+
+class PortInUse(LambdabusError):
+    """The service's port is held by another process."""
+
+    def __init__(self, service: str, host: str, port: int) -> None:
+        super().__init__(
+            f"port {port} on {host} is already in use: set LAMBDABUS_{service.upper()}_PORT "
+            "(LAMBDABUS_UP_" + service.upper() + "_PORT under 'lambdabus up') to a free port",
+            code="port_in_use",
+            details={"port": port, "host": host},
+        )
 
 
 def broker_security(settings: NatsSettings) -> NatsSecurity | None:
@@ -370,6 +390,9 @@ def run(
 
     try:
         asyncio.run(_main())
+    except PortInUse as exc:  # no restart cures it: the launcher stops on this exit code
+        log.error("cannot start", extra={"code": exc.code, "error": exc.message, "exit": 78})
+        return 78
     except LambdabusError as exc:
         log.error("cannot start", extra={"code": exc.code, "error": exc.message})
         return 1
