@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,14 +55,21 @@ def _events_logger(name: str) -> logging.Logger:
     return logger
 
 
+_RESTART_NOTICE = re.compile(r"callback for \S+ is being executed\.\.\.")
+
+
 class EmptyFetchFilter(logging.Filter):
     """Drops FastStream's error report of an empty pull fetch. FastStream 0.7 suppresses nats-py's
     `nats.errors.TimeoutError` around `fetch`, but nats-py raises asyncio's plain `TimeoutError`
     when the deadline runs out between its two pull requests; FastStream's supervisor then logs
     an error and starts the fetch loop again. Nothing was lost: it is a fetch that found no
-    message, and an idle platform must not log errors. Any other failure is still reported."""
+    message, and an idle platform must not log errors. Any other failure is still reported.
+    The supervisor's info line announcing each such restart ("callback for Task-N is being
+    executed...") is dropped too: an idle platform wrote one every few seconds."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and _RESTART_NOTICE.fullmatch(record.getMessage()):
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         return not (
             type(exc) is TimeoutError and "raised an exception, retrying" in record.getMessage()
