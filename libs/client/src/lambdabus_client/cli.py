@@ -1204,11 +1204,12 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
         _print_json(status)
         return 0
     replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
+    summary = status.get("summary") or f"{status.get('status', '-')} ({replicas})"
     lines = [
         f"Function:    {settings.namespace}/{args.name}",
         f"Generation:  {status.get('generation', '-')}",
         f"Image:       {status.get('image_status', '-')}",
-        f"Status:      {status.get('status', '-')} ({replicas})",
+        f"Status:      {summary}",
     ]
     if isinstance(status.get("limits"), dict):
         lines.append(f"Limits:      {describe_limits(status['limits'])}")
