@@ -108,6 +108,8 @@ import time
         "ce-id": event["ce-id"],
         "ce-time": event["ce-time"],
         "ce-specversion": event["ce-specversion"],
+        "ce-priority": event.get("ce-priority"),
+        "ce-urgent": event.get("ce-urgent"),
         "function-name": context["function-name"],
         "memory-limit": context["memory-limit"],
         "path": path,
@@ -141,6 +143,8 @@ module.exports = {
       'ce-id': event['ce-id'],
       'ce-time': event['ce-time'],
       'ce-specversion': event['ce-specversion'],
+      'ce-priority': event['ce-priority'] ?? null,
+      'ce-urgent': event['ce-urgent'] ?? null,
       'function-name': context['function-name'],
       'memory-limit': context['memory-limit'],
       path,
@@ -604,6 +608,48 @@ async def test_kyma_decodes_what_curl_d_sends_like_luna(kyma: Instance) -> None:
             assert (await response.json())["data"] == {"data": 5}
         async with session.post(kyma.url("/"), data=b"a=1&b=2", headers=form) as response:
             assert (await response.json())["data"] == "a=1&b=2"
+
+
+STRUCTURED_EVENT = {
+    "specversion": "1.0",
+    "id": "7",
+    "source": "/shop",
+    "type": "com.example.typed",
+    "datacontenttype": "application/json",
+    "priority": 5,
+    "urgent": True,
+    "data": {"total": 3},
+}
+
+
+async def test_kyma_reads_a_structured_event_with_typed_extensions(kyma: Instance) -> None:
+    """The router delivers an event with integer or boolean extensions in structured mode."""
+    body = json.dumps(STRUCTURED_EVENT).encode()
+    headers = {"Content-Type": "application/cloudevents+json"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(kyma.url("/"), data=body, headers=headers) as response,
+    ):
+        echoed = await response.json()
+    assert echoed["data"] == {"total": 3}
+    assert (echoed["ce-id"], echoed["ce-type"], echoed["ce-specversion"]) == (
+        "7",
+        "com.example.typed",
+        "1.0",
+    )
+    assert (echoed["ce-priority"], echoed["ce-urgent"]) == (5, True)
+
+
+async def test_luna_reads_a_structured_event_with_typed_extensions(luna: Instance) -> None:
+    body = json.dumps(STRUCTURED_EVENT).encode()
+    headers = {"Content-Type": "application/cloudevents+json"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(luna.url("/"), data=body, headers=headers) as response,
+    ):
+        echoed = await response.json()
+    event = echoed["event"]
+    assert event == STRUCTURED_EVENT  # the same keys as a binary-mode event's, typed
 
 
 async def test_kyma_sync_handler_runs_in_a_worker_thread(kyma: Instance) -> None:

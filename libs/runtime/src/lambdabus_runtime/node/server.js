@@ -162,6 +162,21 @@ function decodeData(body, contentType) {
   }
 }
 
+// A structured-mode CloudEvent (application/cloudevents+json): its attributes, and `data`
+// (data_base64 decoded to a Buffer); null when the request is not one.
+function structuredEvent(body, contentType) {
+  if (!contentType || contentType.split(';')[0].trim().toLowerCase() !== 'application/cloudevents+json') return null;
+  let value;
+  try {
+    value = JSON.parse(body.toString('utf8'));
+  } catch {
+    return null;
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value) || !('specversion' in value)) return null;
+  const { data, data_base64: encoded, ...attributes } = value;
+  return { ...attributes, data: typeof encoded === 'string' ? Buffer.from(encoded, 'base64') : data ?? null };
+}
+
 function safeDecode(text) {
   if (!text.includes('%')) return text;
   try {
@@ -286,14 +301,21 @@ function main() {
       }
     }
     const request = { method: req.method, url, path: safeDecode(rawPath), headers: req.headers, query, body };
+    const structured = structuredEvent(body, req.headers['content-type']);
     const event = {
-      data: decodeData(body, req.headers['content-type']),
+      data: structured ? structured.data : decodeData(body, req.headers['content-type']),
       'ce-type': '',
       'ce-source': '',
       'ce-id': '',
       'ce-time': '',
       'ce-specversion': '',
     };
+    if (structured) {
+      // The router's structured mode (integer or boolean extensions): attributes keep their types.
+      for (const [name, value] of Object.entries(structured)) {
+        if (name !== 'data' && name !== 'datacontenttype') event[`ce-${name}`] = value;
+      }
+    }
     for (const [key, value] of Object.entries(req.headers)) {
       if (key.startsWith('ce-')) event[key] = safeDecode(String(value));
     }
