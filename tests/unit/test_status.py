@@ -53,13 +53,13 @@ def test_a_failed_build_reads_failed_with_its_reason() -> None:
         message="pip could not resolve nosuchpkg\n  more detail",
     )
     status = compute_status(_record(), build, None)
-    assert status.summary == "failed: pip could not resolve nosuchpkg"
+    assert status.summary == "failed: DependencyInstallFailed: pip could not resolve nosuchpkg"
     bare = compute_status(_record(), _build("failed", reason="BuildTimeout"), None)
     assert bare.summary == "failed: BuildTimeout"
 
 
 def test_a_failed_build_over_a_running_generation_says_both() -> None:
-    build = _build("failed", message="SyntaxError in lambda_main.py")
+    build = _build("failed", reason="SyntaxError", message="SyntaxError in lambda_main.py")
     status = compute_status(_record(), build, _deployment("ready", generation=1))
     assert status.summary == (
         "running (1/1 replicas ready); generation 2 failed: SyntaxError in lambda_main.py"
@@ -69,7 +69,7 @@ def test_a_failed_build_over_a_running_generation_says_both() -> None:
 def test_a_failed_deployment_reads_failed_with_its_reason() -> None:
     deployment = _deployment("failed", ready=0, reason="CrashLoop", message="exited with code 3")
     status = compute_status(_record(), _build("succeeded"), deployment)
-    assert status.summary == "failed: exited with code 3"
+    assert status.summary == "failed: CrashLoop: exited with code 3"
 
 
 def test_a_healthy_function_reads_its_replicas() -> None:

@@ -169,6 +169,8 @@ def compute_status(
 def _why(condition: Condition) -> str:
     """A failed condition's reason for a person: its message's first line, else its reason."""
     first = next((line.strip() for line in condition.message.splitlines() if line.strip()), "")
+    if first and condition.reason and condition.reason not in first:
+        return f"{condition.reason}: {first}"
     return first or condition.reason
 
 
