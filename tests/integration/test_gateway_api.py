@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 
 from lambdabus_events.catalog import parse_lifecycle
+from lambdabus_events.models import BuildState
 from lambdabus_gateway.__main__ import make_setup
 from lambdabus_gateway.settings import GatewaySettings
-from lambdabus_events.models import BuildState
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import PortInUse, serve

@@ -6,9 +6,9 @@ line once it is connected and serving.
 
 NATS has no anonymous access (see `natsauth`): the launcher declares the streams, KV buckets and
 object store once as the `admin` user, whose key no service gets; each service is handed only
-its own key (`LAMBDABUS_NATS_NKEY_SEED_FILE`) and inbox prefix, and does not declare. A service that dies is restarted with back-off, but a port in use
-stops `up` with one line naming the port and its setting (checked before start, and again when
-a service exits with EX_CONFIG, 78).
+its own key (`LAMBDABUS_NATS_NKEY_SEED_FILE`) and inbox prefix, and does not declare. A service
+that dies is restarted with back-off; but a port in use stops `up` with one line naming the port
+and its setting (checked before start, and again when a service exits with EX_CONFIG, 78).
 SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period), then NATS.
 """
 

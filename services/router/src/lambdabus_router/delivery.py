@@ -2,9 +2,9 @@
 
 The trigger's durable consumer on EVENTS (`trigger_consumer(...)`) brings every event its subject
 filters hold (the type filter, and the trigger's redrive subject); `match_trigger` checks the
-rest of the filter. Each matching event is POSTed in CloudEvents binary mode (structured mode when an extension is an
-integer or a boolean: `delivery_request`) to a ready instance
-of the function; the answer goes through the delivery plan (`plan.next_action`):
+rest of the filter. Each matching event is POSTed in CloudEvents binary mode (structured mode
+when an extension is an integer or a boolean: `delivery_request`) to a ready instance of the
+function; the answer goes through the delivery plan (`plan.next_action`):
 
 - 2xx: a reply event in the answer is published to EVENTS, then the message is acked.
 - retry: nak with the back-off as delay; JetStream brings it back then.
