@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lambdabus_platform import launcher
 from tests.e2e.conftest import SERVICES, Platform, platform_up, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -165,3 +167,31 @@ def test_a_port_in_use_stops_up_with_one_line_naming_the_setting(data_dir: Path)
     assert str(port) in lines[0]
     assert "LAMBDABUS_UP_GATEWAY_PORT" in lines[0]
     assert done.stdout == ""
+
+
+def test_a_service_that_finds_its_port_taken_stops_up_without_restarts(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port is taken after the launcher's check (a race): the service exits with
+    EX_CONFIG and the launcher stops with its one line, instead of restarting it."""
+    monkeypatch.setattr(launcher, "busy_ports", lambda settings: [])
+    out, err = io.StringIO(), io.StringIO()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("LAMBDABUS_UP_NATS_PORT", "-1")
+        for service in SERVICES:
+            monkeypatch.setenv(f"LAMBDABUS_UP_{service.upper()}_PORT", "0")
+        monkeypatch.setenv("LAMBDABUS_UP_GATEWAY_PORT", str(port))
+        started = time.monotonic()
+        code = launcher.main(["--data-dir", str(data_dir)], out=out, err=err)
+        took = time.monotonic() - started
+
+    assert code == 1
+    assert took < 30
+    errors = [line for line in err.getvalue().splitlines() if "error" in line]
+    assert len(errors) == 1, err.getvalue()
+    assert str(port) in errors[0]
+    assert "LAMBDABUS_GATEWAY_PORT" in errors[0]
+    assert "restarting" not in err.getvalue()
