@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from lambdabus_platform import launcher
 from tests.e2e.conftest import SERVICES, Platform, platform_up, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -132,3 +137,61 @@ def test_up_restarts_a_killed_service(data_dir: Path) -> None:
         code, left = stop(platform)
         assert code == 0
         assert left == set()
+
+
+def test_a_port_in_use_stops_up_with_one_line_naming_the_setting(data_dir: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "LAMBDABUS_UP_NATS_PORT": "-1",
+            **{f"LAMBDABUS_UP_{s.upper()}_PORT": "0" for s in SERVICES},
+            "LAMBDABUS_UP_GATEWAY_PORT": str(port),
+        }
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "lambdabus_client", "up", "--data-dir", str(data_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        took = time.monotonic() - started
+
+    assert done.returncode == 1, done
+    assert took < 10
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(port) in lines[0]
+    assert "LAMBDABUS_UP_GATEWAY_PORT" in lines[0]
+    assert done.stdout == ""
+
+
+def test_a_service_that_finds_its_port_taken_stops_up_without_restarts(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port is taken after the launcher's check (a race): the service exits with
+    EX_CONFIG and the launcher stops with its one line, instead of restarting it."""
+    monkeypatch.setattr(launcher, "busy_ports", lambda settings: [])
+    out, err = io.StringIO(), io.StringIO()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("LAMBDABUS_UP_NATS_PORT", "-1")
+        for service in SERVICES:
+            monkeypatch.setenv(f"LAMBDABUS_UP_{service.upper()}_PORT", "0")
+        monkeypatch.setenv("LAMBDABUS_UP_GATEWAY_PORT", str(port))
+        started = time.monotonic()
+        code = launcher.main(["--data-dir", str(data_dir)], out=out, err=err)
+        took = time.monotonic() - started
+
+    assert code == 1
+    assert took < 30
+    errors = [line for line in err.getvalue().splitlines() if "error" in line]
+    assert len(errors) == 1, err.getvalue()
+    assert str(port) in errors[0]
+    assert "LAMBDABUS_GATEWAY_PORT" in errors[0]
+    assert "restarting" not in err.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -105,3 +106,15 @@ async def test_logs_stream_keeps_at_most_logs_max_bytes(nats_settings: NatsSetti
         finally:
             async with Bus.connect(nats_settings, name="restore") as restore:
                 await restore.declare()  # the other tests share this server
+
+
+async def test_closing_the_bus_logs_no_disconnect_warning(
+    nats_settings: NatsSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`lambdabus up` printed "nats disconnected" at every start: its own close of the
+    connection that declared the streams."""
+    caplog.set_level(logging.INFO, logger="lambdabus_platform.bus")
+    async with Bus.connect(nats_settings, name="quiet") as bus:
+        assert bus.connected
+    await asyncio.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -186,7 +186,7 @@ class Platform:
         source: str = "/shop",
         event_id: str | None = None,
         data: Any = None,
-        **extensions: str,
+        **extensions: str | int | bool,
     ) -> dict[str, Any]:
         event: dict[str, Any] = {
             "specversion": "1.0",
@@ -416,6 +416,25 @@ async def test_binary_mode_and_once_per_source_and_id(platform: Platform) -> Non
         assert hit.headers["ce-tenant"] == "acme%20corp%25"  # percent-encoded, as the binding says
         assert hit.headers["content-type"] == "application/json"
         assert json.loads(hit.body) == {"total": 3}
+
+
+async def test_integer_and_boolean_extensions_arrive_typed_in_structured_mode(
+    platform: Platform,
+) -> None:
+    """Binary mode's headers are strings: an event with an integer or boolean extension is
+    delivered in structured mode, so the function reads 5 and true, not "5" and "true"."""
+    async with function_server("typed") as fn:
+        await platform.add_function("typed", [fn.url])
+        trigger = await platform.trigger("on-typed", "typed", {"type": "com.example.typed"})
+        sent = await platform.publish(
+            "com.example.typed", event_id="7", data={"total": 3}, priority=5, urgent=True
+        )
+        await fn.until(lambda hits: len(hits) == 1)
+        await platform.settled(trigger)
+        [hit] = fn.hits
+        assert hit.headers["content-type"] == "application/cloudevents+json"
+        assert not any(name.lower().startswith("ce-") for name in hit.headers)
+        assert json.loads(hit.body) == sent
 
 
 async def test_fan_out_and_filters(platform: Platform) -> None:

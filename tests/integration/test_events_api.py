@@ -4,12 +4,14 @@ attribute, and nothing of the request is stored."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
 from typing import Any
 
 import pytest
+import yarl
 from cloudevents.core.bindings import http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
@@ -343,3 +345,46 @@ async def test_openapi_documents_the_producer_subjects(gateway: RunningGateway) 
     post = spec["paths"]["/v1/events"]["post"]
     assert "lambdabus.events.t.<encoded type>" in post["description"]
     assert "Nats-Msg-Id" in post["description"]
+
+
+async def _raw_post(url: str, head: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A request written byte for byte, so a header can carry bytes no client library sends."""
+    host, port = yarl.URL(url).host, yarl.URL(url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+            + head
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize(
+    "value", [b"caf\xe9", b"caf\xc3\xa9"], ids=["latin-1 byte", "raw UTF-8 bytes"]
+)
+async def test_a_ce_header_that_is_not_ascii_is_a_400_naming_the_header(
+    gateway: RunningGateway, value: bytes
+) -> None:
+    before = await gateway.bus.count("EVENTS", ALL_EVENTS)
+    head = (
+        b"Authorization: Bearer " + gateway.token.encode() + b"\r\n"
+        b"ce-specversion: 1.0\r\nce-id: 1\r\nce-source: /shop\r\nce-type: com.example.t\r\n"
+        b"ce-owner: " + value + b"\r\nContent-Type: application/json\r\n"
+    )
+
+    status, answer = await _raw_post(gateway.url, head, b'{"total": 5}')
+
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["code"] == "invalid_cloudevent"
+    assert error["details"]["attribute"] == "owner"
+    assert "ce-owner" in error["message"]
+    assert await gateway.bus.count("EVENTS", ALL_EVENTS) == before

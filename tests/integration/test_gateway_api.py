@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import pytest
 
 from lambdabus_events.catalog import parse_lifecycle
+from lambdabus_events.models import BuildState
+from lambdabus_gateway.__main__ import make_setup
+from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.registry import Registry
+from lambdabus_platform.service import PortInUse, serve
 from lambdabus_platform.settings import NatsSettings
+from lambdabus_platform.subjects import BUILDS_BUCKET
 from tests.integration.conftest import RunningGateway, secrets_settings
 from tests.zips import make_zip
 
@@ -288,3 +297,51 @@ async def test_invoke_relays_to_the_router(nats_settings: NatsSettings, bus: Bus
             assert (await down.json())["error"]["code"] == "router_unavailable"
     finally:
         await runner.cleanup()
+
+
+async def test_a_port_in_use_stops_the_service_with_port_in_use(
+    nats_settings: NatsSettings, bus: Bus
+) -> None:
+    """Not a bare OSError traceback: an error that names the port and the setting, which
+    `run` turns into one log line and the exit code the launcher does not restart on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = GatewaySettings(port=port, nats=nats_settings, secrets=secrets_settings())
+        with pytest.raises(PortInUse) as caught:
+            await asyncio.wait_for(serve("gateway", settings, make_setup(settings)), 30)
+    assert caught.value.code == "port_in_use"
+    assert str(port) in caught.value.message
+    assert "LAMBDABUS_GATEWAY_PORT" in caught.value.message
+
+
+async def test_the_same_source_after_a_failed_build_is_a_new_generation(
+    gateway: RunningGateway,
+) -> None:
+    """A build that failed for a passing reason (the network) is retried by deploying again:
+    the same source is then a change (202, a new generation), not 'nothing changed'."""
+    gw, ns = gateway, "retry-test"
+    created = await _create(gw, ns, "flaky")
+    assert created.status == 202, await created.text()
+    record = await created.json()
+    again = {"source": {"files": {"lambda_main.py": HELLO}}}
+    same = await gw.http.put(f"/v1/namespaces/{ns}/functions/flaky", json=again)
+    assert (same.status, (await same.json())["generation"]) == (200, 1)
+
+    failed = BuildState(
+        namespace=ns,
+        name="flaky",
+        uid=record["uid"],
+        generation=1,
+        phase="failed",
+        source_sha256=record["source"]["sha256"],
+        runtime=record["spec"]["runtime"],
+        reason="DependencyInstallFailed",
+        message="network unreachable",
+        updated_at=datetime.now(UTC),
+    )
+    await Registry(gw.bus.kv(BUILDS_BUCKET), BuildState).put(ns, "flaky", failed)
+    retried = await gw.http.put(f"/v1/namespaces/{ns}/functions/flaky", json=again)
+    assert retried.status == 202, await retried.text()
+    assert (await retried.json())["generation"] == 2

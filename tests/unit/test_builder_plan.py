@@ -147,6 +147,14 @@ def test_a_config_only_generation_restamps_the_build() -> None:
     assert action.state.updated_at == T0
 
 
+def test_a_new_generation_of_a_source_whose_build_failed_is_built_again() -> None:
+    """A redeploy after a build that failed for a passing reason (the network) tries again;
+    the same generation is not retried on its own."""
+    failed = state("failed", reason="DependencyInstallFailed", message="network unreachable")
+    assert isinstance(decide(record(generation=2), failed, None), Build)
+    assert not isinstance(decide(record(generation=1), failed, None), Build)
+
+
 def test_a_recreated_function_is_built_and_replaces_the_old_uid() -> None:
     action = decide(record(uid="u2"), state("succeeded"), None)
     assert isinstance(action, Build)

@@ -108,6 +108,8 @@ import time
         "ce-id": event["ce-id"],
         "ce-time": event["ce-time"],
         "ce-specversion": event["ce-specversion"],
+        "ce-priority": event.get("ce-priority"),
+        "ce-urgent": event.get("ce-urgent"),
         "function-name": context["function-name"],
         "memory-limit": context["memory-limit"],
         "path": path,
@@ -141,6 +143,8 @@ module.exports = {
       'ce-id': event['ce-id'],
       'ce-time': event['ce-time'],
       'ce-specversion': event['ce-specversion'],
+      'ce-priority': event['ce-priority'] ?? null,
+      'ce-urgent': event['ce-urgent'] ?? null,
       'function-name': context['function-name'],
       'memory-limit': context['memory-limit'],
       path,
@@ -422,6 +426,8 @@ def test_decode_data_follows_the_content_type() -> None:
     assert decode_data(b"hi", "application/octet-stream") == b"hi"
     assert decode_data(b"\xff", None) == b"\xff"
     assert decode_data(b"", "application/json") is None
+    assert decode_data(b'{"data": 5}', "application/x-www-form-urlencoded") == {"data": 5}
+    assert decode_data(b"a=1&b=%7B", "application/x-www-form-urlencoded") == "a=1&b=%7B"
 
 
 def test_importing_the_entry_module_does_not_import_asyncio() -> None:
@@ -591,6 +597,59 @@ async def test_kyma_data_follows_the_content_type(kyma: Instance) -> None:
             assert (await response.json())["data"] == {"bytes": "00ff"}
         async with session.get(kyma.url("/")) as response:
             assert (await response.json())["data"] is None
+
+
+async def test_kyma_decodes_what_curl_d_sends_like_luna(kyma: Instance) -> None:
+    """`curl -d '{"data": 5}'` sends application/x-www-form-urlencoded: a body that is JSON is
+    `data` parsed, as LUNA's `request.json` reads it; a real form stays text."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(kyma.url("/"), data=b'{"data": 5}', headers=form) as response:
+            assert (await response.json())["data"] == {"data": 5}
+        async with session.post(kyma.url("/"), data=b"a=1&b=2", headers=form) as response:
+            assert (await response.json())["data"] == "a=1&b=2"
+
+
+STRUCTURED_EVENT = {
+    "specversion": "1.0",
+    "id": "7",
+    "source": "/shop",
+    "type": "com.example.typed",
+    "datacontenttype": "application/json",
+    "priority": 5,
+    "urgent": True,
+    "data": {"total": 3},
+}
+
+
+async def test_kyma_reads_a_structured_event_with_typed_extensions(kyma: Instance) -> None:
+    """The router delivers an event with integer or boolean extensions in structured mode."""
+    body = json.dumps(STRUCTURED_EVENT).encode()
+    headers = {"Content-Type": "application/cloudevents+json"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(kyma.url("/"), data=body, headers=headers) as response,
+    ):
+        echoed = await response.json()
+    assert echoed["data"] == {"total": 3}
+    assert (echoed["ce-id"], echoed["ce-type"], echoed["ce-specversion"]) == (
+        "7",
+        "com.example.typed",
+        "1.0",
+    )
+    assert (echoed["ce-priority"], echoed["ce-urgent"]) == (5, True)
+
+
+async def test_luna_reads_a_structured_event_with_typed_extensions(luna: Instance) -> None:
+    body = json.dumps(STRUCTURED_EVENT).encode()
+    headers = {"Content-Type": "application/cloudevents+json"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(luna.url("/"), data=body, headers=headers) as response,
+    ):
+        echoed = await response.json()
+    event = echoed["event"]
+    assert event == STRUCTURED_EVENT  # the same keys as a binary-mode event's, typed
 
 
 async def test_kyma_sync_handler_runs_in_a_worker_thread(kyma: Instance) -> None:

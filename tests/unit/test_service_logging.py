@@ -39,3 +39,12 @@ def test_an_empty_fetch_reported_as_an_error_is_dropped() -> None:
 )
 def test_every_other_error_is_kept(message: str, exc: BaseException | None) -> None:
     assert EmptyFetchFilter().filter(_record(message, exc))
+
+
+def test_the_supervisors_restart_notice_is_dropped() -> None:
+    """Each empty fetch restarts FastStream's fetch task, which it announces at info level:
+    an idle platform logged one such line every few seconds, per subscriber."""
+    record = _record("callback for Task-23 is being executed...", None)
+    record.levelno, record.levelname = logging.INFO, "INFO"
+    assert not EmptyFetchFilter().filter(record)
+    assert EmptyFetchFilter().filter(_record("callback for the order handler failed", None))

@@ -341,6 +341,11 @@ class FunctionStatus(_Strict):
     ready_replicas: int
     message: str = ""
     limits: InstanceLimits | None = None
+    summary: str = Field(
+        default="",
+        description="the status in one line for a person: 'running (1/1 replicas ready)', "
+        "'failed: <reason>' when the build or the deployment failed",
+    )
 
 
 # The logs query, asked over NATS request/reply on `LOGS_QUERY_SUBJECT` and answered by the

@@ -208,8 +208,11 @@ class Bus:
                 raise _Refused(str(exc))
             log.warning("nats error", extra={"error": str(exc)})
 
+        closing = False
+
         async def _disconnected() -> None:
-            log.warning("nats disconnected")
+            if not closing:  # our own drain on exit is no news
+                log.warning("nats disconnected")
 
         async def _reconnected() -> None:
             log.info("nats reconnected")
@@ -249,6 +252,7 @@ class Bus:
         try:
             yield cls(nc, settings)
         finally:
+            closing = True
             if nc.is_connected:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.drain(), timeout=5)

@@ -6,7 +6,9 @@ line once it is connected and serving.
 
 NATS has no anonymous access (see `natsauth`): the launcher declares the streams, KV buckets and
 object store once as the `admin` user, whose key no service gets; each service is handed only
-its own key (`LAMBDABUS_NATS_NKEY_SEED_FILE`) and inbox prefix, and does not declare. A service that dies is restarted with back-off.
+its own key (`LAMBDABUS_NATS_NKEY_SEED_FILE`) and inbox prefix, and does not declare. A service
+that dies is restarted with back-off; but a port in use stops `up` with one line naming the port
+and its setting (checked before start, and again when a service exits with EX_CONFIG, 78).
 SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period), then NATS.
 """
 
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +98,47 @@ class Child:
     restarts: int = 0
 
 
+# A service that cannot start for a reason a restart does not cure (its port is taken) exits
+# with this code (sysexits' EX_CONFIG); the launcher stops instead of restarting it.
+EXIT_CONFIG = 78
+
+
+def busy_ports(settings: UpSettings) -> list[str]:
+    """One line for each fixed port already in use on the host: the port, its owner, and the
+    setting that moves it. Ports 0 (and NATS -1) are picked by the servers and never busy."""
+    wanted = [("nats", settings.nats_port)] + [(s, settings.port(s)) for s in SERVICES]
+    lines = []
+    for owner, port in wanted:
+        if port <= 0:
+            continue
+        host = "127.0.0.1" if owner == "nats" else settings.host
+        if port_in_use(host, port):
+            lines.append(
+                f"error: port {port} ({owner}) is already in use on {host}: set "
+                f"LAMBDABUS_UP_{owner.upper()}_PORT to a free port, or run "
+                "'lambdabus up --ephemeral-ports'"
+            )
+    return lines
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails because something holds it (as the servers bind:
+    SO_REUSEADDR, so a socket in TIME_WAIT does not count)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def _human(line: dict[str, Any]) -> str:
     """One log line for a person: time, service, level, message, extra fields."""
     skip = {"ts", "service", "level", "msg", "logger"}
@@ -111,6 +156,8 @@ class Platform:
         self.stopping = asyncio.Event()
         self.logs_dir = settings.data_dir / "logs"
         self.admin_token_path = settings.data_dir / ADMIN_TOKEN_FILE
+        self.failure: str | None = None  # why a service cannot start, when no restart helps
+        self.stop: asyncio.Event | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -161,6 +208,7 @@ class Platform:
             )
             child.process = process
             assert process.stderr is not None
+            last = ""
             with log_path.open("a", encoding="utf-8") as log_file:
                 while raw := await process.stderr.readline():
                     text = raw.decode(errors="replace").rstrip("\n")
@@ -173,6 +221,9 @@ class Platform:
                         continue
                     if not isinstance(line, dict):
                         continue
+                    if line.get("exit") == EXIT_CONFIG:
+                        last = str(line.get("error") or line.get("msg") or "")
+                        continue  # said once, by the launcher, when the process has gone
                     if line.get("event") == "listening" and not child.ready.is_set():
                         child.url = str(line.get("url"))
                         child.port = int(line.get("port") or 0)
@@ -181,6 +232,11 @@ class Platform:
             code = await process.wait()
             child.process = None
             if self.stopping.is_set():
+                return
+            if code == EXIT_CONFIG:  # it said why; a restart would say it again
+                self.failure = self.failure or f"error: {child.service} cannot start: {last}"
+                if self.stop is not None:
+                    self.stop.set()
                 return
             child.ready.clear()
             child.restarts += 1
@@ -216,6 +272,12 @@ class Platform:
 
     async def run(self, stop: asyncio.Event) -> int:
         s = self.settings
+        self.stop = stop
+        busy = busy_ports(s)
+        if busy:
+            for line in busy:
+                print(line, file=self.err, flush=True)
+            return 1
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
             nats_cm = run_nats_server(
@@ -275,6 +337,9 @@ class Platform:
             await stop.wait()
             waiting.cancel()
             stop_wait.cancel()
+            if self.failure is not None:
+                print(self.failure, file=self.err, flush=True)
+                came_up = False
             self.say("stopping")
             await self.stop_children()
             for task in tasks:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,14 +55,21 @@ def _events_logger(name: str) -> logging.Logger:
     return logger
 
 
+_RESTART_NOTICE = re.compile(r"callback for \S+ is being executed\.\.\.")
+
+
 class EmptyFetchFilter(logging.Filter):
     """Drops FastStream's error report of an empty pull fetch. FastStream 0.7 suppresses nats-py's
     `nats.errors.TimeoutError` around `fetch`, but nats-py raises asyncio's plain `TimeoutError`
     when the deadline runs out between its two pull requests; FastStream's supervisor then logs
     an error and starts the fetch loop again. Nothing was lost: it is a fetch that found no
-    message, and an idle platform must not log errors. Any other failure is still reported."""
+    message, and an idle platform must not log errors. Any other failure is still reported.
+    The supervisor's info line announcing each such restart ("callback for Task-N is being
+    executed...") is dropped too: an idle platform wrote one every few seconds."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and _RESTART_NOTICE.fullmatch(record.getMessage()):
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         return not (
             type(exc) is TimeoutError and "raised an exception, retrying" in record.getMessage()
@@ -301,7 +310,14 @@ async def serve(
             )
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                await runner.cleanup()
+                await _stop_broker(broker, settings.shutdown_grace_seconds)
+                raise PortInUse(name, settings.host, settings.port) from None
             port = _bound_port(runner) or settings.port
             url = f"http://{settings.host}:{port}"
             log.info("listening", extra={"url": url, "port": port, "event": "listening"})
@@ -315,6 +331,18 @@ async def serve(
                 await runner.cleanup()
                 await _stop_broker(broker, settings.shutdown_grace_seconds)
     log.info("stopped", extra={"event": "stopped"})
+
+
+class PortInUse(LambdabusError):
+    """The service's port is held by another process."""
+
+    def __init__(self, service: str, host: str, port: int) -> None:
+        super().__init__(
+            f"port {port} on {host} is already in use: set LAMBDABUS_{service.upper()}_PORT "
+            "(LAMBDABUS_UP_" + service.upper() + "_PORT under 'lambdabus up') to a free port",
+            code="port_in_use",
+            details={"port": port, "host": host},
+        )
 
 
 def broker_security(settings: NatsSettings) -> NatsSecurity | None:
@@ -370,6 +398,9 @@ def run(
 
     try:
         asyncio.run(_main())
+    except PortInUse as exc:  # no restart cures it: the launcher stops on this exit code
+        log.error("cannot start", extra={"code": exc.code, "error": exc.message, "exit": 78})
+        return 78
     except LambdabusError as exc:
         log.error("cannot start", extra={"code": exc.code, "error": exc.message})
         return 1

@@ -144,7 +144,15 @@ def compute_status(
     message = next(
         (c.message for c in (build_cond, running_cond) if c.status == "False" and c.message), ""
     )
+    summary = f"{status} ({ready}/{replicas} replicas ready)"
+    if image == "error" and status == "running":  # the previous generation still serves
+        summary += f"; generation {record.generation} failed: {_why(build_cond)}"
+    elif image == "error":
+        summary = f"failed: {_why(build_cond)}"
+    elif current is not None and current.phase == "failed":
+        summary = f"failed: {_why(running_cond)}"
     return FunctionStatus(
+        summary=summary,
         namespace=record.namespace,
         name=record.name,
         generation=record.generation,
@@ -156,6 +164,14 @@ def compute_status(
         message=message,
         limits=current.limits if current else None,
     )
+
+
+def _why(condition: Condition) -> str:
+    """A failed condition's reason for a person: its message's first line, else its reason."""
+    first = next((line.strip() for line in condition.message.splitlines() if line.strip()), "")
+    if first and condition.reason and condition.reason not in first:
+        return f"{condition.reason}: {first}"
+    return first or condition.reason
 
 
 def not_found_status(namespace: str, name: str) -> dict[str, object]:

@@ -173,6 +173,8 @@ def decide(
         return Build(record, "new runtime")
     if state.phase in ("queued", "started"):
         return Build(record, f"the {state.phase} build of this source was interrupted")
+    if state.phase == "failed" and state.generation < record.generation:
+        return Build(record, "a new generation of a source whose build failed: try again")
     if state.generation < record.generation:
         return Restamp(state.model_copy(update={"generation": record.generation}))
     return Skip(f"this source is already built ({state.phase})")

@@ -68,6 +68,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 ),
                 quotas=quotas,
                 allow_unsafe_requirements=settings.allow_unsafe_requirements,
+                builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
             )
             triggers = Triggers(bus=ctx.bus, kv=ctx.bus.kv(TRIGGERS_BUCKET), functions=functions)
             ctx.app[GATEWAY] = Gateway(

@@ -162,6 +162,17 @@ def binary_event(
         if name in event:
             problems.append(Problem(name, f"attribute '{name}' is given twice (ce-{name})"))
             continue
+        if not value.isascii():
+            # The HTTP binding percent-encodes every byte outside printable ASCII; raw ones
+            # reach us decoded by guesswork (latin-1 or surrogates), so their meaning is lost.
+            problems.append(
+                Problem(
+                    name,
+                    f"header ce-{name} holds bytes that are not ASCII: percent-encode the "
+                    f"attribute's UTF-8 bytes (e.g. caf%C3%A9 for café)",
+                )
+            )
+            continue
         try:
             event[name] = unquote(value.strip(), errors="strict")
         except UnicodeDecodeError:

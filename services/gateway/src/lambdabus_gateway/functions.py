@@ -27,7 +27,13 @@ from lambdabus_events.catalog import (
     LifecycleEvent,
     lifecycle_event,
 )
-from lambdabus_events.models import FunctionConfig, FunctionRecord, Runtime, SourceRef
+from lambdabus_events.models import (
+    BuildState,
+    FunctionConfig,
+    FunctionRecord,
+    Runtime,
+    SourceRef,
+)
 from lambdabus_gateway.quotas import Quotas
 from lambdabus_gateway.uploads import Upload, parse_config, parse_spec
 from lambdabus_platform.archive import ArchiveLimits, build_inline_archive, inspect_archive
@@ -57,12 +63,19 @@ class Source:
 
 
 def next_record(
-    current: FunctionRecord, config: FunctionConfig, source: SourceRef | None, now: datetime
+    current: FunctionRecord,
+    config: FunctionConfig,
+    source: SourceRef | None,
+    now: datetime,
+    *,
+    build_failed: bool = False,
 ) -> tuple[FunctionRecord, list[Change]]:
-    """The record after an update, and what changed. Pure."""
+    """The record after an update, and what changed. Pure. The same source sent again after
+    its build failed (`build_failed`) is a change: the build may have failed for a passing
+    reason (the network), and a redeploy is how a user asks for another try."""
     changes: list[Change] = []
     # Another runtime means another build of the same source.
-    new_source = source is not None and source.sha256 != current.source.sha256
+    new_source = source is not None and (build_failed or source.sha256 != current.source.sha256)
     if new_source or config.runtime != current.spec.runtime:
         changes.append("source")
     if config != current.spec:
@@ -122,8 +135,10 @@ class Functions:
         limits: ArchiveLimits,
         quotas: Quotas | None = None,
         allow_unsafe_requirements: bool = False,
+        builds: Registry[BuildState] | None = None,
     ) -> None:
         self._bus = bus
+        self._builds = builds
         self._records = records
         self._blobs = blobs
         self._limits = limits
@@ -251,6 +266,18 @@ class Functions:
         apply(current.value)  # validate before anything else
         return await self._update(namespace, name, if_match, apply, None)
 
+    async def _build_failed(self, record: FunctionRecord) -> bool:
+        """Whether the build of the function's current source failed."""
+        if self._builds is None:
+            return False
+        found = await self._builds.get(record.namespace, record.name)
+        return (
+            found is not None
+            and found.value.phase == "failed"
+            and found.value.uid == record.uid
+            and found.value.source_sha256 == record.source.sha256
+        )
+
     async def _update(
         self,
         namespace: str,
@@ -270,7 +297,11 @@ class Functions:
                     code="runtime_needs_source",
                 )
             record, changes = next_record(
-                current.value, config, source.ref if source else None, datetime.now(UTC)
+                current.value,
+                config,
+                source.ref if source else None,
+                datetime.now(UTC),
+                build_failed=source is not None and await self._build_failed(current.value),
             )
             if not changes:
                 return current, []

@@ -2,8 +2,9 @@
 
 The trigger's durable consumer on EVENTS (`trigger_consumer(...)`) brings every event its subject
 filters hold (the type filter, and the trigger's redrive subject); `match_trigger` checks the
-rest of the filter. Each matching event is POSTed in CloudEvents binary mode to a ready instance
-of the function; the answer goes through the delivery plan (`plan.next_action`):
+rest of the filter. Each matching event is POSTed in CloudEvents binary mode (structured mode
+when an extension is an integer or a boolean: `delivery_request`) to a ready instance of the
+function; the answer goes through the delivery plan (`plan.next_action`):
 
 - 2xx: a reply event in the answer is published to EVENTS, then the message is acked.
 - retry: nak with the back-off as delay; JetStream brings it back then.
@@ -52,7 +53,7 @@ from lambdabus_platform.subjects import (
 from lambdabus_router import plan
 from lambdabus_router.calls import Answer, Caller, CallFailed, NoReadyInstance
 from lambdabus_router.consumer import ConsumerLoop
-from lambdabus_router.events import STRUCTURED, InvalidEvent, binary_headers, parse_structured
+from lambdabus_router.events import STRUCTURED, InvalidEvent, delivery_request, parse_structured
 from lambdabus_router.events import reply_events as find_replies
 from lambdabus_router.matching import match_trigger
 from lambdabus_router.metrics import DeliveryMetrics
@@ -213,13 +214,14 @@ class TriggerDelivery:
             )
             return
         answer: Answer | None = None
+        headers, body = delivery_request(event)
         try:
             answer = await self._caller.call(
                 self.fid,
                 "POST",
                 "/",
-                binary_headers(event),
-                event.body,
+                headers,
+                body,
                 timeout=self._policy.timeout,
             )
         except NoReadyInstance:

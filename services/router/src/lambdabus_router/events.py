@@ -1,5 +1,7 @@
 """User CloudEvents on the router's side: read from EVENTS (structured JSON), sent to a function
-in HTTP binary mode, and read back from a function's answer (a reply). Pure, no I/O.
+in HTTP binary mode (structured mode when an extension attribute is an integer or a boolean,
+which a header would make a string), and read back from a function's answer (a reply). Pure,
+no I/O.
 
 Binary mode (CloudEvents HTTP binding 1.0): every context attribute but `datacontenttype`
 becomes a `ce-<name>` header, `datacontenttype` becomes `Content-Type`, and the body is the
@@ -154,6 +156,27 @@ def binary_headers(event: UserEvent) -> list[tuple[str, str]]:
     if event.content_type:
         headers.append(("Content-Type", event.content_type))
     return headers
+
+
+def typed_extensions(event: UserEvent) -> bool:
+    """Whether an extension attribute is an integer or a boolean, which binary mode's string
+    headers would turn into text."""
+    return any(
+        not isinstance(value, str) and value is not None
+        for name, value in event.structured.items()
+        if name not in _KNOWN and name not in _DATA_KEYS
+    )
+
+
+def delivery_request(event: UserEvent) -> tuple[list[tuple[str, str]], bytes]:
+    """The headers and body a function receives for `event`: binary mode, or structured mode
+    when an extension attribute is an integer or a boolean (so it reaches the function as one;
+    the runtimes read both modes into the same `event`)."""
+    if not typed_extensions(event):
+        return binary_headers(event), event.body
+    kept = {k: v for k, v in event.structured.items() if v is not None}
+    body = json.dumps(kept, separators=(",", ":"), ensure_ascii=False).encode()
+    return [("Content-Type", STRUCTURED)], body
 
 
 # -- replies -----------------------------------------------------------------------------------

@@ -156,11 +156,12 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
         print_data(output, status)
         return 0
     replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
+    summary = status.get("summary") or f"{status.get('status', '-')} ({replicas})"
     lines = [
         f"Function:    {settings.namespace}/{args.name}",
         f"Generation:  {status.get('generation', '-')}",
         f"Image:       {status.get('image_status', '-')}",
-        f"Status:      {status.get('status', '-')} ({replicas})",
+        f"Status:      {summary}",
     ]
     if isinstance(status.get("limits"), dict):
         lines.append(f"Limits:      {describe_limits(status['limits'])}")
@@ -302,12 +303,13 @@ def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str
     raw_spec = record.get("spec")
     spec: JsonObject = raw_spec if isinstance(raw_spec, dict) else {}
     replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
+    summary = status.get("summary") or f"{status.get('status', '-')} ({replicas})"
     lines = [
         f"Name:        {record.get('namespace', '?')}/{record.get('name', '?')}",
         f"Generation:  {record.get('generation', '-')}",
         f"URL:         {url}",
         f"Image:       {status.get('image_status', '-')}",
-        f"Status:      {status.get('status', '-')} ({replicas})",
+        f"Status:      {summary}",
     ]
     if status.get("message"):
         lines.append(truncate(f"Message:     {_one_line(str(status['message']))}", TABLE_WIDTH))

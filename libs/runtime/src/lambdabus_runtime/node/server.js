@@ -18,8 +18,9 @@
  * - event: {data, 'ce-type', 'ce-source', 'ce-id', 'ce-time', 'ce-specversion' ('' when
  *   absent), other ce-* headers, extensions: {request: {method, url, path, headers, query,
  *   body}}}. `data` is the parsed body for a JSON content type (invalid JSON → 400), a Buffer
- *   for application/octet-stream, otherwise a string when the body is UTF-8 (else a Buffer),
- *   null when empty. `path` has a leading /NS/NAME cut off.
+ *   for application/octet-stream, the parsed body for application/x-www-form-urlencoded
+ *   holding a JSON object or array (what `curl -d` sends), otherwise a string when the body
+ *   is UTF-8 (else a Buffer), null when empty. `path` has a leading /NS/NAME cut off.
  * - context: {'function-name', namespace, timeout, runtime, 'memory-limit'}.
  * - The value main returns (or its promise resolves to): null/undefined → 204; a string →
  *   text/plain; a Buffer/Uint8Array → application/octet-stream; an object whose `statusCode`
@@ -138,6 +139,14 @@ function decodeData(body, contentType) {
       }
     }
     if (media === 'application/octet-stream') return body;
+    if (media === 'application/x-www-form-urlencoded' && /^\s*[[{]/.test(body.toString('latin1', 0, 64))) {
+      // `curl -d '{...}'` labels JSON as a form; a form body never starts with { or [.
+      try {
+        return JSON.parse(body.toString('utf8'));
+      } catch {
+        // not JSON after all: a string, below
+      }
+    }
     for (const param of params) {
       const [name, value] = param.split('=');
       if (name.trim().toLowerCase() === 'charset' && value !== undefined) {
@@ -151,6 +160,21 @@ function decodeData(body, contentType) {
   } catch {
     return body;
   }
+}
+
+// A structured-mode CloudEvent (application/cloudevents+json): its attributes, and `data`
+// (data_base64 decoded to a Buffer); null when the request is not one.
+function structuredEvent(body, contentType) {
+  if (!contentType || contentType.split(';')[0].trim().toLowerCase() !== 'application/cloudevents+json') return null;
+  let value;
+  try {
+    value = JSON.parse(body.toString('utf8'));
+  } catch {
+    return null;
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value) || !('specversion' in value)) return null;
+  const { data, data_base64: encoded, ...attributes } = value;
+  return { ...attributes, data: typeof encoded === 'string' ? Buffer.from(encoded, 'base64') : data ?? null };
 }
 
 function safeDecode(text) {
@@ -277,14 +301,21 @@ function main() {
       }
     }
     const request = { method: req.method, url, path: safeDecode(rawPath), headers: req.headers, query, body };
+    const structured = structuredEvent(body, req.headers['content-type']);
     const event = {
-      data: decodeData(body, req.headers['content-type']),
+      data: structured ? structured.data : decodeData(body, req.headers['content-type']),
       'ce-type': '',
       'ce-source': '',
       'ce-id': '',
       'ce-time': '',
       'ce-specversion': '',
     };
+    if (structured) {
+      // The router's structured mode (integer or boolean extensions): attributes keep their types.
+      for (const [name, value] of Object.entries(structured)) {
+        if (name !== 'data' && name !== 'datacontenttype') event[`ce-${name}`] = value;
+      }
+    }
     for (const [key, value] of Object.entries(req.headers)) {
       if (key.startsWith('ce-')) event[key] = safeDecode(String(value));
     }

@@ -1,0 +1,79 @@
+"""The status line a person reads: a failed build or deployment says `failed: <reason>`, not
+`waiting (0/0 replicas ready)`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from lambdabus_events.models import (
+    BuildState,
+    DeploymentState,
+    FunctionConfig,
+    FunctionRecord,
+    SourceRef,
+)
+from lambdabus_platform.status import compute_status
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _record(generation: int = 2) -> FunctionRecord:
+    return FunctionRecord(
+        namespace="default",
+        name="hello",
+        uid="u1",
+        generation=generation,
+        spec=FunctionConfig(),
+        source=SourceRef(
+            sha256="a" * 64, size=10, kind="inline", entrypoint="lambda_main.py", files=1
+        ),
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+def _build(phase: str, generation: int = 2, **fields: str) -> BuildState:
+    return BuildState.model_validate(
+        {"namespace": "default", "name": "hello", "uid": "u1", "generation": generation,
+         "phase": phase, "updated_at": NOW, **fields}
+    )  # fmt: skip
+
+
+def _deployment(phase: str, generation: int = 2, ready: int = 1, **fields: str) -> DeploymentState:
+    return DeploymentState.model_validate(
+        {"namespace": "default", "name": "hello", "uid": "u1", "generation": generation,
+         "phase": phase, "replicas": 1, "ready_replicas": ready, "updated_at": NOW, **fields}
+    )  # fmt: skip
+
+
+def test_a_failed_build_reads_failed_with_its_reason() -> None:
+    build = _build(
+        "failed",
+        reason="DependencyInstallFailed",
+        message="pip could not resolve nosuchpkg\n  more detail",
+    )
+    status = compute_status(_record(), build, None)
+    assert status.summary == "failed: DependencyInstallFailed: pip could not resolve nosuchpkg"
+    bare = compute_status(_record(), _build("failed", reason="BuildTimeout"), None)
+    assert bare.summary == "failed: BuildTimeout"
+
+
+def test_a_failed_build_over_a_running_generation_says_both() -> None:
+    build = _build("failed", reason="SyntaxError", message="SyntaxError in lambda_main.py")
+    status = compute_status(_record(), build, _deployment("ready", generation=1))
+    assert status.summary == (
+        "running (1/1 replicas ready); generation 2 failed: SyntaxError in lambda_main.py"
+    )
+
+
+def test_a_failed_deployment_reads_failed_with_its_reason() -> None:
+    deployment = _deployment("failed", ready=0, reason="CrashLoop", message="exited with code 3")
+    status = compute_status(_record(), _build("succeeded"), deployment)
+    assert status.summary == "failed: CrashLoop: exited with code 3"
+
+
+def test_a_healthy_function_reads_its_replicas() -> None:
+    status = compute_status(_record(), _build("succeeded"), _deployment("ready"))
+    assert status.summary == "running (1/1 replicas ready)"
+    stopped = compute_status(_record(), _build("succeeded"), _deployment("stopped", ready=0))
+    assert stopped.summary == "terminated (0/1 replicas ready)"
