@@ -155,13 +155,10 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
     if output != "table":
         print_data(output, status)
         return 0
-    replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
-    summary = status.get("summary") or f"{status.get('status', '-')} ({replicas})"
     lines = [
         f"Function:    {settings.namespace}/{args.name}",
         f"Generation:  {status.get('generation', '-')}",
-        f"Image:       {status.get('image_status', '-')}",
-        f"Status:      {summary}",
+        *image_and_status(status),
     ]
     if isinstance(status.get("limits"), dict):
         lines.append(f"Limits:      {describe_limits(status['limits'])}")
@@ -298,18 +295,22 @@ def condition_rows(status: JsonObject) -> list[list[str]]:
     ]
 
 
+def image_and_status(status: JsonObject) -> list[str]:
+    """The image status and the one-line status summary, as `status` and `describe` show them."""
+    replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
+    summary = status.get("summary") or f"{status.get('status', '-')} ({replicas})"
+    return [f"Image:       {status.get('image_status', '-')}", f"Status:      {summary}"]
+
+
 def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str]:
     """The head of `describe`: who the function is, its spec, where it answers."""
     raw_spec = record.get("spec")
     spec: JsonObject = raw_spec if isinstance(raw_spec, dict) else {}
-    replicas = f"{status.get('ready_replicas', 0)}/{status.get('replicas', 0)} replicas ready"
-    summary = status.get("summary") or f"{status.get('status', '-')} ({replicas})"
     lines = [
         f"Name:        {record.get('namespace', '?')}/{record.get('name', '?')}",
         f"Generation:  {record.get('generation', '-')}",
         f"URL:         {url}",
-        f"Image:       {status.get('image_status', '-')}",
-        f"Status:      {summary}",
+        *image_and_status(status),
     ]
     if status.get("message"):
         lines.append(truncate(f"Message:     {_one_line(str(status['message']))}", TABLE_WIDTH))
