@@ -154,13 +154,7 @@ def parse_since(value: str, now: datetime) -> str:
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise UsageError(f"--env {pair!r} is not KEY=VALUE")
-        env[key] = value
-    return env
+    return parse_assignments(pairs, "--env")
 
 
 def parse_env_from(pairs: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -12,6 +12,7 @@ from lambdabus_client.client import (
 )
 from lambdabus_client.commands.common import (
     UsageError,
+    parse_assignments,
     print_data,
     render_table,
 )
@@ -19,12 +20,7 @@ from lambdabus_client.commands.common import (
 
 def secret_data(literals: Sequence[str], files: Sequence[str]) -> dict[str, str]:
     """A secret's data from `--from-literal KEY=VALUE` and `--from-file KEY=PATH` (as kubectl)."""
-    data: dict[str, str] = {}
-    for pair in literals:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise UsageError(f"--from-literal {pair!r} is not KEY=VALUE")
-        data[key] = value
+    data = parse_assignments(literals, "--from-literal")
     for pair in files:
         key, separator, path = pair.partition("=")
         if not separator or not key or not path:
