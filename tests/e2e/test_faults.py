@@ -663,7 +663,13 @@ def survive_kill(
         "the canary answering",
     )
     answering = time.monotonic() - killed
-    wait_for(lambda: still(platform, before), 30, f"every status as before the {service} died")
+    try:
+        wait_for(lambda: still(platform, before), 30, f"every status as before the {service} died")
+    except AssertionError:
+        now = statuses(platform)
+        changed = {n: (s, now.get(n)) for n, s in before.items() if now.get(n) != s}
+        details = {n: (status_of(platform, n), log_text(platform, n)[-3000:]) for n in changed}
+        raise AssertionError(f"after the {service} died: {changed}; {details}") from None
     settled = time.monotonic() - killed
     wait_status(platform, flying, 60, status="running")
     assert http("GET", invoke_url(platform, flying)) == (200, {"words": "1.2 million"})

@@ -916,3 +916,52 @@ async def test_memory_is_limited(world: World, cgroups: bool) -> None:
         else:  # RLIMIT_AS: the allocation fails in Python
             assert "MemoryError" in failed.message
         assert failed.endpoints == roomy.endpoints
+
+
+def _failing_launch(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[BaseException | None]:
+    """Make the first `failures` sandbox launches fail as a sandbox torn down under us does;
+    returns what each launch did (None: started)."""
+    import lambdabus_deployer.local as local
+    from lambdabus_platform.sandbox import SandboxStartError
+
+    real = local.launch
+    attempts: list[BaseException | None] = []
+
+    async def launch(*args: Any, **kwargs: Any) -> Any:
+        if len(attempts) < failures:
+            error = SandboxStartError("the sandbox ended (bubblewrap exit status 1) before …")
+            attempts.append(error)
+            raise error
+        attempts.append(None)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "launch", launch)
+    return attempts
+
+
+async def test_a_sandbox_that_fails_to_start_once_is_retried(
+    world: World, monkeypatch: pytest.MonkeyPatch, bubblewrap: bool
+) -> None:
+    if not bubblewrap:
+        pytest.skip("bubblewrap is not installed")
+    attempts = _failing_launch(monkeypatch, failures=1)
+    async with running_deployer(world.settings(start_attempts=3)):
+        await world.create("retried", EXIT_ON_CALL)
+        state = await world.wait_state("retried", ready_with(1))
+        assert state is not None
+        assert [a is None for a in attempts[:2]] == [False, True]  # failed, then started
+
+
+async def test_a_sandbox_that_never_starts_fails_the_deployment_after_its_attempts(
+    world: World, monkeypatch: pytest.MonkeyPatch, bubblewrap: bool
+) -> None:
+    if not bubblewrap:
+        pytest.skip("bubblewrap is not installed")
+    attempts = _failing_launch(monkeypatch, failures=100)
+    async with running_deployer(world.settings(start_attempts=3)):
+        await world.create("doomed", EXIT_ON_CALL)
+        state = await world.wait_state("doomed", lambda s: s is not None and s.phase == "failed")
+        assert state is not None
+        assert state.reason == "StartFailed"
+        assert "before" in state.message
+        assert len(attempts) == 3

@@ -544,7 +544,13 @@ async def launch(
             if handle.child_pid is None:
                 raise SandboxStartError("bubblewrap ended before its sandbox was set up")
             await _start_slirp(sandbox, handle, identity, start_timeout)
-            os.write(block_w, b"1")
+            try:
+                os.write(block_w, b"1")
+            except BrokenPipeError:
+                code = await asyncio.wait_for(process.wait(), start_timeout)
+                raise SandboxStartError(
+                    f"the sandbox ended (bubblewrap exit status {code}) before its command started"
+                ) from None
     except BaseException:
         handle.kill()
         await process.wait()

@@ -52,7 +52,13 @@ from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceState
 from lambdabus_platform.envdigest import EnvironmentVerifier
 from lambdabus_platform.errors import LambdabusError
-from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
+from lambdabus_platform.sandbox import (
+    Identity,
+    Sandbox,
+    SandboxProcess,
+    SandboxStartError,
+    launch,
+)
 
 log = logging.getLogger("lambdabus.deployer.local")
 _ENVIRONMENTS = EnvironmentVerifier()  # each (env dir, digest) hashed once per process
@@ -266,6 +272,7 @@ class Instance:
         backend = self.group.runner.backend
         s = backend.settings
         backoff = 0
+        start_failures = 0
         try:
             while not self._stop.is_set():
                 try:
@@ -276,6 +283,21 @@ class Instance:
                         "cannot start an instance", extra={"instance": self.id, "error": message}
                     )
                     self.last_exit = f"could not be started: {message}"
+                    transient = isinstance(exc, SandboxStartError) or not isinstance(
+                        exc, LambdabusError
+                    )
+                    if transient and start_failures < s.start_attempts - 1:
+                        # Often transient (a busy host, a sandbox torn down under us): retried
+                        # with the restart back-off before the function is failed.
+                        start_failures += 1
+                        delay = backoff_delay(backoff, s.restart_base_delay, s.restart_max_delay)
+                        backoff += 1
+                        self.phase = "backoff"
+                        self._changed()
+                        await self.log.system(f"{self.last_exit}; retrying in {delay:g} s")
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._stop.wait(), delay)
+                        continue
                     self.phase = "crashed"
                     self.group.fail(
                         Failure(

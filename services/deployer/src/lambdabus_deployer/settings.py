@@ -43,6 +43,12 @@ class DeployerSettings(ServiceSettings):
         default=0.5, gt=0, description="first back-off before a crashed instance restarts"
     )
     restart_max_delay: float = Field(default=30.0, gt=0, description="longest back-off")
+    start_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="tries to start an instance whose sandbox could not be set up (a transient "
+        "fault of a busy host) before the deployment fails with StartFailed",
+    )
     crashloop_restarts: int = Field(
         default=5,
         ge=1,
