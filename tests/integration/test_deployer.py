@@ -921,10 +921,9 @@ async def test_memory_is_limited(world: World, cgroups: bool) -> None:
 def _failing_launch(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[BaseException | None]:
     """Make the first `failures` sandbox launches fail as a sandbox torn down under us does;
     returns what each launch did (None: started)."""
-    import lambdabus_deployer.local as local
     from lambdabus_platform.sandbox import SandboxStartError
+    from lambdabus_platform.sandbox import launch as real
 
-    real = local.launch
     attempts: list[BaseException | None] = []
 
     async def launch(*args: Any, **kwargs: Any) -> Any:
@@ -935,7 +934,7 @@ def _failing_launch(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[Base
         attempts.append(None)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(local, "launch", launch)
+    monkeypatch.setattr("lambdabus_deployer.local.launch", launch)
     return attempts
 
 
