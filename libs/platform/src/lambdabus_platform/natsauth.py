@@ -32,6 +32,8 @@ from lambdabus_platform.subjects import (
     LOGS_PREFIX,
     LOGS_QUERY_SUBJECT,
     REDRIVE_PREFIX,
+    SCHEDULE_TICKS_BUCKET,
+    SCHEDULES_BUCKET,
     TRIGGERS_BUCKET,
 )
 
@@ -85,7 +87,7 @@ class Access:
 ACCESS: Final[Mapping[str, Access]] = {
     "gateway": Access(
         "gateway",
-        lifecycle=("function", "trigger", "secret"),
+        lifecycle=("function", "trigger", "secret", "schedule"),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{REDRIVE_PREFIX}.>", f"{INVOKE_PREFIX}.>"),
         request=(LOGS_QUERY_SUBJECT,),
         kv_write=(
@@ -95,6 +97,7 @@ ACCESS: Final[Mapping[str, Access]] = {
             TOKENS_BUCKET,
             SECRETS_BUCKET,
             QUOTAS_BUCKET,
+            SCHEDULES_BUCKET,
         ),
         kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET),
         objects_write=(ARTIFACTS_BUCKET,),
@@ -124,13 +127,14 @@ ACCESS: Final[Mapping[str, Access]] = {
         "router",
         lifecycle=("delivery",),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{DLQ_PREFIX}.>"),
-        kv_write=(INVOCATIONS_BUCKET,),
+        kv_write=(INVOCATIONS_BUCKET, SCHEDULE_TICKS_BUCKET),
         kv_read=(
             DEPLOYMENTS_BUCKET,
             FUNCTIONS_BUCKET,
             TRIGGERS_BUCKET,
             TOKENS_BUCKET,
             QUOTAS_BUCKET,
+            SCHEDULES_BUCKET,
         ),
         durables={"EVENTS": (ANY,)},
         list_consumers=("EVENTS",),

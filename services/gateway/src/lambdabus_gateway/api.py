@@ -24,6 +24,7 @@ from lambdabus_gateway.logs import query as query_logs
 from lambdabus_gateway.logs import stream_logs
 from lambdabus_gateway.openapi import render_openapi
 from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.schedules import Schedules, parse_schedule
 from lambdabus_gateway.secrets import MAX_BODY_BYTES, Secrets, parse_secret_body
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.triggers import Triggers, parse_trigger
@@ -52,6 +53,7 @@ class Gateway:
     invocations: Invocations
     secrets: Secrets
     quotas: Quotas
+    schedules: Schedules
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -131,6 +133,7 @@ async def delete_function(request: web.Request) -> web.Response:
     record = await gw.functions.delete(ns, name, request.headers.get("If-Match"))
     # Its triggers go with it (a crash in between is repaired by `Triggers.reconcile`).
     await gw.triggers.delete_for_function(ns, name)
+    await gw.schedules.delete_for_function(ns, name)
     return web.json_response(record.model_dump(mode="json"), status=202)
 
 
@@ -358,6 +361,50 @@ async def delete_trigger(request: web.Request) -> web.Response:
     return web.json_response(record.model_dump(mode="json"), status=202)
 
 
+# -- schedules ---------------------------------------------------------------------------------
+
+
+async def create_schedule(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    if request.content_type not in ("application/json", ""):
+        raise InvalidRequest(
+            f"unsupported content type {request.content_type!r}: "
+            "send the schedule as application/json",
+            code="unsupported_media_type",
+            status=415,
+        )
+    body = await read_body(request, gw.settings.max_spec_bytes, "the schedule")
+    spec = parse_schedule(_json_object(body, "the schedule"))
+    created = await gw.schedules.create(ns, spec)
+    return web.json_response(
+        created.value.model_dump(mode="json"),
+        status=201,
+        headers={"Location": f"/v1/namespaces/{ns}/schedules/{spec.name}"},
+    )
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    items = await gw.schedules.in_namespace(ns)
+    return web.json_response({"items": [i.model_dump(mode="json") for i in items]})
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "schedule name")
+    current = await gw.schedules.get(ns, name)
+    return web.json_response(current.value.model_dump(mode="json"))
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "schedule name")
+    record = await gw.schedules.delete(ns, name)
+    return web.json_response(record.model_dump(mode="json"), status=202)
+
+
 # -- dead letters ------------------------------------------------------------------------------
 
 
@@ -495,6 +542,10 @@ def add_routes(app: web.Application) -> None:
     r.add_get(namespace + "/triggers", list_triggers)
     r.add_get(namespace + "/triggers/{name}", get_trigger)
     r.add_delete(namespace + "/triggers/{name}", delete_trigger)
+    r.add_post(namespace + "/schedules", create_schedule)
+    r.add_get(namespace + "/schedules", list_schedules)
+    r.add_get(namespace + "/schedules/{name}", get_schedule)
+    r.add_delete(namespace + "/schedules/{name}", delete_schedule)
     r.add_get(namespace + "/deadletters", list_deadletters)
     r.add_post(namespace + "/deadletters/{id}/redrive", redrive_deadletter)
     r.add_get(namespace + "/invocations/{id}", get_invocation)
