@@ -65,6 +65,9 @@ from lambdabus_client.commands.invoke import (
 from lambdabus_client.commands.logs import (
     _logs,
 )
+from lambdabus_client.commands.schedules import (
+    _schedules,
+)
 from lambdabus_client.commands.secrets import (
     _secret,
 )
@@ -252,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-in-flight", type=int, metavar="N")
     trigger_rm = trigger_actions.add_parser("rm", parents=[common], help="delete a trigger")
     trigger_rm.add_argument("name")
+
+    schedules = commands.add_parser(
+        "schedules", parents=[common], help="list, create and remove schedules"
+    )
+    schedule_actions = schedules.add_subparsers(dest="action", metavar="ACTION", required=True)
+    schedule_actions.add_parser("ls", parents=[common], help="list the namespace's schedules")
+    schedule_create = schedule_actions.add_parser(
+        "create", parents=[common], help="call a function at each tick of a cron expression"
+    )
+    schedule_create.add_argument("name")
+    schedule_create.add_argument("--function", required=True)
+    schedule_create.add_argument(
+        "--cron", required=True, help="'*/5 * * * *', '@hourly' or '@every 30s'"
+    )
+    schedule_create.add_argument("--timezone", default="UTC", help="an IANA zone (default UTC)")
+    schedule_create.add_argument("--data", metavar="JSON", help="the data of every tick")
+    schedule_create.add_argument("--retries", type=int, help="attempts after the first")
+    schedule_create.add_argument("--timeout", type=float, metavar="SECONDS", help="per attempt")
+    schedule_rm = schedule_actions.add_parser("rm", parents=[common], help="delete a schedule")
+    schedule_rm.add_argument("name")
 
     deadletters = commands.add_parser(
         "deadletters", parents=[common], help="list and redrive dead-lettered events"
@@ -507,5 +530,6 @@ _COMMANDS: dict[str, Command] = {
     "invocation": _invocation,
     "publish": _publish,
     "triggers": _triggers,
+    "schedules": _schedules,
     "deadletters": _deadletters,
 }

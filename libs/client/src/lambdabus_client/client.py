@@ -427,6 +427,18 @@ class LambdabusClient:
             "DELETE", f"{_triggers_path(namespace)}/{quote(name, safe='')}"
         )
 
+    async def list_schedules(self, namespace: str) -> list[JsonObject]:
+        return await self._items("GET", _schedules_path(namespace), "schedule list")
+
+    async def create_schedule(self, namespace: str, spec: Mapping[str, Any]) -> JsonObject:
+        """Create a schedule (`name`, `function`, `cron`, `timezone`, `data`); 409 if it exists."""
+        return await self._json_object("POST", _schedules_path(namespace), json=dict(spec))
+
+    async def delete_schedule(self, namespace: str, name: str) -> JsonObject:
+        return await self._json_object(
+            "DELETE", f"{_schedules_path(namespace)}/{quote(name, safe='')}"
+        )
+
     async def list_deadletters(
         self,
         namespace: str,
@@ -634,6 +646,10 @@ def _functions_path(namespace: str) -> str:
 
 def _secrets_path(namespace: str) -> str:
     return f"{_namespace_path(namespace)}/secrets"
+
+
+def _schedules_path(namespace: str) -> str:
+    return f"{_namespace_path(namespace)}/schedules"
 
 
 def _triggers_path(namespace: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import traceback
 from typing import Any
 
+from lambdabus_runtime import capture
 from lambdabus_runtime.cli import Options
 from lambdabus_runtime.entrypoint import Function, LoadError, load
 from lambdabus_runtime.request import Event, Headers, InvalidJSONError, Request
@@ -231,7 +233,12 @@ class Server:
     # -- calling the function ------------------------------------------------------------
 
     async def respond(self, request: Request) -> tuple[int, str, bytes]:
-        """Call the function and encode its answer, or the error that stands for it."""
+        """Call the function and encode its answer, or the error that stands for it; what it
+        writes meanwhile is tagged with the invocation's id (`capture`)."""
+        with capture.invocation(capture.invocation_id(request.headers)):
+            return await self._respond(request)
+
+    async def _respond(self, request: Request) -> tuple[int, str, bytes]:
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:
@@ -271,7 +278,8 @@ class Server:
         return result
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
-        job = self._pool.submit(fn, *args)
+        # The thread runs in this invocation's context: its output is tagged with its id.
+        job = self._pool.submit(contextvars.copy_context().run, fn, *args)
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:  # timed out, or the instance stops
@@ -342,6 +350,7 @@ async def serve(options: Options) -> int:
         log(f"importing {options.entrypoint} failed: {describe(exc)}")
         return EXIT_IMPORT_ERROR
 
+    capture.install()
     server = Server(function, options)
     where = options.socket or f"{options.host}:{options.port}"
     try:
