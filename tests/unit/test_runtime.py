@@ -987,8 +987,8 @@ async def test_20_concurrent_invocations_print_2000_intact_lines_each_tagged(
                 assert resp.status == 200, await resp.text()
 
         # read as the deployer does, while the calls run (120 KB would fill the pipe)
-        reading = asyncio.create_task(
-            asyncio.to_thread(lambda: [instance.stdout.readline() for _ in range(2020)])
+        reading = asyncio.get_running_loop().run_in_executor(
+            None, lambda: [instance.stdout.readline() for _ in range(2020)]
         )
         async with aiohttp.ClientSession() as session:
             await asyncio.gather(*(call(session, k) for k in range(20)))
@@ -998,7 +998,8 @@ async def test_20_concurrent_invocations_print_2000_intact_lines_each_tagged(
     seen: dict[str, set[int]] = {ids[k]: set() for k in ids}
     tails: list[str] = []
     for line in lines:
-        assert line.startswith("\x1e") and line.endswith("\n"), repr(line)
+        assert line.startswith("\x1e"), repr(line)
+        assert line.endswith("\n"), repr(line)
         invocation, sep, text = line[1:-1].partition("\x1f")
         assert sep, repr(line)
         k = next(k for k, v in ids.items() if v == invocation)

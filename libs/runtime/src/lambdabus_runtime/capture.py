@@ -123,7 +123,7 @@ def install() -> None:
         return
     out, err = TaggedStream(sys.stdout, 1), TaggedStream(sys.stderr, 2)
     _streams.extend((out, err))
-    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    sys.stdout, sys.stderr = out, err
 
 
 @contextlib.contextmanager
