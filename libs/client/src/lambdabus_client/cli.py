@@ -297,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     logs.add_argument("--since", help="from an RFC 3339 time or a duration like 10m")
+    logs.add_argument(
+        "--invocation",
+        metavar="ID",
+        help="only the lines of one invocation (its X-Lambdabus-Invocation-Id, or an event's id)",
+    )
 
     history = commands.add_parser(
         "history", parents=[common], help="show a function's lifecycle events"

@@ -478,10 +478,16 @@ class LambdabusClient:
         tail: int | None = None,
         since: str | None = None,
         follow: bool = False,
+        invocation: str | None = None,
     ) -> AsyncGenerator[JsonObject, None]:
         """Runtime (or, with `build`, build) log lines as objects, oldest first; with `follow`
-        the stream stays open for new lines until the gateway closes it."""
-        params = {"tail": None if tail is None else str(tail), "since": since}
+        the stream stays open for new lines until the gateway closes it. With `invocation`,
+        only the lines written during that invocation."""
+        params = {
+            "tail": None if tail is None else str(tail),
+            "since": since,
+            "invocation": invocation,
+        }
         query = {key: value for key, value in params.items() if value is not None}
         if follow:
             query["follow"] = "1"

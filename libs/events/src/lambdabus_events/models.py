@@ -326,6 +326,9 @@ class LogLine(_Strict):
     stream: Literal["stdout", "stderr", "system"]
     instance: str | None = None
     line: str
+    invocation: str | None = Field(
+        default=None, description="the invocation during which the function wrote the line"
+    )
 
 
 class FunctionStatus(_Strict):
@@ -372,6 +375,11 @@ class LogQuery(_Strict):
         ge=1,
         le=MAX_QUERY_LIMIT,
         description="at most this many lines in the reply",
+    )
+    invocation: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._:/@+=-]{1,128}$",
+        description="only the lines written during this invocation (runtime logs)",
     )
 
 
