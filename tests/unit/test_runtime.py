@@ -971,13 +971,35 @@ def main(event, context):
 """
 
 
+NODE_PRINTER = """
+module.exports = {
+  main: async (event) => {
+    const k = event.data.k;
+    for (let i = 0; i < 100; i++) {
+      // a line in three writes, with other calls running in between
+      process.stdout.write(`call ${k} `);
+      await new Promise((resolve) => setImmediate(resolve));
+      process.stdout.write(`line ${i} `);
+      console.log('x'.repeat(40));
+    }
+    process.stdout.write('no newline at the end');
+    return { k };
+  },
+};
+"""
+
+
+@pytest.mark.parametrize("kind", ["python", pytest.param("node", marks=needs_node)])
 async def test_20_concurrent_invocations_print_2000_intact_lines_each_tagged(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    code = write_code(tmp_path / "code", "handler.py", PRINTER)
-    instance = Instance(
-        python_command(code, "handler.py", "--timeout", "30"), tmp_path / "stderr", "python-sync"
-    )
+    if kind == "node":
+        code = write_code(tmp_path / "code", "handler.js", NODE_PRINTER)
+        command = node_command(code, "--timeout", "30")
+    else:
+        code = write_code(tmp_path / "code", "handler.py", PRINTER)
+        command = python_command(code, "handler.py", "--timeout", "30")
+    instance = Instance(command, tmp_path / "stderr", kind)
     try:
         ids = {k: f"{k:02d}" + os.urandom(15).hex() for k in range(20)}
 
