@@ -74,6 +74,9 @@ from lambdabus_client.commands.secrets import (
 from lambdabus_client.commands.tokens import (
     _token,
 )
+from lambdabus_client.commands.top import (
+    _top,
+)
 from lambdabus_client.commands.triggers import (
     _triggers,
 )
@@ -303,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the lines of one invocation (its X-Lambdabus-Invocation-Id, or an event's id)",
     )
 
+    top = commands.add_parser(
+        "top", parents=[common], help="calls, errors and latency of every function, refreshed"
+    )
+    top.add_argument("--once", action="store_true", help="print once and exit")
+    top.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period"
+    )
+
     history = commands.add_parser(
         "history", parents=[common], help="show a function's lifecycle events"
     )
@@ -525,6 +536,7 @@ _COMMANDS: dict[str, Command] = {
     "invoke": _invoke,
     "logs": _logs,
     "history": _history,
+    "top": _top,
     "ls": _ls,
     "status": _status,
     "describe": _describe,

@@ -267,6 +267,10 @@ class LambdabusClient:
         )
         return status == 202, record
 
+    async def function_metrics(self, namespace: str, name: str) -> JsonObject:
+        """Calls, errors, throttles, cold starts and percentiles over 1m, 5m and 1h."""
+        return await self._json_object("GET", _function_path(namespace, name) + "/metrics")
+
     async def function_status(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("GET", _function_path(namespace, name) + "/status")
 

@@ -47,6 +47,8 @@ QUOTAS_BUCKET = "quotas"  # gateway; per-namespace overrides (`<ns>`), read by t
 TOKENS_BUCKET = "tokens"  # gateway; routers read it (hashes of API tokens, never a secret)
 SCHEDULES_BUCKET = "schedules"  # gateway
 SCHEDULE_TICKS_BUCKET = "schedule-ticks"  # router; the newest tick fired per schedule
+# router (each its own keys, `<ns>.<fn>.<router id>`); the gateway adds them up
+FUNCTION_METRICS_BUCKET = "function-metrics"
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
@@ -58,6 +60,7 @@ KV_BUCKETS: tuple[str, ...] = (
     TOKENS_BUCKET,
     SCHEDULES_BUCKET,
     SCHEDULE_TICKS_BUCKET,
+    FUNCTION_METRICS_BUCKET,
 )
 # Buckets that keep no history: an old value (a replaced secret) must not stay readable.
 NO_HISTORY_BUCKETS = frozenset({SECRETS_BUCKET})

@@ -100,6 +100,7 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", _NS + "/triggers"): Action.READ,
     ("GET", _NS + "/triggers/{name}"): Action.READ,
     ("DELETE", _NS + "/triggers/{name}"): Action.MANAGE,
+    ("GET", _NS + "/functions/{name}/metrics"): Action.READ,
     ("POST", _NS + "/schedules"): Action.MANAGE,
     ("GET", _NS + "/schedules"): Action.READ,
     ("GET", _NS + "/schedules/{name}"): Action.READ,

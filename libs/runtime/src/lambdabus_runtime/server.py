@@ -54,6 +54,7 @@ SYNC_WORKERS = 32
 _HEALTH = (200, "Content-Type: application/json\r\n", json_bytes({"status": "ok"}))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JSON_HEADER = "Content-Type: application/json\r\n"
+_COLD_START = "X-Lambdabus-Cold-Start: true\r\n"
 
 # Leading traceback frames from these files are the runtime's, not the function's.
 _INTERNAL_DIRS = tuple(
@@ -108,6 +109,7 @@ class Server:
             "memory-limit": f"{options.memory}Mi" if options.memory else None,
         }
         self.draining = False
+        self._answered = False
         self._connections: set[_Connection] = set()
         self._pool = WorkerPool(SYNC_WORKERS)
 
@@ -236,7 +238,11 @@ class Server:
         """Call the function and encode its answer, or the error that stands for it; what it
         writes meanwhile is tagged with the invocation's id (`capture`)."""
         with capture.invocation(capture.invocation_id(request.headers)):
-            return await self._respond(request)
+            status, header_lines, payload = await self._respond(request)
+        if not self._answered:  # the instance's first call: the router counts a cold start
+            self._answered = True
+            header_lines += _COLD_START
+        return status, header_lines, payload
 
     async def _respond(self, request: Request) -> tuple[int, str, bytes]:
         deadline = asyncio.timeout(self.timeout)

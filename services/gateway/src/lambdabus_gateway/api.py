@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord, LogKind, LogQuery
 from lambdabus_events.names import label_problem
@@ -30,11 +32,12 @@ from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.triggers import Triggers, parse_trigger
 from lambdabus_gateway.uploads import _json_object, read_body, read_upload
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.callstats import RouterStats, summarize
 from lambdabus_platform.errors import InvalidName, InvalidRequest, NotFound
 from lambdabus_platform.registry import Registry, Versioned
 from lambdabus_platform.status import compute_status, not_found_status
 from lambdabus_platform.streaming import with_keepalive
-from lambdabus_platform.subjects import lifecycle_filter
+from lambdabus_platform.subjects import FUNCTION_METRICS_BUCKET, function_key, lifecycle_filter
 
 VERSION = "0.1.0"
 
@@ -251,6 +254,21 @@ async def _logs(request: web.Request, kind: LogKind) -> web.StreamResponse:
         stopping=gw.stopping,
         keepalive=gw.settings.sse_keepalive_seconds,
     )
+
+
+async def function_metrics(request: web.Request) -> web.Response:
+    """Calls, errors, throttles, cold starts and p50/p95/p99 over the last 1 m, 5 m and 1 h:
+    what every router wrote to `function-metrics`, added up (`callstats.summarize`)."""
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    await gw.functions.get(ns, name)  # 404 function_not_found
+    entries = await gw.bus.kv(FUNCTION_METRICS_BUCKET).values(f"{function_key(ns, name)}.*")
+    routers = []
+    for entry in entries:
+        with contextlib.suppress(ValidationError):
+            routers.append(RouterStats.model_validate_json(entry.value))
+    windows = summarize(routers, time.time())
+    return web.json_response({"namespace": ns, "name": name, "windows": windows})
 
 
 async def history(request: web.Request) -> web.Response:
@@ -537,6 +555,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(base + "/{name}/logs", runtime_logs)
     r.add_get(base + "/{name}/build/logs", build_logs)
     r.add_get(base + "/{name}/history", history)
+    r.add_get(base + "/{name}/metrics", function_metrics)
     namespace = "/v1/namespaces/{ns}"
     r.add_post(namespace + "/triggers", create_trigger)
     r.add_get(namespace + "/triggers", list_triggers)

@@ -532,6 +532,28 @@ def render_openapi() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/namespaces/{ns}/functions/{name}/metrics": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "functionMetrics",
+                "summary": "Calls, errors, throttles, cold starts and p50/p95/p99 (ms) per window",
+                "description": (
+                    "`windows` has `1m`, `5m` and `1h`, each `{calls, errors, throttles, "
+                    "cold_starts, p50_ms, p95_ms, p99_ms}` (percentiles null without calls). "
+                    "Every router counts the calls it relays in 10-second slots and writes them "
+                    "every `stats_publish_seconds`; this adds up every router's slots. Errors "
+                    "are 5xx answers, throttles 429s, a cold start an instance's first call."
+                ),
+                "responses": {
+                    "200": {
+                        "description": "the function's call statistics",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                },
+            },
+        },
         "/v1/namespaces/{ns}/schedules": {
             "parameters": _params("ns"),
             "post": {

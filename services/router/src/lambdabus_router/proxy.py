@@ -42,6 +42,7 @@ from lambdabus_platform.tokens import Action
 from lambdabus_router.headers import request_headers, response_headers
 from lambdabus_router.metrics import InvocationMetrics
 from lambdabus_router.settings import RouterSettings
+from lambdabus_router.stats import CallStats
 from lambdabus_router.table import (
     FunctionId,
     Table,
@@ -61,6 +62,7 @@ from lambdabus_router.upstream import ConnectFailed, Response, Upstream, Upstrea
 log = logging.getLogger("lambdabus.router")
 
 INVOCATION_HEADER = "X-Lambdabus-Invocation-Id"
+COLD_START_HEADER = "X-Lambdabus-Cold-Start"  # the runtime's, on an instance's first answer
 _INVOCATION_LOWER = INVOCATION_HEADER.lower()
 INVOCATION_KEY = web.RequestKey("lambdabus_invocation_id", str)
 
@@ -102,6 +104,7 @@ class Router:
         self.active: defaultdict[FunctionId, int] = defaultdict(int)
         self.namespace_active: defaultdict[str, int] = defaultdict(int)
         self._retry_after = settings.busy_retry_after_seconds
+        self.stats: CallStats | None = None  # per-function statistics, when published
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -257,7 +260,11 @@ class Router:
         if not response.prepared:  # a streamed answer got it before its head went out
             response.headers[INVOCATION_HEADER] = invocation
         if fid in self.known:
-            self.metrics.observe(fid[0], fid[1], response.status, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.metrics.observe(fid[0], fid[1], response.status, took)
+            if self.stats is not None:
+                cold = response.headers.get(COLD_START_HEADER) == "true"
+                self.stats.observe(fid, response.status, took, cold=cold)
         else:
             self.metrics.observe("", "", response.status, time.perf_counter() - started)
         return response

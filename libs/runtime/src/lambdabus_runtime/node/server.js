@@ -369,7 +369,13 @@ function main() {
     return event;
   }
 
+  let answered = false;
+
   function invoke(fn, req, res, body) {
+    if (!answered) {
+      answered = true; // the instance's first call: the router counts a cold start
+      res.setHeader('X-Lambdabus-Cold-Start', 'true');
+    }
     const state = { id: invocationId(req.headers) };
     return invocations.run(state, () =>
       callFunction(fn, req, res, body).finally(() => {
