@@ -1,6 +1,7 @@
 """Schedules through the management API, over real HTTP and a real nats-server: stored,
 listed, deleted with their lifecycle events; a cron or time zone that does not parse is a 400
-naming the field, and nothing is stored. Firing and delivery are tested with the router."""
+naming the field, and nothing is stored. Firing and delivery are tested with the router.
+Last, a function's metrics: what two routers wrote, added up by the gateway."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 from lambdabus_events.catalog import parse_lifecycle
 from lambdabus_events.models import ScheduleRecord
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.subjects import FUNCTION_METRICS_BUCKET
+from lambdabus_router.stats import CallStats
 from tests.integration.conftest import RunningGateway
 
 HELLO = "async def main(request):\n    return {'hello': 'world'}\n"
@@ -139,3 +142,33 @@ async def test_a_bad_cron_is_a_400_naming_the_field_and_nothing_is_stored(
         )
     assert (await _call(gw, "GET", f"/v1/namespaces/{ns}/schedules"))[1] == {"items": []}
     assert await _lifecycle(gw.bus, "created", ns) == []
+
+
+async def test_metrics_add_up_every_routers_share(gateway: RunningGateway) -> None:
+    """Two routers' statistics of one function, as they write them, summed by the gateway."""
+    gw, ns = gateway, _ns()
+    await _function(gw, ns, "fn")
+    kv = gw.bus.kv(FUNCTION_METRICS_BUCKET)
+    one, two = CallStats(kv, interval=60), CallStats(kv, interval=60)
+    for status in (200, 200, 500):
+        one.observe((ns, "fn"), status, 0.010, cold=status == 500)
+    for status in (200, 429):
+        two.observe((ns, "fn"), status, 0.100, cold=False)
+    two.observe((ns, "other"), 200, 0.1, cold=False)  # another function's
+    assert (await one.publish(), await two.publish()) == (1, 2)
+
+    status, body, _ = await _call(gw, "GET", f"/v1/namespaces/{ns}/functions/fn/metrics")
+
+    assert status == 200, body
+    minute = body["windows"]["1m"]
+    assert (minute["calls"], minute["errors"], minute["throttles"], minute["cold_starts"]) == (
+        5,
+        1,
+        1,
+        1,
+    )
+    assert minute["p50_ms"] == pytest.approx(10, rel=0.1)
+    assert minute["p99_ms"] == pytest.approx(100, rel=0.1)
+    assert body["windows"]["1h"]["calls"] == 5
+    status, missing, _ = await _call(gw, "GET", f"/v1/namespaces/{ns}/functions/nope/metrics")
+    assert (status, missing["error"]["code"]) == (404, "function_not_found")
