@@ -170,5 +170,17 @@ async def test_metrics_add_up_every_routers_share(gateway: RunningGateway) -> No
     assert minute["p50_ms"] == pytest.approx(10, rel=0.1)
     assert minute["p99_ms"] == pytest.approx(100, rel=0.1)
     assert body["windows"]["1h"]["calls"] == 5
+    await _function(gw, ns, "idle")
+    status, idle, _ = await _call(gw, "GET", f"/v1/namespaces/{ns}/functions/idle/metrics")
+    assert status == 200, idle
+    assert idle["windows"]["5m"] == {
+        "calls": 0,
+        "errors": 0,
+        "throttles": 0,
+        "cold_starts": 0,
+        "p50_ms": None,
+        "p95_ms": None,
+        "p99_ms": None,
+    }
     status, missing, _ = await _call(gw, "GET", f"/v1/namespaces/{ns}/functions/nope/metrics")
     assert (status, missing["error"]["code"]) == (404, "function_not_found")
