@@ -252,3 +252,43 @@ async def test_deploy_detects_the_runtime_and_says_so(
     assert out.startswith("runtime nodejs20 (found handler.js")
     assert await cli(*base, "-o", "json", "describe", "nodey") == 0
     assert json.loads(capsys.readouterr().out)["function"]["spec"]["runtime"] == "nodejs20"
+
+
+async def test_schedules_create_ls_rm_and_a_broken_cron(
+    admin: RunningGateway, function_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = f"c{uuid.uuid4().hex[:8]}"
+    base = ("--url", admin.url, "-n", ns)
+    assert await cli(*base, "deploy", str(function_dir), "--name", "hello", "--no-wait") == 0
+    capsys.readouterr()
+
+    created = await cli(
+        *base, "schedules", "create", "nightly", "--function", "hello",
+        "--cron", "30 2 * * *", "--timezone", "Europe/Berlin", "--data", '{"kind": "nightly"}',
+    )  # fmt: skip
+    out, _ = capsys.readouterr()
+    assert created == 0
+    assert out.strip() == (
+        f"Created schedule {ns}/nightly: 30 2 * * * (Europe/Berlin) -> function hello."
+    )
+    assert await cli(*base, "schedules", "ls") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "FUNCTION", "CRON", "TIMEZONE", "DELIVERY", "AGE"]
+    assert table[1].startswith("nightly")
+    assert "30 2 * * *" in table[1]
+    assert await cli(*base, "-o", "json", "schedules", "ls") == 0
+    [item] = json.loads(capsys.readouterr().out)["items"]
+    assert item["data"] == {"kind": "nightly"}
+
+    broken = await cli(
+        *base, "schedules", "create", "bad", "--function", "hello", "--cron", "61 * * * *"
+    )
+    _, err = capsys.readouterr()
+    assert broken != 0
+    one_error_line(err, "invalid_cron")
+    assert "field 1 (minute)" in err
+
+    assert await cli(*base, "schedules", "rm", "nightly") == 0
+    assert capsys.readouterr().out.strip() == f"Deleted schedule {ns}/nightly."
+    assert await cli(*base, "schedules", "ls") == 0
+    assert capsys.readouterr().out.strip() == f"No schedules in namespace {ns}."

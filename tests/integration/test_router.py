@@ -353,3 +353,25 @@ async def test_responses_are_relayed_as_they_came(router: RunningRouter) -> None
         async with router.http.head(f"/{router.namespace}/relay/x") as response:
             assert response.status == 201
             assert response.headers["X-Backend"] == "a"
+
+
+async def test_every_invocation_has_an_id_the_function_sees_and_the_caller_reads(
+    router: RunningRouter,
+) -> None:
+    async with backend("a") as a:
+        await router.add_function("ided", [a.url])
+        ns = router.namespace
+        ids = []
+        for _ in range(3):
+            # a caller's own id is not taken: the router's replaces it
+            spoof = {"X-Lambdabus-Invocation-Id": "chosen-by-the-caller"}
+            async with router.http.post(f"/{ns}/ided", data=b"x", headers=spoof) as response:
+                assert response.status == 201
+                ids.append(response.headers["X-Lambdabus-Invocation-Id"])
+        seen = [dict(s["headers"])["X-Lambdabus-Invocation-Id"] for s in a.seen[-3:]]
+        assert seen == ids
+        assert len(set(ids)) == 3
+        assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+        async with router.http.get(f"/{ns}/nope") as response:  # refused ones have one too
+            assert response.status == 404
+            assert len(response.headers["X-Lambdabus-Invocation-Id"]) == 32

@@ -15,7 +15,7 @@ import pytest
 
 from lambdabus_builder.backend import BuildRequest, BuildResult, LogStream
 from lambdabus_builder.errors import BuildFailure
-from lambdabus_builder.local import LocalBackend, seal
+from lambdabus_builder.local import LocalBackend, installed_packages, seal
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.models import (
     ArtifactManifest,
@@ -153,6 +153,7 @@ async def test_the_same_requirements_use_the_cached_environment(backend: LocalBa
     assert second.dependencies_cached
     assert second.deps_key == first.deps_key
     assert ("system", f"using cached dependencies {first.deps_key}") in log.lines
+    assert ("system", "reused packages: tinydep==1.0.0") in log.lines
     assert "uv" not in log.text()
     assert manifest_of(second).env_dir == manifest_of(first).env_dir
 
@@ -518,3 +519,24 @@ def test_an_environment_swapped_for_a_symlink_is_refused_and_its_target_untouche
     assert caught.value.reason == "DependencyInstallFailed"
     assert stat.S_IMODE((host_dir / "file").stat().st_mode) == 0o644
     assert stat.S_IMODE(host_dir.stat().st_mode) & 0o200
+
+
+def test_installed_packages_of_python_and_node_environments(tmp_path: Path) -> None:
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    (site / "humanize-4.9.0.dist-info").mkdir(parents=True)
+    (site / "Tiny_Dep-1.0.0.dist-info").mkdir()
+    modules = tmp_path / "node_modules"
+    for name, version in (("ms", "2.1.3"), ("@scope/pkg", "0.1.0")):
+        (modules / name).mkdir(parents=True)
+        (modules / name / "package.json").write_text(
+            f'{{"name": "{name}", "version": "{version}"}}'
+        )
+    (modules / "broken").mkdir()
+    (modules / "broken" / "package.json").write_text("{")
+    assert installed_packages(tmp_path) == [
+        "@scope/pkg@0.1.0",
+        "humanize==4.9.0",
+        "ms@2.1.3",
+        "Tiny_Dep==1.0.0",
+    ]
+    assert installed_packages(tmp_path / "nothing") == []

@@ -140,3 +140,23 @@ async def test_a_flood_is_drained_fast() -> None:
     await log.pump(pipe(*(flood * 1000 for _ in range(100))), "stdout")  # 10 MB, 100k lines
     assert loop.time() - started < 2
     assert len(lines) == 100
+
+
+async def test_the_runtime_invocation_tag_becomes_the_records_field() -> None:
+    log, lines = capture()
+    await log.pump(
+        pipe(
+            b"\x1eab12cd\x1fduring one call\n",
+            b"before any call\n",
+            b"\x1e\x1fno id\n",  # not a tag: kept as written
+            b"\x1eid with space\x1fnot a tag either\n",
+        ),
+        "stdout",
+    )
+    assert [(x.invocation, x.line) for x in lines] == [
+        ("ab12cd", "during one call"),
+        (None, "before any call"),
+        (None, "\x1e\x1fno id"),
+        (None, "\x1eid with space\x1fnot a tag either"),
+    ]
+    assert log.tail_text()[0] == "during one call"  # a crash message shows no tags

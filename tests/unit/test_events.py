@@ -42,6 +42,9 @@ from lambdabus_events.catalog import (
     FunctionUpdated,
     FunctionUpdatedData,
     LifecycleEvent,
+    ScheduleCreated,
+    ScheduleData,
+    ScheduleDeleted,
     SecretCreated,
     SecretData,
     SecretDeleted,
@@ -66,6 +69,9 @@ _BUILD: dict[str, Any] = {**_REF, "source_sha256": "ab" * 32, "runtime": "python
 _DEPLOY = DeploymentData(**_REF, replicas=2, ready_replicas=1, reason="Scaling", message="1 of 2")
 _TRIGGER = TriggerData(
     namespace="team-a", name="on-upload", function="hello", filter={"type": "com.example.up"}
+)
+_SCHEDULE = ScheduleData(
+    namespace="team-a", name="nightly", function="hello", cron="30 2 * * *", timezone="UTC"
 )
 _SECRET = SecretData(namespace="team-a", name="hello", keys=["password"], version=2)
 
@@ -106,6 +112,8 @@ SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
     DeploymentStopped: ("deployer", _DEPLOY),
     TriggerCreated: ("gateway", _TRIGGER),
     TriggerDeleted: ("gateway", _TRIGGER),
+    ScheduleCreated: ("gateway", _SCHEDULE),
+    ScheduleDeleted: ("gateway", _SCHEDULE),
     SecretCreated: ("gateway", _SECRET),
     SecretUpdated: ("gateway", _SECRET),
     SecretDeleted: ("gateway", _SECRET),

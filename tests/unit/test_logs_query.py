@@ -125,3 +125,21 @@ def test_render_lifecycle_events() -> None:
     assert [e["type"] for e in result.events] == ["io.lambdabus.function.deleted"]
     assert result.lines == []
     assert rendered.malformed == 1
+
+
+def test_render_keeps_one_invocations_lines() -> None:
+    def tagged(text: str, invocation: str | None) -> bytes:
+        record = LogLine.model_validate_json(line(text))
+        return record.model_copy(update={"invocation": invocation}).model_dump_json().encode()
+
+    payloads = [tagged(f"l{i}", "a" if i % 2 else "b") for i in range(6)] + [tagged("x", None)]
+    read = plan(query(tail=2, invocation="a"))
+    assert read.read == MAX_QUERY_LIMIT  # the others are read past
+    rendered = render("runtime", payloads, read, budget=1 << 20, invocation="a")
+    assert [x.line for x in decode(rendered.body).lines] == ["l3", "l5"]
+    assert not decode(rendered.body).truncated  # the last two were asked for
+    every = render("runtime", payloads, plan(query(invocation="b")), budget=1 << 20, invocation="b")
+    assert [x.line for x in decode(every.body).lines] == ["l0", "l2", "l4"]
+    assert not decode(every.body).truncated
+    with pytest.raises(ValidationError):
+        query(invocation="no spaces please")

@@ -32,6 +32,7 @@ OWNER = {
     "deployment": "deployer",
     "delivery": "router",
     "secret": "gateway",
+    "schedule": "gateway",
 }
 
 

@@ -554,10 +554,15 @@ async def test_luna_timeout_is_a_504(luna: Instance) -> None:
 
 
 async def test_luna_print_reaches_stdout_line_by_line(luna: Instance) -> None:
-    async with aiohttp.ClientSession() as session, session.get(luna.url("/print")) as response:
+    headers = {"X-Lambdabus-Invocation-Id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(luna.url("/print"), headers=headers) as response,
+    ):
         assert response.status == 204
     line = await asyncio.to_thread(luna.stdout.readline)
-    assert line == "hello from the function\n"
+    # tagged with the invocation's id (the deployer's log capture takes the tag off)
+    assert line == "\x1e0f1e2d3c4b5a69788796a5b4c3d2e1f0\x1fhello from the function\n"
 
 
 # -- Kyma/Kubeless style (Python sync, Python async, Node) ------------------------------------
@@ -817,7 +822,8 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, k
                     return response.status, await response.text(), response.headers["Connection"]
 
             in_flight = asyncio.create_task(call())
-            assert await asyncio.to_thread(instance.stdout.readline) == "started\n"
+            started = await asyncio.to_thread(instance.stdout.readline)
+            assert started.rpartition("\x1f")[2] == "started\n"  # after its invocation tag
             instance.process.send_signal(signal.SIGTERM)
             assert await in_flight == (200, "finished", "close")
         assert await idle_reader.read() == b""  # the idle keep-alive connection was closed
@@ -945,3 +951,86 @@ def test_an_unreadable_env_file_stops_the_runtime_before_the_code_loads(tmp_path
 def test_runtime_paths() -> None:
     assert Path(runtime_pythonpath(), "lambdabus_runtime", "__init__.py").is_file()
     assert Path(node_server_path()).is_file()
+
+
+# -- per-invocation output ----------------------------------------------------------------
+
+PRINTER = """
+import time
+
+
+def main(event, context):
+    k = event["data"]["k"]
+    for i in range(100):
+        # several writes per print (the parts, the spaces, the newline): threads interleave them
+        print("call", k, "line", i, "x" * 40)
+        if i % 10 == 0:
+            time.sleep(0.001)
+    print("no newline at the end", end="")
+    return {"k": k}
+"""
+
+
+NODE_PRINTER = """
+module.exports = {
+  main: async (event) => {
+    const k = event.data.k;
+    for (let i = 0; i < 100; i++) {
+      // a line in three writes, with other calls running in between
+      process.stdout.write(`call ${k} `);
+      await new Promise((resolve) => setImmediate(resolve));
+      process.stdout.write(`line ${i} `);
+      console.log('x'.repeat(40));
+    }
+    process.stdout.write('no newline at the end');
+    return { k };
+  },
+};
+"""
+
+
+@pytest.mark.parametrize("kind", ["python", pytest.param("node", marks=needs_node)])
+async def test_20_concurrent_invocations_print_2000_intact_lines_each_tagged(
+    tmp_path: Path, kind: str
+) -> None:
+    if kind == "node":
+        code = write_code(tmp_path / "code", "handler.js", NODE_PRINTER)
+        command = node_command(code, "--timeout", "30")
+    else:
+        code = write_code(tmp_path / "code", "handler.py", PRINTER)
+        command = python_command(code, "handler.py", "--timeout", "30")
+    instance = Instance(command, tmp_path / "stderr", kind)
+    try:
+        ids = {k: f"{k:02d}" + os.urandom(15).hex() for k in range(20)}
+
+        async def call(session: aiohttp.ClientSession, k: int) -> None:
+            headers = {"X-Lambdabus-Invocation-Id": ids[k]}
+            async with session.post(instance.url("/"), json={"k": k}, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+
+        # read as the deployer does, while the calls run (120 KB would fill the pipe)
+        reading = asyncio.get_running_loop().run_in_executor(
+            None, lambda: [instance.stdout.readline() for _ in range(2020)]
+        )
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(call(session, k) for k in range(20)))
+        lines = await asyncio.wait_for(reading, 30)
+    finally:
+        assert instance.stop() == 0
+    seen: dict[str, set[int]] = {ids[k]: set() for k in ids}
+    tails: list[str] = []
+    for line in lines:
+        assert line.startswith("\x1e"), repr(line)
+        assert line.endswith("\n"), repr(line)
+        invocation, sep, text = line[1:-1].partition("\x1f")
+        assert sep, repr(line)
+        k = next(k for k, v in ids.items() if v == invocation)
+        if text == "no newline at the end":
+            tails.append(invocation)
+            continue
+        words = text.split(" ")
+        assert words[:3] == ["call", str(k), "line"], repr(line)  # never another call's text
+        assert words[4:] == ["x" * 40], repr(line)
+        seen[invocation].add(int(words[3]))
+    assert all(numbers == set(range(100)) for numbers in seen.values())
+    assert sorted(tails) == sorted(ids.values())

@@ -65,11 +65,17 @@ from lambdabus_client.commands.invoke import (
 from lambdabus_client.commands.logs import (
     _logs,
 )
+from lambdabus_client.commands.schedules import (
+    _schedules,
+)
 from lambdabus_client.commands.secrets import (
     _secret,
 )
 from lambdabus_client.commands.tokens import (
     _token,
+)
+from lambdabus_client.commands.top import (
+    _top,
 )
 from lambdabus_client.commands.triggers import (
     _triggers,
@@ -253,6 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
     trigger_rm = trigger_actions.add_parser("rm", parents=[common], help="delete a trigger")
     trigger_rm.add_argument("name")
 
+    schedules = commands.add_parser(
+        "schedules", parents=[common], help="list, create and remove schedules"
+    )
+    schedule_actions = schedules.add_subparsers(dest="action", metavar="ACTION", required=True)
+    schedule_actions.add_parser("ls", parents=[common], help="list the namespace's schedules")
+    schedule_create = schedule_actions.add_parser(
+        "create", parents=[common], help="call a function at each tick of a cron expression"
+    )
+    schedule_create.add_argument("name")
+    schedule_create.add_argument("--function", required=True)
+    schedule_create.add_argument(
+        "--cron", required=True, help="'*/5 * * * *', '@hourly' or '@every 30s'"
+    )
+    schedule_create.add_argument("--timezone", default="UTC", help="an IANA zone (default UTC)")
+    schedule_create.add_argument("--data", metavar="JSON", help="the data of every tick")
+    schedule_create.add_argument("--retries", type=int, help="attempts after the first")
+    schedule_create.add_argument("--timeout", type=float, metavar="SECONDS", help="per attempt")
+    schedule_rm = schedule_actions.add_parser("rm", parents=[common], help="delete a schedule")
+    schedule_rm.add_argument("name")
+
     deadletters = commands.add_parser(
         "deadletters", parents=[common], help="list and redrive dead-lettered events"
     )
@@ -274,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     logs.add_argument("--since", help="from an RFC 3339 time or a duration like 10m")
+    logs.add_argument(
+        "--invocation",
+        metavar="ID",
+        help="only the lines of one invocation (its X-Lambdabus-Invocation-Id, or an event's id)",
+    )
+
+    top = commands.add_parser(
+        "top", parents=[common], help="calls, errors and latency of every function, refreshed"
+    )
+    top.add_argument("--once", action="store_true", help="print once and exit")
+    top.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period"
+    )
 
     history = commands.add_parser(
         "history", parents=[common], help="show a function's lifecycle events"
@@ -497,6 +536,7 @@ _COMMANDS: dict[str, Command] = {
     "invoke": _invoke,
     "logs": _logs,
     "history": _history,
+    "top": _top,
     "ls": _ls,
     "status": _status,
     "describe": _describe,
@@ -507,5 +547,6 @@ _COMMANDS: dict[str, Command] = {
     "invocation": _invocation,
     "publish": _publish,
     "triggers": _triggers,
+    "schedules": _schedules,
     "deadletters": _deadletters,
 }

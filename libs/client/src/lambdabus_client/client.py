@@ -267,6 +267,10 @@ class LambdabusClient:
         )
         return status == 202, record
 
+    async def function_metrics(self, namespace: str, name: str) -> JsonObject:
+        """Calls, errors, throttles, cold starts and percentiles over 1m, 5m and 1h."""
+        return await self._json_object("GET", _function_path(namespace, name) + "/metrics")
+
     async def function_status(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("GET", _function_path(namespace, name) + "/status")
 
@@ -427,6 +431,18 @@ class LambdabusClient:
             "DELETE", f"{_triggers_path(namespace)}/{quote(name, safe='')}"
         )
 
+    async def list_schedules(self, namespace: str) -> list[JsonObject]:
+        return await self._items("GET", _schedules_path(namespace), "schedule list")
+
+    async def create_schedule(self, namespace: str, spec: Mapping[str, Any]) -> JsonObject:
+        """Create a schedule (`name`, `function`, `cron`, `timezone`, `data`); 409 if it exists."""
+        return await self._json_object("POST", _schedules_path(namespace), json=dict(spec))
+
+    async def delete_schedule(self, namespace: str, name: str) -> JsonObject:
+        return await self._json_object(
+            "DELETE", f"{_schedules_path(namespace)}/{quote(name, safe='')}"
+        )
+
     async def list_deadletters(
         self,
         namespace: str,
@@ -466,10 +482,16 @@ class LambdabusClient:
         tail: int | None = None,
         since: str | None = None,
         follow: bool = False,
+        invocation: str | None = None,
     ) -> AsyncGenerator[JsonObject, None]:
         """Runtime (or, with `build`, build) log lines as objects, oldest first; with `follow`
-        the stream stays open for new lines until the gateway closes it."""
-        params = {"tail": None if tail is None else str(tail), "since": since}
+        the stream stays open for new lines until the gateway closes it. With `invocation`,
+        only the lines written during that invocation."""
+        params = {
+            "tail": None if tail is None else str(tail),
+            "since": since,
+            "invocation": invocation,
+        }
         query = {key: value for key, value in params.items() if value is not None}
         if follow:
             query["follow"] = "1"
@@ -634,6 +656,10 @@ def _functions_path(namespace: str) -> str:
 
 def _secrets_path(namespace: str) -> str:
     return f"{_namespace_path(namespace)}/secrets"
+
+
+def _schedules_path(namespace: str) -> str:
+    return f"{_namespace_path(namespace)}/schedules"
 
 
 def _triggers_path(namespace: str) -> str:

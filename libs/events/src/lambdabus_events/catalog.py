@@ -154,6 +154,14 @@ class TriggerData(_Data):
     filter: dict[str, str]
 
 
+class ScheduleData(_Data):
+    namespace: Label
+    name: Label
+    function: Label
+    cron: str
+    timezone: str
+
+
 class DeliveryDeadletteredData(_Data):
     namespace: Label
     trigger: Label
@@ -304,6 +312,18 @@ class TriggerDeleted(LifecycleEvent):
     data: TriggerData
 
 
+class ScheduleCreated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.schedule.created"
+    type: Literal["io.lambdabus.schedule.created"] = "io.lambdabus.schedule.created"
+    data: ScheduleData
+
+
+class ScheduleDeleted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.schedule.deleted"
+    type: Literal["io.lambdabus.schedule.deleted"] = "io.lambdabus.schedule.deleted"
+    data: ScheduleData
+
+
 class SecretCreated(LifecycleEvent):
     EVENT_TYPE: ClassVar[str] = "io.lambdabus.secret.created"
     type: Literal["io.lambdabus.secret.created"] = "io.lambdabus.secret.created"
@@ -343,6 +363,8 @@ CATALOG: tuple[type[LifecycleEvent], ...] = (
     DeploymentStopped,
     TriggerCreated,
     TriggerDeleted,
+    ScheduleCreated,
+    ScheduleDeleted,
     SecretCreated,
     SecretUpdated,
     SecretDeleted,
@@ -366,6 +388,8 @@ AnyLifecycleEvent = Annotated[
         DeploymentStopped,
         TriggerCreated,
         TriggerDeleted,
+        ScheduleCreated,
+        ScheduleDeleted,
         SecretCreated,
         SecretUpdated,
         SecretDeleted,

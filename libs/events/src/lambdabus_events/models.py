@@ -326,6 +326,9 @@ class LogLine(_Strict):
     stream: Literal["stdout", "stderr", "system"]
     instance: str | None = None
     line: str
+    invocation: str | None = Field(
+        default=None, description="the invocation during which the function wrote the line"
+    )
 
 
 class FunctionStatus(_Strict):
@@ -372,6 +375,11 @@ class LogQuery(_Strict):
         ge=1,
         le=MAX_QUERY_LIMIT,
         description="at most this many lines in the reply",
+    )
+    invocation: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._:/@+=-]{1,128}$",
+        description="only the lines written during this invocation (runtime logs)",
     )
 
 
@@ -446,6 +454,49 @@ class DeadLetter(_Strict):
     last_status: int | None = None
     first_attempt_at: datetime | None = None
     deadlettered_at: datetime
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+SCHEDULE_FIRED_TYPE = "io.lambdabus.schedule.fired"
+
+
+class ScheduleSpec(_Strict):
+    """A schedule as a user declares it: at each tick of `cron` (in `timezone`), the function
+    receives an `io.lambdabus.schedule.fired` CloudEvent whose data is `data`."""
+
+    name: Label
+    function: Label
+    cron: str = Field(
+        min_length=1,
+        max_length=200,
+        description="five-field cron ('*/5 * * * *'), '@hourly'-like, or '@every 30s'",
+    )
+    timezone: str = Field(default="UTC", min_length=1, max_length=64, description="IANA zone")
+    data: dict[str, Any] = Field(default_factory=dict, description="the data of every tick")
+    delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
+
+
+class ScheduleRecord(_Strict):
+    """The gateway-owned record of a schedule, in the `schedules` KV bucket (`<ns>.<name>`)."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    function: Label
+    cron: str
+    timezone: str
+    data: dict[str, Any]
+    delivery: DeliveryPolicy
+    created_at: datetime
+
+
+class ScheduleTick(_Strict):
+    """The newest tick a router fired for one schedule incarnation (`uid`), in the router-owned
+    `schedule-ticks` KV bucket (`<ns>.<name>`); written with compare-and-set."""
+
+    uid: str
+    tick: datetime
 
 
 InvocationStatus = Literal["queued", "running", "succeeded", "failed"]

@@ -25,6 +25,7 @@ from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
     DLQ_PREFIX,
     EVENT_TYPE_PREFIX,
+    FUNCTION_METRICS_BUCKET,
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
     INVOKE_PREFIX,
@@ -32,6 +33,8 @@ from lambdabus_platform.subjects import (
     LOGS_PREFIX,
     LOGS_QUERY_SUBJECT,
     REDRIVE_PREFIX,
+    SCHEDULE_TICKS_BUCKET,
+    SCHEDULES_BUCKET,
     TRIGGERS_BUCKET,
 )
 
@@ -85,7 +88,7 @@ class Access:
 ACCESS: Final[Mapping[str, Access]] = {
     "gateway": Access(
         "gateway",
-        lifecycle=("function", "trigger", "secret"),
+        lifecycle=("function", "trigger", "secret", "schedule"),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{REDRIVE_PREFIX}.>", f"{INVOKE_PREFIX}.>"),
         request=(LOGS_QUERY_SUBJECT,),
         kv_write=(
@@ -95,8 +98,9 @@ ACCESS: Final[Mapping[str, Access]] = {
             TOKENS_BUCKET,
             SECRETS_BUCKET,
             QUOTAS_BUCKET,
+            SCHEDULES_BUCKET,
         ),
-        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET),
+        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCTION_METRICS_BUCKET),
         objects_write=(ARTIFACTS_BUCKET,),
         read=("LIFECYCLE", "LOGS", "DLQ"),
         direct_get=("DLQ",),
@@ -124,13 +128,14 @@ ACCESS: Final[Mapping[str, Access]] = {
         "router",
         lifecycle=("delivery",),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{DLQ_PREFIX}.>"),
-        kv_write=(INVOCATIONS_BUCKET,),
+        kv_write=(INVOCATIONS_BUCKET, SCHEDULE_TICKS_BUCKET, FUNCTION_METRICS_BUCKET),
         kv_read=(
             DEPLOYMENTS_BUCKET,
             FUNCTIONS_BUCKET,
             TRIGGERS_BUCKET,
             TOKENS_BUCKET,
             QUOTAS_BUCKET,
+            SCHEDULES_BUCKET,
         ),
         durables={"EVENTS": (ANY,)},
         list_consumers=("EVENTS",),

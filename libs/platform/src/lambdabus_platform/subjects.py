@@ -45,6 +45,10 @@ INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
 SECRETS_BUCKET = "secrets"  # gateway; encrypted values, read by the deployer only
 QUOTAS_BUCKET = "quotas"  # gateway; per-namespace overrides (`<ns>`), read by the router
 TOKENS_BUCKET = "tokens"  # gateway; routers read it (hashes of API tokens, never a secret)
+SCHEDULES_BUCKET = "schedules"  # gateway
+SCHEDULE_TICKS_BUCKET = "schedule-ticks"  # router; the newest tick fired per schedule
+# router (each its own keys, `<ns>.<fn>.<router id>`); the gateway adds them up
+FUNCTION_METRICS_BUCKET = "function-metrics"
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
@@ -54,6 +58,9 @@ KV_BUCKETS: tuple[str, ...] = (
     SECRETS_BUCKET,
     QUOTAS_BUCKET,
     TOKENS_BUCKET,
+    SCHEDULES_BUCKET,
+    SCHEDULE_TICKS_BUCKET,
+    FUNCTION_METRICS_BUCKET,
 )
 # Buckets that keep no history: an old value (a replaced secret) must not stay readable.
 NO_HISTORY_BUCKETS = frozenset({SECRETS_BUCKET})
@@ -207,3 +214,16 @@ def event_dedup_id(source: str, event_id: str) -> str:
     import hashlib
 
     return hashlib.sha256(f"{source}\0{event_id}".encode()).hexdigest()
+
+
+def schedule_consumer(namespace: str, name: str, uid: str) -> str:
+    """The durable consumer (on EVENTS) of one schedule incarnation's ticks."""
+    _checked(namespace, name)
+    return f"schedule_{namespace}_{name}_{uid.replace('-', '')[:12]}"
+
+
+def schedule_tick_id(namespace: str, name: str, tick: str) -> str:
+    """`Nats-Msg-Id` of one tick, `<ns>/<schedule>/<tick>`: however many routers publish it,
+    EVENTS stores it once (within its duplicate window)."""
+    _checked(namespace, name)
+    return f"{namespace}/{name}/{tick}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import traceback
 from typing import Any
 
+from lambdabus_runtime import capture
 from lambdabus_runtime.cli import Options
 from lambdabus_runtime.entrypoint import Function, LoadError, load
 from lambdabus_runtime.request import Event, Headers, InvalidJSONError, Request
@@ -52,6 +54,7 @@ SYNC_WORKERS = 32
 _HEALTH = (200, "Content-Type: application/json\r\n", json_bytes({"status": "ok"}))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JSON_HEADER = "Content-Type: application/json\r\n"
+_COLD_START = "X-Lambdabus-Cold-Start: true\r\n"
 
 # Leading traceback frames from these files are the runtime's, not the function's.
 _INTERNAL_DIRS = tuple(
@@ -106,6 +109,7 @@ class Server:
             "memory-limit": f"{options.memory}Mi" if options.memory else None,
         }
         self.draining = False
+        self._answered = False
         self._connections: set[_Connection] = set()
         self._pool = WorkerPool(SYNC_WORKERS)
 
@@ -231,7 +235,16 @@ class Server:
     # -- calling the function ------------------------------------------------------------
 
     async def respond(self, request: Request) -> tuple[int, str, bytes]:
-        """Call the function and encode its answer, or the error that stands for it."""
+        """Call the function and encode its answer, or the error that stands for it; what it
+        writes meanwhile is tagged with the invocation's id (`capture`)."""
+        with capture.invocation(capture.invocation_id(request.headers)):
+            status, header_lines, payload = await self._respond(request)
+        if not self._answered:  # the instance's first call: the router counts a cold start
+            self._answered = True
+            header_lines += _COLD_START
+        return status, header_lines, payload
+
+    async def _respond(self, request: Request) -> tuple[int, str, bytes]:
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:
@@ -271,7 +284,8 @@ class Server:
         return result
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
-        job = self._pool.submit(fn, *args)
+        # The thread runs in this invocation's context: its output is tagged with its id.
+        job = self._pool.submit(contextvars.copy_context().run, fn, *args)
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:  # timed out, or the instance stops
@@ -342,6 +356,7 @@ async def serve(options: Options) -> int:
         log(f"importing {options.entrypoint} failed: {describe(exc)}")
         return EXIT_IMPORT_ERROR
 
+    capture.install()
     server = Server(function, options)
     where = options.socket or f"{options.host}:{options.port}"
     try:

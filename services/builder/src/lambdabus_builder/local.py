@@ -228,11 +228,13 @@ class LocalBackend:
         env = env_dir(self._root, key)
         if env.is_dir():
             await log.write("system", f"using cached dependencies {key}")
+            await _log_reused(env, log)
             return env, True, await asyncio.to_thread(recorded_digest, env)
         lock = self._env_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if env.is_dir():  # another build made it while this one waited
                 await log.write("system", f"using cached dependencies {key}")
+                await _log_reused(env, log)
                 return env, True, await asyncio.to_thread(recorded_digest, env)
             env.parent.mkdir(parents=True, exist_ok=True)
             stage = env.with_name(f"{_TMP_ENV}{key}-{secrets.token_hex(4)}")
@@ -560,6 +562,34 @@ def _is_local(link: str) -> bool:
 def _local_path(link: str) -> str:
     """A find-links dir as uv will be given it (bound at that path: bwrap follows symlinks)."""
     return os.path.abspath(link.removeprefix("file://"))
+
+
+def installed_packages(env: Path) -> list[str]:
+    """The packages an environment holds: `name==version` of each Python distribution
+    (`*.dist-info`), `name@version` of each top-level Node package (`node_modules`)."""
+    found = set()
+    for info in env.rglob("*.dist-info"):
+        name, _, version = info.name.removesuffix(".dist-info").partition("-")
+        if name and version:
+            found.add(f"{name}=={version}")
+    modules = env / "node_modules"
+    if modules.is_dir():
+        for manifest in [*modules.glob("*/package.json"), *modules.glob("@*/*/package.json")]:
+            try:
+                package = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(package, dict) and package.get("name") and package.get("version"):
+                found.add(f"{package['name']}@{package['version']}")
+    return sorted(found, key=str.lower)
+
+
+async def _log_reused(env: Path, log: BuildLog) -> None:
+    """The build log of a cached build names the packages it reused."""
+    packages = await asyncio.to_thread(installed_packages, env)
+    await log.write(
+        "system", f"reused packages: {', '.join(packages)}" if packages else "reused no packages"
+    )
 
 
 def _seed_cache(source: Path, dest: Path, link: bool) -> None:

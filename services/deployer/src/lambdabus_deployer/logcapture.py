@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -115,9 +116,9 @@ class InstanceLog:
         self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
 
     def tail_text(self) -> list[str]:
-        return [_decode(raw) for raw in self.tail]
+        return [_decode(split_invocation(raw)[1]) for raw in self.tail]
 
-    async def emit(self, stream: Stream, text: str) -> None:
+    async def emit(self, stream: Stream, text: str, invocation: str | None = None) -> None:
         rev = self._rev
         line = LogLine(
             ts=datetime.now(UTC),
@@ -129,6 +130,7 @@ class InstanceLog:
             stream=stream,
             instance=self.instance,
             line=text,
+            invocation=invocation,
         )
         if await self._sink(line) is False:
             self._refused += 1
@@ -209,10 +211,26 @@ class InstanceLog:
         for index in range(admitted):
             raw = lines[index]
             extra = (first_extra if index == 0 else 0) + max(0, len(raw) - self._max)
+            invocation, raw = split_invocation(raw)
             text = _decode(raw[: self._max])
             if extra:
                 text += f" … [truncated: {extra} more bytes; lines are cut at {self._max} bytes]"
-            await self.emit(stream, text)
+            await self.emit(stream, text, invocation)
+
+
+_MARK, _END = b"\x1e", b"\x1f"
+_INVOCATION = re.compile(rb"^[A-Za-z0-9._:/@+=-]{1,128}$")
+
+
+def split_invocation(raw: bytes) -> tuple[str | None, bytes]:
+    """The invocation id the runtime put before a line (`\\x1e<id>\\x1f<line>`, see
+    `lambdabus_runtime.capture`) and the line without it; (None, raw) for an untagged line."""
+    if not raw.startswith(_MARK):
+        return None, raw
+    end = raw.find(_END, 1, 131)
+    if end < 0 or _INVOCATION.fullmatch(raw[1:end]) is None:
+        return None, raw
+    return raw[1:end].decode("ascii"), raw[end + 1 :]
 
 
 def _decode(raw: bytes) -> str:

@@ -14,6 +14,7 @@ from lambdabus_gateway.functions import Functions
 from lambdabus_gateway.invocations import Invocations
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.schedules import Schedules
 from lambdabus_gateway.secrets import Secrets
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.triggers import Triggers
@@ -31,6 +32,7 @@ from lambdabus_platform.subjects import (
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
     QUOTAS_BUCKET,
+    SCHEDULES_BUCKET,
     SECRETS_BUCKET,
     TOKENS_BUCKET,
     TRIGGERS_BUCKET,
@@ -71,6 +73,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
             )
             triggers = Triggers(bus=ctx.bus, kv=ctx.bus.kv(TRIGGERS_BUCKET), functions=functions)
+            schedules = Schedules(bus=ctx.bus, kv=ctx.bus.kv(SCHEDULES_BUCKET), functions=functions)
             ctx.app[GATEWAY] = Gateway(
                 settings=settings,
                 bus=ctx.bus,
@@ -88,12 +91,17 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 ),
                 secrets=Secrets(bus=ctx.bus, store=SecretStore(ctx.bus.kv(SECRETS_BUCKET), box)),
                 quotas=quotas,
+                schedules=schedules,
             )
             add_routes(ctx.app)
             try:
                 await triggers.reconcile()
             except LambdabusError as exc:  # the next start tries again
                 log.warning("could not reconcile triggers", extra={"error": exc.message})
+            try:
+                await schedules.reconcile()
+            except LambdabusError as exc:  # the next start tries again
+                log.warning("could not reconcile schedules", extra={"error": exc.message})
             await invoker.start()
             try:
                 yield

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord, LogKind, LogQuery
 from lambdabus_events.names import label_problem
@@ -24,16 +26,18 @@ from lambdabus_gateway.logs import query as query_logs
 from lambdabus_gateway.logs import stream_logs
 from lambdabus_gateway.openapi import render_openapi
 from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.schedules import Schedules, parse_schedule
 from lambdabus_gateway.secrets import MAX_BODY_BYTES, Secrets, parse_secret_body
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_gateway.triggers import Triggers, parse_trigger
 from lambdabus_gateway.uploads import _json_object, read_body, read_upload
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.callstats import RouterStats, summarize
 from lambdabus_platform.errors import InvalidName, InvalidRequest, NotFound
 from lambdabus_platform.registry import Registry, Versioned
 from lambdabus_platform.status import compute_status, not_found_status
 from lambdabus_platform.streaming import with_keepalive
-from lambdabus_platform.subjects import lifecycle_filter
+from lambdabus_platform.subjects import FUNCTION_METRICS_BUCKET, function_key, lifecycle_filter
 
 VERSION = "0.1.0"
 
@@ -52,6 +56,7 @@ class Gateway:
     invocations: Invocations
     secrets: Secrets
     quotas: Quotas
+    schedules: Schedules
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -131,6 +136,7 @@ async def delete_function(request: web.Request) -> web.Response:
     record = await gw.functions.delete(ns, name, request.headers.get("If-Match"))
     # Its triggers go with it (a crash in between is repaired by `Triggers.reconcile`).
     await gw.triggers.delete_for_function(ns, name)
+    await gw.schedules.delete_for_function(ns, name)
     return web.json_response(record.model_dump(mode="json"), status=202)
 
 
@@ -250,6 +256,21 @@ async def _logs(request: web.Request, kind: LogKind) -> web.StreamResponse:
     )
 
 
+async def function_metrics(request: web.Request) -> web.Response:
+    """Calls, errors, throttles, cold starts and p50/p95/p99 over the last 1 m, 5 m and 1 h:
+    what every router wrote to `function-metrics`, added up (`callstats.summarize`)."""
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    await gw.functions.get(ns, name)  # 404 function_not_found
+    entries = await gw.bus.kv(FUNCTION_METRICS_BUCKET).values(f"{function_key(ns, name)}.*")
+    routers = []
+    for entry in entries:
+        with contextlib.suppress(ValidationError):
+            routers.append(RouterStats.model_validate_json(entry.value))
+    windows = summarize(routers, time.time())
+    return web.json_response({"namespace": ns, "name": name, "windows": windows})
+
+
 async def history(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
@@ -355,6 +376,50 @@ async def delete_trigger(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns, name = _label(request, "ns", "namespace"), _label(request, "name", "trigger name")
     record = await gw.triggers.delete(ns, name)
+    return web.json_response(record.model_dump(mode="json"), status=202)
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+
+async def create_schedule(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    if request.content_type not in ("application/json", ""):
+        raise InvalidRequest(
+            f"unsupported content type {request.content_type!r}: "
+            "send the schedule as application/json",
+            code="unsupported_media_type",
+            status=415,
+        )
+    body = await read_body(request, gw.settings.max_spec_bytes, "the schedule")
+    spec = parse_schedule(_json_object(body, "the schedule"))
+    created = await gw.schedules.create(ns, spec)
+    return web.json_response(
+        created.value.model_dump(mode="json"),
+        status=201,
+        headers={"Location": f"/v1/namespaces/{ns}/schedules/{spec.name}"},
+    )
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    items = await gw.schedules.in_namespace(ns)
+    return web.json_response({"items": [i.model_dump(mode="json") for i in items]})
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "schedule name")
+    current = await gw.schedules.get(ns, name)
+    return web.json_response(current.value.model_dump(mode="json"))
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "schedule name")
+    record = await gw.schedules.delete(ns, name)
     return web.json_response(record.model_dump(mode="json"), status=202)
 
 
@@ -490,11 +555,16 @@ def add_routes(app: web.Application) -> None:
     r.add_get(base + "/{name}/logs", runtime_logs)
     r.add_get(base + "/{name}/build/logs", build_logs)
     r.add_get(base + "/{name}/history", history)
+    r.add_get(base + "/{name}/metrics", function_metrics)
     namespace = "/v1/namespaces/{ns}"
     r.add_post(namespace + "/triggers", create_trigger)
     r.add_get(namespace + "/triggers", list_triggers)
     r.add_get(namespace + "/triggers/{name}", get_trigger)
     r.add_delete(namespace + "/triggers/{name}", delete_trigger)
+    r.add_post(namespace + "/schedules", create_schedule)
+    r.add_get(namespace + "/schedules", list_schedules)
+    r.add_get(namespace + "/schedules/{name}", get_schedule)
+    r.add_delete(namespace + "/schedules/{name}", delete_schedule)
     r.add_get(namespace + "/deadletters", list_deadletters)
     r.add_post(namespace + "/deadletters/{id}/redrive", redrive_deadletter)
     r.add_get(namespace + "/invocations/{id}", get_invocation)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from datetime import datetime, timedelta
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from lambdabus_platform.streaming import with_keepalive
 from lambdabus_platform.subjects import LOGS_QUERY_SUBJECT, logs_subject
 
 NDJSON = "application/x-ndjson"
+_INVOCATION = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
 
 
 def parse_tail(value: str | None) -> int | None:
@@ -32,6 +34,19 @@ def parse_tail(value: str | None) -> int | None:
     if not 1 <= tail <= 100_000:
         raise InvalidRequest("tail must be between 1 and 100000", code="invalid_tail")
     return tail
+
+
+def parse_invocation(value: str | None) -> str | None:
+    """`?invocation=ID`: only the lines written during that invocation."""
+    if not value:
+        return None
+    if _INVOCATION.fullmatch(value) is None:
+        raise InvalidRequest(
+            f"invocation={value!r} is not an invocation id (the X-Lambdabus-Invocation-Id of "
+            "a call, or the id of an event)",
+            code="invalid_invocation",
+        )
+    return value
 
 
 async def query(bus: Bus, q: LogQuery, timeout: float = 10.0) -> LogQueryResult:
@@ -64,8 +79,17 @@ async def stream_logs(
     follow = request.query.get("follow", "") in ("1", "true", "yes")
     if tail is None and since is None and follow:
         tail = 100
+    invocation = parse_invocation(request.query.get("invocation"))
     result = await query(
-        bus, LogQuery(namespace=namespace, name=name, kind=kind, tail=tail, since=since)
+        bus,
+        LogQuery(
+            namespace=namespace,
+            name=name,
+            kind=kind,
+            tail=tail,
+            since=since,
+            invocation=invocation,
+        ),
     )
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     if result.truncated:
@@ -87,6 +111,8 @@ async def stream_logs(
                 continue
             line = LogLine.model_validate_json(item.data)
             if seen_last is not None and line == seen_last:
+                continue
+            if invocation is not None and line.invocation != invocation:
                 continue
             await response.write(item.data + b"\n")
     except (ConnectionResetError, asyncio.CancelledError):

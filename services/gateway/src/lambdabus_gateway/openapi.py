@@ -23,6 +23,8 @@ from lambdabus_events.models import (
     FunctionStatus,
     InvocationRecord,
     Quota,
+    ScheduleRecord,
+    ScheduleSpec,
     SecretInfo,
     TriggerRecord,
     TriggerSpec,
@@ -69,6 +71,10 @@ class FunctionList(BaseModel):
 
 class TriggerList(BaseModel):
     items: list[TriggerRecord]
+
+
+class ScheduleList(BaseModel):
+    items: list[ScheduleRecord]
 
 
 class DeadLetterItem(DeadLetter):
@@ -276,6 +282,9 @@ def render_openapi() -> dict[str, Any]:
                 TriggerSpec,
                 TriggerRecord,
                 TriggerList,
+                ScheduleSpec,
+                ScheduleRecord,
+                ScheduleList,
                 DeadLetterList,
                 Redriven,
                 InvocationRecord,
@@ -520,6 +529,87 @@ def render_openapi() -> dict[str, Any]:
                     "202": _json("TriggerRecord", "deleted; its consumer goes"),
                     "400": _ERRORS["400"],
                     "404": _json("Error", "no such trigger (`trigger_not_found`)"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/functions/{name}/metrics": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "functionMetrics",
+                "summary": "Calls, errors, throttles, cold starts and p50/p95/p99 (ms) per window",
+                "description": (
+                    "`windows` has `1m`, `5m` and `1h`, each `{calls, errors, throttles, "
+                    "cold_starts, p50_ms, p95_ms, p99_ms}` (percentiles null without calls). "
+                    "Every router counts the calls it relays in 10-second slots and writes them "
+                    "every `stats_publish_seconds`; this adds up every router's slots. Errors "
+                    "are 5xx answers, throttles 429s, a cold start an instance's first call."
+                ),
+                "responses": {
+                    "200": {
+                        "description": "the function's call statistics",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/schedules": {
+            "parameters": _params("ns"),
+            "post": {
+                "operationId": "createSchedule",
+                "summary": "Call `function` at each tick of `cron` (in `timezone`)",
+                "description": (
+                    "`cron` is a five-field expression (`*/5 * * * *`), a shorthand (`@hourly`, "
+                    "`@daily`, ...) or `@every <duration>` (`@every 30s`, `@every 1h30m`). Each "
+                    "tick delivers one `io.lambdabus.schedule.fired` CloudEvent (subject "
+                    "`<ns>/<schedule>`, `time` the tick, data `data`) with the retries and dead "
+                    "letters of a trigger; after downtime the newest missed tick fires once."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ScheduleSpec")}},
+                },
+                "responses": {
+                    "201": _json(
+                        "ScheduleRecord",
+                        "created",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
+                    "400": _json(
+                        "Error",
+                        "`invalid_name`, `invalid_cron`, `invalid_timezone` or `invalid_schedule`"
+                        " (`details.field` names the field)",
+                    ),
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                    "409": _json("Error", "the schedule exists (`schedule_exists`)"),
+                    "415": _ERRORS["415"],
+                },
+            },
+            "get": {
+                "operationId": "listSchedules",
+                "responses": {
+                    "200": _json("ScheduleList", "the namespace's schedules, by name"),
+                    "400": _ERRORS["400"],
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/schedules/{name}": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "getSchedule",
+                "responses": {
+                    "200": _json("ScheduleRecord", "the schedule"),
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such schedule (`schedule_not_found`)"),
+                },
+            },
+            "delete": {
+                "operationId": "deleteSchedule",
+                "responses": {
+                    "202": _json("ScheduleRecord", "deleted; no tick fires after this"),
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such schedule (`schedule_not_found`)"),
                 },
             },
         },

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
 from lambdabus_events.catalog import parse_lifecycle
-from lambdabus_events.models import LogLine, LogQuery, LogQueryKind
+from lambdabus_events.models import MAX_QUERY_LIMIT, LogLine, LogQuery, LogQueryKind
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import InvalidRequest, LambdabusError
 from lambdabus_platform.subjects import lifecycle_filter, logs_subject
@@ -45,6 +45,10 @@ def plan(query: LogQuery) -> ReadPlan:
         stream, subject = "LIFECYCLE", lifecycle_filter(None, query.namespace, query.name)
     else:
         stream, subject = "LOGS", logs_subject(query.kind, query.namespace, query.name)
+    if query.invocation is not None:
+        # One invocation's lines are found among the others: read as many as a query may.
+        keep = query.limit if query.tail is None else min(query.tail, query.limit)
+        return ReadPlan(stream, subject, query.since, query.tail is not None, keep, MAX_QUERY_LIMIT)
     if query.tail is None:
         return ReadPlan(stream, subject, query.since, False, query.limit, query.limit + 1)
     keep = min(query.tail, query.limit)
@@ -64,6 +68,13 @@ def _valid(kind: LogQueryKind, payload: bytes) -> bool:
     return True
 
 
+def _of_invocation(payload: bytes, invocation: str) -> bool:
+    try:
+        return LogLine.model_validate_json(payload).invocation == invocation
+    except (ValidationError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class Rendered:
     body: bytes
@@ -73,13 +84,24 @@ class Rendered:
 
 
 def render(
-    kind: LogQueryKind, payloads: Sequence[bytes], read: ReadPlan, *, budget: int
+    kind: LogQueryKind,
+    payloads: Sequence[bytes],
+    read: ReadPlan,
+    *,
+    budget: int,
+    invocation: str | None = None,
 ) -> Rendered:
     """The `LogQueryResult` JSON for what was read: the stored JSON of each line as it is
     (checked, not re-encoded), the newest or oldest `keep` of them that fit in `budget` bytes.
-    A message that is not a line of its kind is left out."""
+    A message that is not a line of its kind is left out, and with `invocation`, a line
+    written during another invocation."""
     truncated = len(payloads) > read.keep
     valid = [p for p in payloads if _valid(kind, p)]
+    malformed = len(payloads) - len(valid)
+    if invocation is not None:
+        valid = [p for p in valid if _of_invocation(p, invocation)]
+        # asking for the last N of them is no truncation, as without `invocation`
+        truncated = len(valid) > read.keep and not read.newest
     chosen = valid[-read.keep :] if read.newest else valid[: read.keep]
     room = budget - _ENVELOPE
     ordered = reversed(chosen) if read.newest else iter(chosen)
@@ -106,7 +128,7 @@ def render(
         + (b"true" if truncated else b"false")
         + b"}"
     )
-    return Rendered(body, len(fitting), truncated, len(payloads) - len(valid))
+    return Rendered(body, len(fitting), truncated, malformed)
 
 
 def error_reply(error: LambdabusError) -> bytes:
@@ -165,7 +187,13 @@ class LogQueries:
                 )
             )
             budget = min(self._max_reply_bytes, self._bus.max_payload)
-            rendered = render(kind, [m.data for m in messages], read, budget=budget)
+            rendered = render(
+                kind,
+                [m.data for m in messages],
+                read,
+                budget=budget,
+                invocation=query.invocation,
+            )
         except LambdabusError as exc:
             self._metrics.queries.labels(kind, "unavailable" if exc.temporary else "error").inc()
             return error_reply(exc)

@@ -15,6 +15,7 @@ from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.service import ServiceContext, Setup, run
 from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
+    FUNCTION_METRICS_BUCKET,
     FUNCTIONS_BUCKET,
     QUOTAS_BUCKET,
     TOKENS_BUCKET,
@@ -25,6 +26,7 @@ from lambdabus_router.dispatch import Dispatch, dispatching
 from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
+from lambdabus_router.stats import CallStats
 
 # aiohttp's own cap on a request body sits above ours, so that the router answers 413 itself.
 _SLACK = 1024 * 1024
@@ -46,8 +48,13 @@ def make_setup(
         router = Router(
             settings, InvocationMetrics(ctx.metrics.registry), Authenticator(tokens, limiter)
         )
+        stats = CallStats(
+            ctx.bus.kv(FUNCTION_METRICS_BUCKET), interval=settings.stats_publish_seconds
+        )
+        router.stats = stats
         async with (
             tokens.watching(),
+            stats.running(),
             router.running(
                 ctx.bus.kv(DEPLOYMENTS_BUCKET),
                 ctx.bus.kv(FUNCTIONS_BUCKET),

@@ -126,9 +126,12 @@ class TriggerDelivery:
         caller: Caller,
         metrics: DeliveryMetrics,
         settings: RouterSettings,
+        consumer: str | None = None,
     ) -> None:
         self.record = record
-        self.consumer = trigger_consumer(record.namespace, record.name, record.uid)
+        # A schedule's delivery names its consumer apart (`schedule_...`), so the trigger
+        # sweep never takes it for an orphan.
+        self.consumer = consumer or trigger_consumer(record.namespace, record.name, record.uid)
         self.fid = (record.namespace, record.function)
         self._bus = bus
         self._caller = caller

@@ -1,5 +1,5 @@
-"""The router's asynchronous data plane, started and stopped as one: trigger deliveries and
-asynchronous invocations over an HTTP client of their own (its pools apart from the
+"""The router's asynchronous data plane, started and stopped as one: trigger deliveries,
+schedules and asynchronous invocations over an HTTP client of their own (its pools apart from the
 synchronous path's, so a burst of events never queues invocations behind it).
 
 On SIGTERM the service shell sets `stopping`: fetching stops at once, deliveries in flight get
@@ -18,6 +18,7 @@ from lambdabus_router.calls import Caller
 from lambdabus_router.invocations import Invocations
 from lambdabus_router.metrics import DeliveryMetrics
 from lambdabus_router.proxy import Router
+from lambdabus_router.schedules import Schedules
 from lambdabus_router.settings import RouterSettings
 from lambdabus_router.triggers import Triggers
 from lambdabus_router.upstream import Upstream
@@ -28,9 +29,11 @@ class Dispatch:
     triggers: Triggers
     invocations: Invocations
     caller: Caller
+    schedules: Schedules
 
     def stop_fetching(self) -> None:
         self.triggers.stop_fetching()
+        self.schedules.stop_fetching()
         self.invocations.stop_fetching()
 
 
@@ -52,7 +55,8 @@ async def dispatching(
         )
         triggers = Triggers(bus, router, caller, metrics, settings)
         invocations = Invocations(bus, caller, metrics, settings)
-        dispatch = Dispatch(triggers, invocations, caller)
+        schedules = Schedules(bus, router, caller, metrics, settings)
+        dispatch = Dispatch(triggers, invocations, caller, schedules)
 
         async def stop_on_signal() -> None:
             await stopping.wait()
@@ -60,7 +64,7 @@ async def dispatching(
 
         watcher = asyncio.create_task(stop_on_signal())
         try:
-            async with invocations.running(), triggers.running():
+            async with invocations.running(), triggers.running(), schedules.running():
                 yield dispatch
         finally:
             watcher.cancel()

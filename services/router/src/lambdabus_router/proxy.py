@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
@@ -41,6 +42,7 @@ from lambdabus_platform.tokens import Action
 from lambdabus_router.headers import request_headers, response_headers
 from lambdabus_router.metrics import InvocationMetrics
 from lambdabus_router.settings import RouterSettings
+from lambdabus_router.stats import CallStats
 from lambdabus_router.table import (
     FunctionId,
     Table,
@@ -58,6 +60,11 @@ from lambdabus_router.table import (
 from lambdabus_router.upstream import ConnectFailed, Response, Upstream, UpstreamError
 
 log = logging.getLogger("lambdabus.router")
+
+INVOCATION_HEADER = "X-Lambdabus-Invocation-Id"
+COLD_START_HEADER = "X-Lambdabus-Cold-Start"  # the runtime's, on an instance's first answer
+_INVOCATION_LOWER = INVOCATION_HEADER.lower()
+INVOCATION_KEY = web.RequestKey("lambdabus_invocation_id", str)
 
 _NO_BODY = b""
 
@@ -97,6 +104,7 @@ class Router:
         self.active: defaultdict[FunctionId, int] = defaultdict(int)
         self.namespace_active: defaultdict[str, int] = defaultdict(int)
         self._retry_after = settings.busy_retry_after_seconds
+        self.stats: CallStats | None = None  # per-function statistics, when published
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -236,6 +244,10 @@ class Router:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        # Every invocation has an id: the function's runtime tags the lines it writes with it,
+        # and the caller reads it on the answer (`lambdabus logs NAME --invocation ID`).
+        invocation = uuid.uuid4().hex
+        request[INVOCATION_KEY] = invocation
         info = request.match_info
         fid = (info["ns"], info["name"])
         refused = await self._check_token(request, fid) if fid in self.protected else None
@@ -245,8 +257,14 @@ class Router:
             response = await self._admitted(request, fid)
         else:
             response = await self._invoke(request, fid)
+        if not response.prepared:  # a streamed answer got it before its head went out
+            response.headers[INVOCATION_HEADER] = invocation
         if fid in self.known:
-            self.metrics.observe(fid[0], fid[1], response.status, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.metrics.observe(fid[0], fid[1], response.status, took)
+            if self.stats is not None:
+                cold = response.headers.get(COLD_START_HEADER) == "true"
+                self.stats.observe(fid, response.status, took, cold=cold)
         else:
             self.metrics.observe("", "", response.status, time.perf_counter() - started)
         return response
@@ -305,6 +323,9 @@ class Router:
         )
         if protected:  # the platform token was for the router: the function never sees it
             headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
+        # the router's id, never one the caller sent
+        headers = [(k, v) for k, v in headers if k.lower() != _INVOCATION_LOWER]
+        headers.append((INVOCATION_HEADER, request[INVOCATION_KEY]))
         timeout = state.timeout + self.settings.timeout_margin_seconds
         endpoints = state.endpoints
         self._counter += 1
@@ -418,6 +439,7 @@ class Router:
                 reason=upstream.reason,
                 headers=response_headers(upstream.headers),
             )
+            response.headers[INVOCATION_HEADER] = request[INVOCATION_KEY]
             length = _head_length(upstream) if request.method == "HEAD" else upstream.length
             if length is not None:
                 response.content_length = length

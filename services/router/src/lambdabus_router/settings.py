@@ -101,3 +101,9 @@ class RouterSettings(ServiceSettings):
         default=3, ge=1, le=10, description="posts of an async result to its callback URL"
     )
     callback_timeout_seconds: float = Field(default=10.0, gt=0, description="per callback post")
+    stats_publish_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often this router writes its per-function call statistics to the "
+        "`function-metrics` bucket (what `GET .../metrics` adds up across routers)",
+    )

@@ -49,6 +49,7 @@ async def _logs(settings: ClientSettings, args: argparse.Namespace, output: str)
             tail=args.tail,
             since=since,
             follow=args.follow,
+            invocation=args.invocation,
         )
         async with contextlib.aclosing(entries):
             async for entry in entries:

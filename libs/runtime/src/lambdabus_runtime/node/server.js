@@ -32,6 +32,7 @@
  *   stopped and runs on).
  */
 
+const { AsyncLocalStorage } = require('async_hooks');
 const http = require('http');
 const path = require('path');
 const { pathToFileURL } = require('url');
@@ -48,6 +49,51 @@ const USAGE =
   'usage: node server.js --code DIR --entrypoint FILE --function NS/NAME [--port PORT]\n' +
   '       [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]\n' +
   '       [--max-body BYTES]\n';
+
+// Per-invocation log lines (as lambdabus_runtime.capture does for Python): what the function
+// writes during an invocation goes out as whole lines, each after "\x1e<id>\x1f"; the deployer
+// takes the tag off into the log record's `invocation` field.
+const invocations = new AsyncLocalStorage();
+const SAFE_ID = /^[A-Za-z0-9._:/@+=-]{1,128}$/;
+
+function invocationId(headers) {
+  for (const key of ['x-lambdabus-invocation-id', 'ce-id']) {
+    const value = headers[key];
+    if (typeof value === 'string' && SAFE_ID.test(value)) return value;
+  }
+  return require('crypto').randomUUID().replace(/-/g, '');
+}
+
+const tagged = [];
+
+function tagStream(stream, key) {
+  const write = stream.write.bind(stream);
+  stream.write = (chunk, encoding, callback) => {
+    const state = invocations.getStore();
+    if (!state) return write(chunk, encoding, callback);
+    const done = typeof encoding === 'function' ? encoding : callback;
+    const text =
+      typeof chunk === 'string'
+        ? chunk
+        : Buffer.from(chunk).toString(typeof encoding === 'string' ? encoding : 'utf8');
+    const whole = (state[key] || '') + text;
+    const at = whole.lastIndexOf('\n');
+    if (at < 0) {
+      state[key] = whole;
+      if (done) process.nextTick(done);
+      return true;
+    }
+    state[key] = whole.slice(at + 1);
+    const lines = whole.slice(0, at).split('\n');
+    return write(lines.map((line) => `\x1e${state.id}\x1f${line}\n`).join(''), done);
+  };
+  tagged.push((state) => {
+    if (state[key]) {
+      write(`\x1e${state.id}\x1f${state[key]}\n`);
+      state[key] = '';
+    }
+  });
+}
 
 function log(message) {
   process.stderr.write(`lambdabus-runtime: ${message}\n`);
@@ -323,7 +369,22 @@ function main() {
     return event;
   }
 
-  async function invoke(fn, req, res, body) {
+  let answered = false;
+
+  function invoke(fn, req, res, body) {
+    if (!answered) {
+      answered = true; // the instance's first call: the router counts a cold start
+      res.setHeader('X-Lambdabus-Cold-Start', 'true');
+    }
+    const state = { id: invocationId(req.headers) };
+    return invocations.run(state, () =>
+      callFunction(fn, req, res, body).finally(() => {
+        for (const finish of tagged) finish(state);
+      }),
+    );
+  }
+
+  async function callFunction(fn, req, res, body) {
     let event;
     try {
       event = makeEvent(req, body);
@@ -357,6 +418,8 @@ function main() {
 
   return loadMain(options.code, options.entrypoint).then(
     (fn) => {
+      tagStream(process.stdout, 'stdout');
+      tagStream(process.stderr, 'stderr');
       const server = http.createServer({ maxHeaderSize: MAX_HEAD }, (req, res) => {
         if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD')) {
           req.resume();
