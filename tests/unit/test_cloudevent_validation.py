@@ -262,3 +262,15 @@ def test_encode_event_is_compact_json_without_nulls() -> None:
 
     assert json.loads(encoded) == {**VALID, "data": "ü"}
     assert b" " not in encoded
+
+
+@pytest.mark.parametrize("kind", ["io.lambdabus.schedule.fired", "io.lambdabus.function.deleted"])
+def test_the_platforms_own_event_types_are_refused(kind: str) -> None:
+    [problem] = validate_cloudevent({**VALID, "type": kind})
+
+    assert problem.attribute == "type"
+    assert "reserved" in problem.message and "com.example." in problem.message
+
+
+def test_a_type_that_only_resembles_the_platforms_is_accepted() -> None:
+    assert validate_cloudevent({**VALID, "type": "io.lambdabusiness.order"}) == []

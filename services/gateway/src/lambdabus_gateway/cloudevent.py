@@ -220,6 +220,10 @@ def _is_text(media: str, content_type: str) -> bool:
 # -- validation --------------------------------------------------------------------------------
 
 
+# Events of these types come from the platform only: a user's would pass for a schedule's tick.
+RESERVED_TYPE_PREFIX = "io.lambdabus."
+
+
 def validate_cloudevent(event: Mapping[str, Any]) -> list[Problem]:
     """Every way `event` (in the JSON format's shape) breaks CloudEvents 1.0, or breaks what
     the platform can store; empty when it is valid. A member whose value is null counts as
@@ -243,6 +247,13 @@ def validate_cloudevent(event: Mapping[str, Any]) -> list[Problem]:
             add(name, "attribute 'source' must be a URI-reference, without control characters")
         elif name == "type" and len(event_subject(value)) > MAX_TYPE_SUBJECT:
             add(name, f"attribute 'type' is too long ({len(value)} characters)")
+        elif name == "type" and value.startswith(RESERVED_TYPE_PREFIX):
+            add(
+                name,
+                f"type {value!r} is reserved: types starting with {RESERVED_TYPE_PREFIX!r} are "
+                "the platform's own (schedules, lifecycle); use a prefix of your own, "
+                "e.g. 'com.example.'",
+            )
 
     for name in OPTIONAL:
         value = event.get(name)
