@@ -1604,16 +1604,20 @@ def test_zip_directory_refuses_an_empty_tree(tmp_path: Path) -> None:
         zip_directory(tmp_path)
 
 
-def test_load_archive_reads_a_zip_as_is_and_refuses_other_files(tmp_path: Path) -> None:
+def test_load_archive_sends_files_as_they_are_and_refuses_what_is_no_file(
+    tmp_path: Path,
+) -> None:
     archive = tmp_path / "fn.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("handler.js", "exports.main = () => ({})\n")
-    not_a_zip = tmp_path / "notes.txt"
-    not_a_zip.write_text("hello")
+    single = tmp_path / "helloget.py"
+    single.write_text("def foo(event, context):\n    return 'hello world'\n")
 
     assert load_archive(archive) == archive.read_bytes()
-    with pytest.raises(PackagingError, match="not a zip file"):
-        load_archive(not_a_zip)
+    # Kubeless's --from-file: one source file goes as it is; the gateway names it
+    assert load_archive(single) == single.read_bytes()
+    with pytest.raises(PackagingError, match="does not exist"):
+        load_archive(tmp_path / "missing.py")
 
 
 # -- tables, deploy decisions, init, progress ---------------------------------------------------

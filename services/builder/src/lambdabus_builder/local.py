@@ -49,9 +49,9 @@ from lambdabus_builder.plan import (
     deps_key,
     entrypoint_hint,
     env_dir,
+    handler_of,
     lists_requirements,
     node_syntax_error,
-    style_of,
     syntax_error_message,
     tail_message,
 )
@@ -148,7 +148,7 @@ class LocalBackend:
         try:
             await log.write("system", f"unpacking the source ({len(request.archive)} bytes)")
             try:
-                style = style_of(record.source.entrypoint)
+                style, function = handler_of(runtime, record.source.entrypoint, record.spec.handler)
                 await asyncio.to_thread(extract_archive, request.archive, code, self._limits)
             except (ArchiveError, PayloadTooLarge, ValueError) as exc:
                 raise BuildFailure(
@@ -173,7 +173,7 @@ class LocalBackend:
             if runtime == "nodejs20":
                 await self._check_node(code, record.source.entrypoint, log)
             else:
-                await self._check_python(code, record.source.entrypoint, work, log)
+                await self._check_python(code, record.source.entrypoint, work, log, function)
             manifest = ArtifactManifest(
                 runtime=runtime,
                 entrypoint=record.source.entrypoint,
@@ -183,6 +183,7 @@ class LocalBackend:
                 source_sha256=record.source.sha256,
                 deps_key=key,
                 env_digest=digest,
+                function=function,
             )
             (work / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
             await asyncio.to_thread(seal, code)
@@ -398,7 +399,9 @@ class LocalBackend:
 
     # -- checks ---------------------------------------------------------------------------
 
-    async def _check_python(self, code: Path, entrypoint: str, work: Path, log: BuildLog) -> None:
+    async def _check_python(
+        self, code: Path, entrypoint: str, work: Path, log: BuildLog, function: str = "main"
+    ) -> None:
         """Compile every .py file with the functions' interpreter, in the sandbox and with no
         site packages (nothing an installed package ships runs); the bytecode it writes spares
         the instances compiling at each cold start."""
@@ -421,7 +424,7 @@ class LocalBackend:
                 files[checker] = str(_CHECKER)
                 steps.give(code, recursive=True)
             done = await steps.run(
-                [python, "-I", "-S", checker, str(code), entrypoint],
+                [python, "-I", "-S", checker, str(code), entrypoint, function],
                 cwd=code,
                 log=log,
                 network="none",
