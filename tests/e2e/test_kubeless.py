@@ -165,21 +165,35 @@ def test_timeout_of_3_seconds_answers_504_within_4(platform: Platform, tmp_path:
         assert cli(platform, "rm", "timeout-python").returncode == 0
 
 
+def build_failure(platform: Platform, name: str) -> str:
+    def failed() -> dict[str, Any] | None:
+        st = status_of(platform, name)
+        return st if st.get("image_status") == "error" else None
+
+    st = wait_for(failed, 90, f"the build of {name} to fail")
+    return str(next(c for c in st["conditions"] if c["type"] == "BuildReady")["message"])
+
+
 def test_a_handler_missing_after_the_build_names_what_the_module_exports(
-    platform: Platform,
+    platform: Platform, tmp_path: Path
 ) -> None:
     deploy(
         platform, KUBELESS / "python" / "helloget.py", "wrong-handler", "--handler", "helloget.bar"
     )
+    message = build_failure(platform, "wrong-handler")
+    assert "the handler helloget.bar does not exist" in message, message
+    assert "it exports: foo" in message, message
 
-    def failed() -> dict[str, Any] | None:
-        st = status_of(platform, "wrong-handler")
-        return st if st.get("image_status") == "error" else None
-
-    st = wait_for(failed, 90, "the build to fail")
-    build = next(c for c in st["conditions"] if c["type"] == "BuildReady")
-    assert "helloget.bar" in build["message"], build
-    assert "it exports: foo" in build["message"], build
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    archive = tmp_path / "helloFunctions.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("helloget.js", "hellowithdata.js", "index.js"):
+            zf.write(KUBELESS / "nodejs" / name, name)
+    deploy(platform, archive, "wrong-export", "--handler", "index.hello")
+    message = build_failure(platform, "wrong-export")
+    assert "the handler index.hello does not exist" in message, message
+    assert "it exports: helloGet, helloWithData" in message, message
 
 
 def test_bad_kubeless_input_is_refused_and_nothing_is_stored(
