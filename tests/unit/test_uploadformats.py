@@ -364,3 +364,14 @@ def test_compile_check_names_what_a_module_exports(tmp_path: Path) -> None:
     assert check_handler(str(tmp_path), "helloget.py", "inner") is not None
     (tmp_path / "star.py").write_text("from os.path import *\n")
     assert check_handler(str(tmp_path), "star.py", "join") is None
+
+
+def test_a_file_named_as_an_archive_but_not_one_says_so() -> None:
+    data, kind = to_zip(b"not a zip", runtime="python3.11", handler=None, filename="fn.zip")
+    assert (data, kind) == (b"not a zip", "zip")
+    with pytest.raises(ArchiveError) as caught:
+        inspect_archive(data, "python3.11")
+    assert caught.value.code == "not_a_zip"
+    with pytest.raises(ArchiveError) as caught:
+        to_zip(b"not a tar", runtime="python3.11", handler=None, filename="fn.tar.gz")
+    assert caught.value.code == "not_an_archive"

@@ -46,6 +46,7 @@ DEPENDENCY_FILE: dict[Runtime, str] = {"python3.11": "requirements.txt", "nodejs
 # Files made stale by a replaced dependency file: a lock pins what the old manifest named.
 _STALE_WITH: dict[str, tuple[str, ...]] = {"package.json": ("package-lock.json",)}
 
+_TAR_NAMES = (".tar", ".tgz", ".tar.gz", ".tbz2", ".tar.bz2", ".txz", ".tar.xz")
 _TAR_BLOCK = 512
 _DEFAULT_LIMITS = ArchiveLimits()
 _CHUNK = 64 * 1024
@@ -91,6 +92,15 @@ def to_zip(
     kind = detect_format(data)
     if kind == "zip":
         return data, kind
+    name = (filename or "").lower()
+    if kind == "file" and name.endswith(".zip"):
+        return data, "zip"  # meant as a zip: `inspect_archive` says why it cannot be read
+    if kind == "file" and name.endswith(_TAR_NAMES):
+        raise ArchiveError(
+            f"{filename!r} is not a tar archive (plain, gzip, bzip2 or xz) that can be read: "
+            "re-create it, e.g. with `tar czf function.tar.gz -C <folder> .`",
+            code="not_an_archive",
+        )
     if kind == "file":
         return _single_file(data, runtime, handler, filename), kind
     return _tar_to_zip(data, kind, limits), kind
