@@ -122,7 +122,7 @@ async def test_the_handler_cannot_move_to_another_module_without_source(
 
 async def test_bad_kubeless_uploads_store_nothing(gateway: RunningGateway) -> None:
     good = {"name": "bad", "handler": "helloget.foo"}
-    cases = [
+    cases: list[tuple[dict[str, Any], bytes | None, str, bytes | None, str]] = [
         (good, tar_gz({"../helloget.py": HELLOGET}), "f.tgz", None, "unsafe_path"),
         (good, tar_gz({"/helloget.py": HELLOGET}), "f.tgz", None, "unsafe_path"),
         (good, tar_gz({"helloget.py": HELLOGET}, link="x.py"), "f.tgz", None, "special_entry"),
