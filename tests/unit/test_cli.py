@@ -61,6 +61,8 @@ class Recorded:
     archive: bytes | None = None
     archive_filename: str | None = None
     archive_content_type: str | None = None
+    dependencies: bytes | None = None
+    query_items: list[tuple[str, str]] = field(default_factory=list)
 
 
 Answer = Callable[[bytes], web.Response]
@@ -129,7 +131,11 @@ class FakeGateway:
     @web.middleware
     async def _record_request(self, request: web.Request, handler: Any) -> web.StreamResponse:
         recorded = Recorded(
-            request.method, request.path, dict(request.query), headers=dict(request.headers)
+            request.method,
+            request.path,
+            dict(request.query),
+            headers=dict(request.headers),
+            query_items=list(request.query.items()),
         )
         if request.content_type != "multipart/form-data":
             recorded.body = await request.read()
@@ -143,6 +149,8 @@ class FakeGateway:
                     recorded.archive = bytes(await part.read())
                     recorded.archive_filename = part.filename
                     recorded.archive_content_type = part.headers.get("Content-Type")
+                elif part.name == "dependencies":
+                    recorded.dependencies = bytes(await part.read())
         self.requests.append(recorded)
         response: web.StreamResponse = await handler(request)
         return response
@@ -488,6 +496,70 @@ async def test_deploy_directory_uploads_zip_and_spec(
         "/v1/namespaces/default/functions",
         "/v1/namespaces/default/functions/hello/status",
     ]  # --no-wait follows neither events nor logs
+
+
+async def test_deploy_a_kubeless_file_with_handler_dependencies_and_labels(
+    gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "hello.js"
+    source.write_text("module.exports = { foo: () => 'hello world!' };\n")
+    deps = tmp_path / "package.json"
+    deps.write_text('{"dependencies": {}}')
+
+    code = await run_cli(
+        "--url", gateway.url, "deploy", str(source), "--name", "hello",
+        "--handler", "helloget.foo", "--dependencies", str(deps),
+        "--label", "tier=web", "--label", "app.kubernetes.io/name=hello", "--no-wait",
+    )  # fmt: skip
+
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    upload = gateway.requests[1]
+    assert upload.spec == {
+        "name": "hello",
+        "handler": "helloget.foo",
+        "labels": {"tier": "web", "app.kubernetes.io/name": "hello"},
+        "runtime": "nodejs20",
+    }
+    assert out.startswith("runtime nodejs20 (found hello.js and no .py file; --runtime chooses)")
+    assert (upload.archive, upload.archive_filename) == (source.read_bytes(), "hello.js")
+    assert upload.archive_content_type == "application/octet-stream"
+    assert upload.dependencies == deps.read_bytes()
+
+    missing = await run_cli(
+        "--url", gateway.url, "deploy", str(source), "--name", "hello",
+        "--dependencies", str(tmp_path / "nope.txt"), "--no-wait",
+    )  # fmt: skip
+    assert missing == 2
+    assert "--dependencies" in capsys.readouterr().err
+
+
+async def test_ls_filters_by_label(gateway: FakeGateway) -> None:
+    code = await run_cli(
+        "--url", gateway.url, "ls", "--label", "tier=web", "--label", "team", "-o", "json"
+    )
+    assert code == 0
+    assert gateway.requests[0].path == "/v1/namespaces/default/functions"
+    assert gateway.requests[0].query_items == [("label", "tier=web"), ("label", "team")]
+
+
+def test_source_names_of_tars_zips_and_single_files(tmp_path: Path) -> None:
+    import tarfile
+
+    from lambdabus_client.packaging import source_names
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("./index.js", "./lib/x.js"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    assert source_names(buffer.getvalue(), "f.tgz") == {"index.js"}
+    assert source_names(b"def foo(): pass\n", "helloget.py") == {"helloget.py"}
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("helloget.js", "")
+        zf.writestr("lib/a.py", "")
+    assert source_names(zipped.getvalue(), "x.zip") == {"helloget.js"}
 
 
 async def test_deploy_of_an_existing_function_replaces_it_with_put(
@@ -1604,16 +1676,20 @@ def test_zip_directory_refuses_an_empty_tree(tmp_path: Path) -> None:
         zip_directory(tmp_path)
 
 
-def test_load_archive_reads_a_zip_as_is_and_refuses_other_files(tmp_path: Path) -> None:
+def test_load_archive_sends_files_as_they_are_and_refuses_what_is_no_file(
+    tmp_path: Path,
+) -> None:
     archive = tmp_path / "fn.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("handler.js", "exports.main = () => ({})\n")
-    not_a_zip = tmp_path / "notes.txt"
-    not_a_zip.write_text("hello")
+    single = tmp_path / "helloget.py"
+    single.write_text("def foo(event, context):\n    return 'hello world'\n")
 
     assert load_archive(archive) == archive.read_bytes()
-    with pytest.raises(PackagingError, match="not a zip file"):
-        load_archive(not_a_zip)
+    # Kubeless's --from-file: one source file goes as it is; the gateway names it
+    assert load_archive(single) == single.read_bytes()
+    with pytest.raises(PackagingError, match="does not exist"):
+        load_archive(tmp_path / "missing.py")
 
 
 # -- tables, deploy decisions, init, progress ---------------------------------------------------
@@ -1644,6 +1720,8 @@ def test_detect_runtime_merged_spec_and_noise() -> None:
     assert detect_runtime({"handler.js"}) == ("nodejs20", "found handler.js")
     assert detect_runtime({"package.json", "index.js"})[0] == "nodejs20"
     assert detect_runtime({"lambda_main.py", "requirements.txt"})[0] == "python3.11"
+    assert detect_runtime({"index.js", "helloget.js"})[0] == "nodejs20"
+    assert detect_runtime({"index.js", "helper.py"})[0] == "python3.11"
     current = {"spec": {"env": {"A": "1"}, "replicas": 2, "runtime": "python3.11"}}
     given = {"name": "f", "replicas": 3}
     assert merged_spec(current, given, replace=False) == {

@@ -242,6 +242,16 @@ def test_a_node_instance_caps_its_heap_instead_of_its_address_space() -> None:
     assert "PYTHONPATH" not in env
 
 
+def test_a_kubeless_handler_is_passed_to_the_runtime() -> None:
+    kubeless = manifest().model_copy(
+        update={"entrypoint": "helloget.py", "style": "kyma", "function": "foo"}
+    )
+    argv = runtime_command(kubeless, spec())
+    assert argv[argv.index("--entrypoint") + 1] == "helloget.py"
+    assert argv[-2:] == ["--handler", "foo"]
+    assert "--handler" not in runtime_command(manifest(), spec())  # `main`: the default
+
+
 def test_without_the_runtime_sdk_nothing_can_start() -> None:
     no_sdk = replace(spec(), runtime=RuntimePaths())
     with pytest.raises(RuntimeUnavailable, match="LAMBDABUS_DEPLOYER_RUNTIME_PYTHONPATH"):

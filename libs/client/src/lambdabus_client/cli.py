@@ -128,9 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     deploy = commands.add_parser(
-        "deploy", parents=[common], help="create or update a function from a directory or zip"
+        "deploy",
+        parents=[common],
+        help="create or update a function from a directory, an archive or a source file",
     )
-    deploy.add_argument("source", metavar="DIR|ZIP", type=Path)
+    deploy.add_argument(
+        "source",
+        metavar="FILE|DIR|ARCHIVE",
+        type=Path,
+        help="a directory (zipped), a .zip or .tar(.gz|.bz2|.xz), or one source file",
+    )
+    deploy.add_argument(
+        "--handler",
+        metavar="MODULE.FUNCTION",
+        help="as Kubeless: helloget.foo calls foo in helloget.py (default: main in "
+        "lambda_main.py, handler.py or handler.js)",
+    )
+    deploy.add_argument(
+        "--dependencies",
+        type=Path,
+        metavar="FILE",
+        help="a requirements.txt or package.json replacing the one in the source",
+    )
+    deploy.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label on the function (repeatable); 'lambdabus ls --label k=v' filters by it",
+    )
     deploy.add_argument(
         "--name", required=True, type=function_name, help="function name (an RFC 1035 label)"
     )
@@ -319,7 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history.add_argument("name")
 
-    commands.add_parser("ls", parents=[common], help="list the functions of a namespace")
+    commands.add_parser(
+        "ls", parents=[common], help="list the functions of a namespace"
+    ).add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only functions with this label (KEY alone: with the label at all); repeatable",
+    )
 
     status = commands.add_parser("status", parents=[common], help="show a function's status")
     status.add_argument("name")

@@ -227,7 +227,13 @@ class LambdabusClient:
         )
 
     async def deploy_function(
-        self, namespace: str, spec: Mapping[str, Any], archive: bytes
+        self,
+        namespace: str,
+        spec: Mapping[str, Any],
+        archive: bytes,
+        *,
+        filename: str = "function.zip",
+        dependencies: bytes | None = None,
     ) -> tuple[DeployAction, JsonObject]:
         """Create the function, or replace it if one of that name already exists.
 
@@ -235,17 +241,25 @@ class LambdabusClient:
         same generation), so nothing will be built or deployed.
         """
         try:
-            return "created", await self.create_function(namespace, spec, archive)
+            return "created", await self._json_object(
+                "POST",
+                _functions_path(namespace),
+                data=_upload_form(spec, archive, filename, dependencies),
+            )
         except ApiError as error:
             if error.status != 409:
                 raise
         status, record = await self._json_answer(
-            "PUT", _function_path(namespace, _spec_name(spec)), data=_upload_form(spec, archive)
+            "PUT",
+            _function_path(namespace, _spec_name(spec)),
+            data=_upload_form(spec, archive, filename, dependencies),
         )
         return ("unchanged" if status == 200 else "updated"), record
 
-    async def list_functions(self, namespace: str) -> list[JsonObject]:
-        answer = await self._json_object("GET", _functions_path(namespace))
+    async def list_functions(self, namespace: str, labels: Sequence[str] = ()) -> list[JsonObject]:
+        """The namespace's functions; `labels` (`k=v` or `k`) keeps those that match all."""
+        params = [("label", label) for label in labels]
+        answer = await self._json_object("GET", _functions_path(namespace), params=params or None)
         items = answer.get("items")
         if not isinstance(items, list):
             raise ApiError(200, "invalid_response", "the function list has no 'items' array")
@@ -631,11 +645,26 @@ def _ndjson_object(line: bytes) -> JsonObject:
     return body
 
 
-def _upload_form(spec: Mapping[str, Any], archive: bytes) -> aiohttp.FormData:
+def _upload_form(
+    spec: Mapping[str, Any],
+    archive: bytes,
+    filename: str = "function.zip",
+    dependencies: bytes | None = None,
+) -> aiohttp.FormData:
+    """The multipart upload: `spec`, `archive` (a zip, a tar or one source file, named
+    `filename`) and, as Kubeless's `--dependencies`, a `dependencies` file."""
     _spec_name(spec)
     form = aiohttp.FormData()
     form.add_field("spec", json.dumps(dict(spec)), content_type="application/json")
-    form.add_field("archive", archive, filename="function.zip", content_type="application/zip")
+    kind = "application/zip" if filename.endswith(".zip") else "application/octet-stream"
+    form.add_field("archive", archive, filename=filename, content_type=kind)
+    if dependencies is not None:
+        form.add_field(
+            "dependencies",
+            dependencies,
+            filename="dependencies",
+            content_type="application/octet-stream",
+        )
     return form
 
 

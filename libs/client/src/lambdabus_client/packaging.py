@@ -39,16 +39,39 @@ class _Entry:
 
 
 def load_archive(path: Path, *, warn: Warn | None = None) -> bytes:
-    """The archive to upload for `path`: a directory is zipped, a `.zip` file is read as is."""
+    """The archive to upload for `path`: a directory is zipped; a file (a zip, a tar, plain or
+    compressed, or a single source file as Kubeless's `--from-file`) is sent as it is: the
+    gateway tells them apart by their content."""
     if path.is_dir():
         return zip_directory(path, warn=warn)
     if not path.exists():
         raise PackagingError(f"{path} does not exist")
     if not path.is_file():
-        raise PackagingError(f"{path} is neither a directory nor a zip file")
-    if not zipfile.is_zipfile(path):
-        raise PackagingError(f"{path} is not a zip file (pass a directory or a .zip archive)")
+        raise PackagingError(
+            f"{path} is neither a directory nor a file (pass a directory, an archive or a "
+            "source file)"
+        )
     return path.read_bytes()
+
+
+def source_names(data: bytes, filename: str) -> set[str]:
+    """The top-level file names of what `load_archive` gave: a zip's or a tar's entries, or
+    the file's own name. Best effort (for guessing the runtime): unreadable → no names."""
+    import tarfile
+
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as opened:
+                names = opened.namelist()
+        except (zipfile.BadZipFile, ValueError):
+            return set()
+    else:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+                names = [member.name.removeprefix("./") for member in tar]
+        except (tarfile.TarError, OSError, EOFError):
+            return {filename}
+    return {name for name in names if name and "/" not in name.rstrip("/")}
 
 
 def zip_directory(path: Path, *, warn: Warn | None = None) -> bytes:

@@ -73,6 +73,8 @@ class FunctionSpecSummary(_Data):
     max_concurrency: int | None
     secrets: list[Label]
     env_from: dict[EnvName, SecretKeyRef]
+    handler: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:

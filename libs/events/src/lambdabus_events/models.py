@@ -98,7 +98,58 @@ class SecretKeyRef(_Strict):
     key: SecretKeyName
 
 
-class FunctionConfig(_Strict):
+# -- Kubeless handler and labels (issue 12) ------------------------------------------------------
+
+HANDLER_PATTERN = r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)+$"
+# Kubernetes label keys: an optional DNS subdomain prefix and '/', then a name of at most 63
+# characters (alphanumerics, '-', '_', '.', starting and ending with an alphanumeric).
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+LabelKey = Annotated[str, Field(pattern=LABEL_KEY_PATTERN, max_length=317)]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
+SOURCE_SUFFIXES: dict[Runtime, tuple[str, ...]] = {
+    "python3.11": (".py",),
+    "nodejs20": (".js", ".cjs", ".mjs"),
+}
+
+
+def split_handler(handler: str) -> tuple[str, str]:
+    """`"pkg.mod.fn"` → `("pkg/mod", "fn")`: the module's path without suffix, and the function."""
+    module, _, function = handler.rpartition(".")
+    return module.replace(".", "/"), function
+
+
+class _HandlerAndLabels(_Strict):
+    """Kubeless's `handler` (`<module>.<function>`) and Kubernetes-style `labels`."""
+
+    handler: str | None = Field(
+        default=None,
+        max_length=256,
+        description="`<module>.<function>` as in Kubeless (`helloget.foo`, `index.helloGet`); "
+        "the module is a file at the archive root, or a dotted path below it. Absent: "
+        "lambda_main.py/handler.py `main` (Python), handler.js `main` (Node)",
+    )
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="RFC 1123 label keys to values; filter with `?label=k=v`",
+    )
+
+    @field_validator("handler")
+    @classmethod
+    def _handler_shape(cls, value: str | None) -> str | None:
+        if value is not None and re.fullmatch(HANDLER_PATTERN, value) is None:
+            raise ValueError(
+                "must be <module>.<function>, e.g. 'helloget.foo' (helloget.py's foo) or "
+                "'index.helloGet'; a module below the root is a dotted path, 'pkg.mod.fn'"
+            )
+        return value
+
+
+class FunctionConfig(_HandlerAndLabels):
     """What a user may set on a function besides its name and source."""
 
     runtime: Runtime = DEFAULT_RUNTIME
@@ -243,6 +294,9 @@ class ArtifactManifest(_Strict):
     source_sha256: str
     deps_key: str = Field(
         description="the dependency cache key: sha256 of (runtime, dependency file)"
+    )
+    function: str = Field(
+        default="main", description="the function the runtime calls in the entry point"
     )
     env_digest: str = Field(
         default="",

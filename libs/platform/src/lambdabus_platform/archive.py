@@ -71,6 +71,7 @@ def inspect_archive(
     runtime: Runtime,
     limits: ArchiveLimits = ArchiveLimits(),
     keep: Mapping[str, int] | None = None,
+    entrypoints: tuple[str, ...] | None = None,
 ) -> ArchiveInfo:
     """Check an uploaded zip against every rule, decompressing it fully without keeping it.
 
@@ -79,12 +80,18 @@ def inspect_archive(
     A bad CRC, an invalid compressed stream or a declared size that differs from the real one
     is `corrupt_entry`. A file object must be seekable. `keep` names root files (e.g. the
     dependency files) whose content to return in `kept`, each up to its limit plus one byte.
+    `entrypoints`: the files a handler's module may be (`helloget.py`), instead of the runtime's
+    default entry points; none present is `missing_handler_module`.
     """
     keep = keep or {}
     kept: dict[str, bytes] = {}
     with _open(data) as zf:
         entries = _scan(zf, limits)
-        entrypoint = _entrypoint(entries, runtime)
+        entrypoint = (
+            _entrypoint(entries, runtime)
+            if entrypoints is None
+            else _handler_module(entries, runtime, entrypoints)
+        )
         total = 0
         for entry in entries:
             if entry.is_dir:
@@ -379,6 +386,22 @@ def _entrypoint(entries: list[_Entry], runtime: Runtime) -> str:
         message,
         code="missing_entrypoint",
         details={"runtime": runtime, "accepted": list(accepted)},
+    )
+
+
+def _handler_module(entries: list[_Entry], runtime: Runtime, accepted: tuple[str, ...]) -> str:
+    files = {e.name for e in entries if not e.is_dir}
+    for name in accepted:
+        if name in files:
+            return name
+    sources = sorted(n for n in files if n.endswith((".py", ".js", ".cjs", ".mjs")))[:20]
+    found = f"; its source files: {', '.join(sources)}" if sources else "; it has no source file"
+    raise ArchiveError(
+        f"the handler's module is not in the archive: expected {' or '.join(accepted)} "
+        f"for {runtime}{found}. Name the module as the file without its suffix, e.g. "
+        "--handler helloget.foo for helloget.py",
+        code="missing_handler_module",
+        details={"runtime": runtime, "expected": list(accepted), "sources": sources},
     )
 
 

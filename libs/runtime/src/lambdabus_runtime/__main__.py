@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lambdabus_runtime.cli import PROG, USAGE, UsageError, parse_args
+from lambdabus_runtime.cli import PROG, USAGE, UsageError, apply_function_env, parse_args
 
 EXIT_USAGE = 2
 EXIT_ENV = 4
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"{USAGE.splitlines()[0]}\n{PROG}: error: {exc}\n")
         return EXIT_USAGE
-    problem = apply_env_file()
+    problem = apply_env_file() or apply_function_env(options, os.environ)
     if problem:
         sys.stderr.write(f"lambdabus-runtime: {problem}\n")
         return EXIT_ENV

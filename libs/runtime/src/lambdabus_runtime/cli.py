@@ -2,14 +2,14 @@
 
 python -m lambdabus_runtime --code DIR --entrypoint FILE --function NS/NAME [--port 0]
     [--host 127.0.0.1] [--socket PATH] [--timeout SECONDS] [--memory MIB]
-    [--runtime python3.11] [--max-body BYTES]
+    [--runtime python3.11] [--max-body BYTES] [--handler FUNCTION]
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 PROG = "python -m lambdabus_runtime"
 DEFAULT_TIMEOUT = 180.0  # seconds, as Kubeless and Kyma
@@ -18,7 +18,7 @@ DEFAULT_RUNTIME = "python3.11"
 
 USAGE = f"""usage: {PROG} --code DIR --entrypoint FILE --function NS/NAME [--port PORT]
        [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]
-       [--max-body BYTES]
+       [--max-body BYTES] [--handler FUNCTION]
 
 Serve one function over HTTP/1.1. Prints {{"event": "listening", "port": N}} (or
 {{"event": "listening", "socket": PATH}}) on stdout once it accepts requests; SIGTERM drains
@@ -37,6 +37,11 @@ options:
   --memory MIB        the memory limit, passed to the function in its context
   --runtime NAME      the runtime name, passed to the function in its context (default {DEFAULT_RUNTIME})
   --max-body BYTES    a larger request body gets 413 (default {DEFAULT_MAX_BODY})
+  --handler FUNCTION  the function to call in the entry point, as Kubeless's handler
+                      `<module>.<function>` names it (default main)
+
+The function's env may set FUNC_TIMEOUT (seconds, replaces --timeout) and FUNC_MEMFILE_MAX
+(bytes, replaces --max-body), as Kubeless and Kyma runtimes read them.
   -h, --help          show this help and exit
 """
 
@@ -51,6 +56,7 @@ class Options:
     __slots__ = (
         "code",
         "entrypoint",
+        "handler",
         "host",
         "max_body",
         "memory",
@@ -76,6 +82,7 @@ class Options:
         memory: int | None = None,
         runtime: str = DEFAULT_RUNTIME,
         max_body: int = DEFAULT_MAX_BODY,
+        handler: str = "main",
     ) -> None:
         self.code = code
         self.entrypoint = entrypoint
@@ -88,6 +95,7 @@ class Options:
         self.memory = memory
         self.runtime = runtime
         self.max_body = max_body
+        self.handler = handler
 
 
 def _port(text: str) -> int:
@@ -122,6 +130,7 @@ _OPTIONS = (
     "memory",
     "runtime",
     "max-body",
+    "handler",
 )
 _REQUIRED = ("code", "entrypoint", "function")
 
@@ -179,6 +188,23 @@ def parse_args(argv: Sequence[str]) -> Options:
                 options.runtime = text
             elif key == "max-body":
                 options.max_body = _positive_int(text)
+            elif key == "handler":
+                if not text.isidentifier():
+                    raise ValueError
+                options.handler = text
     except ValueError:
         raise UsageError(f"invalid value for --{key}: {raw[key]!r}") from None
     return options
+
+
+def apply_function_env(options: Options, env: Mapping[str, str]) -> str:
+    """Kubeless's and Kyma's runtime knobs from the function's own env: FUNC_TIMEOUT (seconds)
+    and FUNC_MEMFILE_MAX (bytes of a request body). What is wrong with them, or ''."""
+    try:
+        if env.get("FUNC_TIMEOUT"):
+            options.timeout = _positive_float(env["FUNC_TIMEOUT"])
+        if env.get("FUNC_MEMFILE_MAX"):
+            options.max_body = _positive_int(env["FUNC_MEMFILE_MAX"])
+    except ValueError:
+        return "FUNC_TIMEOUT must be a positive number of seconds and FUNC_MEMFILE_MAX a positive number of bytes"
+    return ""

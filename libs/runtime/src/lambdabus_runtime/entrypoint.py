@@ -44,25 +44,36 @@ def is_async_callable(fn: object) -> bool:
     return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
 
 
-def load(code_dir: str, entrypoint: str) -> Function:
-    """Put `code_dir` first on sys.path and import `entrypoint` (a path inside it).
+def load(code_dir: str, entrypoint: str, function: str = "main") -> Function:
+    """Put `code_dir` first on sys.path and import `entrypoint` (a path inside it); the
+    function called is `function` (Kubeless's `--handler helloget.foo` calls `foo`).
 
-    Exceptions raised by the module's own code propagate unchanged; `LoadError` says
-    what else is wrong (no such file, no `main`).
+    A module below the root (`pkg/mod.py`, handler `pkg.mod.fn`) is imported by its dotted
+    name, so its package and relative imports work. Exceptions raised by the module's own code
+    propagate unchanged; `LoadError` says what else is wrong (no such file, no such function).
     """
     code_dir = os.path.abspath(code_dir)
     path = os.path.join(code_dir, entrypoint)
     if not os.path.isfile(path):
         raise LoadError(f"the entry point {entrypoint!r} is not a file in {code_dir}")
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise LoadError(f"the entry point {entrypoint!r} is not a Python module")
     sys.path.insert(0, code_dir)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    main = getattr(module, "main", None)
+    if "/" in entrypoint:
+        module = importlib.import_module(os.path.splitext(entrypoint)[0].replace("/", "."))
+    else:
+        name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise LoadError(f"the entry point {entrypoint!r} is not a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    main = getattr(module, function, None)
     if not callable(main):
-        raise LoadError(f"{entrypoint} defines no main function")
+        exported = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+        )
+        raise LoadError(
+            f"{entrypoint} defines no {function} function"
+            + (f"; its functions: {', '.join(exported)}" if exported else "")
+        )
     return Function(main, style_of(entrypoint), is_async_callable(main))

@@ -254,7 +254,8 @@ def structured_event(request: Request) -> dict[str, Any] | None:
 
 
 class Event(dict[str, Any]):
-    """The Kyma/Kubeless event: a dict with `data`, the `ce-*` attributes and `extensions`.
+    """The Kyma/Kubeless event: a dict with `data`, the `ce-*` attributes, Kubeless's
+    `event-id`, `event-type`, `event-time` and `event-namespace`, and `extensions`.
 
     `ce-type`, `ce-source`, `ce-id`, `ce-time` and `ce-specversion` are always present
     ('' when the request has no such header); other `ce-*` headers are added as sent. A
@@ -276,5 +277,43 @@ class Event(dict[str, Any]):
         for key, value in request.headers.items():
             if key.startswith("ce-"):
                 event[key] = _unquote(value)
+        kubeless_fields(event, request.headers)
         event["extensions"] = {"request": request}
         return event
+
+
+def kubeless_fields(event: dict[str, Any], headers: Mapping[str, str]) -> None:
+    """Kubeless's event keys, from its headers (`event-id`, `event-type`, `event-time`,
+    `event-namespace`) when the caller sent them, else from the CloudEvent, else made up:
+    a fresh id, the body's media type, now (RFC 3339, UTC, `Z`) and `http.lambdabus`."""
+    media = (headers.get("content-type") or "").partition(";")[0].strip().lower()
+    event["event-id"] = headers.get("event-id") or str(event.get("ce-id") or "") or _new_id()
+    event["event-type"] = (
+        headers.get("event-type") or str(event.get("ce-type") or "") or media or "none"
+    )
+    event["event-time"] = headers.get("event-time") or _utc(str(event.get("ce-time") or ""))
+    event["event-namespace"] = (
+        headers.get("event-namespace") or str(event.get("ce-source") or "") or "http.lambdabus"
+    )
+
+
+def _new_id() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def _utc(time: str) -> str:
+    """`time` (RFC 3339) in UTC with a `Z`; now when it is empty or not a time."""
+    from datetime import UTC, datetime
+
+    moment = datetime.now(UTC)
+    if time:
+        try:
+            parsed = datetime.fromisoformat(time)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                moment = parsed.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

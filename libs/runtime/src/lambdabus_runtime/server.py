@@ -347,7 +347,7 @@ class Server:
 async def serve(options: Options) -> int:
     """Load the function and serve it until SIGTERM; the exit code."""
     try:
-        function = load(options.code, options.entrypoint)
+        function = load(options.code, options.entrypoint, options.handler)
     except LoadError as exc:
         log(str(exc))
         return EXIT_IMPORT_ERROR

@@ -49,9 +49,9 @@ from lambdabus_builder.plan import (
     deps_key,
     entrypoint_hint,
     env_dir,
+    handler_of,
     lists_requirements,
     node_syntax_error,
-    style_of,
     syntax_error_message,
     tail_message,
 )
@@ -75,6 +75,8 @@ from lambdabus_platform.sandbox import (
 
 logger = logging.getLogger("lambdabus.builder.local")
 _CHECKER = Path(__file__).with_name("compilecheck.py")
+_EXPORT_CHECKER = Path(__file__).with_name("exportcheck.js")
+EXPORT_CHECK_SECONDS = 20  # loading a Node module runs its top level: bounded
 _TMP_ENV = ".tmp-"
 _PARTIAL = ".partial-"
 _DIGEST = ".sha256"
@@ -148,7 +150,7 @@ class LocalBackend:
         try:
             await log.write("system", f"unpacking the source ({len(request.archive)} bytes)")
             try:
-                style = style_of(record.source.entrypoint)
+                style, function = handler_of(runtime, record.source.entrypoint, record.spec.handler)
                 await asyncio.to_thread(extract_archive, request.archive, code, self._limits)
             except (ArchiveError, PayloadTooLarge, ValueError) as exc:
                 raise BuildFailure(
@@ -172,8 +174,12 @@ class LocalBackend:
             await log.write("system", f"checking that {record.source.entrypoint} compiles")
             if runtime == "nodejs20":
                 await self._check_node(code, record.source.entrypoint, log)
+                if function != "main":
+                    await self._check_node_export(
+                        code, record.source.entrypoint, work, env, log, function
+                    )
             else:
-                await self._check_python(code, record.source.entrypoint, work, log)
+                await self._check_python(code, record.source.entrypoint, work, log, function)
             manifest = ArtifactManifest(
                 runtime=runtime,
                 entrypoint=record.source.entrypoint,
@@ -183,6 +189,7 @@ class LocalBackend:
                 source_sha256=record.source.sha256,
                 deps_key=key,
                 env_digest=digest,
+                function=function,
             )
             (work / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
             await asyncio.to_thread(seal, code)
@@ -400,7 +407,9 @@ class LocalBackend:
 
     # -- checks ---------------------------------------------------------------------------
 
-    async def _check_python(self, code: Path, entrypoint: str, work: Path, log: BuildLog) -> None:
+    async def _check_python(
+        self, code: Path, entrypoint: str, work: Path, log: BuildLog, function: str = "main"
+    ) -> None:
         """Compile every .py file with the functions' interpreter, in the sandbox and with no
         site packages (nothing an installed package ships runs); the bytecode it writes spares
         the instances compiling at each cold start."""
@@ -423,7 +432,7 @@ class LocalBackend:
                 files[checker] = str(_CHECKER)
                 steps.give(code, recursive=True)
             done = await steps.run(
-                [python, "-I", "-S", checker, str(code), entrypoint],
+                [python, "-I", "-S", checker, str(code), entrypoint, function],
                 cwd=code,
                 log=log,
                 network="none",
@@ -455,6 +464,73 @@ class LocalBackend:
         raise BuildFailure(
             "InvalidSource" if error.get("error") == "NoHandler" else "SyntaxError",
             syntax_error_message(file, line if isinstance(line, int) else None, message, text),
+        )
+
+    async def _check_node_export(
+        self, code: Path, entrypoint: str, work: Path, env: Path, log: BuildLog, function: str
+    ) -> None:
+        """Kubeless's `--handler index.helloGet`: load the module in the sandbox (no network,
+        its node_modules on NODE_PATH, a time limit) and fail the build when it exports no such
+        function, naming what it does export. A module that does not load here is left for the
+        instance to report, as before."""
+        lines: list[str] = []
+
+        async def collect(stream: process.Stream, line: str) -> None:
+            if stream == "stdout":
+                lines.append(line)
+            else:
+                await log.write(stream, line)
+
+        node = _resolve(self._settings.node)
+        stage = work / "exports"
+        steps = await self._steps(f"exports/{work.parent.name}", stage, log, inside=str(code))
+        try:
+            checker = str(_EXPORT_CHECKER)
+            files: dict[str, str] = {}
+            if steps.sandboxed:
+                checker = f"{TOOLS_DIR}/exportcheck.js"
+                files[checker] = str(_EXPORT_CHECKER)
+                steps.give(code, recursive=True)
+            await log.write("system", f"checking that {entrypoint} exports {function}")
+            done = await steps.run(
+                [
+                    "timeout",
+                    str(EXPORT_CHECK_SECONDS),
+                    node,
+                    checker,
+                    str(code),
+                    entrypoint,
+                    function,
+                ],
+                cwd=code,
+                log=log,
+                network="none",
+                read_only=[p for p in (install_prefix(node), str(env)) if p is not None],
+                files=files,
+                env={"NODE_PATH": str(env / "node_modules")},
+                on_line=collect,
+                writable=code,
+            )
+        finally:
+            await _discard(stage)
+        try:
+            result = json.loads(lines[-1]) if done.returncode == 0 else None
+        except (IndexError, ValueError):
+            result = None
+        if not isinstance(result, dict) or result.get("ok") is not False:
+            if isinstance(result, dict) and result.get("ok") is None:
+                await log.write(
+                    "system",
+                    f"{entrypoint} did not load in the build ({result.get('error')}); "
+                    "the instance will report it",
+                )
+            return
+        exported = [str(name) for name in result.get("exports") or []]
+        module = entrypoint.rsplit(".", 1)[0].replace("/", ".")
+        raise BuildFailure(
+            "InvalidSource",
+            f"the handler {module}.{function} does not exist: module {module} ({entrypoint}) "
+            f"exports no function {function!r}; it exports: {', '.join(exported) or 'nothing'}",
         )
 
     async def _check_node(self, code: Path, entrypoint: str, log: BuildLog) -> None:

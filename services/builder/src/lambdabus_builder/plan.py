@@ -88,6 +88,18 @@ def style_of(entrypoint: str) -> Style:
         raise ValueError(f"not an entry point: {entrypoint!r}") from None
 
 
+def handler_of(runtime: Runtime, entrypoint: str, handler: str | None) -> tuple[Style, str]:
+    """The style and the function name of a build: Kubeless's `handler` (`helloget.foo`: a
+    Kyma/Kubeless-style `foo(event, context)` in helloget.py, or Node's export `foo`), or the
+    conventions of the default entry points (`main`). LUNA's lambda_main.py keeps its style."""
+    if handler is None:
+        return style_of(entrypoint), "main"
+    function = handler.rpartition(".")[2]
+    if runtime == "nodejs20":
+        return "node", function
+    return ("luna" if entrypoint == "lambda_main.py" else "kyma"), function
+
+
 def entrypoint_hint(style: Style) -> str:
     """What an entry point of `style` must define, for error messages."""
     return {

@@ -305,6 +305,8 @@ def runtime_command(
         "--runtime",
         manifest.runtime,
     ]
+    if manifest.function != "main":  # Kubeless's handler: `helloget.foo` calls foo
+        flags += ["--handler", manifest.function]
     if manifest.runtime == "nodejs20":
         rt = instance.runtime
         if not rt.node or not rt.node_server:

@@ -19,7 +19,7 @@ from lambdabus_events.names import label_problem
 from lambdabus_gateway.auth import TOKEN, add_token_routes, require_namespace
 from lambdabus_gateway.deadletters import DeadLetters, parse_id, parse_limit
 from lambdabus_gateway.events import Limits, encoded, read_events, store
-from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.functions import Functions, labels_match, parse_label_selectors
 from lambdabus_gateway.invocations import Invocations, wants_async
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.logs import query as query_logs
@@ -92,8 +92,17 @@ async def create_function(request: web.Request) -> web.Response:
 async def list_functions(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns = _label(request, "ns", "namespace")
+    selectors = parse_label_selectors(request.query.getall("label", []))
     items = await gw.functions.in_namespace(ns)
-    return web.json_response({"items": [i.value.model_dump(mode="json") for i in items]})
+    return web.json_response(
+        {
+            "items": [
+                i.value.model_dump(mode="json")
+                for i in items
+                if labels_match(i.value.spec.labels, selectors)
+            ]
+        }
+    )
 
 
 async def get_function(request: web.Request) -> web.Response:

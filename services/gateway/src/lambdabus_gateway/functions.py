@@ -44,12 +44,14 @@ from lambdabus_platform.errors import (
     AlreadyExists,
     Conflict,
     InvalidName,
+    InvalidRequest,
     InvalidSpec,
     NotFound,
     PreconditionFailed,
 )
 from lambdabus_platform.httpauth import CURRENT_ACTOR
 from lambdabus_platform.registry import Registry, Versioned
+from lambdabus_platform.uploadformats import handler_modules, to_zip, with_dependencies
 
 log = logging.getLogger("lambdabus.gateway.functions")
 
@@ -76,7 +78,9 @@ def next_record(
     changes: list[Change] = []
     # Another runtime means another build of the same source.
     new_source = source is not None and (build_failed or source.sha256 != current.source.sha256)
-    if new_source or config.runtime != current.spec.runtime:
+    # Another handler is called from another build (the builder checks it and records it).
+    new_handler = config.handler != current.spec.handler
+    if new_source or new_handler or config.runtime != current.spec.runtime:
         changes.append("source")
     if config != current.spec:
         changes.append("config")
@@ -91,6 +95,27 @@ def next_record(
         }
     )
     return updated, changes
+
+
+def parse_label_selectors(values: list[str]) -> list[tuple[str, str | None]]:
+    """`?label=k=v` (equal) or `?label=k` (present), each given once per `label`. Pure."""
+    selectors: list[tuple[str, str | None]] = []
+    for value in values:
+        key, eq, wanted = value.partition("=")
+        if not key:
+            raise InvalidRequest(
+                f"label selector {value!r} has no key: use ?label=key=value or ?label=key",
+                code="invalid_label_selector",
+            )
+        selectors.append((key, wanted if eq else None))
+    return selectors
+
+
+def labels_match(labels: dict[str, str], selectors: list[tuple[str, str | None]]) -> bool:
+    """Whether `labels` satisfy every selector. Pure."""
+    return all(
+        key in labels and (wanted is None or labels[key] == wanted) for key, wanted in selectors
+    )
 
 
 def merge_patch(current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -145,17 +170,36 @@ class Functions:
         self._quotas = quotas
         self._allow_unsafe_requirements = allow_unsafe_requirements
 
-    async def _prepare_source(self, upload: Upload, runtime: Runtime) -> Source | None:
+    async def _prepare_source(
+        self, upload: Upload, runtime: Runtime, handler: str | None = None
+    ) -> Source | None:
         if upload.archive is not None:
             data, kind = upload.archive, "archive"
         elif upload.inline_files is not None:
             data, kind = build_inline_archive(upload.inline_files), "inline"
         else:
             return None
+        modules = handler_modules(runtime, handler) if handler is not None else None
         # Decompressing up to the limit is CPU work: keep it off the event loop.
+        if kind == "archive":
+            data, _ = await asyncio.to_thread(
+                to_zip,
+                data,
+                runtime=runtime,
+                handler=handler,
+                filename=upload.archive_name,
+                limits=self._limits,
+            )
         info = await asyncio.to_thread(
-            inspect_archive, data, runtime, self._limits, DEPENDENCY_FILE_LIMITS
+            inspect_archive, data, runtime, self._limits, DEPENDENCY_FILE_LIMITS, modules
         )
+        if upload.dependencies is not None:
+            data = await asyncio.to_thread(
+                with_dependencies, data, runtime, upload.dependencies, self._limits
+            )
+            info = await asyncio.to_thread(
+                inspect_archive, data, runtime, self._limits, DEPENDENCY_FILE_LIMITS, modules
+            )
         check_dependency_files(runtime, info.kept, allow_unsafe=self._allow_unsafe_requirements)
         ref = SourceRef(
             sha256=hashlib.sha256(data).hexdigest(),
@@ -193,7 +237,7 @@ class Functions:
             await self._quotas.check(
                 namespace, spec.name, adds_function=True, replicas=spec.replicas
             )
-        source = await self._prepare_source(upload, spec.runtime)
+        source = await self._prepare_source(upload, spec.runtime, spec.handler)
         assert source is not None  # read_upload(require_source=True) guarantees one
         await self._store(source)
         now = datetime.now(UTC)
@@ -249,7 +293,7 @@ class Functions:
             )
         spec = parse_spec(fields)
         config = FunctionConfig.model_validate(spec.model_dump(exclude={"name"}))
-        source = await self._prepare_source(upload, spec.runtime)
+        source = await self._prepare_source(upload, spec.runtime, spec.handler)
         return await self._update(namespace, name, if_match, lambda _: config, source)
 
     async def patch(
@@ -295,6 +339,17 @@ class Functions:
                 raise InvalidSpec(
                     "changing the runtime needs new source: send the archive with the new runtime",
                     code="runtime_needs_source",
+                )
+            if (
+                source is None
+                and config.handler != current.value.spec.handler
+                and current.value.source.entrypoint
+                not in handler_modules(config.runtime, config.handler)
+            ):
+                raise InvalidSpec(
+                    f"the handler {config.handler!r} names another module than the stored "
+                    f"source's {current.value.source.entrypoint}: send the archive with it",
+                    code="handler_needs_source",
                 )
             record, changes = next_record(
                 current.value,

@@ -313,9 +313,17 @@ def render_openapi() -> dict[str, Any]:
                         "archive": {
                             "type": "string",
                             "format": "binary",
-                            "description": "the function's zip",
+                            "description": "the function's zip, tar (plain, gzip, bzip2 or xz: "
+                            "told from the content) or single source file (stored under the "
+                            "handler's module name; its file name must end in .py or .js)",
                         },
                         "spec": _ref("FunctionSpec"),
+                        "dependencies": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a requirements.txt or package.json replacing the "
+                            "one in the archive (Kubeless's --dependencies)",
+                        },
                     },
                 },
                 "encoding": {"spec": {"contentType": "application/json"}},
@@ -339,6 +347,17 @@ def render_openapi() -> dict[str, Any]:
             },
             "get": {
                 "operationId": "listFunctions",
+                "parameters": [
+                    {
+                        "name": "label",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                        "description": "`key=value` (equal) or `key` (present); repeated: all",
+                    }
+                ],
                 "responses": {
                     "200": _json("FunctionList", "the namespace's functions"),
                     "400": _ERRORS["400"],

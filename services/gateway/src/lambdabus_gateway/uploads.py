@@ -15,6 +15,7 @@ from lambdabus_events.names import label_problem
 from lambdabus_platform.errors import InvalidName, InvalidRequest, InvalidSpec, PayloadTooLarge
 
 _CHUNK = 64 * 1024
+MAX_DEPENDENCIES_PART = 1024 * 1024  # the dependency file limits apply after; this bounds reading
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class Upload:
     fields: dict[str, Any]
     archive: bytes | None
     inline_files: dict[str, str] | None
+    # Kubeless: the file name the `archive` part was sent with (a single source file needs it),
+    # and a `dependencies` part (requirements.txt or package.json) that replaces the archive's.
+    archive_name: str | None = None
+    dependencies: bytes | None = None
 
 
 def validation_error(exc: ValidationError, *, prefix: str = "spec") -> InvalidRequest:
@@ -175,6 +180,8 @@ async def _read_multipart(
         ) from exc
     fields: dict[str, Any] | None = None
     archive: bytes | None = None
+    archive_name: str | None = None
+    dependencies: bytes | None = None
     while True:
         try:
             part = await reader.next()
@@ -190,13 +197,21 @@ async def _read_multipart(
             if archive is not None:
                 raise InvalidRequest("more than one 'archive' part", code="malformed_multipart")
             archive = await _read_part(part, max_upload, "the archive")
+            archive_name = part.filename
+        elif part.name == "dependencies":
+            if dependencies is not None:
+                raise InvalidRequest(
+                    "more than one 'dependencies' part", code="malformed_multipart"
+                )
+            dependencies = await _read_part(part, MAX_DEPENDENCIES_PART, "the dependencies part")
         elif part.name == "spec":
             if fields is not None:
                 raise InvalidRequest("more than one 'spec' part", code="malformed_multipart")
             fields = _json_object(await _read_part(part, max_spec, "the spec"), "the 'spec' part")
         else:
             raise InvalidRequest(
-                f"unexpected part {part.name!r}: send 'archive' (a zip) and 'spec' (JSON)",
+                f"unexpected part {part.name!r}: send 'archive' (a zip, a tar or a source file), "
+                "'spec' (JSON) and optionally 'dependencies' (requirements.txt or package.json)",
                 code="malformed_multipart",
             )
     if fields is None:
@@ -207,4 +222,10 @@ async def _read_multipart(
         raise InvalidSpec(
             "the 'archive' part is missing: send the function's zip", code="missing_source"
         )
-    return Upload(fields, archive, None)
+    if dependencies is not None and archive is None:
+        raise InvalidSpec(
+            "the 'dependencies' part replaces the archive's dependency file: send the "
+            "'archive' part with it",
+            code="missing_source",
+        )
+    return Upload(fields, archive, None, archive_name, dependencies)

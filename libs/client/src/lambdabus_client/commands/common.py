@@ -157,6 +157,11 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return parse_assignments(pairs, "--env")
 
 
+def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    """`--label k=v` values as the spec's `labels` (the gateway checks the keys)."""
+    return parse_assignments(pairs, "--label")
+
+
 def parse_env_from(pairs: Sequence[str]) -> dict[str, dict[str, str]]:
     """`--env-from VAR=SECRET:KEY` values as the spec's `env_from`."""
     refs: dict[str, dict[str, str]] = {}

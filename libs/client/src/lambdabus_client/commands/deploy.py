@@ -32,9 +32,10 @@ from lambdabus_client.commands.common import (
     _warn,
     parse_env,
     parse_env_from,
+    parse_labels,
     print_data,
 )
-from lambdabus_client.packaging import load_archive
+from lambdabus_client.packaging import load_archive, source_names
 
 # How far before the upload a deploy replays lifecycle events and build logs from; what is
 # older than the upload is told apart by uid and generation, so this only absorbs clock skew.
@@ -155,10 +156,14 @@ def is_noise(line: str) -> bool:
 
 def detect_runtime(names: Collection[str]) -> tuple[str, str]:
     """The runtime of a function's files (top-level names) and why: `handler.js` or
-    `package.json` mean nodejs20, anything else python3.11."""
+    `package.json` mean nodejs20, and so do JavaScript sources without a Python one (Kubeless's
+    `index.js`); anything else python3.11."""
     for marker in ("handler.js", "package.json"):
         if marker in names:
             return "nodejs20", f"found {marker}"
+    scripts = sorted(n for n in names if n.endswith((".js", ".cjs", ".mjs")))
+    if scripts and not any(n.endswith(".py") for n in names):
+        return "nodejs20", f"found {scripts[0]} and no .py file"
     return "python3.11", "no handler.js or package.json"
 
 
@@ -183,7 +188,10 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
         spec["env"] = parse_env(args.env)
     if args.env_from:
         spec["env_from"] = parse_env_from(args.env_from)
+    if args.labels:
+        spec["labels"] = parse_labels(args.labels)
     for key in (
+        "handler",
         "runtime",
         "replicas",
         "timeout",
@@ -201,6 +209,13 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
     if args.wait_timeout <= 0:
         raise UsageError("--wait-timeout must be more than 0 seconds")
     archive = await asyncio.to_thread(load_archive, args.source, warn=_warn)
+    filename = "function.zip" if args.source.is_dir() else args.source.name
+    dependencies: bytes | None = None
+    if args.dependencies is not None:
+        try:
+            dependencies = await asyncio.to_thread(args.dependencies.read_bytes)
+        except OSError as exc:
+            raise UsageError(f"--dependencies {args.dependencies}: {exc.strerror or exc}") from None
     namespace = settings.namespace
     async with LambdabusClient.from_settings(settings) as client:
         current: JsonObject | None = None
@@ -211,14 +226,16 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
                 raise
         spec = merged_spec(current, spec, replace=args.replace)
         if "runtime" not in spec:
-            runtime, why = detect_runtime(archive_names(archive))
+            runtime, why = detect_runtime(source_names(archive, filename))
             spec["runtime"] = runtime
             if output == "table":
                 print(f"runtime {runtime} ({why}; --runtime chooses)", flush=True)
         # Asked first: if it fails, nothing has been uploaded yet.
         info = await client.info() if args.wait else {}
         before_upload = datetime.now(UTC)
-        action, record = await client.deploy_function(namespace, spec, archive)
+        action, record = await client.deploy_function(
+            namespace, spec, archive, filename=filename, dependencies=dependencies
+        )
         if output == "table":
             print(upload_line(action, record), flush=True)
         if not args.wait:

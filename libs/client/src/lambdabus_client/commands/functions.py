@@ -80,7 +80,7 @@ async def _history(settings: ClientSettings, args: argparse.Namespace, output: s
 
 async def _ls(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
     async with LambdabusClient.from_settings(settings) as client:
-        records = await client.list_functions(settings.namespace)
+        records = await client.list_functions(settings.namespace, args.labels)
 
         async def status_of(record: JsonObject) -> JsonObject | None:
             try:

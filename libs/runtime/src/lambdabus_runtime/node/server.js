@@ -5,7 +5,7 @@
  *
  *   node server.js --code DIR --entrypoint handler.js --function NS/NAME [--port 0]
  *       [--host 127.0.0.1] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime nodejs20]
- *       [--max-body BYTES]
+ *       [--max-body BYTES] [--handler FUNCTION]
  *
  * - With LAMBDABUS_ENV_FILE set, the JSON object in that file joins process.env before the
  *   function is loaded (the sandbox passes the function's env this way).
@@ -21,6 +21,13 @@
  *   for application/octet-stream, the parsed body for application/x-www-form-urlencoded
  *   holding a JSON object or array (what `curl -d` sends), otherwise a string when the body
  *   is UTF-8 (else a Buffer), null when empty. `path` has a leading /NS/NAME cut off.
+ * - Kubeless: --handler names the export to call (`index.helloGet` → helloGet; default main);
+ *   the event also has 'event-id', 'event-type', 'event-time' (RFC 3339, UTC, Z) and
+ *   'event-namespace' (from the same-named headers, else the CloudEvent, else made up), and
+ *   extensions.response: status(code), set(name, value) / header(), send(body), json(body),
+ *   end() (what they set is answered when main returns nothing; a status also applies to a
+ *   returned value). FUNC_TIMEOUT (seconds) and REQ_MB_LIMIT (MB of a request body) in the
+ *   function's env replace --timeout and --max-body.
  * - context: {'function-name', namespace, timeout, runtime, 'memory-limit'}.
  * - The value main returns (or its promise resolves to): null/undefined → 204; a string →
  *   text/plain; a Buffer/Uint8Array → application/octet-stream; an object whose `statusCode`
@@ -48,7 +55,7 @@ const MAX_HEAD = 64 * 1024;
 const USAGE =
   'usage: node server.js --code DIR --entrypoint FILE --function NS/NAME [--port PORT]\n' +
   '       [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]\n' +
-  '       [--max-body BYTES]\n';
+  '       [--max-body BYTES] [--handler FUNCTION]\n';
 
 // Per-invocation log lines (as lambdabus_runtime.capture does for Python): what the function
 // writes during an invocation goes out as whole lines, each after "\x1e<id>\x1f"; the deployer
@@ -105,7 +112,7 @@ function usageError(message) {
 }
 
 function parseArgs(argv) {
-  const known = new Set(['code', 'entrypoint', 'function', 'port', 'host', 'socket', 'timeout', 'memory', 'runtime', 'max-body']);
+  const known = new Set(['code', 'entrypoint', 'function', 'port', 'host', 'socket', 'timeout', 'memory', 'runtime', 'max-body', 'handler']);
   const raw = {};
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -147,10 +154,11 @@ function parseArgs(argv) {
     memory: number('memory', null, (v) => Number.isInteger(v) && v > 0),
     runtime: raw.runtime === undefined ? 'nodejs20' : raw.runtime,
     maxBody: number('max-body', 6 * 1024 * 1024, (v) => Number.isInteger(v) && v > 0),
+    handler: raw.handler === undefined ? 'main' : raw.handler,
   };
 }
 
-async function loadMain(codeDir, entrypoint) {
+async function loadMain(codeDir, entrypoint, handler) {
   const file = path.resolve(codeDir, entrypoint);
   let mod;
   try {
@@ -159,10 +167,68 @@ async function loadMain(codeDir, entrypoint) {
     if (!err || err.code !== 'ERR_REQUIRE_ESM') throw err;
     mod = await import(pathToFileURL(file).href);
   }
-  if (typeof mod === 'function') return mod;
-  if (mod && typeof mod.main === 'function') return mod.main;
-  if (mod && mod.default && typeof mod.default.main === 'function') return mod.default.main;
-  throw new Error(`${entrypoint} exports no main function`);
+  if (typeof mod === 'function' && handler === 'main') return mod;
+  if (mod && typeof mod[handler] === 'function') return mod[handler];
+  if (mod && mod.default && typeof mod.default[handler] === 'function') return mod.default[handler];
+  const exported = mod && typeof mod === 'object' ? Object.keys(mod).filter((k) => typeof mod[k] === 'function') : [];
+  const more = exported.length ? `; it exports: ${exported.join(', ')}` : '';
+  throw new Error(`${entrypoint} exports no ${handler} function${more}`);
+}
+
+// Kubeless's and Kyma's extensions.response: what the function sets on it is answered.
+function makeResponse() {
+  const response = {
+    statusCode: null,
+    headers: {},
+    body: undefined,
+    sent: false,
+    status(code) {
+      response.statusCode = code;
+      return response;
+    },
+    set(name, value) {
+      if (name && typeof name === 'object') Object.assign(response.headers, name);
+      else response.headers[String(name)] = String(value);
+      return response;
+    },
+    send(body) {
+      response.body = body;
+      response.sent = true;
+      return response;
+    },
+    json(body) {
+      response.set('content-type', 'application/json');
+      return response.send(JSON.stringify(body));
+    },
+    end(body) {
+      return response.send(body);
+    },
+  };
+  response.header = response.set;
+  return response;
+}
+
+function withResponse(result, response) {
+  if ((result === undefined || result === null) && (response.sent || response.statusCode !== null)) {
+    return { statusCode: response.statusCode ?? 200, headers: response.headers, body: response.body };
+  }
+  if (response.statusCode === null && Object.keys(response.headers).length === 0) return result;
+  if (result && typeof result === 'object' && !Buffer.isBuffer(result) && typeof result.statusCode === 'number') return result;
+  const [, headers, payload] = encodeResult(result);
+  return { statusCode: response.statusCode ?? 200, headers: { ...headers, ...response.headers }, body: payload };
+}
+
+function kubelessFields(event, headers) {
+  const media = String(headers['content-type'] || '').split(';')[0].trim().toLowerCase();
+  event['event-id'] = headers['event-id'] || String(event['ce-id'] || '') || require('crypto').randomUUID();
+  event['event-type'] = headers['event-type'] || String(event['ce-type'] || '') || media || 'none';
+  let time = headers['event-time'];
+  if (!time) {
+    const parsed = event['ce-time'] ? new Date(String(event['ce-time'])) : new Date();
+    time = (Number.isNaN(parsed.getTime()) ? new Date() : parsed).toISOString();
+  }
+  event['event-time'] = time;
+  event['event-namespace'] = headers['event-namespace'] || String(event['ce-source'] || '') || 'http.lambdabus';
 }
 
 class InvalidJSON extends Error {}
@@ -304,6 +370,20 @@ function main() {
     usageError(`invalid value for --socket: ${JSON.stringify(options.socket)}`);
   }
   applyEnvFile();
+  const envNumber = (name) => {
+    const text = process.env[name];
+    if (!text) return null;
+    const value = Number(text);
+    if (!Number.isFinite(value) || value <= 0) {
+      log(`${name} must be a positive number, not ${JSON.stringify(text)}`);
+      process.exit(EXIT_ENV);
+    }
+    return value;
+  };
+  const funcTimeout = envNumber('FUNC_TIMEOUT');
+  if (funcTimeout !== null) options.timeout = funcTimeout;
+  const reqLimit = envNumber('REQ_MB_LIMIT');
+  if (reqLimit !== null) options.maxBody = Math.floor(reqLimit * 1024 * 1024);
   const prefix = `/${options.namespace}/${options.name}`;
   const timeoutMs = options.timeout * 1000;
   const context = {
@@ -365,7 +445,8 @@ function main() {
     for (const [key, value] of Object.entries(req.headers)) {
       if (key.startsWith('ce-')) event[key] = safeDecode(String(value));
     }
-    event.extensions = { request };
+    kubelessFields(event, req.headers);
+    event.extensions = { request, response: makeResponse() };
     return event;
   }
 
@@ -405,7 +486,7 @@ function main() {
         call.catch(() => {});
         return sendError(res, 504, 'function_timeout', message);
       }
-      const [status, headers, payload] = encodeResult(result);
+      const [status, headers, payload] = encodeResult(withResponse(result, event.extensions.response));
       send(res, status, headers, payload);
     } catch (err) {
       if (err instanceof InvalidJSON) return sendError(res, 400, 'invalid_json', err.message);
@@ -416,7 +497,7 @@ function main() {
     }
   }
 
-  return loadMain(options.code, options.entrypoint).then(
+  return loadMain(options.code, options.entrypoint, options.handler).then(
     (fn) => {
       tagStream(process.stdout, 'stdout');
       tagStream(process.stderr, 'stderr');

@@ -1,0 +1,6 @@
+'use strict';
+
+module.exports = {
+    helloGet: require('./helloget').foo,
+    helloWithData: require('./hellowithdata').handler,
+}

@@ -1,0 +1,1 @@
+from hellowithdepshelper import foo
