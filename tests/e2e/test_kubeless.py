@@ -1,5 +1,4 @@
-"""Kubeless functions deployed unchanged: Kubeless's own example files (examples/kubeless/,
-byte for byte) with the handlers, file formats and flags of `kubeless function deploy`, through
+"""Kubeless functions deployed unchanged: functions in Kubeless's form (examples/kubeless/) with the handlers, file formats and flags of `kubeless function deploy`, through
 `lambdabus deploy` against `lambdabus up` with offline builds."""
 
 from __future__ import annotations

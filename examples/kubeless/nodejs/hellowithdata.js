@@ -1,6 +1,6 @@
 module.exports = {
-  handler: (event, context) => {
+  handler: function (event, context) {
     console.log(event);
     return event.data;
-  },
-};
+  }
+}
