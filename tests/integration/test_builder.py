@@ -133,6 +133,11 @@ class GatedBackend:
         await self.gate.wait()
         return await self.inner.build(request, log)
 
+    async def adopt(
+        self, record: FunctionRecord, generation: int, artifact: str
+    ) -> BuildResult | None:
+        return await self.inner.adopt(record, generation, artifact)
+
     async def forget(self, namespace: str, name: str, uid: str) -> None:
         await self.inner.forget(namespace, name, uid)
 
@@ -280,9 +285,9 @@ async def test_build_cache_idempotency_and_config_changes(
         status = await status_of(gw, "first")
         assert status["image_status"] == "completed"
 
-        # the same requirements: the environment is there already, no uv at all
+        # the same requirements (another source): the environment is there already, no uv
         posted = time.monotonic()
-        await create(gw, "second", files)
+        await create(gw, "second", {**files, "lambda_main.py": HELLO + "# the second\n"})
         second = await wait_built(bus, "second")
         cached_post_to_succeeded = time.monotonic() - posted
         assert second.phase == "succeeded", second.message

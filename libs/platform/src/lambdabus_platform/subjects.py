@@ -39,6 +39,7 @@ LOGS_QUERY_SUBJECT = "lambdabus.rpc.logs.query"
 # KV buckets, each owned by one service and read by others.
 FUNCTIONS_BUCKET = "functions"  # gateway
 BUILDS_BUCKET = "builds"  # builder
+BUILD_INPUTS_BUCKET = "build-inputs"  # builder; `<inputs key>` → an artifact of those inputs
 DEPLOYMENTS_BUCKET = "deployments"  # deployer
 TRIGGERS_BUCKET = "triggers"  # gateway
 INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
@@ -48,6 +49,7 @@ TOKENS_BUCKET = "tokens"  # gateway; routers read it (hashes of API tokens, neve
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
+    BUILD_INPUTS_BUCKET,
     DEPLOYMENTS_BUCKET,
     TRIGGERS_BUCKET,
     INVOCATIONS_BUCKET,
