@@ -131,6 +131,7 @@ class GatedBackend:
         self.gate = asyncio.Event()
         self.entered: list[str] = []
         self.entering = asyncio.Event()
+        self.cancelled: list[str] = []
 
     async def recover(self) -> None:
         await self.inner.recover()
@@ -138,7 +139,11 @@ class GatedBackend:
     async def build(self, request: BuildRequest, log: BuildLog) -> BuildResult:
         self.entered.append(request.record.name)
         self.entering.set()
-        await self.gate.wait()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request.record.name)
+            raise
         return await self.inner.build(request, log)
 
     async def adopt(
@@ -788,3 +793,64 @@ async def test_the_same_inputs_are_built_once_whichever_replica_built_them(
         log = [line.line for line in await build_log(bus, "third")]
         assert any("the earlier build of these inputs is gone" in line for line in log), log
         assert await metric(url_b, "lambdabus_builds_reused_total", 1.0) == 1.0
+
+
+async def test_a_builder_cut_off_from_nats_keeps_a_short_stall_and_stops_at_a_long_one(
+    gateway: RunningGateway, bus: Bus, nats_server: NatsServer, builder_settings: BuilderSettings
+) -> None:
+    """NATS stops answering (SIGSTOP): for well under the lease the build goes on; for longer,
+    the builder stops the build before its lease runs out (so no other replica could build it
+    at once), then builds it again when NATS is back, and it completes once."""
+    lease = 4.0
+    settings = builder_settings.model_copy(
+        update={"lease_seconds": lease, "reconcile_interval": 0.5}
+    )
+    backend = GatedBackend(LocalBackend(settings))
+    process = nats_server.process
+    async with running_builder(settings, backend):
+        await create(gateway, "stalled", {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"})
+        await asyncio.wait_for(backend.entering.wait(), WAIT)
+        first = await wait_state(bus, "stalled", lambda s: s is not None and s.phase == "started")
+        assert first is not None
+        assert first.claim is not None
+
+        async def renewed() -> None:
+            await wait_state(
+                bus,
+                "stalled",
+                lambda s: s is not None and s.claim is not None and s.claim.expires_at > last,
+            )
+
+        # a short stall: renewals resume, the build is not stopped
+        last = first.claim.expires_at
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.5)  # the stall itself, not a wait for a condition
+        finally:
+            process.send_signal(signal.SIGCONT)
+        await renewed()
+        assert backend.cancelled == []
+
+        # a stall past the lease: the build is stopped before the lease ends
+        stalled = await Registry(bus.kv(BUILDS_BUCKET), BuildState).get(NS, "stalled")
+        assert stalled is not None
+        assert stalled.value.claim is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(lease + 1)
+            stopped_in_time = backend.cancelled == ["stalled"]
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert stopped_in_time
+        # back: built again under a new claim, to one result
+        await wait_state(
+            bus, "stalled", lambda s: s is not None and s.phase == "queued" and s.claim is not None
+        )
+        backend.gate.set()
+        done = await wait_built(bus, "stalled")
+        assert done.phase == "succeeded", done.message
+        assert backend.entered == ["stalled", "stalled"]
+    log = await build_log(bus, "stalled")
+    assert [line.line for line in log if line.line.startswith("build succeeded")] != []
+    events = await build_events(bus, "stalled", 3)
+    assert [e.type.rsplit(".", 1)[1] for e in events] == ["queued", "started", "succeeded"]
