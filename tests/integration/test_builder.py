@@ -854,3 +854,41 @@ async def test_a_builder_cut_off_from_nats_keeps_a_short_stall_and_stops_at_a_lo
     assert [line.line for line in log if line.line.startswith("build succeeded")] != []
     events = await build_events(bus, "stalled", 3)
     assert [e.type.rsplit(".", 1)[1] for e in events] == ["queued", "started", "succeeded"]
+
+
+async def test_a_builder_stopping_gracefully_hands_its_build_over_at_once(
+    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings, tmp_path: Path
+) -> None:
+    """Replica A stops (an upgrade) mid-build: it gives its claim up, and replica B takes the
+    build over without waiting for the lease to run out."""
+    lease = 15.0
+    settings_a = builder_settings.model_copy(
+        update={"state_dir": tmp_path / "a", "lease_seconds": lease}
+    )
+    settings_b = settings_a.model_copy(update={"state_dir": tmp_path / "b"})
+    gated = GatedBackend(LocalBackend(settings_a))
+    files = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    async with contextlib.AsyncExitStack() as replica_a:
+        await replica_a.enter_async_context(running_builder(settings_a, gated, replica="replica-a"))
+        await create(gateway, "handed", files)
+        await asyncio.wait_for(gated.entering.wait(), WAIT)
+        async with running_builder(settings_b, replica="replica-b") as url_b:
+            held = await wait_state(bus, "handed", lambda s: s is not None and s.phase == "started")
+            assert held is not None
+            assert held.claim is not None
+            assert held.claim.holder == "replica-a"
+            await replica_a.aclose()
+            stopped = time.monotonic()
+            taken = await wait_state(
+                bus,
+                "handed",
+                lambda s: s is not None and s.claim is not None and s.claim.holder == "replica-b",
+            )
+            handover = time.monotonic() - stopped
+            assert taken is not None
+            done = await wait_built(bus, "handed")
+            assert done.phase == "succeeded", done.message
+            assert manifest_of(done).code_dir.startswith(str(tmp_path / "b"))
+            assert await metric(url_b, "lambdabus_build_takeovers_total", 0.0) == 0.0
+    assert gated.cancelled == ["handed"]
+    assert handover < lease / 2  # given up, not run out
