@@ -746,13 +746,19 @@ async def test_a_replica_that_lost_its_claim_writes_nothing(bus: Bus) -> None:
 
 
 async def test_the_same_inputs_are_built_once_whichever_replica_built_them(
-    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings, tmp_path: Path
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_server: NatsServer,
+    builder_settings: BuilderSettings,
+    tmp_path: Path,
 ) -> None:
     """Replica A builds a source; replica B (another state dir) is asked for the same inputs
-    under another function and reuses A's build; once that is gone, B builds it."""
+    under another function and reuses A's build; once that is gone, B builds it. Both connect
+    as the `builder` NATS user."""
     files = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
-    settings_a = builder_settings.model_copy(update={"state_dir": tmp_path / "a"})
-    settings_b = builder_settings.model_copy(update={"state_dir": tmp_path / "b"})
+    nats = nats_server.settings("builder", declare=False)
+    settings_a = builder_settings.model_copy(update={"state_dir": tmp_path / "a", "nats": nats})
+    settings_b = builder_settings.model_copy(update={"state_dir": tmp_path / "b", "nats": nats})
     async with running_builder(settings_a, replica="replica-a"):
         await create(gateway, "original", files)
         original = await wait_built(bus, "original")
