@@ -132,6 +132,7 @@ class GatedBackend:
         self.entered: list[str] = []
         self.entering = asyncio.Event()
         self.cancelled: list[str] = []
+        self.cancelling = asyncio.Event()
 
     async def recover(self) -> None:
         await self.inner.recover()
@@ -143,6 +144,7 @@ class GatedBackend:
             await self.gate.wait()
         except asyncio.CancelledError:
             self.cancelled.append(request.record.name)
+            self.cancelling.set()
             raise
         return await self.inner.build(request, log)
 
@@ -567,12 +569,26 @@ async def test_a_node_function_with_a_local_tarball_dependency(
 
 
 def slow_python(tmp_path: Path) -> Path:
-    """An "interpreter" that never answers: it holds a build in `uv venv`."""
+    """An "interpreter" that never answers: it holds a build in `uv venv`; its pids are
+    written to `py/pids`."""
     (tmp_path / "py" / "bin").mkdir(parents=True, exist_ok=True)
     slow = tmp_path / "py" / "bin" / "slow-python"
-    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.write_text(f"#!/bin/sh\necho $$ >> {tmp_path / 'py' / 'pids'}\nexec sleep 30\n")
     slow.chmod(0o755)
     return slow
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL the processes whose command line holds `text` (this test's own paths), and
+    those whose pids are listed in `<text>/pids`."""
+    pids = Path(text) / "pids"
+    listed = pids.read_text().split() if pids.exists() else []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if proc.name in listed or text.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 async def metric(url: str, name: str, expect: float) -> float:
@@ -669,6 +685,7 @@ async def test_a_builder_killed_mid_build_loses_it_to_another_replica_once(
             assert await metric(url_b, "lambdabus_build_takeovers_total", 1.0) == 1.0
             assert await metric(url_b, 'lambdabus_builds_total{outcome="succeeded"}', 1.0) == 1.0
         await proc_a.wait()
+    kill_processes_naming(str(tmp_path / "py"))  # A's build step, in a session of its own
     print(f"\nbuild takeover: {takeover_seconds:.2f} s after kill -9 (lease {lease:g} s)")
     assert takeover_seconds <= lease + 10  # the lease, plus a loaded machine's slack
 
@@ -898,3 +915,39 @@ async def test_a_builder_stopping_gracefully_hands_its_build_over_at_once(
             assert await metric(url_b, "lambdabus_build_takeovers_total", 0.0) == 0.0
     assert gated.cancelled == ["handed"]
     assert handover < lease / 2  # given up, not run out
+
+
+async def test_a_builder_whose_claim_is_taken_stops_and_writes_nothing(
+    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings
+) -> None:
+    """Another replica ("replica-x") takes A's build over: A's renewal finds it out, A stops
+    the build and writes nothing over x's claim; when x never renews, A takes it back."""
+    lease = 3.0
+    settings = builder_settings.model_copy(update={"lease_seconds": lease})
+    gated = GatedBackend(LocalBackend(settings))
+    async with running_builder(settings, gated, replica="replica-a"):
+        await create(gateway, "seized", {"lambda_main.py": HELLO})
+        await asyncio.wait_for(gated.entering.wait(), WAIT)
+        record = await Registry(bus.kv(FUNCTIONS_BUCKET), FunctionRecord).get(NS, "seized")
+        assert record is not None
+        x = ClaimedStates(bus.kv(BUILDS_BUCKET), "replica-x", lease)
+        for _ in range(10):  # A renews meanwhile: read again on a conflict
+            seen = await x.get(NS, "seized")
+            try:
+                seized = await x.claim(record.value, seen)
+                break
+            except Conflict:
+                continue
+        else:
+            raise AssertionError("could not take the claim over")
+        await asyncio.wait_for(gated.cancelling.wait(), WAIT)
+        assert gated.cancelled == ["seized"]
+        current = await x.get(NS, "seized")
+        assert current is not None
+        assert current.revision == seized.revision  # A wrote nothing after losing it
+        # x never renews: A takes the build over once x's claim runs out
+        gated.gate.set()
+        done = await wait_built(bus, "seized")
+        assert done.phase == "succeeded", done.message
+    log = [line.line for line in await build_log(bus, "seized")]
+    assert any("taken over from replica replica-x" in line for line in log), log

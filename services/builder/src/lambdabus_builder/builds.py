@@ -275,7 +275,7 @@ class Builder:
         while True:
             try:
                 async for entry in self._bus.kv(BUILDS_BUCKET).watch(">"):
-                    if not entry.value or entry.key in self._jobs:
+                    if not entry.value:
                         continue
                     try:
                         state = BuildState.model_validate_json(entry.value)
@@ -403,10 +403,10 @@ class Builder:
         except TemporaryError as exc:
             # Left queued or started: the next reconciliation builds it again.
             log.warning("build interrupted; retrying later", extra={"key": key, "error": str(exc)})
-        except Exception:
-            log.exception("build crashed", extra={"key": key})
         except LostClaim as exc:
             log.info("build given up: its claim was lost", extra={"key": key, "why": str(exc)})
+        except Exception:
+            log.exception("build crashed", extra={"key": key})
         finally:
             if waiting:
                 self._metrics.queued.dec()
@@ -414,6 +414,8 @@ class Builder:
                 job.renewer.cancel()
             if self._jobs.get(key) is job:
                 del self._jobs[key]
+                if not job.finished:  # stopped, lost or interrupted: look at the record again
+                    self._recheck(key, _now())
 
     async def _write(self, job: _Job, change: Callable[[BuildState], BuildState]) -> BuildState:
         """Write the job's record under its claim (`LostClaim` if it is gone), never at once
@@ -483,7 +485,11 @@ class Builder:
     ) -> BuildResult | None:
         """The result of an earlier build of the same inputs, by any replica, if its artifact
         is still there."""
-        built = await self._inputs.get(inputs)
+        try:
+            built = await self._inputs.get(inputs)
+        except Exception as exc:  # a lookup that fails is a miss: the build is made
+            log.warning("cannot look a build's inputs up", extra={"error": str(exc)})
+            return None
         if built is None:
             return None
         result = await self._backend.adopt(record, job.generation, built.artifact)
