@@ -951,3 +951,40 @@ async def test_a_builder_whose_claim_is_taken_stops_and_writes_nothing(
         assert done.phase == "succeeded", done.message
     log = [line.line for line in await build_log(bus, "seized")]
     assert any("taken over from replica replica-x" in line for line in log), log
+
+
+async def test_concurrent_writes_under_one_claim_are_retried_never_lost(bus: Bus) -> None:
+    """Renewals racing a phase change on the real KV: each compare-and-set that conflicts is
+    re-read and retried, so every write lands and none undoes another."""
+    now = datetime.now(UTC)
+    record = FunctionRecord(
+        namespace=NS,
+        name="raced",
+        uid="u1",
+        generation=1,
+        spec=FunctionConfig(),
+        source=SourceRef(
+            sha256="c" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1
+        ),
+        created_at=now,
+        updated_at=now,
+    )
+    a = ClaimedStates(bus.kv(BUILDS_BUCKET), "replica-a", 10.0)
+    claimed = await a.claim(record, None)
+    target = Target.of(record)
+
+    def start(state: BuildState) -> BuildState:
+        return state.model_copy(update={"phase": "started"})
+
+    # six writers: each loses at most five races, within its attempts (`CAS_ATTEMPTS`)
+    writes = [a.renew(NS, "raced", target) for _ in range(5)]
+    writes.insert(2, a.write(NS, "raced", target, start))
+    results = await asyncio.gather(*writes)
+    revisions = sorted(r.revision for r in results)
+    assert len(set(revisions)) == len(writes)  # each landed once, on its own revision
+    final = await a.get(NS, "raced")
+    assert final is not None
+    assert final.revision == revisions[-1] == claimed.revision + len(writes)
+    assert final.value.phase == "started"  # no renewal made from an older read undid it
+    assert final.value.claim is not None
+    assert final.value.claim.holder == "replica-a"
