@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,10 @@ import aiohttp
 import pytest
 
 from lambdabus_builder.backend import BuildBackend, BuildLog, BuildRequest, BuildResult
+from lambdabus_builder.claims import LostClaim, Target
 from lambdabus_builder.local import LocalBackend
+from lambdabus_builder.plan import Build, Skip, decide
+from lambdabus_builder.records import ClaimedStates
 from lambdabus_builder.service import make_setup
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.catalog import (
@@ -44,11 +50,13 @@ from lambdabus_events.models import (
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.blobstore import NatsBlobStore
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import AlreadyExists, Conflict
 from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import BUILDS_BUCKET, FUNCTIONS_BUCKET, function_key, logs_subject
+from lambdabus_testing.processes import ready_process
 from lambdabus_testing.wheels import WheelIndex
 from tests.integration.conftest import RunningGateway, running_gateway, secrets_settings
 from tests.zips import make_zip
@@ -89,7 +97,7 @@ async def gateway(nats_settings: NatsSettings, bus: Bus) -> AsyncIterator[Runnin
 
 @contextlib.asynccontextmanager
 async def running_builder(
-    settings: BuilderSettings, backend: BuildBackend | None = None
+    settings: BuilderSettings, backend: BuildBackend | None = None, replica: str | None = None
 ) -> AsyncIterator[str]:
     """The builder served in-process; yields its URL (healthz, metrics)."""
     stop = asyncio.Event()
@@ -98,7 +106,7 @@ async def running_builder(
         serve(
             "builder",
             settings,
-            make_setup(settings, backend),
+            make_setup(settings, backend, replica),
             stop=stop,
             on_ready=ready.set_result,
         )
@@ -123,6 +131,8 @@ class GatedBackend:
         self.gate = asyncio.Event()
         self.entered: list[str] = []
         self.entering = asyncio.Event()
+        self.cancelled: list[str] = []
+        self.cancelling = asyncio.Event()
 
     async def recover(self) -> None:
         await self.inner.recover()
@@ -130,8 +140,18 @@ class GatedBackend:
     async def build(self, request: BuildRequest, log: BuildLog) -> BuildResult:
         self.entered.append(request.record.name)
         self.entering.set()
-        await self.gate.wait()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request.record.name)
+            self.cancelling.set()
+            raise
         return await self.inner.build(request, log)
+
+    async def adopt(
+        self, record: FunctionRecord, generation: int, artifact: str
+    ) -> BuildResult | None:
+        return await self.inner.adopt(record, generation, artifact)
 
     async def forget(self, namespace: str, name: str, uid: str) -> None:
         await self.inner.forget(namespace, name, uid)
@@ -280,9 +300,9 @@ async def test_build_cache_idempotency_and_config_changes(
         status = await status_of(gw, "first")
         assert status["image_status"] == "completed"
 
-        # the same requirements: the environment is there already, no uv at all
+        # the same requirements (another source): the environment is there already, no uv
         posted = time.monotonic()
-        await create(gw, "second", files)
+        await create(gw, "second", {**files, "lambda_main.py": HELLO + "# the second\n"})
         second = await wait_built(bus, "second")
         cached_post_to_succeeded = time.monotonic() - posted
         assert second.phase == "succeeded", second.message
@@ -543,3 +563,428 @@ async def test_a_node_function_with_a_local_tarball_dependency(
         assert "ENOENT" in state.message
     else:
         assert state.phase == "succeeded", state.message
+
+
+# -- replicas -------------------------------------------------------------------------------
+
+
+def slow_python(tmp_path: Path) -> Path:
+    """An "interpreter" that never answers: it holds a build in `uv venv`; its pids are
+    written to `py/pids`."""
+    (tmp_path / "py" / "bin").mkdir(parents=True, exist_ok=True)
+    slow = tmp_path / "py" / "bin" / "slow-python"
+    slow.write_text(f"#!/bin/sh\necho $$ >> {tmp_path / 'py' / 'pids'}\nexec sleep 30\n")
+    slow.chmod(0o755)
+    return slow
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL the processes whose command line holds `text` (this test's own paths), and
+    those whose pids are listed in `<text>/pids`."""
+    pids = Path(text) / "pids"
+    listed = pids.read_text().split() if pids.exists() else []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if proc.name in listed or text.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+async def metric(url: str, name: str, expect: float) -> float:
+    """The metric `name` once it reads `expect` (it is counted just after the state is
+    written), or its last value after a while."""
+    value = None
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession() as http:
+        while value != expect and time.monotonic() < deadline:
+            text = await (await http.get(url + "/metrics")).text()
+            values = [float(v.split()[1]) for v in text.splitlines() if v.startswith(name + " ")]
+            assert values, f"no {name} in the metrics"
+            value = values[0]
+            if value != expect:
+                await asyncio.sleep(0.05)
+    assert value is not None
+    return value
+
+
+async def test_a_builder_killed_mid_build_loses_it_to_another_replica_once(
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_server: NatsServer,
+    builder_settings: BuilderSettings,
+    wheel_index: WheelIndex,
+    tmp_path: Path,
+) -> None:
+    """Replica A (a process of its own) claims a build and hangs in it; replica B leaves A's
+    live claim alone, then takes the build over once A is killed (-9) and its lease runs out,
+    and completes it: one takeover, one result, one artifact."""
+    lease = 2.0
+    env = {
+        **os.environ,
+        **nats_server.env("builder"),
+        "LAMBDABUS_BUILDER_PORT": "0",
+        "LAMBDABUS_BUILDER_STATE_DIR": str(tmp_path / "a"),
+        "LAMBDABUS_BUILDER_PYTHON": str(slow_python(tmp_path)),
+        "LAMBDABUS_BUILDER_LEASE_SECONDS": str(lease),
+        "LAMBDABUS_BUILDER_NO_INDEX": "true",
+        "LAMBDABUS_BUILDER_FIND_LINKS": json.dumps([str(wheel_index.path)]),
+        "LAMBDABUS_BUILDER_SANDBOX": "none",  # the hanging step stays in A's process group
+    }
+    settings_b = builder_settings.model_copy(
+        update={
+            "nats": nats_server.settings("builder", declare=False),
+            "state_dir": tmp_path / "b",
+            "lease_seconds": lease,
+        }
+    )
+    files = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    async with ready_process(
+        sys.executable, "-m", "lambdabus_builder", env=env, stream="stderr"
+    ) as (proc_a, _):
+        await create(gateway, "taken", files)
+        started = await wait_state(bus, "taken", lambda s: s is not None and s.phase == "started")
+        assert started is not None
+        assert started.claim is not None
+        replica_a = started.claim.holder
+        assert f"-{proc_a.pid}-" in replica_a
+
+        async def in_venv() -> None:
+            async for msg in bus.replay(
+                "LOGS", logs_subject("build", NS, "taken"), deliver_all=True
+            ):
+                if "creating a virtualenv" in LogLine.model_validate_json(msg.data).line:
+                    return
+
+        await asyncio.wait_for(in_venv(), WAIT)
+        async with running_builder(settings_b, replica="replica-b") as url_b:
+            # B leaves A's live claim alone: A renews it (every lease/3) and holds the build
+            renewals: list[BuildState] = []
+
+            def renewed_often(state: BuildState | None) -> bool:
+                assert state is not None
+                assert state.claim is not None
+                assert state.claim.holder == replica_a, "B took a live claim over"
+                renewals.append(state)
+                return len({s.claim.expires_at for s in renewals if s.claim}) >= 4
+
+            await wait_state(bus, "taken", renewed_often)
+            os.killpg(proc_a.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            taken = await wait_state(
+                bus,
+                "taken",
+                lambda s: s is not None and s.claim is not None and s.claim.holder == "replica-b",
+            )
+            takeover_seconds = time.monotonic() - killed
+            assert taken is not None
+            assert taken.phase == "queued"
+            done = await wait_built(bus, "taken")
+            assert done.phase == "succeeded", done.message
+            assert done.claim is None
+            assert await metric(url_b, "lambdabus_build_takeovers_total", 1.0) == 1.0
+            assert await metric(url_b, 'lambdabus_builds_total{outcome="succeeded"}', 1.0) == 1.0
+        await proc_a.wait()
+    kill_processes_naming(str(tmp_path / "py"))  # A's build step, in a session of its own
+    print(f"\nbuild takeover: {takeover_seconds:.2f} s after kill -9 (lease {lease:g} s)")
+    assert takeover_seconds <= lease + 10  # the lease, plus a loaded machine's slack
+
+    # B's queued and started events carry the ids of A's (`<uid>:<generation>:<phase>`):
+    # JetStream keeps one of each, and one result
+    events = await build_events(bus, "taken", 3)
+    assert [e.type.rsplit(".", 1)[1] for e in events] == ["queued", "started", "succeeded"]
+    assert await bus.count("LIFECYCLE", f"lambdabus.lifecycle.build.*.{NS}.taken") == 3
+    log = await build_log(bus, "taken")
+    takeovers = [line.line for line in log if "taken over from replica" in line.line]
+    assert takeovers == [
+        f"build of generation 1 taken over from replica {replica_a}, whose claim ran out, "
+        "by replica replica-b"
+    ]
+    # the artifact was written once, by B; A left only its partial work
+    assert manifest_of(done).code_dir.startswith(str(tmp_path / "b"))
+    assert [p.name for p in (tmp_path / "b" / "artifacts" / NS / "taken").iterdir()] == [
+        f"{done.uid}-1"
+    ]
+    a_builds = tmp_path / "a" / "artifacts" / NS / "taken"
+    assert all(".partial-" in p.name for p in a_builds.iterdir())
+
+
+async def test_a_replica_that_lost_its_claim_writes_nothing(bus: Bus) -> None:
+    """Against the real KV: B takes a lapsed claim over; A's renewal and result are refused
+    (the record stays B's), and A's claim over the revision it once read conflicts."""
+    clock = [datetime(2025, 1, 1, tzinfo=UTC)]
+    kv = bus.kv(BUILDS_BUCKET)
+    a = ClaimedStates(kv, "replica-a", 1.0, clock=lambda: clock[0])
+    b = ClaimedStates(kv, "replica-b", 1.0, clock=lambda: clock[0])
+    record = FunctionRecord(
+        namespace=NS,
+        name="contested",
+        uid="u1",
+        generation=1,
+        spec=FunctionConfig(),
+        source=SourceRef(
+            sha256="a" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1
+        ),
+        created_at=clock[0],
+        updated_at=clock[0],
+    )
+    target = Target.of(record)
+    first = await a.claim(record, None)
+    with pytest.raises(AlreadyExists):  # B read nothing, A claimed: B decides again
+        await b.claim(record, None)
+    seen = await b.get(NS, "contested")
+    assert seen is not None
+    assert isinstance(decide(record, seen.value, None, me="replica-b", now=clock[0]), Skip)
+
+    clock[0] += timedelta(seconds=1.5)  # A's lease runs out unrenewed
+    action = decide(record, seen.value, None, me="replica-b", now=clock[0])
+    assert isinstance(action, Build)
+    assert action.takeover_from == "replica-a"
+    await b.claim(record, seen)
+
+    with pytest.raises(LostClaim) as lost:
+        await a.renew(NS, "contested", target)
+    assert lost.value.holder == "replica-b"
+    result = first.value.model_copy(
+        update={"phase": "succeeded", "artifact": "file:///stale/manifest.json", "claim": None}
+    )
+    with pytest.raises(LostClaim):
+        await a.write(NS, "contested", target, lambda _: result)
+    with pytest.raises(Conflict):
+        await a.claim(record, first)
+    current = await b.get(NS, "contested")
+    assert current is not None
+    assert current.value.claim is not None
+    assert current.value.claim.holder == "replica-b"
+    assert (current.value.phase, current.value.artifact) == ("queued", None)
+    # B's own writes go through, each over the revision it re-read
+    renewed = await b.renew(NS, "contested", target)
+    assert renewed.revision > current.revision
+
+
+async def test_the_same_inputs_are_built_once_whichever_replica_built_them(
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_server: NatsServer,
+    builder_settings: BuilderSettings,
+    tmp_path: Path,
+) -> None:
+    """Replica A builds a source; replica B (another state dir) is asked for the same inputs
+    under another function and reuses A's build; once that is gone, B builds it. Both connect
+    as the `builder` NATS user."""
+    files = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    nats = nats_server.settings("builder", declare=False)
+    settings_a = builder_settings.model_copy(update={"state_dir": tmp_path / "a", "nats": nats})
+    settings_b = builder_settings.model_copy(update={"state_dir": tmp_path / "b", "nats": nats})
+    async with running_builder(settings_a, replica="replica-a"):
+        await create(gateway, "original", files)
+        original = await wait_built(bus, "original")
+        assert original.phase == "succeeded", original.message
+    async with running_builder(settings_b, replica="replica-b") as url_b:
+        await create(gateway, "copy", files)
+        copy = await wait_built(bus, "copy")
+        assert copy.phase == "succeeded", copy.message
+        assert copy.dependencies_cached
+        log = [line.line for line in await build_log(bus, "copy")]
+        assert any(
+            line.startswith("reusing the build of the same inputs")
+            and "made by replica replica-a" in line
+            for line in log
+        ), log
+        assert not any("virtualenv" in line or "compiles" in line for line in log)
+        made, reused = manifest_of(original), manifest_of(copy)
+        assert reused.code_dir == str(
+            tmp_path / "b" / "artifacts" / NS / "copy" / f"{copy.uid}-1" / "code"
+        )
+        assert (reused.env_dir, reused.env_digest) == (made.env_dir, made.env_digest)
+        code = Path(reused.code_dir) / "lambda_main.py"
+        assert code.stat().st_ino == (Path(made.code_dir) / "lambda_main.py").stat().st_ino
+        assert await metric(url_b, "lambdabus_builds_reused_total", 1.0) == 1.0
+
+        # the original function goes, and its artifact with it (B forgets it in its own state
+        # dir; A's copy goes as A would remove it): the copy keeps its code, and a third
+        # function of the same inputs is built again
+        resp = await gateway.http.delete(f"/v1/namespaces/{NS}/functions/original")
+        assert resp.status == 202
+        await wait_state(bus, "original", lambda s: s is None)
+        await LocalBackend(settings_a).forget(NS, "original", original.uid)
+        assert not Path(made.code_dir).exists()
+        assert code.read_text() == HELLO
+        await create(gateway, "third", files)
+        third = await wait_built(bus, "third")
+        assert third.phase == "succeeded", third.message
+        log = [line.line for line in await build_log(bus, "third")]
+        assert any("the earlier build of these inputs is gone" in line for line in log), log
+        assert await metric(url_b, "lambdabus_builds_reused_total", 1.0) == 1.0
+
+
+async def test_a_builder_cut_off_from_nats_keeps_a_short_stall_and_stops_at_a_long_one(
+    gateway: RunningGateway, bus: Bus, nats_server: NatsServer, builder_settings: BuilderSettings
+) -> None:
+    """NATS stops answering (SIGSTOP): for well under the lease the build goes on; for longer,
+    the builder stops the build before its lease runs out (so no other replica could build it
+    at once), then builds it again when NATS is back, and it completes once."""
+    lease = 4.0
+    settings = builder_settings.model_copy(
+        update={"lease_seconds": lease, "reconcile_interval": 0.5}
+    )
+    backend = GatedBackend(LocalBackend(settings))
+    process = nats_server.process
+    async with running_builder(settings, backend):
+        await create(gateway, "stalled", {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"})
+        await asyncio.wait_for(backend.entering.wait(), WAIT)
+        first = await wait_state(bus, "stalled", lambda s: s is not None and s.phase == "started")
+        assert first is not None
+        assert first.claim is not None
+
+        async def renewed() -> None:
+            await wait_state(
+                bus,
+                "stalled",
+                lambda s: s is not None and s.claim is not None and s.claim.expires_at > last,
+            )
+
+        # a short stall: renewals resume, the build is not stopped
+        last = first.claim.expires_at
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.5)  # the stall itself, not a wait for a condition
+        finally:
+            process.send_signal(signal.SIGCONT)
+        await renewed()
+        assert backend.cancelled == []
+
+        # a stall past the lease: the build is stopped before the lease ends
+        stalled = await Registry(bus.kv(BUILDS_BUCKET), BuildState).get(NS, "stalled")
+        assert stalled is not None
+        assert stalled.value.claim is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(lease + 1)
+            stopped_in_time = backend.cancelled == ["stalled"]
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert stopped_in_time
+        # back: built again under a new claim, to one result
+        await wait_state(
+            bus, "stalled", lambda s: s is not None and s.phase == "queued" and s.claim is not None
+        )
+        backend.gate.set()
+        done = await wait_built(bus, "stalled")
+        assert done.phase == "succeeded", done.message
+        assert backend.entered == ["stalled", "stalled"]
+    log = await build_log(bus, "stalled")
+    assert [line.line for line in log if line.line.startswith("build succeeded")] != []
+    events = await build_events(bus, "stalled", 3)
+    assert [e.type.rsplit(".", 1)[1] for e in events] == ["queued", "started", "succeeded"]
+
+
+async def test_a_builder_stopping_gracefully_hands_its_build_over_at_once(
+    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings, tmp_path: Path
+) -> None:
+    """Replica A stops (an upgrade) mid-build: it gives its claim up, and replica B takes the
+    build over without waiting for the lease to run out."""
+    lease = 15.0
+    settings_a = builder_settings.model_copy(
+        update={"state_dir": tmp_path / "a", "lease_seconds": lease}
+    )
+    settings_b = settings_a.model_copy(update={"state_dir": tmp_path / "b"})
+    gated = GatedBackend(LocalBackend(settings_a))
+    files = {"lambda_main.py": HELLO, "requirements.txt": "tinydep\n"}
+    async with contextlib.AsyncExitStack() as replica_a:
+        await replica_a.enter_async_context(running_builder(settings_a, gated, replica="replica-a"))
+        await create(gateway, "handed", files)
+        await asyncio.wait_for(gated.entering.wait(), WAIT)
+        async with running_builder(settings_b, replica="replica-b") as url_b:
+            held = await wait_state(bus, "handed", lambda s: s is not None and s.phase == "started")
+            assert held is not None
+            assert held.claim is not None
+            assert held.claim.holder == "replica-a"
+            await replica_a.aclose()
+            stopped = time.monotonic()
+            taken = await wait_state(
+                bus,
+                "handed",
+                lambda s: s is not None and s.claim is not None and s.claim.holder == "replica-b",
+            )
+            handover = time.monotonic() - stopped
+            assert taken is not None
+            done = await wait_built(bus, "handed")
+            assert done.phase == "succeeded", done.message
+            assert manifest_of(done).code_dir.startswith(str(tmp_path / "b"))
+            assert await metric(url_b, "lambdabus_build_takeovers_total", 0.0) == 0.0
+    assert gated.cancelled == ["handed"]
+    assert handover < lease / 2  # given up, not run out
+
+
+async def test_a_builder_whose_claim_is_taken_stops_and_writes_nothing(
+    gateway: RunningGateway, bus: Bus, builder_settings: BuilderSettings
+) -> None:
+    """Another replica ("replica-x") takes A's build over: A's renewal finds it out, A stops
+    the build and writes nothing over x's claim; when x never renews, A takes it back."""
+    lease = 3.0
+    settings = builder_settings.model_copy(update={"lease_seconds": lease})
+    gated = GatedBackend(LocalBackend(settings))
+    async with running_builder(settings, gated, replica="replica-a"):
+        await create(gateway, "seized", {"lambda_main.py": HELLO})
+        await asyncio.wait_for(gated.entering.wait(), WAIT)
+        record = await Registry(bus.kv(FUNCTIONS_BUCKET), FunctionRecord).get(NS, "seized")
+        assert record is not None
+        x = ClaimedStates(bus.kv(BUILDS_BUCKET), "replica-x", lease)
+        for _ in range(10):  # A renews meanwhile: read again on a conflict
+            seen = await x.get(NS, "seized")
+            try:
+                seized = await x.claim(record.value, seen)
+                break
+            except Conflict:
+                continue
+        else:
+            raise AssertionError("could not take the claim over")
+        await asyncio.wait_for(gated.cancelling.wait(), WAIT)
+        assert gated.cancelled == ["seized"]
+        current = await x.get(NS, "seized")
+        assert current is not None
+        assert current.revision == seized.revision  # A wrote nothing after losing it
+        # x never renews: A takes the build over once x's claim runs out
+        gated.gate.set()
+        done = await wait_built(bus, "seized")
+        assert done.phase == "succeeded", done.message
+    log = [line.line for line in await build_log(bus, "seized")]
+    assert any("taken over from replica replica-x" in line for line in log), log
+
+
+async def test_concurrent_writes_under_one_claim_are_retried_never_lost(bus: Bus) -> None:
+    """Renewals racing a phase change on the real KV: each compare-and-set that conflicts is
+    re-read and retried, so every write lands and none undoes another."""
+    now = datetime.now(UTC)
+    record = FunctionRecord(
+        namespace=NS,
+        name="raced",
+        uid="u1",
+        generation=1,
+        spec=FunctionConfig(),
+        source=SourceRef(
+            sha256="c" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1
+        ),
+        created_at=now,
+        updated_at=now,
+    )
+    a = ClaimedStates(bus.kv(BUILDS_BUCKET), "replica-a", 10.0)
+    claimed = await a.claim(record, None)
+    target = Target.of(record)
+
+    def start(state: BuildState) -> BuildState:
+        return state.model_copy(update={"phase": "started"})
+
+    # six writers: each loses at most five races, within its attempts (`CAS_ATTEMPTS`)
+    writes = [a.renew(NS, "raced", target) for _ in range(5)]
+    writes.insert(2, a.write(NS, "raced", target, start))
+    results = await asyncio.gather(*writes)
+    revisions = sorted(r.revision for r in results)
+    assert len(set(revisions)) == len(writes)  # each landed once, on its own revision
+    final = await a.get(NS, "raced")
+    assert final is not None
+    assert final.revision == revisions[-1] == claimed.revision + len(writes)
+    assert final.value.phase == "started"  # no renewal made from an older read undid it
+    assert final.value.claim is not None
+    assert final.value.claim.holder == "replica-a"

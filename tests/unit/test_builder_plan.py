@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from lambdabus_builder.claims import Target
 from lambdabus_builder.plan import (
+    Action,
     Build,
     Forget,
     Restamp,
     Skip,
-    Target,
     artifact_dir,
     build_event,
     decide,
@@ -109,25 +110,35 @@ def test_paths() -> None:
 
 # -- decisions --------------------------------------------------------------------------------
 
+ME = "host-1-aaaaaa"
+
+
+def decide_at_t0(
+    record: FunctionRecord | None, state: BuildState | None, building: Target | None
+) -> Action:
+    return decide(record, state, building, me=ME, now=T0)
+
 
 def test_a_new_function_is_built() -> None:
-    action = decide(record(), None, None)
+    action = decide_at_t0(record(), None, None)
     assert isinstance(action, Build)
     assert action.replaces_uid is None
 
 
 def test_a_source_being_built_is_left_alone() -> None:
-    assert isinstance(decide(record(), state("started"), Target("u1", SHA_A, "python3.11")), Skip)
-    assert isinstance(decide(record(), None, Target("u1", SHA_A, "python3.11")), Skip)
+    assert isinstance(
+        decide_at_t0(record(), state("started"), Target("u1", SHA_A, "python3.11")), Skip
+    )
+    assert isinstance(decide_at_t0(record(), None, Target("u1", SHA_A, "python3.11")), Skip)
 
 
 def test_a_built_source_is_not_built_again() -> None:
-    assert isinstance(decide(record(), state("succeeded"), None), Skip)
-    assert isinstance(decide(record(), state("failed", reason="SyntaxError"), None), Skip)
+    assert isinstance(decide_at_t0(record(), state("succeeded"), None), Skip)
+    assert isinstance(decide_at_t0(record(), state("failed", reason="SyntaxError"), None), Skip)
 
 
 def test_a_new_source_is_built_even_while_the_old_one_builds() -> None:
-    action = decide(
+    action = decide_at_t0(
         record(generation=2, sha=SHA_B), state("started"), Target("u1", SHA_A, "python3.11")
     )
     assert isinstance(action, Build)
@@ -136,11 +147,11 @@ def test_a_new_source_is_built_even_while_the_old_one_builds() -> None:
 
 def test_an_interrupted_build_is_built_again() -> None:
     for phase in ("queued", "started"):
-        assert isinstance(decide(record(), state(phase), None), Build)
+        assert isinstance(decide_at_t0(record(), state(phase), None), Build)
 
 
 def test_a_config_only_generation_restamps_the_build() -> None:
-    action = decide(record(generation=3), state("succeeded"), None)
+    action = decide_at_t0(record(generation=3), state("succeeded"), None)
     assert isinstance(action, Restamp)
     assert action.state.generation == 3
     assert action.state.artifact == "file:///x/manifest.json"
@@ -151,22 +162,22 @@ def test_a_new_generation_of_a_source_whose_build_failed_is_built_again() -> Non
     """A redeploy after a build that failed for a passing reason (the network) tries again;
     the same generation is not retried on its own."""
     failed = state("failed", reason="DependencyInstallFailed", message="network unreachable")
-    assert isinstance(decide(record(generation=2), failed, None), Build)
-    assert not isinstance(decide(record(generation=1), failed, None), Build)
+    assert isinstance(decide_at_t0(record(generation=2), failed, None), Build)
+    assert not isinstance(decide_at_t0(record(generation=1), failed, None), Build)
 
 
 def test_a_recreated_function_is_built_and_replaces_the_old_uid() -> None:
-    action = decide(record(uid="u2"), state("succeeded"), None)
+    action = decide_at_t0(record(uid="u2"), state("succeeded"), None)
     assert isinstance(action, Build)
     assert action.replaces_uid == "u1"
 
 
 def test_a_deleted_function_is_forgotten() -> None:
-    assert decide(None, state("succeeded"), None) == Forget("default", "hello", "u1")
-    assert decide(None, state("started"), Target("u1", SHA_A, "python3.11")) == Forget(
+    assert decide_at_t0(None, state("succeeded"), None) == Forget("default", "hello", "u1")
+    assert decide_at_t0(None, state("started"), Target("u1", SHA_A, "python3.11")) == Forget(
         "default", "hello", "u1"
     )
-    assert isinstance(decide(None, None, None), Skip)
+    assert isinstance(decide_at_t0(None, None, None), Skip)
 
 
 def test_staleness() -> None:
@@ -281,6 +292,6 @@ def test_node_syntax_error() -> None:
 
 def test_another_runtime_for_the_same_source_is_a_new_build() -> None:
     node = record().model_copy(update={"spec": FunctionConfig(runtime="nodejs20")})
-    action = decide(node, state("succeeded"), None)
+    action = decide_at_t0(node, state("succeeded"), None)
     assert isinstance(action, Build)
     assert action.why == "new runtime"

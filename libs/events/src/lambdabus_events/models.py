@@ -258,6 +258,14 @@ class Condition(_Strict):
     last_transition_time: datetime | None = None
 
 
+class BuildClaim(_Strict):
+    """Which builder replica builds a queued or started build, and until when: the holder renews
+    `expires_at` while it works; once it has passed, another replica may take the build over."""
+
+    holder: str = Field(description="the claiming builder replica's id")
+    expires_at: datetime = Field(description="the lease's end, unless the holder renews it")
+
+
 class BuildState(_Strict):
     """The builder-owned build status of one function, stored in the `builds` KV bucket."""
 
@@ -276,6 +284,11 @@ class BuildState(_Strict):
     dependencies_cached: bool = False
     duration_seconds: float | None = None
     updated_at: datetime
+    claim: BuildClaim | None = Field(
+        default=None,
+        description="the replica building it (queued and started builds); written with "
+        "compare-and-set, so one replica builds it at a time",
+    )
 
 
 class ArtifactManifest(_Strict):

@@ -21,6 +21,7 @@ from typing import Final
 
 from lambdabus_platform.subjects import (
     ARTIFACTS_BUCKET,
+    BUILD_INPUTS_BUCKET,
     BUILDS_BUCKET,
     DEPLOYMENTS_BUCKET,
     DLQ_PREFIX,
@@ -110,7 +111,7 @@ ACCESS: Final[Mapping[str, Access]] = {
         "builder",
         lifecycle=("build",),
         publish=(f"{LOGS_PREFIX}.build.>",),
-        kv_write=(BUILDS_BUCKET,),
+        kv_write=(BUILDS_BUCKET, BUILD_INPUTS_BUCKET),
         kv_read=(FUNCTIONS_BUCKET,),
         objects_read=(ARTIFACTS_BUCKET,),
         durables={"LIFECYCLE": ("builder",)},

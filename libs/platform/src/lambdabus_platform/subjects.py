@@ -39,6 +39,7 @@ LOGS_QUERY_SUBJECT = "lambdabus.rpc.logs.query"
 # KV buckets, each owned by one service and read by others.
 FUNCTIONS_BUCKET = "functions"  # gateway
 BUILDS_BUCKET = "builds"  # builder
+BUILD_INPUTS_BUCKET = "build-inputs"  # builder; `<inputs key>` → an artifact of those inputs
 DEPLOYMENTS_BUCKET = "deployments"  # deployer
 TRIGGERS_BUCKET = "triggers"  # gateway
 INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
@@ -52,6 +53,7 @@ FUNCTION_METRICS_BUCKET = "function-metrics"
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
+    BUILD_INPUTS_BUCKET,
     DEPLOYMENTS_BUCKET,
     TRIGGERS_BUCKET,
     INVOCATIONS_BUCKET,

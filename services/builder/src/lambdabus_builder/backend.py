@@ -42,6 +42,13 @@ class BuildBackend(Protocol):
         built as it is; cancelling the call stops the build and removes its partial results."""
         ...
 
+    async def adopt(
+        self, record: FunctionRecord, generation: int, artifact: str
+    ) -> BuildResult | None:
+        """The artifact of an earlier build of the same inputs (by any replica) made this
+        build's, without building: None when it is gone or does not match (build it then)."""
+        ...
+
     async def forget(self, namespace: str, name: str, uid: str) -> None:
         """Remove the artifacts of the function with `uid`; shared dependency caches stay."""
         ...

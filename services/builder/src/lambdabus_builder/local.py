@@ -56,7 +56,7 @@ from lambdabus_builder.plan import (
     tail_message,
 )
 from lambdabus_builder.settings import BuilderSettings
-from lambdabus_events.models import ArtifactManifest, Runtime
+from lambdabus_events.models import ArtifactManifest, FunctionRecord, Runtime
 from lambdabus_platform.archive import ArchiveLimits, extract_archive
 from lambdabus_platform.dependencies import (
     DEPENDENCY_FILE_LIMITS,
@@ -138,6 +138,50 @@ class LocalBackend:
                     empty.rmdir()
 
         await asyncio.to_thread(remove)
+
+    async def adopt(
+        self, record: FunctionRecord, generation: int, artifact: str
+    ) -> BuildResult | None:
+        """An earlier build's code linked (hard links: it is sealed, read-only) into this
+        build's artifact directory, with a manifest of its own, sharing its environment: the
+        earlier function may be deleted (and its artifact with it) while this one runs."""
+        if not artifact.startswith("file://"):
+            return None
+        path = Path(artifact.removeprefix("file://"))
+        final = artifact_dir(self._root, record.namespace, record.name, record.uid, generation)
+
+        def link() -> BuildResult | None:
+            try:
+                manifest = ArtifactManifest.model_validate_json(path.read_bytes())
+            except (OSError, ValueError):
+                return None
+            if (manifest.runtime, manifest.entrypoint, manifest.source_sha256) != (
+                record.spec.runtime,
+                record.source.entrypoint,
+                record.source.sha256,
+            ):
+                return None
+            code, env = Path(manifest.code_dir), Path(manifest.env_dir)
+            if not code.is_dir() or not env.is_dir():
+                return None
+            if path == final / "manifest.json":
+                return BuildResult(artifact, True, manifest.deps_key)
+            work = final.with_name(f"{final.name}{_PARTIAL}{secrets.token_hex(4)}")
+            try:
+                work.mkdir(parents=True)
+                shutil.copytree(code, work / "code", symlinks=True, copy_function=_link_or_copy)
+                mine = manifest.model_copy(update={"code_dir": str(final / "code")})
+                (work / "manifest.json").write_text(mine.model_dump_json(indent=2) + "\n")
+                seal(work / "code")
+                if final.exists():
+                    remove_tree(final)
+                work.rename(final)
+            except (OSError, shutil.Error, BuildFailure):
+                remove_tree(work)
+                return None
+            return BuildResult(f"file://{final / 'manifest.json'}", True, manifest.deps_key)
+
+        return await asyncio.to_thread(link)
 
     async def build(self, request: BuildRequest, log: BuildLog) -> BuildResult:
         record = request.record
@@ -682,6 +726,13 @@ def _seed_cache(source: Path, dest: Path, link: bool) -> None:
         shutil.copy2(src, dst)
 
     shutil.copytree(source, dest, copy_function=copy, symlinks=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _blank(path: Path) -> bool:

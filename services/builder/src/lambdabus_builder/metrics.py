@@ -17,6 +17,8 @@ class BuildMetrics:
     dependency_cache: Counter  # by result: hit, miss
     queued: Gauge  # builds waiting for a slot
     running: Gauge  # builds holding a slot
+    takeovers: Counter  # builds taken over from a replica whose claim ran out
+    reused: Counter  # builds answered by the artifact of an earlier build of the same inputs
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> BuildMetrics:
@@ -40,6 +42,16 @@ class BuildMetrics:
             ),
             queued=Gauge("lambdabus_builds_queued", "builds waiting for a slot", registry=registry),
             running=Gauge("lambdabus_builds_running", "builds in progress", registry=registry),
+            takeovers=Counter(
+                "lambdabus_build_takeovers",
+                "builds taken over from a replica whose claim ran out",
+                registry=registry,
+            ),
+            reused=Counter(
+                "lambdabus_builds_reused",
+                "builds answered by the artifact of an earlier build of the same inputs",
+                registry=registry,
+            ),
         )
         for outcome in OUTCOMES:  # every series shows from the start, at 0
             metrics.builds.labels(outcome)

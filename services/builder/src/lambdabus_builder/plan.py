@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from lambdabus_builder.claims import Claimable, HeldElsewhere, Target, claim_status
 from lambdabus_events.catalog import (
     BuildFailed,
     BuildFailedData,
@@ -109,6 +110,12 @@ def entrypoint_hint(style: Style) -> str:
     }[style]
 
 
+def inputs_key(runtime: str, entrypoint: str, source_sha256: str) -> str:
+    """What a build's result depends on, hashed: the runtime, the entry point and the source
+    archive (which holds the dependency files, so its digest covers theirs)."""
+    return hashlib.sha256(f"{runtime}\0{entrypoint}\0{source_sha256}".encode()).hexdigest()
+
+
 def artifact_dir(root: Path, namespace: str, name: str, uid: str, generation: int) -> Path:
     """`<root>/artifacts/<ns>/<name>/<uid>-<generation>`: the code and manifest of one build."""
     return root / "artifacts" / namespace / name / f"{uid}-{generation}"
@@ -123,23 +130,11 @@ def env_dir(root: Path, key: str) -> Path:
 
 
 @dataclass(frozen=True)
-class Target:
-    """What one build job builds: a function's source for a runtime, by uid and sha256."""
-
-    uid: str
-    source_sha256: str
-    runtime: str
-
-    @classmethod
-    def of(cls, record: FunctionRecord) -> Target:
-        return cls(record.uid, record.source.sha256, record.spec.runtime)
-
-
-@dataclass(frozen=True)
 class Build:
     record: FunctionRecord
     why: str
     replaces_uid: str | None = None  # a deleted function of the same name left this state
+    takeover_from: str | None = None  # the replica whose claim on this build ran out
 
 
 @dataclass(frozen=True)
@@ -157,17 +152,28 @@ class Forget:
 @dataclass(frozen=True)
 class Skip:
     why: str
+    recheck_at: datetime | None = None  # another replica's claim: look again when it runs out
 
 
 Action = Build | Restamp | Forget | Skip
 
 
 def decide(
-    record: FunctionRecord | None, state: BuildState | None, building: Target | None
+    record: FunctionRecord | None,
+    state: BuildState | None,
+    building: Target | None,
+    *,
+    me: str,
+    now: datetime,
 ) -> Action:
-    """What the builder does for one function, from its record (None: deleted), its build state
-    and the build this process runs for it now (None: none). Events and the periodic
-    reconciliation both come here, so a duplicate or lost event changes nothing."""
+    """What replica `me` does for one function, from its record (None: deleted), its build
+    state and the build this process runs for it now (None: none). Events, KV watches and the
+    periodic reconciliation all come here, so a duplicate or lost event changes nothing.
+
+    An unfinished build of the current source that another replica has a live claim on is
+    theirs (`Skip`, to look again when the claim runs out); once its lease has run out, it is
+    taken over. A new source, runtime or function is built whatever the old build's claim: its
+    holder sees its claim replaced at its next renewal and stops."""
     if record is None:
         if state is None:
             return Skip("no function and no build state")
@@ -184,7 +190,17 @@ def decide(
     if state.runtime and state.runtime != record.spec.runtime:
         return Build(record, "new runtime")
     if state.phase in ("queued", "started"):
-        return Build(record, f"the {state.phase} build of this source was interrupted")
+        match claim_status(state, me, now):
+            case HeldElsewhere(holder, expires_at):
+                return Skip(f"replica {holder} builds this source", recheck_at=expires_at)
+            case Claimable(takeover_from=None):
+                return Build(record, f"the {state.phase} build of this source was interrupted")
+            case Claimable(takeover_from=holder):
+                return Build(
+                    record,
+                    f"the claim of replica {holder} on the {state.phase} build ran out",
+                    takeover_from=holder,
+                )
     if state.phase == "failed" and state.generation < record.generation:
         return Build(record, "a new generation of a source whose build failed: try again")
     if state.generation < record.generation:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from lambdabus_builder.backend import BuildBackend
 from lambdabus_builder.builds import Builder
+from lambdabus_builder.claims import replica_id
 from lambdabus_builder.local import LocalBackend
 from lambdabus_builder.metrics import BuildMetrics
 from lambdabus_builder.settings import BuilderSettings
@@ -18,8 +19,11 @@ from lambdabus_platform.subjects import entity_filter
 DURABLE = "builder"
 
 
-def make_setup(settings: BuilderSettings, backend: BuildBackend | None = None) -> Setup:
-    """The service's setup; `backend` replaces the local one (tests pass a wrapped one)."""
+def make_setup(
+    settings: BuilderSettings, backend: BuildBackend | None = None, replica: str | None = None
+) -> Setup:
+    """The service's setup; `backend` replaces the local one (tests pass a wrapped one),
+    `replica` this process's replica id (`claims.replica_id()`)."""
 
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
@@ -30,6 +34,7 @@ def make_setup(settings: BuilderSettings, backend: BuildBackend | None = None) -
                 backend=backend if backend is not None else LocalBackend(settings),
                 blobs=blobs,
                 metrics=BuildMetrics.create(ctx.metrics.registry),
+                replica=replica if replica is not None else replica_id(),
             )
             subscribe_lifecycle(
                 ctx, entity_filter("function"), durable=DURABLE, handler=builder.handle

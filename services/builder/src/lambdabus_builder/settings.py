@@ -53,6 +53,13 @@ class BuilderSettings(ServiceSettings):
     reconcile_interval: float = Field(
         default=30.0, gt=0, description="seconds between two reconciliations of KV against builds"
     )
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=15,
+        description="a build's claim lasts this long unless its builder renews it (every third "
+        "of it); a builder that dies loses its builds to another replica after it",
+    )
     # Python dependencies (uv)
     python: str = Field(
         default_factory=default_python, description="interpreter of the function virtualenvs"
