@@ -166,14 +166,86 @@ class FunctionSpec(FunctionConfig):
     name: Label
 
 
+# -- git sources (Kyma's `source.gitRepository`) ------------------------------------------------
+
+_GIT_REFERENCE = re.compile(r"^[A-Za-z0-9_/@+][A-Za-z0-9._/@+-]{0,254}$")
+
+
+class GitAuth(_Strict):
+    """How the platform authenticates to a git server: a secret of the function's namespace
+    with `username` and `password` (`basic`), or `key` (an SSH private key without a
+    passphrase) and optionally `known_hosts` (`key`)."""
+
+    type: Literal["basic", "key"]
+    secret: Label
+
+
+class GitSource(_Strict):
+    """`source: {"git": {...}}` of a function: a repository, a branch, tag or full commit
+    sha, and the directory inside it that holds the function."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="https://, http://, ssh:// or git@host:path",
+    )
+    reference: str = Field(
+        min_length=1, max_length=255, description="a branch, a tag or a full 40-hex commit sha"
+    )
+    base_dir: str = Field(
+        default="/", max_length=1024, description="the function's directory in the repository"
+    )
+    auth: GitAuth | None = None
+
+    @field_validator("reference")
+    @classmethod
+    def _plain_reference(cls, value: str) -> str:
+        if not _GIT_REFERENCE.fullmatch(value) or ".." in value or value.endswith((".", "/")):
+            raise ValueError(
+                "reference must be a branch, tag or commit name (letters, digits, . _ / @ + -; "
+                "not starting with '-' or '.', no '..')"
+            )
+        return value
+
+    @field_validator("base_dir")
+    @classmethod
+    def _relative_dir(cls, value: str) -> str:
+        parts = [p for p in value.strip().split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts) or any("\0" in p for p in parts):
+            raise ValueError("base_dir must be a directory inside the repository (no '..')")
+        return "/" + "/".join(parts)
+
+
+GitSyncReason = Literal["", "SourceUpdated", "SourceUpdateFailed"]
+
+
+class GitSourceState(GitSource):
+    """A git source with what the last look at it found: the commit the function's source
+    archive was made from, and whether the last poll succeeded (Kyma's `ConfigurationReady`
+    reasons `SourceUpdated` / `SourceUpdateFailed`)."""
+
+    commit: Annotated[str, Field(pattern=r"^([0-9a-f]{40}|[0-9a-f]{64})$")]
+    reason: GitSyncReason = ""
+    message: str = Field(default="", max_length=2048)
+    checked_at: datetime | None = None
+
+    def source(self) -> GitSource:
+        return GitSource(
+            url=self.url, reference=self.reference, base_dir=self.base_dir, auth=self.auth
+        )
+
+
 class SourceRef(_Strict):
     """Where a function's source archive is: content-addressed by sha256 in the artifact store."""
 
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     size: int = Field(ge=0)
-    kind: Literal["archive", "inline"]
+    kind: Literal["archive", "inline", "git"]
     entrypoint: str
     files: int = Field(ge=1)
+    git: GitSourceState | None = Field(
+        default=None, description="kind git: the repository and the commit the archive is of"
+    )
 
 
 class FunctionRecord(_Strict):
