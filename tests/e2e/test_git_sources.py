@@ -33,7 +33,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    yield from offline_platform(tmp_path_factory, "git", LAMBDABUS_GATEWAY_GIT_ALLOW_PRIVATE="true")
+    yield from offline_platform(
+        tmp_path_factory,
+        "git",
+        LAMBDABUS_GATEWAY_GIT_ALLOW_PRIVATE="true",
+        LAMBDABUS_GATEWAY_GIT_POLL_INTERVAL="2",
+    )
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -84,6 +89,26 @@ def test_git_function_builds_and_sync_picks_up_a_new_commit(
     assert (config["status"], config["reason"]) == ("False", "SourceUpdateFailed")
     assert "no branch or tag 'main'" in config["message"]
     assert http("POST", f"{router}/default/from-git", {}) == (200, {"version": 2})
+
+
+def test_a_new_tag_commit_is_picked_up_by_the_poll(platform: Platform, server: GitServer) -> None:
+    gateway, router = platform.urls["gateway"], platform.urls["router"]
+    repo = GitRepo.create(server.root, "polled")
+    repo.commit({"handler.py": handler(1)})
+    repo.tag("v1")
+    source = {"git": {"url": f"{server.url}/polled.git", "reference": "release"}}
+    git("push", "-q", "origin", "HEAD:refs/heads/release", cwd=repo.work)
+    status, body = http("POST", gateway + FUNCTIONS, {"name": "polled", "source": source})
+    assert status == 202, body
+    wait_running(platform, "polled")
+    repo.commit({"handler.py": handler(3)}, branch="release")  # no sync: the poll finds it
+
+    def serves_v3() -> bool:
+        return http("POST", f"{router}/default/polled", {}) == (200, {"version": 3})
+
+    wait_for(serves_v3, 90, "the polled commit serving")
+    _, record = http("GET", f"{gateway}{FUNCTIONS}/polled")
+    assert record["generation"] == 2
 
 
 def test_private_repository_with_basic_auth_from_a_secret(

@@ -172,13 +172,13 @@ class GitSync:
                 namespace, name, state, archive, new_state
             )
         except PermanentError as exc:
-            log.warning(
-                "git source update failed",
-                extra={"namespace": namespace, "function": name, "error": exc.message},
-            )
-            return await self._functions.record_git_state(
-                namespace, name, state, update_failed(state, exc.message, now)
-            )
+            failed = update_failed(state, exc.message, now)
+            if (state.reason, state.message) != (failed.reason, failed.message):
+                log.warning(  # once per new failure, not at every poll
+                    "git source update failed",
+                    extra={"namespace": namespace, "function": name, "error": exc.message},
+                )
+            return await self._functions.record_git_state(namespace, name, state, failed)
         log.info(
             "git source synced",
             extra={"namespace": namespace, "function": name, "commit": new_state.commit[:12]},
