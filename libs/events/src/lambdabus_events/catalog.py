@@ -73,6 +73,7 @@ class FunctionSpecSummary(_Data):
     max_concurrency: int | None
     secrets: list[Label]
     env_from: dict[EnvName, SecretKeyRef]
+    command: list[str] = Field(default_factory=list, description="runtime custom's program")
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:

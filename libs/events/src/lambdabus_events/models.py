@@ -12,17 +12,18 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lambdabus_events.names import Label
 
-Runtime = Literal["python3.11", "nodejs20"]
-RUNTIMES: tuple[Runtime, ...] = ("python3.11", "nodejs20")
+Runtime = Literal["python3.11", "nodejs20", "custom"]
+RUNTIMES: tuple[Runtime, ...] = ("python3.11", "nodejs20", "custom")
 DEFAULT_RUNTIME: Runtime = "python3.11"
 
 ENTRYPOINTS: dict[Runtime, tuple[str, ...]] = {
     "python3.11": ("lambda_main.py", "handler.py"),
     "nodejs20": ("handler.js",),
+    "custom": (),  # the program is `command[0]`
 }
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
@@ -124,6 +125,20 @@ class FunctionConfig(_Strict):
         default_factory=list, max_length=32, description="mounted as /secrets/<name>/<key>"
     )
     env_from: dict[EnvName, SecretKeyRef] = Field(default_factory=dict)
+    # -- custom runtime (Kubeless's contract: a program that listens on $PORT and answers
+    # GET /healthz); see `command_problem`
+    command: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="runtime custom: the program (a path inside the archive) and its arguments",
+    )
+
+    @model_validator(mode="after")
+    def _command_fits_runtime(self) -> FunctionConfig:
+        problem = command_problem(self.runtime, self.command)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("env")
     @classmethod
@@ -158,6 +173,32 @@ class FunctionConfig(_Strict):
             amount, unit = int(match.group(1)), match.group(2) or "Mi"
             return amount * 1024 if unit in ("Gi", "G") else amount
         return value
+
+
+def command_problem(runtime: str, command: list[str]) -> str | None:
+    """What is wrong with a function's `command` for its runtime, or None. The program must be
+    a file inside the archive: a relative path without `..`."""
+    if runtime != "custom":
+        return "command is only for runtime custom" if command else None
+    if not command:
+        return 'runtime custom needs command: the program and its arguments, e.g. ["./server"]'
+    if any("\0" in part for part in command):
+        return "command must not contain NUL characters"
+    program = command[0]
+    parts = program.split("/")
+    if program.startswith("/") or ".." in parts or "\\" in program:
+        return (
+            f"command[0] {program!r} is outside the archive: name the program by its path "
+            "inside the archive, e.g. ./server"
+        )
+    if not [p for p in parts if p not in ("", ".")]:
+        return f"command[0] {program!r} names no file"
+    return None
+
+
+def command_path(command: list[str]) -> str:
+    """The program's path inside the archive, normalised (`./bin//srv` → `bin/srv`)."""
+    return "/".join(p for p in command[0].split("/") if p not in ("", "."))
 
 
 class FunctionSpec(FunctionConfig):
@@ -309,7 +350,7 @@ class ArtifactManifest(_Strict):
 
     runtime: Runtime
     entrypoint: str
-    style: Literal["luna", "kyma", "node"]
+    style: Literal["luna", "kyma", "node", "custom"]
     code_dir: str = Field(description="absolute path of the unpacked, read-only code")
     env_dir: str = Field(description="absolute path of the dependency environment")
     source_sha256: str

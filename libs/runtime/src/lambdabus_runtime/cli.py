@@ -2,7 +2,7 @@
 
 python -m lambdabus_runtime --code DIR --entrypoint FILE --function NS/NAME [--port 0]
     [--host 127.0.0.1] [--socket PATH] [--timeout SECONDS] [--memory MIB]
-    [--runtime python3.11] [--max-body BYTES]
+    [--runtime python3.11] [--max-body BYTES] [--command JSON]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ DEFAULT_RUNTIME = "python3.11"
 
 USAGE = f"""usage: {PROG} --code DIR --entrypoint FILE --function NS/NAME [--port PORT]
        [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]
-       [--max-body BYTES]
+       [--max-body BYTES] [--command JSON]
 
 Serve one function over HTTP/1.1. Prints {{"event": "listening", "port": N}} (or
 {{"event": "listening", "socket": PATH}}) on stdout once it accepts requests; SIGTERM drains
@@ -37,6 +37,8 @@ options:
   --memory MIB        the memory limit, passed to the function in its context
   --runtime NAME      the runtime name, passed to the function in its context (default {DEFAULT_RUNTIME})
   --max-body BYTES    a larger request body gets 413 (default {DEFAULT_MAX_BODY})
+  --command JSON      --runtime custom: the program (a path under --code) and its arguments,
+                      as a JSON list; it must listen on $PORT and answer GET /healthz
   -h, --help          show this help and exit
 """
 
@@ -50,6 +52,7 @@ class Options:
 
     __slots__ = (
         "code",
+        "command",
         "entrypoint",
         "host",
         "max_body",
@@ -88,6 +91,7 @@ class Options:
         self.memory = memory
         self.runtime = runtime
         self.max_body = max_body
+        self.command: list[str] = []
 
 
 def _port(text: str) -> int:
@@ -100,6 +104,15 @@ def _port(text: str) -> int:
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
+def _command(text: str) -> list[str]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ValueError
     return value
 
@@ -122,6 +135,7 @@ _OPTIONS = (
     "memory",
     "runtime",
     "max-body",
+    "command",
 )
 _REQUIRED = ("code", "entrypoint", "function")
 
@@ -179,6 +193,8 @@ def parse_args(argv: Sequence[str]) -> Options:
                 options.runtime = text
             elif key == "max-body":
                 options.max_body = _positive_int(text)
+            elif key == "command":
+                options.command = _command(text)
     except ValueError:
         raise UsageError(f"invalid value for --{key}: {raw[key]!r}") from None
     return options
