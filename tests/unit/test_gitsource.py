@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from lambdabus_events.models import GitSource
 from lambdabus_platform.gitsource import (
+    GitClient,
+    GitCredentials,
+    GitPolicy,
     GitUrlRefused,
     address_problem,
     classify_git_error,
@@ -99,3 +105,29 @@ def test_base_dir_stays_inside_the_repository() -> None:
         GitSource(url="https://x/y", reference="--upload-pack=touch")
     with pytest.raises(ValidationError):
         GitSource(url="https://x/y", reference="a..b")
+
+
+def test_ssh_key_is_a_private_file_and_known_hosts_make_checking_strict(tmp_path: Path) -> None:
+    client = GitClient(GitPolicy())
+    url = parse_git_url("git@git.example.com:org/repo.git")
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----"
+    first = tmp_path / "a"
+    first.mkdir()
+    command = client._ssh(url, "140.82.121.4", GitCredentials("key", {"key": key}), first)
+    assert stat.S_IMODE((first / "key").stat().st_mode) == 0o600
+    assert (first / "key").read_text() == key + "\n"
+    assert key not in command
+    assert "HostName=140.82.121.4" in command  # pinned to the address checked
+    assert "HostKeyAlias=git.example.com" in command
+    assert "StrictHostKeyChecking=accept-new" in command
+    second = tmp_path / "b"
+    second.mkdir()
+    strict = client._ssh(
+        url, "140.82.121.4", GitCredentials("key", {"key": key, "known_hosts": "x y z"}), second
+    )
+    assert "StrictHostKeyChecking=yes" in strict
+    assert (second / "known_hosts").read_text() == "x y z"
+
+
+def test_credentials_are_not_in_their_repr() -> None:
+    assert "hunter2" not in repr(GitCredentials("basic", {"username": "u", "password": "hunter2"}))
