@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lambdabus.gateway.git")
 
+_PARALLEL_POLLS = 4
 _NEEDS: dict[str, tuple[str, ...]] = {"basic": ("username", "password"), "key": ("key",)}
 
 
@@ -138,16 +139,27 @@ class GitSync:
                 log.exception("polling git sources failed; trying again at the next interval")
 
     async def sync_all(self) -> None:
-        for item in await self._functions.everywhere():
-            if item.value.source.git is None:
-                continue
-            try:
-                await self.sync_one(item.value.namespace, item.value.name)
-            except Exception:
-                log.exception(
-                    "cannot poll a git source",
-                    extra={"namespace": item.value.namespace, "function": item.value.name},
-                )
+        """Poll every git-sourced function, a few at a time (one slow server does not hold
+        up the others for longer than its timeout)."""
+        slots = asyncio.Semaphore(_PARALLEL_POLLS)
+
+        async def poll(namespace: str, name: str) -> None:
+            async with slots:
+                try:
+                    await self.sync_one(namespace, name)
+                except Exception:
+                    log.exception(
+                        "cannot poll a git source",
+                        extra={"namespace": namespace, "function": name},
+                    )
+
+        await asyncio.gather(
+            *(
+                poll(item.value.namespace, item.value.name)
+                for item in await self._functions.everywhere()
+                if item.value.source.git is not None
+            )
+        )
 
     async def sync_one(self, namespace: str, name: str) -> Versioned[FunctionRecord]:
         """Look at the function's reference now; a new commit becomes a new generation."""
