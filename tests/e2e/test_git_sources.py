@@ -14,7 +14,7 @@ import pytest
 
 from lambdabus_testing.gitserver import GitRepo, GitServer, git, git_server
 from tests.e2e.conftest import Platform
-from tests.e2e.helpers import http, offline_platform, status_of, wait_for, wait_running
+from tests.e2e.helpers import cli, http, offline_platform, status_of, wait_for, wait_running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -72,9 +72,10 @@ def test_git_function_builds_and_sync_picks_up_a_new_commit(
     assert (status, body["generation"]) == (200, 1), body
 
     second = repo.commit({"hello/handler.py": handler(2)})
-    status, body = http("POST", f"{gateway}{FUNCTIONS}/from-git/sync")
-    assert status == 200, body
-    assert (body["generation"], body["source"]["git"]["commit"]) == (2, second)
+    synced = cli(platform, "sync", "from-git")
+    assert synced.returncode == 0, synced.stderr + synced.stdout
+    assert f"generation 2, commit {second[:12]}" in synced.stdout
+    assert "SourceUpdated" in synced.stdout
 
     def serves_v2() -> bool:
         return http("POST", f"{router}/default/from-git", {}) == (200, {"version": 2})
@@ -83,8 +84,9 @@ def test_git_function_builds_and_sync_picks_up_a_new_commit(
 
     # The branch is gone: the poll fails and says why; the last good commit keeps serving.
     git("update-ref", "-d", "refs/heads/main", cwd=repo.bare)
-    status, body = http("POST", f"{gateway}{FUNCTIONS}/from-git/sync")
-    assert (status, body["generation"]) == (200, 2), body
+    synced = cli(platform, "sync", "from-git")
+    assert synced.returncode == 1, synced.stderr + synced.stdout  # the sync failed: say so
+    assert "SourceUpdateFailed" in synced.stdout
     config = _condition(status_of(platform, "from-git"), "ConfigurationReady")
     assert (config["status"], config["reason"]) == ("False", "SourceUpdateFailed")
     assert "no branch or tag 'main'" in config["message"]
