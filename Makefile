@@ -28,13 +28,13 @@ sync: bootstrap
 # bubblewrap sandboxes function instances (and builds); slirp4netns gives them outbound network
 # in their own network namespace; iptables (as root) keeps that traffic off this host's own
 # and link-local addresses. Without them functions run unsandboxed / with no network, and say so.
-SYSTEM_TOOLS := bwrap:bubblewrap slirp4netns:slirp4netns iptables:iptables
+SYSTEM_TOOLS := bwrap:bubblewrap slirp4netns:slirp4netns iptables:iptables git:git
 system:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
 		command -v $${tool%%:*} >/dev/null 2>&1 || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool##*:}"; done; \
 	[ -z "$$missing" ] || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing$$missing (function sandbox)"; \
+			echo "installing$$missing (function sandbox, git sources)"; \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
 				|| echo "warning: could not install$$missing; functions may run unsandboxed"; \
 		else echo "note: not installed:$$missing; functions may run unsandboxed"; fi; }

@@ -457,3 +457,63 @@ async def test_names_too_long(gateway: RunningGateway, name: str, mentions: str)
         archive=archive,
         before=before,
     )
+
+
+# -- git sources and runtime custom (the gateway's default policy: no private addresses) -----
+
+
+@pytest.mark.parametrize(
+    ("git", "code", "mentions"),
+    [
+        ({"url": "http://127.0.0.1:9/r.git", "reference": "main"}, "git_url_refused", "loopback"),
+        (
+            {"url": "http://169.254.169.254/r.git", "reference": "main"},
+            "git_url_refused",
+            "link-local",
+        ),
+        ({"url": "https://10.0.0.8/r.git", "reference": "main"}, "git_url_refused", "private"),
+        ({"url": "http://localhost/r.git", "reference": "main"}, "git_url_refused", "loopback"),
+        ({"url": "file:///etc", "reference": "main"}, "git_url_refused", "file:///etc"),
+        ({"url": "git@github.com:x/y.git", "reference": "-oProxy"}, "invalid_spec", "reference"),
+        (
+            {"url": "https://x.example/r.git", "reference": "main", "base_dir": "../up"},
+            "invalid_spec",
+            "base_dir",
+        ),
+    ],
+)
+async def test_refused_git_source_stores_nothing(
+    gateway: RunningGateway, git: dict[str, str], code: str, mentions: str
+) -> None:
+    before = await _lifecycle_total(gateway)
+    resp = await gateway.http.post(
+        f"/v1/namespaces/{NS}/functions", json={"name": "fn", "source": {"git": git}}
+    )
+    await _assert_refused(gateway, resp, status=400, code=code, mentions=mentions, before=before)
+
+
+@pytest.mark.parametrize("command", [["/bin/sh", "-c", "id"], ["../../bin/sh"], []])
+async def test_custom_command_outside_the_archive_stores_nothing(
+    gateway: RunningGateway, command: list[str]
+) -> None:
+    before = await _lifecycle_total(gateway)
+    archive = make_zip({"server": "#!/bin/sh\n"})
+    spec = {"name": "fn", "runtime": "custom", "command": command}
+    resp = await _upload(gateway, archive, spec)
+    await _assert_refused(
+        gateway,
+        resp,
+        status=400,
+        code="invalid_spec",
+        mentions="command",
+        archive=archive,
+        before=before,
+    )
+
+
+async def test_sync_of_a_function_that_is_not_git_sourced_is_a_409(gateway: RunningGateway) -> None:
+    resp = await _upload(gateway, make_zip(dict([ENTRY])), SPEC)
+    assert resp.status == 202, await resp.text()
+    resp = await gateway.http.post(f"/v1/namespaces/{NS}/functions/fn/sync")
+    body = await resp.json()
+    assert (resp.status, body["error"]["code"]) == (409, "not_git_sourced"), body

@@ -10,6 +10,7 @@ from lambdabus_events.models import (
     DeploymentState,
     FunctionConfig,
     FunctionRecord,
+    GitSourceState,
     SourceRef,
 )
 from lambdabus_platform.status import compute_status
@@ -77,3 +78,35 @@ def test_a_healthy_function_reads_its_replicas() -> None:
     assert status.summary == "running (1/1 replicas ready)"
     stopped = compute_status(_record(), _build("succeeded"), _deployment("stopped", ready=0))
     assert stopped.summary == "terminated (0/1 replicas ready)"
+
+
+def _git_record(reason: str, message: str) -> FunctionRecord:
+    record = _record()
+    git = GitSourceState(
+        url="https://git.example.com/r.git",
+        reference="main",
+        commit="c" * 40,
+        reason=reason,  # type: ignore[arg-type]
+        message=message,
+        checked_at=NOW,
+    )
+    source = record.source.model_copy(update={"kind": "git", "git": git})
+    return record.model_copy(update={"source": source})
+
+
+def test_configuration_ready_of_a_git_source_is_its_last_poll() -> None:
+    ok = compute_status(_git_record("SourceUpdated", "main is at commit cccccccccccc"), None, None)
+    config = ok.conditions[0]
+    assert (config.type, config.status, config.reason) == (
+        "ConfigurationReady",
+        "True",
+        "SourceUpdated",
+    )
+    assert config.message == "main is at commit cccccccccccc"
+    failed = compute_status(
+        _git_record("SourceUpdateFailed", "cannot update from main: no branch"), None, None
+    )
+    config = failed.conditions[0]
+    assert (config.status, config.reason) == ("False", "SourceUpdateFailed")
+    assert "no branch" in config.message
+    assert compute_status(_record(), None, None).conditions[0].reason == "ConfigurationStored"

@@ -57,6 +57,7 @@ from lambdabus_client.commands.functions import (
     _status,
     _update,
 )
+from lambdabus_client.commands.gitsync import _sync
 from lambdabus_client.commands.init import RUNTIMES, STYLES, _init
 from lambdabus_client.commands.invoke import (
     _invocation,
@@ -360,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="show a function's status")
     status.add_argument("name")
 
+    sync = commands.add_parser(
+        "sync",
+        parents=[common],
+        help="look at a git-sourced function's reference now; a new commit is a new version",
+    )
+    sync.add_argument("name")
+
     describe = commands.add_parser(
         "describe",
         parents=[common],
@@ -575,6 +583,7 @@ _COMMANDS: dict[str, Command] = {
     "top": _top,
     "ls": _ls,
     "status": _status,
+    "sync": _sync,
     "describe": _describe,
     "update": _update,
     "init": _init,

@@ -288,6 +288,10 @@ class LambdabusClient:
     async def function_status(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("GET", _function_path(namespace, name) + "/status")
 
+    async def sync_function(self, namespace: str, name: str) -> JsonObject:
+        """Poll a git-sourced function's reference now; the record after it."""
+        return await self._json_object("POST", _function_path(namespace, name) + "/sync")
+
     async def delete_function(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("DELETE", _function_path(namespace, name))
 

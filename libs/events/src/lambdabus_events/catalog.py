@@ -75,6 +75,7 @@ class FunctionSpecSummary(_Data):
     env_from: dict[EnvName, SecretKeyRef]
     handler: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    command: list[str] = Field(default_factory=list, description="runtime custom's program")
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:

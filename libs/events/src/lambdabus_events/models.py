@@ -12,17 +12,18 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lambdabus_events.names import Label
 
-Runtime = Literal["python3.11", "nodejs20"]
-RUNTIMES: tuple[Runtime, ...] = ("python3.11", "nodejs20")
+Runtime = Literal["python3.11", "nodejs20", "custom"]
+RUNTIMES: tuple[Runtime, ...] = ("python3.11", "nodejs20", "custom")
 DEFAULT_RUNTIME: Runtime = "python3.11"
 
 ENTRYPOINTS: dict[Runtime, tuple[str, ...]] = {
     "python3.11": ("lambda_main.py", "handler.py"),
     "nodejs20": ("handler.js",),
+    "custom": (),  # the program is `command[0]`
 }
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
@@ -175,6 +176,20 @@ class FunctionConfig(_HandlerAndLabels):
         default_factory=list, max_length=32, description="mounted as /secrets/<name>/<key>"
     )
     env_from: dict[EnvName, SecretKeyRef] = Field(default_factory=dict)
+    # -- custom runtime (Kubeless's contract: a program that listens on $PORT and answers
+    # GET /healthz); see `command_problem`
+    command: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="runtime custom: the program (a path inside the archive) and its arguments",
+    )
+
+    @model_validator(mode="after")
+    def _command_fits_runtime(self) -> FunctionConfig:
+        problem = command_problem(self.runtime, self.command)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("env")
     @classmethod
@@ -211,10 +226,105 @@ class FunctionConfig(_HandlerAndLabels):
         return value
 
 
+def command_problem(runtime: str, command: list[str]) -> str | None:
+    """What is wrong with a function's `command` for its runtime, or None. The program must be
+    a file inside the archive: a relative path without `..`."""
+    if runtime != "custom":
+        return "command is only for runtime custom" if command else None
+    if not command:
+        return 'runtime custom needs command: the program and its arguments, e.g. ["./server"]'
+    if any("\0" in part for part in command):
+        return "command must not contain NUL characters"
+    program = command[0]
+    parts = program.split("/")
+    if program.startswith("/") or ".." in parts or "\\" in program:
+        return (
+            f"command[0] {program!r} is outside the archive: name the program by its path "
+            "inside the archive, e.g. ./server"
+        )
+    if not [p for p in parts if p not in ("", ".")]:
+        return f"command[0] {program!r} names no file"
+    return None
+
+
+def command_path(command: list[str]) -> str:
+    """The program's path inside the archive, normalised (`./bin//srv` → `bin/srv`)."""
+    return "/".join(p for p in command[0].split("/") if p not in ("", "."))
+
+
 class FunctionSpec(FunctionConfig):
     """A function as a user declares it (the `spec` part of an upload)."""
 
     name: Label
+
+
+# -- git sources (Kyma's `source.gitRepository`) ------------------------------------------------
+
+_GIT_REFERENCE = re.compile(r"^[A-Za-z0-9_/@+][A-Za-z0-9._/@+-]{0,254}$")
+
+
+class GitAuth(_Strict):
+    """How the platform authenticates to a git server: a secret of the function's namespace
+    with `username` and `password` (`basic`), or `key` (an SSH private key without a
+    passphrase) and optionally `known_hosts` (`key`)."""
+
+    type: Literal["basic", "key"]
+    secret: Label
+
+
+class GitSource(_Strict):
+    """`source: {"git": {...}}` of a function: a repository, a branch, tag or full commit
+    sha, and the directory inside it that holds the function."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="https://, http://, ssh:// or git@host:path",
+    )
+    reference: str = Field(
+        min_length=1, max_length=255, description="a branch, a tag or a full 40-hex commit sha"
+    )
+    base_dir: str = Field(
+        default="/", max_length=1024, description="the function's directory in the repository"
+    )
+    auth: GitAuth | None = None
+
+    @field_validator("reference")
+    @classmethod
+    def _plain_reference(cls, value: str) -> str:
+        if not _GIT_REFERENCE.fullmatch(value) or ".." in value or value.endswith((".", "/")):
+            raise ValueError(
+                "reference must be a branch, tag or commit name (letters, digits, . _ / @ + -; "
+                "not starting with '-' or '.', no '..')"
+            )
+        return value
+
+    @field_validator("base_dir")
+    @classmethod
+    def _relative_dir(cls, value: str) -> str:
+        parts = [p for p in value.strip().split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts) or any("\0" in p for p in parts):
+            raise ValueError("base_dir must be a directory inside the repository (no '..')")
+        return "/" + "/".join(parts)
+
+
+GitSyncReason = Literal["", "SourceUpdated", "SourceUpdateFailed"]
+
+
+class GitSourceState(GitSource):
+    """A git source with what the last look at it found: the commit the function's source
+    archive was made from, and whether the last poll succeeded (Kyma's `ConfigurationReady`
+    reasons `SourceUpdated` / `SourceUpdateFailed`)."""
+
+    commit: Annotated[str, Field(pattern=r"^([0-9a-f]{40}|[0-9a-f]{64})$")]
+    reason: GitSyncReason = ""
+    message: str = Field(default="", max_length=2048)
+    checked_at: datetime | None = None
+
+    def source(self) -> GitSource:
+        return GitSource(
+            url=self.url, reference=self.reference, base_dir=self.base_dir, auth=self.auth
+        )
 
 
 class SourceRef(_Strict):
@@ -222,9 +332,12 @@ class SourceRef(_Strict):
 
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     size: int = Field(ge=0)
-    kind: Literal["archive", "inline"]
+    kind: Literal["archive", "inline", "git"]
     entrypoint: str
     files: int = Field(ge=1)
+    git: GitSourceState | None = Field(
+        default=None, description="kind git: the repository and the commit the archive is of"
+    )
 
 
 class FunctionRecord(_Strict):
@@ -301,7 +414,7 @@ class ArtifactManifest(_Strict):
 
     runtime: Runtime
     entrypoint: str
-    style: Literal["luna", "kyma", "node"]
+    style: Literal["luna", "kyma", "node", "custom"]
     code_dir: str = Field(description="absolute path of the unpacked, read-only code")
     env_dir: str = Field(description="absolute path of the dependency environment")
     source_sha256: str

@@ -369,6 +369,8 @@ def _check_docs(entries: list[_Entry]) -> None:
 
 def _entrypoint(entries: list[_Entry], runtime: Runtime) -> str:
     accepted = ENTRYPOINTS[runtime]
+    if not accepted:  # runtime custom: the program is the spec's command, checked at build
+        return ""
     files = {e.name for e in entries if not e.is_dir}
     for name in accepted:
         if name in files:

@@ -66,3 +66,8 @@ class Registry(Generic[M]):
         entries = await self._kv.values(namespace_pattern(namespace))
         items = [Versioned(self._model.model_validate_json(e.value), e.revision) for e in entries]
         return sorted(items, key=lambda v: v.revision)
+
+    async def everywhere(self) -> list[Versioned[M]]:
+        """Every value of the bucket, in every namespace."""
+        entries = await self._kv.values(">")
+        return [Versioned(self._model.model_validate_json(e.value), e.revision) for e in entries]

@@ -126,16 +126,30 @@ def _running_condition(
             )
 
 
-def compute_status(
-    record: FunctionRecord, build: BuildState | None, deployment: DeploymentState | None
-) -> FunctionStatus:
-    config = Condition(
+def _configuration_condition(record: FunctionRecord) -> Condition:
+    git = record.source.git
+    if git is not None and git.reason:
+        # Kyma's reasons for a git-sourced function: the last poll of its reference.
+        return Condition(
+            type="ConfigurationReady",
+            status="True" if git.reason == "SourceUpdated" else "False",
+            reason=git.reason,
+            message=git.message,
+            last_transition_time=git.checked_at,
+        )
+    return Condition(
         type="ConfigurationReady",
         status="True",
         reason="ConfigurationStored",
         message=f"spec and source of generation {record.generation} stored",
         last_transition_time=record.updated_at,
     )
+
+
+def compute_status(
+    record: FunctionRecord, build: BuildState | None, deployment: DeploymentState | None
+) -> FunctionStatus:
+    config = _configuration_condition(record)
     image, build_cond = _build_condition(record, build)
     status, running_cond = _running_condition(record, image, deployment)
     current = deployment if deployment is not None and deployment.uid == record.uid else None

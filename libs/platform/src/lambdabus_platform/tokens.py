@@ -96,6 +96,7 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", _FN + "/{name}/logs"): Action.READ,
     ("GET", _FN + "/{name}/build/logs"): Action.READ,
     ("GET", _FN + "/{name}/history"): Action.AUDIT,
+    ("POST", _FN + "/{name}/sync"): Action.MANAGE,
     ("POST", _NS + "/triggers"): Action.MANAGE,
     ("GET", _NS + "/triggers"): Action.READ,
     ("GET", _NS + "/triggers/{name}"): Action.READ,

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(line_buffering=True)
 
+    if options.runtime == "custom":
+        from lambdabus_runtime import relay
+
+        return relay.run(options)
     from lambdabus_runtime.server import run
 
     return run(options)

@@ -2,7 +2,7 @@
 
 python -m lambdabus_runtime --code DIR --entrypoint FILE --function NS/NAME [--port 0]
     [--host 127.0.0.1] [--socket PATH] [--timeout SECONDS] [--memory MIB]
-    [--runtime python3.11] [--max-body BYTES] [--handler FUNCTION]
+    [--runtime python3.11] [--max-body BYTES] [--handler FUNCTION] [--command JSON]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ DEFAULT_RUNTIME = "python3.11"
 
 USAGE = f"""usage: {PROG} --code DIR --entrypoint FILE --function NS/NAME [--port PORT]
        [--host HOST] [--socket PATH] [--timeout SECONDS] [--memory MIB] [--runtime NAME]
-       [--max-body BYTES] [--handler FUNCTION]
+       [--max-body BYTES] [--handler FUNCTION] [--command JSON]
 
 Serve one function over HTTP/1.1. Prints {{"event": "listening", "port": N}} (or
 {{"event": "listening", "socket": PATH}}) on stdout once it accepts requests; SIGTERM drains
@@ -39,10 +39,12 @@ options:
   --max-body BYTES    a larger request body gets 413 (default {DEFAULT_MAX_BODY})
   --handler FUNCTION  the function to call in the entry point, as Kubeless's handler
                       `<module>.<function>` names it (default main)
+  --command JSON      --runtime custom: the program (a path under --code) and its arguments,
+                      as a JSON list; it must listen on $PORT and answer GET /healthz
+  -h, --help          show this help and exit
 
 The function's env may set FUNC_TIMEOUT (seconds, replaces --timeout) and FUNC_MEMFILE_MAX
 (bytes, replaces --max-body), as Kubeless and Kyma runtimes read them.
-  -h, --help          show this help and exit
 """
 
 
@@ -55,6 +57,7 @@ class Options:
 
     __slots__ = (
         "code",
+        "command",
         "entrypoint",
         "handler",
         "host",
@@ -96,6 +99,7 @@ class Options:
         self.runtime = runtime
         self.max_body = max_body
         self.handler = handler
+        self.command: list[str] = []
 
 
 def _port(text: str) -> int:
@@ -108,6 +112,15 @@ def _port(text: str) -> int:
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
+def _command(text: str) -> list[str]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ValueError
     return value
 
@@ -131,6 +144,7 @@ _OPTIONS = (
     "runtime",
     "max-body",
     "handler",
+    "command",
 )
 _REQUIRED = ("code", "entrypoint", "function")
 
@@ -192,6 +206,8 @@ def parse_args(argv: Sequence[str]) -> Options:
                 if not text.isidentifier():
                     raise ValueError
                 options.handler = text
+            elif key == "command":
+                options.command = _command(text)
     except ValueError:
         raise UsageError(f"invalid value for --{key}: {raw[key]!r}") from None
     return options

@@ -44,6 +44,7 @@ from lambdabus_builder.errors import BuildFailure
 from lambdabus_builder.plan import (
     DEPENDENCY_FILES,
     NODE_LOCKFILE,
+    Style,
     artifact_dir,
     dependency_bytes,
     deps_key,
@@ -56,7 +57,7 @@ from lambdabus_builder.plan import (
     tail_message,
 )
 from lambdabus_builder.settings import BuilderSettings
-from lambdabus_events.models import ArtifactManifest, FunctionRecord, Runtime
+from lambdabus_events.models import ArtifactManifest, FunctionRecord, Runtime, command_path
 from lambdabus_platform.archive import ArchiveLimits, extract_archive
 from lambdabus_platform.dependencies import (
     DEPENDENCY_FILE_LIMITS,
@@ -193,40 +194,50 @@ class LocalBackend:
         code = work / "code"
         try:
             await log.write("system", f"unpacking the source ({len(request.archive)} bytes)")
+            custom = runtime == "custom"
+            entrypoint = command_path(record.spec.command) if custom else record.source.entrypoint
             try:
-                style, function = handler_of(runtime, record.source.entrypoint, record.spec.handler)
+                style: Style
+                if custom:
+                    style, function = "custom", "main"
+                else:
+                    style, function = handler_of(runtime, entrypoint, record.spec.handler)
                 await asyncio.to_thread(extract_archive, request.archive, code, self._limits)
             except (ArchiveError, PayloadTooLarge, ValueError) as exc:
                 raise BuildFailure(
                     "InvalidSource", f"the source archive cannot be used: {exc}"
                 ) from exc
-            entry = code / record.source.entrypoint
-            if not entry.is_file():
+            entry = code / entrypoint
+            if entry.is_symlink() or not entry.is_file():
                 raise BuildFailure(
                     "InvalidSource",
-                    f"the archive has no {record.source.entrypoint} at its root",
+                    f"the archive has no {entrypoint} "
+                    + ("(the program command[0] names)" if custom else "at its root"),
                 )
             if _blank(entry):
                 raise BuildFailure(
                     "InvalidSource",
-                    f"{record.source.entrypoint} is empty: it must define the function's "
+                    f"{entrypoint} is empty: it must define the function's "
                     f"handler ({entrypoint_hint(style)})",
                 )
             await self._check_dependencies(runtime, code, log)
             key = deps_key(runtime, self._dependency_bytes(runtime, code))
             env, cached, digest = await self._environment(runtime, key, code, log)
-            await log.write("system", f"checking that {record.source.entrypoint} compiles")
-            if runtime == "nodejs20":
-                await self._check_node(code, record.source.entrypoint, log)
-                if function != "main":
-                    await self._check_node_export(
-                        code, record.source.entrypoint, work, env, log, function
-                    )
+            if custom:
+                # Any file may be the program (a PATCH may name another one): all executable.
+                await log.write("system", f"custom program {entrypoint}: files made executable")
+                await asyncio.to_thread(make_executable, code)
             else:
-                await self._check_python(code, record.source.entrypoint, work, log, function)
+                await log.write("system", f"checking that {entrypoint} compiles")
+            if runtime == "nodejs20":
+                await self._check_node(code, entrypoint, log)
+                if function != "main":
+                    await self._check_node_export(code, entrypoint, work, env, log, function)
+            elif not custom:
+                await self._check_python(code, entrypoint, work, log, function)
             manifest = ArtifactManifest(
                 runtime=runtime,
-                entrypoint=record.source.entrypoint,
+                entrypoint=entrypoint,
                 style=style,
                 code_dir=str(final / "code"),
                 env_dir=str(env),
@@ -268,6 +279,8 @@ class LocalBackend:
 
     @staticmethod
     def _dependency_bytes(runtime: Runtime, code: Path) -> bytes:
+        if not DEPENDENCY_FILES[runtime]:
+            return b""
         manifest = _read(code / DEPENDENCY_FILES[runtime])
         lockfile = _read(code / NODE_LOCKFILE) if runtime == "nodejs20" else None
         return dependency_bytes(runtime, manifest, lockfile)
@@ -296,7 +309,7 @@ class LocalBackend:
                 if runtime == "nodejs20":
                     await self._node_env(tmp, code, log, steps)
                 else:
-                    await self._python_env(tmp, code, log, steps)
+                    await self._python_env(tmp, code, log, steps, install=runtime != "custom")
                 await asyncio.to_thread(seal, tmp)
                 try:
                     tmp.rename(env)
@@ -333,7 +346,9 @@ class LocalBackend:
             os.chown(path, identity.uid, identity.gid)
         return _Steps(box, key, stage, scratch, inside, trust=self._settings.trust_env)
 
-    async def _python_env(self, tmp: Path, code: Path, log: BuildLog, steps: _Steps) -> None:
+    async def _python_env(
+        self, tmp: Path, code: Path, log: BuildLog, steps: _Steps, *, install: bool = True
+    ) -> None:
         s = self._settings
         python = _resolve(s.python)
         common = ["--no-config", "--color", "never", "--no-python-downloads"]
@@ -365,7 +380,7 @@ class LocalBackend:
                 "RuntimeUnavailable",
                 f"uv venv exited with {venv.returncode}: {tail_message(venv.stderr)}",
             )
-        requirements = _read(code / "requirements.txt") or b""
+        requirements = (_read(code / "requirements.txt") if install else None) or b""
         (tmp / "requirements.txt").write_bytes(requirements)  # what this environment holds
         if not lists_requirements(requirements):
             await log.write("system", "no requirements to install")
@@ -810,6 +825,15 @@ def recorded_digest(env: Path) -> str:
     finally:
         tmp.unlink()
     return digest
+
+
+def make_executable(root: Path) -> None:
+    """chmod a+x every regular file under `root` that its owner can read (runtime custom)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | 0o555)
 
 
 def make_read_only(root: Path) -> None:

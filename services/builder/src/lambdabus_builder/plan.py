@@ -32,11 +32,12 @@ from lambdabus_events.catalog import (
 from lambdabus_events.models import BuildState, FunctionRecord, Runtime
 
 Phase = Literal["queued", "started", "succeeded", "failed"]
-Style = Literal["luna", "kyma", "node"]
+Style = Literal["luna", "kyma", "node", "custom"]
 
 DEPENDENCY_FILES: dict[Runtime, str] = {
     "python3.11": "requirements.txt",
     "nodejs20": "package.json",
+    "custom": "",  # nothing is installed for a custom program (only the runtime's relay runs)
 }
 NODE_LOCKFILE = "package-lock.json"
 _STYLES: dict[str, Style] = {"lambda_main.py": "luna", "handler.py": "kyma", "handler.js": "node"}
@@ -107,6 +108,7 @@ def entrypoint_hint(style: Style) -> str:
         "luna": "e.g. `async def main(request): ...`",
         "kyma": "e.g. `def main(event, context): ...`",
         "node": "e.g. `exports.main = async (event, context) => ...`",
+        "custom": "a program that listens on $PORT and answers GET /healthz",
     }[style]
 
 

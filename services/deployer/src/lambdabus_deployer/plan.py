@@ -76,6 +76,7 @@ class DesiredRevision:
         default=(), repr=False
     )
     secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    command: tuple[str, ...] = ()  # runtime custom: the program and its arguments
 
     @property
     def function(self) -> str:
@@ -105,6 +106,7 @@ class DesiredRevision:
                 self.tmp_size,
                 self.network,
                 secrets,
+                *([list(self.command)] if self.command else []),
             ]
         )
         return hashlib.sha256(material.encode()).hexdigest()[:12]
@@ -178,6 +180,7 @@ def _built(
         network=spec.network,
         secret_files=secrets.files,
         secret_env=secrets.env,
+        command=tuple(spec.command),
     )
 
 
@@ -307,6 +310,9 @@ def runtime_command(
     ]
     if manifest.function != "main":  # Kubeless's handler: `helloget.foo` calls foo
         flags += ["--handler", manifest.function]
+    if manifest.runtime == "custom":
+        # The Python runtime relays the socket to the program's $PORT (lambdabus_runtime.relay).
+        flags += ["--command", json.dumps(list(rev.command))]
     if manifest.runtime == "nodejs20":
         rt = instance.runtime
         if not rt.node or not rt.node_server:

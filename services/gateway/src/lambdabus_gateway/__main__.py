@@ -11,6 +11,7 @@ from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
 from lambdabus_gateway.auth import AUTH, TOKENS, authenticate
 from lambdabus_gateway.deadletters import DeadLetters
 from lambdabus_gateway.functions import Functions
+from lambdabus_gateway.gitsync import GitSources, GitSync
 from lambdabus_gateway.invocations import Invocations
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.quotas import Quotas
@@ -21,6 +22,7 @@ from lambdabus_gateway.triggers import Triggers
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.gitsource import GitPolicy
 from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.secretbox import open_secret_box
@@ -55,6 +57,13 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
         ctx.app[TOKENS] = tokens
         ctx.app[AUTH] = Authenticator(tokens, limiter)
         ctx.app.middlewares.append(authenticate)
+        secret_store = SecretStore(ctx.bus.kv(SECRETS_BUCKET), box)
+        git_sources = GitSources(
+            policy=GitPolicy(
+                allow_private=settings.git_allow_private, timeout=settings.git_timeout
+            ),
+            secrets=secret_store,
+        )
         async with open_blob_store(settings.store, ctx.bus) as blobs, tokens.watching():
             if settings.bootstrap_token_file is not None:
                 await tokens.bootstrap_admin(
@@ -71,6 +80,10 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 quotas=quotas,
                 allow_unsafe_requirements=settings.allow_unsafe_requirements,
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
+                git=git_sources,
+            )
+            git_sync = GitSync(
+                functions=functions, sources=git_sources, interval=settings.git_poll_interval
             )
             triggers = Triggers(bus=ctx.bus, kv=ctx.bus.kv(TRIGGERS_BUCKET), functions=functions)
             schedules = Schedules(bus=ctx.bus, kv=ctx.bus.kv(SCHEDULES_BUCKET), functions=functions)
@@ -89,9 +102,10 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                     kv=ctx.bus.kv(INVOCATIONS_BUCKET),
                     max_body=settings.max_invoke_body_bytes,
                 ),
-                secrets=Secrets(bus=ctx.bus, store=SecretStore(ctx.bus.kv(SECRETS_BUCKET), box)),
+                secrets=Secrets(bus=ctx.bus, store=secret_store),
                 quotas=quotas,
                 schedules=schedules,
+                git_sync=git_sync,
             )
             add_routes(ctx.app)
             try:
@@ -103,9 +117,11 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
             except LambdabusError as exc:  # the next start tries again
                 log.warning("could not reconcile schedules", extra={"error": exc.message})
             await invoker.start()
+            await git_sync.start()
             try:
                 yield
             finally:
+                await git_sync.close()
                 await invoker.close()
 
     return setup

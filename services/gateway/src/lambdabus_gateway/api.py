@@ -20,6 +20,7 @@ from lambdabus_gateway.auth import TOKEN, add_token_routes, require_namespace
 from lambdabus_gateway.deadletters import DeadLetters, parse_id, parse_limit
 from lambdabus_gateway.events import Limits, encoded, read_events, store
 from lambdabus_gateway.functions import Functions, labels_match, parse_label_selectors
+from lambdabus_gateway.gitsync import GitSync
 from lambdabus_gateway.invocations import Invocations, wants_async
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.logs import query as query_logs
@@ -57,6 +58,7 @@ class Gateway:
     secrets: Secrets
     quotas: Quotas
     schedules: Schedules
+    git_sync: GitSync | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -147,6 +149,15 @@ async def delete_function(request: web.Request) -> web.Response:
     await gw.triggers.delete_for_function(ns, name)
     await gw.schedules.delete_for_function(ns, name)
     return web.json_response(record.model_dump(mode="json"), status=202)
+
+
+async def sync_function(request: web.Request) -> web.Response:
+    """Look at a git-sourced function's reference now (Kyma polls; this forces it)."""
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    if gw.git_sync is None:
+        raise InvalidRequest("this gateway takes no git sources", code="git_disabled", status=409)
+    return _record_response(await gw.git_sync.sync_one(ns, name))
 
 
 async def function_status(request: web.Request) -> web.Response:
@@ -565,6 +576,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(base + "/{name}/build/logs", build_logs)
     r.add_get(base + "/{name}/history", history)
     r.add_get(base + "/{name}/metrics", function_metrics)
+    r.add_post(base + "/{name}/sync", sync_function)
     namespace = "/v1/namespaces/{ns}"
     r.add_post(namespace + "/triggers", create_trigger)
     r.add_get(namespace + "/triggers", list_triggers)

@@ -12,9 +12,10 @@ import hashlib
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lambdabus_events.catalog import (
     FunctionCreated,
@@ -31,6 +32,8 @@ from lambdabus_events.models import (
     BuildState,
     FunctionConfig,
     FunctionRecord,
+    GitSource,
+    GitSourceState,
     Runtime,
     SourceRef,
 )
@@ -52,6 +55,9 @@ from lambdabus_platform.errors import (
 from lambdabus_platform.httpauth import CURRENT_ACTOR
 from lambdabus_platform.registry import Registry, Versioned
 from lambdabus_platform.uploadformats import handler_modules, to_zip, with_dependencies
+
+if TYPE_CHECKING:
+    from lambdabus_gateway.gitsync import GitSources
 
 log = logging.getLogger("lambdabus.gateway.functions")
 
@@ -77,7 +83,11 @@ def next_record(
     reason (the network), and a redeploy is how a user asks for another try."""
     changes: list[Change] = []
     # Another runtime means another build of the same source.
-    new_source = source is not None and (build_failed or source.sha256 != current.source.sha256)
+    new_source = source is not None and (
+        build_failed
+        or source.sha256 != current.source.sha256
+        or _git_spec(source) != _git_spec(current.source)
+    )
     # Another handler is called from another build (the builder checks it and records it).
     new_handler = config.handler != current.spec.handler
     if new_source or new_handler or config.runtime != current.spec.runtime:
@@ -116,6 +126,10 @@ def labels_match(labels: dict[str, str], selectors: list[tuple[str, str | None]]
     return all(
         key in labels and (wanted is None or labels[key] == wanted) for key, wanted in selectors
     )
+
+
+def _git_spec(source: SourceRef) -> GitSource | None:
+    return source.git.source() if source.git is not None else None
 
 
 def merge_patch(current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +175,9 @@ class Functions:
         quotas: Quotas | None = None,
         allow_unsafe_requirements: bool = False,
         builds: Registry[BuildState] | None = None,
+        git: GitSources | None = None,
     ) -> None:
+        self._git = git
         self._bus = bus
         self._builds = builds
         self._records = records
@@ -171,14 +187,31 @@ class Functions:
         self._allow_unsafe_requirements = allow_unsafe_requirements
 
     async def _prepare_source(
-        self, upload: Upload, runtime: Runtime, handler: str | None = None
+        self, upload: Upload, runtime: Runtime, namespace: str, handler: str | None = None
     ) -> Source | None:
+        if upload.git is not None:
+            if self._git is None:
+                raise InvalidSpec("this gateway takes no git sources", code="git_disabled")
+            await self._git.check(upload.git)  # the URL's form and host first: a 400
+            data, git = await self._git.fetch(namespace, upload.git)
+            return await self._source_of(data, "git", runtime, git, upload, handler)
         if upload.archive is not None:
             data, kind = upload.archive, "archive"
         elif upload.inline_files is not None:
             data, kind = build_inline_archive(upload.inline_files), "inline"
         else:
             return None
+        return await self._source_of(data, kind, runtime, None, upload, handler)
+
+    async def _source_of(
+        self,
+        data: bytes,
+        kind: str,
+        runtime: Runtime,
+        git: GitSourceState | None,
+        upload: Upload | None,
+        handler: str | None,
+    ) -> Source:
         modules = handler_modules(runtime, handler) if handler is not None else None
         # Decompressing up to the limit is CPU work: keep it off the event loop.
         if kind == "archive":
@@ -187,13 +220,13 @@ class Functions:
                 data,
                 runtime=runtime,
                 handler=handler,
-                filename=upload.archive_name,
+                filename=upload.archive_name if upload is not None else None,
                 limits=self._limits,
             )
         info = await asyncio.to_thread(
             inspect_archive, data, runtime, self._limits, DEPENDENCY_FILE_LIMITS, modules
         )
-        if upload.dependencies is not None:
+        if upload is not None and upload.dependencies is not None:
             data = await asyncio.to_thread(
                 with_dependencies, data, runtime, upload.dependencies, self._limits
             )
@@ -207,6 +240,7 @@ class Functions:
             kind=kind,  # type: ignore[arg-type]
             entrypoint=info.entrypoint,
             files=info.files,
+            git=git,
         )
         return Source(data, ref)
 
@@ -237,7 +271,7 @@ class Functions:
             await self._quotas.check(
                 namespace, spec.name, adds_function=True, replicas=spec.replicas
             )
-        source = await self._prepare_source(upload, spec.runtime, spec.handler)
+        source = await self._prepare_source(upload, spec.runtime, namespace, spec.handler)
         assert source is not None  # read_upload(require_source=True) guarantees one
         await self._store(source)
         now = datetime.now(UTC)
@@ -293,7 +327,7 @@ class Functions:
             )
         spec = parse_spec(fields)
         config = FunctionConfig.model_validate(spec.model_dump(exclude={"name"}))
-        source = await self._prepare_source(upload, spec.runtime, spec.handler)
+        source = await self._prepare_source(upload, spec.runtime, namespace, spec.handler)
         return await self._update(namespace, name, if_match, lambda _: config, source)
 
     async def patch(
@@ -329,11 +363,14 @@ class Functions:
         if_match: str | None,
         config_of: Any,
         source: Source | None,
+        guard: Callable[[FunctionRecord], bool] | None = None,
     ) -> tuple[Versioned[FunctionRecord], list[Change]]:
         stored_source = False
         for _ in range(5):
             current = await self.get(namespace, name)
             check_if_match(if_match, current)
+            if guard is not None and not guard(current.value):
+                return current, []
             config: FunctionConfig = config_of(current.value)
             if source is None and config.runtime != current.value.spec.runtime:
                 raise InvalidSpec(
@@ -406,6 +443,66 @@ class Functions:
                 },
             )
             return stored, changes
+        raise Conflict("the function is being changed concurrently; retry")
+
+    # -- git sources (the poller's writes; see gitsync.py) ------------------------------------
+
+    async def everywhere(self) -> list[Versioned[FunctionRecord]]:
+        return await self._records.everywhere()
+
+    async def sync_git_source(
+        self,
+        namespace: str,
+        name: str,
+        seen: GitSourceState,
+        archive: bytes,
+        state: GitSourceState,
+    ) -> Versioned[FunctionRecord]:
+        """A new commit of a git source: its archive becomes the function's source (a new
+        generation) unless the record's git source changed meanwhile. Compare-and-set: of two
+        replicas that found the same commit, one writes it; the other finds no change."""
+        current = await self.get(namespace, name)
+        spec = current.value.spec
+        source = await self._source_of(archive, "git", spec.runtime, state, None, spec.handler)
+
+        def same_source(record: FunctionRecord) -> bool:
+            return _git_spec(record.source) == seen.source()
+
+        stored, changes = await self._update(
+            namespace, name, None, lambda record: record.spec, source, guard=same_source
+        )
+        if changes:
+            return stored
+        # The same files at another commit (or moved meanwhile): record what was seen.
+        return await self.record_git_state(namespace, name, seen, state)
+
+    async def record_git_state(
+        self, namespace: str, name: str, seen: GitSourceState, state: GitSourceState
+    ) -> Versioned[FunctionRecord]:
+        """Store a poll's outcome in the record's `source.git` (no new generation, no event),
+        when the record still has the source polled and the outcome is news."""
+        for _ in range(5):
+            current = await self.get(namespace, name)
+            git = current.value.source.git
+            if git is None or git.source() != seen.source():
+                return current
+            if state.reason == "SourceUpdateFailed":
+                state = git.model_copy(
+                    update={
+                        "reason": state.reason,
+                        "message": state.message,
+                        "checked_at": state.checked_at,
+                    }
+                )
+            if (git.commit, git.reason, git.message) == (state.commit, state.reason, state.message):
+                return current
+            record = current.value.model_copy(
+                update={"source": current.value.source.model_copy(update={"git": state})}
+            )
+            try:
+                return await self._records.update(namespace, name, record, current.revision)
+            except Conflict:
+                continue
         raise Conflict("the function is being changed concurrently; retry")
 
     async def delete(self, namespace: str, name: str, if_match: str | None) -> FunctionRecord:

@@ -21,6 +21,7 @@ from lambdabus_events.models import (
     FunctionRecord,
     FunctionSpec,
     FunctionStatus,
+    GitSource,
     InvocationRecord,
     Quota,
     ScheduleRecord,
@@ -128,8 +129,14 @@ class InlineSource(BaseModel):
     files: dict[str, str] = Field(description="path → text; must hold the runtime's entry point")
 
 
+class GitUploadSource(BaseModel):
+    git: GitSource = Field(
+        description="a repository the gateway fetches now and polls after (Kyma's git source)"
+    )
+
+
 class InlineUpload(FunctionSpec):
-    source: InlineSource
+    source: InlineSource | GitUploadSource
 
 
 AUTH_TEXT = """\
@@ -405,6 +412,22 @@ def render_openapi() -> dict[str, Any]:
                 "operationId": "functionStatus",
                 "responses": {
                     "200": _json("FunctionStatus", "image status, lambda status, conditions"),
+                    **_ERRORS,
+                },
+            },
+        },
+        fn + "/{name}/sync": {
+            "parameters": _params("ns", "name"),
+            "post": {
+                "operationId": "syncFunction",
+                "summary": "Look at a git-sourced function's reference now (it is polled anyway)",
+                "description": (
+                    "A new commit becomes a new source and generation (built and rolled out as "
+                    "an update); a failed look is recorded as `ConfigurationReady` "
+                    "`SourceUpdateFailed` with why. 409 `not_git_sourced` for other functions."
+                ),
+                "responses": {
+                    "200": _json("FunctionRecord", "the record after the look"),
                     **_ERRORS,
                 },
             },

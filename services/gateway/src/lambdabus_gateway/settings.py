@@ -75,3 +75,15 @@ class GatewaySettings(ServiceSettings):
     auth_failure_window_seconds: float = Field(
         default=60.0, gt=0, description="the window of auth_max_failures"
     )
+    # -- git sources
+    git_poll_interval: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds between polls of git-sourced functions' references",
+    )
+    git_allow_private: bool = Field(
+        default=False,
+        description="let git sources be on loopback, private and link-local addresses "
+        "(a git server on this machine or the LAN); refused by default",
+    )
+    git_timeout: float = Field(default=120.0, gt=0, description="seconds per git command")

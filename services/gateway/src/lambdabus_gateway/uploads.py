@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from pydantic import ValidationError
 
-from lambdabus_events.models import RUNTIMES, FunctionConfig, FunctionSpec
+from lambdabus_events.models import RUNTIMES, FunctionConfig, FunctionSpec, GitSource
 from lambdabus_events.names import label_problem
 from lambdabus_platform.errors import InvalidName, InvalidRequest, InvalidSpec, PayloadTooLarge
 
@@ -29,6 +29,7 @@ class Upload:
     # and a `dependencies` part (requirements.txt or package.json) that replaces the archive's.
     archive_name: str | None = None
     dependencies: bytes | None = None
+    git: GitSource | None = None
 
 
 def validation_error(exc: ValidationError, *, prefix: str = "spec") -> InvalidRequest:
@@ -111,6 +112,18 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _git_source(source: dict[str, Any]) -> GitSource:
+    if set(source) != {"git"} or not isinstance(source["git"], dict):
+        raise InvalidSpec(
+            'source must be {"git": {"url": ..., "reference": ...}} or {"files": {...}}',
+            code="invalid_source",
+        )
+    try:
+        return GitSource.model_validate(source["git"])
+    except ValidationError as exc:
+        raise validation_error(exc, prefix="source.git") from exc
+
+
 def _inline_files(source: Any) -> dict[str, str]:
     files = source.get("files") if isinstance(source, dict) else None
     if not isinstance(source, dict) or set(source) != {"files"} or not isinstance(files, dict):
@@ -138,7 +151,10 @@ async def read_upload(
         fields = _json_object(body, "the request body")
         inline = None
         if "source" in fields:
-            inline = _inline_files(fields.pop("source"))
+            source = fields.pop("source")
+            if isinstance(source, dict) and "git" in source:
+                return Upload(fields, None, None, git=_git_source(source))
+            inline = _inline_files(source)
         elif require_source:
             raise InvalidSpec(
                 'a JSON upload needs "source": {"files": {...}}; or send multipart with an "archive" part',
