@@ -145,7 +145,8 @@ def test_a_redeploy_from_the_cli_keeps_overrides_and_lets_presets_move() -> None
     stored = FunctionSpec.model_validate({"name": "fn", "timeout": 5, "cpu": 300})
     current = {"spec": stored.model_dump(mode="json")}
     sent = merged_spec(current, {"name": "fn", "resources_preset": "XL"}, replace=False)
-    assert "preset_overrides" not in sent and "memory" not in sent
+    assert "preset_overrides" not in sent
+    assert "memory" not in sent
     assert (sent["cpu"], sent["timeout"], sent["resources_preset"]) == (300, 5.0, "XL")
     again = parse_spec(sent)
     assert (again.memory, again.cpu, again.preset_overrides) == (512, 300, ["cpu"])

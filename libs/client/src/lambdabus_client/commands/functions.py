@@ -318,9 +318,10 @@ def presets_and_pods(status: JsonObject) -> list[str]:
             f" ({applied.get('min_replicas')}-{applied.get('max_replicas')}), "
             f"build {applied.get('build')}"
         )
-        if overridden:
-            line += f"; overridden: {', '.join(map(str, overridden))}"
         lines.append(truncate(line, TABLE_WIDTH))
+        if overridden:
+            shown = ", ".join(map(str, overridden))
+            lines.append(truncate(f"Overridden:  {shown} (set in the spec)", TABLE_WIDTH))
     pods = status.get("pod_statuses")
     if isinstance(pods, dict) and pods:
         lines.append("Instances:")
