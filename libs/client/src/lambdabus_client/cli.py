@@ -328,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")
     update.add_argument("--timeout", type=float, help="seconds per invocation")
     update.add_argument("--description")
+    # -- Kyma presets: a changed preset moves the fields that follow it
+    for group in ("resources_preset", "replicas_preset", "build_preset"):
+        update.add_argument(
+            "--" + group.replace("_", "-"), choices=presets.allowed(group), help="Kyma's values"
+        )
 
     init = commands.add_parser(
         "init", parents=[common], help="write a new function directory, ready to deploy"

@@ -305,6 +305,8 @@ def image_and_status(status: JsonObject) -> list[str]:
 
 # -- Kyma presets and LUNA pod statuses
 
+PRESET_OPTIONS = ("resources_preset", "replicas_preset", "build_preset")
+
 
 def presets_and_pods(status: JsonObject) -> list[str]:
     """The presets a function follows (and what its spec overrides), then one line per
@@ -367,13 +369,14 @@ async def _update(settings: ClientSettings, args: argparse.Namespace, output: st
     patch: JsonObject = {}
     if args.env:
         patch["env"] = parse_env(args.env)
-    for key in ("replicas", "memory", "timeout", "description"):
-        value = getattr(args, key)
+    for key in ("replicas", "memory", "timeout", "description", *PRESET_OPTIONS):
+        value = getattr(args, key, None)
         if value is not None:
             patch[key] = value
     if not patch:
         raise UsageError(
-            "nothing to update: give --env, --replicas, --memory, --timeout or --description"
+            "nothing to update: give --env, --replicas, --memory, --timeout, --description or "
+            "a preset (--resources-preset, --replicas-preset, --build-preset)"
         )
     async with LambdabusClient.from_settings(settings) as client:
         changed, record = await client.patch_function(settings.namespace, args.name, patch)
