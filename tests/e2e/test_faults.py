@@ -526,7 +526,8 @@ def test_a_flood_of_output_is_rate_limited_and_disturbs_nothing(
 ) -> None:
     replicas = 3  # together past what the log store takes: flow control must hold
     start = time.monotonic()
-    deploy(platform, "chatty", CHATTY, replicas=replicas)
+    # a flood needs the cpu to be one: more than the default preset's 100m (M)
+    deploy(platform, "chatty", CHATTY, replicas=replicas, cpu=1000)
     wait_status(platform, "chatty", 60, status="running")
     counted_at, counted = time.monotonic(), count_logs(platform, "chatty")
     latencies: list[tuple[float, float]] = []

@@ -221,7 +221,7 @@ def test_a_python_instance_runs_the_runtime_sdk_of_its_env() -> None:
         "--timeout",
         "30",
         "--memory",
-        "256",
+        "128",  # the default resources preset (M) limit
         "--runtime",
         "python3.11",
     ]
@@ -366,7 +366,7 @@ def test_a_sandboxed_node_instance_sees_the_runtime_server() -> None:
     assert Bind(node_dir, "/lambdabus/runtime/node") in sandbox.binds
     assert sandbox.command[:3] == (
         "/usr/bin/node",
-        "--max-old-space-size=256",
+        "--max-old-space-size=128",  # the default resources preset (M) limit
         "/lambdabus/runtime/node/server.js",
     )
     assert dict(sandbox.env)["NODE_PATH"] == "/lambdabus/deps/node_modules"

@@ -110,3 +110,38 @@ def test_configuration_ready_of_a_git_source_is_its_last_poll() -> None:
     assert (config.status, config.reason) == ("False", "SourceUpdateFailed")
     assert "no branch" in config.message
     assert compute_status(_record(), None, None).conditions[0].reason == "ConfigurationStored"
+
+
+# -- Kyma presets and LUNA pod statuses
+
+
+def test_pod_statuses_have_one_entry_per_instance_in_lunas_terms() -> None:
+    started = datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
+    instances = [
+        {"id": "hello-a", "generation": 2, "phase": "ready", "restarts": 2,
+         "last_exit": "exited with code 3", "started_at": started},
+        {"id": "hello-b", "generation": 2, "phase": "backoff", "restarts": 0},
+        {"id": "hello-c", "generation": 2, "phase": "crashed", "restarts": 5},
+    ]  # fmt: skip
+    deployment = DeploymentState.model_validate(
+        {**_deployment("ready").model_dump(), "instances": instances}
+    )
+    pods = compute_status(_record(), _build("succeeded"), deployment).pod_statuses
+    assert {k: (p.status, p.phase, p.restarts) for k, p in pods.items()} == {
+        "hello-a": ("running", "ready", 2),
+        "hello-b": ("waiting", "backoff", 0),
+        "hello-c": ("terminated", "crashed", 5),
+    }
+    assert pods["hello-a"].started_at == started
+    assert pods["hello-a"].last_exit == "exited with code 3"
+    assert compute_status(_record(), _build("succeeded"), None).pod_statuses == {}
+
+
+def test_the_status_names_the_presets_and_the_overrides() -> None:
+    record = _record().model_copy(
+        update={"spec": FunctionConfig.model_validate({"replicas_preset": "L", "cpu": 300})}
+    )
+    presets = compute_status(record, None, None).presets
+    assert presets is not None
+    assert (presets.resources, presets.replicas, presets.build) == ("M", "L", "normal")
+    assert (presets.min_replicas, presets.max_replicas, presets.overridden) == (1, 5, ["cpu"])

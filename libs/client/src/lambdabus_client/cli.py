@@ -82,6 +82,7 @@ from lambdabus_client.commands.triggers import (
     _triggers,
 )
 from lambdabus_client.packaging import PackagingError
+from lambdabus_events import presets
 
 
 def _version() -> str:
@@ -178,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--replicas", type=int)
     deploy.add_argument("--timeout", type=float, help="seconds per invocation")
-    deploy.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")
+    deploy.add_argument(
+        "--memory", help="MiB, or a quantity such as 256Mi or 1Gi; default: the preset's limit"
+    )
     deploy.add_argument("--description")
     deploy.add_argument(
         "--secret",
@@ -197,7 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--invoke-auth", choices=("none", "token"), help="token: callers need a bearer token"
     )
     deploy.add_argument("--network", choices=("outbound", "none"), help="default: outbound")
-    deploy.add_argument("--cpu", type=int, metavar="MILLICORES", help="default: 1000")
+    deploy.add_argument(
+        "--cpu", type=int, metavar="MILLICORES", help="default: the resources preset's limit"
+    )
+    # -- Kyma presets
+    deploy.add_argument(
+        "--resources-preset",
+        choices=presets.allowed("resources_preset"),
+        help="memory and cpu (Kyma's values); default M",
+    )
+    deploy.add_argument(
+        "--replicas-preset",
+        choices=presets.allowed("replicas_preset"),
+        help="min and max replicas (Kyma's values); default S",
+    )
+    deploy.add_argument(
+        "--build-preset",
+        choices=presets.allowed("build_preset"),
+        help="build resources (Kyma's values); default normal",
+    )
     deploy.add_argument(
         "--max-concurrency", type=int, metavar="N", help="at most N invocations at once"
     )
@@ -390,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--memory", help="MiB, or a quantity such as 256Mi or 1Gi")
     update.add_argument("--timeout", type=float, help="seconds per invocation")
     update.add_argument("--description")
+    # -- Kyma presets: a changed preset moves the fields that follow it
+    for group in ("resources_preset", "replicas_preset", "build_preset"):
+        update.add_argument(
+            "--" + group.replace("_", "-"), choices=presets.allowed(group), help="Kyma's values"
+        )
 
     init = commands.add_parser(
         "init", parents=[common], help="write a new function directory, ready to deploy"

@@ -15,6 +15,7 @@ from typing import Annotated, ClassVar, Literal, Self, TypeVar, Union
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from lambdabus_events.models import (
+    BuildResources,
     EnvName,
     FunctionConfig,
     Runtime,
@@ -24,6 +25,7 @@ from lambdabus_events.models import (
     env_digest,
 )
 from lambdabus_events.names import LABEL_MAX, LABEL_PATTERN, Label
+from lambdabus_events.presets import BuildPreset, ReplicasPreset, ResourcesPreset
 
 SCHEMA_BASE = "https://lambdabus.io/schemas/events/"
 TYPE_PREFIX = "io.lambdabus."
@@ -76,6 +78,17 @@ class FunctionSpecSummary(_Data):
     handler: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     command: list[str] = Field(default_factory=list, description="runtime custom's program")
+    # -- Kyma presets (defaults: what a spec stored before presets existed ran with)
+    resources_preset: ResourcesPreset = "M"
+    replicas_preset: ReplicasPreset = "S"
+    build_preset: BuildPreset = "normal"
+    memory_request: int | None = None
+    cpu_request: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    build_resources: BuildResources | None = None
+    preset_overrides: list[str] = Field(default_factory=list)
+    # -- end of Kyma presets
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:

@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lambdabus_events import presets
 from lambdabus_events.names import Label
+from lambdabus_events.presets import BuildPreset, ReplicasPreset, ResourcesPreset
 
 Runtime = Literal["python3.11", "nodejs20", "custom"]
 RUNTIMES: tuple[Runtime, ...] = ("python3.11", "nodejs20", "custom")
@@ -150,16 +152,38 @@ class _HandlerAndLabels(_Strict):
         return value
 
 
+class BuildResources(_Strict):
+    """What a build of the function may use (Kyma's buildResources): cpu in millicores,
+    memory in MiB. Kept and shown; the local builder does not limit its steps by them."""
+
+    cpu_request: int = Field(default=700, ge=10, le=64000)
+    memory_request: int = Field(default=700, ge=16, le=65536)
+    cpu: int = Field(default=1100, ge=10, le=64000)
+    memory: int = Field(default=1100, ge=16, le=65536)
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> BuildResources:
+        if self.cpu_request > self.cpu or self.memory_request > self.memory:
+            raise ValueError("a build request is more than its limit")
+        return self
+
+
 class FunctionConfig(_HandlerAndLabels):
     """What a user may set on a function besides its name and source."""
 
     runtime: Runtime = DEFAULT_RUNTIME
     env: dict[EnvName, str] = Field(default_factory=dict)
-    replicas: int = Field(default=1, ge=0, le=64)
+    replicas: int = Field(
+        default=1, ge=0, le=64, description="instances run now (default: `min_replicas`)"
+    )
     timeout: float = Field(default=30.0, gt=0, le=900, description="seconds per invocation")
-    memory: int = Field(default=256, ge=16, le=16384, description="MiB per instance")
+    memory: int = Field(
+        default=128, ge=16, le=16384, description="MiB per instance (default: the preset's limit)"
+    )
     description: str = Field(default="", max_length=1024)
-    cpu: int = Field(default=1000, ge=10, le=64000, description="millicores per instance")
+    cpu: int = Field(
+        default=100, ge=10, le=64000, description="millicores per instance (default: the preset's)"
+    )
     pids: int = Field(default=128, ge=8, le=32768, description="processes per instance")
     open_files: int = Field(default=1024, ge=64, le=65536, description="open files per process")
     tmp_size: int = Field(default=64, ge=1, le=16384, description="MiB of /tmp per instance")
@@ -190,6 +214,66 @@ class FunctionConfig(_HandlerAndLabels):
         if problem:
             raise ValueError(problem)
         return self
+
+    # -- Kyma presets (lambdabus_events.presets): the fields each governs are filled from it
+    # unless set explicitly; `preset_overrides` records which were.
+    resources_preset: ResourcesPreset = Field(
+        default=presets.DEFAULT_RESOURCES_PRESET,
+        description="memory, cpu and their requests: XS, S, M, L, XL (Kyma's values)",
+    )
+    replicas_preset: ReplicasPreset = Field(
+        default=presets.DEFAULT_REPLICAS_PRESET,
+        description="min_replicas and max_replicas: S, M, L, XL (Kyma's values)",
+    )
+    build_preset: BuildPreset = Field(
+        default=presets.DEFAULT_BUILD_PRESET,
+        description="build_resources: local-dev, slow, normal, fast (Kyma's values)",
+    )
+    memory_request: int = Field(
+        default=64, ge=16, le=16384, description="MiB an instance is expected to use"
+    )
+    cpu_request: int = Field(
+        default=50, ge=10, le=64000, description="millicores an instance is expected to use"
+    )
+    min_replicas: int = Field(
+        default=1, ge=0, le=64, description="fewest instances (run today: `replicas`)"
+    )
+    max_replicas: int = Field(
+        default=1, ge=0, le=64, description="most instances, for the autoscaler to come"
+    )
+    build_resources: BuildResources = Field(default_factory=lambda: BuildResources())
+    preset_overrides: list[str] = Field(
+        default_factory=list,
+        description="set by the platform: the fields a preset governs that the spec set itself",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_presets(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        try:
+            return presets.resolve(data)
+        except presets.UnknownPreset:
+            return data  # the preset field's own validation names the allowed values
+
+    @model_validator(mode="after")
+    def _presets_consistent(self) -> FunctionConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is more than max_replicas "
+                f"({self.max_replicas})"
+            )
+        if self.replicas > self.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) is more than max_replicas ({self.max_replicas}); "
+                "raise max_replicas or choose a larger replicas_preset"
+            )
+        if self.memory_request > self.memory or self.cpu_request > self.cpu:
+            raise ValueError("a request (memory_request, cpu_request) is more than its limit")
+        return self
+
+    # -- end of Kyma presets
 
     @field_validator("env")
     @classmethod
@@ -442,6 +526,9 @@ class InstanceState(_Strict):
     endpoint: str | None = None
     restarts: int = 0
     last_exit: str = ""
+    started_at: datetime | None = Field(
+        default=None, description="when its current process started (each restart anew)"
+    )
 
 
 class InstanceLimits(_Strict):
@@ -511,6 +598,31 @@ class LogLine(_Strict):
     )
 
 
+class PresetsApplied(_Strict):
+    """Which Kyma presets a function follows, and which governed fields its spec overrides."""
+
+    resources: ResourcesPreset
+    replicas: ReplicasPreset
+    build: BuildPreset
+    overridden: list[str] = Field(default_factory=list)
+    min_replicas: int
+    max_replicas: int
+
+
+class PodStatus(_Strict):
+    """One instance in LUNA's `pod_statuses`."""
+
+    status: Literal["running", "waiting", "terminated"] = Field(
+        description="running: it answers; waiting: starting, unhealthy or backing off before "
+        "a restart; terminated: stopped or crashed for good"
+    )
+    phase: InstancePhase
+    generation: int
+    restarts: int
+    started_at: datetime | None = None
+    last_exit: str = ""
+
+
 class FunctionStatus(_Strict):
     """What `GET .../functions/{name}/status` answers (LUNA image/lambda status, Kyma conditions)."""
 
@@ -528,6 +640,15 @@ class FunctionStatus(_Strict):
         default="",
         description="the status in one line for a person: 'running (1/1 replicas ready)', "
         "'failed: <reason>' when the build or the deployment failed",
+    )
+    # -- Kyma presets and LUNA pod statuses
+    presets: PresetsApplied | None = Field(
+        default=None, description="the presets the spec follows and the fields it overrides"
+    )
+    pod_statuses: dict[str, PodStatus] = Field(
+        default_factory=dict,
+        description="LUNA's pod statuses: one entry per instance (on the local backend, per "
+        "supervised process), keyed by its id",
     )
 
 

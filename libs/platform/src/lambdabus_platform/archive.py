@@ -12,7 +12,7 @@ import stat
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,3 +494,35 @@ def _remove(created: list[Path]) -> None:
                 path.unlink()
         except OSError:
             pass
+
+
+# -- LUNA docs: reading named files back out of a stored zip -----------------------------------
+
+
+def read_files(
+    data: bytes | BinaryIO,
+    names: Iterable[str],
+    limits: ArchiveLimits = ArchiveLimits(),
+    max_bytes: int = 5 * 1024 * 1024,
+) -> dict[str, bytes]:
+    """The content of the files `names` (paths inside the zip) that the archive holds, under
+    the same rules as `inspect_archive` (only these entries are decompressed). A file larger
+    than `max_bytes` raises `PayloadTooLarge` (`file_too_large`)."""
+    wanted = set(names)
+    found: dict[str, bytes] = {}
+    with _open(data) as zf:
+        entries = _scan(zf, limits)
+        total = 0
+        for entry in entries:
+            if entry.is_dir or entry.name not in wanted:
+                continue
+            if entry.info.file_size > max_bytes:
+                raise PayloadTooLarge(
+                    f"{entry.name} is {entry.info.file_size} bytes; at most {max_bytes} are served",
+                    code="file_too_large",
+                    details={"entry": entry.name, "limit": max_bytes},
+                )
+            buffer = bytearray()
+            total += _decompress(zf, entry, total, limits, buffer.extend)
+            found[entry.name] = bytes(buffer)
+    return found

@@ -7,6 +7,8 @@ three conditions. A state for an older generation counts as "not yet" for the cu
 
 from __future__ import annotations
 
+from typing import Literal
+
 from lambdabus_events.models import (
     BuildState,
     Condition,
@@ -14,7 +16,10 @@ from lambdabus_events.models import (
     FunctionRecord,
     FunctionStatus,
     ImageStatus,
+    InstanceState,
     LambdaStatus,
+    PodStatus,
+    PresetsApplied,
 )
 
 
@@ -177,7 +182,49 @@ def compute_status(
         ready_replicas=ready,
         message=message,
         limits=current.limits if current else None,
+        presets=presets_applied(record),
+        pod_statuses=pod_statuses(current.instances if current else []),
     )
+
+
+# -- Kyma presets and LUNA pod statuses
+
+
+def presets_applied(record: FunctionRecord) -> PresetsApplied:
+    spec = record.spec
+    return PresetsApplied(
+        resources=spec.resources_preset,
+        replicas=spec.replicas_preset,
+        build=spec.build_preset,
+        overridden=list(spec.preset_overrides),
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
+    )
+
+
+_POD_STATUS: dict[str, Literal["running", "waiting", "terminated"]] = {
+    "ready": "running",
+    "starting": "waiting",
+    "unhealthy": "waiting",
+    "backoff": "waiting",
+    "stopped": "terminated",
+    "crashed": "terminated",
+}
+
+
+def pod_statuses(instances: list[InstanceState]) -> dict[str, PodStatus]:
+    """LUNA's `pod_statuses`: one entry per instance the deployer reports, keyed by its id."""
+    return {
+        i.id: PodStatus(
+            status=_POD_STATUS[i.phase],
+            phase=i.phase,
+            generation=i.generation,
+            restarts=i.restarts,
+            started_at=i.started_at,
+            last_exit=i.last_exit,
+        )
+        for i in instances
+    }
 
 
 def _why(condition: Condition) -> str:

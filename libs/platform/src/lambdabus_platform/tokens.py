@@ -124,6 +124,9 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("POST", "/v1/tokens"): Action.TOKENS,
     ("GET", "/v1/tokens"): Action.TOKENS,
     ("DELETE", "/v1/tokens/{id}"): Action.TOKENS,
+    # -- LUNA docs
+    ("GET", _FN + "/{name}/docs"): Action.READ,
+    ("GET", _FN + "/{name}/docs.yml"): Action.READ,
 }
 # Open to anyone: the health check, and the static files of a web UI under /ui/.
 PUBLIC_PATHS: Final = frozenset({"/healthz"})

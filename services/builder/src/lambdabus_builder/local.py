@@ -41,6 +41,7 @@ from lambdabus_builder.buildbox import (
     network_env,
 )
 from lambdabus_builder.errors import BuildFailure
+from lambdabus_builder.luna import install_luna_files, replaced_line
 from lambdabus_builder.plan import (
     DEPENDENCY_FILES,
     NODE_LOCKFILE,
@@ -57,7 +58,13 @@ from lambdabus_builder.plan import (
     tail_message,
 )
 from lambdabus_builder.settings import BuilderSettings
-from lambdabus_events.models import ArtifactManifest, FunctionRecord, Runtime, command_path
+from lambdabus_events.models import (
+    ArtifactManifest,
+    FunctionConfig,
+    FunctionRecord,
+    Runtime,
+    command_path,
+)
 from lambdabus_platform.archive import ArchiveLimits, extract_archive
 from lambdabus_platform.dependencies import (
     DEPENDENCY_FILE_LIMITS,
@@ -220,6 +227,13 @@ class LocalBackend:
                     f"{entrypoint} is empty: it must define the function's "
                     f"handler ({entrypoint_hint(style)})",
                 )
+            # -- LUNA's reserved files, Kyma's build preset
+            if style == "luna":
+                replaced = await asyncio.to_thread(install_luna_files, code)
+                if replaced:
+                    await log.write("system", replaced_line(replaced))
+            await log.write("system", build_preset_line(record.spec))
+            # --
             await self._check_dependencies(runtime, code, log)
             key = deps_key(runtime, self._dependency_bytes(runtime, code))
             env, cached, digest = await self._environment(runtime, key, code, log)
@@ -844,6 +858,17 @@ def make_read_only(root: Path) -> None:
             if not os.path.islink(path):
                 os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o222)
     os.chmod(root, stat.S_IMODE(os.stat(root).st_mode) & ~0o222)
+
+
+def build_preset_line(spec: FunctionConfig) -> str:
+    """The build log's line about the build resources (Kyma's build preset)."""
+    res = spec.build_resources
+    how = "set in the spec" if "build_resources" in spec.preset_overrides else "the preset's"
+    return (
+        f"build preset {spec.build_preset}: {res.cpu_request}m/{res.memory_request}Mi requested, "
+        f"{res.cpu}m/{res.memory}Mi limit ({how}); kept for a cluster backend: local build "
+        "steps are not limited by them"
+    )
 
 
 def remove_tree(root: Path) -> None:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,7 @@ class Instance:
         self.endpoint: str | None = None
         self.restarts = 0
         self.last_exit = ""
+        self.started_at: datetime | None = None
         self.last_oom = False
         self.unready_streak = 0
         self.retired = False
@@ -251,6 +253,7 @@ class Instance:
             endpoint=self.endpoint,
             restarts=self.restarts,
             last_exit=self.last_exit,
+            started_at=self.started_at,
         )
 
     @property
@@ -422,6 +425,7 @@ class Instance:
             await limits.close()
             raise
         started = time.monotonic()
+        self.started_at = datetime.now(UTC)  # LUNA's pod_statuses show it
         backend.metrics.instances_running.inc()
         assert process.stdout is not None
         assert process.stderr is not None

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord,
 from lambdabus_events.names import label_problem
 from lambdabus_gateway.auth import TOKEN, add_token_routes, require_namespace
 from lambdabus_gateway.deadletters import DeadLetters, parse_id, parse_limit
+from lambdabus_gateway.docs import CONTENT_TYPES, DOCS_HTML, DOCS_YAML, HEADERS, FunctionDocs
 from lambdabus_gateway.events import Limits, encoded, read_events, store
 from lambdabus_gateway.functions import Functions, labels_match, parse_label_selectors
 from lambdabus_gateway.gitsync import GitSync
@@ -59,6 +60,7 @@ class Gateway:
     quotas: Quotas
     schedules: Schedules
     git_sync: GitSync | None = None
+    docs: FunctionDocs = field(default_factory=FunctionDocs)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -173,6 +175,34 @@ async def function_status(request: web.Request) -> web.Response:
         current.value, build.value if build else None, deployment.value if deployment else None
     )
     return web.json_response(status.model_dump(mode="json"), headers={"ETag": current.etag})
+
+
+# -- LUNA docs
+
+
+async def _function_doc(request: web.Request, path: str) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    current = await gw.functions.get(ns, name)
+    body = await gw.docs.get(
+        current.value, lambda: gw.functions.source_archive(current.value), path
+    )
+    return web.Response(
+        body=body,
+        headers={
+            **HEADERS,
+            "Content-Type": CONTENT_TYPES[path],
+            "ETag": f'"{current.value.source.sha256}"',
+        },
+    )
+
+
+async def function_docs(request: web.Request) -> web.Response:
+    return await _function_doc(request, DOCS_HTML)
+
+
+async def function_docs_yaml(request: web.Request) -> web.Response:
+    return await _function_doc(request, DOCS_YAML)
 
 
 def _parse_since(value: str | None) -> datetime | None:
@@ -577,6 +607,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get(base + "/{name}/history", history)
     r.add_get(base + "/{name}/metrics", function_metrics)
     r.add_post(base + "/{name}/sync", sync_function)
+    r.add_get(base + "/{name}/docs", function_docs)
+    r.add_get(base + "/{name}/docs.yml", function_docs_yaml)
     namespace = "/v1/namespaces/{ns}"
     r.add_post(namespace + "/triggers", create_trigger)
     r.add_get(namespace + "/triggers", list_triggers)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from lambdabus_events import presets
 from lambdabus_events.catalog import (
     FunctionCreated,
     FunctionCreatedData,
@@ -38,7 +39,7 @@ from lambdabus_events.models import (
     SourceRef,
 )
 from lambdabus_gateway.quotas import Quotas
-from lambdabus_gateway.uploads import Upload, parse_config, parse_spec
+from lambdabus_gateway.uploads import Upload, parse_config, parse_spec, refuse_platform_fields
 from lambdabus_platform.archive import ArchiveLimits, build_inline_archive, inspect_archive
 from lambdabus_platform.blobstore import BlobStore
 from lambdabus_platform.bus import Bus
@@ -142,6 +143,19 @@ def merge_patch(current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any
             merged[key] = merge_patch(merged[key], value)
         else:
             merged[key] = value
+    return merged
+
+
+def patched_spec(current: FunctionConfig, patch: dict[str, Any]) -> dict[str, Any]:
+    """The spec (as JSON) after a merge patch. Pure. A preset-governed field the patch sets
+    becomes an override; one it sets to null follows its preset again; the others keep
+    following theirs (a changed preset moves them)."""
+    merged = merge_patch(current.model_dump(mode="json"), patch)
+    explicit = set(current.preset_overrides)
+    for key, value in patch.items():
+        if key in presets.GOVERNED:
+            (explicit.discard if value is None else explicit.add)(key)
+    merged[presets.OVERRIDES_KEY] = sorted(explicit)
     return merged
 
 
@@ -257,6 +271,10 @@ class Functions:
             raise NotFound(f"function {namespace}/{name} does not exist", code="function_not_found")
         return current
 
+    async def source_archive(self, record: FunctionRecord) -> bytes:
+        """The function's source archive as stored (LUNA docs are read from it)."""
+        return await self._blobs.get(record.source.sha256)
+
     async def in_namespace(self, namespace: str) -> list[Versioned[FunctionRecord]]:
         return await self._records.in_namespace(namespace)
 
@@ -337,8 +355,10 @@ class Functions:
             raise InvalidName("a function cannot be renamed; create a new one")
         patch = {k: v for k, v in patch.items() if k != "name"}
 
+        refuse_platform_fields(patch)
+
         def apply(current: FunctionRecord) -> FunctionConfig:
-            return parse_config(merge_patch(current.spec.model_dump(mode="json"), patch))
+            return parse_config(patched_spec(current.spec, patch))
 
         current = await self.get(namespace, name)
         apply(current.value)  # validate before anything else

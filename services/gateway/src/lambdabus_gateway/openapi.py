@@ -432,6 +432,35 @@ def render_openapi() -> dict[str, Any]:
                 },
             },
         },
+        # -- LUNA docs
+        fn + "/{name}/docs": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "functionDocs",
+                "summary": "The archive's docs/lambda.html, under a CSP that runs no script",
+                "responses": {
+                    "200": {
+                        "description": "the HTML as uploaded",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_ERRORS,
+                },
+            },
+        },
+        fn + "/{name}/docs.yml": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "functionDocsYaml",
+                "summary": "The archive's docs/lambda.yml",
+                "responses": {
+                    "200": {
+                        "description": "the YAML as uploaded",
+                        "content": {"application/yaml": {"schema": {"type": "string"}}},
+                    },
+                    **_ERRORS,
+                },
+            },
+        },
         fn + "/{name}/invoke": {
             "parameters": _params("ns", "name"),
             "post": {

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from pydantic import ValidationError
 
+from lambdabus_events import presets
 from lambdabus_events.models import RUNTIMES, FunctionConfig, FunctionSpec, GitSource
 from lambdabus_events.names import label_problem
 from lambdabus_platform.errors import InvalidName, InvalidRequest, InvalidSpec, PayloadTooLarge
@@ -36,6 +37,7 @@ def validation_error(exc: ValidationError, *, prefix: str = "spec") -> InvalidRe
     """Turn a pydantic error into one that names every bad field."""
     problems = []
     runtime_bad = name_bad = False
+    preset_bad = ""
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
@@ -46,6 +48,11 @@ def validation_error(exc: ValidationError, *, prefix: str = "spec") -> InvalidRe
             problems.append(
                 f"{prefix}.runtime: must be one of {', '.join(RUNTIMES)} (got {err.get('input')!r})"
             )
+            continue
+        if err["loc"] and err["loc"][0] in presets.PRESET_FIELDS:
+            group = str(err["loc"][0])
+            problems.append(f"{prefix}.{group}: {presets.preset_problem(group, err.get('input'))}")
+            preset_bad = preset_bad or group
             continue
         if err["loc"] and err["loc"][0] == "name":
             name_bad = True
@@ -61,12 +68,19 @@ def validation_error(exc: ValidationError, *, prefix: str = "spec") -> InvalidRe
         )
     if name_bad:
         return InvalidName(message)
+    if preset_bad:
+        return InvalidSpec(
+            message,
+            code="unknown_preset",
+            details={"field": preset_bad, "allowed": list(presets.allowed(preset_bad))},
+        )
     return InvalidSpec(
         message, details={"fields": [".".join(map(str, e["loc"])) for e in exc.errors()]}
     )
 
 
 def parse_spec(fields: dict[str, Any]) -> FunctionSpec:
+    refuse_platform_fields(fields)
     try:
         return FunctionSpec.model_validate(fields)
     except ValidationError as exc:
@@ -78,6 +92,16 @@ def parse_config(fields: dict[str, Any]) -> FunctionConfig:
         return FunctionConfig.model_validate(fields)
     except ValidationError as exc:
         raise validation_error(exc) from exc
+
+
+def refuse_platform_fields(fields: dict[str, Any]) -> None:
+    """A spec may not set what the platform derives (`preset_overrides`)."""
+    if presets.OVERRIDES_KEY in fields:
+        raise InvalidSpec(
+            f"spec.{presets.OVERRIDES_KEY}: set by the platform (the preset fields the spec "
+            "sets itself); remove it",
+            details={"fields": [presets.OVERRIDES_KEY]},
+        )
 
 
 def _check_length(request: web.Request, limit: int) -> None:

@@ -36,6 +36,7 @@ from lambdabus_client.commands.common import (
     print_data,
 )
 from lambdabus_client.packaging import load_archive, source_names
+from lambdabus_events import presets
 
 # How far before the upload a deploy replays lifecycle events and build logs from; what is
 # older than the upload is told apart by uid and generation, so this only absorbs clock skew.
@@ -179,7 +180,9 @@ def merged_spec(current: JsonObject | None, given: JsonObject, *, replace: bool)
     if current is None or replace:
         return dict(given)
     kept = current.get("spec") if isinstance(current.get("spec"), dict) else {}
-    return {**{k: v for k, v in (kept or {}).items() if v is not None}, **given}
+    # What follows a preset is left to it (a changed preset moves it); the overrides stay.
+    kept = presets.for_user(kept or {})
+    return {**{k: v for k, v in kept.items() if v is not None}, **given}
 
 
 async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
@@ -202,6 +205,9 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
         "network",
         "cpu",
         "max_concurrency",
+        "resources_preset",
+        "replicas_preset",
+        "build_preset",
     ):
         value = getattr(args, key)
         if value is not None:

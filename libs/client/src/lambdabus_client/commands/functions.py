@@ -162,6 +162,7 @@ async def _status(settings: ClientSettings, args: argparse.Namespace, output: st
     ]
     if isinstance(status.get("limits"), dict):
         lines.append(f"Limits:      {describe_limits(status['limits'])}")
+    lines += presets_and_pods(status)
     if status.get("message"):
         lines.append(truncate(f"Message:     {_one_line(str(status['message']))}", TABLE_WIDTH))
     conditions = [
@@ -302,6 +303,41 @@ def image_and_status(status: JsonObject) -> list[str]:
     return [f"Image:       {status.get('image_status', '-')}", f"Status:      {summary}"]
 
 
+# -- Kyma presets and LUNA pod statuses
+
+PRESET_OPTIONS = ("resources_preset", "replicas_preset", "build_preset")
+
+
+def presets_and_pods(status: JsonObject) -> list[str]:
+    """The presets a function follows (and what its spec overrides), then one line per
+    instance (its pod status): shared by `status` and `describe`."""
+    lines = []
+    applied = status.get("presets")
+    if isinstance(applied, dict):
+        overridden = applied.get("overridden") or []
+        line = (
+            f"Presets:     resources {applied.get('resources')}, replicas {applied.get('replicas')}"
+            f" ({applied.get('min_replicas')}-{applied.get('max_replicas')}), "
+            f"build {applied.get('build')}"
+        )
+        lines.append(truncate(line, TABLE_WIDTH))
+        if overridden:
+            shown = ", ".join(map(str, overridden))
+            lines.append(truncate(f"Overridden:  {shown} (set in the spec)", TABLE_WIDTH))
+    pods = status.get("pod_statuses")
+    if isinstance(pods, dict) and pods:
+        lines.append("Instances:")
+        for pod_id, pod in pods.items():
+            if not isinstance(pod, dict):
+                continue
+            line = (
+                f"  {pod_id}  {pod.get('status')} ({pod.get('phase')}), "
+                f"restarts {pod.get('restarts', 0)}, started {pod.get('started_at') or '-'}"
+            )
+            lines.append(truncate(line, TABLE_WIDTH))
+    return lines
+
+
 def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str]:
     """The head of `describe`: who the function is, its spec, where it answers."""
     raw_spec = record.get("spec")
@@ -311,6 +347,7 @@ def describe_lines(record: JsonObject, status: JsonObject, url: str) -> list[str
         f"Generation:  {record.get('generation', '-')}",
         f"URL:         {url}",
         *image_and_status(status),
+        *presets_and_pods(status),
     ]
     if status.get("message"):
         lines.append(truncate(f"Message:     {_one_line(str(status['message']))}", TABLE_WIDTH))
@@ -332,13 +369,14 @@ async def _update(settings: ClientSettings, args: argparse.Namespace, output: st
     patch: JsonObject = {}
     if args.env:
         patch["env"] = parse_env(args.env)
-    for key in ("replicas", "memory", "timeout", "description"):
-        value = getattr(args, key)
+    for key in ("replicas", "memory", "timeout", "description", *PRESET_OPTIONS):
+        value = getattr(args, key, None)
         if value is not None:
             patch[key] = value
     if not patch:
         raise UsageError(
-            "nothing to update: give --env, --replicas, --memory, --timeout or --description"
+            "nothing to update: give --env, --replicas, --memory, --timeout, --description or "
+            "a preset (--resources-preset, --replicas-preset, --build-preset)"
         )
     async with LambdabusClient.from_settings(settings) as client:
         changed, record = await client.patch_function(settings.namespace, args.name, patch)
