@@ -32,6 +32,7 @@ from lambdabus_platform.subjects import (
     LOGS_PREFIX,
     LOGS_QUERY_SUBJECT,
     REDRIVE_PREFIX,
+    REPLICAS_BUCKET,
     TRIGGERS_BUCKET,
 )
 
@@ -66,6 +67,8 @@ class Access:
     serve: tuple[str, ...] = ()  # request/reply subjects it answers (queue subscriptions)
     kv_read: tuple[str, ...] = ()
     kv_write: tuple[str, ...] = ()  # implies read
+    # Buckets it writes only its own keys of, `<user>.<id>` (heartbeats), without reading.
+    kv_write_own: tuple[str, ...] = ()
     objects_read: tuple[str, ...] = ()
     objects_write: tuple[str, ...] = ()  # implies read
     # Streams it reads through consumers it makes and drops (replays, bounded reads).
@@ -85,6 +88,7 @@ class Access:
 ACCESS: Final[Mapping[str, Access]] = {
     "gateway": Access(
         "gateway",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("function", "trigger", "secret"),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{REDRIVE_PREFIX}.>", f"{INVOKE_PREFIX}.>"),
         request=(LOGS_QUERY_SUBJECT,),
@@ -96,7 +100,7 @@ ACCESS: Final[Mapping[str, Access]] = {
             SECRETS_BUCKET,
             QUOTAS_BUCKET,
         ),
-        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET),
+        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET, REPLICAS_BUCKET),  # replicas: GET /v1/replicas
         objects_write=(ARTIFACTS_BUCKET,),
         read=("LIFECYCLE", "LOGS", "DLQ"),
         direct_get=("DLQ",),
@@ -104,6 +108,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "builder": Access(
         "builder",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("build",),
         publish=(f"{LOGS_PREFIX}.build.>",),
         kv_write=(BUILDS_BUCKET,),
@@ -113,6 +118,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "deployer": Access(
         "deployer",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("deployment",),
         publish=(f"{LOGS_PREFIX}.runtime.>",),
         kv_write=(DEPLOYMENTS_BUCKET,),
@@ -122,6 +128,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "router": Access(
         "router",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("delivery",),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{DLQ_PREFIX}.>"),
         kv_write=(INVOCATIONS_BUCKET,),
@@ -137,6 +144,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "logs": Access(
         "logs",
+        kv_write_own=(REPLICAS_BUCKET,),
         serve=(LOGS_QUERY_SUBJECT,),
         read=("LOGS", "LIFECYCLE"),
         durables={"LIFECYCLE": ("logs-audit",)},
@@ -232,6 +240,9 @@ def permissions(user: str, accesses: Mapping[str, Access] = ACCESS) -> Permissio
         if bucket in access.objects_write:
             # chunks and metadata; a replaced or deleted object's chunks are purged
             pub += [f"$O.{bucket}.>", f"{_API}.STREAM.PURGE.{stream}"]
+
+    for bucket in access.kv_write_own:
+        pub.append(f"$KV.{bucket}.{user}.*")  # put and delete of its own keys only
 
     legacy = not access.named_consumers_only
     for stream in access.read:
