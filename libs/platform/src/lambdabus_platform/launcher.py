@@ -209,7 +209,10 @@ class Platform:
     def replicas_of(self, service: str) -> list[Child]:
         return [c for c in self.children.values() if c.service == service]
 
-    def env_for(self, child: Child, nats: NatsServer) -> dict[str, str]:
+    def env_for(self, child: Child | str, nats: NatsServer) -> dict[str, str]:
+        """The environment of a replica (a service's name: its first)."""
+        if isinstance(child, str):
+            child = self.children[child]
         service = child.service
         # No NATS credentials of ours (or of the caller's environment) but the service's own;
         # the secrets key only for its holders, and only as the path of its 0600 file.
