@@ -96,7 +96,7 @@ def test_replicas_after_the_first_take_the_next_free_ports(tmp_path: Path) -> No
         held.listen()
         taken = held.getsockname()[1]
         fixed = {f"{s}_port": taken - 5 + i for i, s in enumerate(SERVICES)}  # up to taken - 1
-        settings = UpSettings(data_dir=tmp_path, replicas=3, **fixed)
+        settings = UpSettings.model_validate({"data_dir": tmp_path, "replicas": 3, **fixed})
         ports = extra_ports(settings)
     assert set(ports) == {(s, i) for s in SERVICES for i in (1, 2)}
     chosen = list(ports.values())
@@ -104,7 +104,9 @@ def test_replicas_after_the_first_take_the_next_free_ports(tmp_path: Path) -> No
     assert taken not in chosen  # in use: skipped
     assert min(chosen) > taken - 1  # above every configured port
     # ephemeral ports: every replica's server picks its own
-    ephemeral = UpSettings(data_dir=tmp_path, replicas=2, **{f"{s}_port": 0 for s in SERVICES})
+    ephemeral = UpSettings.model_validate(
+        {"data_dir": tmp_path, "replicas": 2, **{f"{s}_port": 0 for s in SERVICES}}
+    )
     assert set(extra_ports(ephemeral).values()) == {0}
 
 
