@@ -1,6 +1,7 @@
 """`lambdabus up --replicas 2`: two processes of every service against one nats-server, every
-one listed by `GET /v1/replicas`; calls go through either router and either gateway, and a
-router killed with SIGKILL is restarted under its id and port while the other keeps answering.
+one listed by `GET /v1/replicas`; calls go through either router and either gateway, both
+logs replicas answer a share of the log queries, and a router killed with SIGKILL is restarted
+under its id and port while the other keeps answering.
 
 Two deployers each start every function today, in one shared state directory, and write its
 endpoints in turn (leader election is another change, issue 9 item 2): a call may then meet a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,17 @@ def reach(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple
         return 0, repr(exc)
 
 
+def queries_answered(url: str) -> float:
+    """The logs queries a logs replica answered, from its /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("lambdabus_logs_queries_total{")
+    )
+
+
 def listed(platform: Platform, via: str = "gateway-2") -> list[dict[str, Any]]:
     status, body = http("GET", f"{platform.urls[via]}/v1/replicas")
     assert status == 200, body
@@ -138,6 +151,15 @@ def test_calls_go_through_either_router_and_survive_a_killed_one(
             30,
             f"echo answering through {gateway}",
         )
+
+    # log queries go to the logs replicas' queue group: both answer a share
+    for n in range(30):
+        gateway = gateways[n % 2]
+        status, _ = http("GET", f"{gateway}/v1/namespaces/default/functions/echo/build/logs")
+        assert status == 200
+    answered = [queries_answered(platform.urls[name]) for name in ("logs", "logs-2")]
+    assert sum(answered) >= 30
+    assert min(answered) > 0, answered
 
     # kill -9 the first router while a client calls the second one throughout
     old = replica_pids(platform, "router")["router-1"]

@@ -145,3 +145,13 @@ def test_a_replica_count_out_of_range_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert "is not a number of replicas from 1 to 9" in err
     assert "Traceback" not in err
+
+
+def test_a_replica_count_from_the_environment_is_checked_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LAMBDABUS_UP_REPLICAS", "0")  # `LAMBDABUS_UP_REPLICAS=0 make run`
+    assert launcher_main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LAMBDABUS_UP_REPLICAS: ")
+    assert len(err.splitlines()) == 1
