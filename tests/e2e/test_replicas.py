@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +175,7 @@ def test_calls_go_through_either_router_and_survive_a_killed_one(
     thread.start()
     try:
         wait_for(lambda: len(results) >= 5, 30, "calls before the kill")
+        killed_at, killed_after = time.monotonic(), len(results)
         os.kill(old, signal.SIGKILL)
         new = wait_for(
             lambda: (pid := replica_pids(platform, "router").get("router-1")) != old and pid,
@@ -186,6 +188,7 @@ def test_calls_go_through_either_router_and_survive_a_killed_one(
             60,
             "router-1 answering again",
         )
+        back = time.monotonic() - killed_at
         during = len(results)
         wait_for(lambda: len(results) >= during + 5, 30, "calls after the restart")
         wait_for(
@@ -199,6 +202,11 @@ def test_calls_go_through_either_router_and_survive_a_killed_one(
     assert failed == [], f"{len(failed)} of {len(results)} calls failed: {failed[:3]}"
     assert seen.count((200, {"echo": {"n": 3}})) >= 10
     assert new != old
+    print(
+        f"\nrouter-1 killed: answering again after {back:.2f} s; router-2 answered "
+        f"{during - killed_after} calls meanwhile ({seen.count(NO_READY_INSTANCE)} of "
+        f"{len(seen)} calls in all met no ready instance)"
+    )
     assert replica_pids(platform, "router")["router-2"]  # the other was never touched
 
     def router_1_listed_afresh() -> bool:
