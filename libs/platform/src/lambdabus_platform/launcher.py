@@ -140,12 +140,12 @@ def busy_ports(settings: UpSettings) -> list[str]:
     return lines
 
 
-def extra_ports(settings: UpSettings, used: set[int] | None = None) -> dict[tuple[str, int], int]:
+def extra_ports(settings: UpSettings) -> dict[tuple[str, int], int]:
     """Ports of the replicas after the first, by (service, index): for a service on a fixed
     port, the next ports above every fixed one that are free on the host; 0 (the server picks)
     for a service on port 0."""
     fixed = [settings.port(s) for s in SERVICES if settings.port(s) > 0]
-    taken = set(fixed) | (used or set())
+    taken = set(fixed)
     candidate = max(fixed, default=0) + 1
     ports: dict[tuple[str, int], int] = {}
     for index in range(1, settings.replicas):
@@ -282,6 +282,8 @@ class Platform:
                         child.url = str(line.get("url"))
                         child.port = int(line.get("port") or 0)
                         child.ready.set()
+                    if child.index:  # which replica said it
+                        line["service"] = child.name
                     print(_human(line), file=self.err, flush=True)
             code = await process.wait()
             child.process = None
