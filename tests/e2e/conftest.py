@@ -74,7 +74,11 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def platform_up(
-    data_dir: Path, *, ready_timeout: float = 90, env: dict[str, str] | None = None
+    data_dir: Path,
+    *,
+    ready_timeout: float = 90,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[Platform]:
     process = subprocess.Popen(
         [
@@ -85,6 +89,7 @@ def platform_up(
             "--ephemeral-ports",
             "--data-dir",
             str(data_dir),
+            *args,
         ],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -100,7 +105,8 @@ def platform_up(
         for line in process.stdout:
             platform.output.append(line)
             words = line.split()
-            if len(words) == 2 and words[0] in (*SERVICES, "nats"):
+            # `router`, and with --replicas `router-2`...
+            if len(words) == 2 and words[0].split("-")[0] in (*SERVICES, "nats"):
                 platform.urls[words[0]] = words[1]
             if line.startswith("lambdabus is up"):
                 break
@@ -111,10 +117,14 @@ def platform_up(
         else:
             raise RuntimeError("lambdabus up exited:\n" + "".join(platform.output))
         platform.token = (data_dir / "admin.token").read_text().strip()
-        GATEWAY_TOKENS[platform.urls["gateway"]] = platform.token
+        gateways = [u for n, u in platform.urls.items() if n.split("-")[0] == "gateway"]
+        for url in gateways:
+            GATEWAY_TOKENS[url] = platform.token
         yield platform
     finally:
-        GATEWAY_TOKENS.pop(platform.urls.get("gateway", ""), None)
+        for name, url in platform.urls.items():
+            if name.split("-")[0] == "gateway":
+                GATEWAY_TOKENS.pop(url, None)
         left = platform.descendants()
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -42,6 +42,8 @@ from lambdabus_platform.subjects import (
     ARTIFACTS_BUCKET,
     KV_BUCKETS,
     NO_HISTORY_BUCKETS,
+    REPLICAS_BUCKET,
+    REPLICAS_TTL_SECONDS,
     STREAMS,
     lifecycle_subject,
 )
@@ -315,6 +317,17 @@ class Bus:
                 )
             )
             self._kv[bucket] = Kv(kv)
+        # Heartbeats: nothing worth a disk write; a killed replica's beat expires on its own.
+        heartbeats = await self._js.create_key_value(
+            api.KeyValueConfig(
+                bucket=REPLICAS_BUCKET,
+                history=1,
+                ttl=REPLICAS_TTL_SECONDS,
+                storage=api.StorageType.MEMORY,
+                replicas=s.replicas,
+            )
+        )
+        self._kv[REPLICAS_BUCKET] = Kv(heartbeats)
         if object_bucket is not None:
             self._objects = await self._js.create_object_store(
                 object_bucket,

@@ -10,6 +10,12 @@ its own key (`LAMBDABUS_NATS_NKEY_SEED_FILE`) and inbox prefix, and does not dec
 that dies is restarted with back-off; but a port in use stops `up` with one line naming the port
 and its setting (checked before start, and again when a service exits with EX_CONFIG, 78).
 SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period), then NATS.
+
+`--replicas N` (`LAMBDABUS_UP_REPLICAS`) starts N processes of each service against the one
+NATS, each supervised on its own: the first of each keeps the service's configured port, the
+others take the next free ports (any free port with `--ephemeral-ports`) and are listed as
+`<service>-<n>`; gateway n relays invocations to router n (mod N). Every replica has the id
+`<service>-<n>` in the heartbeat registry, kept across its restarts.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lambdabus_platform.bus import Bus
@@ -82,6 +88,9 @@ class UpSettings(BaseSettings):
     max_restart_delay: float = Field(
         default=10.0, gt=0, description="longest back-off before a crashed service restarts"
     )
+    replicas: int = Field(
+        default=1, ge=1, le=9, description="processes of each service (--replicas)"
+    )
 
     def port(self, service: str) -> int:
         value: int = getattr(self, f"{service}_port")
@@ -91,11 +100,21 @@ class UpSettings(BaseSettings):
 @dataclass
 class Child:
     service: str
+    index: int = 0  # which replica of the service, from 0
     process: asyncio.subprocess.Process | None = None
     url: str | None = None
     port: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
+
+    @property
+    def name(self) -> str:
+        """`router` for the first replica, `router-2` for the second..."""
+        return self.service if self.index == 0 else f"{self.service}-{self.index + 1}"
+
+    @property
+    def replica_id(self) -> str:
+        return f"{self.service}-{self.index + 1}"
 
 
 # A service that cannot start for a reason a restart does not cure (its port is taken) exits
@@ -119,6 +138,28 @@ def busy_ports(settings: UpSettings) -> list[str]:
                 "'lambdabus up --ephemeral-ports'"
             )
     return lines
+
+
+def extra_ports(settings: UpSettings) -> dict[tuple[str, int], int]:
+    """Ports of the replicas after the first, by (service, index): for a service on a fixed
+    port, the next ports above every fixed one that are free on the host; 0 (the server picks)
+    for a service on port 0."""
+    fixed = [settings.port(s) for s in SERVICES if settings.port(s) > 0]
+    taken = set(fixed)
+    candidate = max(fixed, default=0) + 1
+    ports: dict[tuple[str, int], int] = {}
+    for index in range(1, settings.replicas):
+        for service in SERVICES:
+            if settings.port(service) == 0:
+                ports[(service, index)] = 0
+                continue
+            while candidate in taken or port_in_use(settings.host, candidate):
+                candidate += 1
+                if candidate > 65535:
+                    raise LambdabusError("no free port left for the replicas", code="no_port")
+            ports[(service, index)] = candidate
+            taken.add(candidate)
+    return ports
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -152,7 +193,10 @@ class Platform:
         self.settings = settings
         self.out = out
         self.err = err
-        self.children = {name: Child(name) for name in SERVICES}
+        # By name, each service's replicas together: `router`, `router-2`, ...
+        self.children = {
+            c.name: c for c in (Child(s, i) for s in SERVICES for i in range(settings.replicas))
+        }
         self.stopping = asyncio.Event()
         self.logs_dir = settings.data_dir / "logs"
         self.admin_token_path = settings.data_dir / ADMIN_TOKEN_FILE
@@ -162,7 +206,14 @@ class Platform:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def env_for(self, service: str, nats: NatsServer) -> dict[str, str]:
+    def replicas_of(self, service: str) -> list[Child]:
+        return [c for c in self.children.values() if c.service == service]
+
+    def env_for(self, child: Child | str, nats: NatsServer) -> dict[str, str]:
+        """The environment of a replica (a service's name: its first)."""
+        if isinstance(child, str):
+            child = self.children[child]
+        service = child.service
         # No NATS credentials of ours (or of the caller's environment) but the service's own;
         # the secrets key only for its holders, and only as the path of its 0600 file.
         env = {
@@ -180,11 +231,14 @@ class Platform:
         prefix = f"LAMBDABUS_{service.upper()}_"
         env[prefix + "HOST"] = self.settings.host
         # A restarted service keeps the port it had, so the URLs printed at start stay true.
-        child = self.children[service]
         env[prefix + "PORT"] = str(child.port if child.port else self.settings.port(service))
+        # Replicas of a service share its state directory (the local backend's builders and
+        # deployers work on one disk).
         env[prefix + "STATE_DIR"] = str(self.settings.data_dir.resolve() / service)
+        env[prefix + "REPLICA_ID"] = child.replica_id
         env["PYTHONUNBUFFERED"] = "1"
-        router = self.children["router"]
+        routers = self.replicas_of("router")
+        router = routers[child.index % len(routers)]
         if service == "gateway" and router.url:
             env["LAMBDABUS_GATEWAY_ROUTER_URL"] = router.url
         if service == "gateway":  # it mints the first admin token, once, into this file
@@ -194,13 +248,13 @@ class Platform:
 
     async def supervise(self, child: Child, nats: NatsServer) -> None:
         delay = 0.5
-        log_path = self.logs_dir / f"{child.service}.log"
+        log_path = self.logs_dir / f"{child.name}.log"
         while not self.stopping.is_set():
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 f"lambdabus_{child.service}",
-                env=self.env_for(child.service, nats),
+                env=self.env_for(child, nats),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # signals reach it from us only, in order
@@ -217,7 +271,7 @@ class Platform:
                     try:
                         line = json.loads(text)
                     except json.JSONDecodeError:
-                        print(f"{child.service:<8} {text}", file=self.err, flush=True)
+                        print(f"{child.name:<8} {text}", file=self.err, flush=True)
                         continue
                     if not isinstance(line, dict):
                         continue
@@ -228,20 +282,22 @@ class Platform:
                         child.url = str(line.get("url"))
                         child.port = int(line.get("port") or 0)
                         child.ready.set()
+                    if child.index:  # which replica said it
+                        line["service"] = child.name
                     print(_human(line), file=self.err, flush=True)
             code = await process.wait()
             child.process = None
             if self.stopping.is_set():
                 return
             if code == EXIT_CONFIG:  # it said why; a restart would say it again
-                self.failure = self.failure or f"error: {child.service} cannot start: {last}"
+                self.failure = self.failure or f"error: {child.name} cannot start: {last}"
                 if self.stop is not None:
                     self.stop.set()
                 return
             child.ready.clear()
             child.restarts += 1
             print(
-                f"{child.service} exited with code {code}; restarting in {delay:.1f}s "
+                f"{child.name} exited with code {code}; restarting in {delay:.1f}s "
                 f"(restart {child.restarts}, log: {log_path})",
                 file=self.err,
                 flush=True,
@@ -278,6 +334,12 @@ class Platform:
             for line in busy:
                 print(line, file=self.err, flush=True)
             return 1
+        try:
+            for (service, index), port in extra_ports(s).items():
+                self.children[Child(service, index).name].port = port
+        except LambdabusError as exc:
+            print(f"error: {exc.message}", file=self.err, flush=True)
+            return 1
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
             nats_cm = run_nats_server(
@@ -299,15 +361,17 @@ class Platform:
             except LambdabusError as exc:
                 print(f"error: cannot declare the NATS streams: {exc}", file=self.err, flush=True)
                 return 1
-            # The router first: the gateway relays invocations to it and needs its URL.
-            router = self.children["router"]
-            tasks = [asyncio.create_task(self.supervise(router, server))]
+            # The routers first: the gateways relay invocations to them and need their URLs.
+            routers = self.replicas_of("router")
+            tasks = [asyncio.create_task(self.supervise(r, server)) for r in routers]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(router.ready.wait(), s.ready_timeout)
+                await asyncio.wait_for(
+                    asyncio.gather(*(r.ready.wait() for r in routers)), s.ready_timeout
+                )
             tasks += [
                 asyncio.create_task(self.supervise(c, server))
                 for c in self.children.values()
-                if c is not router
+                if c.service != "router"
             ]
             waiting: asyncio.Future[Any] = asyncio.gather(
                 *(c.ready.wait() for c in self.children.values())
@@ -319,7 +383,7 @@ class Platform:
             came_up = waiting in done
             if came_up:
                 for child in self.children.values():
-                    self.say(f"{child.service:<8} {child.url}")
+                    self.say(f"{child.name:<8} {child.url}")
                 if self.admin_token_path.exists():
                     self.say(
                         f"admin token in {self.admin_token_path} (the CLI reads it when run "
@@ -327,7 +391,7 @@ class Platform:
                     )
                 self.say("lambdabus is up; Ctrl-C stops it")
             elif not stop.is_set():
-                late = [c.service for c in self.children.values() if not c.ready.is_set()]
+                late = [c.name for c in self.children.values() if not c.ready.is_set()]
                 print(
                     f"error: not ready after {s.ready_timeout:.0f}s: {', '.join(late)} (logs in {self.logs_dir})",
                     file=self.err,
@@ -358,6 +422,16 @@ async def declare(server: NatsServer) -> None:
         await bus.declare()
 
 
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of replicas from 1 to 9")
+    return value
+
+
 def main(
     argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -371,6 +445,12 @@ def main(
         help="let every server pick a free port (the URLs are printed once ready)",
     )
     parser.add_argument(
+        "--replicas",
+        type=_replica_count,
+        metavar="N",
+        help="run N processes of each service (default 1; LAMBDABUS_UP_REPLICAS)",
+    )
+    parser.add_argument(
         "--renew-admin-token",
         action="store_true",
         help="the admin token file is lost: mint a new one (the old bootstrap token is revoked)",
@@ -381,10 +461,20 @@ def main(
         overrides["renew_admin_token"] = True
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
+    if args.replicas is not None:
+        overrides["replicas"] = args.replicas
     if args.ephemeral_ports:
         overrides["nats_port"] = -1
         overrides.update({f"{name}_port": 0 for name in SERVICES})
-    settings = UpSettings(**overrides)
+    try:
+        settings = UpSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"LAMBDABUS_UP_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        print(f"error: {problems}", file=err or sys.stderr, flush=True)
+        return 2
     platform = Platform(settings, out=out or sys.stdout, err=err or sys.stderr)
 
     async def _main() -> int:

@@ -34,6 +34,7 @@ from lambdabus_platform.subjects import (
     LOGS_PREFIX,
     LOGS_QUERY_SUBJECT,
     REDRIVE_PREFIX,
+    REPLICAS_BUCKET,
     SCHEDULE_TICKS_BUCKET,
     SCHEDULES_BUCKET,
     TRIGGERS_BUCKET,
@@ -70,6 +71,8 @@ class Access:
     serve: tuple[str, ...] = ()  # request/reply subjects it answers (queue subscriptions)
     kv_read: tuple[str, ...] = ()
     kv_write: tuple[str, ...] = ()  # implies read
+    # Buckets it writes only its own keys of, `<user>.<id>` (heartbeats), without reading.
+    kv_write_own: tuple[str, ...] = ()
     objects_read: tuple[str, ...] = ()
     objects_write: tuple[str, ...] = ()  # implies read
     # Streams it reads through consumers it makes and drops (replays, bounded reads).
@@ -89,6 +92,7 @@ class Access:
 ACCESS: Final[Mapping[str, Access]] = {
     "gateway": Access(
         "gateway",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("function", "trigger", "secret", "schedule"),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{REDRIVE_PREFIX}.>", f"{INVOKE_PREFIX}.>"),
         request=(LOGS_QUERY_SUBJECT,),
@@ -101,7 +105,8 @@ ACCESS: Final[Mapping[str, Access]] = {
             QUOTAS_BUCKET,
             SCHEDULES_BUCKET,
         ),
-        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCTION_METRICS_BUCKET),
+        # replicas: GET /v1/replicas
+        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCTION_METRICS_BUCKET, REPLICAS_BUCKET),
         objects_write=(ARTIFACTS_BUCKET,),
         read=("LIFECYCLE", "LOGS", "DLQ"),
         direct_get=("DLQ",),
@@ -109,6 +114,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "builder": Access(
         "builder",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("build",),
         publish=(f"{LOGS_PREFIX}.build.>",),
         kv_write=(BUILDS_BUCKET, BUILD_INPUTS_BUCKET),
@@ -118,6 +124,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "deployer": Access(
         "deployer",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("deployment",),
         publish=(f"{LOGS_PREFIX}.runtime.>",),
         kv_write=(DEPLOYMENTS_BUCKET,),
@@ -127,6 +134,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "router": Access(
         "router",
+        kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("delivery",),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{DLQ_PREFIX}.>"),
         kv_write=(INVOCATIONS_BUCKET, SCHEDULE_TICKS_BUCKET, FUNCTION_METRICS_BUCKET),
@@ -143,6 +151,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     ),
     "logs": Access(
         "logs",
+        kv_write_own=(REPLICAS_BUCKET,),
         serve=(LOGS_QUERY_SUBJECT,),
         read=("LOGS", "LIFECYCLE"),
         durables={"LIFECYCLE": ("logs-audit",)},
@@ -238,6 +247,9 @@ def permissions(user: str, accesses: Mapping[str, Access] = ACCESS) -> Permissio
         if bucket in access.objects_write:
             # chunks and metadata; a replaced or deleted object's chunks are purged
             pub += [f"$O.{bucket}.>", f"{_API}.STREAM.PURGE.{stream}"]
+
+    for bucket in access.kv_write_own:
+        pub.append(f"$KV.{bucket}.{user}.*")  # put and delete of its own keys only
 
     legacy = not access.named_consumers_only
     for stream in access.read:

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -43,6 +45,7 @@ from lambdabus_events.catalog import LifecycleEvent, parse_lifecycle
 from lambdabus_platform.bus import Bus, tls_context
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.jsonlog import configure_logging
+from lambdabus_platform.replicas import REPLICAS_BUCKET, Heartbeat, beating, default_replica_id
 from lambdabus_platform.settings import NatsSettings, ServiceSettings
 
 log = logging.getLogger("lambdabus.service")
@@ -137,6 +140,8 @@ class ServiceContext:
     broker: NatsBroker
     app: web.Application
     metrics: Metrics
+    # This replica's heartbeat; a service that elects a leader sets its role through it.
+    heartbeat: Heartbeat
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -298,7 +303,13 @@ async def serve(
             logger=_events_logger(name),
         )
         app = make_app(client_max_size=client_max_size)
-        ctx = ServiceContext(name, settings, bus, broker, app, metrics)
+        heartbeat = Heartbeat(
+            bus.kv(REPLICAS_BUCKET),
+            name,
+            settings.replica_id or default_replica_id(socket.gethostname(), os.getpid()),
+            interval=settings.heartbeat_seconds,
+        )
+        ctx = ServiceContext(name, settings, bus, broker, app, metrics, heartbeat)
         app[SERVICE_KEY] = ctx
         async with setup(ctx):
             await broker.start()
@@ -320,11 +331,16 @@ async def serve(
                 raise PortInUse(name, settings.host, settings.port) from None
             port = _bound_port(runner) or settings.port
             url = f"http://{settings.host}:{port}"
-            log.info("listening", extra={"url": url, "port": port, "event": "listening"})
+            heartbeat.url = url
+            log.info(
+                "listening",
+                extra={"url": url, "port": port, "event": "listening", "replica": heartbeat.id},
+            )
             if on_ready is not None:
                 on_ready(url)
             try:
-                await stop.wait()
+                async with beating(heartbeat):
+                    await stop.wait()
             finally:
                 log.info("stopping", extra={"event": "stopping"})
                 ctx.stopping.set()

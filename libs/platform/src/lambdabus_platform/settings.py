@@ -132,6 +132,19 @@ class ServiceSettings(BaseSettings):
         default=10.0, gt=0, description="how long work in flight may finish on SIGTERM"
     )
     state_dir: Path = Field(default=Path(".lambdabus"), description="its files on local disk")
+    replica_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,128}$",
+        description="this process's name in the heartbeat registry (`GET /v1/replicas`); "
+        "unset: <host name>-<pid>",
+    )
+    heartbeat_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=20,
+        description="how often it writes its heartbeat; it is listed while the last one is "
+        "younger than 3 intervals",
+    )
 
 
 class QuotaSettings(BaseSettings):

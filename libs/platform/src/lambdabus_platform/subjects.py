@@ -64,6 +64,10 @@ KV_BUCKETS: tuple[str, ...] = (
     SCHEDULE_TICKS_BUCKET,
     FUNCTION_METRICS_BUCKET,
 )
+# The heartbeat registry (`replicas`): every service writes its own `<service>.<id>` keys, the
+# gateway reads them. Declared apart from KV_BUCKETS: in memory, entries expire (see replicas.py).
+REPLICAS_BUCKET = "replicas"
+REPLICAS_TTL_SECONDS = 60.0  # the bucket's max age: a killed replica's last beat goes
 # Buckets that keep no history: an old value (a replaced secret) must not stay readable.
 NO_HISTORY_BUCKETS = frozenset({SECRETS_BUCKET})
 # Object store bucket of the NATS artifact store backend.

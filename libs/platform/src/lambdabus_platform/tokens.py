@@ -58,10 +58,13 @@ class Action(StrEnum):
     METRICS = "metrics"  # the gateway's Prometheus metrics (needs "*")
     TOKENS = "tokens"  # mint, list, revoke tokens (needs "*")
     QUOTAS = "quotas"  # change namespace quotas (needs "*")
+    REPLICAS = "replicas"  # list the platform's service replicas (needs "*"; admin only)
 
 
 # Actions on something outside any one namespace: the token needs namespaces ["*"].
-CLUSTER_ACTIONS: Final = frozenset({Action.PUBLISH, Action.METRICS, Action.TOKENS, Action.QUOTAS})
+CLUSTER_ACTIONS: Final = frozenset(
+    {Action.PUBLISH, Action.METRICS, Action.TOKENS, Action.QUOTAS, Action.REPLICAS}
+)
 
 PERMISSIONS: Final[dict[Role, frozenset[Action]]] = {
     "admin": frozenset(Action),
@@ -127,6 +130,7 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     # -- LUNA docs
     ("GET", _FN + "/{name}/docs"): Action.READ,
     ("GET", _FN + "/{name}/docs.yml"): Action.READ,
+    ("GET", "/v1/replicas"): Action.REPLICAS,
 }
 # Open to anyone: the health check, and the static files of a web UI under /ui/.
 PUBLIC_PATHS: Final = frozenset({"/healthz"})
@@ -310,6 +314,7 @@ def _verb(action: Action) -> str:
         Action.METRICS: "read the metrics",
         Action.TOKENS: "manage tokens",
         Action.QUOTAS: "change quotas",
+        Action.REPLICAS: "list the service replicas",
     }[action]
 
 

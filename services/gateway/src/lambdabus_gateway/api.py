@@ -37,6 +37,7 @@ from lambdabus_platform.bus import Bus
 from lambdabus_platform.callstats import RouterStats, summarize
 from lambdabus_platform.errors import InvalidName, InvalidRequest, NotFound
 from lambdabus_platform.registry import Registry, Versioned
+from lambdabus_platform.replicas import REPLICAS_BUCKET, list_replicas
 from lambdabus_platform.status import compute_status, not_found_status
 from lambdabus_platform.streaming import with_keepalive
 from lambdabus_platform.subjects import FUNCTION_METRICS_BUCKET, function_key, lifecycle_filter
@@ -343,6 +344,13 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
+async def replicas(request: web.Request) -> web.Response:
+    """Every live replica of every service, from the heartbeat registry."""
+    gw = request.app[GATEWAY]
+    found = await list_replicas(gw.bus.kv(REPLICAS_BUCKET))
+    return web.json_response({"items": [r.to_json() for r in found]})
+
+
 async def invoke_function(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
@@ -632,4 +640,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/info", info)
     r.add_get("/v1/lifecycle", lifecycle)
     r.add_get("/v1/openapi.json", openapi)
+    r.add_get("/v1/replicas", replicas)
     add_token_routes(app)

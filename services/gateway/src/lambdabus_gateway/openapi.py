@@ -10,7 +10,7 @@ import json
 import sys
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
@@ -54,6 +54,20 @@ class TokenListed(TokenInfo):
 
 class TokenList(BaseModel):
     items: list[TokenListed]
+
+
+class ReplicaInfo(BaseModel):
+    service: str = Field(description="gateway, router, builder, deployer or logs")
+    id: str = Field(description="the replica's id (`<host>-<pid>` unless configured)")
+    role: Literal["leader", "standby", "active"] = Field(
+        description="leader or standby where the service elects a leader; active otherwise"
+    )
+    heartbeat_age: float = Field(description="seconds since its last heartbeat")
+    url: str | None = Field(description="its HTTP listener")
+
+
+class ReplicaList(BaseModel):
+    items: list[ReplicaInfo]
 
 
 class ErrorBody(BaseModel):
@@ -305,6 +319,7 @@ def render_openapi() -> dict[str, Any]:
                 TokenRequest,
                 TokenCreated,
                 TokenList,
+                ReplicaList,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -877,6 +892,17 @@ def render_openapi() -> dict[str, Any]:
                     "200": _json("TokenListed", "revoked"),
                     "404": _json("Error", "no such token (`token_not_found`)"),
                 },
+            },
+        },
+        "/v1/replicas": {
+            "get": {
+                "operationId": "listReplicas",
+                "summary": "Every live replica of every service (admin only)",
+                "description": (
+                    "From the heartbeat registry: a replica is listed while its last heartbeat "
+                    "is younger than three of its intervals."
+                ),
+                "responses": {"200": _json("ReplicaList", "the live replicas")},
             },
         },
         "/healthz": {
