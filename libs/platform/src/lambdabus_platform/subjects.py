@@ -45,6 +45,7 @@ INVOCATIONS_BUCKET = "invocations"  # gateway creates, router moves on
 SECRETS_BUCKET = "secrets"  # gateway; encrypted values, read by the deployer only
 QUOTAS_BUCKET = "quotas"  # gateway; per-namespace overrides (`<ns>`), read by the router
 TOKENS_BUCKET = "tokens"  # gateway; routers read it (hashes of API tokens, never a secret)
+LEASES_BUCKET = "leases"  # deployer; its replicas' leader lease (key `deployer`)
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
@@ -54,6 +55,7 @@ KV_BUCKETS: tuple[str, ...] = (
     SECRETS_BUCKET,
     QUOTAS_BUCKET,
     TOKENS_BUCKET,
+    LEASES_BUCKET,
 )
 # Buckets that keep no history: an old value (a replaced secret) must not stay readable.
 NO_HISTORY_BUCKETS = frozenset({SECRETS_BUCKET})
