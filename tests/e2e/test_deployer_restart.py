@@ -156,6 +156,7 @@ def test_kill_9_of_the_leader_the_standby_leads_within_15_s(platform: Platform, 
         text=True,
         start_new_session=True,
     )
+    drain: threading.Thread | None = None
     try:
         assert standby.stderr is not None
         standby_url = ""
@@ -165,7 +166,7 @@ def test_kill_9_of_the_leader_the_standby_leads_within_15_s(platform: Platform, 
                 break
         assert standby_url, "the second deployer did not start"
         drain = threading.Thread(target=standby.stderr.read, daemon=True)
-        drain.start()
+        drain.start()  # ends with the process
         time.sleep(2)
         assert not leads(standby_url), "two deployers lead"
         assert leads(url)
@@ -185,5 +186,9 @@ def test_kill_9_of_the_leader_the_standby_leads_within_15_s(platform: Platform, 
     finally:
         standby.send_signal(signal.SIGTERM)  # hands the lease back at once
         standby.wait(30)
+        if drain is not None:
+            drain.join(10)
+        if standby.stderr is not None:
+            standby.stderr.close()
     wait_for(lambda: leads(url), 30, "the launcher's deployer leading again")
     assert instance_pids() == before
