@@ -22,7 +22,11 @@ from pathlib import Path
 from lambdabus_deployer.process_table import start_time
 from lambdabus_platform.sandbox import descendants
 
-POLL = 0.05  # seconds between looks at a log file that has nothing new
+# Seconds between looks at a log file that has nothing new: from FAST_POLL, doubling while
+# idle up to SLOW_POLL (an idle instance costs the deployer little); FAST_POLL while `eager`
+# (a starting instance's stdout, where its listening line is awaited).
+FAST_POLL = 0.02
+SLOW_POLL = 0.25
 
 
 def open_log_file(path: Path) -> int:
@@ -45,6 +49,7 @@ class LogFollower:
         self._max = max_bytes
         self._cap = cap_bytes
         self._fd: int | None = None
+        self.eager = False
 
     def _open(self) -> int | None:
         if self._fd is None:
@@ -73,13 +78,14 @@ class LogFollower:
 
     async def read(self, n: int = -1) -> bytes:
         size = n if n > 0 else 65536
+        poll = FAST_POLL
         while True:
             ended = self._ended.is_set()
             data = self._read(size)
             if data or ended:
                 return data
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ended.wait(), POLL)
+            await asyncio.sleep(poll)
+            poll = FAST_POLL if self.eager else min(poll * 2, SLOW_POLL)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -514,7 +514,9 @@ class Instance:
             max_bytes=s.log_file_max_bytes,
             cap_bytes=cap,
         )
+        out.eager = adopted is None  # until it says it listens
         listening: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
+        listening.add_done_callback(lambda _: setattr(out, "eager", False))
         pumps = [
             asyncio.create_task(self.log.pump(out, "stdout", listening)),
             asyncio.create_task(self.log.pump(err, "stderr")),
