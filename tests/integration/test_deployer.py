@@ -808,7 +808,7 @@ async def test_a_deployer_killed_with_sigkill_leaves_instances_the_next_one_adop
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await world.create("survivor", PROBE, replicas=2)
+        await world.create("survivor", TALKER, replicas=2)
         before = await world.wait_state("survivor", ready_with(2))
         assert before is not None
     finally:
@@ -818,7 +818,8 @@ async def test_a_deployer_killed_with_sigkill_leaves_instances_the_next_one_adop
     assert len(left) == 2
     assert all(is_running(r) for r in left)
     for endpoint in before.endpoints:
-        await world.call(endpoint)  # still serving, with no deployer at all
+        # still serving, with no deployer at all; what they print meanwhile is shipped later
+        assert (await world.call(endpoint))["said"] == "orphaned"
 
     async with running_deployer(settings.model_copy(update={"lease_seconds": 3.0})):
         await world.logs(
@@ -831,11 +832,37 @@ async def test_a_deployer_killed_with_sigkill_leaves_instances_the_next_one_adop
         assert {(r.pid, r.start_time) for r in current} == {(r.pid, r.start_time) for r in left}
         assert all(is_running(r) for r in current)
         assert {i.id for i in after.instances} == {i.id for i in before.instances}
+        # the new leader ships their output: what they printed while no deployer ran, then
+        # what they print now
         for endpoint in after.endpoints:
-            await world.call(endpoint)
+            assert (await world.call(endpoint))["said"] == "adopted"
+        lines = await world.logs(
+            "survivor",
+            lambda lines: sum(x.line.startswith("said ") for x in lines) >= 4,
+        )
+        said = sorted((x.instance, x.line) for x in lines if x.line.startswith("said "))
+        assert said == sorted(
+            (i.id, line)
+            for i in before.instances
+            for line in ("said orphaned #1", "said adopted #2")
+        )
     # `--stop-instances` (the launcher's down) stops them all, whoever started them.
     assert not any(is_running(r) for r in current)
     assert world.table().load() == []
+
+
+TALKER = """\
+import itertools
+
+calls = itertools.count(1)
+word = iter(["orphaned", "adopted"])
+
+
+async def main(request):
+    said = next(word, "more")
+    print(f"said {said} #{next(calls)}", flush=True)
+    return {"said": said}
+"""
 
 
 NODE_HANDLER = """\
