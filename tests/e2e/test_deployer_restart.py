@@ -183,6 +183,18 @@ def test_kill_9_of_the_leader_the_standby_leads_within_15_s(platform: Platform, 
         assert not leads(url)
         assert instance_pids() == before
         assert_served_throughout(loop, start, "a kill -9 of the leading deployer")
+        # with a standby beside it (events it pulls go back), the new leader deploys
+        status, body = http(
+            "POST",
+            f"{platform.urls['gateway']}/v1/namespaces/{NS}/functions",
+            {"name": "late", "source": {"files": SOURCE}},
+        )
+        assert status == 202, body
+        wait_for(
+            lambda: http("GET", f"{platform.urls['router']}/{NS}/late")[0] == 200,
+            90,
+            "a function deployed under the new leader answering",
+        )
     finally:
         standby.send_signal(signal.SIGTERM)  # hands the lease back at once
         standby.wait(30)

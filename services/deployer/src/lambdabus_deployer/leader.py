@@ -79,8 +79,6 @@ def decide(
 class Elector:
     """Keeps trying to lead; `leading` is set while this replica may act."""
 
-    KEY = "deployer"
-
     def __init__(
         self,
         kv: Kv,
@@ -90,8 +88,10 @@ class Elector:
         poll: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         on_role: Callable[[Role], None] = lambda _: None,
+        key: str = "deployer",
     ) -> None:
         self._on_role = on_role
+        self.key = key
         self.kv = kv
         self.me = me
         self.duration = duration
@@ -118,17 +118,17 @@ class Elector:
 
     async def _try(self) -> None:
         started = self._clock()
-        entry = await self.kv.get(self.KEY)
+        entry = await self.kv.get(self.key)
         action, self._observed = decide(self.me, entry, self._observed, started, self.duration)
         if action == "wait":
             self._step_down("another replica holds the lease")
             return
         try:
             if action == "create":
-                revision = await self.kv.create(self.KEY, self._value(self.me))
+                revision = await self.kv.create(self.key, self._value(self.me))
             else:
                 assert entry is not None
-                revision = await self.kv.update(self.KEY, self._value(self.me), entry.revision)
+                revision = await self.kv.update(self.key, self._value(self.me), entry.revision)
         except Exception as exc:  # a CAS conflict: someone else wrote first
             self._step_down(f"lease write refused: {exc!r}")
             return
@@ -172,4 +172,4 @@ class Elector:
         if revision is None:
             return
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.kv.update(self.KEY, self._value(""), revision), 2)
+            await asyncio.wait_for(self.kv.update(self.key, self._value(""), revision), 2)
