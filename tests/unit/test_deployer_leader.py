@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 
 from lambdabus_deployer.detached import LogFollower, status_exit_code
-from lambdabus_deployer.leader import Observed, decide, safety_margin
+from lambdabus_deployer.leader import Observed, dead_here, decide, replica_id, safety_margin
 from lambdabus_platform.bus import KvEntry
 
 D = 10.0
@@ -89,3 +90,21 @@ def test_the_exit_code_comes_from_the_status_file(tmp_path: Path) -> None:
     assert status_exit_code(str(status)) == 3
     status.write_text('{ "child-pid": 12 }\n')
     assert status_exit_code(str(status)) is None
+
+
+def test_a_dead_holder_of_this_machine_is_replaced_at_once() -> None:
+    assert decide("b", entry("a", 7), None, 100.0, D, dead=lambda h: h == "a")[0] == "update"
+    assert decide("b", entry("a", 7), None, 100.0, D, dead=lambda h: False)[0] == "wait"
+
+
+def test_only_a_holder_known_to_be_gone_counts_as_dead() -> None:
+    assert not dead_here(replica_id())  # this process runs
+    child = subprocess.Popen(["sleep", "30"])
+    holder = replica_id(child.pid)
+    assert not dead_here(holder)
+    child.kill()
+    child.wait()
+    assert dead_here(holder)
+    # another machine, or a name we cannot read: never taken for dead
+    assert not dead_here("other-boot:1:2:3:abc")
+    assert not dead_here("a")

@@ -11,16 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.leader import Elector, Role
+from lambdabus_deployer.leader import Elector, Role, replica_id
 from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
@@ -77,7 +74,7 @@ def make_setup(settings: DeployerSettings) -> Setup:
         metrics = DeployerMetrics.create(ctx.metrics.registry)
         elector = Elector(
             ctx.bus.kv(LEASES_BUCKET),
-            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+            replica_id(),
             duration=settings.lease_seconds,
             on_role=lambda role: metrics.leader.set(1 if role == "leader" else 0),
         )

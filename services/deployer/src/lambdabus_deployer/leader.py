@@ -2,8 +2,11 @@
 with compare-and-set only (the pattern of Kubernetes controllers' Lease objects).
 
 - A replica acquires the lease by creating the key, or by updating it (at the revision it read)
-  when it is released (no holder) or when it has not changed for a whole `duration` as this
-  replica observed it (its own monotonic clock: no clock of another machine is trusted).
+  when it is released (no holder), when it has not changed for a whole `duration` as this
+  replica observed it (its own monotonic clock: no clock of another machine is trusted), or
+  when its holder is a process of this machine's boot and pid namespace that is gone (pid and
+  start time: a replica killed with SIGKILL here is replaced at once; a dead process acts no
+  more).
 - The leader renews every `duration / 3`. It acts only while its last successful renewal
   started less than `duration - margin` ago: a leader that cannot renew stops acting before any
   standby may take the lease (a standby waits a full `duration` after it saw the last write,
@@ -20,11 +23,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from lambdabus_deployer.process_table import start_time
 from lambdabus_platform.bus import Kv, KvEntry
 
 log = logging.getLogger("lambdabus.deployer.leader")
@@ -46,6 +53,42 @@ def safety_margin(duration: float) -> float:
     return min(2.0, duration / 4)
 
 
+def replica_id(pid: int | None = None) -> str:
+    """This replica's name in the lease: `<boot id>:<pid namespace>:<pid>:<start time>:<random>`,
+    so a replica on the same machine (and pid namespace) can tell a dead holder for sure."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_boot_id()}:{_pid_namespace()}:{pid}:{start_time(pid) or 0}:{uuid.uuid4().hex[:6]}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def dead_here(holder: str) -> bool:
+    """The holder is a process of this boot and pid namespace that no longer runs (a replica
+    killed with SIGKILL): its lease need not be waited out. False when we cannot know."""
+    parts = holder.split(":")
+    if len(parts) != 5 or parts[0] in ("", "unknown") or parts[0] != _boot_id():
+        return False
+    try:
+        namespace, pid, started = int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return False
+    if namespace == 0 or namespace != _pid_namespace() or started == 0:
+        return False
+    return start_time(pid) != started
+
+
 def holder_of(entry: KvEntry | None) -> str:
     if entry is None:
         return ""
@@ -57,10 +100,16 @@ def holder_of(entry: KvEntry | None) -> str:
 
 
 def decide(
-    me: str, entry: KvEntry | None, observed: Observed | None, now: float, duration: float
+    me: str,
+    entry: KvEntry | None,
+    observed: Observed | None,
+    now: float,
+    duration: float,
+    dead: Callable[[str], bool] = lambda _: False,
 ) -> tuple[Action, Observed | None]:
     """What to do with the lease as read now: create it, update it (acquire or renew), or wait
-    (another holds it); and what this replica has now observed."""
+    (another holds it); and what this replica has now observed. `dead(holder)`: the holder is
+    known to be gone (a dead process of this machine), so its lease is taken at once."""
     if entry is None:
         return "create", None
     seen = (
@@ -69,7 +118,7 @@ def decide(
         else Observed(entry.revision, now)
     )
     holder = holder_of(entry)
-    if holder in ("", me):
+    if holder in ("", me) or dead(holder):
         return "update", seen
     if now - seen.since >= duration:
         return "update", seen  # unchanged for a whole lease: its holder is gone
@@ -119,7 +168,9 @@ class Elector:
     async def _try(self) -> None:
         started = self._clock()
         entry = await self.kv.get(self.key)
-        action, self._observed = decide(self.me, entry, self._observed, started, self.duration)
+        action, self._observed = decide(
+            self.me, entry, self._observed, started, self.duration, dead_here
+        )
         if action == "wait":
             self._step_down("another replica holds the lease")
             return
