@@ -1105,6 +1105,8 @@ async def stop_all_instances(settings: DeployerSettings) -> int:
     whatever deployer started it; returns how many ran."""
     table = ProcessTable(settings.process_table)
     records = table.load()
+    if not records:
+        return 0
     limiter = await asyncio.to_thread(
         detect_limiter,
         settings.limits,
@@ -1116,7 +1118,6 @@ async def stop_all_instances(settings: DeployerSettings) -> int:
     running = [r for r in records if is_running(r)]
     await asyncio.gather(*(_stop_record(r, limiter) for r in records))
     table.adopt([])
-    table.kill_leftovers()
     return len(running)
 
 
