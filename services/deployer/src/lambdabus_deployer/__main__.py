@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.leader import Elector, Role, replica_id
+from lambdabus_deployer.leader import ROLE, Elector, replica_id
 from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
@@ -196,23 +196,6 @@ class Leadership:
     def __init__(self, elector: Elector) -> None:
         self.elector = elector
         self.deployer: Deployer | None = None
-
-
-class _Role:
-    """This process's role among the deployer replicas (`ROLE.role`: leader or standby)."""
-
-    def __init__(self) -> None:
-        self._elector: Elector | None = None
-
-    def update(self, *, elector: Elector) -> None:
-        self._elector = elector
-
-    @property
-    def role(self) -> Role:
-        return self._elector.role if self._elector is not None else "standby"
-
-
-ROLE = _Role()
 
 
 def main(argv: list[str] | None = None) -> int:

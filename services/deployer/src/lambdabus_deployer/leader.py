@@ -224,3 +224,21 @@ class Elector:
             return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.kv.update(self.key, self._value(""), revision), 2)
+
+
+class _Role:
+    """This process's role among the deployer replicas: `ROLE.role` is "leader" while it leads
+    (holds the lease and acts), else "standby" (what a registry of replicas reports)."""
+
+    def __init__(self) -> None:
+        self._elector: Elector | None = None
+
+    def update(self, *, elector: Elector) -> None:
+        self._elector = elector
+
+    @property
+    def role(self) -> Role:
+        return self._elector.role if self._elector is not None else "standby"
+
+
+ROLE = _Role()
