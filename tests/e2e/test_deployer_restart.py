@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Platform
+from tests.e2e.conftest import Platform, stop
 from tests.e2e.helpers import http, offline_platform, runtime_processes, wait_for
 
 NS = "default"
@@ -204,3 +204,15 @@ def test_kill_9_of_the_leader_the_standby_leads_within_15_s(platform: Platform, 
             standby.stderr.close()
     wait_for(lambda: leads(url), 30, "the launcher's deployer leading again")
     assert instance_pids() == before
+
+
+def test_stopping_the_platform_stops_every_instance(platform: Platform, loop: Loop) -> None:
+    """Instances outlive a deployer, not the platform's deliberate stop (`up` stopped)."""
+    running = [pid for pids in instance_pids().values() for pid in pids]
+    assert len(running) == len(FUNCTIONS)
+    loop.stopping.set()
+    code, left = stop(platform, signal.SIGTERM)
+    assert code == 0
+    assert left == set(), f"processes left behind: {left}"
+    assert instance_pids() == {name: [] for name in FUNCTIONS}
+    assert runtime_processes("late") == []
