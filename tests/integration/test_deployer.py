@@ -851,6 +851,63 @@ async def test_a_deployer_killed_with_sigkill_leaves_instances_the_next_one_adop
     assert world.table().load() == []
 
 
+async def test_a_function_changed_while_no_deployer_ran_rolls_out_without_a_gap(
+    world: World, nats_server: NatsServer
+) -> None:
+    """The instances a killed deployer left serve on until the next one has the new revision
+    ready; then they are stopped."""
+    settings = world.settings()
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        **nats_server.env("deployer"),
+        "LAMBDABUS_DEPLOYER_PORT": "0",
+        "LAMBDABUS_DEPLOYER_STATE_DIR": str(settings.state_dir),
+        "LAMBDABUS_DEPLOYER_HEALTH_INTERVAL": "0.1",
+        "LAMBDABUS_DEPLOYER_RECONCILE_INTERVAL": "0.5",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lambdabus_deployer",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        record = await world.create("changing", PROBE, replicas=1, env={"GREETING": "old"})
+        before = await world.wait_state("changing", ready_with(1))
+        assert before is not None
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    (old,) = world.table().load()
+    await world.update_config(record, env={"GREETING": "new"})
+
+    seen: list[list[str]] = []
+
+    def settled(state: DeploymentState | None) -> bool:
+        if state is not None:
+            seen.append(list(state.endpoints))
+        return (
+            ready_with(1, generation=2)(state)
+            and state is not None
+            and (state.endpoints != before.endpoints)
+        )
+
+    async with running_deployer(settings):
+        after = await world.wait_state("changing", settled)
+        assert after is not None
+        assert (await world.call(after.endpoints[0]))["greeting"] == "new"
+        assert all(seen), f"a state without endpoints: {seen}"
+        await asyncio.wait_for(_gone(old), 30)
+
+
+async def _gone(record: Any) -> None:
+    while is_running(record):  # noqa: ASYNC110 (a process we did not start)
+        await asyncio.sleep(0.1)
+
+
 TALKER = """\
 import itertools
 

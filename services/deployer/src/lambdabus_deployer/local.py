@@ -783,6 +783,9 @@ class FunctionRunner:
         self._wake = asyncio.Event()
         self._wake.set()
         self.stepped = asyncio.Event()  # its first step is done (it claimed what it adopts)
+        # Runs of an older revision a previous leader left (the function changed while no
+        # deployer led): they serve until this revision is ready, then go like a drained one.
+        self._legacy: list[ProcessRecord] = []
         self._task = asyncio.create_task(self._loop(), name=f"runner {desired.function}")
 
     def apply(self, desired: DesiredRevision) -> None:
@@ -829,6 +832,9 @@ class FunctionRunner:
             if self.serving is not None:
                 self._to_drain.append(self.serving)
             self.serving, self.target = self.target, None
+        if self._legacy and self.serving is not None:
+            legacy, self._legacy = self._legacy, []
+            self._spawn(self._retire_legacy(legacy, drain=True))
         self._previous = desired
         await self._report()
         # Only now that the state naming the new endpoints is written do the old ones go.
@@ -875,12 +881,23 @@ class FunctionRunner:
             return
         self.target = RevisionSet(self, desired, manifest)
         self.target.scale(desired.replicas)
+        if self.serving is None and self._previous is None:
+            self._legacy = self.backend.claim_legacy(desired.function, desired.key)
+
+    async def _retire_legacy(self, legacy: list[ProcessRecord], *, drain: bool) -> None:
+        if drain and self.backend.settings.drain_seconds:
+            await asyncio.sleep(self.backend.settings.drain_seconds)
+        for record in legacy:
+            await _stop_record(record, self.backend.limiter)
+            self.backend.table.discard(record.instance)
 
     def observe(self) -> Observation:
         groups = [g for g in (self.target, self.serving) if g is not None]
         endpoints = self.serving.ready_endpoints() if self.serving is not None else []
         if not endpoints and self.target is not None:
             endpoints = self.target.ready_endpoints()
+        if not endpoints and self._legacy:
+            endpoints = [r.endpoint for r in self._legacy if r.ready and is_running(r)]
         sandbox = self.backend.sandbox
         return Observation(
             revision=self.desired,
@@ -952,6 +969,8 @@ class FunctionRunner:
         left: set[RevisionSet | Instance] = {*self._to_drain, *self._stopping}
         left |= {g for g in (self.target, self.serving) if g is not None}
         await asyncio.gather(*(x.stop() for x in left))
+        legacy, self._legacy = self._legacy, []
+        await self._retire_legacy(legacy, drain=False)
 
 
 class LocalBackend:
@@ -1009,6 +1028,15 @@ class LocalBackend:
         """A running instance of this revision a previous deployer left, to adopt."""
         found = self._adoptable.get(revision_key)
         return found.pop() if found else None
+
+    def claim_legacy(self, function: str, revision_key: str) -> list[ProcessRecord]:
+        """Running instances of another revision of this function a previous leader left."""
+        found: list[ProcessRecord] = []
+        for key, records in self._adoptable.items():
+            if key != revision_key:
+                found += [r for r in records if r.function == function]
+                records[:] = [r for r in records if r.function != function]
+        return found
 
     async def recover(self) -> None:
         """Take over the instances a previous deployer (or leader) left running: each is
