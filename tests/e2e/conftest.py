@@ -133,6 +133,17 @@ def platform_up(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait(10)
+        # Function instances outlive a killed deployer (they belong to the platform): stop
+        # what a platform that did not stop by itself left, as its own stop would have.
+        subprocess.run(
+            [sys.executable, "-m", "lambdabus_deployer", "--stop-instances"],
+            env={**os.environ, "LAMBDABUS_DEPLOYER_STATE_DIR": str(data_dir / "deployer")},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
         process.stdout.close()
 
 

@@ -656,8 +656,14 @@ def survive_kill(
             "the build in progress",
             interval=0.02,
         )
+    instances = runtime_processes("canary")
     killed = time.monotonic()
     back = kill_and_wait(platform, service)
+    if service == "deployer":
+        # Instances belong to the platform: the canary's process serves on, adopted by the new
+        # deployer, and no probe fails.
+        time.sleep(2)
+        assert runtime_processes("canary") == instances
     wait_for(
         lambda: reach("GET", invoke_url(platform, "canary"), timeout=5) == (200, {"canary": True}),
         30,
@@ -684,6 +690,9 @@ def survive_kill(
     assert http("GET", invoke_url(platform, fresh)) == (200, {"canary": True})
     before.update({flying: ("completed", "running"), fresh: ("completed", "running")})
     missed = Counter(c[1] for c in canary.calls if c[0] >= killed and c[1] != 200)
+    if service == "deployer":
+        assert runtime_processes("canary") == instances
+        assert not missed, f"canary probes failed while the deployer was killed: {dict(missed)}"
     print(
         f"\n{service} killed: healthy again in {back:.2f} s; canary answering after "
         f"{answering:.2f} s (failed probes by status: {dict(missed)}); statuses as before "

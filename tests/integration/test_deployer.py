@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import pytest
 
 from lambdabus_deployer.__main__ import make_setup
 from lambdabus_deployer.cgroups import detect_cgroups
+from lambdabus_deployer.local import stop_all_instances
 from lambdabus_deployer.process_table import ProcessTable, is_running
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.catalog import (
@@ -451,6 +453,31 @@ async def running_deployer(settings: DeployerSettings) -> AsyncIterator[str]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+        # A stopped deployer leaves its instances to the next leader: the launcher's `down`
+        # stops them (as here, after every test).
+        await stop_all_instances(settings)
+        await reaped()
+
+
+async def reaped(timeout: float = 10) -> None:
+    """Until no sandbox process this test started is left to reap (bubblewrap, slirp4netns end
+    with their instance): the loop must not close with children it still waits for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = stat.read_text()
+                name = text[text.index("(") + 1 : text.rindex(")")]
+                if int(text.rsplit(")", 1)[1].split()[1]) == os.getpid() and name in (
+                    "bwrap",
+                    "slirp4netns",
+                ):
+                    left.append(name)
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # the child watcher's callbacks run
 
 
 def ready_with(replicas: int, generation: int = 1) -> Callable[[DeploymentState | None], bool]:
@@ -756,17 +783,85 @@ async def test_a_flood_of_output_is_cut_and_rate_limited(world: World) -> None:
     assert len(cut.line) < 1200
 
 
-async def test_a_deployer_killed_with_sigkill_kills_its_orphans_when_it_restarts(
+async def test_a_deployer_killed_with_sigkill_leaves_instances_the_next_one_adopts(
     world: World, nats_server: NatsServer
 ) -> None:
-    """Unsandboxed instances outlive a SIGKILLed deployer (sandboxed ones die with it)."""
-    settings = world.settings(sandbox="none")
+    """Instances belong to the platform: they outlive a SIGKILLed deployer (sandboxed too),
+    keep serving, and the next deployer adopts them: the same pids, the same endpoints."""
+    settings = world.settings()
     env = {
         "PATH": os.environ.get("PATH", os.defpath),
         **nats_server.env("deployer"),  # the deployer's own least-privilege user
         "LAMBDABUS_DEPLOYER_PORT": "0",
         "LAMBDABUS_DEPLOYER_STATE_DIR": str(settings.state_dir),
-        "LAMBDABUS_DEPLOYER_SANDBOX": "none",
+        "LAMBDABUS_DEPLOYER_HEALTH_INTERVAL": "0.1",
+        "LAMBDABUS_DEPLOYER_RECONCILE_INTERVAL": "0.5",
+        "LAMBDABUS_DEPLOYER_LEASE_SECONDS": "3",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lambdabus_deployer",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await world.create("survivor", TALKER, replicas=2)
+        before = await world.wait_state("survivor", ready_with(2))
+        assert before is not None
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    left = world.table().load()
+    assert len(left) == 2
+    assert all(is_running(r) for r in left)
+    for endpoint in before.endpoints:
+        # still serving, with no deployer at all; what they print meanwhile is shipped later
+        assert (await world.call(endpoint))["said"] == "orphaned"
+
+    async with running_deployer(settings.model_copy(update={"lease_seconds": 3.0})):
+        await world.logs(
+            "survivor", lambda lines: sum("adopted (pid" in x.line for x in lines) == 2
+        )
+        after = await world.wait_state("survivor", ready_with(2))
+        assert after is not None
+        assert sorted(after.endpoints) == sorted(before.endpoints)
+        current = world.table().load()
+        assert {(r.pid, r.start_time) for r in current} == {(r.pid, r.start_time) for r in left}
+        assert all(is_running(r) for r in current)
+        assert {i.id for i in after.instances} == {i.id for i in before.instances}
+        # the new leader ships their output: what they printed while no deployer ran, then
+        # what they print now
+        for endpoint in after.endpoints:
+            assert (await world.call(endpoint))["said"] == "adopted"
+        lines = await world.logs(
+            "survivor",
+            lambda lines: sum(x.line.startswith("said ") for x in lines) >= 4,
+        )
+        said = sorted((x.instance, x.line) for x in lines if x.line.startswith("said "))
+        assert said == sorted(
+            (i.id, line)
+            for i in before.instances
+            for line in ("said orphaned #1", "said adopted #2")
+        )
+    # `--stop-instances` (the launcher's down) stops them all, whoever started them.
+    assert not any(is_running(r) for r in current)
+    assert world.table().load() == []
+
+
+async def test_a_function_changed_while_no_deployer_ran_rolls_out_without_a_gap(
+    world: World, nats_server: NatsServer
+) -> None:
+    """The instances a killed deployer left serve on until the next one has the new revision
+    ready; then they are stopped."""
+    settings = world.settings()
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        **nats_server.env("deployer"),
+        "LAMBDABUS_DEPLOYER_PORT": "0",
+        "LAMBDABUS_DEPLOYER_STATE_DIR": str(settings.state_dir),
         "LAMBDABUS_DEPLOYER_HEALTH_INTERVAL": "0.1",
         "LAMBDABUS_DEPLOYER_RECONCILE_INTERVAL": "0.5",
     }
@@ -780,38 +875,51 @@ async def test_a_deployer_killed_with_sigkill_kills_its_orphans_when_it_restarts
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await world.create("survivor", PROBE, replicas=2)
-        before = await world.wait_state("survivor", ready_with(2))
+        record = await world.create("changing", PROBE, replicas=1, env={"GREETING": "old"})
+        before = await world.wait_state("changing", ready_with(1))
         assert before is not None
     finally:
         process.send_signal(signal.SIGKILL)
         await process.wait()
-    orphans = world.table().load()
-    assert len(orphans) == 2
-    assert all(is_running(r) for r in orphans)
-    for endpoint in before.endpoints:
-        await world.call(endpoint)  # still serving, orphaned
+    (old,) = world.table().load()
+    await world.update_config(record, env={"GREETING": "new"})
+
+    seen: list[list[str]] = []
+
+    def settled(state: DeploymentState | None) -> bool:
+        if state is not None:
+            seen.append(list(state.endpoints))
+        return (
+            ready_with(1, generation=2)(state)
+            and state is not None
+            and (state.endpoints != before.endpoints)
+        )
 
     async with running_deployer(settings):
-        after = await world.wait_state(
-            "survivor",
-            lambda s: (
-                ready_with(2)(s) and s is not None and not set(s.endpoints) & set(before.endpoints)
-            ),
-        )
+        after = await world.wait_state("changing", settled)
         assert after is not None
-        assert not any(is_running(r) for r in orphans)
-        current = world.table().load()
-        assert len(current) == 2
-        assert all(is_running(r) for r in current)
-        assert {r.instance for r in current} == {i.id for i in after.instances}
-        assert len(list((settings.state_dir / "instances").iterdir())) == 2
-    # A deployer that stops stops its instances, and withdraws their endpoints first.
-    assert not any(is_running(r) for r in current)
-    assert world.table().load() == []
-    final = await world.deployments.get(world.ns, "survivor")
-    assert final is not None
-    assert final.value.endpoints == []
+        assert (await world.call(after.endpoints[0]))["greeting"] == "new"
+        assert all(seen), f"a state without endpoints: {seen}"
+        await asyncio.wait_for(_gone(old), 30)
+
+
+async def _gone(record: Any) -> None:
+    while is_running(record):  # noqa: ASYNC110 (a process we did not start)
+        await asyncio.sleep(0.1)
+
+
+TALKER = """\
+import itertools
+
+calls = itertools.count(1)
+word = iter(["orphaned", "adopted"])
+
+
+async def main(request):
+    said = next(word, "more")
+    print(f"said {said} #{next(calls)}", flush=True)
+    return {"said": said}
+"""
 
 
 NODE_HANDLER = """\

@@ -66,6 +66,15 @@ def test_every_namespace_is_new_and_no_capability_is_kept() -> None:
     assert "--share-net" not in args
 
 
+def test_a_detached_sandbox_outlives_its_launcher_and_reports_its_exit_code() -> None:
+    args = bwrap_args(
+        spec(), layout=LAYOUT, identity=WHO, file_fds=[7], status_fd=5, die_with_parent=False
+    )
+    assert "--die-with-parent" not in args
+    assert "--new-session" in args
+    assert args[args.index("--json-status-fd") + 1] == "5"
+
+
 def test_the_commands_env_is_set_inside_and_data_files_come_from_fds() -> None:
     args = bwrap_args(spec(), layout=LAYOUT, identity=WHO, file_fds=[7], info_fd=8, block_fd=9)
     assert "--clearenv" in args

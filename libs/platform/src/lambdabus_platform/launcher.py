@@ -326,6 +326,27 @@ class Platform:
         for task in pending:
             await task
 
+    async def stop_instances(self, nats: NatsServer) -> None:
+        """The deliberate stop of the platform stops the functions too: a deployer's own
+        graceful stop leaves its instances running for the next leader (an upgrade)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lambdabus_deployer",
+            "--stop-instances",
+            env=self.env_for("deployer", nats),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await process.communicate()
+        if process.returncode:
+            print(
+                f"error: could not stop the function instances: {err.decode(errors='replace')}",
+                file=self.err,
+                flush=True,
+            )
+
     async def run(self, stop: asyncio.Event) -> int:
         s = self.settings
         self.stop = stop
@@ -406,6 +427,7 @@ class Platform:
                 came_up = False
             self.say("stopping")
             await self.stop_children()
+            await self.stop_instances(server)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -30,6 +30,7 @@ from lambdabus_platform.subjects import (
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
     INVOKE_PREFIX,
+    LEASES_BUCKET,
     LIFECYCLE_PREFIX,
     LOGS_PREFIX,
     LOGS_QUERY_SUBJECT,
@@ -127,7 +128,7 @@ ACCESS: Final[Mapping[str, Access]] = {
         kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("deployment",),
         publish=(f"{LOGS_PREFIX}.runtime.>",),
-        kv_write=(DEPLOYMENTS_BUCKET,),
+        kv_write=(DEPLOYMENTS_BUCKET, LEASES_BUCKET),
         # quotas: per-namespace numbers (max instances), nothing secret
         kv_read=(FUNCTIONS_BUCKET, BUILDS_BUCKET, SECRETS_BUCKET, QUOTAS_BUCKET),
         durables={"LIFECYCLE": ("deployer-builds", "deployer-functions")},

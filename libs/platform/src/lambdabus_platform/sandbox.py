@@ -175,9 +175,12 @@ def bwrap_args(
     file_fds: Sequence[int],
     info_fd: int | None = None,
     block_fd: int | None = None,
+    status_fd: int | None = None,
+    die_with_parent: bool = True,
 ) -> list[str]:
     """bubblewrap's options (without the program): an allowlisted view of the host, then the
-    spec's binds and files in order, then its environment (bubblewrap's own stays ours)."""
+    spec's binds and files in order, then its environment (bubblewrap's own stays ours).
+    Without `die_with_parent` the sandbox outlives its launcher (a detached instance)."""
     if len(file_fds) != len(spec.files):
         raise ValueError("one fd per data file")
     args = [
@@ -190,7 +193,7 @@ def bwrap_args(
         str(identity.gid),
         "--hostname",
         spec.hostname,
-        "--die-with-parent",
+        *(["--die-with-parent"] if die_with_parent else []),
         "--new-session",
         "--cap-drop",
         "ALL",
@@ -216,6 +219,8 @@ def bwrap_args(
         args += ["--info-fd", str(info_fd)]
     if block_fd is not None:
         args += ["--block-fd", str(block_fd)]
+    if status_fd is not None:
+        args += ["--json-status-fd", str(status_fd)]
     return args
 
 
@@ -363,6 +368,7 @@ def _child_setup(
     identity: Identity | None,
     blocked: Mapping[str, Sequence[str]],
     tun: bool = False,
+    die_with_parent: bool = True,
 ) -> Callable[[], None]:
     def setup() -> None:  # runs in the child between fork and exec
         if hook is not None:
@@ -375,7 +381,8 @@ def _child_setup(
             if tun:
                 _private_tun(identity)
         _drop(identity)
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if die_with_parent:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return setup
 
@@ -401,17 +408,7 @@ class SandboxProcess:
 
     def payload_pids(self) -> list[int]:
         """The host pids of the sandbox's processes (the command and its descendants)."""
-        root = self.child_pid
-        if root is None:
-            return []
-        children = _children_map()
-        out: list[int] = []
-        todo = list(children.get(root, []))
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-        return out
+        return descendants(self.child_pid) if self.child_pid is not None else []
 
     def signal(self, sig: int) -> None:
         """Signal the command (and its descendants), not bubblewrap: it would not pass the
@@ -443,6 +440,18 @@ class SandboxProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.slirp.kill()
                 await self.slirp.wait()
+
+
+def descendants(root: int) -> list[int]:
+    """The host pids of `root`'s descendants (not `root` itself)."""
+    children = _children_map()
+    out: list[int] = []
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -486,10 +495,17 @@ async def launch(
     stdout: int | None = asyncio.subprocess.PIPE,
     stderr: int | None = asyncio.subprocess.PIPE,
     start_timeout: float = 10.0,
+    detached: bool = False,
+    status_fd: int | None = None,
 ) -> SandboxProcess:
     """Start `spec` in a sandbox as the identity of `key`. `preexec` runs in the child before
     privileges are dropped. With outbound network the command starts once slirp4netns has
-    configured it. Raises SandboxStartError when the sandbox cannot be set up."""
+    configured it. Raises SandboxStartError when the sandbox cannot be set up.
+
+    `detached`: the sandbox (and its slirp4netns) outlive this process: no --die-with-parent,
+    no parent-death signal, and slirp4netns ends when the sandbox does (the sandbox, not we,
+    holds the write end of its exit pipe). `status_fd`: bubblewrap writes its JSON status
+    there, the command's exit code included, for whoever watches it after us."""
     if not sandbox.enabled or sandbox.bwrap is None:
         raise SandboxUnavailable(sandbox.reason or "bubblewrap is not available")
     identity = sandbox.identity(key)
@@ -502,7 +518,11 @@ async def launch(
     block_r = block_w = None
     if network == "outbound":
         block_r, block_w = os.pipe()
-    pass_fds = [*file_fds, info_w, *([block_r] if block_r is not None else [])]
+    exit_r = exit_w = None
+    if detached and network == "outbound":
+        exit_r, exit_w = os.pipe()
+    extra = [fd for fd in (block_r, exit_w, status_fd) if fd is not None]
+    pass_fds = [*file_fds, info_w, *extra]
     argv = [
         sandbox.bwrap,
         *bwrap_args(
@@ -512,6 +532,8 @@ async def launch(
             file_fds=file_fds,
             info_fd=info_w,
             block_fd=block_r,
+            status_fd=status_fd,
+            die_with_parent=not detached,
         ),
         "--",
         *spec.command,
@@ -526,11 +548,20 @@ async def launch(
             cwd="/",
             start_new_session=True,
             pass_fds=pass_fds,
-            preexec_fn=_child_setup(hook=preexec, identity=switch, blocked=blocked),
+            preexec_fn=_child_setup(
+                hook=preexec, identity=switch, blocked=blocked, die_with_parent=not detached
+            ),
         )
+    except BaseException:
+        for fd in (exit_r, exit_w):
+            if fd is not None:
+                os.close(fd)
+        raise
     finally:
         for fd in (*file_fds, info_w, *([block_r] if block_r is not None else [])):
             os.close(fd)
+    if exit_w is not None:
+        os.close(exit_w)  # the sandbox holds it now
     handle = SandboxProcess(process=process, identity=identity, network=network)
     try:
         try:
@@ -543,7 +574,8 @@ async def launch(
             assert block_w is not None
             if handle.child_pid is None:
                 raise SandboxStartError("bubblewrap ended before its sandbox was set up")
-            await _start_slirp(sandbox, handle, identity, start_timeout)
+            slirp_exit, exit_r = exit_r, None  # _start_slirp closes it
+            await _start_slirp(sandbox, handle, identity, start_timeout, exit_r=slirp_exit)
             try:
                 os.write(block_w, b"1")
             except BrokenPipeError:
@@ -559,12 +591,21 @@ async def launch(
     finally:
         if block_w is not None:
             os.close(block_w)
+        if exit_r is not None:
+            os.close(exit_r)
     return handle
 
 
 async def _start_slirp(
-    sandbox: Sandbox, handle: SandboxProcess, identity: Identity, timeout: float
+    sandbox: Sandbox,
+    handle: SandboxProcess,
+    identity: Identity,
+    timeout: float,
+    *,
+    exit_r: int | None = None,
 ) -> None:
+    """slirp4netns for the sandbox; it ends when its exit pipe's write end closes: ours, or
+    (detached, `exit_r` given) the sandbox's."""
     assert sandbox.slirp4netns is not None
     assert handle.child_pid is not None
     # The user namespace that owns the sandbox's network namespace: bubblewrap nests another
@@ -577,7 +618,10 @@ async def _start_slirp(
         os.close(netns_fd)
         raise
     ready_r, ready_w = os.pipe()
-    exit_r, exit_w = os.pipe()
+    detached = exit_r is not None
+    exit_w: int | None = None
+    if exit_r is None:
+        exit_r, exit_w = os.pipe()
     switch = identity if sandbox.switch_uid else None
     try:
         slirp = await asyncio.create_subprocess_exec(
@@ -590,11 +634,18 @@ async def _start_slirp(
             cwd="/",
             start_new_session=True,
             pass_fds=(ready_w, exit_r, userns_fd, netns_fd),
-            preexec_fn=_child_setup(hook=None, identity=switch, blocked={}, tun=switch is not None),
+            preexec_fn=_child_setup(
+                hook=None,
+                identity=switch,
+                blocked={},
+                tun=switch is not None,
+                die_with_parent=not detached,
+            ),
         )
     except BaseException:
         for fd in (ready_r, ready_w, exit_r, exit_w):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
         os.close(netns_fd)

@@ -148,6 +148,16 @@ class ServiceContext:
 LifecycleHandler = Callable[[LifecycleEvent], Awaitable[None]]
 
 
+class Redeliver(Exception):
+    """Raised by a lifecycle handler that may not handle the event here (a standby replica):
+    the message is not acked but handed back for redelivery after `delay` seconds, to
+    whichever replica pulls it next."""
+
+    def __init__(self, why: str, *, delay: float = 0.5) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
 def subscribe_lifecycle(
     ctx: ServiceContext, subject: str, *, durable: str, handler: LifecycleHandler
 ) -> None:
@@ -178,6 +188,9 @@ def subscribe_lifecycle(
             return
         try:
             await handler(event)
+        except Redeliver as back:
+            await msg.nack(delay=back.delay)
+            return
         except Exception:
             ctx.metrics.events_handled.labels(event.type, "error").inc()
             raise

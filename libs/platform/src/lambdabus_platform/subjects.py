@@ -50,6 +50,7 @@ SCHEDULES_BUCKET = "schedules"  # gateway
 SCHEDULE_TICKS_BUCKET = "schedule-ticks"  # router; the newest tick fired per schedule
 # router (each its own keys, `<ns>.<fn>.<router id>`); the gateway adds them up
 FUNCTION_METRICS_BUCKET = "function-metrics"
+LEASES_BUCKET = "leases"  # deployer; its replicas' leader lease (key `deployer`)
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
@@ -63,6 +64,7 @@ KV_BUCKETS: tuple[str, ...] = (
     SCHEDULES_BUCKET,
     SCHEDULE_TICKS_BUCKET,
     FUNCTION_METRICS_BUCKET,
+    LEASES_BUCKET,
 )
 # The heartbeat registry (`replicas`): every service writes its own `<service>.<id>` keys, the
 # gateway reads them. Declared apart from KV_BUCKETS: in memory, entries expire (see replicas.py).

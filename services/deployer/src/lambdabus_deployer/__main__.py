@@ -9,23 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.local import open_local_backend
+from lambdabus_deployer.leader import ROLE, Elector, replica_id
+from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
+from lambdabus_deployer.plan import use_key_salt
 from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
+from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
-from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
-from lambdabus_platform.subjects import SECRETS_BUCKET, entity_filter
+from lambdabus_platform.service import (
+    Redeliver,
+    ServiceContext,
+    Setup,
+    run,
+    subscribe_lifecycle,
+)
+from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET, entity_filter
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -53,55 +64,115 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 log.info("egress rules for sandboxed traffic", extra={"result": firewall})
         else:
             log.warning("instances run UNSANDBOXED", extra={"reason": sandbox.reason})
+        use_key_salt(settings.state_dir / "key-salt")
         runtime = locate_runtime(settings)
         if runtime.pythonpath is None:
             log.warning("the runtime SDK (lambdabus_runtime) was not found; python functions fail")
-        states = DeploymentStates(ctx.bus)
         secrets = SecretStore(
             ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
+        )
+        metrics = DeployerMetrics.create(ctx.metrics.registry)
+        elector = Elector(
+            ctx.bus.kv(LEASES_BUCKET),
+            replica_id(),
+            duration=settings.lease_seconds,
+            on_role=lambda role: metrics.leader.set(1 if role == "leader" else 0),
+        )
+        leader = Leadership(elector)
+        ROLE.update(elector=elector)
+
+        async def on_event(event: LifecycleEvent) -> None:
+            deployer = leader.deployer
+            if deployer is None:
+                raise Redeliver("this deployer replica is a standby")
+            await deployer.on_event(event)
+
+        subscribe_lifecycle(
+            ctx, entity_filter("build"), durable="deployer-builds", handler=on_event
+        )
+        subscribe_lifecycle(
+            ctx, entity_filter("function"), durable="deployer-functions", handler=on_event
         )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (
             aiohttp.ClientSession(connector=connector) as http,
             open_log_shipper(ctx.bus) as shipper,
-            open_local_backend(
-                settings,
-                sandbox=sandbox,
-                runtime=runtime,
-                http=http,
-                report=states.observe,
-                logs=shipper.publish,
-                metrics=DeployerMetrics.create(ctx.metrics.registry),
-            ) as backend,
         ):
-            deployer = Deployer(bus=ctx.bus, backend=backend, states=states, secrets=secrets)
-            subscribe_lifecycle(
-                ctx, entity_filter("build"), durable="deployer-builds", handler=deployer.on_event
-            )
-            subscribe_lifecycle(
-                ctx,
-                entity_filter("function"),
-                durable="deployer-functions",
-                handler=deployer.on_event,
-            )
-            reconciling = asyncio.create_task(
-                deployer.reconcile_forever(settings.reconcile_interval)
-            )
-            watching = asyncio.create_task(
-                _watch_secrets(deployer, ctx, settings.reconcile_interval)
-            )
+
+            async def lead() -> None:
+                """Act while leading: adopt the instances, reconcile; on a lost lease, stop
+                acting at once (the instances go on, for the next leader)."""
+                states = DeploymentStates(ctx.bus)
+                async with open_local_backend(
+                    settings,
+                    sandbox=sandbox,
+                    runtime=runtime,
+                    http=http,
+                    report=states.observe,
+                    logs=shipper.publish,
+                    metrics=metrics,
+                    stop_instances=lambda: False,
+                ) as backend:
+                    deployer = Deployer(
+                        bus=ctx.bus,
+                        backend=backend,
+                        states=states,
+                        secrets=secrets,
+                        after_first_pass=backend.collect_orphans,
+                    )
+                    tasks = [
+                        asyncio.create_task(
+                            deployer.reconcile_forever(settings.reconcile_interval)
+                        ),
+                        asyncio.create_task(
+                            _watch_secrets(deployer, ctx, settings.reconcile_interval)
+                        ),
+                    ]
+                    leader.deployer = deployer
+                    try:
+                        await elector.lost.wait()
+                    finally:
+                        leader.deployer = None
+                        for task in tasks:
+                            task.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
+                        states.stop()
+
+            shutting = asyncio.Event()
+            acting = False
+
+            async def manage() -> None:
+                nonlocal acting
+                while not shutting.is_set():
+                    await elector.leading.wait()
+                    acting = True
+                    try:
+                        await lead()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("leading failed; trying again")
+                        await asyncio.sleep(1)
+                    finally:
+                        acting = False
+
+            electing = asyncio.create_task(elector.run())
+            managing = asyncio.create_task(manage())
             try:
                 yield
             finally:
-                for task in (reconciling, watching):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                try:
-                    await asyncio.wait_for(states.close(), 3)
-                except Exception as exc:
-                    log.warning("could not withdraw endpoints", extra={"error": repr(exc)})
-            # Leaving open_local_backend stops every instance: nothing outlives the deployer.
+                # A graceful stop (an upgrade): stop acting, leave every instance running and
+                # its endpoints in place, then hand the lease over.
+                electing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await electing
+                shutting.set()
+                elector.lost.set()
+                if not acting:
+                    managing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await managing
+                await elector.release()
 
     return setup
 
@@ -119,8 +190,26 @@ async def _watch_secrets(deployer: Deployer, ctx: ServiceContext, retry: float) 
         await asyncio.sleep(retry)
 
 
-def main() -> int:
+class Leadership:
+    """The deployer that acts while this replica leads (None while it is a standby)."""
+
+    def __init__(self, elector: Elector) -> None:
+        self.elector = elector
+        self.deployer: Deployer | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     settings = DeployerSettings()
+    if args == ["--stop-instances"]:
+        # The launcher's deliberate stop (`lambdabus down`): every instance goes, whoever
+        # started it (the deployer replicas are stopped first; a graceful stop leaves them).
+        stopped = asyncio.run(stop_all_instances(settings))
+        print(json.dumps({"msg": "instances stopped", "count": stopped}), file=sys.stderr)
+        return 0
+    if args:
+        print("usage: python -m lambdabus_deployer [--stop-instances]", file=sys.stderr)
+        return 2
     return run("deployer", settings, make_setup(settings))
 
 

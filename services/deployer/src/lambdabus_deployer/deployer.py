@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from lambdabus_deployer.backend import DeployBackend
 from lambdabus_deployer.plan import (
@@ -43,7 +43,9 @@ class Deployer:
         backend: DeployBackend,
         states: DeploymentStates,
         secrets: SecretStore | None = None,
+        after_first_pass: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._after_first_pass = after_first_pass
         self._bus = bus
         self._backend = backend
         self._states = states
@@ -172,6 +174,10 @@ class Deployer:
         while True:
             try:
                 await self.reconcile_all()
+                if self._after_first_pass is not None:
+                    # e.g. stop the instances a previous leader left that nothing desires now
+                    after, self._after_first_pass = self._after_first_pass, None
+                    await after()
             except Exception:
                 log.exception("reconcile pass failed; retried at the next pass")
             await asyncio.sleep(interval)

@@ -278,6 +278,18 @@ class RunLimits:
     _oom: bool = False
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
+    @property
+    def baseline(self) -> int:
+        return self._baseline
+
+    async def detach(self) -> None:
+        """Stop watching the run and leave its cgroup (a deployer stops, the run goes on)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
     def oom_killed(self) -> bool:
         """Did the kernel's OOM killer kill a process of this run (then all of it is killed)."""
         if not self._oom and self.cgroup is not None:
@@ -377,6 +389,15 @@ class Limiter:
             cgroup=cgroup,
             _baseline=cgroup.oom_kills() if cgroup is not None else 0,
         )
+        if cgroup is not None:
+            run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
+        return run
+
+    async def adopt(self, instance: str, baseline: int) -> RunLimits:
+        """The limits of a run a previous deployer started: its cgroup, if it has one, with the
+        OOM count it had when the run started."""
+        cgroup = self.hierarchy.find(instance) if self.hierarchy is not None else None
+        run = RunLimits(preexec=lambda: None, cgroup=cgroup, _baseline=baseline)
         if cgroup is not None:
             run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
         return run

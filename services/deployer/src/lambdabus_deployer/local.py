@@ -28,7 +28,8 @@ from typing import Any
 import aiohttp
 
 from lambdabus_deployer.backend import LogSink, Reporter
-from lambdabus_deployer.limits import Limiter, Limits, detect_limiter, oom_message
+from lambdabus_deployer.detached import LogFollower, Running, open_log_file
+from lambdabus_deployer.limits import Limiter, Limits, RunLimits, detect_limiter, oom_message
 from lambdabus_deployer.logcapture import InstanceLog
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.plan import (
@@ -48,7 +49,13 @@ from lambdabus_deployer.plan import (
     secret_files,
     uses_rlimit_as,
 )
-from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, start_time
+from lambdabus_deployer.process_table import (
+    ProcessRecord,
+    ProcessTable,
+    is_running,
+    kill_record,
+    start_time,
+)
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceState
 from lambdabus_platform.envdigest import EnvironmentVerifier
@@ -62,6 +69,7 @@ from lambdabus_platform.sandbox import (
 )
 
 log = logging.getLogger("lambdabus.deployer.local")
+LOGS_DIR = "instance-logs"  # in the state dir: each run's stdout, stderr and status files
 _ENVIRONMENTS = EnvironmentVerifier()  # each (env dir, digest) hashed once per process
 
 
@@ -218,18 +226,28 @@ class Outcome:
 class Instance:
     """One slot of a revision: a process, restarted with back-off until stopped."""
 
-    def __init__(self, group: RevisionSet) -> None:
+    def __init__(self, group: RevisionSet, adopted: ProcessRecord | None = None) -> None:
         self.group = group
         backend = group.runner.backend
         rev = group.revision
-        self.id = f"{rev.name}-{group.key[:6]}-{secrets.token_hex(3)}"
-        self.scratch = backend.settings.instances_dir / self.id
-        self.socket_dir = self._new_socket_dir()
+        self._adopted = adopted
+        self._detach = False
+        if adopted is not None:  # a run a previous deployer started: it goes on serving
+            self.id = adopted.instance
+            self.scratch = Path(adopted.scratch)
+            self.socket_dir = Path(adopted.socket_dir)
+        else:
+            self.id = f"{rev.name}-{group.key[:6]}-{secrets.token_hex(3)}"
+            self.scratch = backend.settings.instances_dir / self.id
+            self.socket_dir = self._new_socket_dir()
         # Who the instance is on the host: one uid per function (when we are root).
         self.identity = backend.sandbox.identity(rev.function) if backend.sandbox.enabled else None
         self.phase: InstancePhase = "starting"
         self.endpoint: str | None = None
-        self.restarts = 0
+        self.restarts = adopted.restarts if adopted is not None else 0
+        if adopted is not None and adopted.ready and adopted.endpoint:
+            # Ready as it was: its endpoint stays in the state while health checks resume.
+            self.phase, self.endpoint = "ready", adopted.endpoint
         self.last_exit = ""
         self.started_at: datetime | None = None
         self.last_oom = False
@@ -271,6 +289,12 @@ class Instance:
         except Exception:
             log.exception("instance supervisor failed", extra={"instance": self.id})
 
+    async def detach(self) -> None:
+        """Stop watching the instance and leave it running (the deployer stops; the next
+        leader adopts it from the process table)."""
+        self._detach = True
+        await self.stop()
+
     async def _supervise(self) -> None:
         backend = self.group.runner.backend
         s = backend.settings
@@ -308,6 +332,8 @@ class Instance:
                         )
                     )
                     return
+                if self._detach:
+                    return
                 if self._stop.is_set() or self.retired or self.group.retired:
                     await self.log.system(f"instance {self.id} stopped: it {outcome.describe()}")
                     return
@@ -340,18 +366,36 @@ class Instance:
         finally:
             self.phase = "stopped"
             self.endpoint = None
-            await asyncio.to_thread(shutil.rmtree, self.scratch, True)
-            await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
+            if not self._detach:
+                await asyncio.to_thread(shutil.rmtree, self.scratch, True)
+                await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
 
     def _new_socket_dir(self) -> Path:
         """A new dir for each run of the instance (so a restart is a new endpoint): short (a
         socket path has at most 107 bytes) and unguessable."""
         return self.group.runner.backend.settings.sockets_dir / secrets.token_hex(6)
 
+    def _spec(self) -> InstanceSpec:
+        backend = self.group.runner.backend
+        return InstanceSpec(
+            id=self.id,
+            scratch=str(self.scratch),
+            revision=self.group.revision,
+            runtime=backend.runtime,
+            socket_dir=str(self.socket_dir),
+            per_process_memory=not backend.limiter.enforces_memory,
+        )
+
     async def _start(
-        self, spec: InstanceSpec, preexec: Callable[[], None] | None
+        self,
+        spec: InstanceSpec,
+        preexec: Callable[[], None] | None,
+        out: int,
+        err: int,
+        status: int,
     ) -> tuple[asyncio.subprocess.Process, SandboxProcess | None]:
-        """Start the instance's process: in its sandbox, or (unsandboxed) the runtime alone."""
+        """Start the instance's process, detached (it outlives this deployer), its output to
+        the `out` and `err` files: in its sandbox, or (unsandboxed) the runtime alone."""
         backend = self.group.runner.backend
         s = backend.settings
         manifest = self.group.manifest
@@ -369,7 +413,11 @@ class Instance:
                 sandbox_spec,
                 key=spec.revision.function,
                 preexec=preexec,
+                stdout=out,
+                stderr=err,
                 start_timeout=s.start_timeout,
+                detached=True,
+                status_fd=status,
             )
             return handle.process, handle
         await self.log.system(f"starting instance {self.id} UNSANDBOXED: {backend.sandbox.reason}")
@@ -383,8 +431,8 @@ class Instance:
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=out,
+            stderr=err,
             env=env,
             cwd=self.scratch,
             start_new_session=True,  # its own process group: signals reach all of it, and only it
@@ -392,23 +440,13 @@ class Instance:
         )
         return process, None
 
-    async def _run_once(self) -> Outcome:
+    async def _launch(
+        self, spec: InstanceSpec
+    ) -> tuple[Running, RunLimits, ProcessRecord, SandboxProcess | None]:
+        """A new run: its cgroup (or rlimits), its scratch tmpfs (the child joins and mounts in
+        `preexec`, before the sandbox drops privileges), its log files; recorded in the table."""
         backend = self.group.runner.backend
-        s = backend.settings
         manifest = self.group.manifest
-        await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
-        self.socket_dir = self._new_socket_dir()
-        spec = InstanceSpec(
-            id=self.id,
-            scratch=str(self.scratch),
-            revision=self.group.revision,
-            runtime=backend.runtime,
-            socket_dir=str(self.socket_dir),
-            per_process_memory=not backend.limiter.enforces_memory,
-        )
-        self.log.tail.clear()
-        # Its cgroup (or rlimits) and its scratch tmpfs: the child joins and mounts in
-        # `preexec`, before the sandbox drops privileges.
         identity = self.identity
         _private_dir(self.scratch, identity)
         limits = await backend.limiter.start(
@@ -419,79 +457,224 @@ class Instance:
             owner=(identity.uid, identity.gid) if identity is not None else None,
             own_uid=identity is not None,
         )
+        logs = backend.settings.state_dir / LOGS_DIR
+        logs.mkdir(mode=0o700, exist_ok=True)
+        run_tag = f"{self.id}.{secrets.token_hex(3)}"
+        paths = [logs / f"{run_tag}.{name}" for name in ("stdout", "stderr", "status")]
+        fds: list[int] = []
         try:
-            process, sandboxed = await self._start(spec, limits.preexec)
+            fds = [open_log_file(path) for path in paths]
+            process, sandboxed = await self._start(spec, limits.preexec, *fds)
         except BaseException:
             await limits.close()
+            for path in paths:
+                path.unlink(missing_ok=True)
             raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        record = ProcessRecord(
+            pid=process.pid,
+            start_time=start_time(process.pid) or 0,
+            instance=self.id,
+            function=spec.revision.function,
+            revision=self.group.key,
+            scratch=str(self.scratch),
+            child_pid=sandboxed.child_pid if sandboxed is not None else None,
+            socket_dir=str(self.socket_dir),
+            endpoint=spec.endpoint,
+            stdout=str(paths[0]),
+            stderr=str(paths[1]),
+            status_file=str(paths[2]) if sandboxed is not None else "",
+            oom_baseline=limits.baseline,
+            restarts=self.restarts,
+        )
+        backend.table.add(record)
+        running = Running(
+            pid=record.pid,
+            started=record.start_time,
+            child_pid=record.child_pid,
+            process=process,
+            status_file=record.status_file,
+        )
+        return running, limits, record, sandboxed
+
+    async def _run_once(self) -> Outcome:
+        backend = self.group.runner.backend
+        s = backend.settings
+        adopted, self._adopted = self._adopted, None
+        sandboxed: SandboxProcess | None = None
+        if adopted is not None:
+            spec = self._spec()
+            run = Running(
+                pid=adopted.pid,
+                started=adopted.start_time,
+                child_pid=adopted.child_pid,
+                status_file=adopted.status_file,
+            )
+            limits = await backend.limiter.adopt(self.id, adopted.oom_baseline)
+            record = adopted
+            await self.log.system(f"instance {self.id} adopted (pid {adopted.pid})")
+        else:
+            await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
+            self.socket_dir = self._new_socket_dir()
+            spec = self._spec()
+            self.log.tail.clear()
+            run, limits, record, sandboxed = await self._launch(spec)
         started = time.monotonic()
         self.started_at = datetime.now(UTC)  # LUNA's pod_statuses show it
         backend.metrics.instances_running.inc()
-        assert process.stdout is not None
-        assert process.stderr is not None
+        ended = asyncio.Event()
+        cap = max(s.log_file_max_bytes * 4, 1 << 20)
+        out = LogFollower(
+            Path(record.stdout),
+            record.stdout_offset,
+            ended,
+            max_bytes=s.log_file_max_bytes,
+            cap_bytes=cap,
+        )
+        err = LogFollower(
+            Path(record.stderr),
+            record.stderr_offset,
+            ended,
+            max_bytes=s.log_file_max_bytes,
+            cap_bytes=cap,
+        )
+        out.eager = adopted is None  # until it says it listens
         listening: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
+        listening.add_done_callback(lambda _: setattr(out, "eager", False))
         pumps = [
-            asyncio.create_task(self.log.pump(process.stdout, "stdout", listening)),
-            asyncio.create_task(self.log.pump(process.stderr, "stderr")),
+            asyncio.create_task(self.log.pump(out, "stdout", listening)),
+            asyncio.create_task(self.log.pump(err, "stderr")),
         ]
         drops = asyncio.create_task(self.log.report_drops())
-        exited = asyncio.create_task(process.wait())
+        exited = asyncio.create_task(run.wait())
+        exited.add_done_callback(lambda _: ended.set())
         stopping = asyncio.create_task(self._stop.wait())
+        tracking = asyncio.create_task(self._track(out, err))
         why, was_ready = "", False
         try:
-            began = start_time(process.pid)
-            if began is not None:
-                backend.table.add(
-                    ProcessRecord(
-                        pid=process.pid,
-                        start_time=began,
-                        instance=self.id,
-                        function=spec.revision.function,
-                        revision=self.group.key,
-                        scratch=str(self.scratch),
-                    )
+            if adopted is not None:
+                was_ready = await self._adopted_ready(adopted, spec, exited, stopping)
+                if was_ready:
+                    why = await self._watch(exited, stopping)
+                elif not exited.done() and not self._stop.is_set():
+                    why = f"did not answer on /healthz within {s.start_timeout:g} s"
+            else:
+                first: set[asyncio.Future[Any]] = {listening, exited, stopping}
+                done, _ = await asyncio.wait(
+                    first,
+                    timeout=s.start_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            first: set[asyncio.Future[Any]] = {listening, exited, stopping}
-            done, _ = await asyncio.wait(
-                first,
-                timeout=s.start_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if listening in done:
-                was_ready = True
-                # Where it listens is ours to say (the socket in its dir), not the instance's.
-                self.endpoint = spec.endpoint
-                self.phase = "ready"
-                self._changed()
-                await self.log.system(f"instance {self.id} ready on {self.endpoint}")
-                why = await self._watch(exited, stopping)
-            elif not done:
-                why = f"did not say it listens within {s.start_timeout:g} s"
+                if listening in done:
+                    was_ready = True
+                    await self._became_ready(spec)
+                    why = await self._watch(exited, stopping)
+                elif not done:
+                    why = f"did not say it listens within {s.start_timeout:g} s"
         finally:
-            if process.returncode is None:
-                graceful = self._stop.is_set() and not why
-                await self._terminate(process, sandboxed, exited, graceful=graceful)
-            # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1),
-            # and in its cgroup (what left the group: setsid, daemons).
-            _signal_group(process.pid, signal.SIGKILL)
-            if sandboxed is not None:
-                await sandboxed.close()
-            await limits.kill_all()
-            _, late = await asyncio.wait(pumps, timeout=2)
-            for task in (*late, drops, stopping):
-                task.cancel()
-            await asyncio.gather(*late, drops, stopping, return_exceptions=True)
-            if not listening.done():
-                listening.cancel()
-            await self.log.flush_dropped()
-            backend.table.discard(self.id)
-            backend.metrics.instances_running.dec()
-            oom = limits.oom_killed()
-            await limits.close()
+            tracking.cancel()
+            if self._detach and run.alive:
+                # Leave it running, recorded with how far its logs were shipped.
+                for task in (*pumps, drops, stopping, exited):
+                    task.cancel()
+                await asyncio.gather(*pumps, drops, stopping, exited, return_exceptions=True)
+                if not listening.done():
+                    listening.cancel()
+                backend.table.update(self.id, stdout_offset=out.offset, stderr_offset=err.offset)
+                backend.table.flush()
+                out.close()
+                err.close()
+                await limits.detach()
+                backend.metrics.instances_running.dec()
+                oom = False
+            else:
+                if run.alive:
+                    graceful = self._stop.is_set() and not why
+                    await self._terminate(run, exited, graceful=graceful)
+                # Whatever the instance left in its group (unsandboxed; a sandbox ends with its pid 1),
+                # and in its cgroup (what left the group: setsid, daemons).
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if run.process is not None or start_time(run.pid) is None:
+                        os.killpg(run.pid, signal.SIGKILL)
+                if sandboxed is not None:
+                    await sandboxed.close()
+                await limits.kill_all()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await exited
+                ended.set()
+                _, late = await asyncio.wait(pumps, timeout=2)
+                for task in (*late, drops, stopping):
+                    task.cancel()
+                await asyncio.gather(*late, drops, stopping, return_exceptions=True)
+                if not listening.done():
+                    listening.cancel()
+                out.close()
+                err.close()
+                await self.log.flush_dropped()
+                backend.table.discard(self.id)
+                for path in (record.stdout, record.stderr, record.status_file):
+                    if path:
+                        Path(path).unlink(missing_ok=True)
+                backend.metrics.instances_running.dec()
+                oom = limits.oom_killed()
+                await limits.close()
         if oom:
             why = oom_message(spec.revision.memory)
             backend.metrics.oom_kills.inc()
-        return Outcome(process.returncode, was_ready, time.monotonic() - started, why, oom)
+        return Outcome(run.returncode, was_ready, time.monotonic() - started, why, oom)
+
+    async def _became_ready(self, spec: InstanceSpec) -> None:
+        # Where it listens is ours to say (the socket in its dir), not the instance's.
+        self.endpoint = spec.endpoint
+        self.phase = "ready"
+        self.group.runner.backend.table.update(self.id, ready=True)
+        self.group.runner.backend.table.flush()
+        self._changed()
+        await self.log.system(f"instance {self.id} ready on {self.endpoint}")
+
+    async def _adopted_ready(
+        self,
+        adopted: ProcessRecord,
+        spec: InstanceSpec,
+        exited: asyncio.Task[int | None],
+        stopping: asyncio.Task[Any],
+    ) -> bool:
+        """An adopted run that was ready stays so (health checks resume); one that was still
+        starting is ready once it answers on /healthz within the start timeout."""
+        if exited.done():
+            return False
+        if adopted.ready:
+            return True
+        s = self.group.runner.backend.settings
+        self.endpoint = spec.endpoint
+        deadline = time.monotonic() + s.start_timeout
+        while time.monotonic() < deadline:
+            if await self._healthy():
+                self.endpoint = None
+                await self._became_ready(spec)
+                return True
+            done, _ = await asyncio.wait(
+                {exited, stopping}, timeout=s.health_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                break
+        self.endpoint = None
+        return False
+
+    async def _track(self, out: LogFollower, err: LogFollower) -> None:
+        """Keep the record's log offsets current (the table is written once a second)."""
+        table = self.group.runner.backend.table
+        while True:
+            await asyncio.sleep(0.5)
+            table.update(self.id, stdout_offset=out.offset, stderr_offset=err.offset)
+            if out.skipped or err.skipped:
+                skipped = out.skipped + err.skipped
+                out.skipped = err.skipped = 0
+                await self.log.system(
+                    f"dropped {skipped} bytes of output: written faster than they were shipped"
+                )
 
     async def _healthy(self) -> bool:
         backend = self.group.runner.backend
@@ -507,7 +690,7 @@ class Instance:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def _watch(self, exited: asyncio.Task[int], stopping: asyncio.Task[Any]) -> str:
+    async def _watch(self, exited: asyncio.Task[int | None], stopping: asyncio.Task[Any]) -> str:
         """Poll /healthz until the process exits, is stopped, or fails too many polls in a row."""
         s = self.group.runner.backend.settings
         failures = 0
@@ -531,26 +714,17 @@ class Instance:
                 return f"failed {failures} health checks in a row"
 
     async def _terminate(
-        self,
-        process: asyncio.subprocess.Process,
-        sandboxed: SandboxProcess | None,
-        exited: asyncio.Task[int],
-        *,
-        graceful: bool,
+        self, run: Running, exited: asyncio.Task[int | None], *, graceful: bool
     ) -> None:
         backend = self.group.runner.backend
         if graceful:
-            if sandboxed is not None:
-                sandboxed.signal(signal.SIGTERM)
-            else:
-                _signal_group(process.pid, signal.SIGTERM)
+            run.signal_payload(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), backend.settings.stop_grace_seconds)
-        if process.returncode is None:
-            if sandboxed is not None:
-                sandboxed.kill()
-            _signal_group(process.pid, signal.SIGKILL)
-        await exited
+        if not exited.done():
+            run.kill()
+        with contextlib.suppress(asyncio.CancelledError):
+            await exited
 
 
 class RevisionSet:
@@ -571,7 +745,8 @@ class RevisionSet:
     def scale(self, replicas: int) -> list[Instance]:
         """Start or drop instances to reach `replicas`; returns the dropped ones (to stop)."""
         while len(self.instances) < replicas:
-            self.instances.append(Instance(self))
+            adopted = self.runner.backend.claim(self.key)
+            self.instances.append(Instance(self, adopted))
         dropped = self.instances[replicas:]
         del self.instances[replicas:]
         return dropped
@@ -633,6 +808,10 @@ class FunctionRunner:
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._wake.set()
+        self.stepped = asyncio.Event()  # its first step is done (it claimed what it adopts)
+        # Runs of an older revision a previous leader left (the function changed while no
+        # deployer led): they serve until this revision is ready, then go like a drained one.
+        self._legacy: list[ProcessRecord] = []
         self._task = asyncio.create_task(self._loop(), name=f"runner {desired.function}")
 
     def apply(self, desired: DesiredRevision) -> None:
@@ -654,6 +833,8 @@ class FunctionRunner:
                 )
                 await asyncio.sleep(1)
                 self.wake()
+            finally:
+                self.stepped.set()
 
     async def _step(self) -> None:
         desired = self.desired
@@ -677,6 +858,9 @@ class FunctionRunner:
             if self.serving is not None:
                 self._to_drain.append(self.serving)
             self.serving, self.target = self.target, None
+        if self._legacy and self.serving is not None:
+            legacy, self._legacy = self._legacy, []
+            self._spawn(self._retire_legacy(legacy, drain=True))
         self._previous = desired
         await self._report()
         # Only now that the state naming the new endpoints is written do the old ones go.
@@ -723,12 +907,23 @@ class FunctionRunner:
             return
         self.target = RevisionSet(self, desired, manifest)
         self.target.scale(desired.replicas)
+        if self.serving is None and self._previous is None:
+            self._legacy = self.backend.claim_legacy(desired.function, desired.key)
+
+    async def _retire_legacy(self, legacy: list[ProcessRecord], *, drain: bool) -> None:
+        if drain and self.backend.settings.drain_seconds:
+            await asyncio.sleep(self.backend.settings.drain_seconds)
+        for record in legacy:
+            await _stop_record(record, self.backend.limiter)
+            self.backend.table.discard(record.instance)
 
     def observe(self) -> Observation:
         groups = [g for g in (self.target, self.serving) if g is not None]
         endpoints = self.serving.ready_endpoints() if self.serving is not None else []
         if not endpoints and self.target is not None:
             endpoints = self.target.ready_endpoints()
+        if not endpoints and self._legacy:
+            endpoints = [r.endpoint for r in self._legacy if r.ready and is_running(r)]
         sandbox = self.backend.sandbox
         return Observation(
             revision=self.desired,
@@ -771,6 +966,23 @@ class FunctionRunner:
 
         self._spawn(_go())
 
+    async def detach(self) -> None:
+        """End the runner and leave every instance running (for the next leader to adopt)."""
+        self.removed = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        instances: set[Instance] = set()
+        for what in {*self._to_drain, *self._stopping, self.target, self.serving}:
+            if isinstance(what, Instance):
+                instances.add(what)
+            elif what is not None:
+                instances.update(what.instances)
+        await asyncio.gather(*(i.detach() for i in instances))
+
     async def remove(self) -> None:
         """Stop everything at once (no drain) and end the runner."""
         self.removed = True
@@ -783,6 +995,8 @@ class FunctionRunner:
         left: set[RevisionSet | Instance] = {*self._to_drain, *self._stopping}
         left |= {g for g in (self.target, self.serving) if g is not None}
         await asyncio.gather(*(x.stop() for x in left))
+        legacy, self._legacy = self._legacy, []
+        await self._retire_legacy(legacy, drain=False)
 
 
 class LocalBackend:
@@ -810,6 +1024,8 @@ class LocalBackend:
         self.metrics = metrics
         self.table = ProcessTable(settings.process_table)
         self._runners: dict[tuple[str, str], FunctionRunner] = {}
+        self._adoptable: dict[str, list[ProcessRecord]] = {}
+        self._flushing: asyncio.Task[None] | None = None
 
     def functions(self) -> set[tuple[str, str]]:
         return set(self._runners)
@@ -834,29 +1050,129 @@ class LocalBackend:
         if runner is not None:
             await runner.remove()
 
+    def claim(self, revision_key: str) -> ProcessRecord | None:
+        """A running instance of this revision a previous deployer left, to adopt."""
+        found = self._adoptable.get(revision_key)
+        return found.pop() if found else None
+
+    def claim_legacy(self, function: str, revision_key: str) -> list[ProcessRecord]:
+        """Running instances of another revision of this function a previous leader left."""
+        found: list[ProcessRecord] = []
+        for key, records in self._adoptable.items():
+            if key != revision_key:
+                found += [r for r in records if r.function == function]
+                records[:] = [r for r in records if r.function != function]
+        return found
+
     async def recover(self) -> None:
-        """Kill the instances a previous run of this deployer left behind, forget their
-        scratch dirs: a fresh start of exactly what is desired follows."""
+        """Take over the instances a previous deployer (or leader) left running: each is
+        adopted when its revision is applied (`claim`), those nobody claims are stopped by
+        `collect_orphans`. What the dead ones left (cgroups, dirs, log files) is removed."""
         self.settings.instances_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _owned_private(self.settings.sockets_dir, parent_too=self.settings.socket_dir is None)
-        recorded = [r.instance for r in self.table.load()]
-        killed = await asyncio.to_thread(self.table.kill_leftovers)
-        await self.limiter.clean_leftovers(recorded)
-        for record in killed:
+        (self.settings.state_dir / LOGS_DIR).mkdir(mode=0o700, exist_ok=True)
+        recorded = await asyncio.to_thread(self.table.load)
+        alive = [r for r in recorded if is_running(r)]
+        await self.limiter.clean_leftovers([r.instance for r in recorded if r not in alive])
+        self.table.adopt(alive)
+        self._adoptable.clear()
+        for record in alive:
+            self._adoptable.setdefault(record.revision, []).append(record)
+        if alive:
+            log.info("adopting running instances", extra={"count": len(alive)})
+        keep = {Path(p) for r in alive for p in (r.scratch, r.socket_dir, r.stdout, r.stderr)}
+        keep |= {Path(r.status_file) for r in alive if r.status_file}
+        logs = self.settings.state_dir / LOGS_DIR
+        for directory in (self.settings.instances_dir, self.settings.sockets_dir, logs):
+            for leftover in directory.iterdir():
+                if leftover not in keep:
+                    await asyncio.to_thread(_remove, leftover)
+        self._flushing = asyncio.create_task(self._flush_table())
+
+    async def collect_orphans(self) -> None:
+        """After a first full reconcile: stop the left instances no desired revision took."""
+        steps = [asyncio.create_task(r.stepped.wait()) for r in self._runners.values()]
+        if steps:
+            await asyncio.wait(steps, timeout=60)
+            for step in steps:
+                step.cancel()
+        left = [r for records in self._adoptable.values() for r in records]
+        self._adoptable.clear()
+        for record in left:
             log.warning(
-                "killed an instance left by a previous run",
+                "stopping an instance no desired revision adopted",
                 extra={"pid": record.pid, "instance": record.instance, "function": record.function},
             )
-        for directory in (self.settings.instances_dir, self.settings.sockets_dir):
-            for leftover in directory.iterdir():
-                await asyncio.to_thread(shutil.rmtree, leftover, True)
+            await _stop_record(record, self.limiter)
+            self.table.discard(record.instance)
 
-    async def aclose(self) -> None:
+    async def _flush_table(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.table.flush)
+            except OSError as exc:
+                log.warning("cannot write the process table", extra={"error": str(exc)})
+
+    async def aclose(self, *, stop_instances: bool = False) -> None:
+        """Leave the instances running for the next leader (a graceful stop, an upgrade), or,
+        `stop_instances`, stop them all."""
         runners = list(self._runners.values())
         self._runners.clear()
-        await asyncio.gather(*(r.remove() for r in runners))
-        with contextlib.suppress(OSError):  # empty once every instance has stopped
-            self.settings.sockets_dir.rmdir()
+        if stop_instances:
+            await asyncio.gather(*(r.remove() for r in runners))
+        else:
+            await asyncio.gather(*(r.detach() for r in runners))
+        if self._flushing is not None:
+            self._flushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flushing
+        self.table.flush()
+        if stop_instances:
+            await self.collect_orphans()
+            with contextlib.suppress(OSError):  # empty once every instance has stopped
+                self.settings.sockets_dir.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+async def _stop_record(record: ProcessRecord, limiter: Limiter) -> None:
+    """Kill a recorded instance and everything in its cgroup; remove its files."""
+    if is_running(record):
+        kill_record(record)
+    await limiter.clean_leftovers([record.instance])
+    for path in (record.scratch, record.socket_dir):
+        if path:
+            await asyncio.to_thread(shutil.rmtree, path, True)
+    for path in (record.stdout, record.stderr, record.status_file):
+        if path:
+            Path(path).unlink(missing_ok=True)
+
+
+async def stop_all_instances(settings: DeployerSettings) -> int:
+    """`--stop-instances` (the launcher's `down`): kill every instance in the process table,
+    whatever deployer started it; returns how many ran."""
+    table = ProcessTable(settings.process_table)
+    records = table.load()
+    if not records:
+        return 0
+    limiter = await asyncio.to_thread(
+        detect_limiter,
+        settings.limits,
+        settings.scratch,
+        cgroup_root=settings.cgroup_root,
+        state_dir=settings.state_dir,
+        oom_poll_interval=settings.oom_poll_interval,
+    )
+    running = [r for r in records if is_running(r)]
+    await asyncio.gather(*(_stop_record(r, limiter) for r in records))
+    table.adopt([])
+    return len(running)
 
 
 @contextlib.asynccontextmanager
@@ -870,9 +1186,11 @@ async def open_local_backend(
     logs: LogSink,
     metrics: DeployerMetrics,
     limiter: Limiter | None = None,
+    stop_instances: Callable[[], bool] = lambda: True,
 ) -> AsyncIterator[LocalBackend]:
-    """The backend for the deployer's lifetime: leftovers killed on entry, every instance
-    stopped on exit (instances are our children; nothing may outlive the deployer)."""
+    """The backend while this deployer leads: running instances adopted on entry; on exit
+    they are stopped when `stop_instances()` says so (the default), else left running for the
+    next leader (the service's graceful stop, an upgrade)."""
     if limiter is None:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         limiter = await asyncio.to_thread(
@@ -899,4 +1217,4 @@ async def open_local_backend(
     try:
         yield backend
     finally:
-        await backend.aclose()
+        await backend.aclose(stop_instances=stop_instances())

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from lambdabus_deployer.backend import LogSink
 from lambdabus_deployer.plan import DesiredRevision
@@ -30,6 +30,12 @@ TAIL_LINES = 50
 TAIL_BYTES = 1024
 
 Stream = Literal["stdout", "stderr", "system"]
+
+
+class Readable(Protocol):
+    """What `pump` reads: a pipe (`asyncio.StreamReader`) or a followed log file."""
+
+    async def read(self, n: int = -1) -> bytes: ...
 
 
 class LineBudget:
@@ -156,7 +162,7 @@ class InstanceLog:
 
     async def pump(
         self,
-        reader: asyncio.StreamReader,
+        reader: Readable,
         stream: Literal["stdout", "stderr"],
         listening: asyncio.Future[int | str] | None = None,
     ) -> None:

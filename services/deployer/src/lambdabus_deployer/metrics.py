@@ -12,6 +12,7 @@ class DeployerMetrics:
     instances_running: Gauge
     restarts: Counter
     oom_kills: Counter
+    leader: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> DeployerMetrics:
@@ -30,6 +31,11 @@ class DeployerMetrics:
             oom_kills=Counter(
                 "lambdabus_deployer_instance_oom_kills",
                 "instances killed because they used more than their memory limit",
+                registry=registry,
+            ),
+            leader=Gauge(
+                "lambdabus_deployer_leader",
+                "1 while this deployer replica leads (holds the lease and acts), else 0",
                 registry=registry,
             ),
         )

@@ -40,8 +40,27 @@ from lambdabus_platform.errors import PermanentError
 from lambdabus_platform.sandbox import Bind, DataFile, SandboxSpec
 
 FILE_ARTIFACT = "file://"
-_KEY_SALT = os.urandom(16)
+_KEY_SALT = os.urandom(16)  # replaced by the state dir's (`use_key_salt`) in a deployer
 CRASH_TAIL_LINES = 20
+
+
+def use_key_salt(path: Path) -> None:
+    """Salt revision keys with the secret in `path` (0600, made once, shared by every deployer
+    of this state dir), so the next deployer recognises what runs."""
+    global _KEY_SALT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        salt = path.read_bytes()
+        if len(salt) >= 16:
+            _KEY_SALT = salt
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+    salt = os.urandom(16)
+    with os.fdopen(fd, "wb") as f:
+        f.write(salt)
+    _KEY_SALT = salt
 
 
 class RuntimeUnavailable(PermanentError):
@@ -86,9 +105,9 @@ class DesiredRevision:
     def key(self) -> str:
         """Identifies what an instance runs. The replica count is not part of it: changing it
         scales the running revision instead of rolling out a new one."""
-        # Salted per process: the key shows in instance ids (logs, metrics), and an unsalted
-        # hash of a short password could be searched offline. The deployer restarts every
-        # instance when it starts, so no key needs to outlive the process.
+        # Salted: the key shows in instance ids (logs, metrics), and an unsalted hash of a
+        # short password could be searched offline. The salt is the state dir's, shared by
+        # the deployer replicas and kept across restarts: an adopted instance keeps its key.
         secrets = hashlib.sha256(
             _KEY_SALT + repr((self.secret_files, self.secret_env)).encode()
         ).hexdigest()

@@ -102,6 +102,20 @@ class DeployerSettings(ServiceSettings):
     log_rate_lines_per_second: int = Field(
         default=2000, ge=1, description='per instance; beyond it "dropped N lines"'
     )
+    lease_seconds: float = Field(
+        default=10.0,
+        ge=3,
+        le=15,
+        description="leader election of deployer replicas: a standby takes over this long after "
+        "the leader's last renewal (renewed every third of it); a leader that cannot renew "
+        "stops acting before",
+    )
+    log_file_max_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=4096,
+        description="an instance writes its output to files the deployer ships from (so it "
+        "outlives a deployer restart); a file read past this size is emptied",
+    )
     drain_seconds: float = Field(
         default=5.0, ge=0, description="old instances keep serving this long after a switch"
     )

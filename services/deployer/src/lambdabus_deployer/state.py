@@ -131,6 +131,11 @@ class DeploymentStates:
             self._last.pop(key, None)
             self._gone.discard(key)
 
+    def stop(self) -> None:
+        """This replica stops acting: no later observation is written (the endpoints stay,
+        the instances serve on for the next leader)."""
+        self._closed = True
+
     async def close(self) -> None:
         """The deployer stops: no state names an endpoint of an instance about to stop."""
         self._closed = True
