@@ -259,7 +259,10 @@ class World:
         memory: int = 256,
         **config: Any,
     ) -> FunctionRecord:
-        """A function record, its succeeded build, and (unless told not to) `build.succeeded`."""
+        """A function record, its succeeded build, and (unless told not to) `build.succeeded`.
+        A full core unless told otherwise (Kyma's default preset M allows 100m): these tests are
+        about restarts and rollouts, not about a throttled start."""
+        config.setdefault("cpu", 1000)
         now = datetime.now(UTC)
         uid = str(uuid.uuid4())
         record = FunctionRecord(

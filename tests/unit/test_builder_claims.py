@@ -151,3 +151,11 @@ def test_inputs_key_covers_runtime_entrypoint_and_source() -> None:
     assert key != inputs_key("nodejs20", "lambda_main.py", SHA)
     assert key != inputs_key("python3.11", "handler.py", SHA)
     assert key != inputs_key("python3.11", "lambda_main.py", "b" * 64)
+    # the handler is checked by the build and recorded in it; a custom program likewise
+    assert key != inputs_key("python3.11", "lambda_main.py", SHA, "helloget.bar")
+    assert inputs_key("python3.11", "a.py", SHA, "a.foo") != inputs_key(
+        "python3.11", "a.py", SHA, "a.bar"
+    )
+    assert inputs_key("custom", "x", SHA, None, ["./a"]) != inputs_key(
+        "custom", "x", SHA, None, ["./b"]
+    )

@@ -454,7 +454,13 @@ class Builder:
         )
         started = time.monotonic()
         result: BuildResult | BuildFailure
-        inputs = inputs_key(current.spec.runtime, current.source.entrypoint, current.source.sha256)
+        inputs = inputs_key(
+            current.spec.runtime,
+            current.source.entrypoint,
+            current.source.sha256,
+            current.spec.handler,
+            current.spec.command,
+        )
         try:
             async with asyncio.timeout(self._settings.build_timeout):
                 reused = await self._reuse(current, job, inputs, build_log)

@@ -9,6 +9,7 @@ function's image status (which compares generations) stays true.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,10 +113,18 @@ def entrypoint_hint(style: Style) -> str:
     }[style]
 
 
-def inputs_key(runtime: str, entrypoint: str, source_sha256: str) -> str:
-    """What a build's result depends on, hashed: the runtime, the entry point and the source
-    archive (which holds the dependency files, so its digest covers theirs)."""
-    return hashlib.sha256(f"{runtime}\0{entrypoint}\0{source_sha256}".encode()).hexdigest()
+def inputs_key(
+    runtime: str,
+    entrypoint: str,
+    source_sha256: str,
+    handler: str | None = None,
+    command: Sequence[str] = (),
+) -> str:
+    """What a build's result depends on, hashed: the runtime, the entry point, the source
+    archive (which holds the dependency files, so its digest covers theirs), the handler (the
+    build checks that it exists and records it) and a custom runtime's program."""
+    parts = [runtime, entrypoint, source_sha256, handler or "", json.dumps(list(command))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def artifact_dir(root: Path, namespace: str, name: str, uid: str, generation: int) -> Path:
