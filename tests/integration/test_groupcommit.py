@@ -46,10 +46,7 @@ async def test_duplicates_in_a_batch_are_recognised_one_by_one(bus: Bus) -> None
     # Half of these were stored already: the server refuses such an atomic batch as a whole,
     # and the group commit publishes it again message by message.
     again = await asyncio.gather(
-        *(
-            bus.publish_grouped("EVENTS", SUBJECT, b"again", msg_id=f"{run}-{n}")
-            for n in range(40)
-        )
+        *(bus.publish_grouped("EVENTS", SUBJECT, b"again", msg_id=f"{run}-{n}") for n in range(40))
     )
     assert [ack.duplicate for ack in again] == [n % 2 == 0 for n in range(40)]
     assert [again[n].sequence for n in range(0, 40, 2)] == [ack.sequence for ack in first]
@@ -60,10 +57,7 @@ async def test_duplicates_in_a_batch_are_recognised_one_by_one(bus: Bus) -> None
 async def test_the_same_id_twice_at_once_is_stored_once(bus: Bus) -> None:
     run = uuid.uuid4().hex
     acks = await asyncio.gather(
-        *(
-            bus.publish_grouped("EVENTS", SUBJECT, b"x", msg_id=f"{run}-{n % 10}")
-            for n in range(30)
-        )
+        *(bus.publish_grouped("EVENTS", SUBJECT, b"x", msg_id=f"{run}-{n % 10}") for n in range(30))
     )
     assert len({ack.sequence for ack in acks}) == 10
     assert sum(1 for ack in acks if not ack.duplicate) == 10
@@ -92,10 +86,7 @@ async def test_few_publishes_go_alone(bus: Bus, count: int) -> None:
     run = uuid.uuid4().hex
     before = bus.group_batches("EVENTS")
     acks = await asyncio.gather(
-        *(
-            bus.publish_grouped("EVENTS", SUBJECT, b"x", msg_id=f"{run}-{n}")
-            for n in range(count)
-        )
+        *(bus.publish_grouped("EVENTS", SUBJECT, b"x", msg_id=f"{run}-{n}") for n in range(count))
     )
     assert len({ack.sequence for ack in acks}) == count
     assert bus.group_batches("EVENTS") == before

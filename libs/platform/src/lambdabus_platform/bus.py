@@ -30,7 +30,6 @@ from nats.js.object_store import ObjectStore
 
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_events.cloudevents_io import to_json
-from lambdabus_platform.groupcommit import GroupCommit
 from lambdabus_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -38,6 +37,7 @@ from lambdabus_platform.errors import (
     NotFound,
     TemporaryError,
 )
+from lambdabus_platform.groupcommit import GroupCommit
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import (
     ARTIFACTS_BUCKET,

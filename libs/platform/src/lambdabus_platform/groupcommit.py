@@ -170,7 +170,9 @@ class GroupCommit:
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
                 await self._one_by_one([p for p in batch if p.msg_id is not None])
                 for p in batch:
-                    _fail(p, TemporaryError("NATS JetStream did not acknowledge the publish; retry"))
+                    _fail(
+                        p, TemporaryError("NATS JetStream did not acknowledge the publish; retry")
+                    )
                 return
             self.batches += 1
             first = last - len(batch) + 1
