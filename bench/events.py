@@ -36,10 +36,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 
@@ -212,7 +212,7 @@ def event(n: int, run: str) -> tuple[bytes, str]:
     return json.dumps(body).encode(), event_dedup_id("/bench", event_id)
 
 
-Publish = Callable[[Bus, str, bytes, str], Awaitable[object]]
+Publish = Callable[[Bus, str, bytes, str], Coroutine[Any, Any, object]]
 
 
 async def plain(bus: Bus, subject: str, payload: bytes, msg_id: str) -> object:
@@ -258,7 +258,7 @@ async def publish_at_rate(
     count = int(rate * seconds)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    tasks = []
+    tasks: list[asyncio.Task[object]] = []
     for n in range(count):
         delay = start + n / rate - loop.time()
         if delay > 0:

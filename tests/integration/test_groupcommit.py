@@ -51,7 +51,8 @@ async def test_duplicates_in_a_batch_are_recognised_one_by_one(bus: Bus) -> None
     assert [ack.duplicate for ack in again] == [n % 2 == 0 for n in range(40)]
     assert [again[n].sequence for n in range(0, 40, 2)] == [ack.sequence for ack in first]
     stored = await bus.get_message("EVENTS", again[1].sequence)
-    assert stored is not None and stored.data == b"again"
+    assert stored is not None
+    assert stored.data == b"again"
 
 
 async def test_the_same_id_twice_at_once_is_stored_once(bus: Bus) -> None:

@@ -153,7 +153,7 @@ _BACKOFF_MAX = 60.0
 def redelivery_delay(deliveries: int) -> float:
     """Seconds before a message whose handler failed on its `deliveries`-th delivery comes
     again: 1, 2, 4, … capped at a minute."""
-    return min(_BACKOFF_FIRST * 2 ** max(0, deliveries - 1), _BACKOFF_MAX)
+    return min(_BACKOFF_FIRST * 2.0 ** max(0, deliveries - 1), _BACKOFF_MAX)
 
 
 def subscribe_lifecycle(
@@ -187,7 +187,7 @@ def subscribe_lifecycle(
 
     async def _handle(msg: NatsMessage) -> None:
         raw = msg.raw_message
-        where = {"subject": raw.subject, "consumer": durable}
+        where: dict[str, object] = {"subject": raw.subject, "consumer": durable}
         try:
             event = parse_lifecycle(msg.body)
         except ValidationError:
