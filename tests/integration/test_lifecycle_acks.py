@@ -13,7 +13,13 @@ import pytest
 
 from lambdabus_events.catalog import LifecycleEvent, TriggerCreated, TriggerData, lifecycle_event
 from lambdabus_platform.bus import Bus
-from lambdabus_platform.service import ServiceContext, redelivery_delay, serve, subscribe_lifecycle
+from lambdabus_platform.service import (
+    LifecycleSubscription,
+    ServiceContext,
+    redelivery_delay,
+    serve,
+    subscribe_lifecycle,
+)
 from lambdabus_platform.settings import NatsSettings, ServiceSettings
 from lambdabus_platform.subjects import lifecycle_filter
 
@@ -40,13 +46,10 @@ async def subscriber(
 
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-        subscribe_lifecycle(
-            ctx,
-            lifecycle_filter(TYPE, namespace),
-            durable=durable,
-            handler=handler,
-            max_deliveries=max_deliveries,
+        subscription = LifecycleSubscription(
+            "acks", durable, lifecycle_filter(TYPE, namespace), "the test's subscriber"
         )
+        subscribe_lifecycle(ctx, subscription, handler=handler, max_deliveries=max_deliveries)
         yield
 
     stop = asyncio.Event()

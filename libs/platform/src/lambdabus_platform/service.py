@@ -156,11 +156,39 @@ def redelivery_delay(deliveries: int) -> float:
     return min(_BACKOFF_FIRST * 2.0 ** max(0, deliveries - 1), _BACKOFF_MAX)
 
 
+@dataclass(frozen=True)
+class LifecycleSubscription:
+    """One durable subscription of a service to LIFECYCLE (the table: `eventapi.SUBSCRIPTIONS`,
+    from which `schemas/asyncapi.json` is generated)."""
+
+    service: str
+    durable: str
+    subject: str
+    summary: str
+
+
+def lifecycle_subscriber(
+    broker: NatsBroker, subscription: LifecycleSubscription, *, inbox_prefix: str
+) -> Any:
+    """The FastStream subscriber of `subscription` on `broker` (a durable pull consumer on
+    LIFECYCLE, explicit acks), without its handler."""
+    return broker.subscriber(
+        subscription.subject,
+        stream=JStream("LIFECYCLE", declare=False),
+        durable=subscription.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        # FastStream's own default is `_INBOX.`: pulled messages come to this user's inbox.
+        inbox_prefix=f"{inbox_prefix}.".encode(),
+        ack_policy=AckPolicy.MANUAL,
+        title=f"{subscription.service}:{subscription.durable}",
+        description=subscription.summary,
+    )
+
+
 def subscribe_lifecycle(
     ctx: ServiceContext,
-    subject: str,
+    subscription: LifecycleSubscription,
     *,
-    durable: str,
     handler: LifecycleHandler,
     max_deliveries: int = MAX_DELIVERIES,
 ) -> None:
@@ -173,17 +201,10 @@ def subscribe_lifecycle(
     catalog event, a handler that raises a pydantic ValidationError (our own data is invalid),
     or `max_deliveries` failed deliveries.
     """
-    sub = ctx.broker.subscriber(
-        subject,
-        stream=JStream("LIFECYCLE", declare=False),
-        durable=durable,
-        pull_sub=PullSub(batch_size=16, timeout=1.0),
-        # FastStream's own default is `_INBOX.`: pulled messages come to this user's inbox.
-        inbox_prefix=f"{ctx.settings.nats.inbox_prefix}.".encode(),
-        ack_policy=AckPolicy.MANUAL,
-        title=f"{ctx.name}:{durable}",
-        description=handler.__doc__,
+    sub = lifecycle_subscriber(
+        ctx.broker, subscription, inbox_prefix=ctx.settings.nats.inbox_prefix
     )
+    durable = subscription.durable
 
     async def _handle(msg: NatsMessage) -> None:
         raw = msg.raw_message

@@ -21,11 +21,12 @@ from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
+from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
 from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
-from lambdabus_platform.subjects import SECRETS_BUCKET, entity_filter
+from lambdabus_platform.subjects import SECRETS_BUCKET
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -75,15 +76,8 @@ def make_setup(settings: DeployerSettings) -> Setup:
             ) as backend,
         ):
             deployer = Deployer(bus=ctx.bus, backend=backend, states=states, secrets=secrets)
-            subscribe_lifecycle(
-                ctx, entity_filter("build"), durable="deployer-builds", handler=deployer.on_event
-            )
-            subscribe_lifecycle(
-                ctx,
-                entity_filter("function"),
-                durable="deployer-functions",
-                handler=deployer.on_event,
-            )
+            subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=deployer.on_event)
+            subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=deployer.on_event)
             reconciling = asyncio.create_task(
                 deployer.reconcile_forever(settings.reconcile_interval)
             )

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_logs.queries import LogQueries, QueryMetrics
 from lambdabus_logs.settings import LogsSettings
+from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
-from lambdabus_platform.subjects import LIFECYCLE_PREFIX, LOGS_QUERY_SUBJECT
+from lambdabus_platform.subjects import LOGS_QUERY_SUBJECT
 
 log = logging.getLogger("lambdabus.logs")
 
@@ -27,9 +28,7 @@ def make_setup(settings: LogsSettings) -> Setup:
             """Every lifecycle transition: one audit line."""
             log.info("audit", extra={"type": event.type, "subject": event.subject, "id": event.id})
 
-        subscribe_lifecycle(
-            ctx, f"{LIFECYCLE_PREFIX}.>", durable="logs-audit", handler=on_lifecycle
-        )
+        subscribe_lifecycle(ctx, SUBSCRIPTIONS["logs-audit"], handler=on_lifecycle)
         queries = LogQueries(
             ctx.bus, QueryMetrics(ctx.metrics.registry), max_reply_bytes=settings.max_reply_bytes
         )
