@@ -399,3 +399,21 @@ async def test_the_logs_service_answers_the_gateway(nats_server: NatsServer) -> 
         assert reply.subject.startswith(inbox_prefix("gateway") + ".")
         await logs.nc.publish(f"{inbox_prefix('gateway')}.unasked", b"forged")
         assert await logs.violation("publish", f"{inbox_prefix('gateway')}.unasked")
+
+
+async def test_the_gateway_stores_user_events_in_atomic_batches(
+    nats_server: NatsServer, bus: Bus
+) -> None:
+    """The group commit needs no right beyond the gateway's publish on EVENTS and its inbox."""
+    run = uuid.uuid4().hex
+    async with Bus.connect(nats_server.settings("gateway"), name="gateway") as gateway:
+        acks = await asyncio.gather(
+            *(
+                gateway.publish_grouped(
+                    "EVENTS", "lambdabus.events.t.com.example.auth", b"{}", msg_id=f"{run}-{n}"
+                )
+                for n in range(50)
+            )
+        )
+        assert gateway.group_batches("EVENTS") > 0
+    assert len({ack.sequence for ack in acks}) == 50
