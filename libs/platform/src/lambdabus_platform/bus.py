@@ -14,7 +14,7 @@ import logging
 import ssl
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -622,35 +622,10 @@ class Bus:
             raise TemporaryError(f"no answer on {subject} in time; retry") from exc
         return bytes(msg.data)
 
-    async def serve(
-        self, subject: str, handler: Callable[[bytes], Awaitable[bytes]], *, queue: str
-    ) -> Callable[[], Awaitable[None]]:
-        """Answer requests on `subject`; replicas share the work through the queue group.
-        Returns an async unsubscribe."""
-
-        async def _cb(msg: Any) -> None:
-            reply = await handler(msg.data)
-            if msg.reply:
-                await msg.respond(reply)
-
-        sub = await self._nc.subscribe(subject, queue=queue, cb=_cb)
-        return sub.unsubscribe
-
     async def count(self, stream: str, filter_subject: str) -> int:
         """How many messages of `stream` match `filter_subject` now."""
         info = await self._js.stream_info(stream, subjects_filter=filter_subject)
         return sum((info.state.subjects or {}).values())
-
-    async def subscribe_core(
-        self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]
-    ) -> Callable[[], Awaitable[None]]:
-        """A plain NATS subscription; returns an async unsubscribe."""
-
-        async def _cb(msg: Any) -> None:
-            await handler(msg.subject, msg.data)
-
-        sub = await self._nc.subscribe(subject, cb=_cb)
-        return sub.unsubscribe
 
     # -- durable pull consumers -----------------------------------------------------------
 

@@ -20,10 +20,16 @@ from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 
 from lambdabus_events.catalog import CATALOG, TYPE_PREFIX, LifecycleEvent
-from lambdabus_platform.service import LifecycleSubscription, lifecycle_subscriber
+from lambdabus_platform.service import (
+    LifecycleSubscription,
+    RequestSubscription,
+    lifecycle_subscriber,
+    request_subscriber,
+)
 from lambdabus_platform.subjects import (
     EVENT_TYPE_PREFIX,
     LIFECYCLE_PREFIX,
+    LOGS_QUERY_SUBJECT,
     entity_filter,
 )
 
@@ -62,6 +68,20 @@ SUBSCRIPTIONS: dict[str, LifecycleSubscription] = {
 }
 
 
+REQUESTS: dict[str, RequestSubscription] = {
+    s.subject: s
+    for s in (
+        RequestSubscription(
+            "logs",
+            LOGS_QUERY_SUBJECT,
+            "logs",
+            "Answers a `LogQuery` (JSON) with a `LogQueryResult`, or an error reply "
+            "(`lambdabus_events.models`); the gateway asks it for `GET .../logs`.",
+        ),
+    )
+}
+
+
 async def _unused(message: Any) -> None:  # pragma: no cover - never called
     """The document needs the subscribers, not their handlers."""
 
@@ -91,6 +111,8 @@ def broker() -> NatsBroker:
     )
     for subscription in SUBSCRIPTIONS.values():
         lifecycle_subscriber(out, subscription, inbox_prefix="_INBOX")(_unused)
+    for request in REQUESTS.values():
+        request_subscriber(out, request)(_unused)
     for cls in CATALOG:
         out.publisher(
             _lifecycle_address(cls),

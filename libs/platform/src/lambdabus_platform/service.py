@@ -248,6 +248,44 @@ def subscribe_lifecycle(
     sub(_handle)
 
 
+@dataclass(frozen=True)
+class RequestSubscription:
+    """A NATS request/reply service (core NATS, a queue group its replicas share); the table:
+    `eventapi.REQUESTS`."""
+
+    service: str
+    subject: str
+    queue: str
+    summary: str
+
+
+def request_subscriber(broker: NatsBroker, subscription: RequestSubscription) -> Any:
+    """The FastStream core subscriber of `subscription` on `broker`, without its handler."""
+    return broker.subscriber(
+        subscription.subject,
+        queue=subscription.queue,
+        title=f"{subscription.service}:{subscription.subject}",
+        description=subscription.summary,
+    )
+
+
+def serve_requests(
+    ctx: ServiceContext,
+    subscription: RequestSubscription,
+    *,
+    handler: Callable[[bytes], Awaitable[bytes]],
+) -> None:
+    """Answer requests on `subscription.subject` with `handler` (request payload → reply
+    payload), through a FastStream subscriber; replicas share the work through the queue group.
+    The handler answers its own errors (a reply is always sent)."""
+    sub = request_subscriber(ctx.broker, subscription)
+
+    async def _answer(msg: NatsMessage) -> bytes:
+        return await handler(msg.body)
+
+    sub(_answer)
+
+
 Setup = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
 
 SERVICE_KEY = web.AppKey("service", ServiceContext)

@@ -14,8 +14,14 @@ from collections.abc import AsyncIterator
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_logs.queries import LogQueries, QueryMetrics
 from lambdabus_logs.settings import LogsSettings
-from lambdabus_platform.eventapi import SUBSCRIPTIONS
-from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
+from lambdabus_platform.eventapi import REQUESTS, SUBSCRIPTIONS
+from lambdabus_platform.service import (
+    ServiceContext,
+    Setup,
+    run,
+    serve_requests,
+    subscribe_lifecycle,
+)
 from lambdabus_platform.subjects import LOGS_QUERY_SUBJECT
 
 log = logging.getLogger("lambdabus.logs")
@@ -32,12 +38,8 @@ def make_setup(settings: LogsSettings) -> Setup:
         queries = LogQueries(
             ctx.bus, QueryMetrics(ctx.metrics.registry), max_reply_bytes=settings.max_reply_bytes
         )
-        unsubscribe = await ctx.bus.serve(LOGS_QUERY_SUBJECT, queries.answer, queue="logs")
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                await unsubscribe()
+        serve_requests(ctx, REQUESTS[LOGS_QUERY_SUBJECT], handler=queries.answer)
+        yield
 
     return setup
 
