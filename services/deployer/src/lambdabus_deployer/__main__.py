@@ -26,6 +26,7 @@ from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
 from lambdabus_events.catalog import LifecycleEvent
+from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
@@ -36,7 +37,7 @@ from lambdabus_platform.service import (
     run,
     subscribe_lifecycle,
 )
-from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET, entity_filter
+from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -87,12 +88,8 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 raise Redeliver("this deployer replica is a standby")
             await deployer.on_event(event)
 
-        subscribe_lifecycle(
-            ctx, entity_filter("build"), durable="deployer-builds", handler=on_event
-        )
-        subscribe_lifecycle(
-            ctx, entity_filter("function"), durable="deployer-functions", handler=on_event
-        )
+        subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
+        subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (
             aiohttp.ClientSession(connector=connector) as http,
