@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.leader import ROLE, Elector, replica_id
+from lambdabus_deployer.leader import ROLE, Elector, Role, replica_id
 from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
@@ -73,11 +73,18 @@ def make_setup(settings: DeployerSettings) -> Setup:
             ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
         )
         metrics = DeployerMetrics.create(ctx.metrics.registry)
+
+        def on_role(role: Role) -> None:
+            # what /metrics and the registry of replicas (`GET /v1/replicas`) show
+            metrics.leader.set(1 if role == "leader" else 0)
+            ctx.heartbeat.set_role(role)
+
+        ctx.heartbeat.set_role("standby")  # until the lease says otherwise
         elector = Elector(
             ctx.bus.kv(LEASES_BUCKET),
             replica_id(),
             duration=settings.lease_seconds,
-            on_role=lambda role: metrics.leader.set(1 if role == "leader" else 0),
+            on_role=on_role,
         )
         leader = Leadership(elector)
         ROLE.update(elector=elector)
