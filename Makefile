@@ -71,11 +71,13 @@ architecture: sync
 schemas: sync
 	$(PY) python -m lambdabus_events.schemagen
 	$(PY) python -m lambdabus_gateway.openapi
+	$(PY) python -m lambdabus_platform.eventapi
 	$(PY) python tools/settingsdoc.py
 
 schemas-check: sync
 	$(PY) python -m lambdabus_events.schemagen --check
 	$(PY) python -m lambdabus_gateway.openapi --check
+	$(PY) python -m lambdabus_platform.eventapi --check
 	$(PY) python tools/settingsdoc.py --check
 
 pytest: sync fixtures

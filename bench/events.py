@@ -8,15 +8,20 @@ It starts a real nats-server (with `sync_interval: always`, as the platform runs
 counting events and noting each one's latency from the `sent` extension the publisher stamps
 with CLOCK_MONOTONIC, which every process on the machine shares), and the router as its own
 process (`python -m lambdabus_router`). The function, its deployment and one trigger go into
-KV; events go straight onto EVENTS (`bus.publish(event_subject(type), ..., msg_id=...)`).
+KV; events go straight onto EVENTS, with `Nats-Msg-Id` as the gateway sets it: for the router,
+through the gateway's own publish path (`bus.publish_grouped("EVENTS", ...)`, the group commit:
+concurrent events stored as one atomic batch, one fsync, each acked once stored); for the
+baseline, one plain JetStream publish per event (`bus.publish`), the way events were stored
+before the group commit (`--publish plain` uses that for the router too).
 
 - throughput: N events published as fast as JetStream acknowledges them (a window of
   concurrent publishes), timed from the first publish to the last delivery;
 - latency: events published at a fixed rate for a few seconds, each one's time from its
   publish to its arrival at the function.
 
-The baseline does the same with a pull consumer in this process that acks each message: what
-NATS and the publisher cost without the router and HTTP.
+The baseline does the same with a pull consumer in this process that acks each message and one
+plain JetStream publish per event: what NATS and the publisher cost without the router, HTTP and
+the group commit. The `router/base` column is the ratio of the two, measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 
@@ -206,7 +212,23 @@ def event(n: int, run: str) -> tuple[bytes, str]:
     return json.dumps(body).encode(), event_dedup_id("/bench", event_id)
 
 
-async def publish_burst(bus: Bus, count: int, run: str) -> float:
+Publish = Callable[[Bus, str, bytes, str], Coroutine[Any, Any, object]]
+
+
+async def plain(bus: Bus, subject: str, payload: bytes, msg_id: str) -> object:
+    """One JetStream publish, its own ack (and fsync)."""
+    return await bus.publish(subject, payload, msg_id=msg_id)
+
+
+async def grouped(bus: Bus, subject: str, payload: bytes, msg_id: str) -> object:
+    """The gateway's path: the EVENTS group commit."""
+    return await bus.publish_grouped("EVENTS", subject, payload, msg_id=msg_id)
+
+
+PUBLISH: dict[str, Publish] = {"plain": plain, "grouped": grouped}
+
+
+async def publish_burst(bus: Bus, count: int, run: str, publish: Publish = plain) -> float:
     """Publish `count` events, at most WINDOW awaiting their ack; seconds it took."""
     subject = event_subject(EVENT_TYPE)
     window = asyncio.Semaphore(WINDOW)
@@ -214,7 +236,7 @@ async def publish_burst(bus: Bus, count: int, run: str) -> float:
     async def one(n: int) -> None:
         try:
             payload, msg_id = event(n, run)
-            await bus.publish(subject, payload, msg_id=msg_id)
+            await publish(bus, subject, payload, msg_id)
         finally:
             window.release()
 
@@ -227,20 +249,22 @@ async def publish_burst(bus: Bus, count: int, run: str) -> float:
     return time.perf_counter() - started
 
 
-async def publish_at_rate(bus: Bus, rate: float, seconds: float, run: str) -> int:
+async def publish_at_rate(
+    bus: Bus, rate: float, seconds: float, run: str, publish: Publish = plain
+) -> int:
     """Publish `rate` events per second for `seconds` (each on its own schedule, not waiting
     for the previous ack); how many were published."""
     subject = event_subject(EVENT_TYPE)
     count = int(rate * seconds)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    tasks = []
+    tasks: list[asyncio.Task[object]] = []
     for n in range(count):
         delay = start + n / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         payload, msg_id = event(n, run)
-        tasks.append(asyncio.create_task(bus.publish(subject, payload, msg_id=msg_id)))
+        tasks.append(asyncio.create_task(publish(bus, subject, payload, msg_id)))
     await asyncio.gather(*tasks)
     return count
 
@@ -396,7 +420,10 @@ async def run_router(
                 "nats": server.process.pid,
             }
             # drain: a backlog stored while the function had no ready instance
-            out["publish/s"] = args.events / await publish_burst(bus, args.events, "r-backlog")
+            publish = PUBLISH[args.publish]
+            out["publish/s"] = args.events / await publish_burst(
+                bus, args.events, "r-backlog", publish
+            )
             before = {k: cpu_seconds(p) for k, p in pids.items()}
             started = time.perf_counter()
             await deploy(bus, [endpoint])
@@ -406,18 +433,18 @@ async def run_router(
             # end to end: published while delivered
             await sink.reset()
             started = time.perf_counter()
-            await publish_burst(bus, args.events, "r-burst")
+            await publish_burst(bus, args.events, "r-burst", publish)
             done = await sink.until(args.events, 120)
             out["delivered/s"] = args.events / (done - started)
             stats = await sink.stats()
             duplicates = cast(int, stats["received"]) - cast(int, stats["unique"])
             # latency at a fixed rate
             await sink.reset()
-            await publish_at_rate(bus, args.rate, 1.0, "r-rate-warm-up")
+            await publish_at_rate(bus, args.rate, 1.0, "r-rate-warm-up", publish)
             await sink.until(int(args.rate), 60)
             await sink.reset()
             expected = int(args.rate * args.seconds)
-            await publish_at_rate(bus, args.rate, args.seconds, "r-rate")
+            await publish_at_rate(bus, args.rate, args.seconds, "r-rate", publish)
             await sink.until(expected, 60)
             stats = await sink.stats()
             ms = [ns / 1e6 for ns in cast(list[int], stats["latencies_ns"])]
@@ -438,6 +465,13 @@ async def main() -> None:
     )
     parser.add_argument(
         "--max-in-flight", type=int, default=64, help="the trigger's max_in_flight (default 64)"
+    )
+    parser.add_argument(
+        "--publish",
+        choices=sorted(PUBLISH),
+        default="grouped",
+        help="how the router's events are published: the gateway's group commit (default)"
+        " or one JetStream publish each",
     )
     parser.add_argument("--profile-router", metavar="PATH", help="cProfile the router into PATH")
     args = parser.parse_args()
@@ -468,6 +502,10 @@ async def main() -> None:
         f"# delivered/s: {args.events} events published (window {WINDOW}) while delivered,"
         f" first publish to last delivery; latency: {args.rate:g} events/s for"
         f" {args.seconds:g} s (after 1 s of warm-up), publish to arrival"
+    )
+    print(
+        f"# publish: baseline one JetStream publish per event; router {args.publish}"
+        f" ({'group commit: atomic batches' if args.publish == 'grouped' else 'the same'})"
     )
     print(f"{'':<16}{'baseline':>12}{'router':>12}{'router/base':>14}")
     for metric in ("publish/s", "drain/s", "delivered/s", "p50 ms", "p99 ms"):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import AlreadyExists, Conflict
-from lambdabus_platform.settings import NatsSettings
+from lambdabus_platform.service import (
+    RequestSubscription,
+    ServiceContext,
+    serve,
+    serve_requests,
+)
+from lambdabus_platform.settings import NatsSettings, ServiceSettings
 
 
 async def test_declare_is_idempotent(nats_settings: NatsSettings) -> None:
@@ -76,15 +84,47 @@ async def test_kv_watch_sees_values_then_changes(bus: Bus) -> None:
     assert seen == [("watch.a", b"1"), ("watch.b", b"2"), ("watch.a", b"")]
 
 
-async def test_request_reply(bus: Bus) -> None:
+async def test_request_reply(bus: Bus, nats_settings: NatsSettings) -> None:
+    """`Bus.request` to a FastStream request subscriber (`serve_requests`), replicas in a queue
+    group: each request is answered once."""
+    calls = 0
+
     async def echo(data: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
         return data.upper()
 
-    unsubscribe = await bus.serve("lambdabus.rpc.test.echo", echo, queue="echo")
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        subscription = RequestSubscription("test", "lambdabus.rpc.test.echo", "echo", "echo")
+        serve_requests(ctx, subscription, handler=echo)
+        yield
+
+    stops = [asyncio.Event(), asyncio.Event()]
+    readies: list[asyncio.Future[str]] = [asyncio.get_running_loop().create_future() for _ in stops]
+    tasks = [
+        asyncio.create_task(
+            serve(
+                "echo",
+                ServiceSettings(nats=nats_settings),
+                setup,
+                stop=stop,
+                on_ready=ready.set_result,
+            )
+        )
+        for stop, ready in zip(stops, readies, strict=True)
+    ]
     try:
-        assert await bus.request("lambdabus.rpc.test.echo", b"hi") == b"HI"
+        await asyncio.wait_for(asyncio.gather(*readies), 30)
+        for n in range(10):
+            assert await bus.request("lambdabus.rpc.test.echo", f"hi{n}".encode()) == (
+                f"HI{n}".encode()
+            )
+        assert calls == 10
     finally:
-        await unsubscribe()
+        for stop in stops:
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
 
 async def test_logs_stream_keeps_at_most_logs_max_bytes(nats_settings: NatsSettings) -> None:

@@ -26,9 +26,11 @@ from nats.js import api
 from lambdabus_events.catalog import FunctionDeleted, FunctionDeletedData, lifecycle_event
 from lambdabus_platform.bus import Bus, connect_options
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.eventapi import REQUESTS
 from lambdabus_platform.natsauth import inbox_prefix
 from lambdabus_platform.natsserver import NatsServer
-from lambdabus_platform.settings import NatsSettings
+from lambdabus_platform.service import ServiceContext, serve, serve_requests
+from lambdabus_platform.settings import NatsSettings, ServiceSettings
 from lambdabus_platform.subjects import (
     FUNCTIONS_BUCKET,
     LIFECYCLE_PREFIX,
@@ -399,3 +401,48 @@ async def test_the_logs_service_answers_the_gateway(nats_server: NatsServer) -> 
         assert reply.subject.startswith(inbox_prefix("gateway") + ".")
         await logs.nc.publish(f"{inbox_prefix('gateway')}.unasked", b"forged")
         assert await logs.violation("publish", f"{inbox_prefix('gateway')}.unasked")
+
+
+async def test_the_gateway_stores_user_events_in_atomic_batches(
+    nats_server: NatsServer, bus: Bus
+) -> None:
+    """The group commit needs no right beyond the gateway's publish on EVENTS and its inbox."""
+    run = uuid.uuid4().hex
+    async with Bus.connect(nats_server.settings("gateway"), name="gateway") as gateway:
+        acks = await asyncio.gather(
+            *(
+                gateway.publish_grouped(
+                    "EVENTS", "lambdabus.events.t.com.example.auth", b"{}", msg_id=f"{run}-{n}"
+                )
+                for n in range(50)
+            )
+        )
+        assert gateway.group_batches("EVENTS") > 0
+    assert len({ack.sequence for ack in acks}) == 50
+
+
+async def test_the_logs_services_faststream_subscriber_answers_the_gateway(
+    nats_server: NatsServer,
+) -> None:
+    """The logs query as the logs service serves it (a FastStream core subscriber in its
+    queue group, under its own nkey), asked by the gateway's user."""
+
+    async def pong(data: bytes) -> bytes:
+        return b"pong:" + data
+
+    @contextlib.asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        serve_requests(ctx, REQUESTS[LOGS_QUERY_SUBJECT], handler=pong)
+        yield
+
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    settings = ServiceSettings(nats=nats_server.settings("logs", declare=False))
+    task = asyncio.create_task(serve("logs", settings, setup, stop=stop, on_ready=ready.set_result))
+    try:
+        await asyncio.wait_for(asyncio.shield(ready), 30)
+        async with Bus.connect(nats_server.settings("gateway"), name="gateway") as gateway:
+            assert await gateway.request(LOGS_QUERY_SUBJECT, b"ping", timeout=5) == b"pong:ping"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

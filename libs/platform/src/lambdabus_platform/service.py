@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.security import (
     NatsCredentials,
@@ -147,6 +148,47 @@ class ServiceContext:
 
 LifecycleHandler = Callable[[LifecycleEvent], Awaitable[None]]
 
+# A lifecycle handler that fails is tried again after 1, 2, 4 … s (at most a minute), this many
+# deliveries in all; then its message is terminated (logged, never delivered again).
+MAX_DELIVERIES = 10
+_BACKOFF_FIRST = 1.0
+_BACKOFF_MAX = 60.0
+
+
+def redelivery_delay(deliveries: int) -> float:
+    """Seconds before a message whose handler failed on its `deliveries`-th delivery comes
+    again: 1, 2, 4, … capped at a minute."""
+    return min(_BACKOFF_FIRST * 2.0 ** max(0, deliveries - 1), _BACKOFF_MAX)
+
+
+@dataclass(frozen=True)
+class LifecycleSubscription:
+    """One durable subscription of a service to LIFECYCLE (the table: `eventapi.SUBSCRIPTIONS`,
+    from which `schemas/asyncapi.json` is generated)."""
+
+    service: str
+    durable: str
+    subject: str
+    summary: str
+
+
+def lifecycle_subscriber(
+    broker: NatsBroker, subscription: LifecycleSubscription, *, inbox_prefix: str
+) -> Any:
+    """The FastStream subscriber of `subscription` on `broker` (a durable pull consumer on
+    LIFECYCLE, explicit acks), without its handler."""
+    return broker.subscriber(
+        subscription.subject,
+        stream=JStream("LIFECYCLE", declare=False),
+        durable=subscription.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        # FastStream's own default is `_INBOX.`: pulled messages come to this user's inbox.
+        inbox_prefix=f"{inbox_prefix}.".encode(),
+        ack_policy=AckPolicy.MANUAL,
+        title=f"{subscription.service}:{subscription.durable}",
+        description=subscription.summary,
+    )
+
 
 class Redeliver(Exception):
     """Raised by a lifecycle handler that may not handle the event here (a standby replica):
@@ -159,44 +201,107 @@ class Redeliver(Exception):
 
 
 def subscribe_lifecycle(
-    ctx: ServiceContext, subject: str, *, durable: str, handler: LifecycleHandler
+    ctx: ServiceContext,
+    subscription: LifecycleSubscription,
+    *,
+    handler: LifecycleHandler,
+    max_deliveries: int = MAX_DELIVERIES,
 ) -> None:
     """Register a FastStream subscriber on LIFECYCLE through a durable pull consumer.
 
-    Replicas of a service share the durable name, so each event goes to one of them; an event
-    whose handler raises is not acked and comes back (handlers are idempotent).
+    Replicas of a service share the durable name, so each event goes to one of them. Acks are
+    explicit (`AckPolicy.MANUAL`): a handled event is acked; an event whose handler raises is
+    nacked with a back-off delay (`redelivery_delay`) and JetStream delivers it again (handlers
+    are idempotent); one that cannot succeed is terminated and logged: a message that is not a
+    catalog event, a handler that raises a pydantic ValidationError (our own data is invalid),
+    or `max_deliveries` failed deliveries.
     """
-    sub = ctx.broker.subscriber(
-        subject,
-        stream=JStream("LIFECYCLE", declare=False),
-        durable=durable,
-        pull_sub=PullSub(batch_size=16, timeout=1.0),
-        # FastStream's own default is `_INBOX.`: pulled messages come to this user's inbox.
-        inbox_prefix=f"{ctx.settings.nats.inbox_prefix}.".encode(),
-        title=f"{ctx.name}:{durable}",
-        description=handler.__doc__,
+    sub = lifecycle_subscriber(
+        ctx.broker, subscription, inbox_prefix=ctx.settings.nats.inbox_prefix
     )
+    durable = subscription.durable
 
     async def _handle(msg: NatsMessage) -> None:
+        raw = msg.raw_message
+        where: dict[str, object] = {"subject": raw.subject, "consumer": durable}
         try:
             event = parse_lifecycle(msg.body)
         except ValidationError:
-            log.warning(
-                "dropping a malformed lifecycle message", extra={"subject": msg.raw_message.subject}
-            )
+            log.warning("terminating a malformed lifecycle message", extra=where)
             ctx.metrics.events_handled.labels("unknown", "malformed").inc()
+            await msg.reject()
             return
+        deliveries = int(raw.metadata.num_delivered or 1)
+        where = {**where, "type": event.type, "id": event.id, "deliveries": deliveries}
         try:
             await handler(event)
-        except Redeliver as back:
+        except Redeliver as back:  # not an error: e.g. a standby hands the event back
             await msg.nack(delay=back.delay)
             return
-        except Exception:
+        except ValidationError as exc:
+            log.error(
+                "terminating a lifecycle event its handler cannot take",
+                extra={**where, "error": str(exc)},
+            )
+            ctx.metrics.events_handled.labels(event.type, "terminated").inc()
+            await msg.reject()
+            return
+        except Exception as exc:
+            if deliveries >= max_deliveries:
+                log.exception("terminating a lifecycle event after its last delivery", extra=where)
+                ctx.metrics.events_handled.labels(event.type, "terminated").inc()
+                await msg.reject()
+                return
+            delay = redelivery_delay(deliveries)
+            log.warning(
+                "lifecycle handler failed; the event comes again",
+                extra={**where, "error": repr(exc), "retry_in": delay},
+            )
             ctx.metrics.events_handled.labels(event.type, "error").inc()
-            raise
+            await msg.nack(delay=delay)
+            return
         ctx.metrics.events_handled.labels(event.type, "ok").inc()
+        await msg.ack()
 
     sub(_handle)
+
+
+@dataclass(frozen=True)
+class RequestSubscription:
+    """A NATS request/reply service (core NATS, a queue group its replicas share); the table:
+    `eventapi.REQUESTS`."""
+
+    service: str
+    subject: str
+    queue: str
+    summary: str
+
+
+def request_subscriber(broker: NatsBroker, subscription: RequestSubscription) -> Any:
+    """The FastStream core subscriber of `subscription` on `broker`, without its handler."""
+    return broker.subscriber(
+        subscription.subject,
+        queue=subscription.queue,
+        title=f"{subscription.service}:{subscription.subject}",
+        description=subscription.summary,
+    )
+
+
+def serve_requests(
+    ctx: ServiceContext,
+    subscription: RequestSubscription,
+    *,
+    handler: Callable[[bytes], Awaitable[bytes]],
+) -> None:
+    """Answer requests on `subscription.subject` with `handler` (request payload → reply
+    payload), through a FastStream subscriber; replicas share the work through the queue group.
+    The handler answers its own errors (a reply is always sent)."""
+    sub = request_subscriber(ctx.broker, subscription)
+
+    async def _answer(msg: NatsMessage) -> bytes:
+        return await handler(msg.body)
+
+    sub(_answer)
 
 
 Setup = Callable[[ServiceContext], AbstractAsyncContextManager[None]]

@@ -13,8 +13,8 @@ from lambdabus_builder.local import LocalBackend
 from lambdabus_builder.metrics import BuildMetrics
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_platform.blobstore import open_blob_store
+from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
-from lambdabus_platform.subjects import entity_filter
 
 DURABLE = "builder"
 
@@ -36,9 +36,7 @@ def make_setup(
                 metrics=BuildMetrics.create(ctx.metrics.registry),
                 replica=replica if replica is not None else replica_id(),
             )
-            subscribe_lifecycle(
-                ctx, entity_filter("function"), durable=DURABLE, handler=builder.handle
-            )
+            subscribe_lifecycle(ctx, SUBSCRIPTIONS[DURABLE], handler=builder.handle)
             await builder.start()
             try:
                 yield

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.leader import ROLE, Elector, replica_id
+from lambdabus_deployer.leader import ROLE, Elector, Role, replica_id
 from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
@@ -26,6 +26,7 @@ from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
 from lambdabus_events.catalog import LifecycleEvent
+from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
@@ -36,7 +37,7 @@ from lambdabus_platform.service import (
     run,
     subscribe_lifecycle,
 )
-from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET, entity_filter
+from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -72,11 +73,18 @@ def make_setup(settings: DeployerSettings) -> Setup:
             ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
         )
         metrics = DeployerMetrics.create(ctx.metrics.registry)
+
+        def on_role(role: Role) -> None:
+            # what /metrics and the registry of replicas (`GET /v1/replicas`) show
+            metrics.leader.set(1 if role == "leader" else 0)
+            ctx.heartbeat.set_role(role)
+
+        ctx.heartbeat.set_role("standby")  # until the lease says otherwise
         elector = Elector(
             ctx.bus.kv(LEASES_BUCKET),
             replica_id(),
             duration=settings.lease_seconds,
-            on_role=lambda role: metrics.leader.set(1 if role == "leader" else 0),
+            on_role=on_role,
         )
         leader = Leadership(elector)
         ROLE.update(elector=elector)
@@ -87,12 +95,8 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 raise Redeliver("this deployer replica is a standby")
             await deployer.on_event(event)
 
-        subscribe_lifecycle(
-            ctx, entity_filter("build"), durable="deployer-builds", handler=on_event
-        )
-        subscribe_lifecycle(
-            ctx, entity_filter("function"), durable="deployer-functions", handler=on_event
-        )
+        subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
+        subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (
             aiohttp.ClientSession(connector=connector) as http,

@@ -30,6 +30,8 @@ from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import InvalidRequest, PayloadTooLarge
 from lambdabus_platform.subjects import event_dedup_id, event_subject
 
+EVENTS_STREAM = "EVENTS"
+
 # Room for the headers of a NATS message beside its payload.
 _HEADER_ROOM = 1024
 
@@ -129,12 +131,15 @@ def encoded(
 
 
 async def store(bus: Bus, events: list[dict[str, Any]], payloads: list[bytes]) -> Stored:
-    """Publish every event and wait for every ack. A failure part way leaves some stored: the
-    client retries the whole request, and the stored ones are recognised as duplicates."""
+    """Publish every event and wait for every ack: each is stored (fsynced) before the 202.
+    They go through the EVENTS group commit, so the events of this request and those of
+    concurrent requests share a write. A failure part way leaves some stored: the client
+    retries the whole request, and the stored ones are recognised as duplicates."""
     headers = {"Content-Type": STRUCTURED}
     acks = await asyncio.gather(
         *(
-            bus.publish_ack(
+            bus.publish_grouped(
+                EVENTS_STREAM,
                 event_subject(event["type"]),
                 payload,
                 msg_id=event_dedup_id(event["source"], event["id"]),

@@ -14,8 +14,15 @@ from collections.abc import AsyncIterator
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_logs.queries import LogQueries, QueryMetrics
 from lambdabus_logs.settings import LogsSettings
-from lambdabus_platform.service import ServiceContext, Setup, run, subscribe_lifecycle
-from lambdabus_platform.subjects import LIFECYCLE_PREFIX, LOGS_QUERY_SUBJECT
+from lambdabus_platform.eventapi import REQUESTS, SUBSCRIPTIONS
+from lambdabus_platform.service import (
+    ServiceContext,
+    Setup,
+    run,
+    serve_requests,
+    subscribe_lifecycle,
+)
+from lambdabus_platform.subjects import LOGS_QUERY_SUBJECT
 
 log = logging.getLogger("lambdabus.logs")
 
@@ -27,18 +34,12 @@ def make_setup(settings: LogsSettings) -> Setup:
             """Every lifecycle transition: one audit line."""
             log.info("audit", extra={"type": event.type, "subject": event.subject, "id": event.id})
 
-        subscribe_lifecycle(
-            ctx, f"{LIFECYCLE_PREFIX}.>", durable="logs-audit", handler=on_lifecycle
-        )
+        subscribe_lifecycle(ctx, SUBSCRIPTIONS["logs-audit"], handler=on_lifecycle)
         queries = LogQueries(
             ctx.bus, QueryMetrics(ctx.metrics.registry), max_reply_bytes=settings.max_reply_bytes
         )
-        unsubscribe = await ctx.bus.serve(LOGS_QUERY_SUBJECT, queries.answer, queue="logs")
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                await unsubscribe()
+        serve_requests(ctx, REQUESTS[LOGS_QUERY_SUBJECT], handler=queries.answer)
+        yield
 
     return setup
 

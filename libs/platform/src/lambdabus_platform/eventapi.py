@@ -1,0 +1,192 @@
+"""The platform's event API: which service subscribes to what on LIFECYCLE (`SUBSCRIPTIONS`, the
+table the services register their FastStream subscribers from), what is published there (the
+catalog), and where user events go; written as `schemas/asyncapi.json` by FastStream's AsyncAPI
+generator from the very subscribers the services register.
+
+    python -m lambdabus_platform.eventapi [--check] [--target schemas/asyncapi.json]
+
+`--check` fails when the file differs from what the code generates (`make schemas-check`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+
+from lambdabus_events.catalog import CATALOG, TYPE_PREFIX, LifecycleEvent
+from lambdabus_platform.service import (
+    LifecycleSubscription,
+    RequestSubscription,
+    lifecycle_subscriber,
+    request_subscriber,
+)
+from lambdabus_platform.subjects import (
+    EVENT_TYPE_PREFIX,
+    LIFECYCLE_PREFIX,
+    LOGS_QUERY_SUBJECT,
+    entity_filter,
+)
+
+TARGET = Path("schemas") / "asyncapi.json"  # from the repository root, as `make` runs it
+
+SUBSCRIPTIONS: dict[str, LifecycleSubscription] = {
+    s.durable: s
+    for s in (
+        LifecycleSubscription(
+            "builder",
+            "builder",
+            entity_filter("function"),
+            "Builds a function's source when it is created or its source changes; forgets its "
+            "builds when it is deleted.",
+        ),
+        LifecycleSubscription(
+            "deployer",
+            "deployer-builds",
+            entity_filter("build"),
+            "Deploys a function when its build succeeded; notes a failed build.",
+        ),
+        LifecycleSubscription(
+            "deployer",
+            "deployer-functions",
+            entity_filter("function"),
+            "Applies a function's config change (replicas, limits, env) and stops a deleted "
+            "function's instances.",
+        ),
+        LifecycleSubscription(
+            "logs",
+            "logs-audit",
+            f"{LIFECYCLE_PREFIX}.>",
+            "Every lifecycle transition: one audit line.",
+        ),
+    )
+}
+
+
+REQUESTS: dict[str, RequestSubscription] = {
+    s.subject: s
+    for s in (
+        RequestSubscription(
+            "logs",
+            LOGS_QUERY_SUBJECT,
+            "logs",
+            "Answers a `LogQuery` (JSON) with a `LogQueryResult`, or an error reply "
+            "(`lambdabus_events.models`); the gateway asks it for `GET .../logs`.",
+        ),
+    )
+}
+
+
+async def _unused(message: Any) -> None:  # pragma: no cover - never called
+    """The document needs the subscribers, not their handlers."""
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching (`*` one token, `>` the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for index, token in enumerate(want):
+        if token == ">":
+            return len(have) > index
+        if index >= len(have) or (token != "*" and token != have[index]):
+            return False
+    return len(want) == len(have)
+
+
+def _lifecycle_address(cls: type[LifecycleEvent]) -> str:
+    entity, verb = cls.EVENT_TYPE.removeprefix(TYPE_PREFIX).split(".")
+    return f"{LIFECYCLE_PREFIX}.{entity}.{verb}.{{namespace}}.{{name}}"
+
+
+def broker() -> NatsBroker:
+    """A broker with the subscribers the services register in production, and the publishers
+    of the catalog events and of user events. Nothing connects: FastStream describes them."""
+    out = NatsBroker(
+        "nats://127.0.0.1:4222",
+        description="the platform's NATS (JetStream: LIFECYCLE and EVENTS streams)",
+    )
+    for subscription in SUBSCRIPTIONS.values():
+        lifecycle_subscriber(out, subscription, inbox_prefix="_INBOX")(_unused)
+    for request in REQUESTS.values():
+        request_subscriber(out, request)(_unused)
+    for cls in CATALOG:
+        out.publisher(
+            _lifecycle_address(cls),
+            title=f"lifecycle:{cls.EVENT_TYPE}",
+            schema=cls,
+            description=(cls.__doc__ or "").strip() or None,
+        )
+    out.publisher(
+        f"{EVENT_TYPE_PREFIX}.{{escaped_type}}",
+        title="events:user",
+        schema=dict[str, Any],
+        description=(
+            "A user CloudEvent accepted by `POST /v1/events` (structured mode JSON, "
+            "`Nats-Msg-Id` from its source and id), stored in the EVENTS stream through the "
+            "gateway's group commit; read by the router's trigger consumers."
+        ),
+    )
+    return out
+
+
+def document() -> dict[str, Any]:
+    spec = AsyncAPI(
+        broker(),
+        title="Lambdabus events",
+        version="1",
+        description=(
+            "Lifecycle CloudEvents on the LIFECYCLE stream (`lambdabus.lifecycle.<entity>."
+            "<verb>.<namespace>.<name>`) and the services' durable subscriptions to them, "
+            "and user events on EVENTS. Generated by `make schemas` from the FastStream "
+            "subscribers the services register."
+        ),
+    )
+    doc: dict[str, Any] = spec.to_specification().to_jsonable()
+    # A subscriber reads raw messages (it parses and acks them itself), so FastStream cannot
+    # see their payload: name the catalog events its subject receives.
+    messages = doc.get("components", {}).get("messages", {})
+    for subscription in SUBSCRIPTIONS.values():
+        key = f"{subscription.service}:{subscription.durable}:SubscribeMessage"
+        if key in messages:
+            received = [
+                {"$ref": f"#/components/schemas/{cls.__name__}"}
+                for cls in CATALOG
+                if _matches(
+                    subscription.subject,
+                    _lifecycle_address(cls).replace("{namespace}", "n").replace("{name}", "n"),
+                )
+            ]
+            messages[key]["payload"] = {"oneOf": received}
+    schemas = doc.get("components", {}).get("schemas", {})
+    if "EmptyPayload" in schemas and "EmptyPayload" not in json.dumps(messages):
+        del schemas["EmptyPayload"]
+    return doc
+
+
+def render() -> str:
+    return json.dumps(document(), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="fail if the file is stale")
+    parser.add_argument("--target", type=Path, default=TARGET)
+    args = parser.parse_args(argv)
+    target: Path = args.target
+    text = render()
+    if args.check:
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            print(f"{target} is stale: run `make schemas`", file=sys.stderr)
+            return 1
+        return 0
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
