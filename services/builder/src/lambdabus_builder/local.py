@@ -24,7 +24,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import uv
@@ -480,12 +480,22 @@ class LocalBackend:
 
     # -- checks ---------------------------------------------------------------------------
 
-    async def _check_python(
-        self, code: Path, entrypoint: str, work: Path, log: BuildLog, function: str = "main"
-    ) -> None:
-        """Compile every .py file with the functions' interpreter, in the sandbox and with no
-        site packages (nothing an installed package ships runs); the bytecode it writes spares
-        the instances compiling at each cold start."""
+    async def _run_check(
+        self,
+        name: str,
+        checker: Path,
+        code: Path,
+        work: Path,
+        log: BuildLog,
+        argv: Callable[[str], list[str]],
+        *,
+        read_only: list[str],
+        env: dict[str, str] | None = None,
+        announce: str | None = None,
+    ) -> tuple[process.Completed, list[str]]:
+        """Run a check tool (`checker`, as `argv(where the tool sees it)`) over `code` in the
+        sandbox with no network, staged in `work/<name>`: its exit and its stdout lines (its
+        stderr goes to the build log). `announce` is logged just before it runs."""
         lines: list[str] = []
 
         async def collect(stream: process.Stream, line: str) -> None:
@@ -494,28 +504,48 @@ class LocalBackend:
             else:
                 await log.write(stream, line)
 
-        python = _resolve(self._settings.python)
-        stage = work / "check"
-        steps = await self._steps(f"check/{work.parent.name}", stage, log, inside=str(code))
+        stage = work / name
+        steps = await self._steps(f"{name}/{work.parent.name}", stage, log, inside=str(code))
         try:
-            checker = str(_CHECKER)
+            tool = str(checker)
             files: dict[str, str] = {}
             if steps.sandboxed:
-                checker = f"{TOOLS_DIR}/compilecheck.py"
-                files[checker] = str(_CHECKER)
+                tool = f"{TOOLS_DIR}/{checker.name}"
+                files[tool] = str(checker)
                 steps.give(code, recursive=True)
+            if announce is not None:
+                await log.write("system", announce)
             done = await steps.run(
-                [python, "-I", "-S", checker, str(code), entrypoint, function],
+                argv(tool),
                 cwd=code,
                 log=log,
                 network="none",
-                read_only=[p for p in (install_prefix(python),) if p is not None],
+                read_only=read_only,
                 files=files,
+                env=env,
                 on_line=collect,
                 writable=code,
             )
         finally:
             await _discard(stage)
+        return done, lines
+
+    async def _check_python(
+        self, code: Path, entrypoint: str, work: Path, log: BuildLog, function: str = "main"
+    ) -> None:
+        """Compile every .py file with the functions' interpreter, in the sandbox and with no
+        site packages (nothing an installed package ships runs); the bytecode it writes spares
+        the instances compiling at each cold start."""
+        python = _resolve(self._settings.python)
+        done, lines = await self._run_check(
+            "check",
+            _CHECKER,
+            code,
+            work,
+            log,
+            lambda checker: [python, "-I", "-S", checker, str(code), entrypoint, function],
+            read_only=[p for p in (install_prefix(python),) if p is not None],
+        )
         if done.returncode == 0:
             return
         try:
@@ -546,46 +576,26 @@ class LocalBackend:
         its node_modules on NODE_PATH, a time limit) and fail the build when it exports no such
         function, naming what it does export. A module that does not load here is left for the
         instance to report, as before."""
-        lines: list[str] = []
-
-        async def collect(stream: process.Stream, line: str) -> None:
-            if stream == "stdout":
-                lines.append(line)
-            else:
-                await log.write(stream, line)
-
         node = _resolve(self._settings.node)
-        stage = work / "exports"
-        steps = await self._steps(f"exports/{work.parent.name}", stage, log, inside=str(code))
-        try:
-            checker = str(_EXPORT_CHECKER)
-            files: dict[str, str] = {}
-            if steps.sandboxed:
-                checker = f"{TOOLS_DIR}/exportcheck.js"
-                files[checker] = str(_EXPORT_CHECKER)
-                steps.give(code, recursive=True)
-            await log.write("system", f"checking that {entrypoint} exports {function}")
-            done = await steps.run(
-                [
-                    "timeout",
-                    str(EXPORT_CHECK_SECONDS),
-                    node,
-                    checker,
-                    str(code),
-                    entrypoint,
-                    function,
-                ],
-                cwd=code,
-                log=log,
-                network="none",
-                read_only=[p for p in (install_prefix(node), str(env)) if p is not None],
-                files=files,
-                env={"NODE_PATH": str(env / "node_modules")},
-                on_line=collect,
-                writable=code,
-            )
-        finally:
-            await _discard(stage)
+        done, lines = await self._run_check(
+            "exports",
+            _EXPORT_CHECKER,
+            code,
+            work,
+            log,
+            lambda checker: [
+                "timeout",
+                str(EXPORT_CHECK_SECONDS),
+                node,
+                checker,
+                str(code),
+                entrypoint,
+                function,
+            ],
+            read_only=[p for p in (install_prefix(node), str(env)) if p is not None],
+            env={"NODE_PATH": str(env / "node_modules")},
+            announce=f"checking that {entrypoint} exports {function}",
+        )
         try:
             result = json.loads(lines[-1]) if done.returncode == 0 else None
         except (IndexError, ValueError):

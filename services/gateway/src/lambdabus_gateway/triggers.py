@@ -3,12 +3,11 @@ KV bucket); the router turns each into a durable consumer and delivers.
 
 Same order as functions: validate, write the record with compare-and-set, then publish
 `trigger.created|deleted` with a deterministic id. A trigger needs its function to exist (it
-need not run yet: its events wait), and goes when the function goes.
+need not run yet: its events wait), and goes when the function goes (`attached`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import uuid
@@ -17,19 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lambdabus_events.catalog import TriggerCreated, TriggerData, TriggerDeleted, lifecycle_event
-from lambdabus_events.models import FunctionRecord, TriggerRecord, TriggerSpec
-from lambdabus_events.names import label_problem
-from lambdabus_gateway.functions import Functions, publish_lifecycle
-from lambdabus_platform.bus import Bus, Kv
-from lambdabus_platform.errors import (
-    AlreadyExists,
-    Conflict,
-    InvalidName,
-    InvalidRequest,
-    NotFound,
-)
-from lambdabus_platform.registry import Registry, Versioned
+from lambdabus_events.catalog import TriggerCreated, TriggerData, TriggerDeleted
+from lambdabus_events.models import TriggerRecord, TriggerSpec
+from lambdabus_gateway.attached import FunctionAttached, check_names, invalid_fields
+from lambdabus_platform.errors import InvalidRequest
 
 log = logging.getLogger("lambdabus.gateway.triggers")
 
@@ -74,13 +64,7 @@ def filter_problems(value: Any) -> list[tuple[str, str]]:
 
 def parse_trigger(fields: dict[str, Any]) -> TriggerSpec:
     """A trigger spec from a request body, or a 400 that names every bad field."""
-    for field, what in (("name", "trigger name"), ("function", "function name")):
-        if field not in fields:
-            raise InvalidRequest(f"{field} is required ({what})", code="invalid_trigger")
-        value = fields[field]
-        problem = label_problem(value) if isinstance(value, str) else "must be a string"
-        if problem:
-            raise InvalidName(f"{what} {value!r} {problem}", details={"field": field})
+    check_names(fields, "trigger", "invalid_trigger")
     problems = filter_problems(fields.get("filter", {}))
     if problems:
         raise InvalidRequest(
@@ -91,39 +75,18 @@ def parse_trigger(fields: dict[str, Any]) -> TriggerSpec:
     try:
         return TriggerSpec.model_validate(fields)
     except ValidationError as exc:
-        messages, where = [], []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            where.append(loc)
-            if err["type"] == "extra_forbidden":
-                messages.append(f"{loc}: unknown field; remove it")
-            else:
-                messages.append(f"{loc}: {err['msg']}")
-        raise InvalidRequest(
-            "; ".join(messages), code="invalid_trigger", details={"fields": where}
-        ) from exc
+        raise invalid_fields(exc, "invalid_trigger") from exc
 
 
-class Triggers:
-    def __init__(self, *, bus: Bus, kv: Kv, functions: Functions) -> None:
-        self._bus = bus
-        self._kv = kv
-        self._records: Registry[TriggerRecord] = Registry(kv, TriggerRecord)
-        self._functions = functions
+class Triggers(FunctionAttached[TriggerRecord, TriggerSpec]):
+    record_type = TriggerRecord
+    noun = "trigger"
+    created = TriggerCreated
+    deleted = TriggerDeleted
+    log = log
 
-    async def get(self, namespace: str, name: str) -> Versioned[TriggerRecord]:
-        current = await self._records.get(namespace, name)
-        if current is None:
-            raise NotFound(f"trigger {namespace}/{name} does not exist", code="trigger_not_found")
-        return current
-
-    async def in_namespace(self, namespace: str) -> list[TriggerRecord]:
-        items = await self._records.in_namespace(namespace)
-        return sorted((item.value for item in items), key=lambda record: record.name)
-
-    async def create(self, namespace: str, spec: TriggerSpec) -> Versioned[TriggerRecord]:
-        function = await self._functions.get(namespace, spec.function)  # 404 if missing
-        record = TriggerRecord(
+    def _new_record(self, namespace: str, spec: TriggerSpec) -> TriggerRecord:
+        return TriggerRecord(
             namespace=namespace,
             name=spec.name,
             uid=str(uuid.uuid4()),
@@ -132,111 +95,11 @@ class Triggers:
             delivery=spec.delivery,
             created_at=datetime.now(UTC),
         )
-        try:
-            stored = await self._records.create(namespace, spec.name, record)
-        except AlreadyExists as exc:
-            raise AlreadyExists(
-                f"trigger {namespace}/{spec.name} already exists; delete it first to change it",
-                code="trigger_exists",
-            ) from exc
-        # The function may have gone meanwhile (and not taken this trigger with it).
-        if not await self._function_is(namespace, function.value):
-            await self._forget(namespace, spec.name, stored.revision)
-            raise NotFound(
-                f"function {namespace}/{spec.function} was deleted; the trigger is not created",
-                code="function_not_found",
-            )
-        await publish_lifecycle(self._bus, _event(TriggerCreated, record, "created"))
-        log.info(
-            "trigger created",
-            extra={"namespace": namespace, "trigger": spec.name, "function": spec.function},
+
+    def _data(self, record: TriggerRecord) -> TriggerData:
+        return TriggerData(
+            namespace=record.namespace,
+            name=record.name,
+            function=record.function,
+            filter=record.filter,
         )
-        return stored
-
-    async def delete(self, namespace: str, name: str) -> TriggerRecord:
-        for _ in range(5):
-            current = await self.get(namespace, name)
-            try:
-                await self._records.delete(namespace, name, current.revision)
-            except Conflict:
-                continue
-            await self._deleted(current.value)
-            return current.value
-        raise Conflict("the trigger is being changed concurrently; retry")
-
-    async def delete_for_function(self, namespace: str, function: str) -> list[TriggerRecord]:
-        """Delete every trigger of a function (it was deleted)."""
-        deleted = []
-        for item in await self._records.in_namespace(namespace):
-            if item.value.function != function:
-                continue
-            try:
-                await self._records.delete(namespace, item.value.name, item.revision)
-            except Conflict:
-                continue  # replaced meanwhile; the reconcile takes it if it is an orphan
-            await self._deleted(item.value)
-            deleted.append(item.value)
-        return deleted
-
-    async def reconcile(self) -> list[TriggerRecord]:
-        """Delete the triggers whose function no longer exists (the gateway stopped between
-        deleting a function and deleting its triggers)."""
-        orphans = []
-        for entry in await self._kv.values(">"):
-            try:
-                record = TriggerRecord.model_validate_json(entry.value)
-            except ValidationError:
-                log.warning("skipping a malformed trigger record", extra={"key": entry.key})
-                continue
-            try:
-                await self._functions.get(record.namespace, record.function)
-                continue
-            except NotFound:
-                pass
-            try:
-                await self._records.delete(record.namespace, record.name, entry.revision)
-            except Conflict:
-                continue
-            await self._deleted(record)
-            orphans.append(record)
-        if orphans:
-            log.info("deleted triggers of deleted functions", extra={"count": len(orphans)})
-        return orphans
-
-    async def _function_is(self, namespace: str, function: FunctionRecord) -> bool:
-        try:
-            current = await self._functions.get(namespace, function.name)
-        except NotFound:
-            return False
-        return current.value.uid == function.uid
-
-    async def _forget(self, namespace: str, name: str, revision: int) -> None:
-        with contextlib.suppress(Conflict):  # someone else deleted or replaced it
-            await self._records.delete(namespace, name, revision)
-
-    async def _deleted(self, record: TriggerRecord) -> None:
-        await publish_lifecycle(self._bus, _event(TriggerDeleted, record, "deleted"))
-        log.info(
-            "trigger deleted",
-            extra={"namespace": record.namespace, "trigger": record.name},
-        )
-
-
-def _event(
-    cls: type[TriggerCreated] | type[TriggerDeleted], record: TriggerRecord, verb: str
-) -> TriggerCreated | TriggerDeleted:
-    data = TriggerData(
-        namespace=record.namespace,
-        name=record.name,
-        function=record.function,
-        filter=record.filter,
-    )
-    event = lifecycle_event(
-        cls,
-        data,
-        service="gateway",
-        subject=f"{record.namespace}/{record.name}",
-        key=f"{record.uid}:{verb}",
-    )
-    assert isinstance(event, cls)
-    return event

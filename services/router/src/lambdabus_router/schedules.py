@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,7 +32,6 @@ from lambdabus_events.models import (
     ScheduleTick,
     TriggerRecord,
 )
-from lambdabus_events.names import is_label
 from lambdabus_platform.bus import Bus, Kv
 from lambdabus_platform.cron import ScheduleProblem, Timing, parse_timing
 from lambdabus_platform.errors import AlreadyExists, Conflict, LambdabusError
@@ -48,6 +47,11 @@ from lambdabus_router.calls import Caller
 from lambdabus_router.consumer import cancelled
 from lambdabus_router.delivery import EVENTS_STREAM, TriggerDelivery
 from lambdabus_router.events import STRUCTURED
+from lambdabus_router.following import (
+    BucketFollower,
+    orphan_consumers,
+    parse_consumer_name,
+)
 from lambdabus_router.metrics import DeliveryMetrics
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
@@ -62,16 +66,6 @@ _RETRY = timedelta(seconds=1)
 
 
 # -- pure ---------------------------------------------------------------------------------------
-
-
-def decode(value: bytes) -> ScheduleRecord | None:
-    """The schedule a `schedules` value holds; None for a deleted key or another value."""
-    if not value:
-        return None
-    try:
-        return ScheduleRecord.model_validate_json(value)
-    except ValidationError:
-        return None
 
 
 def tick_text(tick: datetime) -> str:
@@ -126,17 +120,12 @@ def delivery_record(record: ScheduleRecord) -> TriggerRecord:
 
 
 def parse_consumer(name: str) -> tuple[str, str] | None:
-    parts = name.split("_")
-    if len(parts) != 4 or parts[0] != CONSUMER_PREFIX[:-1]:
-        return None
-    if not is_label(parts[1]) or not is_label(parts[2]) or not parts[3]:
-        return None
-    return parts[1], parts[2]
+    return parse_consumer_name(CONSUMER_PREFIX, name)
 
 
 def orphans(consumers: Iterable[str], schedules: Iterable[ScheduleRecord]) -> list[str]:
-    owned = {schedule_consumer(s.namespace, s.name, s.uid) for s in schedules}
-    return [c for c in consumers if parse_consumer(c) is not None and c not in owned]
+    owned = (schedule_consumer(s.namespace, s.name, s.uid) for s in schedules)
+    return orphan_consumers(CONSUMER_PREFIX, consumers, owned)
 
 
 # -- the shell ----------------------------------------------------------------------------------
@@ -150,8 +139,13 @@ class Running:
     fired: datetime | None = None  # the newest tick known fired (by any replica)
 
 
-class Schedules:
+class Schedules(BucketFollower[ScheduleRecord, Running]):
     """Fires the ticks of every schedule in the bucket and runs one delivery per schedule."""
+
+    record_type = ScheduleRecord
+    noun = "schedule"
+    consumer_prefix = CONSUMER_PREFIX
+    log = log
 
     def __init__(
         self,
@@ -163,99 +157,39 @@ class Schedules:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._bus = bus
-        self._kv: Kv = bus.kv(SCHEDULES_BUCKET)
+        super().__init__(bus, bus.kv(SCHEDULES_BUCKET), settings)
         self._ticks: Kv = bus.kv(SCHEDULE_TICKS_BUCKET)
         self._router = router
         self._caller = caller
         self._metrics = metrics
-        self._settings = settings
         self._clock = clock
-        self._running: dict[str, Running] = {}  # by KV key
-        self._lock = asyncio.Lock()
-        self._stopping = False
-        self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
 
     @property
     def schedules(self) -> Mapping[str, Running]:
         return self._running
 
-    async def until(self, predicate: Callable[[Schedules], bool]) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: predicate(self))
+    def _orphans(self, consumers: Iterable[str], records: Iterable[ScheduleRecord]) -> list[str]:
+        return orphans(consumers, records)
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Schedules]:
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            with contextlib.suppress(Exception):
-                await self.sweep()
-            tasks.append(asyncio.create_task(self._follow(), name="schedules:watch"))
-            tasks.append(asyncio.create_task(self._tick(), name="schedules:tick"))
-            tasks.append(asyncio.create_task(self._sweep_every(), name="schedules:sweep"))
-            yield self
-        finally:
-            self._stopping = True
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=self._settings.shutdown_grace_seconds)
-            await self.stop(self._settings.shutdown_grace_seconds)
+    def _delivery(self, item: Running) -> TriggerDelivery:
+        return item.delivery
+
+    def _side_tasks(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
+        return [(self._tick(), "tick")]
+
+    def _applied(self) -> None:
+        self._wake.set()
+
+    async def _first_sweep(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sweep()
 
     def stop_fetching(self) -> None:
-        self._stopping = True
         self._wake.set()
-        for item in self._running.values():
-            item.delivery.stop_fetching()
-
-    async def stop(self, grace: float) -> None:
-        self._stopping = True
-        async with self._lock:
-            running = list(self._running.values())
-            self._running.clear()
-        await asyncio.gather(*(r.delivery.stop(grace) for r in running), return_exceptions=True)
-
-    # -- following the bucket ---------------------------------------------------------------
-
-    async def _follow(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.1
-        while not (self._stopping or cancelled()):
-            opened = loop.time()
-            try:
-                async for entry in self._kv.watch(">"):
-                    await self._apply(entry.key, decode(entry.value))
-                    if self._stopping or cancelled():
-                        return
-            except Exception:
-                log.warning("schedules watch failed; re-opening", exc_info=True)
-            delay = 0.1 if loop.time() - opened > 60 else min(delay * 2, 5.0)
-            await asyncio.sleep(delay)
-            with contextlib.suppress(Exception):
-                present = {entry.key for entry in await self._kv.values(">")}
-                for key in [k for k in self._running if k not in present]:
-                    await self._apply(key, None)
-                delay = 0.1
-
-    async def _apply(self, key: str, record: ScheduleRecord | None) -> None:
-        async with self._lock:
-            current = self._running.get(key)
-            if current is not None and record is not None and current.record.uid == record.uid:
-                return
-            if current is not None:
-                await self._retire(current)
-                del self._running[key]
-            if record is not None and not self._stopping:
-                self._start(key, record)
-        self._wake.set()
-        async with self._changed:
-            self._changed.notify_all()
+        super().stop_fetching()
 
     def _start(self, key: str, record: ScheduleRecord) -> None:
-        if key != trigger_key(record.namespace, record.name):
-            log.warning("ignoring a schedule stored under another key", extra={"key": key})
-            return
         try:
             timing = parse_timing(record.cron, record.timezone)
         except ScheduleProblem as exc:  # the gateway parsed it; another version may not
@@ -343,28 +277,6 @@ class Schedules:
         item.fired = tick
         log.info("schedule fired", extra={"schedule": key, "tick": tick_text(tick)})
         return True
-
-    # -- sweeping -----------------------------------------------------------------------------
-
-    async def _sweep_every(self) -> None:
-        while not (self._stopping or cancelled()):
-            await asyncio.sleep(self._settings.reconcile_seconds)
-            try:
-                await self.sweep()
-            except Exception:
-                log.warning("schedule sweep failed", exc_info=True)
-
-    async def sweep(self) -> list[str]:
-        """Delete every schedule consumer whose schedule is gone; the names deleted."""
-        consumers = await self._bus.consumer_names(EVENTS_STREAM, prefix=CONSUMER_PREFIX)
-        schedules = [s for e in await self._kv.values(">") if (s := decode(e.value)) is not None]
-        deleted = []
-        for name in orphans(consumers, schedules):
-            if await self._bus.delete_consumer(EVENTS_STREAM, name):
-                deleted.append(name)
-        if deleted:
-            log.info("deleted consumers of deleted schedules", extra={"consumers": deleted})
-        return deleted
 
 
 def _tick_of(value: bytes, uid: str) -> datetime | None:

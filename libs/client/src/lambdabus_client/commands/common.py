@@ -251,6 +251,35 @@ def print_data(output: str, value: object) -> None:
         _print_json(value)
 
 
+def print_record(output: str, record: object, message: str) -> None:
+    """A write command's answer: the record as `-o json|yaml` asks, else one sentence."""
+    if output != "table":
+        print_data(output, record)
+    else:
+        print(message)
+
+
+def print_listing(
+    output: str,
+    items: list[JsonObject],
+    *,
+    what: str,
+    namespace: str,
+    headers: Sequence[str],
+    row: Callable[[JsonObject, datetime], list[str]],
+) -> None:
+    """A list command's answer: `{"items": [...]}` as `-o json|yaml` asks, else a table of one
+    `row(item, now)` per item, or `No <what> in namespace <namespace>.`"""
+    if output != "table":
+        print_data(output, {"items": items})
+        return
+    if not items:
+        print(f"No {what} in namespace {namespace}.")
+        return
+    now = datetime.now(UTC)
+    print(render_table(headers, [row(item, now) for item in items]))
+
+
 def print_item(output: str, value: object) -> None:
     """One item of a stream (logs, events): a JSON line, or a YAML document."""
     if output == "yaml":

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 
 from lambdabus_client.client import ClientSettings, JsonObject, LambdabusClient
-from lambdabus_client.commands.common import UsageError, format_age, print_data, render_table
+from lambdabus_client.commands.common import (
+    UsageError,
+    format_age,
+    print_listing,
+    print_record,
+)
 from lambdabus_client.commands.triggers import format_delivery
 
 
@@ -42,39 +47,35 @@ async def _schedules(settings: ClientSettings, args: argparse.Namespace, output:
     async with LambdabusClient.from_settings(settings) as client:
         if args.action == "create":
             record = await client.create_schedule(namespace, schedule_spec(args))
-            if output != "table":
-                print_data(output, record)
-            else:
-                print(
-                    f"Created schedule {namespace}/{args.name}: {record.get('cron')} "
-                    f"({record.get('timezone')}) -> function {args.function}."
-                )
+            print_record(
+                output,
+                record,
+                f"Created schedule {namespace}/{args.name}: {record.get('cron')} "
+                f"({record.get('timezone')}) -> function {args.function}.",
+            )
             return 0
         if args.action == "rm":
             record = await client.delete_schedule(namespace, args.name)
-            if output != "table":
-                print_data(output, record)
-            else:
-                print(f"Deleted schedule {namespace}/{args.name}.")
+            print_record(output, record, f"Deleted schedule {namespace}/{args.name}.")
             return 0
         items = await client.list_schedules(namespace)
-    if output != "table":
-        print_data(output, {"items": items})
-        return 0
-    if not items:
-        print(f"No schedules in namespace {namespace}.")
-        return 0
-    now = datetime.now(UTC)
-    rows = [
-        [
-            str(item.get("name", "?")),
-            str(item.get("function", "?")),
-            str(item.get("cron", "?")),
-            str(item.get("timezone", "?")),
-            format_delivery(item.get("delivery")),
-            format_age(item.get("created_at"), now),
-        ]
-        for item in items
-    ]
-    print(render_table(["NAME", "FUNCTION", "CRON", "TIMEZONE", "DELIVERY", "AGE"], rows))
+    print_listing(
+        output,
+        items,
+        what="schedules",
+        namespace=namespace,
+        headers=["NAME", "FUNCTION", "CRON", "TIMEZONE", "DELIVERY", "AGE"],
+        row=_schedule_row,
+    )
     return 0
+
+
+def _schedule_row(item: JsonObject, now: datetime) -> list[str]:
+    return [
+        str(item.get("name", "?")),
+        str(item.get("function", "?")),
+        str(item.get("cron", "?")),
+        str(item.get("timezone", "?")),
+        format_delivery(item.get("delivery")),
+        format_age(item.get("created_at"), now),
+    ]

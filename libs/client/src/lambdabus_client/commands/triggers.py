@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import datetime
 
 from lambdabus_client.client import (
     ClientSettings,
@@ -13,8 +13,8 @@ from lambdabus_client.client import (
 from lambdabus_client.commands.common import (
     format_age,
     parse_assignments,
-    print_data,
-    render_table,
+    print_listing,
+    print_record,
 )
 
 
@@ -60,39 +60,35 @@ async def _triggers(settings: ClientSettings, args: argparse.Namespace, output: 
             if delivery:
                 spec["delivery"] = delivery
             record = await client.create_trigger(namespace, spec)
-            if output != "table":
-                print_data(output, record)
-            else:
-                print(
-                    f"Created trigger {namespace}/{args.name}: "
-                    f"{format_filter(record.get('filter'))} -> function {args.function} "
-                    f"({format_delivery(record.get('delivery'))})."
-                )
+            print_record(
+                output,
+                record,
+                f"Created trigger {namespace}/{args.name}: "
+                f"{format_filter(record.get('filter'))} -> function {args.function} "
+                f"({format_delivery(record.get('delivery'))}).",
+            )
             return 0
         if args.action == "rm":
             record = await client.delete_trigger(namespace, args.name)
-            if output != "table":
-                print_data(output, record)
-            else:
-                print(f"Deleting trigger {namespace}/{args.name}.")
+            print_record(output, record, f"Deleting trigger {namespace}/{args.name}.")
             return 0
         items = await client.list_triggers(namespace)
-    if output != "table":
-        print_data(output, {"items": items})
-        return 0
-    if not items:
-        print(f"No triggers in namespace {namespace}.")
-        return 0
-    now = datetime.now(UTC)
-    rows = [
-        [
-            str(item.get("name", "?")),
-            str(item.get("function", "?")),
-            format_filter(item.get("filter")),
-            format_delivery(item.get("delivery")),
-            format_age(item.get("created_at"), now),
-        ]
-        for item in items
-    ]
-    print(render_table(["NAME", "FUNCTION", "FILTER", "DELIVERY", "AGE"], rows))
+    print_listing(
+        output,
+        items,
+        what="triggers",
+        namespace=namespace,
+        headers=["NAME", "FUNCTION", "FILTER", "DELIVERY", "AGE"],
+        row=_trigger_row,
+    )
     return 0
+
+
+def _trigger_row(item: JsonObject, now: datetime) -> list[str]:
+    return [
+        str(item.get("name", "?")),
+        str(item.get("function", "?")),
+        format_filter(item.get("filter")),
+        format_delivery(item.get("delivery")),
+        format_age(item.get("created_at"), now),
+    ]
