@@ -397,17 +397,27 @@ async def publish_events(request: web.Request) -> web.Response:
 # -- triggers ----------------------------------------------------------------------------------
 
 
-async def create_trigger(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    ns = _label(request, "ns", "namespace")
+def _require_json(request: web.Request, what: str) -> None:
+    """A 415 unless the body is sent as JSON (or untyped)."""
     if request.content_type not in ("application/json", ""):
         raise InvalidRequest(
-            f"unsupported content type {request.content_type!r}: send the trigger as application/json",
+            f"unsupported content type {request.content_type!r}: send {what} as application/json",
             code="unsupported_media_type",
             status=415,
         )
-    body = await read_body(request, gw.settings.max_spec_bytes, "the trigger")
-    spec = parse_trigger(_json_object(body, "the trigger"))
+
+
+async def _json_spec(request: web.Request, what: str) -> dict[str, Any]:
+    """The JSON object of a spec (a trigger, a schedule), or a 400/413/415 naming `what`."""
+    _require_json(request, what)
+    body = await read_body(request, request.app[GATEWAY].settings.max_spec_bytes, what)
+    return _json_object(body, what)
+
+
+async def create_trigger(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ns = _label(request, "ns", "namespace")
+    spec = parse_trigger(await _json_spec(request, "the trigger"))
     created = await gw.triggers.create(ns, spec)
     return web.json_response(
         created.value.model_dump(mode="json"),
@@ -443,15 +453,7 @@ async def delete_trigger(request: web.Request) -> web.Response:
 async def create_schedule(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ns = _label(request, "ns", "namespace")
-    if request.content_type not in ("application/json", ""):
-        raise InvalidRequest(
-            f"unsupported content type {request.content_type!r}: "
-            "send the schedule as application/json",
-            code="unsupported_media_type",
-            status=415,
-        )
-    body = await read_body(request, gw.settings.max_spec_bytes, "the schedule")
-    spec = parse_schedule(_json_object(body, "the schedule"))
+    spec = parse_schedule(await _json_spec(request, "the schedule"))
     created = await gw.schedules.create(ns, spec)
     return web.json_response(
         created.value.model_dump(mode="json"),
@@ -513,12 +515,7 @@ async def redrive_deadletter(request: web.Request) -> web.Response:
 
 
 async def _secret_body(request: web.Request) -> object:
-    if request.content_type not in ("application/json", ""):
-        raise InvalidRequest(
-            f"unsupported content type {request.content_type!r}: send the secret as application/json",
-            code="unsupported_media_type",
-            status=415,
-        )
+    _require_json(request, "the secret")
     raw = await read_body(request, MAX_BODY_BYTES, "the secret")
     try:
         return json.loads(raw)
