@@ -66,7 +66,7 @@ def test_every_rendered_object_passes_the_kubernetes_schemas(case: str) -> None:
     s3 = S3Settings(endpoint_url="http://minio.lambdabus:9000")
     objects = render.render_all(fn, settings(), DIGEST, s3=s3, owner=OWNER)
     kinds = [obj["kind"] for obj in objects]
-    expected = ["Namespace", "Job", "Secret", "Deployment", "Service"]
+    expected = ["Namespace", "RoleBinding", "RoleBinding", "Job", "Secret", "Deployment", "Service"]
     expected += [] if case == "stopped" else ["HorizontalPodAutoscaler"]
     assert kinds == [*expected, "NetworkPolicy"]
     for obj in objects:
@@ -209,3 +209,24 @@ def test_every_platform_manifest_passes_the_kubernetes_schemas(path: Path) -> No
     assert documents
     for doc in documents:
         validate(doc)
+
+
+def test_rbac_is_least_privilege() -> None:
+    """Never cluster-admin, no wildcard, and the per-namespace rules never bound cluster-wide."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/rbac.yaml").read_text()) if d]
+    for doc in docs:
+        for rule in doc.get("rules", []):
+            assert "*" not in rule["verbs"], doc["metadata"]
+            assert "*" not in rule["resources"], doc["metadata"]
+        if doc["kind"] == "ClusterRoleBinding":
+            assert doc["roleRef"]["name"] not in ("cluster-admin", *render.FUNCTION_ROLES)
+    cluster_roles = {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"}
+    assert set(render.FUNCTION_ROLES) <= cluster_roles
+    # The bindings the deployer makes per namespace are the ones the manifest shows for `default`.
+    shipped = [
+        d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == "default"
+    ]
+    rendered = render.render_role_bindings("default", settings())
+    assert sorted((d["roleRef"]["name"], d["subjects"][0]["name"]) for d in shipped) == sorted(
+        (d["roleRef"]["name"], d["subjects"][0]["name"]) for d in rendered
+    )

@@ -219,7 +219,7 @@ def render_job(
                             "image": settings.kaniko_image,
                             "args": args,
                             "env": env,
-                            "envFrom": [{"secretRef": {"name": settings.s3_secret}}],
+                            "envFrom": [{"secretRef": {"name": settings.build_s3_secret}}],
                             "resources": {
                                 "requests": {
                                     "cpu": _cpu(build.cpu_request),
@@ -324,9 +324,9 @@ def render_deployment(
                     "imagePullSecrets": [{"name": settings.registry_secret}],
                     "securityContext": {
                         "runAsNonRoot": True,
-                        "runAsUser": settings.run_as_user,
-                        "runAsGroup": settings.run_as_user,
-                        "fsGroup": settings.run_as_user,
+                        "runAsUser": settings.function_uid,
+                        "runAsGroup": settings.function_uid,
+                        "fsGroup": settings.function_uid,
                         "seccompProfile": dict(RESTRICTED_SECCOMP),
                     },
                     "containers": [_container(fn, settings, image)],
@@ -418,6 +418,41 @@ def render_network_policy(namespace: str, settings: KubeSettings) -> Obj:
     }
 
 
+FUNCTION_ROLES = {
+    "lambdabus-functions": "lambdabus-deployer",
+    "lambdabus-function-logs": "lambdabus-logs",
+}
+
+
+def render_role_bindings(namespace: str, settings: KubeSettings) -> list[Obj]:
+    """The platform's rights in one function namespace: RoleBindings of the ClusterRoles of
+    deploy/kubernetes/rbac.yaml, which are never bound cluster-wide."""
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": role,
+                "namespace": namespace,
+                "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_NAMESPACE: namespace},
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role,
+            },
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": account,
+                    "namespace": settings.platform_namespace,
+                }
+            ],
+        }
+        for role, account in FUNCTION_ROLES.items()
+    ]
+
+
 def render_all(
     fn: KubeFunction,
     settings: KubeSettings,
@@ -426,11 +461,13 @@ def render_all(
     s3: S3Settings | None = None,
     owner: Owner | None = None,
 ) -> list[Obj]:
-    """Every object a function becomes, in the order they are applied: its namespace, the
-    build Job, the env Secret, the Deployment, Service, HPA (unless stopped), NetworkPolicy."""
+    """Every object a function becomes, in the order they are applied: its namespace and the
+    platform's RoleBindings there (once per namespace), the build Job, the env Secret, the
+    Deployment, Service, HPA (unless stopped), and the namespace's NetworkPolicy."""
     image = image_ref(settings, fn, digest)
     objects = [
         render_namespace(fn.namespace),
+        *render_role_bindings(fn.namespace, settings),
         render_job(fn, settings, image, s3),
         render_env_secret(fn, owner),
         render_deployment(fn, settings, image),

@@ -41,7 +41,7 @@ class KubeSettings(BaseSettings):
         default="lambdabus-registry",
         description="a kubernetes.io/dockerconfigjson Secret: Kaniko pushes and pods pull with it",
     )
-    s3_secret: str = Field(
+    build_s3_secret: str = Field(
         default="lambdabus-s3",
         description="a Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for Kaniko's S3 reads",
     )
@@ -61,7 +61,7 @@ class KubeSettings(BaseSettings):
     build_ttl: int = Field(
         default=3600, ge=0, description="seconds a finished build Job is kept before cleanup"
     )
-    run_as_user: int = Field(default=1000, ge=1, description="uid of function containers")
+    function_uid: int = Field(default=1000, ge=1, description="uid of function containers")
 
     @field_validator("insecure_registries", mode="before")
     @classmethod
