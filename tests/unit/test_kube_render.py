@@ -34,6 +34,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "tmp-large": {"tmp_size": 4096, "timeout": 900},
     "stopped": {"replicas": 0, "min_replicas": 0, "max_replicas": 0},
     "custom": {"runtime": "custom", "command": ["./server", "--port", "8080"]},
+    "no-network": {"network": "none"},
 }
 
 
@@ -68,7 +69,9 @@ def test_every_rendered_object_passes_the_kubernetes_schemas(case: str) -> None:
     kinds = [obj["kind"] for obj in objects]
     expected = ["Namespace", "RoleBinding", "RoleBinding", "Job", "Secret", "Deployment", "Service"]
     expected += [] if case == "stopped" else ["HorizontalPodAutoscaler"]
-    assert kinds == [*expected, "NetworkPolicy"]
+    expected.append("NetworkPolicy")
+    expected += ["NetworkPolicy"] if case == "no-network" else []
+    assert kinds == expected
     for obj in objects:
         validate(obj)
 
@@ -230,3 +233,14 @@ def test_rbac_is_least_privilege() -> None:
     assert sorted((d["roleRef"]["name"], d["subjects"][0]["name"]) for d in shipped) == sorted(
         (d["roleRef"]["name"], d["subjects"][0]["name"]) for d in rendered
     )
+
+
+def test_a_function_without_network_gets_an_egress_policy_with_no_rule() -> None:
+    policy = render.render_no_network_policy(function({"network": "none"}))
+    assert policy is not None
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"lambdabus.io/uid": UID}},
+        "policyTypes": ["Egress"],
+        "egress": [],
+    }
+    assert render.render_no_network_policy(function({})) is None

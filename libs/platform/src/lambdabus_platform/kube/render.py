@@ -418,6 +418,25 @@ def render_network_policy(namespace: str, settings: KubeSettings) -> Obj:
     }
 
 
+def render_no_network_policy(fn: KubeFunction, owner: Owner | None = None) -> Obj | None:
+    """For a function with `network: none`: its pods may open no connection at all (an
+    Egress policy with no rule). None for `outbound`."""
+    if fn.spec.network != "none":
+        return None
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(
+            f"{object_name(fn)}-no-network", fn.namespace, identity_labels(fn), owner
+        ),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_UID: fn.uid}},
+            "policyTypes": ["Egress"],
+            "egress": [],
+        },
+    }
+
+
 FUNCTION_ROLES = {
     "lambdabus-functions": "lambdabus-deployer",
     "lambdabus-function-logs": "lambdabus-logs",
@@ -463,7 +482,8 @@ def render_all(
 ) -> list[Obj]:
     """Every object a function becomes, in the order they are applied: its namespace and the
     platform's RoleBindings there (once per namespace), the build Job, the env Secret, the
-    Deployment, Service, HPA (unless stopped), and the namespace's NetworkPolicy."""
+    Deployment, Service, HPA (unless stopped), the namespace's NetworkPolicy, and for
+    `network: none` the function's own."""
     image = image_ref(settings, fn, digest)
     objects = [
         render_namespace(fn.namespace),
@@ -477,4 +497,7 @@ def render_all(
     if hpa is not None:
         objects.append(hpa)
     objects.append(render_network_policy(fn.namespace, settings))
+    isolated = render_no_network_policy(fn, owner)
+    if isolated is not None:
+        objects.append(isolated)
     return objects
