@@ -34,6 +34,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "tmp-large": {"tmp_size": 4096, "timeout": 900},
     "stopped": {"replicas": 0, "min_replicas": 0, "max_replicas": 0},
     "custom": {"runtime": "custom", "command": ["./server", "--port", "8080"]},
+    "long-names": {"secrets": ["s" * 63], "labels": {"k" * 63: "v" * 63}},
     "no-network": {"network": "none"},
 }
 
@@ -74,6 +75,11 @@ def test_every_rendered_object_passes_the_kubernetes_schemas(case: str) -> None:
     assert kinds == expected
     for obj in objects:
         validate(obj)
+        # What the schemas do not say: names that must be DNS labels (63 characters).
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for volume in pod.get("volumes", []):
+            assert len(volume["name"]) <= 63, volume["name"]
 
 
 def test_a_broken_object_is_refused_by_the_schemas() -> None:
@@ -138,12 +144,15 @@ def test_deployment_is_restricted_and_takes_env_only_from_secrets() -> None:
     assert container["envFrom"] == [{"secretRef": {"name": f"lambda-{UID}-env"}}]
     by_name = {e["name"]: e for e in container["env"]}
     assert by_name["DB_PASSWORD"]["valueFrom"] == {
-        "secretKeyRef": {"name": "db", "key": "password"}
+        "secretKeyRef": {"name": "lambdabus-secret-db", "key": "password"}
     }
     assert all("value" in e or "valueFrom" in e for e in container["env"])
-    assert {"name": "secret-db", "mountPath": "/secrets/db", "readOnly": True} in container[
-        "volumeMounts"
-    ]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/secrets/db"]]["secret"] == {"secretName": "lambdabus-secret-db"}
+    assert volumes[mounts["/secrets/api-keys"]]["secret"] == {
+        "secretName": "lambdabus-secret-api-keys"
+    }
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     secret = render.render_env_secret(fn, OWNER)

@@ -92,6 +92,12 @@ def env_secret_name(fn: KubeFunction) -> str:
     return f"lambda-{fn.uid}-env"
 
 
+def user_secret_name(secret: str) -> str:
+    """The Kubernetes Secret a Lambdabus secret of the namespace is kept in (prefixed, so that
+    no user secret can take the name of one of the platform's)."""
+    return f"lambdabus-secret-{secret}"
+
+
 def image_ref(settings: KubeSettings, fn: KubeFunction, digest: str) -> str:
     """`$LAMBDABUS_REGISTRY/<ns>-<name>:<content digest>`."""
     return f"{settings.registry.rstrip('/')}/{fn.namespace}-{fn.name}:{digest}"
@@ -259,14 +265,17 @@ def _container(fn: KubeFunction, settings: KubeSettings, image: str) -> Obj:
         {"name": "LAMBDABUS_TIMEOUT", "value": f"{spec.timeout:g}"},
     ]
     env += [
-        {"name": var, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+        {
+            "name": var,
+            "valueFrom": {"secretKeyRef": {"name": user_secret_name(ref.secret), "key": ref.key}},
+        }
         for var, ref in sorted(spec.env_from.items())
     ]
     probe = {"httpGet": {"path": HEALTH_PATH, "port": "http"}, "timeoutSeconds": 2}
     mounts: list[Obj] = [{"name": "tmp", "mountPath": "/tmp"}]
     mounts += [
-        {"name": f"secret-{name}", "mountPath": f"/secrets/{name}", "readOnly": True}
-        for name in sorted(set(spec.secrets))
+        {"name": f"secret-{i}", "mountPath": f"/secrets/{name}", "readOnly": True}
+        for i, name in enumerate(sorted(set(spec.secrets)))
     ]
     return {
         "name": CONTAINER,
@@ -300,9 +309,9 @@ def render_deployment(
     spec = fn.spec
     labels = function_labels(fn)
     volumes: list[Obj] = [{"name": "tmp", "emptyDir": {"sizeLimit": _mib(spec.tmp_size)}}]
-    volumes += [
-        {"name": f"secret-{name}", "secret": {"secretName": name}}
-        for name in sorted(set(spec.secrets))
+    volumes += [  # volume names are DNS labels (63): numbered, not named after the secret
+        {"name": f"secret-{i}", "secret": {"secretName": user_secret_name(name)}}
+        for i, name in enumerate(sorted(set(spec.secrets)))
     ]
     return {
         "apiVersion": "apps/v1",
