@@ -19,6 +19,7 @@ from lambdabus_client.client import ClientSettings
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_logs.settings import LogsSettings
+from lambdabus_platform.kube.settings import KubeSettings
 from lambdabus_platform.launcher import UpSettings
 from lambdabus_platform.settings import (
     NatsSettings,
@@ -45,6 +46,10 @@ CLASSES: list[tuple[str, type[BaseSettings]]] = [
     ("Deployer", DeployerSettings),
     ("Router", RouterSettings),
     ("Logs", LogsSettings),
+    (
+        "The Kubernetes backend (renderers; `lambdabus deploy --dry-run --backend kubernetes`)",
+        KubeSettings,
+    ),
 ]
 
 

@@ -229,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="return once uploaded instead of following the build and deployment",
     )
     deploy.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="upload and apply nothing: print what the function would become (with -o yaml and "
+        "--backend kubernetes, its Kubernetes objects)",
+    )
+    deploy.add_argument(
+        "--backend",
+        choices=("local", "kubernetes"),
+        default="local",
+        help="with --dry-run: the backend to render for (default local: the spec only)",
+    )
+    deploy.add_argument(
         "--wait-timeout",
         type=float,
         default=300.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
 import sys
 import zipfile
@@ -12,6 +13,9 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import yaml
+from pydantic import ValidationError
 
 from lambdabus_client.client import (
     ApiError,
@@ -37,6 +41,10 @@ from lambdabus_client.commands.common import (
 )
 from lambdabus_client.packaging import load_archive, source_names
 from lambdabus_events import presets
+from lambdabus_events.models import FunctionConfig, FunctionSpec
+from lambdabus_platform.kube import render
+from lambdabus_platform.kube.render import KubeFunction
+from lambdabus_platform.kube.settings import KubeSettings
 
 # How far before the upload a deploy replays lifecycle events and build logs from; what is
 # older than the upload is told apart by uid and generation, so this only absorbs clock skew.
@@ -185,7 +193,8 @@ def merged_spec(current: JsonObject | None, given: JsonObject, *, replace: bool)
     return {**{k: v for k, v in kept.items() if v is not None}, **given}
 
 
-async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+def given_spec(args: argparse.Namespace) -> JsonObject:
+    """The settings a deploy's command line gives (the spec it uploads before merging)."""
     spec: JsonObject = {"name": args.name}
     if args.env:
         spec["env"] = parse_env(args.env)
@@ -212,6 +221,13 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
         value = getattr(args, key)
         if value is not None:
             spec[key] = value
+    return spec
+
+
+async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: str) -> int:
+    spec = given_spec(args)
+    if args.dry_run:
+        return await _dry_run(settings, args, spec, output)
     if args.wait_timeout <= 0:
         raise UsageError("--wait-timeout must be more than 0 seconds")
     archive = await asyncio.to_thread(load_archive, args.source, warn=_warn)
@@ -273,6 +289,63 @@ async def _deploy(settings: ClientSettings, args: argparse.Namespace, output: st
         if output != "table":
             status = await client.function_status(namespace, args.name)
             print_data(output, {"action": action, "function": record, "status": status})
+    return 0
+
+
+DRY_RUN_UID = "dry-run"
+
+
+def kubernetes_objects(
+    namespace: str, spec: JsonObject, archive: bytes, dependencies: bytes | None, kube: KubeSettings
+) -> list[JsonObject]:
+    """What `deploy --dry-run --backend kubernetes` prints: every object the function would
+    become, rendered by the Kubernetes backend's renderers from the spec the deploy would
+    upload (presets resolved). The image tag is the sha256 of what would be uploaded."""
+    try:
+        resolved = FunctionSpec.model_validate(spec)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc'])) or 'spec'}: {item['msg']}" for item in error.errors()
+        )
+        raise UsageError(f"invalid function spec: {problems}") from None
+    config = FunctionConfig.model_validate(resolved.model_dump(exclude={"name"}))
+    digest = hashlib.sha256(archive + (dependencies or b"")).hexdigest()
+    fn = KubeFunction(namespace, resolved.name, DRY_RUN_UID, config)
+    return render.render_all(fn, kube, digest)
+
+
+async def _dry_run(
+    settings: ClientSettings, args: argparse.Namespace, spec: JsonObject, output: str
+) -> int:
+    """`deploy --dry-run`: nothing is uploaded or applied. With the kubernetes backend, the
+    Kubernetes objects the function would become; with the local one, the spec it would have."""
+    archive = await asyncio.to_thread(load_archive, args.source, warn=_warn)
+    filename = "function.zip" if args.source.is_dir() else args.source.name
+    dependencies: bytes | None = None
+    if args.dependencies is not None:
+        try:
+            dependencies = await asyncio.to_thread(args.dependencies.read_bytes)
+        except OSError as exc:
+            raise UsageError(f"--dependencies {args.dependencies}: {exc.strerror or exc}") from None
+    if "runtime" not in spec:
+        spec["runtime"], _ = detect_runtime(source_names(archive, filename))
+    if args.backend != "kubernetes":
+        try:
+            resolved = FunctionSpec.model_validate(spec)
+        except ValidationError as error:
+            raise UsageError(f"invalid function spec: {error.errors()[0]['msg']}") from None
+        _warn("the local backend makes no Kubernetes objects; --backend kubernetes shows them")
+        print_data("yaml" if output == "table" else output, resolved.model_dump(mode="json"))
+        return 0
+    try:
+        kube = KubeSettings()
+    except ValidationError as error:
+        raise UsageError(f"Kubernetes backend settings: {error.errors()[0]['msg']}") from None
+    objects = kubernetes_objects(settings.namespace, spec, archive, dependencies, kube)
+    if output == "json":
+        print_data("json", {"apiVersion": "v1", "kind": "List", "items": objects})
+    else:
+        print(yaml.safe_dump_all(objects, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 

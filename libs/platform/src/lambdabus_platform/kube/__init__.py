@@ -1,0 +1,1 @@
+"""The Kubernetes backend's pure parts: settings and the renderers of its objects."""
