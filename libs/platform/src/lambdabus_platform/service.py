@@ -431,6 +431,9 @@ async def serve(
         app[SERVICE_KEY] = ctx
         async with setup(ctx):
             await broker.start()
+            # The subscriptions are sent; a round trip makes sure the server has them before the
+            # service says it is ready (else a first request may meet "no responders").
+            await broker.connection.flush()
             runner = web.AppRunner(
                 app,
                 access_log=None,
