@@ -318,6 +318,52 @@ async def test_a_refused_connection_goes_to_the_other_endpoint(router: RunningRo
         assert await error_code(response) == "bad_gateway"
 
 
+@contextlib.asynccontextmanager
+async def reads_then_drops() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An instance-like server: answers the first request on a connection, then reads the next
+    one whole (its body included) and drops the connection without answering."""
+    bodies: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for answered in (True, False):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                bodies.append(await reader.readexactly(length))
+                if answered:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", bodies
+
+
+async def test_a_body_the_instance_read_is_never_sent_again(router: RunningRouter) -> None:
+    async with reads_then_drops() as (url, bodies):
+        await router.add_function("once", [url])
+        path = f"/{router.namespace}/once"
+        async with router.http.post(path, data=b"first") as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        # The router's pooled connection now carries the second call, which the instance reads
+        # and drops: it may have run it, so it is neither resent nor given to another instance.
+        async with router.http.post(path, data=b"charge the card") as response:
+            assert response.status == 502
+            assert await error_code(response) == "instance_disconnected"
+        assert bodies == [b"first", b"charge the card"]
+        async with router.http.post(path, data=b"third") as response:  # a fresh connection
+            assert response.status == 200
+        assert bodies[-1] == b"third"
+
+
 async def test_invocations_are_counted_by_function_and_status(router: RunningRouter) -> None:
     async with backend("a") as a:
         await router.add_function("counted", [a.url])

@@ -4,7 +4,8 @@ The request goes out as it came (method, raw path and query, end-to-end headers 
 `X-Forwarded-*`, body) over a pooled keep-alive connection of the router's own HTTP/1.1 client
 (`upstream`); the response comes back the same way. The body is buffered up to
 `max_body_bytes`, so a connection refused by one instance can be retried on another: nothing of
-the request reached the first one.
+the request reached the first one. Nothing else is ever retried: an instance that closed the
+connection after the request went out may have run it (502 `instance_disconnected`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ from lambdabus_router.table import (
     pick,
     quota_concurrency,
 )
-from lambdabus_router.upstream import ConnectFailed, Response, Upstream, UpstreamError
+from lambdabus_router.upstream import (
+    ConnectFailed,
+    Disconnected,
+    Response,
+    Upstream,
+    UpstreamError,
+)
 
 log = logging.getLogger("lambdabus.router")
 
@@ -357,6 +364,8 @@ class Router:
                         details={"timeout": state.timeout},
                     )
                 )
+            except Disconnected as exc:
+                return _disconnected(fid, exc)
             except UpstreamError as exc:
                 return _bad_gateway(fid, exc)
 
@@ -496,6 +505,18 @@ def _over_quota(namespace: str, limit: int, retry_after: float) -> TemporaryErro
         status=429,
         retry_after=retry_after,
         details={"max_concurrent_invocations": limit},
+    )
+
+
+def _disconnected(fid: FunctionId, exc: BaseException) -> web.Response:
+    log.debug("instance disconnected", extra={"function": f"{fid[0]}/{fid[1]}", "error": repr(exc)})
+    return error_response(
+        LambdabusError(
+            f"the instance of {fid[0]}/{fid[1]} closed the connection before answering; the "
+            "request was not retried, since the instance may have run it",
+            code="instance_disconnected",
+            status=502,
+        )
     )
 
 
