@@ -12,7 +12,7 @@ def scaler(**policy: float) -> Autoscaler:
         ScalePolicy(
             min=int(values.pop("min")),
             max=int(values.pop("max")),
-            **values,  # type: ignore[arg-type]
+            **values,
         ),
         started=0.0,
     )
