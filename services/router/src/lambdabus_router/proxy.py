@@ -16,12 +16,13 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from lambdabus_events.models import DeploymentState
 from lambdabus_events.names import label_problem
 from lambdabus_platform.bus import Kv
 from lambdabus_platform.errors import (
@@ -41,6 +42,7 @@ from lambdabus_platform.httpauth import (
 from lambdabus_platform.service import error_response
 from lambdabus_platform.tokens import Action
 from lambdabus_router.headers import request_headers, response_headers
+from lambdabus_router.load import LoadReporter
 from lambdabus_router.metrics import InvocationMetrics
 from lambdabus_router.settings import RouterSettings
 from lambdabus_router.stats import CallStats
@@ -50,6 +52,7 @@ from lambdabus_router.table import (
     apply,
     apply_known,
     apply_protected,
+    autoscaled_of,
     concurrency_of,
     load,
     load_known,
@@ -112,6 +115,12 @@ class Router:
         self.namespace_active: defaultdict[str, int] = defaultdict(int)
         self._retry_after = settings.busy_retry_after_seconds
         self.stats: CallStats | None = None  # per-function statistics, when published
+        self.load: LoadReporter | None = None  # the autoscaler's input, when published
+        # Scale from zero: functions with `spec.scale`, whose requests are held while no
+        # instance runs (at most `cold_queue_max_requests` each) and who are woken by `wake`.
+        self.autoscaled: set[FunctionId] = set()
+        self.wake: Callable[[FunctionId], Awaitable[None]] | None = None
+        self.held: defaultdict[FunctionId, int] = defaultdict(int)
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -161,6 +170,7 @@ class Router:
         self.protected = load_protected(records)
         self._set_known(load_known(records))
         self.max_concurrency = {}
+        self.autoscaled = set()
         for key, value in records:
             self._on_limit(key, value)
         if quotas is not None:
@@ -225,6 +235,10 @@ class Router:
         fid = parse_key(key)
         if fid is None:
             return
+        if autoscaled_of(value)[0]:
+            self.autoscaled.add(fid)
+        else:
+            self.autoscaled.discard(fid)
         limit = concurrency_of(value)
         if limit is None:
             self.max_concurrency.pop(fid, None)
@@ -279,6 +293,8 @@ class Router:
     async def _admitted(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
         """`_invoke` within the function's `max_concurrency` and its namespace's quota of
         concurrent invocations; beyond either, 429 with Retry-After at once. O(1)."""
+        if self.load is not None:
+            self.load.arrived(fid)  # demand, admitted or not: the autoscaler's input
         active = self.active[fid]
         limit = self.max_concurrency.get(fid)
         if limit is not None and active >= limit:
@@ -301,6 +317,11 @@ class Router:
             return error_response(_unknown(fid))
         protected = fid in self.protected  # its token was checked in `handle`
         state = self.table.get(fid)
+        if (state is None or not state.endpoints) and fid in self.autoscaled:
+            held = await self._hold(fid)
+            if isinstance(held, web.Response):
+                return held
+            state = held
         if state is None or not state.endpoints:
             return error_response(
                 TemporaryError(
@@ -368,6 +389,51 @@ class Router:
                 return _disconnected(fid, exc)
             except UpstreamError as exc:
                 return _bad_gateway(fid, exc)
+
+    async def _hold(self, fid: FunctionId) -> DeploymentState | web.Response:
+        """Hold a request for a function with no instance (scaled to zero, or starting) until
+        one is ready: the function is woken (again every `wake_repeat_seconds`), and the request
+        goes on the moment the router sees an endpoint. Beyond `cold_queue_max_requests` held,
+        503 `cold_queue_full` with Retry-After at once."""
+        s = self.settings
+        if self.held[fid] >= s.cold_queue_max_requests:
+            return error_response(
+                TemporaryError(
+                    f"function {fid[0]}/{fid[1]} is starting and {s.cold_queue_max_requests} "
+                    "requests already wait for it; retry after the Retry-After seconds",
+                    code="cold_queue_full",
+                    retry_after=self._retry_after,
+                    details={"cold_queue_max_requests": s.cold_queue_max_requests},
+                )
+            )
+        self.held[fid] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.cold_start_timeout_seconds
+        try:
+            while True:
+                if self.wake is not None:
+                    try:
+                        await self.wake(fid)
+                    except Exception as exc:
+                        log.warning("could not wake a function", extra={"error": str(exc)})
+                wait = min(s.wake_repeat_seconds, deadline - loop.time())
+                if wait <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.until(lambda r: _ready(r.table.get(fid))), wait)
+                state = self.table.get(fid)
+                if state is not None and state.endpoints:
+                    return state
+        finally:
+            self.held[fid] -= 1
+        return error_response(
+            TemporaryError(
+                f"function {fid[0]}/{fid[1]} has no instance ready after "
+                f"{s.cold_start_timeout_seconds:g} s; retry shortly",
+                code="no_ready_instance",
+                retry_after=1,
+            )
+        )
 
     async def _check_token(self, request: web.Request, fid: FunctionId) -> web.Response | None:
         """The refusal of a call to a protected function (401, 403 or 429), or None."""
@@ -465,6 +531,10 @@ class Router:
             return response
         finally:
             upstream.close()
+
+
+def _ready(state: DeploymentState | None) -> bool:
+    return state is not None and bool(state.endpoints)
 
 
 def _head_length(upstream: Response) -> int | None:
