@@ -128,7 +128,7 @@ class Scaling:
         key = (record.namespace, record.name)
         log.info(
             "autoscaling",
-            extra={"function": f"{key[0]}/{key[1]}", "message": decision.message},
+            extra={"function": f"{key[0]}/{key[1]}", "decision": decision.message},
         )
         self._deployer.autoscaled[key] = decision.desired
         state = await self._deployer.state(*key)
