@@ -112,7 +112,7 @@ class RunningRouter:
     namespace: str
 
     async def add_function(
-        self, name: str, endpoints: list[str] | None, *, timeout: float = 30.0
+        self, name: str, endpoints: list[str] | None, *, timeout: float = 30.0, **spec: Any
     ) -> None:
         """A function record, and (unless `endpoints` is None) its deployment state."""
         now = datetime.now(UTC)
@@ -121,7 +121,7 @@ class RunningRouter:
             name=name,
             uid=f"uid-{name}",
             generation=1,
-            spec=FunctionConfig(timeout=timeout),
+            spec=FunctionConfig(timeout=timeout, **spec),
             source=SourceRef(
                 sha256="0" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1
             ),
@@ -362,6 +362,54 @@ async def test_a_body_the_instance_read_is_never_sent_again(router: RunningRoute
         async with router.http.post(path, data=b"third") as response:  # a fresh connection
             assert response.status == 200
         assert bodies[-1] == b"third"
+
+
+@contextlib.asynccontextmanager
+async def counting_backend() -> AsyncIterator[tuple[str, list[int]]]:
+    """An instance that takes 0.2 s per request and records how many it had in flight."""
+    seen: list[int] = []
+    now = [0]
+
+    async def slow(request: web.Request) -> web.Response:
+        now[0] += 1
+        seen.append(now[0])
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            now[0] -= 1
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_requests_over_the_per_instance_concurrency_wait_for_a_slot(
+    router: RunningRouter,
+) -> None:
+    async with counting_backend() as (one, seen_one), counting_backend() as (two, seen_two):
+        await router.add_function("one-at-a-time", [one, two], concurrency=1)
+
+        async def call() -> int:
+            async with router.http.post(f"/{router.namespace}/one-at-a-time") as response:
+                return response.status
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        statuses = await asyncio.gather(*(call() for _ in range(6)))
+        took = loop.time() - started
+    assert statuses == [200] * 6
+    assert max(seen_one) == 1
+    assert max(seen_two) == 1  # never two at once on an instance: the others waited
+    assert len(seen_one) + len(seen_two) == 6
+    assert took >= 0.55  # 6 requests, 2 instances, 1 at a time, 0.2 s each
 
 
 async def test_invocations_are_counted_by_function_and_status(router: RunningRouter) -> None:

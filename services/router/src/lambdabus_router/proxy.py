@@ -121,6 +121,9 @@ class Router:
         self.autoscaled: set[FunctionId] = set()
         self.wake: Callable[[FunctionId], Awaitable[None]] | None = None
         self.held: defaultdict[FunctionId, int] = defaultdict(int)
+        # `spec.concurrency`: requests in flight per instance at most; more wait for a slot.
+        self.per_instance: dict[FunctionId, int] = {}
+        self._freed: dict[FunctionId, asyncio.Event] = {}
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -171,6 +174,7 @@ class Router:
         self._set_known(load_known(records))
         self.max_concurrency = {}
         self.autoscaled = set()
+        self.per_instance = {}
         for key, value in records:
             self._on_limit(key, value)
         if quotas is not None:
@@ -235,10 +239,15 @@ class Router:
         fid = parse_key(key)
         if fid is None:
             return
-        if autoscaled_of(value)[0]:
+        autoscaled, per_instance = autoscaled_of(value)
+        if autoscaled:
             self.autoscaled.add(fid)
         else:
             self.autoscaled.discard(fid)
+        if per_instance:
+            self.per_instance[fid] = per_instance
+        else:
+            self.per_instance.pop(fid, None)
         limit = concurrency_of(value)
         if limit is None:
             self.max_concurrency.pop(fid, None)
@@ -355,10 +364,70 @@ class Router:
         headers = [(k, v) for k, v in headers if k.lower() != _INVOCATION_LOWER]
         headers.append((INVOCATION_HEADER, request[INVOCATION_KEY]))
         timeout = state.timeout + self.settings.timeout_margin_seconds
+        per_instance = self.per_instance.get(fid, 0)
+        if per_instance:
+            return await self._within_concurrency(fid, per_instance, request, headers, body)
+        return await self._send(fid, state, request, headers, body, timeout)
+
+    async def _within_concurrency(
+        self,
+        fid: FunctionId,
+        limit: int,
+        request: web.Request,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> web.StreamResponse:
+        """Send to the least busy instance below `limit` requests in flight; while every one is
+        at it, wait (FIFO-ish: woken as one finishes) up to the function's timeout."""
+        loop = asyncio.get_running_loop()
+        state = self.table.get(fid)
+        assert state is not None
+        deadline = loop.time() + state.timeout
+        while True:
+            state = self.table.get(fid)
+            if state is not None and state.endpoints:
+                free = [e for e in state.endpoints if self.in_flight[e] < limit]
+                if free:
+                    endpoint = min(free, key=lambda e: self.in_flight[e])
+                    timeout = state.timeout + self.settings.timeout_margin_seconds
+                    try:
+                        return await self._send(
+                            fid, state, request, headers, body, timeout, endpoint
+                        )
+                    finally:
+                        freed = self._freed.pop(fid, None)
+                        if freed is not None:
+                            freed.set()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return error_response(
+                    TemporaryError(
+                        f"every instance of {fid[0]}/{fid[1]} is at its concurrency of {limit} "
+                        "requests in flight; retry shortly",
+                        code="instances_busy",
+                        retry_after=self._retry_after,
+                        details={"concurrency": limit},
+                    )
+                )
+            freed = self._freed.setdefault(fid, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), min(remaining, 1.0))
+
+    async def _send(
+        self,
+        fid: FunctionId,
+        state: DeploymentState,
+        request: web.Request,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        timeout: float,
+        endpoint: str | None = None,
+    ) -> web.StreamResponse:
         endpoints = state.endpoints
         self._counter += 1
         in_flight = self.in_flight if self._least_loaded else None
-        endpoint = pick(endpoints, self._counter, in_flight)
+        if endpoint is None:
+            endpoint = pick(endpoints, self._counter, in_flight)
         assert endpoint is not None
         retried = False
         while True:
