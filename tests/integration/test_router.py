@@ -21,6 +21,7 @@ from yarl import URL
 from lambdabus_events.models import (
     FunctionConfig,
     FunctionRecord,
+    ScaleSpec,
     SourceRef,
 )
 from lambdabus_platform.bus import Bus
@@ -29,8 +30,10 @@ from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
 from lambdabus_router.__main__ import client_max_size, make_setup
+from lambdabus_router.calls import Caller, NoReadyInstance
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
+from lambdabus_router.upstream import Upstream
 from tests.integration.routing import deploy_endpoints
 
 LIMIT = 4096
@@ -410,6 +413,56 @@ async def test_requests_over_the_per_instance_concurrency_wait_for_a_slot(
     assert max(seen_two) == 1  # never two at once on an instance: the others waited
     assert len(seen_one) + len(seen_two) == 6
     assert took >= 0.55  # 6 requests, 2 instances, 1 at a time, 0.2 s each
+
+
+async def test_a_function_at_zero_is_woken_and_its_held_request_goes_on(
+    router: RunningRouter,
+) -> None:
+    woken: list[tuple[str, str]] = []
+    async with backend("late") as late:
+
+        async def wake(fid: tuple[str, str]) -> None:
+            woken.append(fid)
+            if len(woken) == 1:  # the "deployer" starts an instance a little later
+                asyncio.get_running_loop().call_later(
+                    0.3, lambda: asyncio.ensure_future(router.deploy("sleepy", [late.url]))
+                )
+
+        router.router.wake = wake
+        await router.add_function("sleepy", None, scale=ScaleSpec(min=0, max=2))
+        fid = (router.namespace, "sleepy")
+        # An event delivery finding no instance wakes it too (and waits: no attempt).
+        caller = Caller(
+            router.router, Upstream(pool_size=1, connect_timeout=1, keepalive=1), body_limit=LIMIT
+        )
+        with pytest.raises(NoReadyInstance):
+            await caller.call(fid, "POST", "/", [], b"", timeout=1)
+        assert woken == [fid]
+        woken.clear()
+        async with router.http.post(f"/{router.namespace}/sleepy", data=b"held") as response:
+            assert response.status == 201
+            assert await response.read() == b"from late: held"
+        assert woken and set(woken) == {fid}
+
+
+async def test_requests_past_the_hold_bound_are_503_with_retry_after(
+    router: RunningRouter,
+) -> None:
+    router.router.settings.cold_queue_max_requests = 2
+    router.router.settings.cold_start_timeout_seconds = 0.5
+    router.router.wake = None
+    await router.add_function("never", None, scale=ScaleSpec(min=0, max=2))
+
+    async def call() -> tuple[int, str, str | None]:
+        async with router.http.get(f"/{router.namespace}/never") as response:
+            return response.status, await error_code(response), response.headers.get("Retry-After")
+
+    answers = await asyncio.gather(*(call() for _ in range(5)))
+    assert (
+        sorted(a[:2] for a in answers)
+        == [(503, "cold_queue_full")] * 3 + [(503, "no_ready_instance")] * 2
+    )
+    assert all(a[2] for a in answers)
 
 
 async def test_invocations_are_counted_by_function_and_status(router: RunningRouter) -> None:
