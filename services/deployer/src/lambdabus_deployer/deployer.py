@@ -61,20 +61,28 @@ class Deployer:
     async def state(self, namespace: str, name: str) -> DeploymentState | None:
         return await self._states.get(namespace, name)
 
-    def autoscaled_count(self, record: FunctionRecord, running: DesiredRevision | None) -> int:
+    async def autoscaled_count(
+        self, record: FunctionRecord, running: DesiredRevision | None
+    ) -> int:
         """The instances of a function with `spec.scale`: the autoscaler's last decision; else
-        what runs (a new leader adopting them); else `replicas` within scale.min and max."""
+        what runs, or what the deployment state says (a new leader goes on from where the last
+        one left it); else `replicas`; always within scale.min and scale.max."""
         scale = record.spec.scale
         assert scale is not None
         key = (record.namespace, record.name)
         count = self.autoscaled.get(key)
         if count is None:
+            state = await self._states.get(*key)
             if running is not None and running.uid == record.uid:
                 count = running.replicas
+            elif state is not None and state.uid == record.uid and state.phase != "stopped":
+                count = state.replicas
             else:
                 count = record.spec.replicas
-            count = min(scale.max, max(scale.min, count))
-            self.autoscaled[key] = count
+            # The autoscaler may have decided while the state was read: its count wins.
+            count = self.autoscaled.get(key, count)
+        count = min(scale.max, max(scale.min, count))
+        self.autoscaled[key] = count
         return count
 
     async def on_event(self, event: LifecycleEvent) -> None:
@@ -110,7 +118,7 @@ class Deployer:
                 await self._states.idle(namespace, name, record.generation)
                 return
             if record.spec.scale is not None and desired.uid == record.uid:
-                count = self.autoscaled_count(record, running)
+                count = await self.autoscaled_count(record, running)
                 desired = dataclasses.replace(desired, replicas=count, autoscaled=True)
             else:
                 self.autoscaled.pop((namespace, name), None)

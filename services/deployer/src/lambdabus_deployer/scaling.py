@@ -70,6 +70,7 @@ class Scaling:
         if len(parts) != 4:
             return False
         key = (parts[2], parts[3])
+        log.debug("wake request", extra={"function": f"{key[0]}/{key[1]}"})
         async with self._lock:
             if self._deployer.autoscaled.get(key) != 0:
                 return False  # running or starting already (or not autoscaled)
