@@ -175,3 +175,14 @@ def test_the_message_says_what_led_to_the_decision() -> None:
     _, decision = run(a, 0, 10, 300.0, 1)
     assert "-> 5 instances (Bounds)" in decision.message
     assert "bounded to [0, 5]" in decision.message
+
+
+def test_a_new_autoscaler_keeps_what_it_found_for_a_stable_window_unless_idle() -> None:
+    a = scaler(idle_seconds=600)  # a new leader, started at 0, finding 4 instances
+    ready, decision = run(a, 0, 59, 5.0, 4)
+    assert (ready, decision.reason) == (4, "Held")
+    ready, _ = run(a, 59, 130, 5.0, ready)
+    assert ready == 1  # ceil(5 / 10), once it saw a whole window
+    b = scaler(idle_seconds=3)
+    ready, decision = run(b, 0, 5, 0.0, 4)
+    assert (ready, decision.reason) == (0, "Idle")

@@ -11,7 +11,9 @@ concurrency its routers observe. Modelled on Knative Serving's KPA (`pkg/autosca
   whole stable window.
 - Outside panic, a scale-down takes effect only once it held for a whole stable window: the
   count applied is the highest recommended over the last stable window (Knative's
-  scale-down delay), so a lull shorter than the window keeps the instances.
+  scale-down delay), so a lull shorter than the window keeps the instances; nothing is scaled
+  down before the autoscaler observed a whole stable window (a new deployer leader keeps the
+  instances it adopted), but for idleness.
 - `min: 0`: the function scales to zero once no request came for `idle_seconds` (and none is in
   flight); a request observed while at zero wakes it at once to at least one instance.
 - Never above `max`, never below `min`.
@@ -107,8 +109,11 @@ class Autoscaler:
         while self._recommended and self._recommended[0][0] <= now - p.stable_window:
             self._recommended.popleft()
         if reason == "Stable" and wanted < ready:
-            # A scale-down only once it held for a whole stable window.
+            # A scale-down only once it held for a whole stable window; and none before this
+            # autoscaler saw a whole one (a new leader keeps what it found meanwhile).
             held = max(n for _, n in self._recommended)
+            if now - self.started < p.stable_window:
+                held = max(held, ready)
             if held > wanted:
                 wanted, reason = held, "Held"
         idle_for = now - (self.last_request if self.last_request is not None else self.started)
