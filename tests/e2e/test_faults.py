@@ -437,7 +437,7 @@ def assert_oom_killed_and_restarted(
     wait_status(platform, name, 60, status="running")
     url = invoke_url(platform, name)
     status, body, took = timed("POST", url, {"eat": True})
-    assert (status, body["error"]["code"]) == (502, "bad_gateway"), body
+    assert (status, body["error"]["code"]) == (502, "instance_disconnected"), body
     wait_for(lambda: http("POST", url, {"eat": False}) == (200, {"fine": True}), 30, "answers")
     back = time.monotonic() - start
     st = status_of(platform, name)
@@ -503,7 +503,7 @@ def test_memory_exhaustion_in_node_kills_the_instance_which_is_restarted(
     wait_status(platform, "node-hog", 60, status="running")
     url = invoke_url(platform, "node-hog")
     status, body, took = timed("POST", url, {"eat": True})
-    assert (status, body["error"]["code"]) == (502, "bad_gateway"), body
+    assert (status, body["error"]["code"]) == (502, "instance_disconnected"), body
     wait_for(lambda: http("POST", url, {"eat": False}) == (200, {"fine": True}), 30, "answers")
     back = time.monotonic() - start
     st = status_of(platform, "node-hog")

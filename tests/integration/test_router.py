@@ -21,6 +21,7 @@ from yarl import URL
 from lambdabus_events.models import (
     FunctionConfig,
     FunctionRecord,
+    ScaleSpec,
     SourceRef,
 )
 from lambdabus_platform.bus import Bus
@@ -29,8 +30,10 @@ from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
 from lambdabus_router.__main__ import client_max_size, make_setup
+from lambdabus_router.calls import Caller, NoReadyInstance
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
+from lambdabus_router.upstream import Upstream
 from tests.integration.routing import deploy_endpoints
 
 LIMIT = 4096
@@ -112,7 +115,7 @@ class RunningRouter:
     namespace: str
 
     async def add_function(
-        self, name: str, endpoints: list[str] | None, *, timeout: float = 30.0
+        self, name: str, endpoints: list[str] | None, *, timeout: float = 30.0, **spec: Any
     ) -> None:
         """A function record, and (unless `endpoints` is None) its deployment state."""
         now = datetime.now(UTC)
@@ -121,7 +124,7 @@ class RunningRouter:
             name=name,
             uid=f"uid-{name}",
             generation=1,
-            spec=FunctionConfig(timeout=timeout),
+            spec=FunctionConfig(timeout=timeout, **spec),
             source=SourceRef(
                 sha256="0" * 64, size=1, kind="inline", entrypoint="lambda_main.py", files=1
             ),
@@ -316,6 +319,151 @@ async def test_a_refused_connection_goes_to_the_other_endpoint(router: RunningRo
     async with router.http.get(f"/{router.namespace}/dead") as response:
         assert response.status == 502
         assert await error_code(response) == "bad_gateway"
+
+
+@contextlib.asynccontextmanager
+async def reads_then_drops() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An instance-like server: answers the first request on a connection, then reads the next
+    one whole (its body included) and drops the connection without answering."""
+    bodies: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for answered in (True, False):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                bodies.append(await reader.readexactly(length))
+                if answered:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", bodies
+
+
+async def test_a_body_the_instance_read_is_never_sent_again(router: RunningRouter) -> None:
+    async with reads_then_drops() as (url, bodies):
+        await router.add_function("once", [url])
+        path = f"/{router.namespace}/once"
+        async with router.http.post(path, data=b"first") as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        # The router's pooled connection now carries the second call, which the instance reads
+        # and drops: it may have run it, so it is neither resent nor given to another instance.
+        async with router.http.post(path, data=b"charge the card") as response:
+            assert response.status == 502
+            assert await error_code(response) == "instance_disconnected"
+        assert bodies == [b"first", b"charge the card"]
+        async with router.http.post(path, data=b"third") as response:  # a fresh connection
+            assert response.status == 200
+        assert bodies[-1] == b"third"
+
+
+@contextlib.asynccontextmanager
+async def counting_backend() -> AsyncIterator[tuple[str, list[int]]]:
+    """An instance that takes 0.2 s per request and records how many it had in flight."""
+    seen: list[int] = []
+    now = [0]
+
+    async def slow(request: web.Request) -> web.Response:
+        now[0] += 1
+        seen.append(now[0])
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            now[0] -= 1
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_requests_over_the_per_instance_concurrency_wait_for_a_slot(
+    router: RunningRouter,
+) -> None:
+    async with counting_backend() as (one, seen_one), counting_backend() as (two, seen_two):
+        await router.add_function("one-at-a-time", [one, two], concurrency=1)
+
+        async def call() -> int:
+            async with router.http.post(f"/{router.namespace}/one-at-a-time") as response:
+                return response.status
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        statuses = await asyncio.gather(*(call() for _ in range(6)))
+        took = loop.time() - started
+    assert statuses == [200] * 6
+    assert max(seen_one) == 1
+    assert max(seen_two) == 1  # never two at once on an instance: the others waited
+    assert len(seen_one) + len(seen_two) == 6
+    assert took >= 0.55  # 6 requests, 2 instances, 1 at a time, 0.2 s each
+
+
+async def test_a_function_at_zero_is_woken_and_its_held_request_goes_on(
+    router: RunningRouter,
+) -> None:
+    woken: list[tuple[str, str]] = []
+    async with backend("late") as late:
+
+        async def wake(fid: tuple[str, str]) -> None:
+            woken.append(fid)
+            if len(woken) == 1:  # the "deployer" starts an instance a little later
+                asyncio.get_running_loop().call_later(
+                    0.3, lambda: asyncio.ensure_future(router.deploy("sleepy", [late.url]))
+                )
+
+        router.router.wake = wake
+        await router.add_function("sleepy", None, scale=ScaleSpec(min=0, max=2))
+        fid = (router.namespace, "sleepy")
+        # An event delivery finding no instance wakes it too (and waits: no attempt).
+        caller = Caller(
+            router.router, Upstream(pool_size=1, connect_timeout=1, keepalive=1), body_limit=LIMIT
+        )
+        with pytest.raises(NoReadyInstance):
+            await caller.call(fid, "POST", "/", [], b"", timeout=1)
+        assert woken == [fid]
+        woken.clear()
+        async with router.http.post(f"/{router.namespace}/sleepy", data=b"held") as response:
+            assert response.status == 201
+            assert await response.read() == b"from late: held"
+        assert woken
+        assert set(woken) == {fid}
+
+
+async def test_requests_past_the_hold_bound_are_503_with_retry_after(
+    router: RunningRouter,
+) -> None:
+    router.router.settings.cold_queue_max_requests = 2
+    router.router.settings.cold_start_timeout_seconds = 0.5
+    router.router.wake = None
+    await router.add_function("never", None, scale=ScaleSpec(min=0, max=2))
+
+    async def call() -> tuple[int, str, str | None]:
+        async with router.http.get(f"/{router.namespace}/never") as response:
+            return response.status, await error_code(response), response.headers.get("Retry-After")
+
+    answers = await asyncio.gather(*(call() for _ in range(5)))
+    assert (
+        sorted(a[:2] for a in answers)
+        == [(503, "cold_queue_full")] * 3 + [(503, "no_ready_instance")] * 2
+    )
+    assert all(a[2] for a in answers)
 
 
 async def test_invocations_are_counted_by_function_and_status(router: RunningRouter) -> None:

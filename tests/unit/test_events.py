@@ -32,6 +32,7 @@ from lambdabus_events.catalog import (
     DeploymentFailed,
     DeploymentReady,
     DeploymentScaled,
+    DeploymentScaledData,
     DeploymentStarted,
     DeploymentStopped,
     FunctionCreated,
@@ -67,6 +68,15 @@ _SOURCE = SourceRef(sha256="ab" * 32, size=1234, kind="archive", entrypoint="han
 _SPEC = FunctionConfig(runtime="nodejs20", env={"GREETING": "hé / 100%"}, memory=1024)
 _BUILD: dict[str, Any] = {**_REF, "source_sha256": "ab" * 32, "runtime": "python3.11"}
 _DEPLOY = DeploymentData(**_REF, replicas=2, ready_replicas=1, reason="Scaling", message="1 of 2")
+_SCALED = DeploymentScaledData(
+    **_REF,
+    replicas=4,
+    ready_replicas=1,
+    reason="Panic",
+    message="1 -> 4 instances (Panic)",
+    from_replicas=1,
+    to_replicas=4,
+)
 _TRIGGER = TriggerData(
     namespace="team-a", name="on-upload", function="hello", filter={"type": "com.example.up"}
 )
@@ -108,7 +118,7 @@ SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
     DeploymentStarted: ("deployer", _DEPLOY),
     DeploymentReady: ("deployer", _DEPLOY),
     DeploymentFailed: ("deployer", _DEPLOY),
-    DeploymentScaled: ("deployer", _DEPLOY),
+    DeploymentScaled: ("deployer", _SCALED),
     DeploymentStopped: ("deployer", _DEPLOY),
     TriggerCreated: ("gateway", _TRIGGER),
     TriggerDeleted: ("gateway", _TRIGGER),

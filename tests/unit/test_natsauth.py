@@ -156,3 +156,15 @@ def test_an_inbox_prefix_with_wildcards_is_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("LAMBDABUS_NATS_INBOX_PREFIX", "_INBOX.>")
     with pytest.raises(ValidationError):
         NatsSettings()
+
+
+def test_autoscaling_rights_routers_report_and_wake_the_deployer_listens() -> None:
+    router, deployer = permissions("router"), permissions("deployer")
+    assert "$KV.function-load.>" in router.publish
+    assert "lambdabus.wake.>" in router.publish
+    assert "lambdabus.wake.>" in deployer.subscribe
+    assert "$JS.API.DIRECT.GET.KV_function-load.>" in deployer.publish
+    assert "$KV.function-load.>" not in deployer.publish  # it reads the samples only
+    assert not deployer.allow_responses  # it answers no wake request
+    others = [u for u in USERS if u != "deployer"]
+    assert not any("lambdabus.wake.>" in permissions(u).subscribe for u in others)

@@ -16,10 +16,12 @@ from lambdabus_router.upstream import (
     ConnectFailed,
     Disconnected,
     InvalidResponse,
+    NotRetried,
     Response,
     Upstream,
     parse_response_head,
     render_request,
+    resendable,
 )
 
 # -- rendering a request ----------------------------------------------------------------------
@@ -437,25 +439,57 @@ async def test_connection_close_is_honoured() -> None:
         assert me.accepted == 2
 
 
-async def test_a_pooled_connection_closed_meanwhile_is_retried_on_a_fresh_one() -> None:
+def closes_the_second_request_unanswered() -> Script:
+    """Answer the first request; read the second on the same connection and drop it (an idle
+    close racing the request, or an instance that read it and died); answer on later ones."""
+
     async def script(
         me: Instance, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         await read_request(reader, me)
         writer.write(OK)
         if n == 0:
-            # The second request arrives as the instance drops the idle connection.
             await read_request(reader, me)
             return
         while await read_request(reader, me):
             writer.write(OK)
 
-    async with instance(script) as me, client() as upstream:
+    return script
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "TRACE"])
+async def test_a_safe_request_on_a_pooled_connection_closed_meanwhile_is_resent(
+    method: str,
+) -> None:
+    async with instance(closes_the_second_request_unanswered()) as me, client() as upstream:
         assert (await call(upstream, me.url)).body == b"hello"
-        response = await call(upstream, me.url, "POST", b"not idempotent, yet safe to resend")
-        assert response.body == b"hello"
+        response = await call(upstream, me.url, method, b"")
+        assert response.status == 200
         assert me.accepted == 2
-        assert [r.endswith(b"resend") for r in me.requests] == [False, True, True]
+        assert [r.split(b" ", 1)[0].decode() for r in me.requests] == ["POST", method, method]
+
+
+@pytest.mark.parametrize(
+    ("method", "body"), [("POST", b"charge the card"), ("PUT", b""), ("DELETE", b""), ("GET", b"x")]
+)
+async def test_a_request_the_instance_may_have_read_is_never_sent_again(
+    method: str, body: bytes
+) -> None:
+    async with instance(closes_the_second_request_unanswered()) as me, client() as upstream:
+        assert (await call(upstream, me.url)).body == b"hello"
+        with pytest.raises(NotRetried):
+            await call(upstream, me.url, method, body)
+        assert me.accepted == 1
+        assert len(me.requests) == 2  # the instance read it once, and only once
+        assert me.requests[1].endswith(body)
+
+
+def test_only_safe_bodyless_requests_are_resendable() -> None:
+    assert resendable("GET", b"")
+    assert resendable("HEAD", b"")
+    assert not resendable("GET", b"a body")
+    assert not resendable("POST", b"")
+    assert not resendable("PATCH", b"")
 
 
 async def test_a_fresh_connection_closed_without_an_answer_is_not_retried() -> None:

@@ -19,6 +19,7 @@ from lambdabus_events.models import (
     EnvName,
     FunctionConfig,
     Runtime,
+    ScaleSpec,
     SecretKeyName,
     SecretKeyRef,
     SourceRef,
@@ -89,6 +90,9 @@ class FunctionSpecSummary(_Data):
     build_resources: BuildResources | None = None
     preset_overrides: list[str] = Field(default_factory=list)
     # -- end of Kyma presets
+    # -- autoscaling (issue 11)
+    scale: ScaleSpec | None = None
+    concurrency: int = 0
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:
@@ -161,6 +165,16 @@ class DeploymentData(FunctionRef):
     ready_replicas: int = Field(ge=0)
     reason: str = ""
     message: str = ""
+
+
+class DeploymentScaledData(DeploymentData):
+    """`deployment.scaled`: `replicas` is the new count. The autoscaler's decisions also say
+    the count it scaled from and to (`reason` is then Panic, Stable, Held, Idle, Woken or
+    Bounds, and `message` the values that led to it); a change of `replicas` in the spec, or
+    reaching a count, leaves them out."""
+
+    from_replicas: int | None = Field(default=None, ge=0)
+    to_replicas: int | None = Field(default=None, ge=0)
 
 
 class TriggerData(_Data):
@@ -307,7 +321,7 @@ class DeploymentFailed(LifecycleEvent):
 class DeploymentScaled(LifecycleEvent):
     EVENT_TYPE: ClassVar[str] = "io.lambdabus.deployment.scaled"
     type: Literal["io.lambdabus.deployment.scaled"] = "io.lambdabus.deployment.scaled"
-    data: DeploymentData
+    data: DeploymentScaledData
 
 
 class DeploymentStopped(LifecycleEvent):

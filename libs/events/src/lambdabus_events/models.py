@@ -168,6 +168,27 @@ class BuildResources(_Strict):
         return self
 
 
+class ScaleSpec(_Strict):
+    """Autoscaling on concurrency (Knative's KPA): between `min` and `max` instances, aiming at
+    `target` requests in flight per instance; `min: 0` scales to zero after `idle_seconds`
+    without a request."""
+
+    min: int = Field(default=0, ge=0, le=64, description="fewest instances (0: scale to zero)")
+    max: int = Field(default=10, ge=1, le=64, description="most instances")
+    target: float = Field(
+        default=10.0, gt=0, le=10_000, description="requests in flight per instance aimed at"
+    )
+    idle_seconds: float = Field(
+        default=60.0, ge=1, le=86_400, description="without a request, then scaled to `min`"
+    )
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ScaleSpec:
+        if self.min > self.max:
+            raise ValueError(f"scale.min ({self.min}) is more than scale.max ({self.max})")
+        return self
+
+
 class FunctionConfig(_HandlerAndLabels):
     """What a user may set on a function besides its name and source."""
 
@@ -214,6 +235,21 @@ class FunctionConfig(_HandlerAndLabels):
         if problem:
             raise ValueError(problem)
         return self
+
+    # -- autoscaling (issue 11): with `scale`, the deployer's autoscaler sets the instances
+    # between scale.min and scale.max (`replicas` is only the count it starts from); without
+    # it, `replicas` is a fixed count. `min_replicas`/`max_replicas` (Kyma's presets) do not
+    # scale anything. `concurrency` is per instance; `max_concurrency` is per function.
+    scale: ScaleSpec | None = Field(
+        default=None, description="autoscaling on concurrency; absent: `replicas` is fixed"
+    )
+    concurrency: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="requests in flight per instance at most (0: no limit); more wait in "
+        "the router",
+    )
 
     # -- Kyma presets (lambdabus_events.presets): the fields each governs are filled from it
     # unless set explicitly; `preset_overrides` records which were.
@@ -264,7 +300,7 @@ class FunctionConfig(_HandlerAndLabels):
                 f"min_replicas ({self.min_replicas}) is more than max_replicas "
                 f"({self.max_replicas})"
             )
-        if self.replicas > self.max_replicas:
+        if self.scale is None and self.replicas > self.max_replicas:
             raise ValueError(
                 f"replicas ({self.replicas}) is more than max_replicas ({self.max_replicas}); "
                 "raise max_replicas or choose a larger replicas_preset"

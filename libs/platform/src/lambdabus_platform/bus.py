@@ -14,7 +14,7 @@ import logging
 import ssl
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -41,6 +41,8 @@ from lambdabus_platform.groupcommit import GroupCommit
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import (
     ARTIFACTS_BUCKET,
+    FUNCTION_LOAD_BUCKET,
+    FUNCTION_LOAD_TTL_SECONDS,
     KV_BUCKETS,
     NO_HISTORY_BUCKETS,
     REPLICAS_BUCKET,
@@ -335,6 +337,16 @@ class Bus:
             )
         )
         self._kv[REPLICAS_BUCKET] = Kv(heartbeats)
+        load = await self._js.create_key_value(
+            api.KeyValueConfig(
+                bucket=FUNCTION_LOAD_BUCKET,
+                history=1,
+                ttl=FUNCTION_LOAD_TTL_SECONDS,
+                storage=api.StorageType.MEMORY,
+                replicas=s.replicas,
+            )
+        )
+        self._kv[FUNCTION_LOAD_BUCKET] = Kv(load)
         if object_bucket is not None:
             self._objects = await self._js.create_object_store(
                 object_bucket,
@@ -622,6 +634,26 @@ class Bus:
         """Fire-and-forget publish (the stream still stores it): for high-volume log lines,
         where waiting for an ack per line would cost more than a lost line."""
         await self._nc.publish(subject, payload)
+
+    @contextlib.asynccontextmanager
+    async def listening(
+        self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]
+    ) -> AsyncIterator[None]:
+        """A core NATS subscription for the block (no queue group: every subscriber hears
+        every message); `handler(subject, payload)`, whose errors are logged."""
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                await handler(msg.subject, bytes(msg.data))
+            except Exception:
+                log.exception("handling a message failed", extra={"subject": msg.subject})
+
+        sub = await self._nc.subscribe(subject, cb=on_message)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def request(self, subject: str, payload: bytes, *, timeout: float | None = None) -> bytes:
         """Core NATS request/reply between services."""

@@ -26,6 +26,7 @@ from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
     DLQ_PREFIX,
     EVENT_TYPE_PREFIX,
+    FUNCTION_LOAD_BUCKET,
     FUNCTION_METRICS_BUCKET,
     FUNCTIONS_BUCKET,
     INVOCATIONS_BUCKET,
@@ -39,6 +40,7 @@ from lambdabus_platform.subjects import (
     SCHEDULE_TICKS_BUCKET,
     SCHEDULES_BUCKET,
     TRIGGERS_BUCKET,
+    WAKE_PREFIX,
 )
 
 # Buckets of other parts of issue 7, granted here by name (their code declares them).
@@ -70,6 +72,8 @@ class Access:
     publish: tuple[str, ...] = ()  # stream subjects it publishes to (patterns)
     request: tuple[str, ...] = ()  # request/reply subjects it calls
     serve: tuple[str, ...] = ()  # request/reply subjects it answers (queue subscriptions)
+    listen: tuple[str, ...] = ()  # core subjects it subscribes to, answering nothing
+    notify: tuple[str, ...] = ()  # core subjects it publishes to, expecting no answer
     kv_read: tuple[str, ...] = ()
     kv_write: tuple[str, ...] = ()  # implies read
     # Buckets it writes only its own keys of, `<user>.<id>` (heartbeats), without reading.
@@ -130,15 +134,27 @@ ACCESS: Final[Mapping[str, Access]] = {
         publish=(f"{LOGS_PREFIX}.runtime.>",),
         kv_write=(DEPLOYMENTS_BUCKET, LEASES_BUCKET),
         # quotas: per-namespace numbers (max instances), nothing secret
-        kv_read=(FUNCTIONS_BUCKET, BUILDS_BUCKET, SECRETS_BUCKET, QUOTAS_BUCKET),
+        kv_read=(
+            FUNCTIONS_BUCKET,
+            BUILDS_BUCKET,
+            SECRETS_BUCKET,
+            QUOTAS_BUCKET,
+            FUNCTION_LOAD_BUCKET,  # autoscaling: the routers' load samples
+        ),
         durables={"LIFECYCLE": ("deployer-builds", "deployer-functions")},
+        listen=(f"{WAKE_PREFIX}.>",),  # scale from zero: the routers' wake requests
     ),
     "router": Access(
         "router",
         kv_write_own=(REPLICAS_BUCKET,),
         lifecycle=("delivery",),
         publish=(f"{EVENT_TYPE_PREFIX}.>", f"{DLQ_PREFIX}.>"),
-        kv_write=(INVOCATIONS_BUCKET, SCHEDULE_TICKS_BUCKET, FUNCTION_METRICS_BUCKET),
+        kv_write=(
+            INVOCATIONS_BUCKET,
+            SCHEDULE_TICKS_BUCKET,
+            FUNCTION_METRICS_BUCKET,
+            FUNCTION_LOAD_BUCKET,  # autoscaling: its load samples, `<ns>.<fn>.<router id>`
+        ),
         kv_read=(
             DEPLOYMENTS_BUCKET,
             FUNCTIONS_BUCKET,
@@ -149,6 +165,7 @@ ACCESS: Final[Mapping[str, Access]] = {
         ),
         durables={"EVENTS": (ANY,)},
         list_consumers=("EVENTS",),
+        notify=(f"{WAKE_PREFIX}.>",),  # scale from zero: wake a function
     ),
     "logs": Access(
         "logs",
@@ -232,7 +249,9 @@ def permissions(user: str, accesses: Mapping[str, Access] = ACCESS) -> Permissio
     pub += [f"{LIFECYCLE_PREFIX}.{entity}.>" for entity in access.lifecycle]
     pub += access.publish
     pub += access.request
+    pub += access.notify
     sub += access.serve
+    sub += access.listen
 
     for bucket in _unique((*access.kv_write, *access.kv_read)):
         stream = f"KV_{bucket}"

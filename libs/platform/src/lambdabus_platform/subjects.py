@@ -35,6 +35,14 @@ STREAMS: tuple[StreamSpec, ...] = (
 
 # Request/reply subjects: outside every stream's subjects, so they are never stored.
 LOGS_QUERY_SUBJECT = "lambdabus.rpc.logs.query"
+# Scale from zero: a router holding a request for a function without an instance publishes
+# `lambdabus.wake.<ns>.<fn>` (core NATS, no payload); the deployer leader wakes the function.
+WAKE_PREFIX = "lambdabus.wake"
+
+
+def wake_subject(namespace: str, name: str) -> str:
+    return f"{WAKE_PREFIX}.{'.'.join(_checked(namespace, name))}"
+
 
 # KV buckets, each owned by one service and read by others.
 FUNCTIONS_BUCKET = "functions"  # gateway
@@ -70,6 +78,11 @@ KV_BUCKETS: tuple[str, ...] = (
 # gateway reads them. Declared apart from KV_BUCKETS: in memory, entries expire (see replicas.py).
 REPLICAS_BUCKET = "replicas"
 REPLICAS_TTL_SECONDS = 60.0  # the bucket's max age: a killed replica's last beat goes
+# Load samples (`<ns>.<fn>.<router id>` → `load.LoadSample`): each router writes its requests
+# in flight per function every second, the deployer leader's autoscaler reads them. In memory,
+# entries expire: a router gone stops counting.
+FUNCTION_LOAD_BUCKET = "function-load"
+FUNCTION_LOAD_TTL_SECONDS = 30.0
 # Buckets that keep no history: an old value (a replaced secret) must not stay readable.
 NO_HISTORY_BUCKETS = frozenset({SECRETS_BUCKET})
 # Object store bucket of the NATS artifact store backend.

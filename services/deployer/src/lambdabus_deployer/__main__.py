@@ -23,6 +23,7 @@ from lambdabus_deployer.logship import open_log_shipper
 from lambdabus_deployer.metrics import DeployerMetrics
 from lambdabus_deployer.plan import use_key_salt
 from lambdabus_deployer.runtime import locate_runtime
+from lambdabus_deployer.scaling import Scaling
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
 from lambdabus_events.catalog import LifecycleEvent
@@ -37,7 +38,7 @@ from lambdabus_platform.service import (
     run,
     subscribe_lifecycle,
 )
-from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET
+from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET, WAKE_PREFIX
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -124,6 +125,18 @@ def make_setup(settings: DeployerSettings) -> Setup:
                         secrets=secrets,
                         after_first_pass=backend.collect_orphans,
                     )
+                    scaling = Scaling(
+                        ctx.bus,
+                        deployer,
+                        tick=settings.autoscale_tick_seconds,
+                        stable_window=settings.autoscale_stable_window_seconds,
+                        panic_window=settings.autoscale_panic_window_seconds,
+                        sample_max_age=settings.autoscale_sample_max_age_seconds,
+                    )
+
+                    async def wake(subject: str, payload: bytes) -> None:
+                        await scaling.wake(subject, payload)
+
                     tasks = [
                         asyncio.create_task(
                             deployer.reconcile_forever(settings.reconcile_interval)
@@ -131,10 +144,12 @@ def make_setup(settings: DeployerSettings) -> Setup:
                         asyncio.create_task(
                             _watch_secrets(deployer, ctx, settings.reconcile_interval)
                         ),
+                        asyncio.create_task(scaling.run()),
                     ]
                     leader.deployer = deployer
                     try:
-                        await elector.lost.wait()
+                        async with ctx.bus.listening(f"{WAKE_PREFIX}.>", wake):
+                            await elector.lost.wait()
                     finally:
                         leader.deployer = None
                         for task in tasks:

@@ -6,6 +6,7 @@ so a lost or duplicated event never leaves a function stuck. Every step is idemp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from lambdabus_deployer.backend import DeployBackend
 from lambdabus_deployer.plan import (
     SECRET_UNREADABLE,
+    DesiredRevision,
     Failure,
     ResolvedSecrets,
     desired_instances,
@@ -25,7 +27,7 @@ from lambdabus_events.catalog import (
     FunctionUpdated,
     LifecycleEvent,
 )
-from lambdabus_events.models import BuildState, FunctionRecord
+from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_platform.bus import Bus, KvEntry
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.secretbox import SecretKeyError
@@ -53,6 +55,35 @@ class Deployer:
         self._functions = Registry(bus.kv(FUNCTIONS_BUCKET), FunctionRecord)
         self._builds = Registry(bus.kv(BUILDS_BUCKET), BuildState)
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Instances the autoscaler wants, per function with `spec.scale` (see `scaling`).
+        self.autoscaled: dict[Key, int] = {}
+
+    async def state(self, namespace: str, name: str) -> DeploymentState | None:
+        return await self._states.get(namespace, name)
+
+    async def autoscaled_count(
+        self, record: FunctionRecord, running: DesiredRevision | None
+    ) -> int:
+        """The instances of a function with `spec.scale`: the autoscaler's last decision; else
+        what runs, or what the deployment state says (a new leader goes on from where the last
+        one left it); else `replicas`; always within scale.min and scale.max."""
+        scale = record.spec.scale
+        assert scale is not None
+        key = (record.namespace, record.name)
+        count = self.autoscaled.get(key)
+        if count is None:
+            state = await self._states.get(*key)
+            if running is not None and running.uid == record.uid:
+                count = running.replicas
+            elif state is not None and state.uid == record.uid and state.phase != "stopped":
+                count = state.replicas
+            else:
+                count = record.spec.replicas
+            # The autoscaler may have decided while the state was read: its count wins.
+            count = self.autoscaled.get(key, count)
+        count = min(scale.max, max(scale.min, count))
+        self.autoscaled[key] = count
+        return count
 
     async def on_event(self, event: LifecycleEvent) -> None:
         """build.succeeded, function.updated / deleted: converge that function on its records."""
@@ -86,6 +117,11 @@ class Deployer:
             if desired is None:
                 await self._states.idle(namespace, name, record.generation)
                 return
+            if record.spec.scale is not None and desired.uid == record.uid:
+                count = await self.autoscaled_count(record, running)
+                desired = dataclasses.replace(desired, replicas=count, autoscaled=True)
+            else:
+                self.autoscaled.pop((namespace, name), None)
             if running is None:
                 current = await self._states.get(namespace, name)
                 if (
@@ -152,6 +188,7 @@ class Deployer:
         ):
             return
         log.info("stopping a deleted function", extra={"namespace": namespace, "function": name})
+        self.autoscaled.pop((namespace, name), None)
         await self._states.withdraw(namespace, name)
         await self._backend.remove(namespace, name)
         await self._states.forget(namespace, name)

@@ -19,6 +19,7 @@ from lambdabus_events.catalog import (
     DeploymentFailed,
     DeploymentReady,
     DeploymentScaled,
+    DeploymentScaledData,
     DeploymentStarted,
     DeploymentStopped,
     LifecycleEvent,
@@ -96,6 +97,9 @@ class DesiredRevision:
     )
     secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     command: tuple[str, ...] = ()  # runtime custom: the program and its arguments
+    # `spec.scale` is set: `replicas` is the autoscaler's (its own deployment.scaled events say
+    # from, to and why; the state's phase changes to `scaled` announce nothing more).
+    autoscaled: bool = False
 
     @property
     def function(self) -> str:
@@ -631,6 +635,8 @@ def next_deployment_state(
     if previous is not None and _same(previous, state):
         return Decision(previous, write=False, event=None)
     event = deployment_event(state) if _transition(previous, state) else None
+    if rev.autoscaled and phase == "scaled":
+        event = None  # the autoscaler announced it, with from, to and why
     return Decision(state, write=True, event=event)
 
 
@@ -741,7 +747,8 @@ def event_key(state: DeploymentState) -> str:
 
 
 def deployment_event(state: DeploymentState) -> LifecycleEvent:
-    data = DeploymentData(
+    data_class = DeploymentScaledData if state.phase == "scaled" else DeploymentData
+    data = data_class(
         namespace=state.namespace,
         name=state.name,
         uid=state.uid,

@@ -96,6 +96,21 @@ class DeployerSettings(ServiceSettings):
     reconcile_interval: float = Field(
         default=10.0, gt=0, description="seconds between comparing instances with the registry"
     )
+    # -- autoscaling (issue 11): functions with `scale`
+    autoscale_tick_seconds: float = Field(
+        default=1.0, gt=0, le=10, description="seconds between the autoscaler's decisions"
+    )
+    autoscale_stable_window_seconds: float = Field(
+        default=60.0, ge=6, le=3600, description="the autoscaler's stable window (Knative's 60 s)"
+    )
+    autoscale_panic_window_seconds: float = Field(
+        default=6.0, ge=1, le=600, description="the autoscaler's panic window (Knative's 6 s)"
+    )
+    autoscale_sample_max_age_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="a router's load sample older than this counts no more (a router gone)",
+    )
     log_line_max_bytes: int = Field(
         default=16384, ge=256, description="a longer line of a function is cut"
     )

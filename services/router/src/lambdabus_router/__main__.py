@@ -15,14 +15,17 @@ from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.service import ServiceContext, Setup, run
 from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
+    FUNCTION_LOAD_BUCKET,
     FUNCTION_METRICS_BUCKET,
     FUNCTIONS_BUCKET,
     QUOTAS_BUCKET,
     TOKENS_BUCKET,
+    wake_subject,
 )
 from lambdabus_platform.tokens import FailureLimiter
 from lambdabus_platform.tokenstore import TokenStore
 from lambdabus_router.dispatch import Dispatch, dispatching
+from lambdabus_router.load import LoadReporter
 from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
 from lambdabus_router.settings import RouterSettings
@@ -52,9 +55,22 @@ def make_setup(
             ctx.bus.kv(FUNCTION_METRICS_BUCKET), interval=settings.stats_publish_seconds
         )
         router.stats = stats
+        load = LoadReporter(
+            ctx.bus.kv(FUNCTION_LOAD_BUCKET),
+            lambda: router.active.items(),
+            sample=settings.load_sample_seconds,
+            publish=settings.load_publish_seconds,
+        )
+        router.load = load
+
+        async def wake(fid: tuple[str, str]) -> None:
+            await ctx.bus.publish_nowait(wake_subject(*fid), b"")
+
+        router.wake = wake
         async with (
             tokens.watching(),
             stats.running(),
+            load.running(),
             router.running(
                 ctx.bus.kv(DEPLOYMENTS_BUCKET),
                 ctx.bus.kv(FUNCTIONS_BUCKET),

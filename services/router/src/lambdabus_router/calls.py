@@ -7,6 +7,7 @@ error that kept one from coming back.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 from lambdabus_router.plan import ErrorKind
@@ -15,6 +16,8 @@ from lambdabus_router.table import FunctionId, pick
 from lambdabus_router.upstream import ConnectFailed, Upstream, UpstreamError
 
 Headers = list[tuple[str, str]]
+
+log = logging.getLogger("lambdabus.router.calls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,13 @@ class Caller:
         in_flight = self._router.in_flight
         endpoint = pick(endpoints, counter, in_flight)
         if endpoint is None:
+            wake = self._router.wake
+            if wake is not None and fid in self._router.autoscaled:
+                # Scaled to zero: wake it; the delivery waits and comes back (no attempt).
+                try:
+                    await wake(fid)
+                except Exception as exc:
+                    log.warning("could not wake a function", extra={"error": str(exc)})
             raise NoReadyInstance(f"{fid[0]}/{fid[1]} has no ready instance")
         tried_another = False
         while True:

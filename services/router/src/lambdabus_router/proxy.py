@@ -4,7 +4,8 @@ The request goes out as it came (method, raw path and query, end-to-end headers 
 `X-Forwarded-*`, body) over a pooled keep-alive connection of the router's own HTTP/1.1 client
 (`upstream`); the response comes back the same way. The body is buffered up to
 `max_body_bytes`, so a connection refused by one instance can be retried on another: nothing of
-the request reached the first one.
+the request reached the first one. Nothing else is ever retried: an instance that closed the
+connection after the request went out may have run it (502 `instance_disconnected`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from lambdabus_events.models import DeploymentState
 from lambdabus_events.names import label_problem
 from lambdabus_platform.bus import Kv
 from lambdabus_platform.errors import (
@@ -40,6 +42,7 @@ from lambdabus_platform.httpauth import (
 from lambdabus_platform.service import error_response
 from lambdabus_platform.tokens import Action
 from lambdabus_router.headers import request_headers, response_headers
+from lambdabus_router.load import LoadReporter
 from lambdabus_router.metrics import InvocationMetrics
 from lambdabus_router.settings import RouterSettings
 from lambdabus_router.stats import CallStats
@@ -49,6 +52,7 @@ from lambdabus_router.table import (
     apply,
     apply_known,
     apply_protected,
+    autoscaled_of,
     concurrency_of,
     load,
     load_known,
@@ -57,7 +61,13 @@ from lambdabus_router.table import (
     pick,
     quota_concurrency,
 )
-from lambdabus_router.upstream import ConnectFailed, Response, Upstream, UpstreamError
+from lambdabus_router.upstream import (
+    ConnectFailed,
+    Disconnected,
+    Response,
+    Upstream,
+    UpstreamError,
+)
 
 log = logging.getLogger("lambdabus.router")
 
@@ -105,6 +115,15 @@ class Router:
         self.namespace_active: defaultdict[str, int] = defaultdict(int)
         self._retry_after = settings.busy_retry_after_seconds
         self.stats: CallStats | None = None  # per-function statistics, when published
+        self.load: LoadReporter | None = None  # the autoscaler's input, when published
+        # Scale from zero: functions with `spec.scale`, whose requests are held while no
+        # instance runs (at most `cold_queue_max_requests` each) and who are woken by `wake`.
+        self.autoscaled: set[FunctionId] = set()
+        self.wake: Callable[[FunctionId], Awaitable[None]] | None = None
+        self.held: defaultdict[FunctionId, int] = defaultdict(int)
+        # `spec.concurrency`: requests in flight per instance at most; more wait for a slot.
+        self.per_instance: dict[FunctionId, int] = {}
+        self._freed: dict[FunctionId, asyncio.Event] = {}
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -154,6 +173,8 @@ class Router:
         self.protected = load_protected(records)
         self._set_known(load_known(records))
         self.max_concurrency = {}
+        self.autoscaled = set()
+        self.per_instance = {}
         for key, value in records:
             self._on_limit(key, value)
         if quotas is not None:
@@ -218,6 +239,15 @@ class Router:
         fid = parse_key(key)
         if fid is None:
             return
+        autoscaled, per_instance = autoscaled_of(value)
+        if autoscaled:
+            self.autoscaled.add(fid)
+        else:
+            self.autoscaled.discard(fid)
+        if per_instance:
+            self.per_instance[fid] = per_instance
+        else:
+            self.per_instance.pop(fid, None)
         limit = concurrency_of(value)
         if limit is None:
             self.max_concurrency.pop(fid, None)
@@ -272,6 +302,8 @@ class Router:
     async def _admitted(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
         """`_invoke` within the function's `max_concurrency` and its namespace's quota of
         concurrent invocations; beyond either, 429 with Retry-After at once. O(1)."""
+        if self.load is not None:
+            self.load.arrived(fid)  # demand, admitted or not: the autoscaler's input
         active = self.active[fid]
         limit = self.max_concurrency.get(fid)
         if limit is not None and active >= limit:
@@ -294,6 +326,11 @@ class Router:
             return error_response(_unknown(fid))
         protected = fid in self.protected  # its token was checked in `handle`
         state = self.table.get(fid)
+        if (state is None or not state.endpoints) and fid in self.autoscaled:
+            held = await self._hold(fid)
+            if isinstance(held, web.Response):
+                return held
+            state = held
         if state is None or not state.endpoints:
             return error_response(
                 TemporaryError(
@@ -327,10 +364,70 @@ class Router:
         headers = [(k, v) for k, v in headers if k.lower() != _INVOCATION_LOWER]
         headers.append((INVOCATION_HEADER, request[INVOCATION_KEY]))
         timeout = state.timeout + self.settings.timeout_margin_seconds
+        per_instance = self.per_instance.get(fid, 0)
+        if per_instance:
+            return await self._within_concurrency(fid, per_instance, request, headers, body)
+        return await self._send(fid, state, request, headers, body, timeout)
+
+    async def _within_concurrency(
+        self,
+        fid: FunctionId,
+        limit: int,
+        request: web.Request,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> web.StreamResponse:
+        """Send to the least busy instance below `limit` requests in flight; while every one is
+        at it, wait (FIFO-ish: woken as one finishes) up to the function's timeout."""
+        loop = asyncio.get_running_loop()
+        state = self.table.get(fid)
+        assert state is not None
+        deadline = loop.time() + state.timeout
+        while True:
+            state = self.table.get(fid)
+            if state is not None and state.endpoints:
+                free = [e for e in state.endpoints if self.in_flight[e] < limit]
+                if free:
+                    endpoint = min(free, key=lambda e: self.in_flight[e])
+                    timeout = state.timeout + self.settings.timeout_margin_seconds
+                    try:
+                        return await self._send(
+                            fid, state, request, headers, body, timeout, endpoint
+                        )
+                    finally:
+                        freed = self._freed.pop(fid, None)
+                        if freed is not None:
+                            freed.set()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return error_response(
+                    TemporaryError(
+                        f"every instance of {fid[0]}/{fid[1]} is at its concurrency of {limit} "
+                        "requests in flight; retry shortly",
+                        code="instances_busy",
+                        retry_after=self._retry_after,
+                        details={"concurrency": limit},
+                    )
+                )
+            freed = self._freed.setdefault(fid, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), min(remaining, 1.0))
+
+    async def _send(
+        self,
+        fid: FunctionId,
+        state: DeploymentState,
+        request: web.Request,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        timeout: float,
+        endpoint: str | None = None,
+    ) -> web.StreamResponse:
         endpoints = state.endpoints
         self._counter += 1
         in_flight = self.in_flight if self._least_loaded else None
-        endpoint = pick(endpoints, self._counter, in_flight)
+        if endpoint is None:
+            endpoint = pick(endpoints, self._counter, in_flight)
         assert endpoint is not None
         retried = False
         while True:
@@ -357,8 +454,55 @@ class Router:
                         details={"timeout": state.timeout},
                     )
                 )
+            except Disconnected as exc:
+                return _disconnected(fid, exc)
             except UpstreamError as exc:
                 return _bad_gateway(fid, exc)
+
+    async def _hold(self, fid: FunctionId) -> DeploymentState | web.Response:
+        """Hold a request for a function with no instance (scaled to zero, or starting) until
+        one is ready: the function is woken (again every `wake_repeat_seconds`), and the request
+        goes on the moment the router sees an endpoint. Beyond `cold_queue_max_requests` held,
+        503 `cold_queue_full` with Retry-After at once."""
+        s = self.settings
+        if self.held[fid] >= s.cold_queue_max_requests:
+            return error_response(
+                TemporaryError(
+                    f"function {fid[0]}/{fid[1]} is starting and {s.cold_queue_max_requests} "
+                    "requests already wait for it; retry after the Retry-After seconds",
+                    code="cold_queue_full",
+                    retry_after=self._retry_after,
+                    details={"cold_queue_max_requests": s.cold_queue_max_requests},
+                )
+            )
+        self.held[fid] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.cold_start_timeout_seconds
+        try:
+            while True:
+                if self.wake is not None:
+                    try:
+                        await self.wake(fid)
+                    except Exception as exc:
+                        log.warning("could not wake a function", extra={"error": str(exc)})
+                wait = min(s.wake_repeat_seconds, deadline - loop.time())
+                if wait <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.until(lambda r: _ready(r.table.get(fid))), wait)
+                state = self.table.get(fid)
+                if state is not None and state.endpoints:
+                    return state
+        finally:
+            self.held[fid] -= 1
+        return error_response(
+            TemporaryError(
+                f"function {fid[0]}/{fid[1]} has no instance ready after "
+                f"{s.cold_start_timeout_seconds:g} s; retry shortly",
+                code="no_ready_instance",
+                retry_after=1,
+            )
+        )
 
     async def _check_token(self, request: web.Request, fid: FunctionId) -> web.Response | None:
         """The refusal of a call to a protected function (401, 403 or 429), or None."""
@@ -458,6 +602,10 @@ class Router:
             upstream.close()
 
 
+def _ready(state: DeploymentState | None) -> bool:
+    return state is not None and bool(state.endpoints)
+
+
 def _head_length(upstream: Response) -> int | None:
     """The size a HEAD answer declares for the body it does not carry (relayed as it came)."""
     if upstream.status in (204, 304) or upstream.status < 200:
@@ -496,6 +644,18 @@ def _over_quota(namespace: str, limit: int, retry_after: float) -> TemporaryErro
         status=429,
         retry_after=retry_after,
         details={"max_concurrent_invocations": limit},
+    )
+
+
+def _disconnected(fid: FunctionId, exc: BaseException) -> web.Response:
+    log.debug("instance disconnected", extra={"function": f"{fid[0]}/{fid[1]}", "error": repr(exc)})
+    return error_response(
+        LambdabusError(
+            f"the instance of {fid[0]}/{fid[1]} closed the connection before answering; the "
+            "request was not retried, since the instance may have run it",
+            code="instance_disconnected",
+            status=502,
+        )
     )
 
 

@@ -107,3 +107,26 @@ class RouterSettings(ServiceSettings):
         description="how often this router writes its per-function call statistics to the "
         "`function-metrics` bucket (what `GET .../metrics` adds up across routers)",
     )
+    # -- autoscaling (issue 11)
+    load_publish_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description="how often this router writes its requests in flight per function to the "
+        "`function-load` bucket (the autoscaler's input)",
+    )
+    load_sample_seconds: float = Field(
+        default=0.1, gt=0, le=1, description="how often the requests in flight are sampled"
+    )
+    # -- scale from zero (issue 11): a request for a function with `scale` and no instance
+    cold_queue_max_requests: int = Field(
+        default=100,
+        ge=0,
+        description="requests held per function while it wakes; more get 503 with Retry-After",
+    )
+    cold_start_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="how long a held request waits for an instance"
+    )
+    wake_repeat_seconds: float = Field(
+        default=0.5, gt=0, description="how often a held request repeats its wake request"
+    )

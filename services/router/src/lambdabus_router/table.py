@@ -93,6 +93,18 @@ def concurrency_of(value: bytes) -> int | None:
         return None
 
 
+def autoscaled_of(value: bytes) -> tuple[bool, int]:
+    """Whether a function's `functions` KV value has `spec.scale` (a request finding no
+    instance is held while it wakes), and its per-instance `concurrency` (0: no limit)."""
+    if not value:
+        return False, 0
+    try:
+        spec = FunctionRecord.model_validate_json(value).spec
+    except ValidationError:
+        return False, 0
+    return spec.scale is not None, spec.concurrency
+
+
 def quota_concurrency(value: bytes) -> int | None:
     """A namespace's `max_concurrent_invocations` override from its `quotas` KV value."""
     if not value:

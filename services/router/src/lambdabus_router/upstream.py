@@ -3,9 +3,16 @@ endpoint; a sized response up to a limit is read whole, a larger or unsized one 
 
 Rendering a request and parsing a response (`render_request`, `parse_response_head`,
 `ChunkedDecoder`) are pure; one connection's `asyncio.Protocol`, one endpoint's pool and the
-`Upstream` client owning the pools are the shell around them. A pooled connection the instance
-closed meanwhile is retried once on a fresh one, when no byte of the answer came: the request
-is always whole in memory, so sending it again is safe for any method.
+`Upstream` client owning the pools are the shell around them.
+
+A request is sent to an instance a second time only when the instance provably did not read
+it. A connection that could not be opened (`ConnectFailed`) carried nothing, so the router may
+give the request to another instance. A pooled connection that closes before any byte of the
+answer is ambiguous: the instance may have closed it idle as the request went out, or read the
+request, run the function and died. Only a request that cannot change anything (GET, HEAD,
+OPTIONS or TRACE, without a body) is retried on a fresh connection then; any other fails with
+`NotRetried`, never runs twice. (The instances keep idle connections for 300 s and the router
+for `keepalive_seconds`, 15 s by default, so an instance closing an idle one is the rare case.)
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ _TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLM
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 # Methods whose empty body goes without `Content-Length: 0` (as aiohttp's client sends them).
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Requests that may be sent again after an ambiguous close: safe methods (RFC 9110 §9.2.1),
+# and then only without a body.
+_SAFE_METHODS = _BODYLESS_METHODS
+
+
+def resendable(method: str, body: bytes) -> bool:
+    """Whether a request may be sent again when the instance may have read it."""
+    return method in _SAFE_METHODS and not body
 
 
 class UpstreamError(Exception):
@@ -53,7 +68,13 @@ class InvalidResponse(UpstreamError):
 
 
 class _Stale(Disconnected):
-    """A reused connection closed before any byte of the response: retried on a fresh one."""
+    """A reused connection closed before any byte of the response: retried on a fresh one
+    when the request is safe to send again."""
+
+
+class NotRetried(Disconnected):
+    """A reused connection closed before any byte of the response, after the request went out:
+    the instance may have read and run it, so it is not sent again."""
 
 
 # -- the pure part ----------------------------------------------------------------------------
@@ -728,7 +749,12 @@ class Upstream:
         conn = pool.quick() or await pool.acquire(deadline)
         try:
             return await _exchange(conn, head, rest, head_request, buffer_limit, deadline)
-        except _Stale:
+        except _Stale as exc:
+            if not resendable(method, body):
+                raise NotRetried(
+                    "the instance closed the connection after the request went out, before "
+                    "answering; it may have run it, so it was not sent again"
+                ) from exc
             log.debug("pooled connection was closed by the instance; retrying on a fresh one")
         # Only a reused connection goes stale, so this is retried once at most.
         conn = await pool.acquire(deadline, fresh=True)

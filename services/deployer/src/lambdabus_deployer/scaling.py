@@ -1,0 +1,169 @@
+"""The autoscaler's loop, run by the deployer leader: every tick it reads the routers' load
+samples (`function-load`), feeds each function with `spec.scale` to its `Autoscaler` (the pure
+KPA decision), and when the decision differs from the count it asked last, it publishes
+`deployment.scaled` (from, to, reason) and has the deployer converge the function on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from lambdabus_deployer.autoscale import Autoscaler, Decision, ScalePolicy
+from lambdabus_deployer.deployer import Deployer
+from lambdabus_deployer.state import Key
+from lambdabus_events.catalog import DeploymentScaled, DeploymentScaledData, lifecycle_event
+from lambdabus_events.models import FunctionRecord, ScaleSpec
+from lambdabus_platform.bus import Bus
+from lambdabus_platform.load import LoadReader
+from lambdabus_platform.subjects import FUNCTION_LOAD_BUCKET, FUNCTIONS_BUCKET
+
+log = logging.getLogger("lambdabus.deployer.scaling")
+
+
+class Scaling:
+    def __init__(
+        self,
+        bus: Bus,
+        deployer: Deployer,
+        *,
+        tick: float,
+        stable_window: float,
+        panic_window: float,
+        sample_max_age: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._bus = bus
+        self._deployer = deployer
+        self._every = tick
+        self._stable = stable_window
+        self._panic = panic_window
+        self._clock = clock
+        self._wall = wall
+        self._reader = LoadReader(max_age=sample_max_age)
+        self._scalers: dict[Key, tuple[str, ScaleSpec, Autoscaler]] = {}
+        self._lock = asyncio.Lock()  # a tick and a wake-up decide one at a time
+
+    def _policy(self, scale: ScaleSpec) -> ScalePolicy:
+        return ScalePolicy(
+            min=scale.min,
+            max=scale.max,
+            target=scale.target,
+            idle_seconds=scale.idle_seconds,
+            stable_window=self._stable,
+            panic_window=self._panic,
+        )
+
+    async def tick(self) -> list[tuple[Key, int, Decision]]:
+        """One pass over every autoscaled function; the changes it made (key, from, decision)."""
+        async with self._lock:
+            return await self._tick()
+
+    async def wake(self, subject: str, _: bytes = b"") -> bool:
+        """A router holds a request for a function with no instance (`lambdabus.wake.<ns>.<fn>`):
+        scale it from 0 to at least one instance at once. True when it did."""
+        parts = subject.split(".")
+        if len(parts) != 4:
+            return False
+        key = (parts[2], parts[3])
+        log.debug("wake request", extra={"function": f"{key[0]}/{key[1]}"})
+        async with self._lock:
+            if self._deployer.autoscaled.get(key) != 0:
+                return False  # running or starting already (or not autoscaled)
+            found = await self._bus.kv(FUNCTIONS_BUCKET).get(f"{key[0]}.{key[1]}")
+            if found is None or not found.value:
+                return False
+            record = FunctionRecord.model_validate_json(found.value)
+            scale = record.spec.scale
+            if scale is None:
+                return False
+            now = self._clock()
+            known = self._scalers.get(key)
+            if known is not None:
+                known[2].last_request = now  # demand now: not idle for idle_seconds
+            to = max(1, scale.min)
+            message = f"0 -> {to} instances (Woken): a request waits in a router"
+            await self._apply(record, 0, Decision(to, "Woken", message, 0.0, 0.0, False))
+            return True
+
+    async def _tick(self) -> list[tuple[Key, int, Decision]]:
+        now = self._clock()
+        records = {}
+        for entry in await self._bus.kv(FUNCTIONS_BUCKET).values(">"):
+            record = FunctionRecord.model_validate_json(entry.value)
+            if record.spec.scale is not None:
+                records[(record.namespace, record.name)] = record
+        entries = await self._bus.kv(FUNCTION_LOAD_BUCKET).values(">")
+        load = self._reader.read(((e.key, e.value) for e in entries), self._wall())
+        for key in set(self._scalers) - set(records):
+            del self._scalers[key]
+        changes = []
+        for key, record in sorted(records.items()):
+            scale = record.spec.scale
+            assert scale is not None
+            known = self._scalers.get(key)
+            if known is None or known[0] != record.uid or known[1] != scale:
+                scaler = Autoscaler(self._policy(scale), started=now)
+                if known is not None and known[0] == record.uid:
+                    scaler.last_request = known[2].last_request  # a changed policy, same demand
+                self._scalers[key] = (record.uid, scale, scaler)
+            else:
+                scaler = known[2]
+            concurrency, requests = load.get(key, (0.0, 0))
+            scaler.observe(now, concurrency, requests)
+            current = self._deployer.autoscaled.get(key)
+            if current is None:
+                continue  # not deployed yet (nothing built): nothing to scale
+            decision = scaler.decide(now, current)
+            if decision.desired == current:
+                continue
+            await self._apply(record, current, decision)
+            changes.append((key, current, decision))
+        return changes
+
+    async def _apply(self, record: FunctionRecord, current: int, decision: Decision) -> None:
+        key = (record.namespace, record.name)
+        log.info(
+            "autoscaling",
+            extra={"function": f"{key[0]}/{key[1]}", "decision": decision.message},
+        )
+        self._deployer.autoscaled[key] = decision.desired
+        state = await self._deployer.state(*key)
+        data = DeploymentScaledData(
+            namespace=record.namespace,
+            name=record.name,
+            uid=record.uid,
+            generation=record.generation,
+            replicas=decision.desired,
+            ready_replicas=state.ready_replicas if state is not None else 0,
+            reason=decision.reason,
+            message=decision.message,
+            from_replicas=current,
+            to_replicas=decision.desired,
+        )
+        event = lifecycle_event(
+            DeploymentScaled,
+            data,
+            service="deployer",
+            subject=f"{record.namespace}/{record.name}",
+            key=f"{record.uid}:autoscaled:{time.time_ns()}",
+            time=datetime.now(UTC),
+        )
+        await self._deployer.reconcile_one(*key)
+        await self._bus.publish_lifecycle(event)
+
+    async def run(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._every)
+            try:
+                await self.tick()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("autoscaling pass failed; tried again at the next tick")
+                failing = True
