@@ -360,7 +360,10 @@ def test_a_hanging_call_times_out_and_the_instance_serves_on(
     time.sleep(1.5)  # a few health checks: the same instance, healthy
     assert runtime_processes(name) == [pid]
     st = status_of(platform, name)
-    assert (st["status"], condition(st, "Running")["message"]) == ("running", "1/1 instances ready")
+    # The same pid proves no restart since the hang; the message may still tell of a restart
+    # at start on a loaded host ("...; instance X exited ... before it was ready").
+    assert st["status"] == "running"
+    assert condition(st, "Running")["message"].startswith("1/1 instances ready"), st
     logs = logs_saying(platform, name, "function_timeout")
     assert "function_timeout: POST /: the function did not finish within 1 s" in logs
     print(f"\n{name}: 504 function_timeout in {took:.2f} s; the fast path then in {fast:.3f} s")
