@@ -37,7 +37,7 @@ from lambdabus_platform.service import (
     run,
     subscribe_lifecycle,
 )
-from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET
+from lambdabus_platform.subjects import LEASES_BUCKET, REVISIONS_BUCKET, SECRETS_BUCKET
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -131,6 +131,9 @@ def make_setup(settings: DeployerSettings) -> Setup:
                         asyncio.create_task(
                             _watch_secrets(deployer, ctx, settings.reconcile_interval)
                         ),
+                        asyncio.create_task(
+                            _watch_revisions(deployer, ctx, settings.reconcile_interval)
+                        ),
                     ]
                     leader.deployer = deployer
                     try:
@@ -179,6 +182,18 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 await elector.release()
 
     return setup
+
+
+async def _watch_revisions(deployer: Deployer, ctx: ServiceContext, retry: float) -> None:
+    """A changed route starts or stops the revisions it names; a broken watch starts again."""
+    while True:
+        try:
+            await deployer.watch_revisions(ctx.bus.kv(REVISIONS_BUCKET).watch(">"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watching the revisions bucket failed; watching again")
+        await asyncio.sleep(retry)
 
 
 async def _watch_secrets(deployer: Deployer, ctx: ServiceContext, retry: float) -> None:

@@ -10,6 +10,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 
 from lambdabus_deployer.plan import (
+    DesiredRevision,
     Failure,
     Observation,
     blocked_state,
@@ -20,10 +21,14 @@ from lambdabus_deployer.plan import (
     withdrawn_state,
 )
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import DeploymentState, FunctionRecord
+from lambdabus_events.models import DeploymentState, FunctionRecord, RevisionDeployment
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET
+from lambdabus_platform.subjects import (
+    DEPLOYMENTS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
+    function_key,
+)
 
 log = logging.getLogger("lambdabus.deployer.state")
 
@@ -38,6 +43,7 @@ class DeploymentStates:
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._gone: set[Key] = set()  # being removed: late observations must not revive them
         self._closed = False
+        self._revisions: dict[str, RevisionDeployment] = {}
 
     async def get(self, namespace: str, name: str) -> DeploymentState | None:
         found = await self._registry.get(namespace, name)
@@ -58,6 +64,9 @@ class DeploymentStates:
     async def observe(self, obs: Observation) -> None:
         """Fold a backend's observation into the state; write it, then announce a transition.
         Raises when NATS fails: the backend reports again."""
+        if obs.revision.pinned:
+            await self.pinned(obs)
+            return
         key = (obs.revision.namespace, obs.revision.name)
         async with self._locks[key]:
             if self._closed or key in self._gone:
@@ -69,6 +78,60 @@ class DeploymentStates:
             if decision.event is not None:
                 await self._publish(decision.event)
             self._last[key] = decision.state
+
+    async def pinned(self, obs: Observation) -> None:
+        """A revision run apart (a route names it): its endpoints, in `revision-deployments`."""
+        rev = obs.revision
+        key = (rev.namespace, rev.runner_name)
+        async with self._locks[key]:
+            if self._closed or key in self._gone:
+                return
+            await self.record_revision(rev, endpoints=list(obs.endpoints))
+
+    async def record_revision(self, rev: DesiredRevision, endpoints: list[str]) -> None:
+        """Write what the deployer knows of a revision (its artifact, its endpoints when run
+        apart), unless the stored record says the same."""
+        key = f"{function_key(rev.namespace, rev.name)}.{rev.revision}"
+        kv = self._bus.kv(REVISION_DEPLOYMENTS_BUCKET)
+        record = RevisionDeployment(
+            namespace=rev.namespace,
+            name=rev.name,
+            uid=rev.uid,
+            revision=rev.revision,
+            generation=rev.generation,
+            build_generation=rev.build_generation,
+            artifact=rev.artifact,
+            endpoints=endpoints,
+            ready=bool(endpoints) and len(endpoints) >= min(rev.replicas, 1),
+            updated_at=datetime.now(UTC),
+        )
+        current = self._revisions.get(key)
+        if current is not None and current.model_dump(exclude={"updated_at"}) == record.model_dump(
+            exclude={"updated_at"}
+        ):
+            return
+        await kv.put(key, record.model_dump_json().encode())
+        self._revisions[key] = record
+
+    async def revision(self, namespace: str, name: str, revision: str) -> RevisionDeployment | None:
+        key = f"{function_key(namespace, name)}.{revision}"
+        if key in self._revisions:
+            return self._revisions[key]
+        entry = await self._bus.kv(REVISION_DEPLOYMENTS_BUCKET).get(key)
+        if entry is None or not entry.value:
+            return None
+        found = RevisionDeployment.model_validate_json(entry.value)
+        self._revisions[key] = found
+        return found
+
+    async def forget_revisions(self, namespace: str, name: str, keep: set[str]) -> None:
+        """Delete the revision records of a function but those in `keep`."""
+        kv = self._bus.kv(REVISION_DEPLOYMENTS_BUCKET)
+        for entry in await kv.values(f"{function_key(namespace, name)}.*"):
+            revision = entry.key.rsplit(".", 1)[-1]
+            if revision not in keep and entry.value:
+                await kv.delete(entry.key)
+                self._revisions.pop(entry.key, None)
 
     async def idle(self, namespace: str, name: str, generation: int) -> None:
         """Nothing runs for the function, and nothing can yet: clear endpoints it may list."""

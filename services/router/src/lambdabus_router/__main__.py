@@ -18,6 +18,8 @@ from lambdabus_platform.subjects import (
     FUNCTION_METRICS_BUCKET,
     FUNCTIONS_BUCKET,
     QUOTAS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
+    REVISIONS_BUCKET,
     TOKENS_BUCKET,
 )
 from lambdabus_platform.tokens import FailureLimiter
@@ -59,6 +61,7 @@ def make_setup(
                 ctx.bus.kv(DEPLOYMENTS_BUCKET),
                 ctx.bus.kv(FUNCTIONS_BUCKET),
                 ctx.bus.kv(QUOTAS_BUCKET),
+                (ctx.bus.kv(REVISIONS_BUCKET), ctx.bus.kv(REVISION_DEPLOYMENTS_BUCKET)),
             ),
         ):
             router.add_routes(ctx.app)

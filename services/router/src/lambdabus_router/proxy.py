@@ -20,8 +20,11 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import ValidationError
 
+from lambdabus_events.models import DeploymentState, FunctionRevisions, RevisionDeployment
 from lambdabus_events.names import label_problem
+from lambdabus_events.traffic import choose, effective
 from lambdabus_platform.bus import Kv
 from lambdabus_platform.errors import (
     InvalidName,
@@ -65,6 +68,9 @@ INVOCATION_HEADER = "X-Lambdabus-Invocation-Id"
 COLD_START_HEADER = "X-Lambdabus-Cold-Start"  # the runtime's, on an instance's first answer
 _INVOCATION_LOWER = INVOCATION_HEADER.lower()
 INVOCATION_KEY = web.RequestKey("lambdabus_invocation_id", str)
+TAG_KEY = web.RequestKey("lambdabus_traffic_tag", str)
+REVISION_KEY = web.RequestKey("lambdabus_revision", str)
+REVISION_HEADER = "X-Lambdabus-Revision"
 
 _NO_BODY = b""
 
@@ -105,12 +111,21 @@ class Router:
         self.namespace_active: defaultdict[str, int] = defaultdict(int)
         self._retry_after = settings.busy_retry_after_seconds
         self.stats: CallStats | None = None  # per-function statistics, when published
+        # Revisions (issue 11): each function's route (`revisions` KV) and the endpoints of the
+        # revisions run apart from its latest one (`revision-deployments` KV).
+        self._revision_kvs: tuple[Kv, Kv] | None = None
+        self.routes: dict[FunctionId, FunctionRevisions] = {}
+        self.pinned: dict[FunctionId, dict[str, list[str]]] = {}
 
     # -- lifetime ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def running(
-        self, deployments: Kv, functions: Kv, quotas: Kv | None = None
+        self,
+        deployments: Kv,
+        functions: Kv,
+        quotas: Kv | None = None,
+        revisions: tuple[Kv, Kv] | None = None,
     ) -> AsyncIterator[Router]:
         """Load both tables, follow them, and own the HTTP clients, for the router's life: the
         data plane's `Upstream`, and an aiohttp session for other calls to instances."""
@@ -130,6 +145,7 @@ class Router:
             raise_for_status=False,
         )
         follower: asyncio.Task[None] | None = None
+        self._revision_kvs = revisions
         try:
             async with Upstream(
                 pool_size=s.pool_size_per_instance,
@@ -161,6 +177,13 @@ class Router:
             for entry in await quotas.values(">"):
                 self._on_quota(entry.key, entry.value)
         self.table = load((e.key, e.value) for e in await deployments.values(">"))
+        if self._revision_kvs is not None:
+            self.routes, self.pinned = {}, {}
+            routes, pinned = self._revision_kvs
+            for entry in await routes.values(">"):
+                self._on_route(entry.key, entry.value)
+            for entry in await pinned.values(">"):
+                self._on_pinned(entry.key, entry.value)
         log.info(
             "endpoints loaded",
             extra={"functions": len(self.known), "deployments": len(self.table)},
@@ -180,6 +203,9 @@ class Router:
                     group.create_task(self._watch(functions, self._on_function))
                     if quotas is not None:
                         group.create_task(self._watch(quotas, self._on_quota))
+                    if self._revision_kvs is not None:
+                        group.create_task(self._watch(self._revision_kvs[0], self._on_route))
+                        group.create_task(self._watch(self._revision_kvs[1], self._on_pinned))
             except* Exception as errors:
                 log.warning("KV watch failed; re-opening", exc_info=errors)
             # Back off while watches keep failing at once; start over after a long run.
@@ -208,6 +234,58 @@ class Router:
         self.table = apply(self.table, key, value)
         if value and parse_key(key) not in self.table:
             log.warning("ignoring a deployments entry that is not a state", extra={"key": key})
+
+    def _on_route(self, key: str, value: bytes) -> None:
+        fid = parse_key(key)
+        if fid is None:
+            return
+        try:
+            doc = FunctionRevisions.model_validate_json(value) if value else None
+        except ValidationError:
+            doc = None
+        if doc is None:
+            self.routes.pop(fid, None)
+        else:
+            self.routes[fid] = doc
+
+    def _on_pinned(self, key: str, value: bytes) -> None:
+        function, _, revision = key.rpartition(".")
+        fid = parse_key(function)
+        if fid is None or not revision:
+            return
+        try:
+            item = RevisionDeployment.model_validate_json(value) if value else None
+        except ValidationError:
+            item = None
+        found = self.pinned.setdefault(fid, {})
+        if item is None or not item.endpoints:
+            found.pop(revision, None)
+        else:
+            found[revision] = list(item.endpoints)
+
+    def _revision_endpoints(
+        self, fid: FunctionId, state: DeploymentState | None, tag: str | None
+    ) -> tuple[str, list[str]] | None:
+        """The revision this request goes to and its endpoints, by the function's route; None
+        for a tag the route does not name."""
+        endpoints: dict[str, list[str]] = dict(self.pinned.get(fid, {}))
+        latest: str | None = None
+        if state is not None and state.endpoints:
+            latest = state.revision or None
+            endpoints[state.revision] = state.endpoints
+        doc = self.routes.get(fid)
+        if doc is None or (state is not None and doc.uid != state.uid):
+            if tag is not None:
+                return None
+            return (state.revision, state.endpoints) if state is not None else ("", [])
+        route = effective(doc.traffic, latest, [r for r, e in endpoints.items() if e and r])
+        if tag is not None:
+            name = route.tags.get(tag)
+            return (name, endpoints.get(name, [])) if name is not None else None
+        name = choose(route.weights, self._counter)
+        if name is None:
+            return (state.revision, state.endpoints) if state is not None else ("", [])
+        return name, endpoints.get(name, [])
 
     def _on_function(self, key: str, value: bytes) -> None:
         self.protected = apply_protected(self.protected, key, value)
@@ -249,7 +327,10 @@ class Router:
         invocation = uuid.uuid4().hex
         request[INVOCATION_KEY] = invocation
         info = request.match_info
-        fid = (info["ns"], info["name"])
+        name, at, tag = info["name"].partition("@")
+        fid = (info["ns"], name)
+        if at:
+            request[TAG_KEY] = tag
         refused = await self._check_token(request, fid) if fid in self.protected else None
         if refused is not None:  # before admission: a refused caller takes no slot
             response: web.StreamResponse = refused
@@ -259,6 +340,8 @@ class Router:
             response = await self._invoke(request, fid)
         if not response.prepared:  # a streamed answer got it before its head went out
             response.headers[INVOCATION_HEADER] = invocation
+            if request.get(REVISION_KEY):
+                response.headers[REVISION_HEADER] = request[REVISION_KEY]
         if fid in self.known:
             took = time.perf_counter() - started
             self.metrics.observe(fid[0], fid[1], response.status, took)
@@ -294,7 +377,16 @@ class Router:
             return error_response(_unknown(fid))
         protected = fid in self.protected  # its token was checked in `handle`
         state = self.table.get(fid)
-        if state is None or not state.endpoints:
+        chosen = self._revision_endpoints(fid, state, request.get(TAG_KEY))
+        if chosen is None:
+            return error_response(
+                NotFound(
+                    f"function {fid[0]}/{fid[1]} has no traffic tag {request.get(TAG_KEY)}",
+                    code="tag_not_found",
+                )
+            )
+        request[REVISION_KEY], endpoints = chosen
+        if state is None or not endpoints:
             return error_response(
                 TemporaryError(
                     f"function {fid[0]}/{fid[1]} has no ready instance yet; retry shortly",
@@ -327,7 +419,6 @@ class Router:
         headers = [(k, v) for k, v in headers if k.lower() != _INVOCATION_LOWER]
         headers.append((INVOCATION_HEADER, request[INVOCATION_KEY]))
         timeout = state.timeout + self.settings.timeout_margin_seconds
-        endpoints = state.endpoints
         self._counter += 1
         in_flight = self.in_flight if self._least_loaded else None
         endpoint = pick(endpoints, self._counter, in_flight)
@@ -440,6 +531,8 @@ class Router:
                 headers=response_headers(upstream.headers),
             )
             response.headers[INVOCATION_HEADER] = request[INVOCATION_KEY]
+            if request.get(REVISION_KEY):
+                response.headers[REVISION_HEADER] = request[REVISION_KEY]
             length = _head_length(upstream) if request.method == "HEAD" else upstream.length
             if length is not None:
                 response.content_length = length
