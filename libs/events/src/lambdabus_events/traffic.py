@@ -19,6 +19,7 @@ SCALE_FIELDS = frozenset(
         "min_replicas",
         "max_replicas",
         "max_concurrency",
+        "preset_overrides",
         "invoke_auth",
         "description",
         "labels",
