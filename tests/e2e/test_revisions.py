@@ -79,20 +79,20 @@ def test_traffic_split_tag_rollback(platform: Platform, tmp_path: Path) -> None:
             120,
             "v2 answering",
         )
-        status, listing = http("GET", f"{gateway}/revisions")
-        assert [i["name"] for i in listing["items"]] == [v1, v2]
+        listed = cli(platform, "revisions", NAME)
+        assert listed.returncode == 0, listed.stderr
+        assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == [v1, v2]
 
         bad = [{"revision": v1, "percent": 90}, {"latest": True, "percent": 5}]
         status, body = http("PUT", f"{gateway}/traffic", {"traffic": bad})
         assert status == 400
         assert "sum to 95" in body["error"]["message"]
 
-        split = [
-            {"revision": v1, "percent": 90},
-            {"latest": True, "percent": 10, "tag": "candidate"},
-        ]
-        status, route = http("PUT", f"{gateway}/traffic", {"traffic": split})
-        assert status == 200, route
+        split = cli(
+            platform, "traffic", NAME, f"{v1}=90", "@latest=10", "--tag", "candidate=@latest"
+        )
+        assert split.returncode == 0, split.stderr
+        assert f"/default/{NAME}@candidate" in split.stdout
 
         def assigned() -> bool:
             _, route = http("GET", f"{gateway}/traffic")
@@ -129,11 +129,10 @@ def test_traffic_split_tag_rollback(platform: Platform, tmp_path: Path) -> None:
         assert status == 409, body
         assert body["error"]["code"] == "revision_in_use"
 
-        status, route = http(
-            "PUT", f"{gateway}/traffic", {"traffic": [{"revision": v1, "percent": 100}]}
-        )
+        rollback = cli(platform, "rollback", NAME)
         called = time.monotonic()
-        assert status == 200, route
+        assert rollback.returncode == 0, rollback.stderr
+        assert f"100% to {v1}" in rollback.stdout
         took = None
         while time.monotonic() - called < 5:
             window = [caller.call(f"/default/{NAME}")[1] for _ in range(10)]
