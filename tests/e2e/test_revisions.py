@@ -131,7 +131,7 @@ def test_traffic_split_tag_rollback(platform: Platform, tmp_path: Path) -> None:
 
         rollback = cli(platform, "rollback", NAME)
         called = time.monotonic()
-        assert rollback.returncode == 0, rollback.stderr
+        assert rollback.returncode == 0, (rollback.stderr, http("GET", f"{gateway}/revisions"))
         assert f"100% to {v1}" in rollback.stdout
         took = None
         while time.monotonic() - called < 5:
@@ -146,5 +146,30 @@ def test_traffic_split_tag_rollback(platform: Platform, tmp_path: Path) -> None:
         assert after == Counter({v1: 200})
         status, body = http("DELETE", f"{gateway}/revisions/{v2}")
         assert status == 409  # the latest revision stays
+
+        back = cli(platform, "traffic", NAME, "@latest=100")
+        assert back.returncode == 0, back.stderr
+        status, body = http("DELETE", f"{gateway}/revisions/{v1}")
+        assert status == 200, body
+        status, listing = http("GET", f"{gateway}/revisions")
+        assert [i["name"] for i in listing["items"]] == [v2]
+
+        def revision_events() -> set[tuple[str, str]] | None:
+            _, history = http("GET", f"{gateway}/history")
+            found = {
+                (e["type"].removeprefix("io.lambdabus.revision."), e["data"]["revision"])
+                for e in history["items"]
+                if e["type"].startswith("io.lambdabus.revision.")
+            }
+            return found if ("deleted", v1) in found else None
+
+        events = wait_for(revision_events, 30, "revision.deleted of v1")
+        assert events == {
+            ("created", v1),
+            ("created", v2),
+            ("ready", v1),
+            ("ready", v2),
+            ("deleted", v1),
+        }
     finally:
         caller.close()

@@ -931,7 +931,10 @@ class RevisionDeployment(_Strict):
     revision: str
     generation: int
     build_generation: int
-    artifact: str
+    artifact: str = Field(default="", description="empty until the deployer ran it")
     endpoints: list[str] = Field(default_factory=list)
     ready: bool = False
     updated_at: datetime
+    announced: list[Literal["created", "ready"]] = Field(
+        default_factory=list, description="the revision.* events published for it already"
+    )

@@ -135,7 +135,7 @@ ACCESS: Final[Mapping[str, Access]] = {
     "deployer": Access(
         "deployer",
         kv_write_own=(REPLICAS_BUCKET,),
-        lifecycle=("deployment",),
+        lifecycle=("deployment", "revision"),
         publish=(f"{LOGS_PREFIX}.runtime.>",),
         kv_write=(DEPLOYMENTS_BUCKET, LEASES_BUCKET, REVISION_DEPLOYMENTS_BUCKET),
         # quotas: per-namespace numbers (max instances), nothing secret

@@ -95,6 +95,8 @@ class Deployer:
             desired = desired_instances(record, build.value if build else None, running, resolved)
             revisions = await self._revisions.get(namespace, name)
             doc = revisions.value if revisions and revisions.value.uid == record.uid else None
+            if doc is not None:
+                await self._states.announce_created(doc)
             if desired is not None and doc is not None:
                 named = revision_of(doc, desired.generation)
                 if named is not None:

@@ -5,9 +5,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime
+
+from pydantic import ValidationError
 
 from lambdabus_deployer.plan import (
     DesiredRevision,
@@ -20,8 +23,20 @@ from lambdabus_deployer.plan import (
     stopped_state,
     withdrawn_state,
 )
-from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import DeploymentState, FunctionRecord, RevisionDeployment
+from lambdabus_events.catalog import (
+    LifecycleEvent,
+    RevisionCreated,
+    RevisionData,
+    RevisionDeleted,
+    RevisionReady,
+    lifecycle_event,
+)
+from lambdabus_events.models import (
+    DeploymentState,
+    FunctionRecord,
+    FunctionRevisions,
+    RevisionDeployment,
+)
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.subjects import (
@@ -33,6 +48,11 @@ from lambdabus_platform.subjects import (
 log = logging.getLogger("lambdabus.deployer.state")
 
 Key = tuple[str, str]
+_REVISION_EVENTS: dict[str, type[LifecycleEvent]] = {
+    "created": RevisionCreated,
+    "ready": RevisionReady,
+    "deleted": RevisionDeleted,
+}
 
 
 class DeploymentStates:
@@ -78,6 +98,9 @@ class DeploymentStates:
             if decision.event is not None:
                 await self._publish(decision.event)
             self._last[key] = decision.state
+        state = decision.state
+        if state.revision and state.endpoints:
+            await self.announce_ready(state.namespace, state.name, state.revision)
 
     async def pinned(self, obs: Observation) -> None:
         """A revision run apart (a route names it): its endpoints, in `revision-deployments`."""
@@ -90,9 +113,9 @@ class DeploymentStates:
 
     async def record_revision(self, rev: DesiredRevision, endpoints: list[str]) -> None:
         """Write what the deployer knows of a revision (its artifact, its endpoints when run
-        apart), unless the stored record says the same."""
-        key = f"{function_key(rev.namespace, rev.name)}.{rev.revision}"
-        kv = self._bus.kv(REVISION_DEPLOYMENTS_BUCKET)
+        apart), unless the stored record says the same; announce it ready the first time."""
+        current = await self.revision(rev.namespace, rev.name, rev.revision)
+        announced = list(current.announced) if current and current.uid == rev.uid else []
         record = RevisionDeployment(
             namespace=rev.namespace,
             name=rev.name,
@@ -102,16 +125,74 @@ class DeploymentStates:
             build_generation=rev.build_generation,
             artifact=rev.artifact,
             endpoints=endpoints,
-            ready=bool(endpoints) and len(endpoints) >= min(rev.replicas, 1),
+            ready=bool(endpoints),
             updated_at=datetime.now(UTC),
+            announced=announced,
         )
-        current = self._revisions.get(key)
+        await self._store_revision(current, record)
+        if endpoints:
+            await self.announce_ready(rev.namespace, rev.name, rev.revision)
+
+    async def _store_revision(
+        self, current: RevisionDeployment | None, record: RevisionDeployment
+    ) -> None:
         if current is not None and current.model_dump(exclude={"updated_at"}) == record.model_dump(
             exclude={"updated_at"}
         ):
             return
-        await kv.put(key, record.model_dump_json().encode())
+        key = f"{function_key(record.namespace, record.name)}.{record.revision}"
+        await self._bus.kv(REVISION_DEPLOYMENTS_BUCKET).put(key, record.model_dump_json().encode())
         self._revisions[key] = record
+
+    async def _announce(self, record: RevisionDeployment, verb: str) -> RevisionDeployment:
+        data = RevisionData(
+            namespace=record.namespace,
+            name=record.name,
+            uid=record.uid,
+            generation=record.generation,
+            revision=record.revision,
+        )
+        await self._publish(
+            lifecycle_event(
+                _REVISION_EVENTS[verb],
+                data,
+                service="deployer",
+                subject=f"{record.namespace}/{record.name}",
+                key=f"{record.uid}:{record.revision}",
+            )
+        )
+        if verb == "deleted":
+            return record
+        announced = [*record.announced, verb]
+        return record.model_copy(update={"announced": announced})
+
+    async def announce_created(self, doc: FunctionRevisions) -> None:
+        """`revision.created`, once, for each revision of the function the deployer has not
+        announced yet (its record remembers it, across deployer restarts)."""
+        for revision in doc.revisions:
+            current = await self.revision(doc.namespace, doc.name, revision.name)
+            if current is not None and current.uid == doc.uid and "created" in current.announced:
+                continue
+            record = (
+                current
+                if current is not None and current.uid == doc.uid
+                else RevisionDeployment(
+                    namespace=doc.namespace,
+                    name=doc.name,
+                    uid=doc.uid,
+                    revision=revision.name,
+                    generation=revision.generation,
+                    build_generation=0,
+                    updated_at=datetime.now(UTC),
+                )
+            )
+            await self._store_revision(current, await self._announce(record, "created"))
+
+    async def announce_ready(self, namespace: str, name: str, revision: str) -> None:
+        current = await self.revision(namespace, name, revision)
+        if current is None or "ready" in current.announced:
+            return
+        await self._store_revision(current, await self._announce(current, "ready"))
 
     async def revision(self, namespace: str, name: str, revision: str) -> RevisionDeployment | None:
         key = f"{function_key(namespace, name)}.{revision}"
@@ -130,6 +211,10 @@ class DeploymentStates:
         for entry in await kv.values(f"{function_key(namespace, name)}.*"):
             revision = entry.key.rsplit(".", 1)[-1]
             if revision not in keep and entry.value:
+                with contextlib.suppress(ValidationError):
+                    await self._announce(
+                        RevisionDeployment.model_validate_json(entry.value), "deleted"
+                    )
                 await kv.delete(entry.key)
                 self._revisions.pop(entry.key, None)
 
