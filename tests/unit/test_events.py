@@ -42,6 +42,10 @@ from lambdabus_events.catalog import (
     FunctionUpdated,
     FunctionUpdatedData,
     LifecycleEvent,
+    RevisionCreated,
+    RevisionData,
+    RevisionDeleted,
+    RevisionReady,
     ScheduleCreated,
     ScheduleData,
     ScheduleDeleted,
@@ -76,6 +80,9 @@ _SCHEDULE = ScheduleData(
 _SECRET = SecretData(namespace="team-a", name="hello", keys=["password"], version=2)
 
 # One (service, data) per catalog type; test_every_type_has_a_sample keeps it complete.
+_REVISION = RevisionData(
+    namespace="team-a", name="hello", uid="u-1", generation=3, revision="hello-00002"
+)
 SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
     FunctionCreated: (
         "gateway",
@@ -130,6 +137,9 @@ SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
             reason="HTTP 500",
         ),
     ),
+    RevisionCreated: ("deployer", _REVISION),
+    RevisionReady: ("deployer", _REVISION),
+    RevisionDeleted: ("deployer", _REVISION),
 }
 
 
