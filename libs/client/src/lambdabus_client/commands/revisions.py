@@ -47,14 +47,18 @@ def parse_traffic(splits: Sequence[str], tags: Sequence[str]) -> list[dict[str, 
 
 
 def rollback_target(items: Sequence[JsonObject], wanted: str | None) -> str:
-    """The revision a rollback sends everything to: `wanted`, or the ready revision before the
-    latest ready one."""
+    """The revision a rollback sends everything to: `wanted`, or the revision before the latest
+    ready one (the newest ready one before it; an older one that is not ready at this instant,
+    say between two health checks, when none is)."""
     if wanted:
         return wanted
-    ready = [str(item["name"]) for item in items if item.get("ready")]
-    if len(ready) < 2:
-        raise UsageError("no ready revision before the latest ready one to roll back to")
-    return ready[-2]
+    names = [str(item["name"]) for item in items]
+    ready = [i for i, item in enumerate(items) if item.get("ready")]
+    latest = ready[-1] if ready else len(items) - 1
+    older = [i for i in ready if i < latest] or list(range(latest))
+    if not older:
+        raise UsageError("no revision before the latest ready one to roll back to")
+    return names[older[-1]]
 
 
 def _route_lines(route: JsonObject) -> list[str]:
