@@ -53,6 +53,14 @@ class Caller:
         self._conn.close()
 
 
+def _level(line: str) -> str:
+    """A service log line's level (`traceback` for a line that is not JSON and shows one)."""
+    try:
+        return str(json.loads(line).get("level", ""))
+    except ValueError:
+        return "error" if "Traceback" in line else ""
+
+
 def _deploy(platform: Platform, fn: Path, version: int) -> None:
     (fn / "lambda_main.py").write_text(SOURCE.format(version=version))
     deployed = cli(platform, "deploy", str(fn), "--name", NAME)
@@ -173,3 +181,12 @@ def test_traffic_split_tag_rollback(platform: Platform, tmp_path: Path) -> None:
         }
     finally:
         caller.close()
+    # Nothing of this was a problem: no service logged a warning or an error.
+    noisy = [
+        line
+        for log in sorted((platform.data_dir / "logs").glob("*.log"))
+        if log.name != "nats.log"
+        for line in log.read_text().splitlines()
+        if _level(line) in ("warning", "error", "critical")
+    ]
+    assert not noisy, "\n".join(noisy)
