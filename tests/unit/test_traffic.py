@@ -134,3 +134,13 @@ def test_referenced_revisions_cannot_go() -> None:
         }
     )
     assert referenced(doc) == {"hello-00001": ["traffic"], "hello-00002": ["tag old"]}
+
+
+def test_the_newest_are_kept_and_routed_ones_never_collected() -> None:
+    doc = with_record(None, record(), NOW, keep=3)
+    doc = doc.model_copy(update={"traffic": [TrafficTarget(revision="hello-00001", percent=100)]})
+    for generation in range(2, 7):
+        doc = with_record(doc, record(generation, sha=f"{generation:064x}"), NOW, keep=3)
+    # hello-00001 has the traffic: kept; of the rest, the newest two (the latest among them)
+    assert [r.name for r in doc.revisions] == ["hello-00001", "hello-00005", "hello-00006"]
+    assert doc.next_number == 7  # numbers are never reused

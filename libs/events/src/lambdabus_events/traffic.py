@@ -45,10 +45,11 @@ def _revision_runs(doc: FunctionRevisions, revision: Revision) -> tuple[object, 
 
 
 def with_record(
-    doc: FunctionRevisions | None, record: FunctionRecord, now: datetime
+    doc: FunctionRevisions | None, record: FunctionRecord, now: datetime, keep: int = 20
 ) -> FunctionRevisions:
     """The revisions after the function's record became `record`: a new revision when what
-    runs changed (or there is none yet), `doc` itself when not. Another uid (the function was
+    runs changed (or there is none yet), `doc` itself when not; then the oldest are collected
+    beyond `keep`, except the latest and those the route names. Another uid (the function was
     deleted and created anew) starts over."""
     if doc is None or doc.uid != record.uid:
         doc = FunctionRevisions(namespace=record.namespace, name=record.name, uid=record.uid)
@@ -65,9 +66,29 @@ def with_record(
         spec=record.spec,
         source=record.source,
     )
-    return doc.model_copy(
+    grown = doc.model_copy(
         update={"revisions": [*doc.revisions, revision], "next_number": doc.next_number + 1}
     )
+    return collected(grown, keep)
+
+
+def collected(doc: FunctionRevisions, keep: int) -> FunctionRevisions:
+    """`doc` without its oldest revisions beyond `keep`; the latest revision and those the
+    route names (a percent or a tag) are never collected."""
+    excess = len(doc.revisions) - keep
+    if excess <= 0:
+        return doc
+    named = referenced(doc)
+    latest = doc.revisions[-1].name
+    dropped: set[str] = set()
+    for revision in doc.revisions:
+        if len(dropped) == excess:
+            break
+        if revision.name != latest and revision.name not in named:
+            dropped.add(revision.name)
+    if not dropped:
+        return doc
+    return doc.model_copy(update={"revisions": [r for r in doc.revisions if r.name not in dropped]})
 
 
 def revision_of(doc: FunctionRevisions, generation: int) -> Revision | None:

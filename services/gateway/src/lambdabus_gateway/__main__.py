@@ -70,7 +70,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 await tokens.bootstrap_admin(
                     settings.bootstrap_token_file, renew=settings.bootstrap_renew
                 )
-            revisions = Revisions(ctx.bus)
+            revisions = Revisions(ctx.bus, keep=settings.revisions_kept)
             functions = Functions(
                 bus=ctx.bus,
                 records=records,

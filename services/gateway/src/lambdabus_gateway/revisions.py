@@ -44,8 +44,9 @@ class RevisionInUse(AlreadyExists):
 
 
 class Revisions:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, keep: int = 20) -> None:
         self._bus = bus
+        self._keep = keep
         self._docs = Registry(bus.kv(REVISIONS_BUCKET), FunctionRevisions)
         self._deployments = Registry(bus.kv(DEPLOYMENTS_BUCKET), DeploymentState)
 
@@ -53,7 +54,9 @@ class Revisions:
         """Make the revision `record` runs, unless it exists (idempotent; compare-and-set)."""
         for _ in range(10):
             found = await self._docs.get(record.namespace, record.name)
-            doc = with_record(found.value if found else None, record, datetime.now(UTC))
+            doc = with_record(
+                found.value if found else None, record, datetime.now(UTC), keep=self._keep
+            )
             if found is not None and doc == found.value:
                 return doc
             try:
