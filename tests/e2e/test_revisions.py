@@ -2,7 +2,10 @@
 the candidate tag on the latest; 2,000 calls through the router split within ±3 percentage
 points (each answer's `X-Lambdabus-Revision` counted, and the body says the same version); the
 tagged URL answers from the tagged revision only; a revision with traffic cannot be deleted;
-rollback → 100% v1 within 1 s of the call.
+rollback → 100% v1 within 1 s of the call. Then: v1 deleted once nothing routes to it; a
+replica change makes no revision, a timeout change does (the same build under the new config,
+which @latest follows); revision.created|ready|deleted on the function's history; no service
+logged a warning or an error.
 """
 
 from __future__ import annotations
@@ -171,14 +174,30 @@ def test_traffic_split_tag_rollback(platform: Platform, tmp_path: Path) -> None:
             }
             return found if ("deleted", v1) in found else None
 
+        # A change of scale alone makes no revision; a change of what runs does.
+        scaled = cli(platform, "update", NAME, "--replicas", "2")
+        assert scaled.returncode == 0, scaled.stderr
+        _, listing = http("GET", f"{gateway}/revisions")
+        assert [i["name"] for i in listing["items"]] == [v2]
+        changed = cli(platform, "update", NAME, "--timeout", "20")
+        assert changed.returncode == 0, changed.stderr
+        _, listing = http("GET", f"{gateway}/revisions")
+        assert [i["name"] for i in listing["items"]] == [v2, f"{NAME}-00003"]
+        wait_for(  # the same build under the new config: @latest follows it
+            lambda: caller.call(f"/default/{NAME}") == (200, f"{NAME}-00003", {"version": 2}),
+            60,
+            "rev-00003 answering",
+        )
+
         events = wait_for(revision_events, 30, "revision.deleted of v1")
-        assert events == {
+        assert events >= {
             ("created", v1),
             ("created", v2),
             ("ready", v1),
             ("ready", v2),
             ("deleted", v1),
         }
+        assert ("deleted", v2) not in events
     finally:
         caller.close()
     # Nothing of this was a problem: no service logged a warning or an error.
