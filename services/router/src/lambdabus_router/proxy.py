@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from lambdabus_events.models import DeploymentState, FunctionRevisions, RevisionDeployment
 from lambdabus_events.names import label_problem
-from lambdabus_events.traffic import choose, effective
+from lambdabus_events.traffic import Route, choose, effective
 from lambdabus_platform.bus import Kv
 from lambdabus_platform.errors import (
     InvalidName,
@@ -116,6 +116,16 @@ class Router:
         self._revision_kvs: tuple[Kv, Kv] | None = None
         self.routes: dict[FunctionId, FunctionRevisions] = {}
         self.pinned: dict[FunctionId, dict[str, list[str]]] = {}
+        self._route_cache: dict[
+            FunctionId,
+            tuple[
+                FunctionRevisions | None,
+                DeploymentState | None,
+                dict[str, list[str]] | None,
+                Route | None,
+                Mapping[str, list[str]],
+            ],
+        ] = {}
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -245,6 +255,7 @@ class Router:
             doc = None
         if doc is None:
             self.routes.pop(fid, None)
+            self._route_cache.pop(fid, None)
         else:
             self.routes[fid] = doc
 
@@ -257,28 +268,43 @@ class Router:
             item = RevisionDeployment.model_validate_json(value) if value else None
         except ValidationError:
             item = None
-        found = self.pinned.setdefault(fid, {})
+        found = dict(self.pinned.get(fid, {}))  # a new mapping: the route cache sees it moved
         if item is None or not item.endpoints:
             found.pop(revision, None)
         else:
             found[revision] = list(item.endpoints)
+        self.pinned[fid] = found
+
+    def _route(
+        self, fid: FunctionId, state: DeploymentState | None
+    ) -> tuple[Route | None, Mapping[str, list[str]]]:
+        """The function's route as it applies now and the endpoints per ready revision,
+        computed again only when the route, the state or the run-apart endpoints moved."""
+        doc, pinned = self.routes.get(fid), self.pinned.get(fid)
+        cached = self._route_cache.get(fid)
+        if cached is not None and cached[0] is doc and cached[1] is state and cached[2] is pinned:
+            return cached[3], cached[4]
+        endpoints: dict[str, list[str]] = dict(pinned or {})
+        latest: str | None = None
+        if state is not None and state.endpoints:
+            latest = state.revision or None
+            endpoints[state.revision] = state.endpoints
+        route: Route | None = None
+        if doc is not None and (state is None or doc.uid == state.uid):
+            route = effective(doc.traffic, latest, [r for r, e in endpoints.items() if e and r])
+        self._route_cache[fid] = (doc, state, pinned, route, endpoints)
+        return route, endpoints
 
     def _revision_endpoints(
         self, fid: FunctionId, state: DeploymentState | None, tag: str | None
     ) -> tuple[str, list[str]] | None:
         """The revision this request goes to and its endpoints, by the function's route; None
         for a tag the route does not name."""
-        endpoints: dict[str, list[str]] = dict(self.pinned.get(fid, {}))
-        latest: str | None = None
-        if state is not None and state.endpoints:
-            latest = state.revision or None
-            endpoints[state.revision] = state.endpoints
-        doc = self.routes.get(fid)
-        if doc is None or (state is not None and doc.uid != state.uid):
+        route, endpoints = self._route(fid, state)
+        if route is None:
             if tag is not None:
                 return None
             return (state.revision, state.endpoints) if state is not None else ("", [])
-        route = effective(doc.traffic, latest, [r for r, e in endpoints.items() if e and r])
         if tag is not None:
             name = route.tags.get(tag)
             return (name, endpoints.get(name, [])) if name is not None else None
