@@ -43,6 +43,10 @@ from lambdabus_events.catalog import (
     FunctionUpdated,
     FunctionUpdatedData,
     LifecycleEvent,
+    RevisionCreated,
+    RevisionData,
+    RevisionDeleted,
+    RevisionReady,
     ScheduleCreated,
     ScheduleData,
     ScheduleDeleted,
@@ -86,6 +90,9 @@ _SCHEDULE = ScheduleData(
 _SECRET = SecretData(namespace="team-a", name="hello", keys=["password"], version=2)
 
 # One (service, data) per catalog type; test_every_type_has_a_sample keeps it complete.
+_REVISION = RevisionData(
+    namespace="team-a", name="hello", uid="u-1", generation=3, revision="hello-00002"
+)
 SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
     FunctionCreated: (
         "gateway",
@@ -140,6 +147,9 @@ SAMPLES: dict[type[LifecycleEvent], tuple[Service, Any]] = {
             reason="HTTP 500",
         ),
     ),
+    RevisionCreated: ("deployer", _REVISION),
+    RevisionReady: ("deployer", _REVISION),
+    RevisionDeleted: ("deployer", _REVISION),
 }
 
 

@@ -30,6 +30,7 @@ OWNER = {
     "trigger": "gateway",
     "build": "builder",
     "deployment": "deployer",
+    "revision": "deployer",
     "delivery": "router",
     "secret": "gateway",
     "schedule": "gateway",

@@ -66,6 +66,8 @@ from lambdabus_client.commands.invoke import (
 from lambdabus_client.commands.logs import (
     _logs,
 )
+from lambdabus_client.commands.revisions import COMMANDS as REVISION_COMMANDS
+from lambdabus_client.commands.revisions import add_parsers as add_revision_parsers
 from lambdabus_client.commands.schedules import (
     _schedules,
 )
@@ -391,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="only functions with this label (KEY alone: with the label at all); repeatable",
     )
 
+    add_revision_parsers(commands, common)
+
     status = commands.add_parser("status", parents=[common], help="show a function's status")
     status.add_argument("name")
 
@@ -632,4 +636,5 @@ _COMMANDS: dict[str, Command] = {
     "triggers": _triggers,
     "schedules": _schedules,
     "deadletters": _deadletters,
+    **REVISION_COMMANDS,
 }

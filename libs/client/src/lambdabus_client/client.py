@@ -292,6 +292,25 @@ class LambdabusClient:
         """Poll a git-sourced function's reference now; the record after it."""
         return await self._json_object("POST", _function_path(namespace, name) + "/sync")
 
+    async def revisions(self, namespace: str, name: str) -> JsonObject:
+        """The function's revisions, oldest first: `{"items": [...]}`."""
+        return await self._json_object("GET", _function_path(namespace, name) + "/revisions")
+
+    async def traffic(self, namespace: str, name: str) -> JsonObject:
+        """The function's route and its status."""
+        return await self._json_object("GET", _function_path(namespace, name) + "/traffic")
+
+    async def set_traffic(
+        self, namespace: str, name: str, targets: list[dict[str, Any]]
+    ) -> JsonObject:
+        """Replace the function's route; its status after."""
+        return await self._json_object(
+            "PUT",
+            _function_path(namespace, name) + "/traffic",
+            data=json.dumps({"traffic": targets}),
+            headers={"Content-Type": "application/json"},
+        )
+
     async def delete_function(self, namespace: str, name: str) -> JsonObject:
         return await self._json_object("DELETE", _function_path(namespace, name))
 

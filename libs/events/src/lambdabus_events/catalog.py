@@ -177,6 +177,12 @@ class DeploymentScaledData(DeploymentData):
     to_replicas: int | None = Field(default=None, ge=0)
 
 
+class RevisionData(FunctionRef):
+    """A revision of a function (`generation`: the function generation that made it)."""
+
+    revision: str = Field(min_length=1, max_length=80, description="`<name>-00001`")
+
+
 class TriggerData(_Data):
     namespace: Label
     name: Label
@@ -372,6 +378,24 @@ class SecretDeleted(LifecycleEvent):
     data: SecretData
 
 
+class RevisionCreated(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.revision.created"
+    type: Literal["io.lambdabus.revision.created"] = "io.lambdabus.revision.created"
+    data: RevisionData
+
+
+class RevisionReady(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.revision.ready"
+    type: Literal["io.lambdabus.revision.ready"] = "io.lambdabus.revision.ready"
+    data: RevisionData
+
+
+class RevisionDeleted(LifecycleEvent):
+    EVENT_TYPE: ClassVar[str] = "io.lambdabus.revision.deleted"
+    type: Literal["io.lambdabus.revision.deleted"] = "io.lambdabus.revision.deleted"
+    data: RevisionData
+
+
 class DeliveryDeadlettered(LifecycleEvent):
     EVENT_TYPE: ClassVar[str] = "io.lambdabus.delivery.deadlettered"
     type: Literal["io.lambdabus.delivery.deadlettered"] = "io.lambdabus.delivery.deadlettered"
@@ -399,6 +423,9 @@ CATALOG: tuple[type[LifecycleEvent], ...] = (
     SecretUpdated,
     SecretDeleted,
     DeliveryDeadlettered,
+    RevisionCreated,
+    RevisionReady,
+    RevisionDeleted,
 )
 EVENT_TYPES: dict[str, type[LifecycleEvent]] = {cls.EVENT_TYPE: cls for cls in CATALOG}
 
@@ -424,6 +451,9 @@ AnyLifecycleEvent = Annotated[
         SecretUpdated,
         SecretDeleted,
         DeliveryDeadlettered,
+        RevisionCreated,
+        RevisionReady,
+        RevisionDeleted,
     ],
     Field(discriminator="type"),
 ]

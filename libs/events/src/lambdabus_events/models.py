@@ -611,6 +611,9 @@ class DeploymentState(_Strict):
     sandboxed: bool = False
     limits: InstanceLimits | None = None
     updated_at: datetime
+    revision: str = Field(
+        default="", description="the revision the endpoints serve (`<name>-00001`), when known"
+    )
 
 
 LogKind = Literal["build", "runtime"]
@@ -909,3 +912,65 @@ class Quota(_Strict):
             if self.max_concurrent_invocations is not None
             else defaults.max_concurrent_invocations,
         )
+
+
+# -- revisions and traffic (issue 11) ---------------------------------------------------------
+
+
+class Revision(_Strict):
+    """One immutable revision of a function: what ran at `generation` (the config and the
+    source), named `<name>-00001`, `<name>-00002`, … A change of scale settings creates none."""
+
+    name: str = Field(description="`<function>-<5 digits>`")
+    generation: int = Field(ge=1, description="the function generation that created it")
+    created: datetime
+    spec: FunctionConfig
+    source: SourceRef
+
+
+class TrafficTarget(_Strict):
+    """One entry of a function's route: a revision (by name, or the latest ready one) and its
+    share of the requests, optionally under a tag (served at `/{ns}/{name}@{tag}/...`)."""
+
+    revision: str | None = Field(default=None, description="a revision's name")
+    latest: bool = Field(default=False, description="the latest ready revision, whichever it is")
+    percent: int = Field(default=0, ge=0, le=100)
+    tag: Label | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TrafficTarget:
+        if (self.revision is None) == (not self.latest):
+            raise ValueError("a traffic entry names a revision or says latest: true (one of them)")
+        return self
+
+
+class FunctionRevisions(_Strict):
+    """The gateway-owned revisions of one function and its route, in the `revisions` KV bucket
+    (key `<ns>.<name>`). `traffic` None: 100% to the latest ready revision."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    revisions: list[Revision] = Field(default_factory=list)
+    next_number: int = Field(default=1, ge=1, description="the number the next revision gets")
+    traffic: list[TrafficTarget] | None = None
+
+
+class RevisionDeployment(_Strict):
+    """The deployer-owned record of one revision, in the `revision-deployments` KV bucket (key
+    `<ns>.<name>.<revision>`): the artifact it runs, and — while the deployer runs it apart
+    from the function's latest revision, because traffic or a tag names it — its endpoints."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    revision: str
+    generation: int
+    build_generation: int
+    artifact: str = Field(default="", description="empty until the deployer ran it")
+    endpoints: list[str] = Field(default_factory=list)
+    ready: bool = False
+    updated_at: datetime
+    announced: list[Literal["created", "ready"]] = Field(
+        default_factory=list, description="the revision.* events published for it already"
+    )

@@ -37,6 +37,8 @@ from lambdabus_platform.subjects import (
     LOGS_QUERY_SUBJECT,
     REDRIVE_PREFIX,
     REPLICAS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
+    REVISIONS_BUCKET,
     SCHEDULE_TICKS_BUCKET,
     SCHEDULES_BUCKET,
     TRIGGERS_BUCKET,
@@ -109,9 +111,16 @@ ACCESS: Final[Mapping[str, Access]] = {
             SECRETS_BUCKET,
             QUOTAS_BUCKET,
             SCHEDULES_BUCKET,
+            REVISIONS_BUCKET,
         ),
         # replicas: GET /v1/replicas
-        kv_read=(BUILDS_BUCKET, DEPLOYMENTS_BUCKET, FUNCTION_METRICS_BUCKET, REPLICAS_BUCKET),
+        kv_read=(
+            BUILDS_BUCKET,
+            DEPLOYMENTS_BUCKET,
+            FUNCTION_METRICS_BUCKET,
+            REPLICAS_BUCKET,
+            REVISION_DEPLOYMENTS_BUCKET,
+        ),
         objects_write=(ARTIFACTS_BUCKET,),
         read=("LIFECYCLE", "LOGS", "DLQ"),
         direct_get=("DLQ",),
@@ -130,9 +139,9 @@ ACCESS: Final[Mapping[str, Access]] = {
     "deployer": Access(
         "deployer",
         kv_write_own=(REPLICAS_BUCKET,),
-        lifecycle=("deployment",),
+        lifecycle=("deployment", "revision"),
         publish=(f"{LOGS_PREFIX}.runtime.>",),
-        kv_write=(DEPLOYMENTS_BUCKET, LEASES_BUCKET),
+        kv_write=(DEPLOYMENTS_BUCKET, LEASES_BUCKET, REVISION_DEPLOYMENTS_BUCKET),
         # quotas: per-namespace numbers (max instances), nothing secret
         kv_read=(
             FUNCTIONS_BUCKET,
@@ -140,6 +149,7 @@ ACCESS: Final[Mapping[str, Access]] = {
             SECRETS_BUCKET,
             QUOTAS_BUCKET,
             FUNCTION_LOAD_BUCKET,  # autoscaling: the routers' load samples
+            REVISIONS_BUCKET,
         ),
         durables={"LIFECYCLE": ("deployer-builds", "deployer-functions")},
         listen=(f"{WAKE_PREFIX}.>",),  # scale from zero: the routers' wake requests
@@ -162,6 +172,8 @@ ACCESS: Final[Mapping[str, Access]] = {
             TOKENS_BUCKET,
             QUOTAS_BUCKET,
             SCHEDULES_BUCKET,
+            REVISIONS_BUCKET,
+            REVISION_DEPLOYMENTS_BUCKET,
         ),
         durables={"EVENTS": (ANY,)},
         list_consumers=("EVENTS",),

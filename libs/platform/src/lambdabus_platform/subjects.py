@@ -59,6 +59,9 @@ SCHEDULE_TICKS_BUCKET = "schedule-ticks"  # router; the newest tick fired per sc
 # router (each its own keys, `<ns>.<fn>.<router id>`); the gateway adds them up
 FUNCTION_METRICS_BUCKET = "function-metrics"
 LEASES_BUCKET = "leases"  # deployer; its replicas' leader lease (key `deployer`)
+REVISIONS_BUCKET = "revisions"  # gateway; `<ns>.<fn>` → its revisions and its route
+# deployer; `<ns>.<fn>.<revision>` → a revision's artifact and, run apart, its endpoints
+REVISION_DEPLOYMENTS_BUCKET = "revision-deployments"
 KV_BUCKETS: tuple[str, ...] = (
     FUNCTIONS_BUCKET,
     BUILDS_BUCKET,
@@ -73,6 +76,8 @@ KV_BUCKETS: tuple[str, ...] = (
     SCHEDULE_TICKS_BUCKET,
     FUNCTION_METRICS_BUCKET,
     LEASES_BUCKET,
+    REVISIONS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
 )
 # The heartbeat registry (`replicas`): every service writes its own `<service>.<id>` keys, the
 # gateway reads them. Declared apart from KV_BUCKETS: in memory, entries expire (see replicas.py).

@@ -105,6 +105,12 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", _NS + "/triggers/{name}"): Action.READ,
     ("DELETE", _NS + "/triggers/{name}"): Action.MANAGE,
     ("GET", _NS + "/functions/{name}/metrics"): Action.READ,
+    # revisions and traffic (issue 11)
+    ("GET", _NS + "/functions/{name}/revisions"): Action.READ,
+    ("GET", _NS + "/functions/{name}/revisions/{revision}"): Action.READ,
+    ("DELETE", _NS + "/functions/{name}/revisions/{revision}"): Action.MANAGE,
+    ("GET", _NS + "/functions/{name}/traffic"): Action.READ,
+    ("PUT", _NS + "/functions/{name}/traffic"): Action.MANAGE,
     ("POST", _NS + "/schedules"): Action.MANAGE,
     ("GET", _NS + "/schedules"): Action.READ,
     ("GET", _NS + "/schedules/{name}"): Action.READ,

@@ -38,7 +38,12 @@ from lambdabus_platform.service import (
     run,
     subscribe_lifecycle,
 )
-from lambdabus_platform.subjects import LEASES_BUCKET, SECRETS_BUCKET, WAKE_PREFIX
+from lambdabus_platform.subjects import (
+    LEASES_BUCKET,
+    REVISIONS_BUCKET,
+    SECRETS_BUCKET,
+    WAKE_PREFIX,
+)
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -145,6 +150,9 @@ def make_setup(settings: DeployerSettings) -> Setup:
                             _watch_secrets(deployer, ctx, settings.reconcile_interval)
                         ),
                         asyncio.create_task(scaling.run()),
+                        asyncio.create_task(
+                            _watch_revisions(deployer, ctx, settings.reconcile_interval)
+                        ),
                     ]
                     leader.deployer = deployer
                     try:
@@ -194,6 +202,18 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 await elector.release()
 
     return setup
+
+
+async def _watch_revisions(deployer: Deployer, ctx: ServiceContext, retry: float) -> None:
+    """A changed route starts or stops the revisions it names; a broken watch starts again."""
+    while True:
+        try:
+            await deployer.watch_revisions(ctx.bus.kv(REVISIONS_BUCKET).watch(">"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watching the revisions bucket failed; watching again")
+        await asyncio.sleep(retry)
 
 
 async def _watch_secrets(deployer: Deployer, ctx: ServiceContext, retry: float) -> None:

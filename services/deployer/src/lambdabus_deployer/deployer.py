@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from lambdabus_deployer.backend import DeployBackend
 from lambdabus_deployer.plan import (
@@ -18,6 +19,7 @@ from lambdabus_deployer.plan import (
     Failure,
     ResolvedSecrets,
     desired_instances,
+    pinned_desired,
     resolve_secrets,
 )
 from lambdabus_deployer.state import DeploymentStates, Key
@@ -27,12 +29,23 @@ from lambdabus_events.catalog import (
     FunctionUpdated,
     LifecycleEvent,
 )
-from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
+from lambdabus_events.models import (
+    BuildState,
+    DeploymentState,
+    FunctionRecord,
+    FunctionRevisions,
+)
+from lambdabus_events.traffic import referenced, revision_of
 from lambdabus_platform.bus import Bus, KvEntry
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.secretbox import SecretKeyError
 from lambdabus_platform.secretstore import SecretStore
-from lambdabus_platform.subjects import BUILDS_BUCKET, FUNCTIONS_BUCKET, namespace_pattern
+from lambdabus_platform.subjects import (
+    BUILDS_BUCKET,
+    FUNCTIONS_BUCKET,
+    REVISIONS_BUCKET,
+    namespace_pattern,
+)
 
 log = logging.getLogger("lambdabus.deployer")
 
@@ -54,6 +67,7 @@ class Deployer:
         self._secrets = secrets
         self._functions = Registry(bus.kv(FUNCTIONS_BUCKET), FunctionRecord)
         self._builds = Registry(bus.kv(BUILDS_BUCKET), BuildState)
+        self._revisions = Registry(bus.kv(REVISIONS_BUCKET), FunctionRevisions)
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Instances the autoscaler wants, per function with `spec.scale` (see `scaling`).
         self.autoscaled: dict[Key, int] = {}
@@ -114,6 +128,16 @@ class Deployer:
                 await self._states.blocked(record, resolved)
                 return
             desired = desired_instances(record, build.value if build else None, running, resolved)
+            revisions = await self._revisions.get(namespace, name)
+            doc = revisions.value if revisions and revisions.value.uid == record.uid else None
+            if doc is not None:
+                await self._states.announce_created(doc)
+            if desired is not None and doc is not None:
+                named = revision_of(doc, desired.generation)
+                if named is not None:
+                    desired = replace(desired, revision=named.name)
+                    await self._states.record_revision(desired, endpoints=[])
+            await self._pin(record, doc, desired)
             if desired is None:
                 await self._states.idle(namespace, name, record.generation)
                 return
@@ -133,6 +157,69 @@ class Deployer:
                     # It failed before this deployer started; a new generation tries again.
                     return
             await self._backend.apply(desired)
+
+    async def _pin(
+        self,
+        record: FunctionRecord,
+        doc: FunctionRevisions | None,
+        latest: DesiredRevision | None,
+    ) -> None:
+        """Run apart every revision a route names that is not the latest one; stop those no
+        route names any more."""
+        ns, name = record.namespace, record.name
+        wanted: dict[str, DesiredRevision] = {}
+        named = referenced(doc) if doc is not None else {}
+        for revision in doc.revisions if doc is not None else ():
+            if revision.name not in named or (latest and latest.revision == revision.name):
+                continue
+            known = await self._states.revision(ns, name, revision.name)
+            if known is None or known.uid != record.uid or not known.artifact:
+                log.warning(
+                    "a route names a revision whose artifact the deployer never ran",
+                    extra={"namespace": ns, "function": name, "revision": revision.name},
+                )
+                continue
+            pinned_record = record.model_copy(
+                update={"spec": revision.spec, "source": revision.source}
+            )
+            resolved = await self._resolve(pinned_record)
+            if isinstance(resolved, Failure):
+                continue
+            wanted[revision.name] = replace(
+                pinned_desired(pinned_record, known.artifact, known.build_generation, resolved),
+                generation=revision.generation,
+                replicas=max(record.spec.replicas, 1),
+                revision=revision.name,
+                pinned=True,
+            )
+        prefix = f"{name}@"
+        for runner_ns, runner in self._backend.functions():
+            if (
+                runner_ns == ns
+                and runner.startswith(prefix)
+                and runner.removeprefix(prefix) not in wanted
+            ):
+                await self._backend.remove(ns, runner)
+        for desired in wanted.values():
+            await self._backend.apply(desired)
+        keep = set(wanted) | ({latest.revision} if latest is not None else set())
+        keep |= {r.name for r in doc.revisions} if doc is not None else set()
+        await self._states.forget_revisions(ns, name, keep)
+
+    async def on_revisions_change(self, key: str) -> None:
+        namespace, _, name = key.partition(".")
+        await self.reconcile_one(namespace, name)
+
+    async def watch_revisions(self, changes: AsyncIterator[KvEntry]) -> None:
+        """Follow the `revisions` KV: a route that changed starts or stops revisions."""
+        async for entry in changes:
+            try:
+                await self.on_revisions_change(entry.key)
+            except Exception:
+                log.exception(
+                    "reconcile after a route change failed; retried at the next pass",
+                    extra={"key": entry.key},
+                )
 
     async def _resolve(self, record: FunctionRecord) -> ResolvedSecrets | Failure:
         """The function's secrets, decrypted and resolved (see `resolve_secrets`); a secret the
@@ -189,6 +276,10 @@ class Deployer:
             return
         log.info("stopping a deleted function", extra={"namespace": namespace, "function": name})
         self.autoscaled.pop((namespace, name), None)
+        for runner_ns, runner in self._backend.functions():
+            if runner_ns == namespace and runner.startswith(f"{name}@"):
+                await self._backend.remove(namespace, runner)
+        await self._states.forget_revisions(namespace, name, set())
         await self._states.withdraw(namespace, name)
         await self._backend.remove(namespace, name)
         await self._states.forget(namespace, name)
@@ -197,7 +288,7 @@ class Deployer:
         records = await self._bus.kv(FUNCTIONS_BUCKET).values(">")
         keys: set[Key] = {(ns, name) for ns, _, name in (e.key.partition(".") for e in records)}
         keys |= await self._states.keys()
-        keys |= self._backend.functions()
+        keys |= {(ns, n) for ns, n in self._backend.functions() if "@" not in n}
         for namespace, name in sorted(keys):
             try:
                 await self.reconcile_one(namespace, name)

@@ -907,7 +907,7 @@ class FunctionRunner:
             return
         self.target = RevisionSet(self, desired, manifest)
         self.target.scale(desired.replicas)
-        if self.serving is None and self._previous is None:
+        if self.serving is None and self._previous is None and not desired.pinned:
             self._legacy = self.backend.claim_legacy(desired.function, desired.key)
 
     async def _retire_legacy(self, legacy: list[ProcessRecord], *, drain: bool) -> None:
@@ -920,8 +920,10 @@ class FunctionRunner:
     def observe(self) -> Observation:
         groups = [g for g in (self.target, self.serving) if g is not None]
         endpoints = self.serving.ready_endpoints() if self.serving is not None else []
+        serving = self.serving.revision.revision if self.serving is not None else ""
         if not endpoints and self.target is not None:
             endpoints = self.target.ready_endpoints()
+            serving = self.target.revision.revision
         if not endpoints and self._legacy:
             endpoints = [r.endpoint for r in self._legacy if r.ready and is_running(r)]
         sandbox = self.backend.sandbox
@@ -936,6 +938,7 @@ class FunctionRunner:
             scaling=self.scaling,
             serving_generation=self.serving.revision.generation if self.serving else None,
             failure=self.failure,
+            serving_revision=serving,
             sandboxed=sandbox.enabled,
             sandbox_note=sandbox.reason,
             limits=self.backend.limiter.report(
@@ -1035,7 +1038,7 @@ class LocalBackend:
         return runner.desired if runner is not None else None
 
     async def apply(self, desired: DesiredRevision) -> None:
-        key = (desired.namespace, desired.name)
+        key = (desired.namespace, desired.runner_name)
         runner = self._runners.get(key)
         if runner is not None and runner.desired.uid != desired.uid:
             await self.remove(*key)

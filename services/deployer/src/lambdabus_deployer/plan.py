@@ -100,6 +100,15 @@ class DesiredRevision:
     # `spec.scale` is set: `replicas` is the autoscaler's (its own deployment.scaled events say
     # from, to and why; the state's phase changes to `scaled` announce nothing more).
     autoscaled: bool = False
+    # The revision this is (`<name>-00001`; "" before revisions were kept), and whether it runs
+    # apart from the function's latest revision because a route names it (not in the key).
+    revision: str = ""
+    pinned: bool = False
+
+    @property
+    def runner_name(self) -> str:
+        """The backend's name for the runner: the function, or `<name>@<revision>` pinned."""
+        return f"{self.name}@{self.revision}" if self.pinned else self.name
 
     @property
     def function(self) -> str:
@@ -205,6 +214,23 @@ def _built(
         secret_env=secrets.env,
         command=tuple(spec.command),
     )
+
+
+def pinned_desired(
+    record: FunctionRecord, artifact: str, build_generation: int, secrets: ResolvedSecrets
+) -> DesiredRevision:
+    """A revision run apart: its own config (`record` carries the revision's spec) and the
+    artifact the deployer ran it with."""
+    build = BuildState(
+        namespace=record.namespace,
+        name=record.name,
+        uid=record.uid,
+        generation=build_generation,
+        phase="succeeded",
+        artifact=artifact,
+        updated_at=record.updated_at,
+    )
+    return _built(record, build, artifact, record.generation, secrets)
 
 
 def desired_instances(
@@ -539,6 +565,7 @@ class Observation:
     sandboxed: bool = True
     sandbox_note: str = ""
     limits: InstanceLimits | None = None
+    serving_revision: str = ""  # the revision whose instances the endpoints are
 
 
 Phase = Literal["started", "ready", "failed", "scaled", "stopped"]
@@ -631,6 +658,7 @@ def next_deployment_state(
         sandboxed=obs.sandboxed,
         limits=obs.limits,
         updated_at=now,
+        revision=obs.serving_revision if obs.endpoints else rev.revision,
     )
     if previous is not None and _same(previous, state):
         return Decision(previous, write=False, event=None)

@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 from lambdabus_deployer.plan import (
+    DesiredRevision,
     Failure,
     Observation,
     blocked_state,
@@ -19,15 +23,36 @@ from lambdabus_deployer.plan import (
     stopped_state,
     withdrawn_state,
 )
-from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import DeploymentState, FunctionRecord
+from lambdabus_events.catalog import (
+    LifecycleEvent,
+    RevisionCreated,
+    RevisionData,
+    RevisionDeleted,
+    RevisionReady,
+    lifecycle_event,
+)
+from lambdabus_events.models import (
+    DeploymentState,
+    FunctionRecord,
+    FunctionRevisions,
+    RevisionDeployment,
+)
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET
+from lambdabus_platform.subjects import (
+    DEPLOYMENTS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
+    function_key,
+)
 
 log = logging.getLogger("lambdabus.deployer.state")
 
 Key = tuple[str, str]
+_REVISION_EVENTS: dict[str, type[LifecycleEvent]] = {
+    "created": RevisionCreated,
+    "ready": RevisionReady,
+    "deleted": RevisionDeleted,
+}
 
 
 class DeploymentStates:
@@ -38,6 +63,7 @@ class DeploymentStates:
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._gone: set[Key] = set()  # being removed: late observations must not revive them
         self._closed = False
+        self._revisions: dict[str, RevisionDeployment] = {}
 
     async def get(self, namespace: str, name: str) -> DeploymentState | None:
         found = await self._registry.get(namespace, name)
@@ -58,6 +84,9 @@ class DeploymentStates:
     async def observe(self, obs: Observation) -> None:
         """Fold a backend's observation into the state; write it, then announce a transition.
         Raises when NATS fails: the backend reports again."""
+        if obs.revision.pinned:
+            await self.pinned(obs)
+            return
         key = (obs.revision.namespace, obs.revision.name)
         async with self._locks[key]:
             if self._closed or key in self._gone:
@@ -69,6 +98,125 @@ class DeploymentStates:
             if decision.event is not None:
                 await self._publish(decision.event)
             self._last[key] = decision.state
+        state = decision.state
+        if state.revision and state.endpoints:
+            await self.announce_ready(state.namespace, state.name, state.revision)
+
+    async def pinned(self, obs: Observation) -> None:
+        """A revision run apart (a route names it): its endpoints, in `revision-deployments`."""
+        rev = obs.revision
+        key = (rev.namespace, rev.runner_name)
+        async with self._locks[key]:
+            if self._closed or key in self._gone:
+                return
+            await self.record_revision(rev, endpoints=list(obs.endpoints))
+
+    async def record_revision(self, rev: DesiredRevision, endpoints: list[str]) -> None:
+        """Write what the deployer knows of a revision (its artifact, its endpoints when run
+        apart), unless the stored record says the same; announce it ready the first time."""
+        current = await self.revision(rev.namespace, rev.name, rev.revision)
+        announced = list(current.announced) if current and current.uid == rev.uid else []
+        record = RevisionDeployment(
+            namespace=rev.namespace,
+            name=rev.name,
+            uid=rev.uid,
+            revision=rev.revision,
+            generation=rev.generation,
+            build_generation=rev.build_generation,
+            artifact=rev.artifact,
+            endpoints=endpoints,
+            ready=bool(endpoints),
+            updated_at=datetime.now(UTC),
+            announced=announced,
+        )
+        await self._store_revision(current, record)
+        if endpoints:
+            await self.announce_ready(rev.namespace, rev.name, rev.revision)
+
+    async def _store_revision(
+        self, current: RevisionDeployment | None, record: RevisionDeployment
+    ) -> None:
+        if current is not None and current.model_dump(exclude={"updated_at"}) == record.model_dump(
+            exclude={"updated_at"}
+        ):
+            return
+        key = f"{function_key(record.namespace, record.name)}.{record.revision}"
+        await self._bus.kv(REVISION_DEPLOYMENTS_BUCKET).put(key, record.model_dump_json().encode())
+        self._revisions[key] = record
+
+    async def _announce(self, record: RevisionDeployment, verb: str) -> RevisionDeployment:
+        data = RevisionData(
+            namespace=record.namespace,
+            name=record.name,
+            uid=record.uid,
+            generation=record.generation,
+            revision=record.revision,
+        )
+        await self._publish(
+            lifecycle_event(
+                _REVISION_EVENTS[verb],
+                data,
+                service="deployer",
+                subject=f"{record.namespace}/{record.name}",
+                key=f"{record.uid}:{record.revision}",
+            )
+        )
+        if verb == "deleted":
+            return record
+        announced = [*record.announced, verb]
+        return record.model_copy(update={"announced": announced})
+
+    async def announce_created(self, doc: FunctionRevisions) -> None:
+        """`revision.created`, once, for each revision of the function the deployer has not
+        announced yet (its record remembers it, across deployer restarts)."""
+        for revision in doc.revisions:
+            current = await self.revision(doc.namespace, doc.name, revision.name)
+            if current is not None and current.uid == doc.uid and "created" in current.announced:
+                continue
+            record = (
+                current
+                if current is not None and current.uid == doc.uid
+                else RevisionDeployment(
+                    namespace=doc.namespace,
+                    name=doc.name,
+                    uid=doc.uid,
+                    revision=revision.name,
+                    generation=revision.generation,
+                    build_generation=0,
+                    updated_at=datetime.now(UTC),
+                )
+            )
+            await self._store_revision(current, await self._announce(record, "created"))
+
+    async def announce_ready(self, namespace: str, name: str, revision: str) -> None:
+        current = await self.revision(namespace, name, revision)
+        if current is None or "ready" in current.announced:
+            return
+        await self._store_revision(current, await self._announce(current, "ready"))
+
+    async def revision(self, namespace: str, name: str, revision: str) -> RevisionDeployment | None:
+        key = f"{function_key(namespace, name)}.{revision}"
+        if key in self._revisions:
+            return self._revisions[key]
+        entry = await self._bus.kv(REVISION_DEPLOYMENTS_BUCKET).get(key)
+        if entry is None or not entry.value:
+            return None
+        found = RevisionDeployment.model_validate_json(entry.value)
+        self._revisions[key] = found
+        return found
+
+    async def forget_revisions(self, namespace: str, name: str, keep: set[str]) -> None:
+        """Delete the revision records of a function but those in `keep`."""
+        kv = self._bus.kv(REVISION_DEPLOYMENTS_BUCKET)
+        for entry in await kv.values(f"{function_key(namespace, name)}.*"):
+            revision = entry.key.rsplit(".", 1)[-1]
+            if revision not in keep and entry.value:
+                with contextlib.suppress(ValidationError):
+                    await self._announce(
+                        RevisionDeployment.model_validate_json(entry.value), "deleted"
+                    )
+                await kv.delete(entry.key)
+                self._revisions.pop(entry.key, None)
 
     async def idle(self, namespace: str, name: str, generation: int) -> None:
         """Nothing runs for the function, and nothing can yet: clear endpoints it may list."""

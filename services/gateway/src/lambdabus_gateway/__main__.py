@@ -15,6 +15,7 @@ from lambdabus_gateway.gitsync import GitSources, GitSync
 from lambdabus_gateway.invocations import Invocations
 from lambdabus_gateway.invoke import Invoker
 from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.revisions import Revisions
 from lambdabus_gateway.schedules import Schedules
 from lambdabus_gateway.secrets import Secrets
 from lambdabus_gateway.settings import GatewaySettings
@@ -69,6 +70,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 await tokens.bootstrap_admin(
                     settings.bootstrap_token_file, renew=settings.bootstrap_renew
                 )
+            revisions = Revisions(ctx.bus, keep=settings.revisions_kept)
             functions = Functions(
                 bus=ctx.bus,
                 records=records,
@@ -81,6 +83,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 allow_unsafe_requirements=settings.allow_unsafe_requirements,
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
                 git=git_sources,
+                revisions=revisions,
             )
             git_sync = GitSync(
                 functions=functions, sources=git_sources, interval=settings.git_poll_interval
@@ -94,6 +97,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
                 deployments=Registry(ctx.bus.kv(DEPLOYMENTS_BUCKET), DeploymentState),
                 stopping=ctx.stopping,
+                revisions=revisions,
                 invoker=invoker,
                 triggers=triggers,
                 deadletters=DeadLetters(bus=ctx.bus, triggers=triggers),

@@ -28,6 +28,7 @@ from lambdabus_gateway.logs import query as query_logs
 from lambdabus_gateway.logs import stream_logs
 from lambdabus_gateway.openapi import render_openapi
 from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.revisions import Revisions
 from lambdabus_gateway.schedules import Schedules, parse_schedule
 from lambdabus_gateway.secrets import MAX_BODY_BYTES, Secrets, parse_secret_body
 from lambdabus_gateway.settings import GatewaySettings
@@ -61,6 +62,7 @@ class Gateway:
     quotas: Quotas
     schedules: Schedules
     git_sync: GitSync | None = None
+    revisions: Revisions | None = None
     docs: FunctionDocs = field(default_factory=FunctionDocs)
 
 
@@ -592,6 +594,49 @@ async def put_quota(request: web.Request) -> web.Response:
     return await _quota_response(gw, ns)
 
 
+# -- revisions and traffic ---------------------------------------------------------------------
+
+
+async def _revisions_of(request: web.Request) -> tuple[Revisions, FunctionRecord]:
+    gw = request.app[GATEWAY]
+    ns, name = _label(request, "ns", "namespace"), _label(request, "name", "function name")
+    current = await gw.functions.get(ns, name)  # 404 function_not_found
+    if gw.revisions is None:
+        raise NotFound("revisions are not kept by this gateway", code="revisions_unavailable")
+    return gw.revisions, current.value
+
+
+async def list_revisions(request: web.Request) -> web.Response:
+    revisions, record = await _revisions_of(request)
+    return web.json_response({"items": await revisions.listing(record)})
+
+
+async def get_revision(request: web.Request) -> web.Response:
+    revisions, record = await _revisions_of(request)
+    return web.json_response(await revisions.one(record, request.match_info["revision"]))
+
+
+async def delete_revision(request: web.Request) -> web.Response:
+    revisions, record = await _revisions_of(request)
+    return web.json_response(await revisions.delete(record, request.match_info["revision"]))
+
+
+async def get_traffic(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    revisions, record = await _revisions_of(request)
+    router = gw.settings.public_router_url or gw.settings.router_url
+    return web.json_response(await revisions.traffic(record, router))
+
+
+async def put_traffic(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    revisions, record = await _revisions_of(request)
+    body = await read_body(request, gw.settings.max_spec_bytes, "the traffic")
+    await revisions.set_traffic(record, _json_object(body, "the traffic"))
+    router = gw.settings.public_router_url or gw.settings.router_url
+    return web.json_response(await revisions.traffic(record, router))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(render_openapi())
 
@@ -614,6 +659,11 @@ def add_routes(app: web.Application) -> None:
     r.add_post(base + "/{name}/sync", sync_function)
     r.add_get(base + "/{name}/docs", function_docs)
     r.add_get(base + "/{name}/docs.yml", function_docs_yaml)
+    r.add_get(base + "/{name}/revisions", list_revisions)
+    r.add_get(base + "/{name}/revisions/{revision}", get_revision)
+    r.add_delete(base + "/{name}/revisions/{revision}", delete_revision)
+    r.add_get(base + "/{name}/traffic", get_traffic)
+    r.add_put(base + "/{name}/traffic", put_traffic)
     namespace = "/v1/namespaces/{ns}"
     r.add_post(namespace + "/triggers", create_trigger)
     r.add_get(namespace + "/triggers", list_triggers)

@@ -39,6 +39,7 @@ from lambdabus_events.models import (
     SourceRef,
 )
 from lambdabus_gateway.quotas import Quotas
+from lambdabus_gateway.revisions import Revisions
 from lambdabus_gateway.uploads import Upload, parse_config, parse_spec, refuse_platform_fields
 from lambdabus_platform.archive import ArchiveLimits, build_inline_archive, inspect_archive
 from lambdabus_platform.blobstore import BlobStore
@@ -190,7 +191,9 @@ class Functions:
         allow_unsafe_requirements: bool = False,
         builds: Registry[BuildState] | None = None,
         git: GitSources | None = None,
+        revisions: Revisions | None = None,
     ) -> None:
+        self._revisions = revisions
         self._git = git
         self._bus = bus
         self._builds = builds
@@ -311,6 +314,8 @@ class Functions:
                 f"function {namespace}/{spec.name} already exists; use PUT to replace it",
                 code="function_exists",
             ) from exc
+        if self._revisions is not None:
+            await self._revisions.record(record)
         data = FunctionCreatedData(
             namespace=namespace,
             name=spec.name,
@@ -429,6 +434,8 @@ class Functions:
                 stored_source = True
             try:
                 stored = await self._records.update(namespace, name, record, current.revision)
+                if self._revisions is not None:
+                    await self._revisions.record(record)
             except Conflict:
                 if if_match is not None:
                     raise PreconditionFailed(
@@ -538,6 +545,8 @@ class Functions:
                     ) from None
                 continue
             record = current.value
+            if self._revisions is not None:
+                await self._revisions.forget(namespace, name)
             data = FunctionDeletedData(
                 namespace=namespace, name=name, uid=record.uid, generation=record.generation
             )

@@ -640,6 +640,107 @@ def render_openapi() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/namespaces/{ns}/functions/{name}/revisions": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "listRevisions",
+                "summary": "The function's immutable revisions, oldest first",
+                "description": (
+                    "`{items: [{name, generation, created, ready, image_status, status, "
+                    "traffic_percent, tags, runtime, source_sha256}]}`. A change of what runs "
+                    "(source, runtime, handler, env, secrets, memory, cpu, timeout, limits, "
+                    "command) makes a revision `<name>-00001`, `<name>-00002`, ...; a change of "
+                    "scale settings alone makes none."
+                ),
+                "responses": {
+                    "200": {
+                        "description": "the revisions",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/functions/{name}/revisions/{revision}": {
+            "parameters": [*_params("ns", "name"), *_params("revision")],
+            "get": {
+                "operationId": "getRevision",
+                "responses": {
+                    "200": {
+                        "description": "the revision",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such revision (`revision_not_found`)"),
+                },
+            },
+            "delete": {
+                "operationId": "deleteRevision",
+                "summary": "Delete a revision nothing routes to",
+                "responses": {
+                    "200": {
+                        "description": "deleted; its instances stop",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such revision (`revision_not_found`)"),
+                    "409": _json(
+                        "Error",
+                        "the route gives it traffic or a tag, or it is the latest "
+                        "(`revision_in_use`)",
+                    ),
+                },
+            },
+        },
+        "/v1/namespaces/{ns}/functions/{name}/traffic": {
+            "parameters": _params("ns", "name"),
+            "get": {
+                "operationId": "getTraffic",
+                "summary": "The function's route and its status",
+                "description": (
+                    "`{traffic, effective, latest_created_revision, latest_ready_revision, "
+                    "urls: {default, <tag>...}, conditions: [{type: AllTrafficAssigned, ...}]}`. "
+                    "`effective`: the percent each ready revision gets now (the share of an "
+                    "entry whose revision is not ready goes to the ready ones meanwhile)."
+                ),
+                "responses": {
+                    "200": {
+                        "description": "the route",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _ERRORS["400"],
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                },
+            },
+            "put": {
+                "operationId": "setTraffic",
+                "summary": "Split the function's traffic among its revisions",
+                "description": (
+                    '`{"traffic": [{"revision": "hello-00001", "percent": 90}, {"latest": '
+                    'true, "percent": 10, "tag": "candidate"}]}`: integer percents summing to '
+                    "100; a tagged entry answers at `/{ns}/{name}@{tag}/...` on the router. "
+                    "Every answer through the router says its revision in "
+                    "`X-Lambdabus-Revision`."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "the route after the change",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _json(
+                        "Error",
+                        "percents that do not sum to 100 (`traffic_sum`, naming the sum), an "
+                        "unknown revision (`revision_not_found`), a tag used twice",
+                    ),
+                    "404": _json("Error", "no such function (`function_not_found`)"),
+                },
+            },
+        },
         "/v1/namespaces/{ns}/schedules": {
             "parameters": _params("ns"),
             "post": {

@@ -29,6 +29,12 @@ class GatewaySettings(ServiceSettings):
         default=250 * MiB, gt=0, description="largest unpacked archive"
     )
     max_archive_entries: int = Field(default=10_000, gt=0, description="entries per zip")
+    revisions_kept: int = Field(
+        default=20,
+        ge=1,
+        description="revisions kept per function, newest first; one the route names and the "
+        "latest are never collected",
+    )
     max_spec_bytes: int = Field(
         default=512 * 1024,
         gt=0,

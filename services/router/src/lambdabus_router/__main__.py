@@ -19,6 +19,8 @@ from lambdabus_platform.subjects import (
     FUNCTION_METRICS_BUCKET,
     FUNCTIONS_BUCKET,
     QUOTAS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
+    REVISIONS_BUCKET,
     TOKENS_BUCKET,
     wake_subject,
 )
@@ -75,6 +77,7 @@ def make_setup(
                 ctx.bus.kv(DEPLOYMENTS_BUCKET),
                 ctx.bus.kv(FUNCTIONS_BUCKET),
                 ctx.bus.kv(QUOTAS_BUCKET),
+                (ctx.bus.kv(REVISIONS_BUCKET), ctx.bus.kv(REVISION_DEPLOYMENTS_BUCKET)),
             ),
         ):
             router.add_routes(ctx.app)

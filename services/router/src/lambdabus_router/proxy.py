@@ -16,14 +16,16 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import ValidationError
 
-from lambdabus_events.models import DeploymentState
+from lambdabus_events.models import DeploymentState, FunctionRevisions, RevisionDeployment
 from lambdabus_events.names import label_problem
+from lambdabus_events.traffic import Route, choose, effective
 from lambdabus_platform.bus import Kv
 from lambdabus_platform.errors import (
     InvalidName,
@@ -75,6 +77,9 @@ INVOCATION_HEADER = "X-Lambdabus-Invocation-Id"
 COLD_START_HEADER = "X-Lambdabus-Cold-Start"  # the runtime's, on an instance's first answer
 _INVOCATION_LOWER = INVOCATION_HEADER.lower()
 INVOCATION_KEY = web.RequestKey("lambdabus_invocation_id", str)
+TAG_KEY = web.RequestKey("lambdabus_traffic_tag", str)
+REVISION_KEY = web.RequestKey("lambdabus_revision", str)
+REVISION_HEADER = "X-Lambdabus-Revision"
 
 _NO_BODY = b""
 
@@ -124,12 +129,31 @@ class Router:
         # `spec.concurrency`: requests in flight per instance at most; more wait for a slot.
         self.per_instance: dict[FunctionId, int] = {}
         self._freed: dict[FunctionId, asyncio.Event] = {}
+        # Revisions (issue 11): each function's route (`revisions` KV) and the endpoints of the
+        # revisions run apart from its latest one (`revision-deployments` KV).
+        self._revision_kvs: tuple[Kv, Kv] | None = None
+        self.routes: dict[FunctionId, FunctionRevisions] = {}
+        self.pinned: dict[FunctionId, dict[str, list[str]]] = {}
+        self._route_cache: dict[
+            FunctionId,
+            tuple[
+                FunctionRevisions | None,
+                DeploymentState | None,
+                dict[str, list[str]] | None,
+                Route | None,
+                Mapping[str, list[str]],
+            ],
+        ] = {}
 
     # -- lifetime ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def running(
-        self, deployments: Kv, functions: Kv, quotas: Kv | None = None
+        self,
+        deployments: Kv,
+        functions: Kv,
+        quotas: Kv | None = None,
+        revisions: tuple[Kv, Kv] | None = None,
     ) -> AsyncIterator[Router]:
         """Load both tables, follow them, and own the HTTP clients, for the router's life: the
         data plane's `Upstream`, and an aiohttp session for other calls to instances."""
@@ -149,6 +173,7 @@ class Router:
             raise_for_status=False,
         )
         follower: asyncio.Task[None] | None = None
+        self._revision_kvs = revisions
         try:
             async with Upstream(
                 pool_size=s.pool_size_per_instance,
@@ -182,6 +207,13 @@ class Router:
             for entry in await quotas.values(">"):
                 self._on_quota(entry.key, entry.value)
         self.table = load((e.key, e.value) for e in await deployments.values(">"))
+        if self._revision_kvs is not None:
+            self.routes, self.pinned = {}, {}
+            routes, pinned = self._revision_kvs
+            for entry in await routes.values(">"):
+                self._on_route(entry.key, entry.value)
+            for entry in await pinned.values(">"):
+                self._on_pinned(entry.key, entry.value)
         log.info(
             "endpoints loaded",
             extra={"functions": len(self.known), "deployments": len(self.table)},
@@ -201,6 +233,9 @@ class Router:
                     group.create_task(self._watch(functions, self._on_function))
                     if quotas is not None:
                         group.create_task(self._watch(quotas, self._on_quota))
+                    if self._revision_kvs is not None:
+                        group.create_task(self._watch(self._revision_kvs[0], self._on_route))
+                        group.create_task(self._watch(self._revision_kvs[1], self._on_pinned))
             except* Exception as errors:
                 log.warning("KV watch failed; re-opening", exc_info=errors)
             # Back off while watches keep failing at once; start over after a long run.
@@ -229,6 +264,74 @@ class Router:
         self.table = apply(self.table, key, value)
         if value and parse_key(key) not in self.table:
             log.warning("ignoring a deployments entry that is not a state", extra={"key": key})
+
+    def _on_route(self, key: str, value: bytes) -> None:
+        fid = parse_key(key)
+        if fid is None:
+            return
+        try:
+            doc = FunctionRevisions.model_validate_json(value) if value else None
+        except ValidationError:
+            doc = None
+        if doc is None:
+            self.routes.pop(fid, None)
+            self._route_cache.pop(fid, None)
+        else:
+            self.routes[fid] = doc
+
+    def _on_pinned(self, key: str, value: bytes) -> None:
+        function, _, revision = key.rpartition(".")
+        fid = parse_key(function)
+        if fid is None or not revision:
+            return
+        try:
+            item = RevisionDeployment.model_validate_json(value) if value else None
+        except ValidationError:
+            item = None
+        found = dict(self.pinned.get(fid, {}))  # a new mapping: the route cache sees it moved
+        if item is None or not item.endpoints:
+            found.pop(revision, None)
+        else:
+            found[revision] = list(item.endpoints)
+        self.pinned[fid] = found
+
+    def _route(
+        self, fid: FunctionId, state: DeploymentState | None
+    ) -> tuple[Route | None, Mapping[str, list[str]]]:
+        """The function's route as it applies now and the endpoints per ready revision,
+        computed again only when the route, the state or the run-apart endpoints moved."""
+        doc, pinned = self.routes.get(fid), self.pinned.get(fid)
+        cached = self._route_cache.get(fid)
+        if cached is not None and cached[0] is doc and cached[1] is state and cached[2] is pinned:
+            return cached[3], cached[4]
+        endpoints: dict[str, list[str]] = dict(pinned or {})
+        latest: str | None = None
+        if state is not None and state.endpoints:
+            latest = state.revision or None
+            endpoints[state.revision] = state.endpoints
+        route: Route | None = None
+        if doc is not None and (state is None or doc.uid == state.uid):
+            route = effective(doc.traffic, latest, [r for r, e in endpoints.items() if e and r])
+        self._route_cache[fid] = (doc, state, pinned, route, endpoints)
+        return route, endpoints
+
+    def _revision_endpoints(
+        self, fid: FunctionId, state: DeploymentState | None, tag: str | None
+    ) -> tuple[str, list[str]] | None:
+        """The revision this request goes to and its endpoints, by the function's route; None
+        for a tag the route does not name."""
+        route, endpoints = self._route(fid, state)
+        if route is None:
+            if tag is not None:
+                return None
+            return (state.revision, state.endpoints) if state is not None else ("", [])
+        if tag is not None:
+            name = route.tags.get(tag)
+            return (name, endpoints.get(name, [])) if name is not None else None
+        name = choose(route.weights, self._counter)
+        if name is None:
+            return (state.revision, state.endpoints) if state is not None else ("", [])
+        return name, endpoints.get(name, [])
 
     def _on_function(self, key: str, value: bytes) -> None:
         self.protected = apply_protected(self.protected, key, value)
@@ -279,7 +382,10 @@ class Router:
         invocation = uuid.uuid4().hex
         request[INVOCATION_KEY] = invocation
         info = request.match_info
-        fid = (info["ns"], info["name"])
+        name, at, tag = info["name"].partition("@")
+        fid = (info["ns"], name)
+        if at:
+            request[TAG_KEY] = tag
         refused = await self._check_token(request, fid) if fid in self.protected else None
         if refused is not None:  # before admission: a refused caller takes no slot
             response: web.StreamResponse = refused
@@ -289,6 +395,8 @@ class Router:
             response = await self._invoke(request, fid)
         if not response.prepared:  # a streamed answer got it before its head went out
             response.headers[INVOCATION_HEADER] = invocation
+            if request.get(REVISION_KEY):
+                response.headers[REVISION_HEADER] = request[REVISION_KEY]
         if fid in self.known:
             took = time.perf_counter() - started
             self.metrics.observe(fid[0], fid[1], response.status, took)
@@ -331,7 +439,16 @@ class Router:
             if isinstance(held, web.Response):
                 return held
             state = held
-        if state is None or not state.endpoints:
+        chosen = self._revision_endpoints(fid, state, request.get(TAG_KEY))
+        if chosen is None:
+            return error_response(
+                NotFound(
+                    f"function {fid[0]}/{fid[1]} has no traffic tag {request.get(TAG_KEY)}",
+                    code="tag_not_found",
+                )
+            )
+        request[REVISION_KEY], endpoints = chosen
+        if state is None or not endpoints:
             return error_response(
                 TemporaryError(
                     f"function {fid[0]}/{fid[1]} has no ready instance yet; retry shortly",
@@ -367,7 +484,7 @@ class Router:
         per_instance = self.per_instance.get(fid, 0)
         if per_instance:
             return await self._within_concurrency(fid, per_instance, request, headers, body)
-        return await self._send(fid, state, request, headers, body, timeout)
+        return await self._send(fid, state, endpoints, request, headers, body, timeout)
 
     async def _within_concurrency(
         self,
@@ -385,14 +502,18 @@ class Router:
         deadline = loop.time() + state.timeout
         while True:
             state = self.table.get(fid)
-            if state is not None and state.endpoints:
-                free = [e for e in state.endpoints if self.in_flight[e] < limit]
+            chosen = self._revision_endpoints(fid, state, request.get(TAG_KEY))
+            endpoints = chosen[1] if chosen is not None else []
+            if chosen is not None:
+                request[REVISION_KEY] = chosen[0]
+            if state is not None and endpoints:
+                free = [e for e in endpoints if self.in_flight[e] < limit]
                 if free:
                     endpoint = min(free, key=lambda e: self.in_flight[e])
                     timeout = state.timeout + self.settings.timeout_margin_seconds
                     try:
                         return await self._send(
-                            fid, state, request, headers, body, timeout, endpoint
+                            fid, state, endpoints, request, headers, body, timeout, endpoint
                         )
                     finally:
                         freed = self._freed.pop(fid, None)
@@ -417,13 +538,13 @@ class Router:
         self,
         fid: FunctionId,
         state: DeploymentState,
+        endpoints: list[str],
         request: web.Request,
         headers: list[tuple[str, str]],
         body: bytes,
         timeout: float,
         endpoint: str | None = None,
     ) -> web.StreamResponse:
-        endpoints = state.endpoints
         self._counter += 1
         in_flight = self.in_flight if self._least_loaded else None
         if endpoint is None:
@@ -584,6 +705,8 @@ class Router:
                 headers=response_headers(upstream.headers),
             )
             response.headers[INVOCATION_HEADER] = request[INVOCATION_KEY]
+            if request.get(REVISION_KEY):
+                response.headers[REVISION_HEADER] = request[REVISION_KEY]
             length = _head_length(upstream) if request.method == "HEAD" else upstream.length
             if length is not None:
                 response.content_length = length
