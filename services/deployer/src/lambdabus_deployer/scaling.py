@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 from lambdabus_deployer.autoscale import Autoscaler, Decision, ScalePolicy
 from lambdabus_deployer.deployer import Deployer
 from lambdabus_deployer.state import Key
@@ -46,6 +48,7 @@ class Scaling:
         self._wall = wall
         self._reader = LoadReader(max_age=sample_max_age)
         self._scalers: dict[Key, tuple[str, ScaleSpec, Autoscaler]] = {}
+        self._unreadable: set[str] = set()  # function keys whose record does not parse
         self._lock = asyncio.Lock()  # a tick and a wake-up decide one at a time
 
     def _policy(self, scale: ScaleSpec) -> ScalePolicy:
@@ -94,7 +97,16 @@ class Scaling:
         now = self._clock()
         records = {}
         for entry in await self._bus.kv(FUNCTIONS_BUCKET).values(">"):
-            record = FunctionRecord.model_validate_json(entry.value)
+            try:
+                record = FunctionRecord.model_validate_json(entry.value)
+            except ValidationError:
+                # One record that does not parse must not stop every function's scaling.
+                if entry.key not in self._unreadable:
+                    self._unreadable.add(entry.key)
+                    log.warning(
+                        "skipping a function record that does not parse", extra={"key": entry.key}
+                    )
+                continue
             if record.spec.scale is not None:
                 records[(record.namespace, record.name)] = record
         entries = await self._bus.kv(FUNCTION_LOAD_BUCKET).values(">")
