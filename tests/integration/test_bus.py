@@ -57,6 +57,22 @@ async def test_kv_values_by_pattern(bus: Bus) -> None:
     assert await kv.values("nothing-here.*") == []
 
 
+async def test_kv_reads_leave_no_consumer_behind(bus: Bus) -> None:
+    """Each read and watch makes an ephemeral consumer; one left on the server after the read
+    (nats-py leaves it for five minutes) counts against the stream's 1,000 consumers, and a
+    platform that reads a bucket every second would be refused after a while."""
+    kv = bus.kv("functions")
+    await kv.put("consumers.a", b"a")
+    before = len(await bus.consumer_names("KV_functions"))
+    for _ in range(1_100):
+        assert [e.key for e in await kv.values("consumers.*")] == ["consumers.a"]
+    async with contextlib.aclosing(kv.watch("consumers.*")) as watch:
+        async for entry in watch:
+            assert entry.key == "consumers.a"
+            break
+    assert len(await bus.consumer_names("KV_functions")) == before
+
+
 async def test_publish_dedups_on_msg_id(bus: Bus) -> None:
     first = await bus.publish("lambdabus.events.test.dedup", b"1", msg_id="same-id")
     second = await bus.publish("lambdabus.events.test.dedup", b"2", msg_id="same-id")

@@ -14,7 +14,7 @@ import logging
 import ssl
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -116,6 +116,26 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
     return options
 
 
+async def _end_subscription(sub: Any) -> None:
+    """Unsubscribe an ordered consumer's subscription and delete its consumer on the server.
+
+    nats-py only unsubscribes: the server keeps the ephemeral consumer for its inactive
+    threshold (five minutes for a KV watch), and a stream holds at most 1,000 consumers, so a
+    few short reads a second would soon be refused (`maximum consumers limit reached`)."""
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    with contextlib.suppress(Exception):
+        # the consumer's current name: an ordered consumer renames itself when it resets
+        await asyncio.wait_for(sub._js._jsm.delete_consumer(sub._stream, sub._consumer), 2.0)
+
+
+async def _end_watch(watcher: KeyValue.KeyWatcher) -> None:
+    sub = watcher._sub
+    await watcher.stop()  # type: ignore[no-untyped-call]
+    if sub is not None:
+        await _end_subscription(sub)
+
+
 def _from_seq(seq: int) -> api.ConsumerConfig:
     return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq)
 
@@ -158,7 +178,7 @@ class Kv:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"{key} changed since revision {revision}") from exc
 
-    async def watch(self, pattern: str = ">") -> AsyncIterator[KvEntry]:
+    async def watch(self, pattern: str = ">") -> AsyncGenerator[KvEntry, None]:
         """Current values of matching keys, then every change, in order. A deleted or purged
         key comes as an entry with `value == b""`."""
         watcher = await self._kv.watch(pattern)
@@ -171,7 +191,7 @@ class Kv:
                     entry.key, b"" if deleted else (entry.value or b""), entry.revision or 0
                 )
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await _end_watch(watcher)
 
     async def values(self, pattern: str = ">") -> list[KvEntry]:
         """Current values of keys matching a subject pattern (e.g. `default.*`), in one pass."""
@@ -186,7 +206,7 @@ class Kv:
                 if entry.delta == 0:
                     break
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await _end_watch(watcher)
         return entries
 
 
@@ -495,7 +515,8 @@ class Bus:
     ) -> AsyncIterator[StreamMessage]:
         """Read a stream in order from `since` (or from now), then follow it live.
 
-        Uses an ordered ephemeral consumer: nothing to clean up, resumes itself on reconnect.
+        Uses an ordered ephemeral consumer, deleted when the reader stops; it resumes itself on
+        reconnect.
         """
         if since is not None:
             policy, start = api.DeliverPolicy.BY_START_TIME, since
@@ -517,8 +538,7 @@ class Bus:
                 meta = msg.metadata
                 yield StreamMessage(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await _end_subscription(sub)
 
     async def read(
         self,

@@ -71,6 +71,10 @@ class Deployer:
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Instances the autoscaler wants, per function with `spec.scale` (see `scaling`).
         self.autoscaled: dict[Key, int] = {}
+        # Their records as last reconciled: what the autoscaler decides on (no KV read a tick).
+        self.scaled_records: dict[Key, FunctionRecord] = {}
+        # the revisions last kept per function: their records are swept only when it changes
+        self._kept: dict[Key, frozenset[str]] = {}
 
     async def state(self, namespace: str, name: str) -> DeploymentState | None:
         return await self._states.get(namespace, name)
@@ -97,6 +101,7 @@ class Deployer:
             count = self.autoscaled.get(key, count)
         count = min(scale.max, max(scale.min, count))
         self.autoscaled[key] = count
+        self.scaled_records[key] = record
         return count
 
     async def on_event(self, event: LifecycleEvent) -> None:
@@ -146,6 +151,7 @@ class Deployer:
                 desired = dataclasses.replace(desired, replicas=count, autoscaled=True)
             else:
                 self.autoscaled.pop((namespace, name), None)
+                self.scaled_records.pop((namespace, name), None)
             if running is None:
                 current = await self._states.get(namespace, name)
                 if (
@@ -204,7 +210,9 @@ class Deployer:
             await self._backend.apply(desired)
         keep = set(wanted) | ({latest.revision} if latest is not None else set())
         keep |= {r.name for r in doc.revisions} if doc is not None else set()
-        await self._states.forget_revisions(ns, name, keep)
+        if self._kept.get((ns, name)) != frozenset(keep):
+            await self._states.forget_revisions(ns, name, keep)
+            self._kept[(ns, name)] = frozenset(keep)
 
     async def on_revisions_change(self, key: str) -> None:
         namespace, _, name = key.partition(".")
@@ -276,10 +284,12 @@ class Deployer:
             return
         log.info("stopping a deleted function", extra={"namespace": namespace, "function": name})
         self.autoscaled.pop((namespace, name), None)
+        self.scaled_records.pop((namespace, name), None)
         for runner_ns, runner in self._backend.functions():
             if runner_ns == namespace and runner.startswith(f"{name}@"):
                 await self._backend.remove(namespace, runner)
         await self._states.forget_revisions(namespace, name, set())
+        self._kept.pop((namespace, name), None)
         await self._states.withdraw(namespace, name)
         await self._backend.remove(namespace, name)
         await self._states.forget(namespace, name)

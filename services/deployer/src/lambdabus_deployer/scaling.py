@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
 from lambdabus_deployer.autoscale import Autoscaler, Decision, ScalePolicy
 from lambdabus_deployer.deployer import Deployer
 from lambdabus_deployer.state import Key
@@ -21,7 +19,7 @@ from lambdabus_events.catalog import DeploymentScaled, DeploymentScaledData, lif
 from lambdabus_events.models import FunctionRecord, ScaleSpec
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.load import LoadReader
-from lambdabus_platform.subjects import FUNCTION_LOAD_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_platform.subjects import FUNCTION_LOAD_BUCKET
 
 log = logging.getLogger("lambdabus.deployer.scaling")
 
@@ -48,7 +46,6 @@ class Scaling:
         self._wall = wall
         self._reader = LoadReader(max_age=sample_max_age)
         self._scalers: dict[Key, tuple[str, ScaleSpec, Autoscaler]] = {}
-        self._unreadable: set[str] = set()  # function keys whose record does not parse
         self._lock = asyncio.Lock()  # a tick and a wake-up decide one at a time
 
     def _policy(self, scale: ScaleSpec) -> ScalePolicy:
@@ -77,10 +74,9 @@ class Scaling:
         async with self._lock:
             if self._deployer.autoscaled.get(key) != 0:
                 return False  # running or starting already (or not autoscaled)
-            found = await self._bus.kv(FUNCTIONS_BUCKET).get(f"{key[0]}.{key[1]}")
-            if found is None or not found.value:
+            record = self._deployer.scaled_records.get(key)
+            if record is None:
                 return False
-            record = FunctionRecord.model_validate_json(found.value)
             scale = record.spec.scale
             if scale is None:
                 return False
@@ -95,20 +91,7 @@ class Scaling:
 
     async def _tick(self) -> list[tuple[Key, int, Decision]]:
         now = self._clock()
-        records = {}
-        for entry in await self._bus.kv(FUNCTIONS_BUCKET).values(">"):
-            try:
-                record = FunctionRecord.model_validate_json(entry.value)
-            except ValidationError:
-                # One record that does not parse must not stop every function's scaling.
-                if entry.key not in self._unreadable:
-                    self._unreadable.add(entry.key)
-                    log.warning(
-                        "skipping a function record that does not parse", extra={"key": entry.key}
-                    )
-                continue
-            if record.spec.scale is not None:
-                records[(record.namespace, record.name)] = record
+        records = dict(self._deployer.scaled_records)
         entries = await self._bus.kv(FUNCTION_LOAD_BUCKET).values(">")
         load = self._reader.read(((e.key, e.value) for e in entries), self._wall())
         for key in set(self._scalers) - set(records):
