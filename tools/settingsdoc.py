@@ -22,6 +22,7 @@ from lambdabus_logs.settings import LogsSettings
 from lambdabus_platform.kube.settings import KubeSettings
 from lambdabus_platform.launcher import UpSettings
 from lambdabus_platform.settings import (
+    GcSettings,
     NatsSettings,
     QuotaSettings,
     S3Settings,
@@ -41,6 +42,7 @@ CLASSES: list[tuple[str, type[BaseSettings]]] = [
     ("S3, when `LAMBDABUS_STORE_BACKEND=s3`", S3Settings),
     ("Quotas (gateway, router, deployer)", QuotaSettings),
     ("The secrets key (gateway, deployer)", SecretsSettings),
+    ("Garbage collection (gateway: source blobs; builder: artifacts, environments)", GcSettings),
     ("Gateway", GatewaySettings),
     ("Builder", BuilderSettings),
     ("Deployer", DeployerSettings),

@@ -93,12 +93,28 @@ def collected(doc: FunctionRevisions, keep: int) -> FunctionRevisions:
 
 def revision_of(doc: FunctionRevisions, generation: int) -> Revision | None:
     """The revision that runs at function generation `generation`: the newest one created at
-    or before it (scale-only generations make none)."""
+    or before it (scale-only generations make none). None when that is not known: a collected
+    revision (a gap in the numbers after the newest one) may be the one created for it."""
     found: Revision | None = None
-    for revision in doc.revisions:
+    after: Revision | None = None
+    for index, revision in enumerate(doc.revisions):
         if revision.generation <= generation:
             found = revision
+            after = doc.revisions[index + 1] if index + 1 < len(doc.revisions) else None
+    if (
+        found is not None
+        and after is not None
+        and found.generation != generation
+        and _number(after.name) > _number(found.name) + 1
+    ):
+        return None
     return found
+
+
+def _number(revision: str) -> int:
+    """`hello-00003` → 3."""
+    digits = revision.rsplit("-", 1)[-1]
+    return int(digits) if digits.isdigit() else 0
 
 
 class TrafficError(ValueError):

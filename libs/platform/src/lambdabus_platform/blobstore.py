@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +34,22 @@ class BlobRef:
         return cls(hashlib.sha256(data).hexdigest(), len(data))
 
 
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob as a listing shows it: its address, size, and when it was last written
+    (seconds since the epoch; `put` writes an old blob again, see `REFRESH_SECONDS`)."""
+
+    sha256: str
+    size: int
+    modified: float
+
+
+# `put` of bytes already stored writes them again when the stored copy is older than this, so
+# that a blob about to be referenced again is young for the garbage collector (whose grace
+# period must be longer than this plus an upload's time between storing and recording).
+REFRESH_SECONDS = 60.0
+
+
 class CorruptBlob(LambdabusError):
     """What the backend returned does not hash to the address it was stored under."""
 
@@ -41,7 +58,8 @@ class CorruptBlob(LambdabusError):
 
 class BlobStore(Protocol):
     async def put(self, data: bytes) -> BlobRef:
-        """Store `data` under its sha256; storing bytes already present writes nothing."""
+        """Store `data` under its sha256; storing bytes already present writes nothing, unless
+        the stored copy is older than `REFRESH_SECONDS` (then it is written again)."""
         ...
 
     async def get(self, sha256: str) -> bytes:
@@ -52,6 +70,10 @@ class BlobStore(Protocol):
 
     async def delete(self, sha256: str) -> None:
         """Remove the blob; deleting an absent blob is not an error."""
+        ...
+
+    async def list(self) -> list[BlobInfo]:
+        """Every blob stored (for the garbage collector)."""
         ...
 
 
@@ -94,7 +116,8 @@ class NatsBlobStore:
     async def put(self, data: bytes) -> BlobRef:
         ref = BlobRef.of(data)
         name = self.object_name(ref.sha256)
-        if not await self._bus.object_exists(name):
+        modified = await self._bus.object_modified(name)
+        if modified is None or time.time() - modified > REFRESH_SECONDS:
             await self._bus.object_put(name, data)
         return ref
 
@@ -112,18 +135,28 @@ class NatsBlobStore:
     async def delete(self, sha256: str) -> None:
         await self._bus.object_delete(self.object_name(sha256))
 
+    async def list(self) -> list[BlobInfo]:
+        return [
+            BlobInfo(o.name.removeprefix("sha256/"), o.size, o.modified)
+            for o in await self._bus.object_list()
+            if o.name.startswith("sha256/") and _SHA256_HEX.fullmatch(o.name[7:])
+        ]
+
 
 class MemoryBlobStore:
     """A dict of blobs for unit tests; `blobs` and `writes` are there to be inspected."""
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
+        self.written: dict[str, float] = {}
         self.writes = 0
 
     async def put(self, data: bytes) -> BlobRef:
         ref = BlobRef.of(data)
-        if ref.sha256 not in self.blobs:
+        now = time.time()
+        if ref.sha256 not in self.blobs or now - self.written[ref.sha256] > REFRESH_SECONDS:
             self.blobs[ref.sha256] = bytes(data)
+            self.written[ref.sha256] = now
             self.writes += 1
         return ref
 
@@ -139,6 +172,10 @@ class MemoryBlobStore:
 
     async def delete(self, sha256: str) -> None:
         self.blobs.pop(validate_sha256(sha256), None)
+        self.written.pop(sha256, None)
+
+    async def list(self) -> list[BlobInfo]:
+        return [BlobInfo(k, len(v), self.written[k]) for k, v in self.blobs.items()]
 
 
 @contextlib.asynccontextmanager

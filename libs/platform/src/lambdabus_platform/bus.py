@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import ssl
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -62,6 +63,22 @@ class KvEntry:
     key: str
     value: bytes
     revision: int
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    name: str
+    size: int
+    modified: float  # seconds since the epoch; now when the store did not say
+
+
+def _mtime(value: str | None) -> float:
+    """An object's write time as the object store records it (RFC 3339); now if unknown, so
+    a sweep takes it for young."""
+    if value:
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return time.time()
 
 
 @dataclass(frozen=True)
@@ -832,6 +849,28 @@ class Bus:
         except nats.js.errors.ObjectNotFoundError:
             return False
         return not info.deleted
+
+    async def object_modified(self, name: str) -> float | None:
+        """When the object was last written (seconds since the epoch); None if it is absent."""
+        try:
+            info = await self._store().get_info(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        return None if info.deleted else _mtime(info.mtime)
+
+    async def object_list(self) -> list[StoredObject]:
+        """Every object in the store: its name, size and when it was written."""
+        watcher = await self._store().watch(ignore_deletes=True)
+        found: list[StoredObject] = []
+        try:
+            async for info in watcher:
+                if info is None:
+                    break
+                if not info.deleted and info.name:
+                    found.append(StoredObject(info.name, info.size or 0, _mtime(info.mtime)))
+        finally:
+            await _end_watch(watcher)  # type: ignore[arg-type]
+        return found
 
     async def object_delete(self, name: str) -> None:
         with contextlib.suppress(

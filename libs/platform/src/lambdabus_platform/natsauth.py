@@ -132,7 +132,13 @@ ACCESS: Final[Mapping[str, Access]] = {
         lifecycle=("build",),
         publish=(f"{LOGS_PREFIX}.build.>",),
         kv_write=(BUILDS_BUCKET, BUILD_INPUTS_BUCKET),
-        kv_read=(FUNCTIONS_BUCKET,),
+        # garbage collection: which artifacts the kept revisions and deployments still run
+        kv_read=(
+            FUNCTIONS_BUCKET,
+            REVISIONS_BUCKET,
+            REVISION_DEPLOYMENTS_BUCKET,
+            DEPLOYMENTS_BUCKET,
+        ),
         objects_read=(ARTIFACTS_BUCKET,),
         durables={"LIFECYCLE": ("builder",)},
     ),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,6 +20,8 @@ import botocore.exceptions
 from aiobotocore.config import AioConfig
 
 from lambdabus_platform.blobstore import (
+    REFRESH_SECONDS,
+    BlobInfo,
     BlobRef,
     CorruptBlob,
     not_found,
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.literals import BucketLocationConstraintType
 
+_HEX = re.compile(r"[0-9a-f]{64}")
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _TRANSIENT = frozenset(
     {
@@ -151,9 +156,10 @@ class S3BlobStore:
     async def put(self, data: bytes) -> BlobRef:
         digest = hashlib.sha256(data).digest()
         ref = BlobRef(digest.hex(), len(data))
-        if await self.exists(ref.sha256):
-            return ref
         key = self.key(ref.sha256)
+        modified = await self._modified(key)
+        if modified is not None and time.time() - modified <= REFRESH_SECONDS:
+            return ref
         with _s3_errors("put", key):
             await self._client.put_object(
                 Bucket=self._bucket,
@@ -189,3 +195,32 @@ class S3BlobStore:
         key = self.key(sha256)
         with _s3_errors("delete", key):
             await self._client.delete_object(Bucket=self._bucket, Key=key)
+
+    async def _modified(self, key: str) -> float | None:
+        try:
+            with _s3_errors("head", key):
+                head = await self._client.head_object(Bucket=self._bucket, Key=key)
+        except NotFound:
+            return None
+        return head["LastModified"].timestamp()
+
+    async def list(self) -> list[BlobInfo]:
+        found: list[BlobInfo] = []
+        with _s3_errors("list"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self._bucket, Prefix=self._prefix
+            )
+            async for page in pages:
+                for item in page.get("Contents", []):
+                    digest = item.get("Key", "").removeprefix(self._prefix)
+                    if _HEX.fullmatch(digest):
+                        found.append(
+                            BlobInfo(
+                                digest,
+                                item.get("Size", 0),
+                                item["LastModified"].timestamp()
+                                if "LastModified" in item
+                                else time.time(),
+                            )
+                        )
+        return found

@@ -108,6 +108,26 @@ class StoreSettings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings)
 
 
+class GcSettings(BaseSettings):
+    """Garbage collection of what nothing references any more (`LAMBDABUS_GC_*`): artifacts of
+    collected revisions and deleted functions and dependency environments no artifact uses (the
+    builder), source blobs no function or kept revision names (the gateway)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_GC_", extra="ignore")
+
+    enabled: bool = Field(default=True, description="sweep at all")
+    grace_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="what is unreferenced is deleted only once it is this old (last written or "
+        "used): it covers uploads not recorded yet and builds in progress, so keep it above "
+        "the build timeout",
+    )
+    interval_seconds: float = Field(
+        default=600.0, gt=0, description="seconds between two sweeps (the first one after one)"
+    )
+
+
 class HttpSettings(BaseSettings):
     """Where a service listens. Port 0 picks a free port, announced in the 'listening' log line."""
 

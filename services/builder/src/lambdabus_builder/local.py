@@ -109,6 +109,10 @@ class LocalBackend:
     def root(self) -> Path:
         return self._root
 
+    def env_lock(self, key: str) -> asyncio.Lock:
+        """Held while this process makes the environment `key` (or the collector removes it)."""
+        return self._env_locks.setdefault(key, asyncio.Lock())
+
     async def sandbox(self) -> Sandbox:
         """The build sandbox of this machine, detected at first use."""
         async with self._box_lock:
@@ -170,6 +174,7 @@ class LocalBackend:
             ):
                 return None
             code, env = Path(manifest.code_dir), Path(manifest.env_dir)
+            touch_env(env)
             if not code.is_dir() or not env.is_dir():
                 return None
             if path == final / "manifest.json":
@@ -304,12 +309,13 @@ class LocalBackend:
     ) -> tuple[Path, bool, str]:
         """The environment for `key`, whether it was there already, and its digest."""
         env = env_dir(self._root, key)
+        touch_env(env)  # before looking: the garbage collector keeps what was touched
         if env.is_dir():
             await log.write("system", f"using cached dependencies {key}")
             await _log_reused(env, log)
             return env, True, await asyncio.to_thread(recorded_digest, env)
-        lock = self._env_locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self.env_lock(key):
+            touch_env(env)
             if env.is_dir():  # another build made it while this one waited
                 await log.write("system", f"using cached dependencies {key}")
                 await _log_reused(env, log)
@@ -333,6 +339,7 @@ class LocalBackend:
                     # another builder process made it first: this one is discarded below
             finally:
                 await _discard(stage)
+            touch_env(env)
             digest = await asyncio.to_thread(recorded_digest, env)
             await log.write(
                 "system",
@@ -825,6 +832,12 @@ def seal(root: Path) -> None:
     make_read_only(root)
 
 
+def touch_env(env: Path) -> None:
+    """Mark an environment used now: the garbage collector leaves it for its grace period."""
+    with contextlib.suppress(OSError):
+        os.utime(env)
+
+
 def digest_path(env: Path) -> Path:
     """`envs/<key>.sha256`: the digest recorded when the environment was sealed."""
     return env.with_name(env.name + _DIGEST)
@@ -899,4 +912,12 @@ def remove_tree(root: Path) -> None:
         root.unlink()
 
 
-__all__ = ["LocalBackend", "make_read_only", "recorded_digest", "remove_tree", "seal"]
+__all__ = [
+    "LocalBackend",
+    "digest_path",
+    "make_read_only",
+    "recorded_digest",
+    "remove_tree",
+    "seal",
+    "touch_env",
+]

@@ -12,7 +12,7 @@ from pydantic_settings import SettingsConfigDict
 
 from lambdabus_builder.buildbox import TRUST_VARIABLES
 from lambdabus_platform.sandbox import SandboxMode
-from lambdabus_platform.settings import ServiceSettings, StoreSettings
+from lambdabus_platform.settings import GcSettings, ServiceSettings, StoreSettings
 
 MiB = 1024 * 1024
 
@@ -46,6 +46,7 @@ class BuilderSettings(ServiceSettings):
         description="the builder's own directory: dependency environments and artifacts",
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
+    gc: GcSettings = Field(default_factory=GcSettings)
     max_concurrent_builds: int = Field(default=2, ge=1, le=64, description="builds running at once")
     build_timeout: float = Field(
         default=600.0, gt=0, description="seconds per build, queue wait excluded"

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord
 from lambdabus_gateway.api import GATEWAY, Gateway, add_routes
 from lambdabus_gateway.auth import AUTH, TOKENS, authenticate
+from lambdabus_gateway.collect import KIND as BLOB_KIND
+from lambdabus_gateway.collect import BlobCollector
 from lambdabus_gateway.deadletters import DeadLetters
 from lambdabus_gateway.functions import Functions
 from lambdabus_gateway.gitsync import GitSources, GitSync
@@ -23,6 +25,7 @@ from lambdabus_gateway.triggers import Triggers
 from lambdabus_platform.archive import ArchiveLimits
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.gc import GcMetrics
 from lambdabus_platform.gitsource import GitPolicy
 from lambdabus_platform.httpauth import Authenticator
 from lambdabus_platform.registry import Registry
@@ -122,8 +125,12 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 log.warning("could not reconcile schedules", extra={"error": exc.message})
             await invoker.start()
             await git_sync.start()
+            collector = BlobCollector(
+                ctx.bus, blobs, settings.gc, GcMetrics.create(ctx.metrics.registry, [BLOB_KIND])
+            )
             try:
-                yield
+                async with collector.running():
+                    yield
             finally:
                 await git_sync.close()
                 await invoker.close()

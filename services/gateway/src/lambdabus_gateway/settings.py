@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from lambdabus_platform.settings import (
+    GcSettings,
     QuotaSettings,
     SecretsSettings,
     ServiceSettings,
@@ -24,6 +25,7 @@ class GatewaySettings(ServiceSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    gc: GcSettings = Field(default_factory=GcSettings)
     max_upload_bytes: int = Field(default=50 * MiB, gt=0, description="largest upload body")
     max_uncompressed_bytes: int = Field(
         default=250 * MiB, gt=0, description="largest unpacked archive"
