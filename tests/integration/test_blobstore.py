@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import aioboto3
 import pytest
 
+from lambdabus_platform import blobstore, s3
 from lambdabus_platform.blobstore import (
     BlobRef,
     BlobStore,
@@ -133,6 +135,30 @@ async def test_put_twice_stores_once(backend: Backend) -> None:
     assert first == second
     assert await backend.writes(first.sha256) == 1
     assert await backend.store.get(first.sha256) == data
+
+
+async def test_list_shows_every_blob_with_its_size_and_write_time(backend: Backend) -> None:
+    """What the garbage collector sweeps: every blob, its size, when it was written."""
+    before = time.time() - 5  # S3 keeps whole seconds; clocks of a server may lag a little
+    one, two = await backend.store.put(os.urandom(300)), await backend.store.put(b"x" * 40)
+    listed = {info.sha256: info for info in await backend.store.list()}
+    for ref in (one, two):
+        assert listed[ref.sha256].size == ref.size
+        assert before <= listed[ref.sha256].modified <= time.time() + 5
+    await backend.store.delete(one.sha256)
+    assert one.sha256 not in {info.sha256 for info in await backend.store.list()}
+
+
+async def test_put_of_an_old_blob_writes_it_again(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob about to be referenced again is young for the garbage collector."""
+    ref = await backend.store.put(os.urandom(500))
+    assert await backend.writes(ref.sha256) == 1
+    monkeypatch.setattr(blobstore, "REFRESH_SECONDS", -1.0)
+    monkeypatch.setattr(s3, "REFRESH_SECONDS", -1.0)
+    await backend.store.put(await backend.store.get(ref.sha256))
+    assert await backend.writes(ref.sha256) == 2
 
 
 async def test_empty_blob_round_trips(backend: Backend) -> None:
