@@ -23,6 +23,7 @@ from lambdabus_platform.gc import (
     referenced_artifacts,
     referenced_blobs,
     report,
+    unreferenced_since,
 )
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -147,6 +148,20 @@ def test_only_unreferenced_things_older_than_the_grace_period_are_collectable() 
     done.freed.extend(doomed)
     assert done.log_fields()["bytes_freed"] == 50
     assert collectable(stored, set(), now=100.0, grace=1000.0) == []
+
+
+def test_a_thing_must_stay_unreferenced_for_the_grace_period_too() -> None:
+    stored = [Stored("old", 10, 0.0), Stored("older", 10, 0.0), Stored("used", 10, 0.0)]
+    since = unreferenced_since(stored, {"used"}, {}, now=100.0)
+    assert since == {"old": 100.0, "older": 100.0}
+    # Old, but it stopped being referenced just now (a draining instance may still run it).
+    assert collectable(stored, {"used"}, now=100.0, grace=10.0, since=since) == []
+    # Referenced again meanwhile ("older"): its clock starts over.
+    since = unreferenced_since(stored, {"used", "older"}, since, now=105.0)
+    since = unreferenced_since(stored, {"used"}, since, now=108.0)
+    assert since == {"old": 100.0, "older": 108.0}
+    doomed = collectable(stored, {"used"}, now=110.0, grace=10.0, since=since)
+    assert [s.name for s in doomed] == ["old"]
 
 
 def test_a_record_that_does_not_parse_stops_the_sweep() -> None:

@@ -10,7 +10,7 @@ build before its build state).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -48,12 +48,33 @@ def parsed(model: type[M], values: Iterable[bytes]) -> list[M] | None:
         return None
 
 
+def unreferenced_since(
+    stored: Iterable[Stored], referenced: set[str], before: Mapping[str, float], now: float
+) -> dict[str, float]:
+    """When each unreferenced thing was first seen unreferenced by this sweeper: as `before`
+    says (the previous sweep's answer), else now. What is referenced again is dropped."""
+    return {s.name: before.get(s.name, now) for s in stored if s.name not in referenced}
+
+
 def collectable(
-    stored: Iterable[Stored], referenced: set[str], *, now: float, grace: float
+    stored: Iterable[Stored],
+    referenced: set[str],
+    *,
+    now: float,
+    grace: float,
+    since: Mapping[str, float] | None = None,
 ) -> list[Stored]:
-    """What may be deleted: not referenced, and untouched for at least `grace` seconds."""
+    """What may be deleted: not referenced, untouched for at least `grace` seconds, and (with
+    `since`, see `unreferenced_since`) seen unreferenced for as long: what stopped being
+    referenced a moment ago (an instance of the revision before draining) is left alone."""
     return sorted(
-        (s for s in stored if s.name not in referenced and now - s.modified >= grace),
+        (
+            s
+            for s in stored
+            if s.name not in referenced
+            and now - s.modified >= grace
+            and (since is None or now - since.get(s.name, now) >= grace)
+        ),
         key=lambda s: s.name,
     )
 

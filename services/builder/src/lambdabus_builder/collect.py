@@ -35,6 +35,7 @@ from lambdabus_platform.gc import (
     parsed,
     referenced_artifacts,
     report,
+    unreferenced_since,
 )
 from lambdabus_platform.settings import GcSettings
 from lambdabus_platform.subjects import (
@@ -57,6 +58,8 @@ class DiskCollector:
         self._backend = backend
         self._settings = settings
         self._metrics = metrics
+        # by kind: thing → when this sweeper first saw it unreferenced
+        self._since: dict[str, dict[str, float]] = {}
 
     async def _values(self, bucket: str) -> list[bytes]:
         return [e.value for e in await self._bus.kv(bucket).values(">")]
@@ -81,7 +84,12 @@ class DiskCollector:
         now, grace = time.time(), self._settings.grace_seconds
         referenced = referenced_artifacts(builds, revisions, kept, serving)
         things = [s for s, _ in stored.values()]
-        doomed = collectable(things, referenced, now=now, grace=grace)
+        self._since["artifact"] = unreferenced_since(
+            things, referenced, self._since.get("artifact", {}), now
+        )
+        doomed = collectable(
+            things, referenced, now=now, grace=grace, since=self._since["artifact"]
+        )
         artifacts = report("artifact", things, referenced, doomed)
         for thing in doomed:
             if await asyncio.to_thread(diskgc.remove_artifact, stored[thing.name][1]):
@@ -91,7 +99,13 @@ class DiskCollector:
         # Environments: those no artifact left on disk runs with (nor a build uses: touched).
         envs = await asyncio.to_thread(diskgc.stored_envs, root)
         in_use = await asyncio.to_thread(diskgc.envs_in_use, diskgc.artifact_dirs(root))
-        doomed_envs = collectable(envs, in_use, now=time.time(), grace=grace)
+        now = time.time()
+        self._since["environment"] = unreferenced_since(
+            envs, in_use, self._since.get("environment", {}), now
+        )
+        doomed_envs = collectable(
+            envs, in_use, now=now, grace=grace, since=self._since["environment"]
+        )
         environments = report("environment", envs, in_use, doomed_envs)
         for env in doomed_envs:
             async with self._backend.env_lock(env.name):

@@ -26,6 +26,7 @@ from lambdabus_platform.gc import (
     parsed,
     referenced_blobs,
     report,
+    unreferenced_since,
 )
 from lambdabus_platform.settings import GcSettings
 from lambdabus_platform.subjects import BUILDS_BUCKET, FUNCTIONS_BUCKET, REVISIONS_BUCKET
@@ -40,6 +41,7 @@ class BlobCollector:
         self._blobs = blobs
         self._settings = settings
         self._metrics = metrics
+        self._since: dict[str, float] = {}  # blob → when this sweeper first saw it unreferenced
 
     async def sweep(self) -> SweepReport | None:
         """One sweep; None when a record could not be read whole (nothing deleted then)."""
@@ -53,8 +55,10 @@ class BlobCollector:
             log.warning("a record does not parse: no blob is collected this time")
             return None
         referenced = referenced_blobs(functions, revisions, builds)
+        now = time.time()
+        self._since = unreferenced_since(stored, referenced, self._since, now)
         doomed = collectable(
-            stored, referenced, now=time.time(), grace=self._settings.grace_seconds
+            stored, referenced, now=now, grace=self._settings.grace_seconds, since=self._since
         )
         done = report(KIND, stored, referenced, doomed)
         for blob in doomed:
