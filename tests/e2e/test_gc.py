@@ -10,6 +10,7 @@ tagged and the latest revisions' artifacts and blobs (which still answer).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from lambdabus_platform.blobstore import NatsBlobStore
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.settings import NatsSettings
 from lambdabus_platform.subjects import (
+    BUILD_INPUTS_BUCKET,
     BUILDS_BUCKET,
     FUNCTIONS_BUCKET,
     REVISION_DEPLOYMENTS_BUCKET,
@@ -119,6 +121,20 @@ def stored(platform: Platform, *blobs: str) -> dict[str, bool]:
     return asyncio.run(check())
 
 
+def indexed(platform: Platform) -> set[Path]:
+    """The artifact directories the `build-inputs` index offers for reuse."""
+
+    async def read() -> set[Path]:
+        settings = NatsSettings(
+            url=platform.urls["nats"], nkey_seed_file=platform.nats_seed(), connect_wait_seconds=5
+        )
+        async with Bus.connect(settings, name="e2e-gc") as bus:
+            entries = await bus.kv(BUILD_INPUTS_BUCKET).values(">")
+            return {_dir(json.loads(e.value)["artifact"]) for e in entries}
+
+    return asyncio.run(read())
+
+
 def deploy(platform: Platform, root: Path, name: str, version: int, requirements: str) -> None:
     fn = root / name
     fn.mkdir(exist_ok=True)
@@ -208,6 +224,9 @@ def test_collecting_revisions_and_deleting_functions_frees_only_the_unreferenced
     for kept in (a1.artifact, a3.artifact, b.artifact, a1.env):
         assert kept.is_dir(), kept
     assert a3.revisions["shared-a-00001"] == a1.artifact
+    offered = indexed(platform)  # the reuse index offers what is kept, not what was freed
+    assert {a1.artifact, a3.artifact, b.artifact} <= offered
+    assert not offered & {collected_artifact, solo.artifact}
     assert answers(platform, "shared-a", 3)
     assert answers(platform, "shared-a@old", 1)
     assert answers(platform, "shared-b", 1)

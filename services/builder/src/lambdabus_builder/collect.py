@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from lambdabus_builder import diskgc
 from lambdabus_builder.local import LocalBackend
@@ -120,16 +121,18 @@ class DiskCollector:
         return [artifacts, environments]
 
     async def _forget_inputs(self, freed: set[str]) -> None:
-        """`build-inputs` entries naming a removed artifact: a build of those inputs builds."""
-        if not freed:
-            return
+        """`build-inputs` entries naming an artifact removed now, or gone from the disk before
+        (its function deleted): a build of those inputs builds instead of adopting nothing."""
         kv = self._bus.kv(BUILD_INPUTS_BUCKET)
         for entry in await kv.values(">"):
             try:
                 artifact = BuiltInputs.model_validate_json(entry.value).artifact
             except ValueError:
                 continue
-            if artifact in freed:
+            if artifact in freed or (
+                artifact.startswith("file://")
+                and not await asyncio.to_thread(Path(artifact.removeprefix("file://")).exists)
+            ):
                 with contextlib.suppress(Exception):
                     await kv.delete(entry.key, entry.revision)
 
