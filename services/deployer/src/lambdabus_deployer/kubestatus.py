@@ -194,7 +194,9 @@ def fold(
         if unplaced:
             message += f"; a pod cannot be scheduled: {unplaced[0]}"
         reason = REASON_READY if complete else REASON_WAITING
-        reported = Reported("ready", applied if fresh else reason, message, ready)
+        if fresh and applied == REASON_UPDATED:
+            reason = REASON_UPDATED  # the new template rolls out over the running pods
+        reported = Reported("ready", reason, message, ready)
     elif any(v.unschedulable for v in views):
         message = next(v.unschedulable for v in views if v.unschedulable)
         reported = Reported("started", REASON_UNSCHEDULABLE, message, 0)
