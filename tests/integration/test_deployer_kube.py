@@ -455,3 +455,21 @@ async def test_runtime_logs_come_from_the_pods_logs(
     (request,) = kmock["get", kmock.resource("v1/pods"), kmock.subresource("log")]
     assert request.params["follow"] == "true"
     assert request.params["container"] == "function"
+
+
+async def test_a_function_deleted_while_another_deployer_ran_it_is_found_by_its_labels(
+    kube: KubeClient, deployments: Deployments
+) -> None:
+    async with open_kubernetes_backend(kube, SETTINGS, deployments, create_namespaces=False) as one:
+        await one.apply(desired(record()))
+    assert await kube.get(DEPLOYMENTS, NS, OBJ) is not None
+    async with open_kubernetes_backend(kube, SETTINGS, deployments, create_namespaces=False) as two:
+        assert two.functions() == set()  # a new leader, that never applied it
+        await two.remove(NS, "hello")
+    for resource, name in (
+        (DEPLOYMENTS, OBJ),
+        (SERVICES, OBJ),
+        (HPAS, OBJ),
+        (SECRETS, f"{OBJ}-env"),
+    ):
+        assert await kube.get(resource, NS, name) is None, resource.kind

@@ -50,7 +50,9 @@ from lambdabus_platform.kube.client import (
 )
 from lambdabus_platform.kube.render import (
     CONTAINER,
+    LABEL_FUNCTION,
     LABEL_MANAGED_BY,
+    LABEL_NAMESPACE,
     LABEL_UID,
     MANAGER,
     KubeFunction,
@@ -127,6 +129,7 @@ class KubernetesBackend:
         logs: LogSink | None = None,
     ) -> None:
         self._logs = logs
+        self._pinned_warned: set[Key] = set()
         self._following: dict[tuple[str, str, int], asyncio.Task[None]] = {}
         self._kube = kube
         self._settings = settings
@@ -151,10 +154,12 @@ class KubernetesBackend:
         key = (desired.namespace, desired.runner_name)
         if desired.pinned:
             # A revision run apart would need objects named per revision; not yet here.
-            log.warning(
-                "revisions pinned by a route are not run apart on kubernetes",
-                extra={"namespace": desired.namespace, "function": desired.runner_name},
-            )
+            if key not in self._pinned_warned:
+                self._pinned_warned.add(key)
+                log.warning(
+                    "revisions pinned by a route are not run apart on kubernetes",
+                    extra={"namespace": desired.namespace, "function": desired.runner_name},
+                )
             return
         async with self._locks[key]:
             runner = self._runners.get(key)
@@ -201,20 +206,31 @@ class KubernetesBackend:
         key = (namespace, name)
         async with self._locks[key]:
             runner = self._runners.pop(key, None)
-            if runner is None:
-                return
-            fn = runner.fn
-            obj = object_name(fn)
-            await self._kube.delete(DEPLOYMENTS, namespace, obj, propagation="Foreground")
-            # Owned objects go with the Deployment; delete them too, in case it never got a
-            # uid to own them by (or a garbage collector is slow).
-            for resource, name_ in (
-                (SERVICES, obj),
-                (HPAS, obj),
-                (SECRETS, f"{obj}-env"),
-                (NETWORK_POLICIES, f"{obj}-no-network"),
-            ):
-                await self._kube.delete(resource, namespace, name_)
+            if runner is not None:
+                uids = {runner.desired.uid}
+            else:  # not applied by this deployer (it started since): found by its labels
+                found, _ = await self._kube.list(
+                    DEPLOYMENTS, namespace, {LABEL_NAMESPACE: namespace, LABEL_FUNCTION: name}
+                )
+                uids = {
+                    str(d["metadata"]["labels"][LABEL_UID])
+                    for d in found
+                    if LABEL_UID in ((d.get("metadata") or {}).get("labels") or {})
+                }
+            for uid in sorted(uids):
+                await self._delete_objects(namespace, f"lambda-{uid}")
+
+    async def _delete_objects(self, namespace: str, obj: str) -> None:
+        await self._kube.delete(DEPLOYMENTS, namespace, obj, propagation="Foreground")
+        # Owned objects go with the Deployment; delete them too, in case it never got a uid
+        # to own them by (or the garbage collector is slow).
+        for resource, name in (
+            (SERVICES, obj),
+            (HPAS, obj),
+            (SECRETS, f"{obj}-env"),
+            (NETWORK_POLICIES, f"{obj}-no-network"),
+        ):
+            await self._kube.delete(resource, namespace, name)
 
     async def close(self) -> None:
         tasks = [task for tasks in self._watches.values() for task in tasks]
