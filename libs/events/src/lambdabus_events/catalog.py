@@ -93,6 +93,9 @@ class FunctionSpecSummary(_Data):
     # -- autoscaling (issue 11)
     scale: ScaleSpec | None = None
     concurrency: int = 0
+    # -- the kubernetes backend (issue 10)
+    image: str | None = None
+    gpu: int = 0
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:
