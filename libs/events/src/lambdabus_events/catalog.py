@@ -93,6 +93,8 @@ class FunctionSpecSummary(_Data):
     # -- autoscaling (issue 11)
     scale: ScaleSpec | None = None
     concurrency: int = 0
+    # -- LUNA's user_docker_commands (issue 10, kubernetes backend)
+    user_docker_commands: list[str] = Field(default_factory=list)
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:
