@@ -565,7 +565,7 @@ class Builder:
                     reason=result.reason,
                     message=result.message,
                     duration_seconds=round(duration, 3),
-                )
+                ).model_copy(update={"image_status": result.image_status})
                 closing = f"build failed: {result.reason}: {result.message}"
             else:
                 state = next_build_state(

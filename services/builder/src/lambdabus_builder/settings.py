@@ -7,10 +7,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from lambdabus_builder.buildbox import TRUST_VARIABLES
+from lambdabus_platform.kube.settings import KubeSettings
 from lambdabus_platform.sandbox import SandboxMode
 from lambdabus_platform.settings import ServiceSettings, StoreSettings
 
@@ -32,7 +35,9 @@ def _trust_env() -> dict[str, str]:
 
 
 class BuilderSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_BUILDER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LAMBDABUS_BUILDER_", extra="ignore", populate_by_name=True
+    )
 
     port: int = Field(default=8082, ge=0, le=65535)
     trust_env: dict[str, str] = Field(
@@ -46,6 +51,22 @@ class BuilderSettings(ServiceSettings):
         description="the builder's own directory: dependency environments and artifacts",
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
+    # -- the kubernetes backend (issue 10): Kaniko Jobs push images; build contexts go to S3
+    # (the endpoint and credentials of LAMBDABUS_S3_*, the bucket LAMBDABUS_BUILD_CONTEXT_BUCKET)
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        validation_alias=AliasChoices("LAMBDABUS_BACKEND", "LAMBDABUS_BUILDER_BACKEND"),
+        description="local: directories on this machine; kubernetes: images built by Kaniko "
+        "Jobs (`LAMBDABUS_BACKEND`)",
+    )
+    max_build_jobs: int = Field(
+        default=5,
+        ge=1,
+        le=256,
+        description="kubernetes: build Jobs running at once in the cluster (Kyma's default "
+        "5); further builds stay `pending` until one finishes",
+    )
+    kube: KubeSettings = Field(default_factory=KubeSettings)
     max_concurrent_builds: int = Field(default=2, ge=1, le=64, description="builds running at once")
     build_timeout: float = Field(
         default=600.0, gt=0, description="seconds per build, queue wait excluded"
