@@ -19,7 +19,7 @@ from lambdabus_client.client import ClientSettings
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_logs.settings import LogsSettings
-from lambdabus_platform.kube.settings import KubeSettings
+from lambdabus_platform.kube.settings import KubeApiSettings, KubeSettings
 from lambdabus_platform.launcher import UpSettings
 from lambdabus_platform.settings import (
     NatsSettings,
@@ -50,6 +50,7 @@ CLASSES: list[tuple[str, type[BaseSettings]]] = [
         "The Kubernetes backend (renderers; `lambdabus deploy --dry-run --backend kubernetes`)",
         KubeSettings,
     ),
+    ("The Kubernetes API client (`LAMBDABUS_BACKEND=kubernetes`)", KubeApiSettings),
 ]
 
 
@@ -100,7 +101,7 @@ def rows(cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
         )
         out.append(
             (
-                f"`{(prefix + name).upper()}`",
+                f"`{field.validation_alias if isinstance(field.validation_alias, str) else (prefix + name).upper()}`",
                 f"`{_cell(shown)}`",
                 _cell(description),
             )

@@ -69,3 +69,32 @@ class KubeSettings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+class KubeApiSettings(BaseSettings):
+    """How the Kubernetes backend reaches the API server (`lambdabus_platform.kube.client`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LAMBDABUS_KUBE_", extra="ignore", populate_by_name=True
+    )
+
+    kubeconfig: str | None = Field(
+        default=None,
+        validation_alias="KUBECONFIG",
+        description="kubeconfig file; unset: the in-cluster service account, else ~/.kube/config",
+    )
+    context: str | None = Field(default=None, description="kubeconfig context; unset: current")
+    retry_for: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds one API call is retried (with back-off) while the API server is "
+        "unreachable or answers 5xx/429, before the caller is told `ClusterUnavailable`",
+    )
+    backoff_initial: float = Field(default=0.2, gt=0, description="first retry delay (s)")
+    backoff_max: float = Field(default=5.0, gt=0, description="longest retry delay (s)")
+    request_timeout: float = Field(default=30.0, gt=0, description="seconds per API request")
+    watch_timeout: int = Field(
+        default=290,
+        ge=1,
+        description="seconds the server keeps one watch open before the client resumes it",
+    )
