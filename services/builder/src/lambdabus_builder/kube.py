@@ -174,7 +174,7 @@ class KubeBuildBackend:
         try:
             async with self._slot_lock:
                 await self._wait_for_slot(name, progress, log_)
-                await self._replace_job(name, existing)
+                await self._replace_job(fn.uid, name, existing)
                 job = render_job(fn, self._kube, image, self._s3)
                 job["metadata"].setdefault("annotations", {})[ANNOTATION_IMAGE] = image
                 await self._client.create(job)
@@ -200,9 +200,7 @@ class KubeBuildBackend:
         try:
             code = work / "code"
             try:
-                style = (
-                    "custom" if custom else handler_of(runtime, entrypoint, spec.handler)[0]
-                )
+                style = "custom" if custom else handler_of(runtime, entrypoint, spec.handler)[0]
                 extract_archive(archive, code, self._limits)
             except (ArchiveError, PayloadTooLarge, ValueError) as exc:
                 raise BuildFailure(
@@ -280,15 +278,23 @@ class KubeBuildBackend:
                     await log_.write("system", message)
                     told = True
 
-    async def _replace_job(self, name: str, existing: Obj | None) -> None:
+    async def _replace_job(self, uid: str, name: str, existing: Obj | None) -> None:
         """Delete an earlier build Job of this function (another image) and wait until it is
-        gone, so that the new one can take its name."""
+        gone (watched), so that the new one can take its name."""
         if existing is None:
             return
         await self._client.delete(JOBS, self.namespace, name)
-        async with asyncio.timeout(_GONE_WAIT):
-            while await self._client.get(JOBS, self.namespace, name) is not None:
-                await asyncio.sleep(0.2)
+        jobs: dict[str, Obj] = {}
+        async with (
+            asyncio.timeout(_GONE_WAIT),
+            _closing(self._client.watch(JOBS, self.namespace, {LABEL_UID: uid})) as events,
+        ):
+            async for event in events:
+                if event.type == "UNAVAILABLE":
+                    continue
+                _apply(jobs, event)
+                if name not in jobs:
+                    return
 
     async def _follow(
         self,
@@ -304,7 +310,9 @@ class KubeBuildBackend:
         watches = [
             asyncio.create_task(
                 _pump(
-                    self._client.watch(JOBS, self.namespace, {LABEL_UID: uid, LABEL_COMPONENT: "build"}),
+                    self._client.watch(
+                        JOBS, self.namespace, {LABEL_UID: uid, LABEL_COMPONENT: "build"}
+                    ),
                     "job",
                     queue,
                 )
@@ -331,11 +339,13 @@ class KubeBuildBackend:
                         found[name] = job
                     _apply(found, event)
                     job = found.get(name)
-                    seen_job = seen_job or job is not None
-                    if not seen_job:
-                        continue  # the watch's first list may come before the Job
+                    # It was created before this watch: the watch's first list has it (or
+                    # it is gone already).
+                    seen_job = seen_job or job is not None or event.type == "SYNC"
                 else:
                     _apply(pods, event)
+                if not seen_job:
+                    continue  # the Job's watch has not listed it yet
                 mine = job_pods(pods.values(), name)
                 view = job_view(job, mine)
                 await progress.report(view.image_status, view.reason, view.message)
@@ -351,22 +361,29 @@ class KubeBuildBackend:
             for task in watches:
                 task.cancel()
             await asyncio.gather(*watches, return_exceptions=True)
-        newest = job_pods(pods.values(), name)[-1:] or [None]
-        if streaming is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(streaming), _LOG_DRAIN)
-            streaming.cancel()
-        if view.outcome == "succeeded":
-            return self._result(image, prepared, f"image {image} pushed by build Job {name}")
         if view.outcome == "gone":
+            if streaming is not None:
+                streaming.cancel()
             raise BuildFailure(
                 "JobNotFound",
                 f"the build Job {name} was deleted before it finished",
                 image_status="not_found",
             )
-        pod = newest[0]
-        if not lines and pod is not None:  # it failed before its log could be followed
+        final_pods = job_pods(pods.values(), name)
+        pod = final_pods[-1] if final_pods else None
+        if pod is None:  # the Job's end came before its pod's events: list them
+            with contextlib.suppress(KubeError):
+                listed, _ = await self._client.list(PODS, self.namespace, {"job-name": name})
+                found_pods = job_pods(listed, name)
+                pod = found_pods[-1] if found_pods else None
+        if streaming is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(streaming), _LOG_DRAIN)
+            streaming.cancel()
+        elif pod is not None:  # it ended before its log could be followed: read it now
             await self._read_log(str(pod["metadata"]["name"]), log_, lines)
+        if view.outcome == "succeeded":
+            return self._result(image, prepared, f"image {image} pushed by build Job {name}")
         raise BuildFailure("JobFailed", failure_message(view, pod, list(lines)))
 
     async def _stream_log(self, pod: str, log_: BuildLog, lines: deque[str]) -> None:
@@ -436,4 +453,3 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes() if path.is_file() and not path.is_symlink() else None
     except OSError:
         return None
-

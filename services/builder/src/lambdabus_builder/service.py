@@ -1,5 +1,6 @@
-"""The builder service's wiring: the artifact store, the local backend and the `Builder`, its
-durable consumer of function events, and its reconciliation loop, for the service's lifetime."""
+"""The builder service's wiring: the artifact store, the backend (local, or kubernetes with
+`LAMBDABUS_BACKEND=kubernetes`) and the `Builder`, its durable consumer of function events, and
+its reconciliation loop, for the service's lifetime."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from collections.abc import AsyncIterator
 from lambdabus_builder.backend import BuildBackend
 from lambdabus_builder.builds import Builder
 from lambdabus_builder.claims import replica_id
+from lambdabus_builder.kube import KubeBuildBackend
 from lambdabus_builder.local import LocalBackend
 from lambdabus_builder.metrics import BuildMetrics
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.eventapi import SUBSCRIPTIONS
+from lambdabus_platform.kube.client import KubeClient
+from lambdabus_platform.s3 import S3Objects
 from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
 
 DURABLE = "builder"
@@ -27,11 +31,14 @@ def make_setup(
 
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-        async with open_blob_store(settings.store, ctx.bus) as blobs:
+        async with (
+            open_blob_store(settings.store, ctx.bus) as blobs,
+            _backend(settings, backend) as chosen,
+        ):
             builder = Builder(
                 bus=ctx.bus,
                 settings=settings,
-                backend=backend if backend is not None else LocalBackend(settings),
+                backend=chosen,
                 blobs=blobs,
                 metrics=BuildMetrics.create(ctx.metrics.registry),
                 replica=replica if replica is not None else replica_id(),
@@ -44,3 +51,21 @@ def make_setup(
                 await builder.close()
 
     return setup
+
+
+@contextlib.asynccontextmanager
+async def _backend(
+    settings: BuilderSettings, given: BuildBackend | None
+) -> AsyncIterator[BuildBackend]:
+    """`given`, else the one `settings.backend` names, with its clients for the lifetime."""
+    if given is not None:
+        yield given
+    elif settings.backend == "kubernetes":
+        s3 = settings.store.s3
+        async with (
+            KubeClient.connect(settings.kube_api) as client,
+            S3Objects.open(s3, settings.kube.build_context_bucket) as contexts,
+        ):
+            yield KubeBuildBackend(settings, client, contexts, s3)
+    else:
+        yield LocalBackend(settings)

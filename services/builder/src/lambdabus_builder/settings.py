@@ -6,14 +6,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from lambdabus_builder.buildbox import TRUST_VARIABLES
-from lambdabus_platform.kube.settings import KubeSettings
+from lambdabus_platform.kube.settings import KubeApiSettings, KubeSettings
 from lambdabus_platform.sandbox import SandboxMode
 from lambdabus_platform.settings import ServiceSettings, StoreSettings
 
@@ -67,6 +66,7 @@ class BuilderSettings(ServiceSettings):
         "5); further builds stay `pending` until one finishes",
     )
     kube: KubeSettings = Field(default_factory=KubeSettings)
+    kube_api: KubeApiSettings = Field(default_factory=KubeApiSettings)
     max_concurrent_builds: int = Field(default=2, ge=1, le=64, description="builds running at once")
     build_timeout: float = Field(
         default=600.0, gt=0, description="seconds per build, queue wait excluded"
