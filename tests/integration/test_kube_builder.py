@@ -314,6 +314,20 @@ async def test_job_context_states_log_and_no_job_for_an_unchanged_source(
         assert (state.phase, state.artifact) == ("succeeded", image)
         assert len(kmock["post", kmock.resource("batch/v1/jobs")]) == 1
 
+        # -- other user_docker_commands: another image, the old Job replaced by a new one
+        resp = await gateway.http.patch(
+            f"/v1/namespaces/{NS}/functions/hello", json={"user_docker_commands": ["RUN echo bye"]}
+        )
+        assert resp.status in (200, 202), await resp.text()
+        await wait_state(bus, "hello", lambda s: s.generation == 3 and s.reason == "JobCreated")
+        job = await wait_job(kube, name)
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        new_image = next(a for a in args if a.startswith("--destination=")).split("=", 1)[1]
+        assert new_image != image
+        assert new_image.startswith(f"{REGISTRY}/{NS}-hello:")
+        assert len(kmock["post", kmock.resource("batch/v1/jobs")]) == 2
+        assert len(kmock["delete", kmock.resource("batch/v1/jobs")]) == 1
+
 
 async def test_failed_push_is_an_error_with_kanikos_lines(
     tmp_path: Path,
@@ -410,3 +424,29 @@ async def test_unschedulable_pod_is_pending_and_jobs_wait_for_a_slot(
         await finish_job(kube, first_job, "succeeded")
         await wait_state(bus, "first", lambda s: s.phase == "succeeded")
         await wait_job(kube, f"kaniko-lambda-{second}")
+
+
+async def test_a_refused_user_docker_command_is_400_naming_the_line(
+    gateway: RunningGateway,
+) -> None:
+    body = {
+        "name": "sneaky",
+        "user_docker_commands": ["RUN pip install numpy", "COPY /etc/passwd /x"],
+        "source": {"files": {"lambda_main.py": HELLO}},
+    }
+    resp = await gateway.http.post(f"/v1/namespaces/{NS}/functions", json=body)
+    assert resp.status == 400, await resp.text()
+    text = await resp.text()
+    assert "user_docker_commands[1]" in text
+    assert "COPY /etc/passwd /x" in text
+    assert "only RUN, ENV, USER, WORKDIR" in text
+    resp = await gateway.http.post(
+        f"/v1/namespaces/{NS}/functions",
+        json={**body, "user_docker_commands": ["RUN pip install numpy", "ENV A=1"]},
+    )
+    assert resp.status == 202, await resp.text()
+    patched = await gateway.http.patch(
+        f"/v1/namespaces/{NS}/functions/sneaky", json={"user_docker_commands": ["ADD x y"]}
+    )
+    assert patched.status == 400, await patched.text()
+    assert "user_docker_commands[0]" in await patched.text()

@@ -405,6 +405,14 @@ def docker_command_problem(line: str) -> str | None:
     return None
 
 
+def build_recipe(user_docker_commands: list[str]) -> str:
+    """What of a spec besides the source goes into a function's image (LUNA's
+    `user_docker_commands`), hashed: "" when nothing; another recipe needs a new build."""
+    if not user_docker_commands:
+        return ""
+    return hashlib.sha256(json.dumps(user_docker_commands).encode()).hexdigest()[:32]
+
+
 def command_path(command: list[str]) -> str:
     """The program's path inside the archive, normalised (`./bin//srv` → `bin/srv`)."""
     return "/".join(p for p in command[0].split("/") if p not in ("", "."))
@@ -548,6 +556,11 @@ class BuildState(_Strict):
     source_sha256: str = ""
     runtime: str = Field(
         default="", description="the runtime built for; another one needs a new build"
+    )
+    recipe: str = Field(
+        default="",
+        description="`build_recipe` of the spec built (its user_docker_commands); another one "
+        "needs a new build",
     )
     reason: str = ""
     message: str = ""

@@ -41,7 +41,7 @@ from lambdabus_builder.plan import (
 from lambdabus_builder.records import BuiltInputs, ClaimedStates, InputsIndex
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import BuildState, FunctionRecord, ImageStatus, LogLine
+from lambdabus_events.models import BuildState, FunctionRecord, ImageStatus, LogLine, build_recipe
 from lambdabus_platform.blobstore import BlobStore, CorruptBlob
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import AlreadyExists, Conflict, NotFound, TemporaryError
@@ -460,6 +460,7 @@ class Builder:
             current.source.sha256,
             current.spec.handler,
             current.spec.command,
+            build_recipe(current.spec.user_docker_commands),
         )
         try:
             async with asyncio.timeout(self._settings.build_timeout):
