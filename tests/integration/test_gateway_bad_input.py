@@ -329,6 +329,9 @@ async def test_bad_namespaces(gateway: RunningGateway, ns: str) -> None:
         ({"name": "fn", "secrets": ["Not_A_Label"]}, "invalid_spec", "spec.secrets"),
         ({"name": "fn", "network": "host"}, "invalid_spec", "spec.network"),
         ({"name": "fn", "pids": 1}, "invalid_spec", "spec.pids"),
+        # what only the kubernetes backend runs (issue 10), on a local platform
+        ({"name": "fn", "image": "ghcr.io/x/app:v1"}, "backend_unsupported", "kubernetes"),
+        ({"name": "fn", "gpu": 1}, "backend_unsupported", "LAMBDABUS_BACKEND=kubernetes"),
     ],
 )
 async def test_bad_specs(

@@ -36,6 +36,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "custom": {"runtime": "custom", "command": ["./server", "--port", "8080"]},
     "long-names": {"secrets": ["s" * 63], "labels": {"k" * 63: "v" * 63}},
     "no-network": {"network": "none"},
+    "gpu-prebuilt-image": {"gpu": 2, "image": "ghcr.io/example/app:v1.2"},
 }
 
 
@@ -68,7 +69,9 @@ def test_every_rendered_object_passes_the_kubernetes_schemas(case: str) -> None:
     s3 = S3Settings(endpoint_url="http://minio.lambdabus:9000")
     objects = render.render_all(fn, settings(), DIGEST, s3=s3, owner=OWNER)
     kinds = [obj["kind"] for obj in objects]
-    expected = ["Namespace", "RoleBinding", "RoleBinding", "Job", "Secret", "Deployment", "Service"]
+    expected = ["Namespace", "RoleBinding", "RoleBinding"]
+    expected += [] if "prebuilt" in case else ["Job"]
+    expected += ["Secret", "Deployment", "Service"]
     expected += [] if case == "stopped" else ["HorizontalPodAutoscaler"]
     expected.append("NetworkPolicy")
     expected += ["NetworkPolicy"] if case == "no-network" else []
@@ -253,3 +256,17 @@ def test_a_function_without_network_gets_an_egress_policy_with_no_rule() -> None
         "egress": [],
     }
     assert render.render_no_network_policy(function({})) is None
+
+
+def test_gpu_is_requested_and_a_prebuilt_image_runs_as_is() -> None:
+    fn = function({"gpu": 2, "image": "ghcr.io/example/app:v1.2"})
+    objects = render.render_all(fn, settings(), DIGEST)
+    deployment = next(obj for obj in objects if obj["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/example/app:v1.2"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert all(obj["kind"] != "Job" for obj in objects)
+    plain = render.render_deployment(function({}), settings(), "img:1")
+    resources = plain["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in resources["limits"]

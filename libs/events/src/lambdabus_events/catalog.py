@@ -93,6 +93,9 @@ class FunctionSpecSummary(_Data):
     # -- autoscaling (issue 11)
     scale: ScaleSpec | None = None
     concurrency: int = 0
+    # -- the kubernetes backend (issue 10)
+    image: str | None = None
+    gpu: int = 0
     # -- LUNA's user_docker_commands (issue 10, kubernetes backend)
     user_docker_commands: list[str] = Field(default_factory=list)
 

@@ -329,6 +329,21 @@ class FunctionConfig(_HandlerAndLabels):
 
     # -- end of Kyma presets
 
+    # -- the Kubernetes backend (issue 10)
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+        description="a prebuilt image (`registry/app:tag`) serving on 8080 with GET /healthz: "
+        "no build (Knative's pre-built container, Kubeless's custom image); the kubernetes "
+        "backend only",
+    )
+    gpu: int = Field(
+        default=0, ge=0, le=16, description="GPUs per instance (`nvidia.com/gpu`; kubernetes)"
+    )
+    # -- end of the Kubernetes backend
+
     @field_validator("env")
     @classmethod
     def _env_allowed(cls, value: dict[str, str]) -> dict[str, str]:

@@ -76,6 +76,24 @@ def _phase_condition(gen: int, build: BuildState) -> tuple[ImageStatus, Conditio
             )
 
 
+# Kyma's `Running` reasons, as the kubernetes backend reports them (issue 10): while these
+# hold and no pod runs yet, the function is `waiting` (LUNA: its pods start); a `started`
+# deployment with another reason (a pod the scheduler cannot place, an unreachable cluster, a
+# secret missing) is `pending`.
+KYMA_RUNNING_REASONS = frozenset(
+    {
+        "DeploymentCreated",
+        "DeploymentUpdated",
+        "DeploymentWaiting",
+        "DeploymentReady",
+        "DeploymentFailed",
+        "ServiceCreated",
+        "HorizontalPodAutoscalerCreated",
+    }
+)
+KYMA_WAITING_REASONS = KYMA_RUNNING_REASONS - {"DeploymentReady", "DeploymentFailed"}
+
+
 def _running_condition(
     record: FunctionRecord, image: ImageStatus, deployment: DeploymentState | None
 ) -> tuple[LambdaStatus, Condition]:
@@ -100,7 +118,9 @@ def _running_condition(
                 return "running", Condition(
                     type="Running",
                     status="True",
-                    reason="Running",
+                    reason=deployment.reason
+                    if deployment.reason in KYMA_RUNNING_REASONS
+                    else "Running",
                     message=deployment.message
                     or f"{deployment.ready_replicas}/{deployment.replicas} instances ready",
                     last_transition_time=when,
@@ -113,7 +133,8 @@ def _running_condition(
                 last_transition_time=when,
             )
         case "started":
-            return "pending", Condition(
+            waiting = deployment.reason in KYMA_WAITING_REASONS
+            return "waiting" if waiting else "pending", Condition(
                 type="Running",
                 status="Unknown",
                 reason=deployment.reason or "Deploying",

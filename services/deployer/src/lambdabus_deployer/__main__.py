@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
+from lambdabus_deployer.kube import open_kubernetes_backend
 from lambdabus_deployer.leader import ROLE, Elector, Role, replica_id
 from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
@@ -28,6 +29,7 @@ from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_platform.eventapi import SUBSCRIPTIONS
+from lambdabus_platform.kube.client import KubeClient
 from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
@@ -51,6 +53,10 @@ log = logging.getLogger("lambdabus.deployer")
 def make_setup(settings: DeployerSettings) -> Setup:
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        if settings.backend == "kubernetes":
+            async with kubernetes_setup(settings, ctx):
+                yield
+            return
         sandbox = await detect_sandbox(
             settings.sandbox,
             uid_base=settings.sandbox_uid_base,
@@ -202,6 +208,85 @@ def make_setup(settings: DeployerSettings) -> Setup:
                 await elector.release()
 
     return setup
+
+
+@contextlib.asynccontextmanager
+async def kubernetes_setup(settings: DeployerSettings, ctx: ServiceContext) -> AsyncIterator[None]:
+    """`LAMBDABUS_BACKEND=kubernetes`: functions run as Deployments in the cluster; the
+    deployer replicas elect a leader as with the local backend, and the leader applies and
+    watches."""
+    secrets = SecretStore(
+        ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
+    )
+    metrics = DeployerMetrics.create(ctx.metrics.registry)
+
+    def on_role(role: Role) -> None:
+        metrics.leader.set(1 if role == "leader" else 0)
+        ctx.heartbeat.set_role(role)
+
+    ctx.heartbeat.set_role("standby")
+    elector = Elector(
+        ctx.bus.kv(LEASES_BUCKET), replica_id(), duration=settings.lease_seconds, on_role=on_role
+    )
+    leader = Leadership(elector)
+    ROLE.update(elector=elector)
+
+    async def on_event(event: LifecycleEvent) -> None:
+        deployer = leader.deployer
+        if deployer is None:
+            raise Redeliver("this deployer replica is a standby")
+        await deployer.on_event(event)
+
+    subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
+    subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
+
+    async def lead() -> None:
+        states = DeploymentStates(ctx.bus)
+        async with (
+            KubeClient.connect(settings.kube_api) as kube,
+            open_kubernetes_backend(
+                kube,
+                settings.kube,
+                states.observe,
+                create_namespaces=settings.kube_create_namespaces,
+            ) as backend,
+        ):
+            deployer = Deployer(bus=ctx.bus, backend=backend, states=states, secrets=secrets)
+            tasks = [
+                asyncio.create_task(deployer.reconcile_forever(settings.reconcile_interval)),
+                asyncio.create_task(_watch_secrets(deployer, ctx, settings.reconcile_interval)),
+                asyncio.create_task(_watch_revisions(deployer, ctx, settings.reconcile_interval)),
+            ]
+            leader.deployer = deployer
+            try:
+                await elector.lost.wait()
+            finally:
+                leader.deployer = None
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                states.stop()
+
+    async def manage() -> None:
+        while True:
+            await elector.leading.wait()
+            try:
+                await lead()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("leading failed; trying again")
+                await asyncio.sleep(1)
+
+    electing = asyncio.create_task(elector.run())
+    managing = asyncio.create_task(manage())
+    try:
+        yield
+    finally:
+        for task in (electing, managing):
+            task.cancel()
+        await asyncio.gather(electing, managing, return_exceptions=True)
+        await elector.release()
 
 
 async def _watch_revisions(deployer: Deployer, ctx: ServiceContext, retry: float) -> None:

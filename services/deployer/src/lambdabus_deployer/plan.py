@@ -41,6 +41,7 @@ from lambdabus_platform.errors import PermanentError
 from lambdabus_platform.sandbox import Bind, DataFile, SandboxSpec
 
 FILE_ARTIFACT = "file://"
+IMAGE_ARTIFACT = "image://"  # a prebuilt image (spec `image`); a built one is a bare reference
 _KEY_SALT = os.urandom(16)  # replaced by the state dir's (`use_key_salt`) in a deployer
 CRASH_TAIL_LINES = 20
 
@@ -104,6 +105,8 @@ class DesiredRevision:
     # apart from the function's latest revision because a route names it (not in the key).
     revision: str = ""
     pinned: bool = False
+    # The whole spec, for a backend that renders from it (Kubernetes); not part of the key.
+    spec: FunctionConfig | None = field(default=None, compare=False, repr=False)
 
     @property
     def runner_name(self) -> str:
@@ -213,6 +216,7 @@ def _built(
         secret_files=secrets.files,
         secret_env=secrets.env,
         command=tuple(spec.command),
+        spec=spec,
     )
 
 
@@ -247,6 +251,17 @@ def desired_instances(
     under the generation it was built for. None when nothing was built. `secrets`: what the
     record's secrets resolved to (see `resolve_secrets`)."""
     secrets = secrets or ResolvedSecrets()
+    if record.spec.image:  # a prebuilt image (kubernetes): nothing to build, it runs as is
+        prebuilt = BuildState(
+            namespace=record.namespace,
+            name=record.name,
+            uid=record.uid,
+            generation=record.generation,
+            phase="succeeded",
+            artifact=f"{IMAGE_ARTIFACT}{record.spec.image}",
+            updated_at=record.updated_at,
+        )
+        return _built(record, prebuilt, prebuilt.artifact or "", record.generation, secrets)
     build = build_state
     if (
         build is not None
@@ -552,6 +567,17 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Reported:
+    """A backend's own verdict on a function (Kubernetes: folded from its Deployment and Pods),
+    taken as is: phase, Kyma's reason, a message, and how many instances are ready."""
+
+    phase: Literal["started", "ready", "failed", "scaled"]
+    reason: str
+    message: str
+    ready_replicas: int
+
+
+@dataclass(frozen=True)
 class Observation:
     """What a backend sees of one function, reported after every change."""
 
@@ -566,6 +592,7 @@ class Observation:
     sandbox_note: str = ""
     limits: InstanceLimits | None = None
     serving_revision: str = ""  # the revision whose instances the endpoints are
+    reported: Reported | None = None
 
 
 Phase = Literal["started", "ready", "failed", "scaled", "stopped"]
@@ -617,7 +644,10 @@ def next_deployment_state(
     rev = obs.revision
     ready = len(obs.endpoints)
     phase: Phase
-    if obs.failure is not None:
+    if obs.reported is not None:
+        phase, reason, message = obs.reported.phase, obs.reported.reason, obs.reported.message
+        ready = obs.reported.ready_replicas
+    elif obs.failure is not None:
         phase, reason, message = "failed", obs.failure.reason, obs.failure.message
         if ready and obs.serving_generation is not None:
             message += f"\n(generation {obs.serving_generation} keeps serving)"
@@ -638,7 +668,7 @@ def next_deployment_state(
         elif previous is not None and previous.uid == rev.uid and previous.phase == "ready":
             phase = "ready"
         reason, message = "InstancesRestarting", f"{ready}/{rev.replicas} instances ready"
-    if obs.failure is None:
+    if obs.failure is None and obs.reported is None:
         message += instances_note(obs.instances)
     if not obs.sandboxed:
         message += f" (unsandboxed: {obs.sandbox_note or 'bubblewrap is not available'})"

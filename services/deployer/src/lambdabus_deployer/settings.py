@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from lambdabus_platform.kube.settings import KubeApiSettings, KubeSettings
 from lambdabus_platform.sandbox import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, SandboxMode
 from lambdabus_platform.settings import SecretsSettings, ServiceSettings
 
@@ -24,7 +25,9 @@ def _inherited_path() -> str:
 
 
 class DeployerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_DEPLOYER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LAMBDABUS_DEPLOYER_", extra="ignore", populate_by_name=True
+    )
 
     port: int = Field(default=8083, ge=0, le=65535)
     state_dir: Path = Field(
@@ -138,6 +141,21 @@ class DeployerSettings(ServiceSettings):
         default=6.0,
         gt=0,
         description="SIGTERM to SIGKILL when stopping an instance (the runtime drains for 5 s)",
+    )
+
+    # -- the kubernetes backend (issue 10)
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        validation_alias=AliasChoices("LAMBDABUS_BACKEND", "LAMBDABUS_DEPLOYER_BACKEND"),
+        description="local: sandboxed processes on this machine; kubernetes: Deployments, "
+        "Services and HPAs in a cluster (`LAMBDABUS_BACKEND`)",
+    )
+    kube: KubeSettings = Field(default_factory=KubeSettings)
+    kube_api: KubeApiSettings = Field(default_factory=KubeApiSettings)
+    kube_create_namespaces: bool = Field(
+        default=True,
+        description="kubernetes: create a function namespace (and the platform's RoleBindings "
+        "there) when missing; false where an operator creates them",
     )
 
     runtime_pythonpath: str | None = Field(

@@ -84,6 +84,7 @@ def make_setup(settings: GatewaySettings):  # type: ignore[no-untyped-def]
                 builds=Registry(ctx.bus.kv(BUILDS_BUCKET), BuildState),
                 git=git_sources,
                 revisions=revisions,
+                backend=settings.backend,
             )
             git_sync = GitSync(
                 functions=functions, sources=git_sources, interval=settings.git_poll_interval

@@ -181,6 +181,27 @@ async def publish_lifecycle(bus: Bus, event: LifecycleEvent) -> None:
     await bus.publish_lifecycle(event, actor=(actor.id, actor.name) if actor else None)
 
 
+class BackendUnsupported(InvalidSpec):
+    code = "backend_unsupported"
+
+
+def check_backend(config: FunctionConfig, backend: str) -> None:
+    """Refuse what the platform's backend cannot run: a prebuilt `image` or `gpu` on local."""
+    if backend != "local":
+        return
+    if config.image:
+        raise BackendUnsupported(
+            f"spec.image {config.image!r} (a prebuilt image) runs only on the kubernetes "
+            "backend (LAMBDABUS_BACKEND=kubernetes); this platform runs functions locally: "
+            "send source to build instead"
+        )
+    if config.gpu:
+        raise BackendUnsupported(
+            f"spec.gpu {config.gpu} needs the kubernetes backend (LAMBDABUS_BACKEND=kubernetes); "
+            "this platform runs functions locally, without GPUs"
+        )
+
+
 class Functions:
     def __init__(
         self,
@@ -194,7 +215,9 @@ class Functions:
         builds: Registry[BuildState] | None = None,
         git: GitSources | None = None,
         revisions: Revisions | None = None,
+        backend: str = "local",
     ) -> None:
+        self._backend = backend
         self._revisions = revisions
         self._git = git
         self._bus = bus
@@ -285,6 +308,7 @@ class Functions:
 
     async def create(self, namespace: str, upload: Upload) -> Versioned[FunctionRecord]:
         spec = parse_spec(upload.fields)
+        check_backend(spec, self._backend)
         if await self._records.get(namespace, spec.name) is not None:
             raise AlreadyExists(
                 f"function {namespace}/{spec.name} already exists; use PUT to replace it",
@@ -399,6 +423,7 @@ class Functions:
             if guard is not None and not guard(current.value):
                 return current, []
             config: FunctionConfig = config_of(current.value)
+            check_backend(config, self._backend)
             if source is None and config.runtime != current.value.spec.runtime:
                 raise InvalidSpec(
                     "changing the runtime needs new source: send the archive with the new runtime",

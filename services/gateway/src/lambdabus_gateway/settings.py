@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from lambdabus_platform.settings import (
@@ -18,9 +19,17 @@ MiB = 1024 * 1024
 
 
 class GatewaySettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LAMBDABUS_GATEWAY_", extra="ignore", populate_by_name=True
+    )
 
     port: int = Field(default=8080, ge=0, le=65535)
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        validation_alias=AliasChoices("LAMBDABUS_BACKEND", "LAMBDABUS_GATEWAY_BACKEND"),
+        description="where functions run (`LAMBDABUS_BACKEND`): a spec only the kubernetes "
+        "backend supports (`image`, `gpu`) is refused with 400 backend_unsupported on local",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     quota: QuotaSettings = Field(default_factory=QuotaSettings)

@@ -403,13 +403,27 @@ class KubeClient:
         """Create the object, or bring the existing one to it: on 409 read it again and patch
         with its resourceVersion as precondition; a concurrent change (409) or delete (404)
         in between starts over."""
+        result, _ = await self.upsert(obj, attempts=attempts)
+        return result
+
+    async def ensure(self, obj: Mapping[str, Any]) -> bool:
+        """Create the object unless it exists (never changed: for objects the platform may
+        create but not update, such as namespaces and RoleBindings). True when created."""
+        try:
+            await self.create(obj)
+        except KubeConflict:
+            return False
+        return True
+
+    async def upsert(self, obj: Mapping[str, Any], *, attempts: int = 5) -> tuple[Obj, bool]:
+        """`apply`, also saying whether the object was created (True) or updated."""
         resource = resource_of(obj)
         meta = obj.get("metadata") or {}
         namespace, name = meta.get("namespace"), str(meta.get("name", ""))
         last: KubeError | None = None
         for _ in range(attempts):
             try:
-                return await self.create(obj)
+                return await self.create(obj), True
             except KubeConflict as exc:
                 last = exc
             current = await self.get(resource, namespace, name)
@@ -420,7 +434,7 @@ class KubeClient:
             if version:
                 desired.setdefault("metadata", {})["resourceVersion"] = version
             try:
-                return await self.patch(resource, namespace, name, desired)
+                return await self.patch(resource, namespace, name, desired), False
             except (KubeConflict, KubeNotFound) as exc:
                 last = exc
         raise KubeConflict(

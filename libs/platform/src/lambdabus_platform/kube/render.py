@@ -39,6 +39,8 @@ NETWORK_POLICY_NAME = "lambdabus-functions"
 CONTAINER = "function"
 HEALTH_PATH = "/healthz"
 RESTRICTED_SECCOMP = {"type": "RuntimeDefault"}
+GPU_RESOURCE = "nvidia.com/gpu"
+SERVICE_PORT = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,29 @@ def build_context_url(settings: KubeSettings, fn: KubeFunction) -> str:
 def service_host(fn: KubeFunction) -> str:
     """The cluster DNS name the router reaches the function at."""
     return f"{object_name(fn)}.{fn.namespace}.svc"
+
+
+def service_endpoint(fn: KubeFunction) -> str:
+    """The router's endpoint of a function: its Service's full cluster DNS name and port."""
+    return f"http://{object_name(fn)}.{fn.namespace}.svc.cluster.local:{SERVICE_PORT}"
+
+
+def render_user_secret(
+    namespace: str, secret: str, data: Mapping[str, str], labels: Mapping[str, str]
+) -> Obj:
+    """A Lambdabus secret of the namespace as the Kubernetes Secret the function's pods mount
+    (`/secrets/<name>`) and take `env_from` values from."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": user_secret_name(secret),
+            "namespace": namespace,
+            "labels": {**labels, LABEL_MANAGED_BY: MANAGER, LABEL_NAMESPACE: namespace},
+        },
+        "type": "Opaque",
+        "stringData": dict(sorted(data.items())),
+    }
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -277,16 +302,17 @@ def _container(fn: KubeFunction, settings: KubeSettings, image: str) -> Obj:
         {"name": f"secret-{i}", "mountPath": f"/secrets/{name}", "readOnly": True}
         for i, name in enumerate(sorted(set(spec.secrets)))
     ]
+    requests = {"cpu": _cpu(spec.cpu_request), "memory": _mib(spec.memory_request)}
+    limits = {"cpu": _cpu(spec.cpu), "memory": _mib(spec.memory)}
+    if spec.gpu:  # an extended resource: request and limit must be equal
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.gpu)
     return {
         "name": CONTAINER,
         "image": image,
         "ports": [{"name": "http", "containerPort": settings.function_port, "protocol": "TCP"}],
         "env": env,
         "envFrom": [{"secretRef": {"name": env_secret_name(fn)}}],
-        "resources": {
-            "requests": {"cpu": _cpu(spec.cpu_request), "memory": _mib(spec.memory_request)},
-            "limits": {"cpu": _cpu(spec.cpu), "memory": _mib(spec.memory)},
-        },
+        "resources": {"requests": requests, "limits": limits},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "securityContext": {
@@ -355,7 +381,9 @@ def render_service(fn: KubeFunction, settings: KubeSettings, owner: Owner | None
         "spec": {
             "type": "ClusterIP",
             "selector": {LABEL_UID: fn.uid},
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
         },
     }
 
@@ -490,14 +518,15 @@ def render_all(
     owner: Owner | None = None,
 ) -> list[Obj]:
     """Every object a function becomes, in the order they are applied: its namespace and the
-    platform's RoleBindings there (once per namespace), the build Job, the env Secret, the
+    platform's RoleBindings there (once per namespace), the build Job (none for a prebuilt
+    `image`), the env Secret, the
     Deployment, Service, HPA (unless stopped), the namespace's NetworkPolicy, and for
     `network: none` the function's own."""
-    image = image_ref(settings, fn, digest)
+    image = fn.spec.image or image_ref(settings, fn, digest)
     objects = [
         render_namespace(fn.namespace),
         *render_role_bindings(fn.namespace, settings),
-        render_job(fn, settings, image, s3),
+        *([] if fn.spec.image else [render_job(fn, settings, image, s3)]),  # prebuilt: no build
         render_env_secret(fn, owner),
         render_deployment(fn, settings, image),
         render_service(fn, settings, owner),
