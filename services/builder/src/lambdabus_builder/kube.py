@@ -149,6 +149,11 @@ class KubeBuildBackend:
         record = request.record
         fn = KubeFunction.from_record(record)
         progress = request.progress or _NoProgress()
+        if record.spec.image:  # prebuilt (Knative's pre-built container): the deployer runs it
+            await log_.write("system", f"prebuilt image {record.spec.image}: no build Job")
+            return BuildResult(
+                record.spec.image, True, "", message=f"prebuilt image {record.spec.image}"
+            )
         await log_.write("system", f"unpacking the source ({len(request.archive)} bytes)")
         prepared = await asyncio.to_thread(self._prepare, record, request.archive)
         for note in prepared.notes:
