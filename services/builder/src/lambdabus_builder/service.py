@@ -37,7 +37,7 @@ def make_setup(
         ):
             builder = Builder(
                 bus=ctx.bus,
-                settings=settings,
+                settings=_slots_for(settings),
                 backend=chosen,
                 blobs=blobs,
                 metrics=BuildMetrics.create(ctx.metrics.registry),
@@ -69,3 +69,12 @@ async def _backend(
             yield KubeBuildBackend(settings, client, contexts, s3)
     else:
         yield LocalBackend(settings)
+
+
+def _slots_for(settings: BuilderSettings) -> BuilderSettings:
+    """Kubernetes builds run in the cluster, this process only watches them: it takes as many
+    at once as the cluster's build Job limit allows (the backend holds the rest `pending`)."""
+    if settings.backend != "kubernetes":
+        return settings
+    slots = max(settings.max_concurrent_builds, settings.max_build_jobs)
+    return settings.model_copy(update={"max_concurrent_builds": slots})
