@@ -450,3 +450,76 @@ async def test_a_refused_user_docker_command_is_400_naming_the_line(
     )
     assert patched.status == 400, await patched.text()
     assert "user_docker_commands[0]" in await patched.text()
+
+
+async def test_api_server_5xx_is_pending_cluster_unavailable_then_retried(
+    tmp_path: Path,
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubeconfig: Path,
+    kube: KubeClient,
+    kmock: kmock.KubernetesEmulator,
+) -> None:
+    settings = settings_for(tmp_path, nats_settings, s3_settings, kubeconfig)
+    settings.kube_api.retry_for = 0.3  # each call gives up after a few 503s
+    unavailable = {"kind": "Status", "code": 503, "message": "etcdserver: leader changed"}
+    kmock["get", kmock.resource("batch/v1/jobs")][:12] << 503 << unavailable
+    async with running_builder(settings):
+        uid = await create(gateway, "flaky", {"lambda_main.py": HELLO})
+        state = await wait_state(bus, "flaky", lambda s: s.reason == "ClusterUnavailable")
+        assert state.image_status == "pending"
+        assert "503" in state.message or "leader changed" in state.message
+        status = await status_of(gateway, "flaky")
+        assert status["image_status"] in ("pending", "completed")
+        # tried again until the API server answers: the Job is made, the build goes on
+        await wait_job(kube, f"kaniko-lambda-{uid}")
+        await wait_state(bus, "flaky", lambda s: s.reason == "JobCreated")
+        assert len(kmock["get", kmock.resource("batch/v1/jobs")]) > 12
+        assert len(kmock["post", kmock.resource("batch/v1/jobs")]) == 1
+
+
+async def test_rbac_refusal_fails_the_build_naming_verb_and_resource(
+    tmp_path: Path,
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubeconfig: Path,
+    kmock: kmock.KubernetesEmulator,
+) -> None:
+    settings = settings_for(tmp_path, nats_settings, s3_settings, kubeconfig)
+    forbidden = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "no"}
+    kmock["post", kmock.resource("batch/v1/jobs")] << 403 << forbidden
+    async with running_builder(settings):
+        await create(gateway, "denied", {"lambda_main.py": HELLO})
+        state = await wait_state(bus, "denied", lambda s: s.phase == "failed")
+        assert state.reason == "KubernetesForbidden"
+        assert "may not create jobs.batch in namespace 'lambdabus'" in state.message
+        status = await status_of(gateway, "denied")
+        assert status["image_status"] == "error"
+
+
+async def test_a_create_whose_answer_was_lost_is_followed_not_failed(
+    tmp_path: Path,
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubeconfig: Path,
+    kube: KubeClient,
+    kmock: kmock.KubernetesEmulator,
+) -> None:
+    # kmock stores a created object even when the reaction answers 503: as an API server whose
+    # answer is lost after the write; the client's retry then meets 409.
+    settings = settings_for(tmp_path, nats_settings, s3_settings, kubeconfig)
+    unavailable = {"kind": "Status", "code": 503, "message": "timeout"}
+    kmock["post", kmock.resource("batch/v1/jobs")][:1] << 503 << unavailable
+    async with running_builder(settings):
+        uid = await create(gateway, "lost", {"lambda_main.py": HELLO})
+        await wait_state(bus, "lost", lambda s: s.reason == "JobCreated")
+        assert len(kmock["post", kmock.resource("batch/v1/jobs")]) == 2  # 503, then 409
+        await finish_job(kube, f"kaniko-lambda-{uid}", "succeeded")
+        state = await wait_state(bus, "lost", lambda s: s.phase == "succeeded")
+        assert state.reason == "JobFinished"

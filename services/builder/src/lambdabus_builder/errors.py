@@ -19,6 +19,7 @@ FailureReason = Literal[
     # kubernetes backend (Kyma's BuildReady reasons)
     "JobFailed",  # the Kaniko Job failed (its message has Kaniko's last log lines)
     "JobNotFound",  # the Kaniko Job was deleted before it finished
+    "KubernetesForbidden",  # RBAC refused the builder a verb (the message names it)
 ]
 
 

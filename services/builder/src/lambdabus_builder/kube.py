@@ -60,7 +60,18 @@ from lambdabus_platform.dependencies import (
     check_dependency_files,
 )
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
-from lambdabus_platform.kube.client import JOBS, PODS, KubeClient, KubeError, WatchEvent
+from lambdabus_platform.kube.client import (
+    JOBS,
+    PODS,
+    REASON_UNAVAILABLE,
+    KubeClient,
+    KubeConflict,
+    KubeError,
+    KubeForbidden,
+    KubeInvalid,
+    KubeUnavailable,
+    WatchEvent,
+)
 from lambdabus_platform.kube.render import (
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
@@ -160,12 +171,35 @@ class KubeBuildBackend:
             await log_.write("system", note)
         context = prepared.context
         image = image_ref(self._kube, fn, context.tag)
-        name = job_name(fn)
         await log_.write(
             "system",
             f"build context: {context.files} files and a Dockerfile "
             f"({len(context.data)} bytes, digest {context.digest[:12]}); image {image}",
         )
+        try:
+            return await self._run(fn, image, prepared, log_, progress)
+        except KubeUnavailable as exc:
+            # Left started: the builder tries again (at once, then at each reconciliation).
+            await progress.report("pending", REASON_UNAVAILABLE, exc.message)
+            await log_.write("system", f"{exc.message}; the build is tried again")
+            raise
+        except KubeForbidden as exc:
+            raise BuildFailure("KubernetesForbidden", exc.message) from exc
+        except KubeInvalid as exc:
+            raise BuildFailure(
+                "InternalError", f"the API server refused the build Job: {exc.message}"
+            ) from exc
+
+    async def _run(
+        self,
+        fn: KubeFunction,
+        image: str,
+        prepared: _Prepared,
+        log_: BuildLog,
+        progress: BuildProgress,
+    ) -> BuildResult:
+        name = job_name(fn)
+        context = prepared.context
         existing = await self._client.get(JOBS, self.namespace, name)
         if existing is not None and _image_of(existing) == image:
             view = job_view(existing, [])
@@ -182,7 +216,13 @@ class KubeBuildBackend:
                 await self._replace_job(fn.uid, name, existing)
                 job = render_job(fn, self._kube, image, self._s3)
                 job["metadata"].setdefault("annotations", {})[ANNOTATION_IMAGE] = image
-                await self._client.create(job)
+                try:
+                    await self._client.create(job)
+                except KubeConflict:
+                    # An earlier try whose answer was lost (a 5xx after the write) made it.
+                    made = await self._client.get(JOBS, self.namespace, name)
+                    if made is None or _image_of(made) != image:
+                        raise
             await progress.report("pending", "JobCreated", f"build Job {name} created")
             await log_.write("system", f"build Job {name} created in {self.namespace}")
             return await self._follow(fn.uid, name, image, prepared, log_, progress)
@@ -272,6 +312,7 @@ class KubeBuildBackend:
         async with _closing(self._client.watch(JOBS, self.namespace, selector)) as events:
             async for event in events:
                 if event.type == "UNAVAILABLE":
+                    await progress.report("pending", REASON_UNAVAILABLE, event.message)
                     continue
                 _apply(jobs, event)
                 if slot_free(jobs.values(), limit, mine=name):
@@ -336,7 +377,8 @@ class KubeBuildBackend:
         try:
             while True:
                 source, event = await queue.get()
-                if event.type == "UNAVAILABLE":
+                if event.type == "UNAVAILABLE":  # the watch keeps trying; the state says so
+                    await progress.report("pending", REASON_UNAVAILABLE, event.message)
                     continue
                 if source == "job":
                     found: dict[str, Obj] = {}
