@@ -311,3 +311,14 @@ def test_status_takes_the_backends_image_status_and_reason() -> None:
     status = compute_status(rec, done, None)
     build = next(c for c in status.conditions if c.type == "BuildReady")
     assert (status.image_status, build.reason, build.status) == ("completed", "JobFinished", "True")
+
+
+def test_kubernetes_builds_take_the_job_limit_and_the_job_deadline() -> None:
+    from lambdabus_builder.service import _slots_for
+    from lambdabus_builder.settings import BuilderSettings
+
+    local = BuilderSettings(backend="local", max_concurrent_builds=2, build_timeout=600)
+    assert _slots_for(local) is local
+    kube = _slots_for(BuilderSettings(backend="kubernetes", max_concurrent_builds=2))
+    assert kube.max_concurrent_builds == kube.max_build_jobs == 5
+    assert kube.build_timeout >= kube.kube.build_deadline

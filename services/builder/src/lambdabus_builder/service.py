@@ -21,6 +21,7 @@ from lambdabus_platform.s3 import S3Objects
 from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
 
 DURABLE = "builder"
+_SLOT_WAIT = 600.0  # seconds a kubernetes build may wait for a build slot, beyond its Job's
 
 
 def make_setup(
@@ -73,8 +74,11 @@ async def _backend(
 
 def _slots_for(settings: BuilderSettings) -> BuilderSettings:
     """Kubernetes builds run in the cluster, this process only watches them: it takes as many
-    at once as the cluster's build Job limit allows (the backend holds the rest `pending`)."""
+    at once as the cluster's build Job limit allows (the backend holds the rest `pending`), and
+    gives each at least the Job's own deadline (`LAMBDABUS_BUILD_DEADLINE`) and some to wait
+    for a slot."""
     if settings.backend != "kubernetes":
         return settings
     slots = max(settings.max_concurrent_builds, settings.max_build_jobs)
-    return settings.model_copy(update={"max_concurrent_builds": slots})
+    timeout = max(settings.build_timeout, settings.kube.build_deadline + _SLOT_WAIT)
+    return settings.model_copy(update={"max_concurrent_builds": slots, "build_timeout": timeout})
