@@ -184,6 +184,17 @@ async def build_log(bus: Bus, name: str) -> list[LogLine]:
     return lines
 
 
+async def wait_log_line(bus: Bus, name: str, text: str) -> LogLine:
+    async def read() -> LogLine:
+        async for msg in bus.replay("LOGS", logs_subject("build", NS, name), deliver_all=True):
+            line = LogLine.model_validate_json(msg.data)
+            if line.line == text:
+                return line
+        raise AssertionError("the replay ended")
+
+    return await asyncio.wait_for(read(), WAIT)
+
+
 def build_pod(job: str, phase: str, **status: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -281,13 +292,28 @@ async def test_job_context_states_log_and_no_job_for_an_unchanged_source(
 
         # -- its pod runs: in_progress / JobRunning, and its log lines stream into the build log
         pod = build_pod(name, "Running")
-        serve_log(kmock, pod["metadata"]["name"], ["INFO Building", "INFO Pushed " + image])
+        gate = asyncio.Event()
+
+        async def kaniko_at_work() -> None:  # renders nothing; the rest of the log comes later
+            await gate.wait()
+
+        kmock["get", f"/api/v1/namespaces/{PLATFORM_NS}/pods/{pod['metadata']['name']}/log"] << (
+            b"INFO Building\n",
+            kaniko_at_work,
+            f"INFO Pushed {image}\n".encode(),
+        )
         await kube.create(pod)
         state = await wait_state(bus, "hello", lambda s: s.reason == "JobRunning")
         assert state.image_status == "in_progress"
         status = await status_of(gateway, "hello")
         assert status["image_status"] == "in_progress"
         assert build_ready(status)["reason"] == "JobRunning"
+        # the first line is in the build log while the build runs: streamed as it comes
+        first = await wait_log_line(bus, "hello", "INFO Building")
+        assert first.stream == "stdout"
+        state = await wait_state(bus, "hello", lambda s: True)
+        assert state.phase == "started"
+        gate.set()
 
         await finish_job(kube, name, "succeeded")
         state = await wait_state(bus, "hello", lambda s: s.phase == "succeeded")
