@@ -25,9 +25,11 @@ import pytest
 from kubernetes_asyncio.client import Configuration
 
 from lambdabus_builder.settings import BuilderSettings
+from lambdabus_events.catalog import LifecycleEvent, parse_lifecycle
 from lambdabus_events.models import BuildState, LogLine
 from lambdabus_gateway.settings import GatewaySettings
 from lambdabus_platform.bus import Bus
+from lambdabus_platform.errors import NotFound
 from lambdabus_platform.kube.client import JOBS, PODS, KubeClient
 from lambdabus_platform.kube.settings import KubeApiSettings, KubeSettings
 from lambdabus_platform.natsserver import NatsServer, run_nats_server
@@ -184,6 +186,21 @@ async def build_log(bus: Bus, name: str) -> list[LogLine]:
     return lines
 
 
+async def build_succeeded(bus: Bus, name: str) -> LifecycleEvent:
+    """The build.succeeded event of `name` (the deployer's cue)."""
+
+    async def read() -> LifecycleEvent:
+        async for msg in bus.replay(
+            "LIFECYCLE", f"lambdabus.lifecycle.build.*.{NS}.{name}", deliver_all=True
+        ):
+            event = parse_lifecycle(msg.data)
+            if event.type == "io.lambdabus.build.succeeded":
+                return event
+        raise AssertionError("the replay ended")
+
+    return await asyncio.wait_for(read(), WAIT)
+
+
 async def wait_log_line(bus: Bus, name: str, text: str) -> LogLine:
     async def read() -> LogLine:
         async for msg in bus.replay("LOGS", logs_subject("build", NS, name), deliver_all=True):
@@ -325,6 +342,11 @@ async def test_job_context_states_log_and_no_job_for_an_unchanged_source(
             "JobFinished",
             "True",
         )
+        event = await build_succeeded(bus, "hello")
+        assert event.data.artifact == image  # type: ignore[attr-defined]
+        async with S3Objects.open(s3_settings, s3_settings.bucket) as objects:
+            with pytest.raises(NotFound):  # Kaniko has read it: removed
+                await objects.get(key)
         log = await build_log(bus, "hello")
         assert [line.line for line in log if line.stream == "stdout"] == [
             "INFO Building",

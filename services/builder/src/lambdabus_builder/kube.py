@@ -429,6 +429,10 @@ class KubeBuildBackend:
             streaming.cancel()
         elif pod is not None:  # it ended before its log could be followed: read it now
             await self._read_log(str(pod["metadata"]["name"]), log_, lines)
+        try:  # Kaniko has read it: the bucket keeps no finished build's context
+            await self._contexts.delete(self._context_key(uid))
+        except Exception as exc:  # left behind, it is overwritten or removed with the function
+            log.info("cannot remove a build context", extra={"uid": uid, "error": str(exc)})
         if view.outcome == "succeeded":
             return self._result(image, prepared, f"image {image} pushed by build Job {name}")
         raise BuildFailure("JobFailed", failure_message(view, pod, list(lines)))
