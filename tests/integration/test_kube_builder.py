@@ -12,9 +12,11 @@ unschedulable build pod `pending`; the build Job limit; an unchanged source make
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.s3 import S3Objects
 from lambdabus_platform.settings import NatsSettings, S3Settings, StoreSettings
 from lambdabus_platform.subjects import BUILDS_BUCKET, function_key, logs_subject
+from tests.fakeregistry import FakeRegistry
 from tests.integration.conftest import RunningGateway, running_gateway, secrets_settings
 from tests.integration.test_builder import running_builder
 
@@ -571,3 +574,42 @@ async def test_a_create_whose_answer_was_lost_is_followed_not_failed(
         await finish_job(kube, f"kaniko-lambda-{uid}", "succeeded")
         state = await wait_state(bus, "lost", lambda s: s.phase == "succeeded")
         assert state.reason == "JobFinished"
+
+
+async def test_the_same_content_for_another_function_is_tagged_not_built(
+    tmp_path: Path,
+    gateway: RunningGateway,
+    bus: Bus,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubeconfig: Path,
+    kube: KubeClient,
+    kmock: kmock.KubernetesEmulator,
+) -> None:
+    async with FakeRegistry().serve() as registry:
+        auth = tmp_path / "config.json"
+        login = base64.b64encode(f"{registry.user}:{registry.password}".encode()).decode()
+        auth.write_text(json.dumps({"auths": {registry.host: {"auth": login}}}))
+        settings = settings_for(tmp_path, nats_settings, s3_settings, kubeconfig)
+        settings.kube.registry = registry.host
+        settings.kube.insecure_registries = [registry.host]
+        settings.registry_auth_file = auth
+        files = {"lambda_main.py": HELLO, "requirements.txt": "requests==2.32.3\n"}
+        async with running_builder(settings):
+            uid = await create(gateway, "one", files)
+            job = await wait_job(kube, f"kaniko-lambda-{uid}")
+            image = job["metadata"]["annotations"]["lambdabus.io/image"]
+            tag = image.rpartition(":")[2]
+            registry.push(f"{NS}-one", tag, [b"base layers", b"the function"])  # as Kaniko
+            await finish_job(kube, f"kaniko-lambda-{uid}", "succeeded")
+            await wait_state(bus, "one", lambda s: s.phase == "succeeded")
+
+            # the same source and dependencies for another function: tagged, no Job
+            await create(gateway, "two", files)
+            state = await wait_state(bus, "two", lambda s: s.phase == "succeeded")
+            assert state.artifact == f"{registry.host}/{NS}-two:{tag}"
+            assert len(kmock["post", kmock.resource("batch/v1/jobs")]) == 1
+            assert registry.manifests[(f"{NS}-two", tag)] == registry.manifests[(f"{NS}-one", tag)]
+            status = await status_of(gateway, "two")
+            assert status["image_status"] == "completed"
+            assert "tagged as" in build_ready(status)["message"]

@@ -60,6 +60,7 @@ from lambdabus_platform.dependencies import (
     check_dependency_files,
 )
 from lambdabus_platform.errors import ArchiveError, PayloadTooLarge
+from lambdabus_platform.imageregistry import ImageName, ImageRegistry, RegistryError
 from lambdabus_platform.kube.client import (
     JOBS,
     PODS,
@@ -113,12 +114,14 @@ class KubeBuildBackend:
         client: KubeClient,
         contexts: S3Objects,
         s3: S3Settings | None = None,
+        registry: ImageRegistry | None = None,
     ) -> None:
         self._settings = settings
         self._kube = settings.kube
         self._client = client
         self._contexts = contexts
         self._s3 = s3
+        self._registry = registry
         self._limits = ArchiveLimits(
             max_entries=settings.max_archive_entries,
             max_uncompressed=settings.max_uncompressed_bytes,
@@ -139,15 +142,29 @@ class KubeBuildBackend:
     async def adopt(
         self, record: FunctionRecord, generation: int, artifact: str
     ) -> BuildResult | None:
-        """An image built earlier from the same inputs is this build's when it is in this
-        function's repository (the same content has the same tag); another function's image
-        is built again (Kaniko's layer cache makes that cheap)."""
+        """An image built earlier from the same inputs (by any function: images name no
+        function) is this build's: as it is when it is in this function's repository, else
+        tagged into it through the registry (no Job). None (build it) when that fails."""
         fn = KubeFunction.from_record(record)
-        repository = image_ref(self._kube, fn, "").rstrip(":")
-        if not artifact.startswith(f"{repository}:"):
+        try:
+            source = ImageName.parse(artifact)
+            target = ImageName.parse(image_ref(self._kube, fn, source.tag))
+        except ValueError:
+            return None
+        if (source.registry, source.repository) == (target.registry, target.repository):
+            return BuildResult(
+                artifact, True, "", reason="JobFinished", message=f"image {artifact} built before"
+            )
+        if self._registry is None or source.registry != target.registry:
+            return None
+        try:
+            if not await self._registry.exists(target):
+                await self._registry.tag(source, target)
+        except RegistryError as exc:
+            log.info("cannot tag an earlier image: building", extra={"error": exc.message})
             return None
         return BuildResult(
-            artifact, True, "", reason="JobFinished", message=f"image {artifact} built before"
+            str(target), True, "", message=f"image {source} tagged as {target}: no build Job"
         )
 
     async def forget(self, namespace: str, name: str, uid: str) -> None:

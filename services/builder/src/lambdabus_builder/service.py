@@ -16,6 +16,7 @@ from lambdabus_builder.metrics import BuildMetrics
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.eventapi import SUBSCRIPTIONS
+from lambdabus_platform.imageregistry import ImageRegistry
 from lambdabus_platform.kube.client import KubeClient
 from lambdabus_platform.s3 import S3Objects
 from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
@@ -66,8 +67,11 @@ async def _backend(
         async with (
             KubeClient.connect(settings.kube_api) as client,
             S3Objects.open(s3, settings.kube.build_context_bucket) as contexts,
+            ImageRegistry.open(
+                insecure=settings.kube.insecure_registries, auth_file=settings.registry_auth_file
+            ) as registry,
         ):
-            yield KubeBuildBackend(settings, client, contexts, s3)
+            yield KubeBuildBackend(settings, client, contexts, s3, registry)
     else:
         yield LocalBackend(settings)
 

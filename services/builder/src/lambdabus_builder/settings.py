@@ -66,6 +66,12 @@ class BuilderSettings(ServiceSettings):
         "5); further builds stay `pending` until one finishes",
     )
     kube: KubeSettings = Field(default_factory=KubeSettings)
+    registry_auth_file: Path | None = Field(
+        default=None,
+        description="kubernetes: a Docker config.json with the registry's credentials (its "
+        "dockerconfigjson Secret mounted), for tagging an image built for one function into "
+        "another's repository without a Job; unset: anonymous",
+    )
     kube_api: KubeApiSettings = Field(default_factory=KubeApiSettings)
     max_concurrent_builds: int = Field(default=2, ge=1, le=64, description="builds running at once")
     build_timeout: float = Field(
