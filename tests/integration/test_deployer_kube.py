@@ -35,6 +35,7 @@ from lambdabus_events.models import (
     FunctionConfig,
     FunctionRecord,
     FunctionStatus,
+    LogLine,
     SourceRef,
 )
 from lambdabus_platform.kube import render
@@ -426,3 +427,49 @@ async def test_an_expired_watch_lists_again_and_misses_no_transition(
     status = await deployments.until(lambda s: s.status == "running", "running")
     assert status.pod_statuses["hello-1"].status == "running"
     assert len(kmock["get", kmock.resource("v1/pods"), {"watch": "true"}]) >= 2
+
+
+async def test_runtime_logs_come_from_the_pods_logs(
+    kube: KubeClient, deployments: Deployments, kmock: kmock.KubernetesEmulator
+) -> None:
+    lines: list[LogLine] = []
+    got = asyncio.Event()
+
+    async def sink(line: LogLine) -> bool:
+        lines.append(line)
+        if len(lines) == 2:
+            got.set()
+        return True
+
+    kmock["get", kmock.resource("v1/pods"), kmock.subresource("log")] << b"hello\nworld\n"
+    async with open_kubernetes_backend(
+        kube, SETTINGS, deployments, create_namespaces=False, logs=sink
+    ) as backend:
+        await backend.apply(desired(record()))
+        await kube.create(pod("hello-1", **RUNNING))
+        await asyncio.wait_for(got.wait(), 15)
+    assert [(line.instance, line.line, line.kind) for line in lines] == [
+        ("hello-1", "hello", "runtime"),
+        ("hello-1", "world", "runtime"),
+    ]
+    (request,) = kmock["get", kmock.resource("v1/pods"), kmock.subresource("log")]
+    assert request.params["follow"] == "true"
+    assert request.params["container"] == "function"
+
+
+async def test_a_function_deleted_while_another_deployer_ran_it_is_found_by_its_labels(
+    kube: KubeClient, deployments: Deployments
+) -> None:
+    async with open_kubernetes_backend(kube, SETTINGS, deployments, create_namespaces=False) as one:
+        await one.apply(desired(record()))
+    assert await kube.get(DEPLOYMENTS, NS, OBJ) is not None
+    async with open_kubernetes_backend(kube, SETTINGS, deployments, create_namespaces=False) as two:
+        assert two.functions() == set()  # a new leader, that never applied it
+        await two.remove(NS, "hello")
+    for resource, name in (
+        (DEPLOYMENTS, OBJ),
+        (SERVICES, OBJ),
+        (HPAS, OBJ),
+        (SECRETS, f"{OBJ}-env"),
+    ):
+        assert await kube.get(resource, NS, name) is None, resource.kind

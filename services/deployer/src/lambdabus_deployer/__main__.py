@@ -244,11 +244,13 @@ async def kubernetes_setup(settings: DeployerSettings, ctx: ServiceContext) -> A
         states = DeploymentStates(ctx.bus)
         async with (
             KubeClient.connect(settings.kube_api) as kube,
+            open_log_shipper(ctx.bus) as shipper,
             open_kubernetes_backend(
                 kube,
                 settings.kube,
                 states.observe,
                 create_namespaces=settings.kube_create_namespaces,
+                logs=shipper.publish,
             ) as backend,
         ):
             deployer = Deployer(bus=ctx.bus, backend=backend, states=states, secrets=secrets)

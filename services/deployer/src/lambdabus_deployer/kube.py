@@ -19,9 +19,10 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from lambdabus_deployer.backend import Reporter
+from lambdabus_deployer.backend import LogSink, Reporter
 from lambdabus_deployer.kubestatus import (
     REASON_CREATED,
     REASON_FORBIDDEN,
@@ -32,7 +33,7 @@ from lambdabus_deployer.kubestatus import (
     fold,
 )
 from lambdabus_deployer.plan import FILE_ARTIFACT, IMAGE_ARTIFACT, DesiredRevision
-from lambdabus_events.models import FunctionConfig
+from lambdabus_events.models import FunctionConfig, LogLine
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.kube.client import (
     DEPLOYMENTS,
@@ -48,7 +49,10 @@ from lambdabus_platform.kube.client import (
     WatchEvent,
 )
 from lambdabus_platform.kube.render import (
+    CONTAINER,
+    LABEL_FUNCTION,
     LABEL_MANAGED_BY,
+    LABEL_NAMESPACE,
     LABEL_UID,
     MANAGER,
     KubeFunction,
@@ -122,7 +126,11 @@ class KubernetesBackend:
         report: Reporter,
         *,
         create_namespaces: bool = True,
+        logs: LogSink | None = None,
     ) -> None:
+        self._logs = logs
+        self._pinned_warned: set[Key] = set()
+        self._following: dict[tuple[str, str, int], asyncio.Task[None]] = {}
         self._kube = kube
         self._settings = settings
         self._create_namespaces = create_namespaces
@@ -146,10 +154,12 @@ class KubernetesBackend:
         key = (desired.namespace, desired.runner_name)
         if desired.pinned:
             # A revision run apart would need objects named per revision; not yet here.
-            log.warning(
-                "revisions pinned by a route are not run apart on kubernetes",
-                extra={"namespace": desired.namespace, "function": desired.runner_name},
-            )
+            if key not in self._pinned_warned:
+                self._pinned_warned.add(key)
+                log.warning(
+                    "revisions pinned by a route are not run apart on kubernetes",
+                    extra={"namespace": desired.namespace, "function": desired.runner_name},
+                )
             return
         async with self._locks[key]:
             runner = self._runners.get(key)
@@ -196,23 +206,35 @@ class KubernetesBackend:
         key = (namespace, name)
         async with self._locks[key]:
             runner = self._runners.pop(key, None)
-            if runner is None:
-                return
-            fn = runner.fn
-            obj = object_name(fn)
-            await self._kube.delete(DEPLOYMENTS, namespace, obj, propagation="Foreground")
-            # Owned objects go with the Deployment; delete them too, in case it never got a
-            # uid to own them by (or a garbage collector is slow).
-            for resource, name_ in (
-                (SERVICES, obj),
-                (HPAS, obj),
-                (SECRETS, f"{obj}-env"),
-                (NETWORK_POLICIES, f"{obj}-no-network"),
-            ):
-                await self._kube.delete(resource, namespace, name_)
+            if runner is not None:
+                uids = {runner.desired.uid}
+            else:  # not applied by this deployer (it started since): found by its labels
+                found, _ = await self._kube.list(
+                    DEPLOYMENTS, namespace, {LABEL_NAMESPACE: namespace, LABEL_FUNCTION: name}
+                )
+                uids = {
+                    str(d["metadata"]["labels"][LABEL_UID])
+                    for d in found
+                    if LABEL_UID in ((d.get("metadata") or {}).get("labels") or {})
+                }
+            for uid in sorted(uids):
+                await self._delete_objects(namespace, f"lambda-{uid}")
+
+    async def _delete_objects(self, namespace: str, obj: str) -> None:
+        await self._kube.delete(DEPLOYMENTS, namespace, obj, propagation="Foreground")
+        # Owned objects go with the Deployment; delete them too, in case it never got a uid
+        # to own them by (or the garbage collector is slow).
+        for resource, name in (
+            (SERVICES, obj),
+            (HPAS, obj),
+            (SECRETS, f"{obj}-env"),
+            (NETWORK_POLICIES, f"{obj}-no-network"),
+        ):
+            await self._kube.delete(resource, namespace, name)
 
     async def close(self) -> None:
         tasks = [task for tasks in self._watches.values() for task in tasks]
+        tasks += self._following.values()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -333,9 +355,47 @@ class KubernetesBackend:
                 runner.pods.pop(name, None)
             else:
                 runner.pods[name] = obj
+                self._follow_logs(runner, obj)
         elif name == object_name(runner.fn):
             runner.deployment = None if deleted else obj
         return runner
+
+    # -- runtime logs ------------------------------------------------------------------------
+
+    def _follow_logs(self, runner: _Runner, pod: Obj) -> None:
+        """Follow the function container's log of a pod once it runs: anew after each restart
+        (the log of the container that runs now)."""
+        if self._logs is None:
+            return
+        name = str((pod.get("metadata") or {}).get("name", ""))
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if container.get("name") != CONTAINER or not (container.get("state") or {}).get(
+                "running"
+            ):
+                continue
+            key = (runner.fn.namespace, name, int(container.get("restartCount") or 0))
+            if key not in self._following:
+                self._following[key] = asyncio.create_task(self._ship_logs(runner, name))
+
+    async def _ship_logs(self, runner: _Runner, pod: str) -> None:
+        assert self._logs is not None
+        rev = runner.desired
+        try:
+            async for text in self._kube.logs(rev.namespace, pod, container=CONTAINER, follow=True):
+                line = LogLine(
+                    ts=datetime.now(UTC),
+                    kind="runtime",
+                    namespace=rev.namespace,
+                    name=rev.name,
+                    uid=rev.uid,
+                    generation=rev.generation,
+                    stream="stdout",
+                    instance=pod,
+                    line=text,
+                )
+                await self._logs(line)
+        except (KubeError, KubeUnavailable) as exc:
+            log.info("following a pod's log ended", extra={"pod": pod, "error": str(exc)})
 
     async def _publish(self, runner: _Runner) -> None:
         if self._runners.get((runner.desired.namespace, runner.desired.runner_name)) is not runner:
@@ -368,9 +428,16 @@ def _user_secrets(desired: DesiredRevision, spec: FunctionConfig) -> dict[str, d
 
 @contextlib.asynccontextmanager
 async def open_kubernetes_backend(
-    kube: KubeClient, settings: KubeSettings, report: Reporter, *, create_namespaces: bool = True
+    kube: KubeClient,
+    settings: KubeSettings,
+    report: Reporter,
+    *,
+    create_namespaces: bool = True,
+    logs: LogSink | None = None,
 ) -> AsyncIterator[KubernetesBackend]:
-    backend = KubernetesBackend(kube, settings, report, create_namespaces=create_namespaces)
+    backend = KubernetesBackend(
+        kube, settings, report, create_namespaces=create_namespaces, logs=logs
+    )
     try:
         yield backend
     finally:

@@ -584,8 +584,13 @@ class KubeClient:
             namespace=namespace,
             read_timeout=None if follow else self._settings.request_timeout,
         ) as response:
-            async for raw in response.content:
-                yield raw.decode("utf-8", "replace").rstrip("\n")
+            try:
+                async for raw in response.content:
+                    yield raw.decode("utf-8", "replace").rstrip("\n")
+            except _CONNECTION_ERRORS as exc:
+                raise KubeUnavailable(
+                    f"the log of pod {namespace}/{pod} broke off: {exc!r}"
+                ) from exc
 
 
 async def load_configuration(settings: KubeApiSettings) -> Configuration:
