@@ -30,7 +30,13 @@ from lambdabus_builder.plan import (
     tail_message,
 )
 from lambdabus_events.catalog import BuildFailed, BuildQueued, BuildSucceeded, parse_lifecycle
-from lambdabus_events.models import BuildState, FunctionConfig, FunctionRecord, SourceRef
+from lambdabus_events.models import (
+    BuildState,
+    FunctionConfig,
+    FunctionRecord,
+    SourceRef,
+    build_recipe,
+)
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 SHA_A = "a" * 64
@@ -295,3 +301,19 @@ def test_another_runtime_for_the_same_source_is_a_new_build() -> None:
     action = decide_at_t0(node, state("succeeded"), None)
     assert isinstance(action, Build)
     assert action.why == "new runtime"
+
+
+def test_other_user_docker_commands_need_a_new_build() -> None:
+    commands = ["RUN echo hi"]
+    changed = record(generation=2).model_copy(
+        update={"spec": FunctionConfig(user_docker_commands=commands)}
+    )
+    action = decide_at_t0(changed, state("succeeded"), None)
+    assert isinstance(action, Build)
+    assert action.why == "new user_docker_commands"
+    queued = next_build_state(None, changed, "queued", T0)
+    assert queued.recipe == build_recipe(commands) != ""
+    # built with these commands: a later config change is re-stamped, not built
+    done = state("succeeded", generation=2, recipe=build_recipe(commands))
+    later = changed.model_copy(update={"generation": 3})
+    assert isinstance(decide_at_t0(later, done, None), Restamp)

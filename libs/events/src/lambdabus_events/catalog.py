@@ -96,6 +96,8 @@ class FunctionSpecSummary(_Data):
     # -- the kubernetes backend (issue 10)
     image: str | None = None
     gpu: int = 0
+    # -- LUNA's user_docker_commands (issue 10, kubernetes backend)
+    user_docker_commands: list[str] = Field(default_factory=list)
 
     @classmethod
     def of(cls, config: FunctionConfig, *, salt: str) -> FunctionSpecSummary:

@@ -236,6 +236,24 @@ class FunctionConfig(_HandlerAndLabels):
             raise ValueError(problem)
         return self
 
+    # -- LUNA's user_docker_commands (kubernetes backend): Dockerfile instructions run in the
+    # function's image after its dependencies are installed; see `docker_command_problem`
+    user_docker_commands: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Dockerfile instructions run after the dependencies (kubernetes backend): "
+        "RUN, ENV, USER and WORKDIR only",
+    )
+
+    @field_validator("user_docker_commands")
+    @classmethod
+    def _docker_commands_allowed(cls, value: list[str]) -> list[str]:
+        for i, line in enumerate(value):
+            problem = docker_command_problem(line)
+            if problem:
+                raise ValueError(f"user_docker_commands[{i}] {line[:200]!r}: {problem}")
+        return value
+
     # -- autoscaling (issue 11): with `scale`, the deployer's autoscaler sets the instances
     # between scale.min and scale.max (`replicas` is only the count it starts from); without
     # it, `replicas` is a fixed count. `min_replicas`/`max_replicas` (Kyma's presets) do not
@@ -382,6 +400,34 @@ def command_problem(runtime: str, command: list[str]) -> str | None:
     return None
 
 
+DOCKER_INSTRUCTIONS = ("RUN", "ENV", "USER", "WORKDIR")
+
+
+def docker_command_problem(line: str) -> str | None:
+    """What is wrong with one of LUNA's `user_docker_commands`, or None: one Dockerfile
+    instruction on one line, of RUN, ENV, USER or WORKDIR (no FROM, COPY, ADD, ... that would
+    change what the image is built from)."""
+    if "\n" in line or "\r" in line or "\0" in line:
+        return "must be one line (one Dockerfile instruction)"
+    instruction = line.strip().split(None, 1)
+    if not instruction:
+        return "is empty"
+    word = instruction[0].upper()
+    if word not in DOCKER_INSTRUCTIONS:
+        return f"{instruction[0]} is not allowed: only {', '.join(DOCKER_INSTRUCTIONS)} are"
+    if len(instruction) == 1:
+        return f"{word} needs arguments"
+    return None
+
+
+def build_recipe(user_docker_commands: list[str]) -> str:
+    """What of a spec besides the source goes into a function's image (LUNA's
+    `user_docker_commands`), hashed: "" when nothing; another recipe needs a new build."""
+    if not user_docker_commands:
+        return ""
+    return hashlib.sha256(json.dumps(user_docker_commands).encode()).hexdigest()[:32]
+
+
 def command_path(command: list[str]) -> str:
     """The program's path inside the archive, normalised (`./bin//srv` → `bin/srv`)."""
     return "/".join(p for p in command[0].split("/") if p not in ("", "."))
@@ -526,6 +572,11 @@ class BuildState(_Strict):
     runtime: str = Field(
         default="", description="the runtime built for; another one needs a new build"
     )
+    recipe: str = Field(
+        default="",
+        description="`build_recipe` of the spec built (its user_docker_commands); another one "
+        "needs a new build",
+    )
     reason: str = ""
     message: str = ""
     artifact: str | None = Field(default=None, description="artifact reference the deployer runs")
@@ -536,6 +587,12 @@ class BuildState(_Strict):
         default=None,
         description="the replica building it (queued and started builds); written with "
         "compare-and-set, so one replica builds it at a time",
+    )
+    image_status: ImageStatus | None = Field(
+        default=None,
+        description="set by a backend that knows better than the phase (kubernetes: `pending` "
+        "while the build Job waits for a slot or its pod cannot be scheduled, `not_found` "
+        "when the Job is gone); None: from the phase",
     )
 
 

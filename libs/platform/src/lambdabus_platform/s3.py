@@ -103,52 +103,10 @@ class S3BlobStore:
     @contextlib.asynccontextmanager
     async def open(cls, settings: S3Settings) -> AsyncIterator[S3BlobStore]:
         """A client for the context's lifetime; creates the bucket if it does not exist."""
-        credentials: dict[str, str] = {}
-        if settings.access_key_id is not None:
-            credentials["aws_access_key_id"] = settings.access_key_id
-        if settings.secret_access_key is not None:
-            credentials["aws_secret_access_key"] = settings.secret_access_key.get_secret_value()
-        config = AioConfig(
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-            # MinIO and other self-hosted endpoints rarely resolve virtual-host bucket names.
-            s3={"addressing_style": "path"} if settings.endpoint_url else None,
-        )
-        session = aioboto3.Session()
-        async with session.client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            config=config,
-            **credentials,
-        ) as client:
+        async with _client(settings) as client:
             store = cls(client, settings.bucket, settings.prefix)
-            await store._ensure_bucket(settings.region)
+            await _ensure_bucket(client, settings.bucket, settings.region)
             yield store
-
-    async def _ensure_bucket(self, region: str) -> None:
-        try:
-            with _s3_errors("head bucket", self._bucket):
-                await self._client.head_bucket(Bucket=self._bucket)
-            return
-        except NotFound:
-            pass
-        try:
-            with _s3_errors("create bucket", self._bucket):
-                if region == "us-east-1":
-                    await self._client.create_bucket(Bucket=self._bucket)
-                else:
-                    await self._client.create_bucket(
-                        Bucket=self._bucket,
-                        CreateBucketConfiguration={
-                            "LocationConstraint": cast("BucketLocationConstraintType", region)
-                        },
-                    )
-        except PermanentError as exc:
-            # Another replica created it between our head and create: that is what we wanted.
-            if exc.details.get("s3_code") != "BucketAlreadyOwnedByYou":
-                raise
 
     def key(self, sha256: str) -> str:
         return f"{self._prefix}{validate_sha256(sha256)}"
@@ -224,3 +182,91 @@ class S3BlobStore:
                             )
                         )
         return found
+
+
+@contextlib.asynccontextmanager
+async def _client(settings: S3Settings) -> AsyncIterator[S3Client]:
+    credentials: dict[str, str] = {}
+    if settings.access_key_id is not None:
+        credentials["aws_access_key_id"] = settings.access_key_id
+    if settings.secret_access_key is not None:
+        credentials["aws_secret_access_key"] = settings.secret_access_key.get_secret_value()
+    config = AioConfig(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        # MinIO and other self-hosted endpoints rarely resolve virtual-host bucket names.
+        s3={"addressing_style": "path"} if settings.endpoint_url else None,
+    )
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        config=config,
+        **credentials,
+    ) as client:
+        yield client
+
+
+async def _ensure_bucket(client: S3Client, bucket: str, region: str) -> None:
+    try:
+        with _s3_errors("head bucket", bucket):
+            await client.head_bucket(Bucket=bucket)
+        return
+    except NotFound:
+        pass
+    try:
+        with _s3_errors("create bucket", bucket):
+            if region == "us-east-1":
+                await client.create_bucket(Bucket=bucket)
+            else:
+                await client.create_bucket(
+                    Bucket=bucket,
+                    CreateBucketConfiguration={
+                        "LocationConstraint": cast("BucketLocationConstraintType", region)
+                    },
+                )
+    except PermanentError as exc:
+        # Another replica created it between our head and create: that is what we wanted.
+        if exc.details.get("s3_code") != "BucketAlreadyOwnedByYou":
+            raise
+
+
+class S3Objects:
+    """Objects by key in one bucket (the kubernetes builder's build contexts, which Kaniko
+    reads as `s3://<bucket>/<key>`)."""
+
+    def __init__(self, client: S3Client, bucket: str) -> None:
+        self._client = client
+        self.bucket = bucket
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: S3Settings, bucket: str) -> AsyncIterator[S3Objects]:
+        """A client for the context's lifetime (S3 endpoint and credentials from `settings`,
+        bucket `bucket`, created when missing)."""
+        async with _client(settings) as client:
+            await _ensure_bucket(client, bucket, settings.region)
+            yield cls(client, bucket)
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/gzip") -> None:
+        digest = hashlib.sha256(data).digest()
+        with _s3_errors("put", key):
+            await self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                ChecksumSHA256=base64.b64encode(digest).decode(),
+            )
+
+    async def get(self, key: str) -> bytes:
+        with _s3_errors("get", key):
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                return await body.read()
+
+    async def delete(self, key: str) -> None:
+        with _s3_errors("delete", key):
+            await self._client.delete_object(Bucket=self.bucket, Key=key)

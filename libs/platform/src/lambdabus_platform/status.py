@@ -34,12 +34,19 @@ def _build_condition(
             reason="BuildPending",
             message=f"generation {gen} is waiting for the builder",
         )
+    image, condition = _phase_condition(gen, build)
+    # A backend that sees more than the phase (the kubernetes one: a build Job waiting for a
+    # slot or a node, or gone) says so; its reason is Kyma's (JobCreated, JobRunning, ...).
+    return build.image_status or image, condition
+
+
+def _phase_condition(gen: int, build: BuildState) -> tuple[ImageStatus, Condition]:
     match build.phase:
         case "queued":
             return "pending", Condition(
                 type="BuildReady",
                 status="Unknown",
-                reason="BuildQueued",
+                reason=build.reason or "BuildQueued",
                 message=build.message or f"generation {gen} is queued for a build",
                 last_transition_time=build.updated_at,
             )
@@ -47,7 +54,7 @@ def _build_condition(
             return "in_progress", Condition(
                 type="BuildReady",
                 status="Unknown",
-                reason="BuildInProgress",
+                reason=build.reason or "BuildInProgress",
                 message=build.message or f"generation {gen} is building",
                 last_transition_time=build.updated_at,
             )
@@ -63,7 +70,7 @@ def _build_condition(
             return "completed", Condition(
                 type="BuildReady",
                 status="True",
-                reason="BuildSucceeded",
+                reason=build.reason or "BuildSucceeded",
                 message=build.message or f"generation {gen} built",
                 last_transition_time=build.updated_at,
             )

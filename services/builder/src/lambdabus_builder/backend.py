@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from lambdabus_events.models import FunctionRecord
+from lambdabus_events.models import FunctionRecord, ImageStatus
 
 LogStream = Literal["stdout", "stderr", "system"]
 
@@ -18,11 +18,19 @@ class BuildLog(Protocol):
     async def write(self, stream: LogStream, line: str) -> None: ...
 
 
+class BuildProgress(Protocol):
+    """Where a backend that sees a build's progress (the kubernetes one: its Job and pod) says
+    so: written onto the running build's state (image status, Kyma's BuildReady reason)."""
+
+    async def report(self, image_status: ImageStatus, reason: str, message: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class BuildRequest:
     record: FunctionRecord  # what to build: namespace, name, uid, runtime, entry point
     generation: int  # the generation the build was scheduled for
     archive: bytes  # the source archive, verified against record.source.sha256
+    progress: BuildProgress | None = None  # None: the backend's progress is not recorded
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class BuildResult:
     artifact: str  # the reference the deployer runs (`file://<manifest>` for the local backend)
     dependencies_cached: bool  # the dependency environment was there already
     deps_key: str
+    reason: str = ""  # the BuildReady reason when it is the backend's (Kyma's JobFinished)
+    message: str = ""
 
 
 class BuildBackend(Protocol):

@@ -41,7 +41,7 @@ from lambdabus_builder.plan import (
 from lambdabus_builder.records import BuiltInputs, ClaimedStates, InputsIndex
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_events.catalog import LifecycleEvent
-from lambdabus_events.models import BuildState, FunctionRecord, LogLine
+from lambdabus_events.models import BuildState, FunctionRecord, ImageStatus, LogLine, build_recipe
 from lambdabus_platform.blobstore import BlobStore, CorruptBlob
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.errors import AlreadyExists, Conflict, NotFound, TemporaryError
@@ -460,6 +460,7 @@ class Builder:
             current.source.sha256,
             current.spec.handler,
             current.spec.command,
+            build_recipe(current.spec.user_docker_commands),
         )
         try:
             async with asyncio.timeout(self._settings.build_timeout):
@@ -469,7 +470,8 @@ class Builder:
                 else:
                     archive = await self._fetch(current)
                     result = await self._backend.build(
-                        BuildRequest(current, job.generation, archive), build_log
+                        BuildRequest(current, job.generation, archive, _Progress(self, job)),
+                        build_log,
                     )
                     await self._remember(inputs, result)
         except TimeoutError:
@@ -564,7 +566,7 @@ class Builder:
                     reason=result.reason,
                     message=result.message,
                     duration_seconds=round(duration, 3),
-                )
+                ).model_copy(update={"image_status": result.image_status})
                 closing = f"build failed: {result.reason}: {result.message}"
             else:
                 state = next_build_state(
@@ -575,6 +577,8 @@ class Builder:
                     artifact=result.artifact,
                     dependencies_cached=result.dependencies_cached,
                     duration_seconds=round(duration, 3),
+                    reason=result.reason,
+                    message=result.message,
                 )
                 closing = f"build succeeded in {duration:.2f} s"
             try:
@@ -614,6 +618,34 @@ class Builder:
                     "replica": self.replica,
                 },
             )
+
+
+class _Progress:
+    """`BuildProgress` onto a running build's state: its image status, reason and message
+    change; its phase (started) and claim stay."""
+
+    def __init__(self, builder: Builder, job: _Job) -> None:
+        self._builder = builder
+        self._job = job
+
+    async def report(self, image_status: ImageStatus, reason: str, message: str) -> None:
+        if (self._job.state.image_status, self._job.state.reason, self._job.state.message) == (
+            image_status,
+            reason,
+            message,
+        ):
+            return
+        await self._builder._write(
+            self._job,
+            lambda state: state.model_copy(
+                update={
+                    "image_status": image_status,
+                    "reason": reason,
+                    "message": message,
+                    "updated_at": _now(),
+                }
+            ),
+        )
 
 
 def _replacing(state: BuildState) -> Callable[[BuildState], BuildState]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 
-from lambdabus_events.models import BuildClaim, BuildState, FunctionRecord
+from lambdabus_events.models import BuildClaim, BuildState, FunctionRecord, build_recipe
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,16 @@ class Target:
     uid: str
     source_sha256: str
     runtime: str
+    recipe: str = ""  # `build_recipe` of the spec: its user_docker_commands
 
     @classmethod
     def of(cls, record: FunctionRecord) -> Target:
-        return cls(record.uid, record.source.sha256, record.spec.runtime)
+        return cls(
+            record.uid,
+            record.source.sha256,
+            record.spec.runtime,
+            build_recipe(record.spec.user_docker_commands),
+        )
 
 
 @cache
@@ -52,7 +58,7 @@ def in_progress(state: BuildState) -> bool:
 
 
 def target_of(state: BuildState) -> Target:
-    return Target(state.uid, state.source_sha256, state.runtime)
+    return Target(state.uid, state.source_sha256, state.runtime, state.recipe)
 
 
 @dataclass(frozen=True)

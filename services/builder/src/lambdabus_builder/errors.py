@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from lambdabus_events.models import ImageStatus
 from lambdabus_platform.errors import PermanentError
 
 FailureReason = Literal[
@@ -15,6 +16,10 @@ FailureReason = Literal[
     "BuildTimeout",  # the build took longer than `build_timeout`
     "RuntimeUnavailable",  # the builder machine lacks the runtime's tools (node, npm)
     "InternalError",  # a bug or a machine problem: see the builder's log
+    # kubernetes backend (Kyma's BuildReady reasons)
+    "JobFailed",  # the Kaniko Job failed (its message has Kaniko's last log lines)
+    "JobNotFound",  # the Kaniko Job was deleted before it finished
+    "KubernetesForbidden",  # RBAC refused the builder a verb (the message names it)
 ]
 
 
@@ -24,6 +29,9 @@ class BuildFailure(PermanentError):
 
     code = "build_failed"
 
-    def __init__(self, reason: FailureReason, message: str) -> None:
+    def __init__(
+        self, reason: FailureReason, message: str, *, image_status: ImageStatus | None = None
+    ) -> None:
         super().__init__(message, details={"reason": reason})
         self.reason: FailureReason = reason
+        self.image_status = image_status  # None: `error`, as a failed build is

@@ -238,6 +238,12 @@ class LocalBackend:
                 if replaced:
                     await log.write("system", replaced_line(replaced))
             await log.write("system", build_preset_line(record.spec))
+            if record.spec.user_docker_commands:
+                await log.write(
+                    "system",
+                    f"user_docker_commands ({len(record.spec.user_docker_commands)}) are run "
+                    "by the kubernetes backend's image build only: not run here",
+                )
             # --
             await self._check_dependencies(runtime, code, log)
             key = deps_key(runtime, self._dependency_bytes(runtime, code))

@@ -30,7 +30,7 @@ from lambdabus_events.catalog import (
     LifecycleEvent,
     lifecycle_event,
 )
-from lambdabus_events.models import BuildState, FunctionRecord, Runtime
+from lambdabus_events.models import BuildState, FunctionRecord, Runtime, build_recipe
 
 Phase = Literal["queued", "started", "succeeded", "failed"]
 Style = Literal["luna", "kyma", "node", "custom"]
@@ -119,11 +119,14 @@ def inputs_key(
     source_sha256: str,
     handler: str | None = None,
     command: Sequence[str] = (),
+    recipe: str = "",
 ) -> str:
     """What a build's result depends on, hashed: the runtime, the entry point, the source
     archive (which holds the dependency files, so its digest covers theirs), the handler (the
     build checks that it exists and records it) and a custom runtime's program."""
     parts = [runtime, entrypoint, source_sha256, handler or "", json.dumps(list(command))]
+    if recipe:  # user_docker_commands (kubernetes backend); keys without them stay as they were
+        parts.append(recipe)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -200,6 +203,8 @@ def decide(
         return Build(record, "new source")
     if state.runtime and state.runtime != record.spec.runtime:
         return Build(record, "new runtime")
+    if state.recipe != build_recipe(record.spec.user_docker_commands):
+        return Build(record, "new user_docker_commands")
     if state.phase in ("queued", "started"):
         match claim_status(state, me, now):
             case HeldElsewhere(holder, expires_at):
@@ -248,11 +253,13 @@ def next_build_state(
     if phase not in allowed:
         was = current.phase if current is not None else "nothing"
         raise ValueError(f"a build cannot go from {was} to {phase}")
-    if current is not None and (current.uid, current.source_sha256, current.runtime) != (
-        record.uid,
-        record.source.sha256,
-        record.spec.runtime,
-    ):
+    recipe = build_recipe(record.spec.user_docker_commands)
+    if current is not None and (
+        current.uid,
+        current.source_sha256,
+        current.runtime,
+        current.recipe,
+    ) != (record.uid, record.source.sha256, record.spec.runtime, recipe):
         raise ValueError("the record is of another build than the current state")
     if phase == "succeeded" and not artifact:
         raise ValueError("a succeeded build names its artifact")
@@ -266,6 +273,7 @@ def next_build_state(
         phase=phase,
         source_sha256=record.source.sha256,
         runtime=record.spec.runtime,
+        recipe=recipe,
         reason=reason,
         message=message,
         artifact=artifact,

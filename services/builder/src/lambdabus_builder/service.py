@@ -1,5 +1,6 @@
-"""The builder service's wiring: the artifact store, the local backend and the `Builder`, its
-durable consumer of function events, and its reconciliation loop, for the service's lifetime."""
+"""The builder service's wiring: the artifact store, the backend (local, or kubernetes with
+`LAMBDABUS_BACKEND=kubernetes`) and the `Builder`, its durable consumer of function events, and
+its reconciliation loop, for the service's lifetime."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from lambdabus_builder.backend import BuildBackend
 from lambdabus_builder.builds import Builder
 from lambdabus_builder.claims import replica_id
 from lambdabus_builder.collect import KINDS, DiskCollector
+from lambdabus_builder.kube import KubeBuildBackend
 from lambdabus_builder.local import LocalBackend
 from lambdabus_builder.metrics import BuildMetrics
 from lambdabus_builder.settings import BuilderSettings
 from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.gc import GcMetrics
+from lambdabus_platform.imageregistry import ImageRegistry
+from lambdabus_platform.kube.client import KubeClient
+from lambdabus_platform.s3 import S3Objects
 from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
 
 DURABLE = "builder"
+_SLOT_WAIT = 600.0  # seconds a kubernetes build may wait for a build slot, beyond its Job's
 
 
 def make_setup(
@@ -29,11 +35,13 @@ def make_setup(
 
     @contextlib.asynccontextmanager
     async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
-        async with open_blob_store(settings.store, ctx.bus) as blobs:
-            chosen = backend if backend is not None else LocalBackend(settings)
+        async with (
+            open_blob_store(settings.store, ctx.bus) as blobs,
+            _backend(settings, backend) as chosen,
+        ):
             builder = Builder(
                 bus=ctx.bus,
-                settings=settings,
+                settings=_slots_for(settings),
                 backend=chosen,
                 blobs=blobs,
                 metrics=BuildMetrics.create(ctx.metrics.registry),
@@ -52,3 +60,36 @@ def make_setup(
                 await builder.close()
 
     return setup
+
+
+@contextlib.asynccontextmanager
+async def _backend(
+    settings: BuilderSettings, given: BuildBackend | None
+) -> AsyncIterator[BuildBackend]:
+    """`given`, else the one `settings.backend` names, with its clients for the lifetime."""
+    if given is not None:
+        yield given
+    elif settings.backend == "kubernetes":
+        s3 = settings.store.s3
+        async with (
+            KubeClient.connect(settings.kube_api) as client,
+            S3Objects.open(s3, settings.kube.build_context_bucket) as contexts,
+            ImageRegistry.open(
+                insecure=settings.kube.insecure_registries, auth_file=settings.registry_auth_file
+            ) as registry,
+        ):
+            yield KubeBuildBackend(settings, client, contexts, s3, registry)
+    else:
+        yield LocalBackend(settings)
+
+
+def _slots_for(settings: BuilderSettings) -> BuilderSettings:
+    """Kubernetes builds run in the cluster, this process only watches them: it takes as many
+    at once as the cluster's build Job limit allows (the backend holds the rest `pending`), and
+    gives each at least the Job's own deadline (`LAMBDABUS_BUILD_DEADLINE`) and some to wait
+    for a slot."""
+    if settings.backend != "kubernetes":
+        return settings
+    slots = max(settings.max_concurrent_builds, settings.max_build_jobs)
+    timeout = max(settings.build_timeout, settings.kube.build_deadline + _SLOT_WAIT)
+    return settings.model_copy(update={"max_concurrent_builds": slots, "build_timeout": timeout})

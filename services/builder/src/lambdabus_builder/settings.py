@@ -6,11 +6,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from lambdabus_builder.buildbox import TRUST_VARIABLES
+from lambdabus_platform.kube.settings import KubeApiSettings, KubeSettings
 from lambdabus_platform.sandbox import SandboxMode
 from lambdabus_platform.settings import GcSettings, ServiceSettings, StoreSettings
 
@@ -32,7 +34,9 @@ def _trust_env() -> dict[str, str]:
 
 
 class BuilderSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LAMBDABUS_BUILDER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LAMBDABUS_BUILDER_", extra="ignore", populate_by_name=True
+    )
 
     port: int = Field(default=8082, ge=0, le=65535)
     trust_env: dict[str, str] = Field(
@@ -47,6 +51,29 @@ class BuilderSettings(ServiceSettings):
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
     gc: GcSettings = Field(default_factory=GcSettings)
+    # -- the kubernetes backend (issue 10): Kaniko Jobs push images; build contexts go to S3
+    # (the endpoint and credentials of LAMBDABUS_S3_*, the bucket LAMBDABUS_BUILD_CONTEXT_BUCKET)
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        validation_alias=AliasChoices("LAMBDABUS_BACKEND", "LAMBDABUS_BUILDER_BACKEND"),
+        description="local: directories on this machine; kubernetes: images built by Kaniko "
+        "Jobs (`LAMBDABUS_BACKEND`)",
+    )
+    max_build_jobs: int = Field(
+        default=5,
+        ge=1,
+        le=256,
+        description="kubernetes: build Jobs running at once in the cluster (Kyma's default "
+        "5); further builds stay `pending` until one finishes",
+    )
+    kube: KubeSettings = Field(default_factory=KubeSettings)
+    registry_auth_file: Path | None = Field(
+        default=None,
+        description="kubernetes: a Docker config.json with the registry's credentials (its "
+        "dockerconfigjson Secret mounted), for tagging an image built for one function into "
+        "another's repository without a Job; unset: anonymous",
+    )
+    kube_api: KubeApiSettings = Field(default_factory=KubeApiSettings)
     max_concurrent_builds: int = Field(default=2, ge=1, le=64, description="builds running at once")
     build_timeout: float = Field(
         default=600.0, gt=0, description="seconds per build, queue wait excluded"

@@ -92,7 +92,9 @@ def next_record(
     )
     # Another handler is called from another build (the builder checks it and records it).
     new_handler = config.handler != current.spec.handler
-    if new_source or new_handler or config.runtime != current.spec.runtime:
+    # LUNA's user_docker_commands go into the image (kubernetes backend): another build.
+    new_recipe = config.user_docker_commands != current.spec.user_docker_commands
+    if new_source or new_handler or new_recipe or config.runtime != current.spec.runtime:
         changes.append("source")
     if config != current.spec:
         changes.append("config")
