@@ -521,9 +521,15 @@ def _bound_port(runner: web.AppRunner) -> int | None:
 
 
 def run(
-    name: str, settings: ServiceSettings, setup: Setup, *, client_max_size: int = 1024**2
+    name: str,
+    settings: ServiceSettings,
+    setup: Setup,
+    *,
+    client_max_size: int = 1024**2,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
-    """The `main` of a service process: logs, signals, serve, exit code."""
+    """The `main` of a service process: logs, signals, serve, exit code. `loop_factory`: the
+    event loop to run on (asyncio's default when None)."""
     configure_logging(name, settings.log_level)
 
     async def _main() -> None:
@@ -534,7 +540,8 @@ def run(
         await serve(name, settings, setup, client_max_size=client_max_size, stop=stop)
 
     try:
-        asyncio.run(_main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_main())
     except PortInUse as exc:  # no restart cures it: the launcher stops on this exit code
         log.error("cannot start", extra={"code": exc.code, "error": exc.message, "exit": 78})
         return 78

@@ -8,6 +8,7 @@ the events of every trigger in the `triggers` bucket and runs asynchronous invoc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
@@ -99,9 +100,24 @@ def client_max_size(settings: RouterSettings) -> int:
     return settings.max_body_bytes + _SLACK
 
 
+def loop_factory(settings: RouterSettings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The router's event loop: uvloop unless the settings ask for asyncio's own."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main() -> int:
     settings = RouterSettings()
-    return run("router", settings, make_setup(settings), client_max_size=client_max_size(settings))
+    return run(
+        "router",
+        settings,
+        make_setup(settings),
+        client_max_size=client_max_size(settings),
+        loop_factory=loop_factory(settings),
+    )
 
 
 if __name__ == "__main__":
