@@ -597,16 +597,16 @@ async def main() -> None:
         ("p99 latency (ms)", {k: quantile(v, 0.99) * ms for k, v in samples.items()}),
         (f"throughput c={args.concurrency} (req/s)", rates),
     ]
-    for name, values in rows:
-        line = f"{name:<26}{values['direct']:>10.3f}"
+    for row_name, values in rows:
+        line = f"{row_name:<26}{values['direct']:>10.3f}"
         for label in labels[1:]:
             line += f"{values[label]:>18.3f}{values[label] / values['direct']:>9.2f}"
         print(line)
     for label in labels:
-        spent = ", ".join(
-            f"{name} {seconds_ / served[label] * 1e6:.0f}" for name, seconds_ in cpu[label].items()
+        used_line = ", ".join(
+            f"{who} {used / served[label] * 1e6:.0f}" for who, used in cpu[label].items()
         )
-        print(f"# CPU per request at c={args.concurrency}, {label}: {spent} (us)")
+        print(f"# CPU per request at c={args.concurrency}, {label}: {used_line} (us)")
     for loop, seen in revisions_seen.items():
         print(f"# router ({loop}): of 100 calls, {seen} carried X-Lambdabus-Revision")
     if balance_rows:
