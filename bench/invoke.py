@@ -329,6 +329,7 @@ async def router(
     state_dir: Path,
     balance: str = "least_in_flight",
     event_loop: str | None = None,
+    fast_path: bool | None = None,
 ) -> AsyncIterator[RouterProcess]:
     env = dict(os.environ)
     env.update(nats.env("router"))
@@ -341,6 +342,8 @@ async def router(
     )
     if event_loop is not None:
         env["LAMBDABUS_ROUTER_EVENT_LOOP"] = event_loop
+    if fast_path is not None:
+        env["LAMBDABUS_ROUTER_FAST_PATH"] = "true" if fast_path else "false"
     async with ready_process(
         sys.executable, "-m", "lambdabus_router", env=env, ready="listening", stream="stderr"
     ) as (proc, rec):
@@ -482,10 +485,11 @@ async def main() -> None:
         "--sandbox", action="store_true", help="run the instance in the sandbox (needs bwrap)"
     )
     parser.add_argument(
-        "--loops",
-        default="asyncio,uvloop",
-        help="the router's event loops to measure side by side, one router process each "
-        "(LAMBDABUS_ROUTER_EVENT_LOOP)",
+        "--routers",
+        default="aiohttp/asyncio,front/asyncio,front/uvloop",
+        help="router variants to measure side by side, one process each: SERVER/LOOP, SERVER "
+        "`aiohttp` (LAMBDABUS_ROUTER_FAST_PATH=false) or `front` (the router's own HTTP/1.1 "
+        "protocol), LOOP `asyncio` or `uvloop` (LAMBDABUS_ROUTER_EVENT_LOOP)",
     )
     parser.add_argument(
         "--rounds",
@@ -508,7 +512,7 @@ async def main() -> None:
     if args.compare_transports:
         await compare_transports(args.requests, args.concurrency)
         return
-    loops = [loop for loop in args.loops.split(",") if loop]
+    variants = [v for v in args.routers.split(",") if v]
     rounds = max(1, args.rounds)
     per_round = max(100, args.requests // rounds)
     seconds = args.seconds / rounds
@@ -543,13 +547,19 @@ async def main() -> None:
                     balance_rows = await balancing(nats_server, root, 2.0)
             path = f"/{NAMESPACE}/{NAME}/invoke"
             targets: dict[str, tuple[str, int | None]] = {"direct": (endpoint, None)}
-            for loop in loops:
+            for variant in variants:
+                server, _, loop = variant.partition("/")
                 proc = await stack.enter_async_context(
-                    router(nats_server, root / f"router-{loop}", event_loop=loop)
+                    router(
+                        nats_server,
+                        root / f"router-{server}-{loop}",
+                        event_loop=loop or None,
+                        fast_path=server != "aiohttp",
+                    )
                 )
-                targets[f"router ({loop})"] = (proc.url, proc.pid)
+                targets[variant] = (proc.url, proc.pid)
                 # warm up: the router has the route (it answers 200 with a revision)
-                revisions_seen[loop] = await _revision_header(proc.url, path)
+                revisions_seen[variant] = await _revision_header(proc.url, path)
             for url, _ in targets.values():
                 await latency(url, path, warmup, 0)
             for _ in range(rounds):
@@ -590,7 +600,7 @@ async def main() -> None:
     )
     header = f"{'':<26}{'direct':>10}"
     for label in labels[1:]:
-        header += f"{label:>18}{'/direct':>9}"
+        header += f"{label:>17}{'/direct':>8}"
     print(header)
     rows: list[tuple[str, dict[str, float]]] = [
         ("p50 latency (ms)", {k: statistics.median(v) * ms for k, v in samples.items()}),
@@ -600,15 +610,15 @@ async def main() -> None:
     for row_name, values in rows:
         line = f"{row_name:<26}{values['direct']:>10.3f}"
         for label in labels[1:]:
-            line += f"{values[label]:>18.3f}{values[label] / values['direct']:>9.2f}"
+            line += f"{values[label]:>17.3f}{values[label] / values['direct']:>8.2f}"
         print(line)
     for label in labels:
         used_line = ", ".join(
             f"{who} {used / served[label] * 1e6:.0f}" for who, used in cpu[label].items()
         )
         print(f"# CPU per request at c={args.concurrency}, {label}: {used_line} (us)")
-    for loop, seen in revisions_seen.items():
-        print(f"# router ({loop}): of 100 calls, {seen} carried X-Lambdabus-Revision")
+    for variant, seen in revisions_seen.items():
+        print(f"# router {variant}: of 100 calls, {seen} carried X-Lambdabus-Revision")
     if balance_rows:
         print()
         print("# balancing: two fallback instances, one answering at once, one after 10 ms;")

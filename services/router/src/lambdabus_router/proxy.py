@@ -388,6 +388,19 @@ class Router:
         from the OS, so no syscall per request; ids need to be unique, not secret)."""
         return f"{self._ids.getrandbits(128):032x}"
 
+    def new_call(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        client: str | None,
+        host: str | None,
+        tag: str | None,
+        body: bytes,
+    ) -> Call:
+        """A call parsed by the router's own server (`front`), body read."""
+        return Call(method, target, headers, client, host, "http", tag, self.new_id(), body)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The data plane behind aiohttp: what `front` does not take (protected functions,
         unknown ones, chunked or large bodies, HEAD, HTTP/1.0, encoded paths...)."""

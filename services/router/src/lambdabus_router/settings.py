@@ -23,6 +23,11 @@ class RouterSettings(ServiceSettings):
         default="uvloop",
         description="uvloop (libuv, faster on the data plane: bench/invoke.py) or asyncio's own",
     )
+    fast_path: bool = Field(
+        default=True,
+        description="serve plain invocations with the router's own HTTP/1.1 protocol "
+        "(`front`); everything else, and all of it when false, goes through aiohttp",
+    )
     max_body_bytes: int = Field(default=6 * MiB, gt=0, description="largest invocation body")
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     busy_retry_after_seconds: float = Field(
