@@ -62,6 +62,7 @@ def make_setup(
         load = LoadReporter(
             ctx.bus.kv(FUNCTION_LOAD_BUCKET),
             lambda: router.active.items(),
+            by_revision=lambda: list(router.revision_in_flight.items()),
             sample=settings.load_sample_seconds,
             publish=settings.load_publish_seconds,
         )

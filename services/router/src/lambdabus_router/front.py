@@ -52,8 +52,6 @@ class Front:
         self._date = ""
         self._date_at = 0
         self._sweeper: asyncio.Task[None] | None = None
-        self.fast = 0  # requests served here (for tests and tools)
-        self.handed_off = 0  # connections given to aiohttp
 
     def wrap(self, fallback: ProtocolFactory) -> ProtocolFactory:
         self.fallback = fallback
@@ -197,7 +195,7 @@ class FrontConnection(asyncio.Protocol):
         assert transport is not None
         assert fallback is not None
         self.front.connections.discard(self)
-        self.front.handed_off += 1
+        self.front.router.handed_off += 1
         protocol = fallback()
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
@@ -210,12 +208,15 @@ class FrontConnection(asyncio.Protocol):
 
     async def _serve(self, call: Call, fid: tuple[str, str], close: bool) -> None:
         front = self.front
-        front.fast += 1
+        front.router.served_by_front += 1
+        started = time.perf_counter()
         try:
-            reply = await front.router.dispatch(call, fid, time.perf_counter())
+            reply = await front.router.dispatch(call, fid)
             if reply.upstream is None:
                 self._write(reply, call, close)
+                front.router.observed(fid, reply, started)
             else:
+                front.router.observed(fid, reply, started)
                 close = await self._relay(reply, call, close) or close
         except Exception:
             log.exception("unhandled error", extra={"path": call.target, "method": call.method})

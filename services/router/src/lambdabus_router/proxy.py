@@ -113,6 +113,9 @@ class Router:
         self._least_loaded = settings.balance == "least_in_flight"
         self._counter = 0
         self._ids = random.Random(secrets.randbits(128))
+        # requests served by the router's own server, and connections it gave to aiohttp
+        self.served_by_front = 0
+        self.handed_off = 0
         # requests in flight per (function, revision): the autoscaler's per-revision input
         self.revision_in_flight: defaultdict[tuple[FunctionId, str], int] = defaultdict(int)
         self._session: aiohttp.ClientSession | None = None
@@ -427,7 +430,8 @@ class Router:
             refused.headers[INVOCATION_HEADER] = call.invocation
             self.observe(fid, refused.status, started, cold=False)
             return refused
-        reply = await self.dispatch(call, fid, started)
+        reply = await self.dispatch(call, fid)
+        self.observed(fid, reply, started)
         if reply.upstream is None:
             response = web.Response(
                 status=reply.status, reason=reply.reason, headers=reply.headers, body=reply.body
@@ -438,20 +442,20 @@ class Router:
             return response
         return await self._stream(request, call, reply)
 
-    async def dispatch(self, call: Call, fid: FunctionId, started: float) -> Reply:
-        """One invocation, whichever server took it: admission, revision, instance, answer;
-        counted in the metrics and the call statistics."""
+    async def dispatch(self, call: Call, fid: FunctionId) -> Reply:
+        """One invocation, whichever server took it: admission, revision, instance, answer.
+        The server counts it (`observed`) once the answer went out."""
         if fid in self.known:
-            reply = await self._admitted(call, fid)
-        else:
-            reply = _error_reply(_unknown(fid))
+            return await self._admitted(call, fid)
+        return _error_reply(_unknown(fid))
+
+    def observed(self, fid: FunctionId, reply: Reply, started: float) -> None:
+        """Count an answered invocation in the metrics and the call statistics."""
         cold = False
-        if reply.upstream is not None or reply.status < 400:
-            for key, value in reply.headers:
-                if value == "true" and key.lower() == _COLD_START_LOWER:
-                    cold = True
+        for key, value in reply.headers:
+            if value == "true" and key.lower() == _COLD_START_LOWER:
+                cold = True
         self.observe(fid, reply.status, started, cold=cold)
-        return reply
 
     def observe(self, fid: FunctionId, status: int, started: float, *, cold: bool) -> None:
         took = time.perf_counter() - started
