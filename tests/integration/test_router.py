@@ -367,6 +367,23 @@ async def test_a_body_the_instance_read_is_never_sent_again(router: RunningRoute
         assert bodies[-1] == b"third"
 
 
+async def test_a_safe_request_is_sent_again_when_the_pooled_connection_was_dropped(
+    router: RunningRouter,
+) -> None:
+    async with reads_then_drops() as (url, bodies):
+        await router.add_function("again", [url])
+        path = f"/{router.namespace}/again"
+        async with router.http.get(path) as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        served = router.router.served_by_front
+        # Read and dropped on the pooled connection: a GET without a body changes nothing, so
+        # it goes again on a fresh connection, which answers.
+        async with router.http.get(path) as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        assert len(bodies) == 3
+        assert router.router.served_by_front == served + 1
+
+
 @contextlib.asynccontextmanager
 async def counting_backend() -> AsyncIterator[tuple[str, list[int]]]:
     """An instance that takes 0.2 s per request and records how many it had in flight."""

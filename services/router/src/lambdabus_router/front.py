@@ -16,6 +16,7 @@ lines, a bad or repeated Content-Length): such a head goes to aiohttp, which ref
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -184,9 +185,43 @@ class FrontConnection(asyncio.Protocol):
         self.busy = True
         router = self.front.router
         call = router.new_call(method, target, headers, self.client, host, tag, body)
-        self._task = asyncio.get_running_loop().create_task(
-            self._serve(call, fid, close or self.closing)
-        )
+        close = close or self.closing
+        router.served_by_front += 1
+        started = time.perf_counter()
+        # Sent at once when nothing needs waiting (no task: the answer comes to `_answered`).
+        if not router.start(
+            call, fid, functools.partial(self._answered, call, fid, close, started)
+        ):
+            self._task = asyncio.get_running_loop().create_task(
+                self._serve(call, fid, close, started)
+            )
+
+    def _answered(
+        self, call: Call, fid: tuple[str, str], close: bool, started: float, reply: Reply
+    ) -> None:
+        router = self.front.router
+        try:
+            if reply.upstream is None:
+                self._write(reply, call, close)
+                router.observed(fid, reply, started)
+            else:
+                router.observed(fid, reply, started)
+                self._task = asyncio.get_running_loop().create_task(
+                    self._relay_and_finish(reply, call, close)
+                )
+                return
+        except Exception:
+            log.exception("unhandled error", extra={"path": call.target, "method": call.method})
+            close = True
+        self._finish(close)
+
+    async def _relay_and_finish(self, reply: Reply, call: Call, close: bool) -> None:
+        try:
+            close = await self._relay(reply, call, close) or close
+        except Exception:
+            log.exception("unhandled error", extra={"path": call.target, "method": call.method})
+            close = True
+        self._finish(close)
 
     def _hand_off(self) -> None:
         """Give the connection (and what was read of it) to aiohttp for the rest of its life."""
@@ -206,10 +241,8 @@ class FrontConnection(asyncio.Protocol):
         if data:
             protocol.data_received(data)
 
-    async def _serve(self, call: Call, fid: tuple[str, str], close: bool) -> None:
+    async def _serve(self, call: Call, fid: tuple[str, str], close: bool, started: float) -> None:
         front = self.front
-        front.router.served_by_front += 1
-        started = time.perf_counter()
         try:
             reply = await front.router.dispatch(call, fid)
             if reply.upstream is None:
@@ -223,6 +256,10 @@ class FrontConnection(asyncio.Protocol):
             close = True
             if not self._answering:
                 self._write(_internal_error(), call, close)
+        self._finish(close)
+
+    def _finish(self, close: bool) -> None:
+        """The answer is out: close, or go on with the next request."""
         self.busy = self._answering = False
         self.idle_since = asyncio.get_running_loop().time()
         if close or self._lost:

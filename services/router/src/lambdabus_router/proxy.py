@@ -71,8 +71,10 @@ from lambdabus_router.upstream import (
     ConnectFailed,
     Disconnected,
     Response,
+    StaleConnection,
     Upstream,
     UpstreamError,
+    resendable,
 )
 
 log = logging.getLogger("lambdabus.router")
@@ -449,6 +451,123 @@ class Router:
             return await self._admitted(call, fid)
         return _error_reply(_unknown(fid))
 
+    def start(self, call: Call, fid: FunctionId, done: Callable[[Reply], None]) -> bool:
+        """`dispatch` without a coroutine, for the common case: the function is admitted, has a
+        ready instance of the chosen revision with an idle pooled connection, and no limit of
+        requests per instance. Then the request is written at once and True returned; `done`
+        gets the reply (from a callback of the upstream future). False when anything would
+        need waiting or an error answer: nothing was counted or sent, use `dispatch`."""
+        upstream = self._upstream
+        body = call.body
+        if upstream is None or body is None or fid not in self.known or fid in self.per_instance:
+            return False
+        state = self.table.get(fid)
+        if state is None or not state.endpoints:
+            return False
+        active = self.active[fid]
+        limit = self.max_concurrency.get(fid)
+        if limit is not None and active >= limit:
+            return False
+        ns = fid[0]
+        in_namespace = self.namespace_active[ns]
+        if in_namespace >= self.namespace_limits.get(ns, self._default_namespace_limit):
+            return False
+        chosen = self._revision_endpoints(fid, state, call.tag)
+        if chosen is None or not chosen[1]:
+            return False
+        revision, endpoints = chosen
+        counter = self._counter + 1
+        in_flight = self.in_flight
+        endpoint = pick(endpoints, counter, in_flight if self._least_loaded else None)
+        if endpoint is None:
+            return False
+        headers = request_headers(
+            call.headers,
+            client=call.client,
+            host=call.host,
+            proto=call.scheme,
+            drop=_DROP_PROTECTED if fid in self.protected else _DROP,
+        )
+        headers.append((INVOCATION_HEADER, call.invocation))
+        try:
+            waiter = upstream.start(
+                endpoint,
+                call.method,
+                call.target,
+                headers,
+                body,
+                timeout=state.timeout + self.settings.timeout_margin_seconds,
+                buffer_limit=self.settings.buffer_response_bytes,
+            )
+        except ValueError:
+            return False  # `dispatch` answers it (400)
+        if waiter is None:
+            return False
+        self._counter = counter
+        call.revision = revision
+        if self.load is not None:
+            self.load.arrived(fid)
+        self.active[fid] = active + 1
+        self.namespace_active[ns] = in_namespace + 1
+        in_flight[endpoint] += 1
+        key = (fid, revision)
+        self.revision_in_flight[key] += 1
+        waiter.add_done_callback(
+            functools.partial(self._answered, call, fid, state, endpoint, key, done)
+        )
+        return True
+
+    def _answered(
+        self,
+        call: Call,
+        fid: FunctionId,
+        state: DeploymentState,
+        endpoint: str,
+        key: tuple[FunctionId, str],
+        done: Callable[[Reply], None],
+        waiter: asyncio.Future[Response],
+    ) -> None:
+        """The end of a `start`: counters released, the answer (or error) as a reply."""
+        self.active[fid] -= 1
+        self.namespace_active[fid[0]] -= 1
+        by_revision = self.revision_in_flight
+        left = by_revision[key] - 1
+        if left:
+            by_revision[key] = left
+        else:
+            del by_revision[key]
+        error = waiter.exception() if not waiter.cancelled() else Disconnected("cancelled")
+        if error is None:
+            upstream = waiter.result()
+            reply = Reply(
+                upstream.status,
+                upstream.reason,
+                response_headers(upstream.headers),
+                upstream.body,
+            )
+            if upstream.body is None:
+                reply.upstream = upstream
+                reply.finish = functools.partial(self._finished, endpoint)
+            else:
+                self.in_flight[endpoint] -= 1
+            done(reply)
+            return
+        self.in_flight[endpoint] -= 1
+        if isinstance(error, StaleConnection):
+            # The pooled connection was closed as the request went out: `dispatch` sends it
+            # again on a fresh one when that is safe, or answers 502.
+            if resendable(call.method, call.body or b""):
+                task = asyncio.get_running_loop().create_task(self.dispatch(call, fid))
+                task.add_done_callback(functools.partial(_then, done))
+                return
+            done(_disconnected(fid, error))
+        elif isinstance(error, TimeoutError):
+            done(_timed_out(fid, state))
+        elif isinstance(error, Disconnected):
+            done(_disconnected(fid, error))
+        else:
+            done(_bad_gateway(fid, error))
+
     def observed(self, fid: FunctionId, reply: Reply, started: float) -> None:
         """Count an answered invocation in the metrics and the call statistics."""
         cold = False
@@ -638,15 +757,7 @@ class Router:
                     self.metrics.retried()
                     endpoint, retried = other, True
                 except TimeoutError:
-                    return _error_reply(
-                        LambdabusError(
-                            f"function {fid[0]}/{fid[1]} did not answer within its timeout "
-                            f"of {state.timeout:g} s",
-                            code="function_timeout",
-                            status=504,
-                            details={"timeout": state.timeout},
-                        )
-                    )
+                    return _timed_out(fid, state)
                 except Disconnected as exc:
                     return _disconnected(fid, exc)
                 except UpstreamError as exc:
@@ -874,6 +985,33 @@ class Reply:
         self.body = body
         self.upstream: Response | None = None
         self.finish: Callable[[], None] | None = None
+
+
+def _timed_out(fid: FunctionId, state: DeploymentState) -> Reply:
+    return _error_reply(
+        LambdabusError(
+            f"function {fid[0]}/{fid[1]} did not answer within its timeout of {state.timeout:g} s",
+            code="function_timeout",
+            status=504,
+            details={"timeout": state.timeout},
+        )
+    )
+
+
+def _then(done: Callable[[Reply], None], task: asyncio.Task[Reply]) -> None:
+    """Hand a task's reply on (a failed task's as a 500, as the server would)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("unhandled error", exc_info=error)
+        done(
+            _error_reply(
+                LambdabusError("internal error; see the service log", code="internal", status=500)
+            )
+        )
+        return
+    done(task.result())
 
 
 def _both(first: Callable[[], None], then: Callable[[FunctionId], None], fid: FunctionId) -> None:

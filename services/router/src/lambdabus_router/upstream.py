@@ -67,7 +67,7 @@ class InvalidResponse(UpstreamError):
     """The instance answered something that is not HTTP/1.1."""
 
 
-class _Stale(Disconnected):
+class StaleConnection(Disconnected):
     """A reused connection closed before any byte of the response: retried on a fresh one
     when the request is safe to send again."""
 
@@ -367,7 +367,9 @@ class _Connection(asyncio.Protocol):
             self._complete(reusable=False)  # the body ran until the close
             return
         if not self._received and self.reused:
-            error: UpstreamError = _Stale("the pooled connection was closed by the instance")
+            error: UpstreamError = StaleConnection(
+                "the pooled connection was closed by the instance"
+            )
         else:
             error = Disconnected("the instance closed the connection mid-response")
         self._fail(error, abort=False)
@@ -749,7 +751,7 @@ class Upstream:
         conn = pool.quick() or await pool.acquire(deadline)
         try:
             return await _exchange(conn, head, rest, head_request, buffer_limit, deadline)
-        except _Stale as exc:
+        except StaleConnection as exc:
             if not resendable(method, body):
                 raise NotRetried(
                     "the instance closed the connection after the request went out, before "
@@ -759,6 +761,34 @@ class Upstream:
         # Only a reused connection goes stale, so this is retried once at most.
         conn = await pool.acquire(deadline, fresh=True)
         return await _exchange(conn, head, rest, head_request, buffer_limit, deadline)
+
+    def start(
+        self,
+        endpoint: str,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes,
+        *,
+        timeout: float,
+        buffer_limit: int,
+    ) -> asyncio.Future[Response] | None:
+        """`request` without a coroutine, when an idle pooled connection to `endpoint` is at
+        hand: the request is written now and the future gets the answer (or the error). None
+        when there is no idle connection (nothing was sent: use `request`). A `StaleConnection`
+        error says the pooled connection closed before any byte of the answer: the caller
+        sends the request again (`request`) only when `resendable`. ValueError as `request`."""
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            return None
+        head, rest = render_request(method, pool.prefix + target, pool.authority, headers, body)
+        conn = pool.quick()
+        if conn is None:
+            return None
+        deadline = self.loop.time() + timeout
+        return conn.send(
+            head, rest, head_request=method == "HEAD", limit=buffer_limit, deadline=deadline
+        )
 
     def connections(self, endpoint: str) -> tuple[int, int]:
         """(open, idle) connections to `endpoint`: for tests and tools."""
