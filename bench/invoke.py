@@ -522,6 +522,7 @@ async def main() -> None:
     served: dict[str, float] = {}
     elapsed: dict[str, float] = {}
     cpu: dict[str, dict[str, float]] = {}
+    cpu_sequential: dict[str, dict[str, float]] = {}
     revisions_seen: dict[str, int] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -564,10 +565,14 @@ async def main() -> None:
                 await latency(url, path, warmup, 0)
             for _ in range(rounds):
                 for label, (url, router_pid) in targets.items():
-                    samples.setdefault(label, []).extend(await latency(url, path, per_round, 20))
                     pids = {"client": os.getpid(), "instance": instance_pid}
                     if router_pid is not None:
                         pids["router"] = router_pid
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    samples.setdefault(label, []).extend(await latency(url, path, per_round, 20))
+                    spent = cpu_sequential.setdefault(label, {})
+                    for name, pid in pids.items():
+                        spent[name] = spent.get(name, 0.0) + cpu_seconds(pid) - before[name]
                     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     started = time.perf_counter()
                     rate, _ = await throughput(url, path, seconds, args.concurrency)
@@ -617,6 +622,12 @@ async def main() -> None:
             f"{who} {used / served[label] * 1e6:.0f}" for who, used in cpu[label].items()
         )
         print(f"# CPU per request at c={args.concurrency}, {label}: {used_line} (us)")
+    for label in labels:
+        count = (20 + per_round) * rounds
+        used_line = ", ".join(
+            f"{who} {used / count * 1e6:.0f}" for who, used in cpu_sequential[label].items()
+        )
+        print(f"# CPU per request one at a time, {label}: {used_line} (us)")
     for variant, seen in revisions_seen.items():
         print(f"# router {variant}: of 100 calls, {seen} carried X-Lambdabus-Revision")
     if balance_rows:
