@@ -350,6 +350,78 @@ async def router(
         yield RouterProcess(str(rec["url"]), proc.pid)
 
 
+_NGINX_CONF = """worker_processes 1;
+master_process off;
+daemon off;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream instance {{ server {upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://instance;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def nginx_proxy(endpoint: str, state_dir: Path) -> AsyncIterator[RouterProcess]:
+    """nginx as a plain reverse proxy to the same instance (one worker, keep-alive upstream
+    connections): the cost of one proxy hop in C on this machine, for comparison."""
+    import shutil
+    import socket as sockets
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    upstream = (
+        f"unix:{endpoint.removeprefix('unix:')}"
+        if endpoint.startswith("unix:")
+        else endpoint.removeprefix("http://")
+    )
+    conf = state_dir / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(dir=state_dir, upstream=upstream, port=port))
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "-p",
+        str(state_dir),
+        "-c",
+        str(conf),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        yield RouterProcess(f"http://127.0.0.1:{port}", proc.pid)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
 @contextlib.asynccontextmanager
 async def fallback_instance(delay: float) -> AsyncIterator[str]:
     async with ready_process(
@@ -489,7 +561,8 @@ async def main() -> None:
         default="aiohttp/asyncio,front/asyncio,front/uvloop",
         help="router variants to measure side by side, one process each: SERVER/LOOP, SERVER "
         "`aiohttp` (LAMBDABUS_ROUTER_FAST_PATH=false) or `front` (the router's own HTTP/1.1 "
-        "protocol), LOOP `asyncio` or `uvloop` (LAMBDABUS_ROUTER_EVENT_LOOP)",
+        "protocol), LOOP `asyncio` or `uvloop` (LAMBDABUS_ROUTER_EVENT_LOOP); `nginx` (if "
+        "installed): nginx as a plain reverse proxy, the cost of a hop in C for comparison",
     )
     parser.add_argument(
         "--rounds",
@@ -550,6 +623,10 @@ async def main() -> None:
             targets: dict[str, tuple[str, int | None]] = {"direct": (endpoint, None)}
             for variant in variants:
                 server, _, loop = variant.partition("/")
+                if server == "nginx":
+                    proc = await stack.enter_async_context(nginx_proxy(endpoint, root / "nginx"))
+                    targets[variant] = (proc.url, proc.pid)
+                    continue
                 proc = await stack.enter_async_context(
                     router(
                         nats_server,
