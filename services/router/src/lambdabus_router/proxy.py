@@ -489,8 +489,16 @@ class Router:
             drop=_DROP_PROTECTED if fid in self.protected else _DROP,
         )
         headers.append((INVOCATION_HEADER, call.invocation))
-        try:
-            waiter = upstream.start(
+        key = (fid, revision)
+        answered = functools.partial(self._answered, call, fid, state, endpoint, key, done)
+        # Counted before the request goes out: its answer may come back at any time after.
+        self.active[fid] = active + 1
+        self.namespace_active[ns] = in_namespace + 1
+        in_flight[endpoint] += 1
+        self.revision_in_flight[key] += 1
+        sent = False
+        with contextlib.suppress(ValueError):  # a CR or LF in a header: `dispatch` answers 400
+            sent = upstream.start(
                 endpoint,
                 call.method,
                 call.target,
@@ -498,24 +506,27 @@ class Router:
                 body,
                 timeout=state.timeout + self.settings.timeout_margin_seconds,
                 buffer_limit=self.settings.buffer_response_bytes,
+                answered=answered,
             )
-        except ValueError:
-            return False  # `dispatch` answers it (400)
-        if waiter is None:
+        if not sent:
+            self._release(fid, key)
+            in_flight[endpoint] -= 1
             return False
         self._counter = counter
         call.revision = revision
         if self.load is not None:
             self.load.arrived(fid)
-        self.active[fid] = active + 1
-        self.namespace_active[ns] = in_namespace + 1
-        in_flight[endpoint] += 1
-        key = (fid, revision)
-        self.revision_in_flight[key] += 1
-        waiter.add_done_callback(
-            functools.partial(self._answered, call, fid, state, endpoint, key, done)
-        )
         return True
+
+    def _release(self, fid: FunctionId, key: tuple[FunctionId, str]) -> None:
+        self.active[fid] -= 1
+        self.namespace_active[fid[0]] -= 1
+        by_revision = self.revision_in_flight
+        left = by_revision[key] - 1
+        if left:
+            by_revision[key] = left
+        else:
+            del by_revision[key]
 
     def _answered(
         self,
@@ -525,20 +536,12 @@ class Router:
         endpoint: str,
         key: tuple[FunctionId, str],
         done: Callable[[Reply], None],
-        waiter: asyncio.Future[Response],
+        upstream: Response | None,
+        error: BaseException | None,
     ) -> None:
         """The end of a `start`: counters released, the answer (or error) as a reply."""
-        self.active[fid] -= 1
-        self.namespace_active[fid[0]] -= 1
-        by_revision = self.revision_in_flight
-        left = by_revision[key] - 1
-        if left:
-            by_revision[key] = left
-        else:
-            del by_revision[key]
-        error = waiter.exception() if not waiter.cancelled() else Disconnected("cancelled")
-        if error is None:
-            upstream = waiter.result()
+        self._release(fid, key)
+        if upstream is not None:
             reply = Reply(
                 upstream.status,
                 upstream.reason,
@@ -566,7 +569,7 @@ class Router:
         elif isinstance(error, Disconnected):
             done(_disconnected(fid, error))
         else:
-            done(_bad_gateway(fid, error))
+            done(_bad_gateway(fid, error or UpstreamError("no answer")))
 
     def observed(self, fid: FunctionId, reply: Reply, started: float) -> None:
         """Count an answered invocation in the metrics and the call statistics."""
