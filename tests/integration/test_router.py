@@ -45,6 +45,7 @@ class Backend:
     url: str = ""
     seen: list[dict[str, Any]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set at each request
 
 
 @contextlib.asynccontextmanager
@@ -61,6 +62,7 @@ async def backend(name: str) -> AsyncIterator[Backend]:
             "body": body,
         }
         me.seen.append(seen)
+        me.arrived.set()
         if request.path.endswith("/stream"):
             stream = web.StreamResponse(status=200, headers={"X-Backend": name})
             await stream.prepare(request)
@@ -667,3 +669,29 @@ async def test_the_fast_path_closes_when_asked_and_answers_errors_as_the_platfor
     assert "X-Lambdabus-Error: no_ready_instance" in lines
     assert "Retry-After: 1" in lines
     assert b'"code": "no_ready_instance"' in body
+
+
+async def test_requests_in_flight_are_counted_per_revision_on_both_paths(
+    router: RunningRouter,
+) -> None:
+    """The fast path (`Router.start`) and the coroutine path (here: per-instance
+    `concurrency`) both count a request against the revision it went to, until it is
+    answered: the load samples' per-revision part."""
+    async with backend("a") as a:
+        ns = router.namespace
+        for name, spec in (("quick", {}), ("limited", {"concurrency": 1})):
+            await router.add_function(name, None, **spec)
+            await deploy_endpoints(
+                router.bus, router.router, ns, name, [a.url], revision=f"{name}-00001"
+            )
+            key = ((ns, name), f"{name}-00001")
+            a.release.clear()
+            a.arrived.clear()
+            call = asyncio.create_task(router.http.get(f"/{ns}/{name}/sleep"))
+            await asyncio.wait_for(a.arrived.wait(), 5)  # the instance has it: in flight
+            assert router.router.revision_in_flight.get(key) == 1
+            a.release.set()
+            async with await call as response:
+                assert response.status == 201
+                assert response.headers["X-Lambdabus-Revision"] == f"{name}-00001"
+            assert key not in router.router.revision_in_flight
