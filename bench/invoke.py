@@ -39,12 +39,27 @@ from typing import cast
 
 import aiohttp
 
-from lambdabus_events.models import DeploymentState, FunctionConfig, FunctionRecord, SourceRef
+from lambdabus_events.models import (
+    DeploymentState,
+    FunctionConfig,
+    FunctionRecord,
+    FunctionRevisions,
+    Revision,
+    RevisionDeployment,
+    ScaleSpec,
+    SourceRef,
+    TrafficTarget,
+)
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.sandbox import Bind, SandboxSpec, detect_sandbox, launch
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_platform.subjects import (
+    DEPLOYMENTS_BUCKET,
+    FUNCTIONS_BUCKET,
+    REVISION_DEPLOYMENTS_BUCKET,
+    REVISIONS_BUCKET,
+)
 from lambdabus_testing.endpoints import base_url, connector
 from lambdabus_testing.processes import ready_process
 
@@ -223,36 +238,76 @@ async def _answers(endpoint: str) -> bool:
         return resp.status == 200
 
 
-async def register(bus: Bus, name: str, endpoints: list[str]) -> None:
+async def register(bus: Bus, name: str, endpoints: list[str], *, revisions: bool = False) -> None:
+    """The function's record and its `DeploymentState`. With `revisions`, the path a request
+    takes is the full one: the function autoscales (`spec.scale`, so the router counts its
+    arrivals and load for the autoscaler), has two revisions, and its route splits the traffic
+    90/10 between them, the 10% under a tag (both revisions are served by `endpoints`)."""
     now = datetime.now(UTC)
+    spec = FunctionConfig(scale=ScaleSpec(min=1, max=5)) if revisions else FunctionConfig()
+    source = SourceRef(
+        sha256="0" * 64,
+        size=len(FUNCTION_SOURCE),
+        kind="inline",
+        entrypoint="lambda_main.py",
+        files=1,
+    )
     record = FunctionRecord(
         namespace=NAMESPACE,
         name=name,
         uid=f"bench-{name}",
-        generation=1,
-        spec=FunctionConfig(),
-        source=SourceRef(
-            sha256="0" * 64,
-            size=len(FUNCTION_SOURCE),
-            kind="inline",
-            entrypoint="lambda_main.py",
-            files=1,
-        ),
+        generation=2 if revisions else 1,
+        spec=spec,
+        source=source,
         created_at=now,
         updated_at=now,
     )
     await Registry(bus.kv(FUNCTIONS_BUCKET), FunctionRecord).put(NAMESPACE, name, record)
+    latest = f"{name}-00002" if revisions else ""
     state = DeploymentState(
         namespace=NAMESPACE,
         name=name,
         uid=f"bench-{name}",
-        generation=1,
+        generation=record.generation,
         phase="ready",
         replicas=len(endpoints),
         ready_replicas=len(endpoints),
         endpoints=endpoints,
         updated_at=now,
+        revision=latest,
     )
+    if revisions:
+        first = f"{name}-00001"
+        doc = FunctionRevisions(
+            namespace=NAMESPACE,
+            name=name,
+            uid=record.uid,
+            revisions=[
+                Revision(name=first, generation=1, created=now, spec=spec, source=source),
+                Revision(name=latest, generation=2, created=now, spec=spec, source=source),
+            ],
+            next_number=3,
+            traffic=[
+                TrafficTarget(revision=first, percent=90),
+                TrafficTarget(latest=True, percent=10, tag="candidate"),
+            ],
+        )
+        await bus.kv(REVISIONS_BUCKET).put(f"{NAMESPACE}.{name}", doc.model_dump_json().encode())
+        pinned = RevisionDeployment(
+            namespace=NAMESPACE,
+            name=name,
+            uid=record.uid,
+            revision=first,
+            generation=1,
+            build_generation=1,
+            artifact="bench",
+            endpoints=endpoints,
+            ready=True,
+            updated_at=now,
+        )
+        await bus.kv(REVISION_DEPLOYMENTS_BUCKET).put(
+            f"{NAMESPACE}.{name}.{first}", pinned.model_dump_json().encode()
+        )
     await Registry(bus.kv(DEPLOYMENTS_BUCKET), DeploymentState).put(NAMESPACE, name, state)
 
 
@@ -270,7 +325,11 @@ class RouterProcess:
 
 @contextlib.asynccontextmanager
 async def router(
-    nats: NatsServer, state_dir: Path, balance: str = "least_in_flight"
+    nats: NatsServer,
+    state_dir: Path,
+    balance: str = "least_in_flight",
+    event_loop: str | None = None,
+    fast_path: bool | None = None,
 ) -> AsyncIterator[RouterProcess]:
     env = dict(os.environ)
     env.update(nats.env("router"))
@@ -279,11 +338,88 @@ async def router(
         LAMBDABUS_ROUTER_LOG_LEVEL="INFO",  # the 'listening' line is at INFO; none per request
         LAMBDABUS_ROUTER_STATE_DIR=str(state_dir),
         LAMBDABUS_ROUTER_BALANCE=balance,
+        LAMBDABUS_ROUTER_DELIVERIES="false",  # the synchronous path alone
     )
+    if event_loop is not None:
+        env["LAMBDABUS_ROUTER_EVENT_LOOP"] = event_loop
+    if fast_path is not None:
+        env["LAMBDABUS_ROUTER_FAST_PATH"] = "true" if fast_path else "false"
     async with ready_process(
         sys.executable, "-m", "lambdabus_router", env=env, ready="listening", stream="stderr"
     ) as (proc, rec):
         yield RouterProcess(str(rec["url"]), proc.pid)
+
+
+_NGINX_CONF = """worker_processes 1;
+master_process off;
+daemon off;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream instance {{ server {upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://instance;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def nginx_proxy(endpoint: str, state_dir: Path) -> AsyncIterator[RouterProcess]:
+    """nginx as a plain reverse proxy to the same instance (one worker, keep-alive upstream
+    connections): the cost of one proxy hop in C on this machine, for comparison."""
+    import shutil
+    import socket as sockets
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    upstream = (
+        f"unix:{endpoint.removeprefix('unix:')}"
+        if endpoint.startswith("unix:")
+        else endpoint.removeprefix("http://")
+    )
+    conf = state_dir / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(dir=state_dir, upstream=upstream, port=port))
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "-p",
+        str(state_dir),
+        "-c",
+        str(conf),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        yield RouterProcess(f"http://127.0.0.1:{port}", proc.pid)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -421,6 +557,26 @@ async def main() -> None:
         "--sandbox", action="store_true", help="run the instance in the sandbox (needs bwrap)"
     )
     parser.add_argument(
+        "--routers",
+        default="aiohttp/asyncio,front/asyncio,front/uvloop",
+        help="router variants to measure side by side, one process each: SERVER/LOOP, SERVER "
+        "`aiohttp` (LAMBDABUS_ROUTER_FAST_PATH=false) or `front` (the router's own HTTP/1.1 "
+        "protocol), LOOP `asyncio` or `uvloop` (LAMBDABUS_ROUTER_EVENT_LOOP); `nginx` (if "
+        "installed): nginx as a plain reverse proxy, the cost of a hop in C for comparison",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds over direct and every router (each gets requests/rounds "
+        "sequential requests and seconds/rounds of throughput per round)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="a function without revisions, traffic split or autoscaling (the short path)",
+    )
+    parser.add_argument(
         "--compare-transports",
         action="store_true",
         help="only compare router -> instance over TCP and over a Unix socket, in one run",
@@ -429,8 +585,18 @@ async def main() -> None:
     if args.compare_transports:
         await compare_transports(args.requests, args.concurrency)
         return
+    variants = [v for v in args.routers.split(",") if v]
+    rounds = max(1, args.rounds)
+    per_round = max(100, args.requests // rounds)
+    seconds = args.seconds / rounds
     warmup = max(100, args.requests // 10)
     load_before = os.getloadavg()[0]
+    samples: dict[str, list[float]] = {}
+    served: dict[str, float] = {}
+    elapsed: dict[str, float] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    cpu_sequential: dict[str, dict[str, float]] = {}
+    revisions_seen: dict[str, int] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -444,57 +610,103 @@ async def main() -> None:
                 served_by,
                 instance_pid,
             ),
+            contextlib.AsyncExitStack() as stack,
         ):
             await bus.declare(object_bucket=None)
-            await register(bus, NAME, [endpoint])
+            await register(bus, NAME, [endpoint], revisions=not args.plain)
             balance_rows: list[str] = []
             if not args.no_balancing:
                 async with fallback_instance(0.0) as fast, fallback_instance(0.010) as slow:
                     await register(bus, "mixed", [fast, slow])
                     balance_rows = await balancing(nats_server, root, 2.0)
-            async with router(nats_server, root / "router") as proc:
-                path = f"/{NAMESPACE}/{NAME}/invoke"
-                direct, routed = endpoint, proc.url
-                lat_direct = await latency(direct, path, args.requests, warmup)
-                lat_routed = await latency(routed, path, args.requests, warmup)
-                pids = {"client": os.getpid(), "router": proc.pid, "instance": instance_pid}
-                cpu: dict[str, dict[str, float]] = {}
-                rates: dict[str, float] = {}
-                for label, url in (("direct", direct), ("router", routed)):
+            path = f"/{NAMESPACE}/{NAME}/invoke"
+            targets: dict[str, tuple[str, int | None]] = {"direct": (endpoint, None)}
+            for variant in variants:
+                server, _, loop = variant.partition("/")
+                if server == "nginx":
+                    proc = await stack.enter_async_context(nginx_proxy(endpoint, root / "nginx"))
+                    targets[variant] = (proc.url, proc.pid)
+                    continue
+                proc = await stack.enter_async_context(
+                    router(
+                        nats_server,
+                        root / f"router-{server}-{loop}",
+                        event_loop=loop or None,
+                        fast_path=server != "aiohttp",
+                    )
+                )
+                targets[variant] = (proc.url, proc.pid)
+                # warm up: the router has the route (it answers 200 with a revision)
+                revisions_seen[variant] = await _revision_header(proc.url, path)
+            for url, _ in targets.values():
+                await latency(url, path, warmup, 0)
+            for _ in range(rounds):
+                for label, (url, router_pid) in targets.items():
+                    pids = {"client": os.getpid(), "instance": instance_pid}
+                    if router_pid is not None:
+                        pids["router"] = router_pid
                     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                    rates[label], _ = await throughput(url, path, args.seconds, args.concurrency)
-                    served = rates[label] * args.seconds
-                    cpu[label] = {
-                        name: (cpu_seconds(pid) - before[name]) / served * 1e6
-                        for name, pid in pids.items()
-                    }
+                    samples.setdefault(label, []).extend(await latency(url, path, per_round, 20))
+                    spent = cpu_sequential.setdefault(label, {})
+                    for name, pid in pids.items():
+                        spent[name] = spent.get(name, 0.0) + cpu_seconds(pid) - before[name]
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    started = time.perf_counter()
+                    rate, _ = await throughput(url, path, seconds, args.concurrency)
+                    took = time.perf_counter() - started
+                    served[label] = served.get(label, 0.0) + rate * took
+                    elapsed[label] = elapsed.get(label, 0.0) + took
+                    spent = cpu.setdefault(label, {})
+                    for name, pid in pids.items():
+                        spent[name] = spent.get(name, 0.0) + cpu_seconds(pid) - before[name]
 
     ms = 1000.0
-    rows = [
-        (
-            "p50 latency (ms)",
-            statistics.median(lat_direct) * ms,
-            statistics.median(lat_routed) * ms,
-        ),
-        ("p99 latency (ms)", quantile(lat_direct, 0.99) * ms, quantile(lat_routed, 0.99) * ms),
-        (f"throughput c={args.concurrency} (req/s)", rates["direct"], rates["router"]),
-    ]
+    labels = list(targets)
+    rates = {label: served[label] / elapsed[label] for label in labels}
     print(f"# instance: {served_by}; direct and the router reach it at {endpoint}")
+    what = (
+        "a plain function (no revisions, traffic or scale)"
+        if args.plain
+        else "the function autoscales (scale min 1, max 5) and its route splits 90/10 between "
+        "two revisions"
+    )
+    print(f"# through the router: {what}")
     print(
         f"# {os.cpu_count()} cpus shared by client, router and instance;"
         f" load average before the run: {load_before:.2f}"
     )
     print(
-        f"# latency: {args.requests} sequential requests on one keep-alive connection"
-        f" (after {warmup} warm-up); throughput: {args.concurrency} clients for {args.seconds:g} s"
+        f"# {rounds} alternating rounds; latency: {per_round * rounds} sequential requests on one"
+        f" keep-alive connection per target; throughput: {args.concurrency} clients,"
+        f" {seconds * rounds:g} s per target"
     )
-    print(f"{'':<28}{'direct':>10}{'router':>10}{'router/direct':>15}{'added':>10}")
-    for label, d, r in rows:
-        added = f"{r - d:+.3f}" if "latency" in label else ""
-        print(f"{label:<28}{d:>10.3f}{r:>10.3f}{r / d:>15.2f}{added:>10}")
-    for label in ("direct", "router"):
-        spent = ", ".join(f"{name} {us:.0f}" for name, us in cpu[label].items() if us > 0)
-        print(f"# CPU per request at c={args.concurrency}, {label}: {spent} (us)")
+    header = f"{'':<26}{'direct':>10}"
+    for label in labels[1:]:
+        header += f"{label:>17}{'/direct':>8}"
+    print(header)
+    rows: list[tuple[str, dict[str, float]]] = [
+        ("p50 latency (ms)", {k: statistics.median(v) * ms for k, v in samples.items()}),
+        ("p99 latency (ms)", {k: quantile(v, 0.99) * ms for k, v in samples.items()}),
+        (f"throughput c={args.concurrency} (req/s)", rates),
+    ]
+    for row_name, values in rows:
+        line = f"{row_name:<26}{values['direct']:>10.3f}"
+        for label in labels[1:]:
+            line += f"{values[label]:>17.3f}{values[label] / values['direct']:>8.2f}"
+        print(line)
+    for label in labels:
+        used_line = ", ".join(
+            f"{who} {used / served[label] * 1e6:.0f}" for who, used in cpu[label].items()
+        )
+        print(f"# CPU per request at c={args.concurrency}, {label}: {used_line} (us)")
+    for label in labels:
+        count = (20 + per_round) * rounds
+        used_line = ", ".join(
+            f"{who} {used / count * 1e6:.0f}" for who, used in cpu_sequential[label].items()
+        )
+        print(f"# CPU per request one at a time, {label}: {used_line} (us)")
+    for variant, seen in revisions_seen.items():
+        print(f"# router {variant}: of 100 calls, {seen} carried X-Lambdabus-Revision")
     if balance_rows:
         print()
         print("# balancing: two fallback instances, one answering at once, one after 10 ms;")
@@ -502,6 +714,19 @@ async def main() -> None:
         print(f"{'policy':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
         for row in balance_rows:
             print(row)
+
+
+async def _revision_header(url: str, path: str) -> int:
+    """How many of 100 calls through the router carried `X-Lambdabus-Revision` (all should)."""
+    seen = 0
+    async with aiohttp.ClientSession(connector=connector(url, limit=1)) as http:
+        for _ in range(100):
+            async with http.post(base_url(url) + path, data=b"{}") as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"the router answered {resp.status}: {await resp.text()}")
+                seen += "X-Lambdabus-Revision" in resp.headers
+    return seen
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ async def deploy_endpoints(
     endpoints: list[str],
     *,
     timeout: float = 30.0,
+    revision: str = "",
 ) -> None:
-    """Write a ready `DeploymentState` with `endpoints` and wait until the router has it."""
+    """Write a ready `DeploymentState` with `endpoints` (serving `revision`, when given) and
+    wait until the router has it."""
     state = DeploymentState(
         namespace=namespace,
         name=name,
@@ -33,6 +35,7 @@ async def deploy_endpoints(
         endpoints=endpoints,
         timeout=timeout,
         updated_at=datetime.now(UTC),
+        revision=revision,
     )
     await Registry(bus.kv(DEPLOYMENTS_BUCKET), DeploymentState).put(namespace, name, state)
     fid = (namespace, name)

@@ -45,6 +45,7 @@ class Backend:
     url: str = ""
     seen: list[dict[str, Any]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set at each request
 
 
 @contextlib.asynccontextmanager
@@ -61,6 +62,7 @@ async def backend(name: str) -> AsyncIterator[Backend]:
             "body": body,
         }
         me.seen.append(seen)
+        me.arrived.set()
         if request.path.endswith("/stream"):
             stream = web.StreamResponse(status=200, headers={"X-Backend": name})
             await stream.prepare(request)
@@ -367,6 +369,23 @@ async def test_a_body_the_instance_read_is_never_sent_again(router: RunningRoute
         assert bodies[-1] == b"third"
 
 
+async def test_a_safe_request_is_sent_again_when_the_pooled_connection_was_dropped(
+    router: RunningRouter,
+) -> None:
+    async with reads_then_drops() as (url, bodies):
+        await router.add_function("again", [url])
+        path = f"/{router.namespace}/again"
+        async with router.http.get(path) as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        served = router.router.served_by_front
+        # Read and dropped on the pooled connection: a GET without a body changes nothing, so
+        # it goes again on a fresh connection, which answers.
+        async with router.http.get(path) as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        assert len(bodies) == 3
+        assert router.router.served_by_front == served + 1
+
+
 @contextlib.asynccontextmanager
 async def counting_backend() -> AsyncIterator[tuple[str, list[int]]]:
     """An instance that takes 0.2 s per request and records how many it had in flight."""
@@ -523,3 +542,156 @@ async def test_every_invocation_has_an_id_the_function_sees_and_the_caller_reads
         async with router.http.get(f"/{ns}/nope") as response:  # refused ones have one too
             assert response.status == 404
             assert len(response.headers["X-Lambdabus-Invocation-Id"]) == 32
+
+
+async def raw_exchange(url: str, data: bytes, responses: int) -> list[bytes]:
+    """Send `data` as is on one connection; read `responses` answers (sized bodies only)."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        answers = []
+        for _ in range(responses):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            answers.append(head + await reader.readexactly(length))
+        return answers
+    finally:
+        writer.close()
+
+
+async def test_plain_calls_take_the_fast_path_with_the_same_headers_both_ways(
+    router: RunningRouter,
+) -> None:
+    async with backend("a") as a:
+        await router.add_function("fast", [a.url])
+        r = router.router
+        served, handed = r.served_by_front, r.handed_off
+        async with router.http.post(
+            f"/{router.namespace}/fast/x?q=1",
+            data=b"payload",
+            headers={
+                "X-Custom": "kept",
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "dropped",
+                "Proxy-Authorization": "secret",
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Lambdabus-Invocation-Id": "chosen-by-the-caller",
+            },
+        ) as response:
+            assert response.status == 201
+            assert await response.read() == b"from a: payload"
+            assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+            assert "Keep-Alive" not in response.headers
+            assert response.headers["Date"]
+            invocation = response.headers["X-Lambdabus-Invocation-Id"]
+        assert (r.served_by_front, r.handed_off) == (served + 1, handed)
+        seen = a.seen[-1]
+        assert seen["path"] == f"/{router.namespace}/fast/x?q=1"
+        headers = dict(seen["headers"])
+        assert headers["X-Custom"] == "kept"
+        for hop in ("X-Hop", "Proxy-Authorization", "Keep-Alive"):
+            assert hop not in headers
+        assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+        assert headers["X-Forwarded-Host"] == router.url.removeprefix("http://")
+        assert headers["X-Forwarded-Proto"] == "http"
+        assert headers["X-Lambdabus-Invocation-Id"] == invocation != "chosen-by-the-caller"
+        # Each of these goes to aiohttp on a connection of its own, and is answered the same.
+        async with router.http.head(f"/{router.namespace}/fast/x") as response:
+            assert response.status == 201
+        async with router.http.get(f"/{router.namespace}/fast/%78") as response:
+            assert response.status == 201
+        async with router.http.get(f"/{router.namespace}/nope") as response:
+            assert response.status == 404
+            assert len(response.headers["X-Lambdabus-Invocation-Id"]) == 32
+        async with router.http.get("/healthz") as response:
+            assert response.status == 200
+        assert r.handed_off >= handed + 1
+        assert r.served_by_front == served + 1
+
+
+async def test_the_fast_path_serves_pipelined_requests_in_order_and_hands_off_midway(
+    router: RunningRouter,
+) -> None:
+    async with backend("a") as a:
+        await router.add_function("piped", [a.url])
+        ns = router.namespace
+        host = router.url.removeprefix("http://")
+        first = f"POST /{ns}/piped/1 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\none"
+        second = f"POST /{ns}/piped/2 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\ntwo"
+        # HTTP/1.0: not the fast path's; aiohttp takes the connection from there on
+        third = f"GET /{ns}/piped/3 HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n"
+        answers = await raw_exchange(router.url, (first + second + third).encode(), 3)
+        assert answers[0].startswith(b"HTTP/1.1 201 ")
+        assert answers[0].endswith(b"from a: one")
+        assert answers[1].endswith(b"from a: two")
+        assert answers[2].startswith(b"HTTP/1.0 201 ")  # from aiohttp
+        assert [s["path"] for s in a.seen[-3:]] == [f"/{ns}/piped/{i}" for i in (1, 2, 3)]
+        # A body that comes in pieces is waited for; a head with a bare LF goes to aiohttp,
+        # which refuses it.
+        host_, _, port = host.partition(":")
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        try:
+            writer.write(
+                f"PUT /{ns}/piped HTTP/1.1\r\nHost: {host}\r\nContent-Length: 6\r\n\r\nab".encode()
+            )
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"cdef")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 201 ")
+        finally:
+            writer.close()
+        assert a.seen[-1]["body"] == b"abcdef"
+        (bad,) = await raw_exchange(
+            router.url, f"GET /{ns}/piped HTTP/1.1\nHost: {host}\r\n\r\n".encode(), 1
+        )
+        assert bad.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+
+
+async def test_the_fast_path_closes_when_asked_and_answers_errors_as_the_platform_does(
+    router: RunningRouter,
+) -> None:
+    await router.add_function("starting", None)
+    ns = router.namespace
+    host = router.url.removeprefix("http://")
+    request = f"GET /{ns}/starting HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    (answer,) = await raw_exchange(router.url, request.encode(), 1)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "Connection: close" in lines
+    assert "X-Lambdabus-Error: no_ready_instance" in lines
+    assert "Retry-After: 1" in lines
+    assert b'"code": "no_ready_instance"' in body
+
+
+async def test_requests_in_flight_are_counted_per_revision_on_both_paths(
+    router: RunningRouter,
+) -> None:
+    """The fast path (`Router.start`) and the coroutine path (here: per-instance
+    `concurrency`) both count a request against the revision it went to, until it is
+    answered: the load samples' per-revision part."""
+    async with backend("a") as a:
+        ns = router.namespace
+        for name, spec in (("quick", {}), ("limited", {"concurrency": 1})):
+            await router.add_function(name, None, **spec)
+            await deploy_endpoints(
+                router.bus, router.router, ns, name, [a.url], revision=f"{name}-00001"
+            )
+            key = ((ns, name), f"{name}-00001")
+            a.release.clear()
+            a.arrived.clear()
+            call = asyncio.create_task(router.http.get(f"/{ns}/{name}/sleep"))
+            await asyncio.wait_for(a.arrived.wait(), 5)  # the instance has it: in flight
+            assert router.router.revision_in_flight.get(key) == 1
+            a.release.set()
+            async with await call as response:
+                assert response.status == 201
+                assert response.headers["X-Lambdabus-Revision"] == f"{name}-00001"
+            assert key not in router.router.revision_in_flight

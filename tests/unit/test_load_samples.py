@@ -54,3 +54,20 @@ def test_the_reader_skips_what_is_not_a_sample() -> None:
         entry("ns.b.r1", 1, 1, 1),
     ]
     assert reader.read(entries, 1.0) == {B: (1.0, 1)}
+
+
+def test_in_flight_counts_per_revision_are_averaged_too_and_old_readers_still_read() -> None:
+    window = LoadWindow()
+    for v1, v2 in ((3, 1), (1, 1), (2, 0), (2, 0)):
+        window.sample([(A, v1 + v2)], [((A, "a-00001"), v1), ((A, "a-00002"), v2), ((A, ""), 9)])
+    sample = window.take(100.0, 1.0)[A]
+    assert sample.concurrency == 2.5
+    assert sample.revisions == {"a-00001": 2.0, "a-00002": 0.5}  # no name: not a revision
+    # The deployer's reader reads the function's sum, with or without the per-revision part.
+    reader = LoadReader(max_age=5.0)
+    old = b'{"concurrency": 2.5, "requests": 0, "at": 100.0, "period": 1.0}'
+    entries = [("ns.a.r1", sample.model_dump_json().encode()), ("ns.a.r2", old)]
+    assert reader.read(entries, 100.5) == {A: (5.0, 0)}
+    # The next period starts empty.
+    window.sample([(A, 0)], [((A, "a-00001"), 0)])
+    assert window.take(101.0, 1.0)[A].revisions == {}

@@ -18,6 +18,7 @@ from lambdabus_router.upstream import (
     InvalidResponse,
     NotRetried,
     Response,
+    StaleConnection,
     Upstream,
     parse_response_head,
     render_request,
@@ -658,3 +659,53 @@ async def test_a_slow_reader_holds_back_a_large_stream() -> None:
         assert len(first) <= 1024 * 1024
         assert len(first) + len(await read_all(response)) == size
         assert sent.is_set()
+
+
+async def test_start_sends_on_an_idle_connection_and_hands_the_answer_on_at_once() -> None:
+    answers: list[tuple[Response | None, BaseException | None]] = []
+    got = asyncio.Event()
+
+    def answered(response: Response | None, error: BaseException | None) -> None:
+        answers.append((response, error))
+        got.set()
+
+    async with instance(answering(OK)) as me, client() as upstream:
+        # No connection yet: nothing is sent, the caller takes the coroutine path.
+        assert not upstream.start(
+            me.url, "POST", "/ns/fn", [], b"x", timeout=5, buffer_limit=1024, answered=answered
+        )
+        assert (await call(upstream, me.url)).body == b"hello"
+        assert upstream.start(
+            me.url, "POST", "/ns/fn", [], b"x", timeout=5, buffer_limit=1024, answered=answered
+        )
+        # The one connection is busy now: another start finds none idle.
+        assert not upstream.start(
+            me.url, "POST", "/ns/fn", [], b"y", timeout=5, buffer_limit=1024, answered=answered
+        )
+        await asyncio.wait_for(got.wait(), 5)
+        ((response, error),) = answers
+        assert error is None
+        assert response is not None
+        assert (response.status, response.body) == (200, b"hello")
+        assert me.accepted == 1
+        assert upstream.connections(me.url) == (1, 1)  # back in the pool
+
+
+async def test_start_hands_on_a_stale_connection_and_a_failing_callback_is_contained() -> None:
+    errors: list[BaseException | None] = []
+    got = asyncio.Event()
+
+    def answered(response: Response | None, error: BaseException | None) -> None:
+        errors.append(error)
+        got.set()
+        raise RuntimeError("a bug in the caller")  # logged; the client goes on
+
+    async with instance(closes_the_second_request_unanswered()) as me, client() as upstream:
+        assert (await call(upstream, me.url)).body == b"hello"
+        assert upstream.start(
+            me.url, "GET", "/ns/fn", [], b"", timeout=5, buffer_limit=1024, answered=answered
+        )
+        await asyncio.wait_for(got.wait(), 5)
+        assert len(errors) == 1
+        assert isinstance(errors[0], StaleConnection)
+        assert (await call(upstream, me.url)).body == b"hello"  # a fresh connection serves

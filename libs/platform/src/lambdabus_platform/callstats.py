@@ -64,7 +64,10 @@ def record(
     stats: RouterStats, unix: float, status: int, seconds: float, *, cold: bool = False
 ) -> None:
     """Count one call (its answer's status and how long it took) in its slot."""
-    slot = stats.slots.setdefault(slot_of(unix), Slot())
+    start = slot_of(unix)
+    slot = stats.slots.get(start)
+    if slot is None:  # (not setdefault: that would build a Slot on every call)
+        slot = stats.slots[start] = Slot()
     slot.calls += 1
     if status == 429:
         slot.throttles += 1

@@ -26,6 +26,10 @@ class LoadSample(BaseModel):
     requests: int = Field(ge=0, description="requests that arrived in the period")
     at: float = Field(description="the end of the period (the router's wall clock, seconds)")
     period: float = Field(gt=0, description="seconds")
+    revisions: dict[str, float] = Field(
+        default_factory=dict,
+        description="requests in flight per revision (`<name>-00001`), averaged over the period",
+    )
 
 
 @dataclass
@@ -35,36 +39,52 @@ class LoadWindow:
 
     _sum: defaultdict[FunctionId, float] = field(default_factory=lambda: defaultdict(float))
     _arrived: defaultdict[FunctionId, int] = field(default_factory=lambda: defaultdict(int))
+    _by_revision: defaultdict[tuple[FunctionId, str], float] = field(
+        default_factory=lambda: defaultdict(float)
+    )
     _ticks: int = 0
     _busy: set[FunctionId] = field(default_factory=set)  # non-zero in the last period
 
     def arrived(self, fid: FunctionId) -> None:
         self._arrived[fid] += 1
 
-    def sample(self, in_flight: Iterable[tuple[FunctionId, int]]) -> None:
-        """Record the in-flight counts now (called every sampling interval)."""
+    def sample(
+        self,
+        in_flight: Iterable[tuple[FunctionId, int]],
+        by_revision: Iterable[tuple[tuple[FunctionId, str], int]] = (),
+    ) -> None:
+        """Record the in-flight counts now (called every sampling interval): per function, and
+        per (function, revision) of the requests sent to a revision's instance."""
         self._ticks += 1
         for fid, n in in_flight:
             if n:
                 self._sum[fid] += n
+        for key, n in by_revision:
+            if n and key[1]:
+                self._by_revision[key] += n
 
     def take(self, at: float, period: float) -> dict[FunctionId, LoadSample]:
         """The samples of the period just ended: every function with load in it, and those
         that had load in the one before (one zero, so the reader sees the load stop)."""
         ticks = max(self._ticks, 1)
         busy = set(self._sum) | set(self._arrived)
+        revisions: defaultdict[FunctionId, dict[str, float]] = defaultdict(dict)
+        for (fid, revision), total in self._by_revision.items():
+            revisions[fid][revision] = total / ticks
         samples = {
             fid: LoadSample(
                 concurrency=self._sum.get(fid, 0.0) / ticks,
                 requests=self._arrived.get(fid, 0),
                 at=at,
                 period=period,
+                revisions=revisions.get(fid, {}),
             )
             for fid in busy | self._busy
         }
         self._busy = busy
         self._sum.clear()
         self._arrived.clear()
+        self._by_revision.clear()
         self._ticks = 0
         return samples
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from faststream import AckPolicy
@@ -144,6 +144,18 @@ class ServiceContext:
     # This replica's heartbeat; a service that elects a leader sets its role through it.
     heartbeat: Heartbeat
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # A service's own server in front of aiohttp's (the router's data plane), set by its setup.
+    front: FrontEnd | None = None
+
+
+class FrontEnd(Protocol):
+    """A protocol factory that wraps aiohttp's (`wrap`): it may serve some requests itself
+    and hand a connection to aiohttp's protocol for the rest; `shutdown` ends its connections
+    (after aiohttp's, within `timeout`)."""
+
+    def wrap(self, fallback: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]: ...
+
+    async def shutdown(self, timeout: float) -> None: ...
 
 
 LifecycleHandler = Callable[[LifecycleEvent], Awaitable[None]]
@@ -442,15 +454,28 @@ async def serve(
             )
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+            fronted: asyncio.Server | None = None
             try:
-                await site.start()
+                if ctx.front is None:
+                    await site.start()
+                else:
+                    assert runner.server is not None
+                    fronted = await asyncio.get_running_loop().create_server(
+                        ctx.front.wrap(runner.server),
+                        settings.host,
+                        settings.port,
+                        reuse_address=True,
+                    )
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
                 await runner.cleanup()
                 await _stop_broker(broker, settings.shutdown_grace_seconds)
                 raise PortInUse(name, settings.host, settings.port) from None
-            port = _bound_port(runner) or settings.port
+            if fronted is not None:
+                port = int(fronted.sockets[0].getsockname()[1])
+            else:
+                port = _bound_port(runner) or settings.port
             url = f"http://{settings.host}:{port}"
             heartbeat.url = url
             log.info(
@@ -465,7 +490,11 @@ async def serve(
             finally:
                 log.info("stopping", extra={"event": "stopping"})
                 ctx.stopping.set()
+                if fronted is not None:
+                    fronted.close()
                 await runner.cleanup()
+                if ctx.front is not None:
+                    await ctx.front.shutdown(settings.shutdown_grace_seconds)
                 await _stop_broker(broker, settings.shutdown_grace_seconds)
     log.info("stopped", extra={"event": "stopped"})
 
@@ -521,9 +550,15 @@ def _bound_port(runner: web.AppRunner) -> int | None:
 
 
 def run(
-    name: str, settings: ServiceSettings, setup: Setup, *, client_max_size: int = 1024**2
+    name: str,
+    settings: ServiceSettings,
+    setup: Setup,
+    *,
+    client_max_size: int = 1024**2,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
-    """The `main` of a service process: logs, signals, serve, exit code."""
+    """The `main` of a service process: logs, signals, serve, exit code. `loop_factory`: the
+    event loop to run on (asyncio's default when None)."""
     configure_logging(name, settings.log_level)
 
     async def _main() -> None:
@@ -534,7 +569,8 @@ def run(
         await serve(name, settings, setup, client_max_size=client_max_size, stop=stop)
 
     try:
-        asyncio.run(_main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_main())
     except PortInUse as exc:  # no restart cures it: the launcher stops on this exit code
         log.error("cannot start", extra={"code": exc.code, "error": exc.message, "exit": 78})
         return 78

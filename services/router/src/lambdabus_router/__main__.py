@@ -8,6 +8,7 @@ the events of every trigger in the `triggers` bucket and runs asynchronous invoc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
@@ -27,6 +28,7 @@ from lambdabus_platform.subjects import (
 from lambdabus_platform.tokens import FailureLimiter
 from lambdabus_platform.tokenstore import TokenStore
 from lambdabus_router.dispatch import Dispatch, dispatching
+from lambdabus_router.front import Front
 from lambdabus_router.load import LoadReporter
 from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
@@ -60,6 +62,7 @@ def make_setup(
         load = LoadReporter(
             ctx.bus.kv(FUNCTION_LOAD_BUCKET),
             lambda: router.active.items(),
+            by_revision=lambda: list(router.revision_in_flight.items()),
             sample=settings.load_sample_seconds,
             publish=settings.load_publish_seconds,
         )
@@ -69,6 +72,8 @@ def make_setup(
             await ctx.bus.publish_nowait(wake_subject(*fid), b"")
 
         router.wake = wake
+        if settings.fast_path:
+            ctx.front = Front(router)
         async with (
             tokens.watching(),
             stats.running(),
@@ -99,9 +104,24 @@ def client_max_size(settings: RouterSettings) -> int:
     return settings.max_body_bytes + _SLACK
 
 
+def loop_factory(settings: RouterSettings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The router's event loop: uvloop unless the settings ask for asyncio's own."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main() -> int:
     settings = RouterSettings()
-    return run("router", settings, make_setup(settings), client_max_size=client_max_size(settings))
+    return run(
+        "router",
+        settings,
+        make_setup(settings),
+        client_max_size=client_max_size(settings),
+        loop_factory=loop_factory(settings),
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ _REPLACED_ON_REQUEST = frozenset(
 )
 
 
+_DROPPING: dict[frozenset[str], frozenset[str]] = {}
+
+
 def is_hop_by_hop(lower_name: str) -> bool:
     return lower_name in HOP_BY_HOP or lower_name.startswith("proxy-")
 
@@ -68,11 +71,16 @@ def request_headers(
     client: str | None,
     host: str | None,
     proto: str,
+    drop: frozenset[str] = frozenset(),
 ) -> Headers:
-    """Headers to send to the instance: the caller's end-to-end headers, then
-    `X-Forwarded-For` (the caller's chain plus the peer's address), `X-Forwarded-Host` (the
-    Host the caller asked for) and `X-Forwarded-Proto` (the scheme the router was reached by)."""
-    kept, chain = _filter(headers, _REPLACED_ON_REQUEST)
+    """Headers to send to the instance: the caller's end-to-end headers (less those named in
+    `drop`, lower case), then `X-Forwarded-For` (the caller's chain plus the peer's address),
+    `X-Forwarded-Host` (the Host the caller asked for) and `X-Forwarded-Proto` (the scheme the
+    router was reached by)."""
+    replaced = _DROPPING.get(drop)
+    if replaced is None:
+        replaced = _DROPPING[drop] = _REPLACED_ON_REQUEST | drop
+    kept, chain = _filter(headers, replaced)
     if client:
         chain.append(client)
     if chain:

@@ -1,5 +1,5 @@
 """This router's load samples for the autoscaler (`lambdabus_platform.load`): requests in flight
-per function sampled every `load_sample_seconds`, written every `load_publish_seconds` to the
+per function (and per revision) sampled every `load_sample_seconds`, written every `load_publish_seconds` to the
 `function-load` bucket under `<ns>.<fn>.<router id>`."""
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ class LoadReporter:
         kv: Kv,
         in_flight: Callable[[], Iterable[tuple[FunctionId, int]]],
         *,
+        by_revision: Callable[[], Iterable[tuple[tuple[FunctionId, str], int]]] | None = None,
         sample: float,
         publish: float,
         router_id: str | None = None,
     ) -> None:
         self._kv = kv
         self._in_flight = in_flight
+        self._by_revision = by_revision
         self._sample = sample
         self._publish = publish
         self.router_id = router_id or f"r{uuid.uuid4().hex[:12]}"
@@ -54,7 +56,8 @@ class LoadReporter:
             failing = False
             while True:
                 await asyncio.sleep(self._sample)
-                self.window.sample(self._in_flight())
+                by_revision = self._by_revision() if self._by_revision is not None else ()
+                self.window.sample(self._in_flight(), by_revision)
                 if loop.time() < next_publish:
                     continue
                 next_publish += self._publish

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
+import random
+import secrets
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import web
@@ -41,7 +45,7 @@ from lambdabus_platform.httpauth import (
     authorize,
     client_address,
 )
-from lambdabus_platform.service import error_response
+from lambdabus_platform.service import ERROR_HEADER, error_response
 from lambdabus_platform.tokens import Action
 from lambdabus_router.headers import request_headers, response_headers
 from lambdabus_router.load import LoadReporter
@@ -67,19 +71,22 @@ from lambdabus_router.upstream import (
     ConnectFailed,
     Disconnected,
     Response,
+    StaleConnection,
     Upstream,
     UpstreamError,
+    resendable,
 )
 
 log = logging.getLogger("lambdabus.router")
 
 INVOCATION_HEADER = "X-Lambdabus-Invocation-Id"
 COLD_START_HEADER = "X-Lambdabus-Cold-Start"  # the runtime's, on an instance's first answer
-_INVOCATION_LOWER = INVOCATION_HEADER.lower()
-INVOCATION_KEY = web.RequestKey("lambdabus_invocation_id", str)
-TAG_KEY = web.RequestKey("lambdabus_traffic_tag", str)
-REVISION_KEY = web.RequestKey("lambdabus_revision", str)
+_COLD_START_LOWER = COLD_START_HEADER.lower()
 REVISION_HEADER = "X-Lambdabus-Revision"
+# Request headers never relayed to an instance: the router sets its own invocation id, and a
+# protected function never sees the platform token its caller showed the router.
+_DROP = frozenset({INVOCATION_HEADER.lower()})
+_DROP_PROTECTED = _DROP | {"authorization"}
 
 _NO_BODY = b""
 
@@ -107,6 +114,12 @@ class Router:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self._least_loaded = settings.balance == "least_in_flight"
         self._counter = 0
+        self._ids = random.Random(secrets.randbits(128))
+        # requests served by the router's own server, and connections it gave to aiohttp
+        self.served_by_front = 0
+        self.handed_off = 0
+        # requests in flight per (function, revision): the autoscaler's per-revision input
+        self.revision_in_flight: defaultdict[tuple[FunctionId, str], int] = defaultdict(int)
         self._session: aiohttp.ClientSession | None = None
         self._upstream: Upstream | None = None
         self._limit = settings.max_body_bytes
@@ -375,39 +388,207 @@ class Router:
         app.router.add_route("*", "/{ns}/{name}", self.handle)
         app.router.add_route("*", "/{ns}/{name}/{tail:.*}", self.handle)
 
+    def new_id(self) -> str:
+        """A fresh invocation id: 128 random bits as 32 hex digits (from a generator seeded
+        from the OS, so no syscall per request; ids need to be unique, not secret)."""
+        return f"{self._ids.getrandbits(128):032x}"
+
+    def new_call(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        client: str | None,
+        host: str | None,
+        tag: str | None,
+        body: bytes,
+    ) -> Call:
+        """A call parsed by the router's own server (`front`), body read."""
+        return Call(method, target, headers, client, host, "http", tag, self.new_id(), body)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The data plane behind aiohttp: what `front` does not take (protected functions,
+        unknown ones, chunked or large bodies, HEAD, HTTP/1.0, encoded paths...)."""
         started = time.perf_counter()
         # Every invocation has an id: the function's runtime tags the lines it writes with it,
         # and the caller reads it on the answer (`lambdabus logs NAME --invocation ID`).
-        invocation = uuid.uuid4().hex
-        request[INVOCATION_KEY] = invocation
         info = request.match_info
         name, at, tag = info["name"].partition("@")
         fid = (info["ns"], name)
-        if at:
-            request[TAG_KEY] = tag
+        call = Call(
+            request.method,
+            request.raw_path,
+            list(request.headers.items()),
+            request.remote,
+            request.host,
+            request.scheme,
+            tag if at else None,
+            self.new_id(),
+            None,
+            functools.partial(self._read_body, request),
+        )
         refused = await self._check_token(request, fid) if fid in self.protected else None
         if refused is not None:  # before admission: a refused caller takes no slot
-            response: web.StreamResponse = refused
-        elif fid in self.known:
-            response = await self._admitted(request, fid)
-        else:
-            response = await self._invoke(request, fid)
-        if not response.prepared:  # a streamed answer got it before its head went out
-            response.headers[INVOCATION_HEADER] = invocation
-            if request.get(REVISION_KEY):
-                response.headers[REVISION_HEADER] = request[REVISION_KEY]
-        if fid in self.known:
-            took = time.perf_counter() - started
-            self.metrics.observe(fid[0], fid[1], response.status, took)
-            if self.stats is not None:
-                cold = response.headers.get(COLD_START_HEADER) == "true"
-                self.stats.observe(fid, response.status, took, cold=cold)
-        else:
-            self.metrics.observe("", "", response.status, time.perf_counter() - started)
-        return response
+            refused.headers[INVOCATION_HEADER] = call.invocation
+            self.observe(fid, refused.status, started, cold=False)
+            return refused
+        reply = await self.dispatch(call, fid)
+        self.observed(fid, reply, started)
+        if reply.upstream is None:
+            response = web.Response(
+                status=reply.status, reason=reply.reason, headers=reply.headers, body=reply.body
+            )
+            response.headers[INVOCATION_HEADER] = call.invocation
+            if call.revision:
+                response.headers[REVISION_HEADER] = call.revision
+            return response
+        return await self._stream(request, call, reply)
 
-    async def _admitted(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
+    async def dispatch(self, call: Call, fid: FunctionId) -> Reply:
+        """One invocation, whichever server took it: admission, revision, instance, answer.
+        The server counts it (`observed`) once the answer went out."""
+        if fid in self.known:
+            return await self._admitted(call, fid)
+        return _error_reply(_unknown(fid))
+
+    def start(self, call: Call, fid: FunctionId, done: Callable[[Reply], None]) -> bool:
+        """`dispatch` without a coroutine, for the common case: the function is admitted, has a
+        ready instance of the chosen revision with an idle pooled connection, and no limit of
+        requests per instance. Then the request is written at once and True returned; `done`
+        gets the reply (from a callback of the upstream future). False when anything would
+        need waiting or an error answer: nothing was counted or sent, use `dispatch`."""
+        upstream = self._upstream
+        body = call.body
+        if upstream is None or body is None or fid not in self.known or fid in self.per_instance:
+            return False
+        state = self.table.get(fid)
+        if state is None or not state.endpoints:
+            return False
+        active = self.active[fid]
+        limit = self.max_concurrency.get(fid)
+        if limit is not None and active >= limit:
+            return False
+        ns = fid[0]
+        in_namespace = self.namespace_active[ns]
+        if in_namespace >= self.namespace_limits.get(ns, self._default_namespace_limit):
+            return False
+        chosen = self._revision_endpoints(fid, state, call.tag)
+        if chosen is None or not chosen[1]:
+            return False
+        revision, endpoints = chosen
+        counter = self._counter + 1
+        in_flight = self.in_flight
+        endpoint = pick(endpoints, counter, in_flight if self._least_loaded else None)
+        if endpoint is None:
+            return False
+        headers = request_headers(
+            call.headers,
+            client=call.client,
+            host=call.host,
+            proto=call.scheme,
+            drop=_DROP_PROTECTED if fid in self.protected else _DROP,
+        )
+        headers.append((INVOCATION_HEADER, call.invocation))
+        key = (fid, revision)
+        answered = functools.partial(self._answered, call, fid, state, endpoint, key, done)
+        # Counted before the request goes out: its answer may come back at any time after.
+        self.active[fid] = active + 1
+        self.namespace_active[ns] = in_namespace + 1
+        in_flight[endpoint] += 1
+        self.revision_in_flight[key] += 1
+        sent = False
+        with contextlib.suppress(ValueError):  # a CR or LF in a header: `dispatch` answers 400
+            sent = upstream.start(
+                endpoint,
+                call.method,
+                call.target,
+                headers,
+                body,
+                timeout=state.timeout + self.settings.timeout_margin_seconds,
+                buffer_limit=self.settings.buffer_response_bytes,
+                answered=answered,
+            )
+        if not sent:
+            self._release(fid, key)
+            in_flight[endpoint] -= 1
+            return False
+        self._counter = counter
+        call.revision = revision
+        if self.load is not None:
+            self.load.arrived(fid)
+        return True
+
+    def _release(self, fid: FunctionId, key: tuple[FunctionId, str]) -> None:
+        self.active[fid] -= 1
+        self.namespace_active[fid[0]] -= 1
+        by_revision = self.revision_in_flight
+        left = by_revision[key] - 1
+        if left:
+            by_revision[key] = left
+        else:
+            del by_revision[key]
+
+    def _answered(
+        self,
+        call: Call,
+        fid: FunctionId,
+        state: DeploymentState,
+        endpoint: str,
+        key: tuple[FunctionId, str],
+        done: Callable[[Reply], None],
+        upstream: Response | None,
+        error: BaseException | None,
+    ) -> None:
+        """The end of a `start`: counters released, the answer (or error) as a reply."""
+        self._release(fid, key)
+        if upstream is not None:
+            reply = Reply(
+                upstream.status,
+                upstream.reason,
+                response_headers(upstream.headers),
+                upstream.body,
+            )
+            if upstream.body is None:
+                reply.upstream = upstream
+                reply.finish = functools.partial(self._finished, endpoint)
+            else:
+                self.in_flight[endpoint] -= 1
+            done(reply)
+            return
+        self.in_flight[endpoint] -= 1
+        if isinstance(error, StaleConnection):
+            # The pooled connection was closed as the request went out: `dispatch` sends it
+            # again on a fresh one when that is safe, or answers 502.
+            if resendable(call.method, call.body or b""):
+                task = asyncio.get_running_loop().create_task(self.dispatch(call, fid))
+                task.add_done_callback(functools.partial(_then, done))
+                return
+            done(_disconnected(fid, error))
+        elif isinstance(error, TimeoutError):
+            done(_timed_out(fid, state))
+        elif isinstance(error, Disconnected):
+            done(_disconnected(fid, error))
+        else:
+            done(_bad_gateway(fid, error or UpstreamError("no answer")))
+
+    def observed(self, fid: FunctionId, reply: Reply, started: float) -> None:
+        """Count an answered invocation in the metrics and the call statistics."""
+        cold = False
+        for key, value in reply.headers:
+            if value == "true" and key.lower() == _COLD_START_LOWER:
+                cold = True
+        self.observe(fid, reply.status, started, cold=cold)
+
+    def observe(self, fid: FunctionId, status: int, started: float, *, cold: bool) -> None:
+        took = time.perf_counter() - started
+        if fid in self.known:
+            self.metrics.observe(fid[0], fid[1], status, took)
+            if self.stats is not None:
+                self.stats.observe(fid, status, took, cold=cold)
+        else:
+            self.metrics.observe("", "", status, took)
+
+    async def _admitted(self, call: Call, fid: FunctionId) -> Reply:
         """`_invoke` within the function's `max_concurrency` and its namespace's quota of
         concurrent invocations; beyond either, 429 with Retry-After at once. O(1)."""
         if self.load is not None:
@@ -415,85 +596,87 @@ class Router:
         active = self.active[fid]
         limit = self.max_concurrency.get(fid)
         if limit is not None and active >= limit:
-            return error_response(_at_max_concurrency(fid, limit, self._retry_after))
+            return _error_reply(_at_max_concurrency(fid, limit, self._retry_after))
         ns = fid[0]
         in_namespace = self.namespace_active[ns]
         quota = self.namespace_limits.get(ns, self._default_namespace_limit)
         if in_namespace >= quota:
-            return error_response(_over_quota(ns, quota, self._retry_after))
+            return _error_reply(_over_quota(ns, quota, self._retry_after))
         self.active[fid] = active + 1
         self.namespace_active[ns] = in_namespace + 1
         try:
-            return await self._invoke(request, fid)
+            return await self._invoke(call, fid)
         finally:
             self.active[fid] -= 1
             self.namespace_active[ns] -= 1
 
-    async def _invoke(self, request: web.Request, fid: FunctionId) -> web.StreamResponse:
+    async def _invoke(self, call: Call, fid: FunctionId) -> Reply:
         if fid not in self.known:
-            return error_response(_unknown(fid))
+            return _error_reply(_unknown(fid))
         protected = fid in self.protected  # its token was checked in `handle`
         state = self.table.get(fid)
         if (state is None or not state.endpoints) and fid in self.autoscaled:
             held = await self._hold(fid)
-            if isinstance(held, web.Response):
+            if isinstance(held, Reply):
                 return held
             state = held
-        chosen = self._revision_endpoints(fid, state, request.get(TAG_KEY))
+        chosen = self._revision_endpoints(fid, state, call.tag)
         if chosen is None:
-            return error_response(
+            return _error_reply(
                 NotFound(
-                    f"function {fid[0]}/{fid[1]} has no traffic tag {request.get(TAG_KEY)}",
+                    f"function {fid[0]}/{fid[1]} has no traffic tag {call.tag}",
                     code="tag_not_found",
                 )
             )
-        request[REVISION_KEY], endpoints = chosen
+        call.revision, endpoints = chosen
         if state is None or not endpoints:
-            return error_response(
+            return _error_reply(
                 TemporaryError(
                     f"function {fid[0]}/{fid[1]} has no ready instance yet; retry shortly",
                     code="no_ready_instance",
                     retry_after=1,
                 )
             )
-        try:
-            body = await self._read_body(request)
-        except BodyTooLarge:
-            return error_response(
-                PayloadTooLarge(
-                    f"the request body is larger than {self._limit} bytes",
-                    details={"max_body_bytes": self._limit},
+        body = call.body
+        if body is None:
+            assert call.read_body is not None
+            try:
+                body = call.body = await call.read_body()
+            except BodyTooLarge:
+                return _error_reply(
+                    PayloadTooLarge(
+                        f"the request body is larger than {self._limit} bytes",
+                        details={"max_body_bytes": self._limit},
+                    )
                 )
-            )
-        except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as exc:
-            return error_response(
-                InvalidRequest(f"the request body could not be read in full: {exc}")
-            )
+            except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as exc:
+                return _error_reply(
+                    InvalidRequest(f"the request body could not be read in full: {exc}")
+                )
         headers = request_headers(
-            request.headers.items(),
-            client=request.remote,
-            host=request.host,
-            proto=request.scheme,
+            call.headers,
+            client=call.client,
+            host=call.host,
+            proto=call.scheme,
+            # the router's id, never one the caller sent; a platform token was for the
+            # router: the function never sees it
+            drop=_DROP_PROTECTED if protected else _DROP,
         )
-        if protected:  # the platform token was for the router: the function never sees it
-            headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
-        # the router's id, never one the caller sent
-        headers = [(k, v) for k, v in headers if k.lower() != _INVOCATION_LOWER]
-        headers.append((INVOCATION_HEADER, request[INVOCATION_KEY]))
+        headers.append((INVOCATION_HEADER, call.invocation))
         timeout = state.timeout + self.settings.timeout_margin_seconds
         per_instance = self.per_instance.get(fid, 0)
         if per_instance:
-            return await self._within_concurrency(fid, per_instance, request, headers, body)
-        return await self._send(fid, state, endpoints, request, headers, body, timeout)
+            return await self._within_concurrency(fid, per_instance, call, headers, body)
+        return await self._send(fid, state, endpoints, call, headers, body, timeout)
 
     async def _within_concurrency(
         self,
         fid: FunctionId,
         limit: int,
-        request: web.Request,
+        call: Call,
         headers: list[tuple[str, str]],
         body: bytes,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         """Send to the least busy instance below `limit` requests in flight; while every one is
         at it, wait (FIFO-ish: woken as one finishes) up to the function's timeout."""
         loop = asyncio.get_running_loop()
@@ -502,26 +685,26 @@ class Router:
         deadline = loop.time() + state.timeout
         while True:
             state = self.table.get(fid)
-            chosen = self._revision_endpoints(fid, state, request.get(TAG_KEY))
+            chosen = self._revision_endpoints(fid, state, call.tag)
             endpoints = chosen[1] if chosen is not None else []
             if chosen is not None:
-                request[REVISION_KEY] = chosen[0]
+                call.revision = chosen[0]
             if state is not None and endpoints:
                 free = [e for e in endpoints if self.in_flight[e] < limit]
                 if free:
                     endpoint = min(free, key=lambda e: self.in_flight[e])
                     timeout = state.timeout + self.settings.timeout_margin_seconds
-                    try:
-                        return await self._send(
-                            fid, state, endpoints, request, headers, body, timeout, endpoint
-                        )
-                    finally:
-                        freed = self._freed.pop(fid, None)
-                        if freed is not None:
-                            freed.set()
+                    reply = await self._send(
+                        fid, state, endpoints, call, headers, body, timeout, endpoint
+                    )
+                    if reply.finish is None:
+                        self._free(fid)
+                    else:  # a streamed answer holds its slot until it is relayed
+                        reply.finish = functools.partial(_both, reply.finish, self._free, fid)
+                    return reply
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return error_response(
+                return _error_reply(
                     TemporaryError(
                         f"every instance of {fid[0]}/{fid[1]} is at its concurrency of {limit} "
                         "requests in flight; retry shortly",
@@ -534,60 +717,69 @@ class Router:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(freed.wait(), min(remaining, 1.0))
 
+    def _free(self, fid: FunctionId) -> None:
+        freed = self._freed.pop(fid, None)
+        if freed is not None:
+            freed.set()
+
     async def _send(
         self,
         fid: FunctionId,
         state: DeploymentState,
         endpoints: list[str],
-        request: web.Request,
+        call: Call,
         headers: list[tuple[str, str]],
         body: bytes,
         timeout: float,
         endpoint: str | None = None,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         self._counter += 1
         in_flight = self.in_flight if self._least_loaded else None
         if endpoint is None:
             endpoint = pick(endpoints, self._counter, in_flight)
         assert endpoint is not None
         retried = False
-        while True:
-            try:
-                return await self._forward(request, endpoint, headers, body, timeout)
-            except ConnectFailed as exc:
-                # Refused, unreachable or timed out while connecting: no byte of the request
-                # reached this instance, so another one may take it, once.
-                other = (
-                    None if retried else pick(endpoints, self._counter, in_flight, exclude=endpoint)
-                )
-                if other is None:
-                    return _bad_gateway(fid, exc)
-                log.debug("instance refused; trying another", extra={"endpoint": endpoint})
-                self.metrics.retried()
-                endpoint, retried = other, True
-            except TimeoutError:
-                return error_response(
-                    LambdabusError(
-                        f"function {fid[0]}/{fid[1]} did not answer within its timeout "
-                        f"of {state.timeout:g} s",
-                        code="function_timeout",
-                        status=504,
-                        details={"timeout": state.timeout},
+        key = (fid, call.revision)
+        by_revision = self.revision_in_flight
+        by_revision[key] += 1
+        try:
+            while True:
+                try:
+                    return await self._forward(call, endpoint, headers, body, timeout)
+                except ConnectFailed as exc:
+                    # Refused, unreachable or timed out while connecting: no byte of the
+                    # request reached this instance, so another one may take it, once.
+                    other = (
+                        None
+                        if retried
+                        else pick(endpoints, self._counter, in_flight, exclude=endpoint)
                     )
-                )
-            except Disconnected as exc:
-                return _disconnected(fid, exc)
-            except UpstreamError as exc:
-                return _bad_gateway(fid, exc)
+                    if other is None:
+                        return _bad_gateway(fid, exc)
+                    log.debug("instance refused; trying another", extra={"endpoint": endpoint})
+                    self.metrics.retried()
+                    endpoint, retried = other, True
+                except TimeoutError:
+                    return _timed_out(fid, state)
+                except Disconnected as exc:
+                    return _disconnected(fid, exc)
+                except UpstreamError as exc:
+                    return _bad_gateway(fid, exc)
+        finally:
+            left = by_revision[key] - 1
+            if left:
+                by_revision[key] = left
+            else:
+                del by_revision[key]
 
-    async def _hold(self, fid: FunctionId) -> DeploymentState | web.Response:
+    async def _hold(self, fid: FunctionId) -> DeploymentState | Reply:
         """Hold a request for a function with no instance (scaled to zero, or starting) until
         one is ready: the function is woken (again every `wake_repeat_seconds`), and the request
         goes on the moment the router sees an endpoint. Beyond `cold_queue_max_requests` held,
         503 `cold_queue_full` with Retry-After at once."""
         s = self.settings
         if self.held[fid] >= s.cold_queue_max_requests:
-            return error_response(
+            return _error_reply(
                 TemporaryError(
                     f"function {fid[0]}/{fid[1]} is starting and {s.cold_queue_max_requests} "
                     "requests already wait for it; retry after the Retry-After seconds",
@@ -616,7 +808,7 @@ class Router:
                     return state
         finally:
             self.held[fid] -= 1
-        return error_response(
+        return _error_reply(
             TemporaryError(
                 f"function {fid[0]}/{fid[1]} has no instance ready after "
                 f"{s.cold_start_timeout_seconds:g} s; retry shortly",
@@ -663,50 +855,60 @@ class Router:
 
     async def _forward(
         self,
-        request: web.Request,
+        call: Call,
         endpoint: str,
         headers: list[tuple[str, str]],
         body: bytes,
         timeout: float,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         assert self._upstream is not None
-        self.in_flight[endpoint] += 1
+        in_flight = self.in_flight
+        in_flight[endpoint] += 1
+        streamed = False
         try:
             try:
                 upstream = await self._upstream.request(
                     endpoint,
-                    request.method,
-                    request.raw_path,
+                    call.method,
+                    call.target,
                     headers,
                     body,
                     timeout=timeout,
                     buffer_limit=self.settings.buffer_response_bytes,
                 )
             except ValueError as exc:  # a CR or LF that would split the instance's request
-                return error_response(InvalidRequest(f"the request cannot be forwarded: {exc}"))
-            if upstream.body is not None and request.method != "HEAD":
-                return web.Response(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=response_headers(upstream.headers),
-                    body=upstream.body,
-                )
-            return await self._stream(request, upstream)
+                return _error_reply(InvalidRequest(f"the request cannot be forwarded: {exc}"))
+            reply = Reply(
+                upstream.status,
+                upstream.reason,
+                response_headers(upstream.headers),
+                upstream.body,
+            )
+            if upstream.body is None or call.method == "HEAD":
+                # Relayed as it arrives; the instance counts as busy until it is.
+                reply.upstream = upstream
+                reply.finish = functools.partial(self._finished, endpoint)
+                streamed = True
+            return reply
         finally:
-            self.in_flight[endpoint] -= 1
+            if not streamed:
+                in_flight[endpoint] -= 1
 
-    async def _stream(self, request: web.Request, upstream: Response) -> web.StreamResponse:
+    def _finished(self, endpoint: str) -> None:
+        self.in_flight[endpoint] -= 1
+
+    async def _stream(self, request: web.Request, call: Call, reply: Reply) -> web.StreamResponse:
         """Relay a large or unsized response as it arrives (and a HEAD answer, with the
         Content-Length it declares for the body it does not carry)."""
+        upstream = reply.upstream
+        assert upstream is not None
         try:
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=response_headers(upstream.headers),
+                status=reply.status, reason=reply.reason, headers=reply.headers
             )
-            response.headers[INVOCATION_HEADER] = request[INVOCATION_KEY]
-            if request.get(REVISION_KEY):
-                response.headers[REVISION_HEADER] = request[REVISION_KEY]
+            response.headers[INVOCATION_HEADER] = call.invocation
+            if call.revision:
+                response.headers[REVISION_HEADER] = call.revision
             length = _head_length(upstream) if request.method == "HEAD" else upstream.length
             if length is not None:
                 response.content_length = length
@@ -723,6 +925,118 @@ class Router:
             return response
         finally:
             upstream.close()
+            if reply.finish is not None:
+                reply.finish()
+
+
+class Call:
+    """One invocation as the router got it, whichever server parsed it. `body` is None until
+    read (by `read_body`); `revision` is set once the route chose one."""
+
+    __slots__ = (
+        "body",
+        "client",
+        "headers",
+        "host",
+        "invocation",
+        "method",
+        "read_body",
+        "revision",
+        "scheme",
+        "tag",
+        "target",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        client: str | None,
+        host: str | None,
+        scheme: str,
+        tag: str | None,
+        invocation: str,
+        body: bytes | None,
+        read_body: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target  # the raw path and query
+        self.headers = headers
+        self.client = client
+        self.host = host
+        self.scheme = scheme
+        self.tag = tag
+        self.invocation = invocation
+        self.body = body
+        self.read_body = read_body
+        self.revision = ""
+
+
+class Reply:
+    """The answer to a `Call`: whole (`body`), or the instance's `upstream` response to relay
+    as it arrives (then `finish` is called once it is relayed)."""
+
+    __slots__ = ("body", "finish", "headers", "reason", "status", "upstream")
+
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes | None
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.upstream: Response | None = None
+        self.finish: Callable[[], None] | None = None
+
+
+def _timed_out(fid: FunctionId, state: DeploymentState) -> Reply:
+    return _error_reply(
+        LambdabusError(
+            f"function {fid[0]}/{fid[1]} did not answer within its timeout of {state.timeout:g} s",
+            code="function_timeout",
+            status=504,
+            details={"timeout": state.timeout},
+        )
+    )
+
+
+def _then(done: Callable[[Reply], None], task: asyncio.Task[Reply]) -> None:
+    """Hand a task's reply on (a failed task's as a 500, as the server would)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("unhandled error", exc_info=error)
+        done(
+            _error_reply(
+                LambdabusError("internal error; see the service log", code="internal", status=500)
+            )
+        )
+        return
+    done(task.result())
+
+
+def _both(first: Callable[[], None], then: Callable[[FunctionId], None], fid: FunctionId) -> None:
+    first()
+    then(fid)
+
+
+def _error_reply(error: LambdabusError) -> Reply:
+    """The platform's own error answer (as `service.error_response` writes it)."""
+    headers = [(ERROR_HEADER, error.code), ("Content-Type", "application/json; charset=utf-8")]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers.append(("Retry-After", str(max(1, round(retry_after)))))
+    body = json.dumps(error.to_json()).encode()
+    return Reply(error.status, _reason(error.status), headers, body)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _ready(state: DeploymentState | None) -> bool:
@@ -770,9 +1084,9 @@ def _over_quota(namespace: str, limit: int, retry_after: float) -> TemporaryErro
     )
 
 
-def _disconnected(fid: FunctionId, exc: BaseException) -> web.Response:
+def _disconnected(fid: FunctionId, exc: BaseException) -> Reply:
     log.debug("instance disconnected", extra={"function": f"{fid[0]}/{fid[1]}", "error": repr(exc)})
-    return error_response(
+    return _error_reply(
         LambdabusError(
             f"the instance of {fid[0]}/{fid[1]} closed the connection before answering; the "
             "request was not retried, since the instance may have run it",
@@ -782,9 +1096,9 @@ def _disconnected(fid: FunctionId, exc: BaseException) -> web.Response:
     )
 
 
-def _bad_gateway(fid: FunctionId, exc: BaseException) -> web.Response:
+def _bad_gateway(fid: FunctionId, exc: BaseException) -> Reply:
     log.debug("instance failed", extra={"function": f"{fid[0]}/{fid[1]}", "error": repr(exc)})
-    return error_response(
+    return _error_reply(
         LambdabusError(
             f"the instance of {fid[0]}/{fid[1]} closed or refused the connection; retry",
             code="bad_gateway",

@@ -12,12 +12,22 @@ from lambdabus_platform.settings import QuotaSettings, ServiceSettings
 MiB = 1024 * 1024
 
 Balance = Literal["least_in_flight", "round_robin"]
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LAMBDABUS_ROUTER_", extra="ignore")
 
     port: int = Field(default=8081, ge=0, le=65535)
+    event_loop: EventLoop = Field(
+        default="uvloop",
+        description="uvloop (libuv, faster on the data plane: bench/invoke.py) or asyncio's own",
+    )
+    fast_path: bool = Field(
+        default=True,
+        description="serve plain invocations with the router's own HTTP/1.1 protocol "
+        "(`front`); everything else, and all of it when false, goes through aiohttp",
+    )
     max_body_bytes: int = Field(default=6 * MiB, gt=0, description="largest invocation body")
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     busy_retry_after_seconds: float = Field(

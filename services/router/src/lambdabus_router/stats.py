@@ -38,7 +38,9 @@ class CallStats:
 
     def observe(self, fid: FunctionId, status: int, seconds: float, *, cold: bool) -> None:
         """Count one call of `fid` (on the request path: memory only)."""
-        stats = self._stats.setdefault(fid, RouterStats())
+        stats = self._stats.get(fid)
+        if stats is None:
+            stats = self._stats[fid] = RouterStats()
         record(stats, self._clock(), status, seconds, cold=cold)
         self._dirty.add(fid)
 

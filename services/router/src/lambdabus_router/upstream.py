@@ -21,8 +21,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
 log = logging.getLogger("lambdabus.router.upstream")
@@ -67,7 +68,7 @@ class InvalidResponse(UpstreamError):
     """The instance answered something that is not HTTP/1.1."""
 
 
-class _Stale(Disconnected):
+class StaleConnection(Disconnected):
     """A reused connection closed before any byte of the response: retried on a fresh one
     when the request is safe to send again."""
 
@@ -240,6 +241,33 @@ class ChunkedDecoder:
 # -- one connection ---------------------------------------------------------------------------
 
 
+class Callback:
+    """A waiter that hands the answer (or the error) on at once, where a future would call
+    its callbacks in the next event-loop turn."""
+
+    __slots__ = ("_answered", "_done")
+
+    def __init__(self, answered: Callable[[Response | None, BaseException | None], None]) -> None:
+        self._answered = answered
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, response: Response) -> None:
+        self._call(response, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._call(None, error)
+
+    def _call(self, response: Response | None, error: BaseException | None) -> None:
+        self._done = True
+        try:
+            self._answered(response, error)
+        except Exception:  # not the connection's problem: it goes on
+            log.exception("an answer's callback failed")
+
+
 class Response:
     """An instance's answer. `body` is the whole body when it was read in one piece (sized,
     up to the caller's limit); otherwise it is None and `read` gives the body as it comes."""
@@ -339,7 +367,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._busy = False
-        self._waiter: asyncio.Future[Response] | None = None
+        self._waiter: asyncio.Future[Response] | Callback | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._head_request = False
         self._limit = 0
@@ -354,8 +382,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not subclasses of asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -367,7 +395,9 @@ class _Connection(asyncio.Protocol):
             self._complete(reusable=False)  # the body ran until the close
             return
         if not self._received and self.reused:
-            error: UpstreamError = _Stale("the pooled connection was closed by the instance")
+            error: UpstreamError = StaleConnection(
+                "the pooled connection was closed by the instance"
+            )
         else:
             error = Disconnected("the instance closed the connection mid-response")
         self._fail(error, abort=False)
@@ -397,17 +427,33 @@ class _Connection(asyncio.Protocol):
         self, head: bytes, body: bytes, *, head_request: bool, limit: int, deadline: float
     ) -> asyncio.Future[Response]:
         """Write a request; the future gets its response (whole, or its head when streamed)."""
+        waiter: asyncio.Future[Response] = self._loop.create_future()
+        self.start(
+            head, body, head_request=head_request, limit=limit, deadline=deadline, waiter=waiter
+        )
+        return waiter
+
+    def start(
+        self,
+        head: bytes,
+        body: bytes,
+        *,
+        head_request: bool,
+        limit: int,
+        deadline: float,
+        waiter: asyncio.Future[Response] | Callback,
+    ) -> None:
+        """Write a request; `waiter` gets its response (whole, or its head when streamed)."""
         assert self.transport is not None
         assert not self._busy
         self._busy = True
         self._head_request = head_request
         self._limit = limit
-        waiter = self._waiter = self._loop.create_future()
+        self._waiter = waiter
         self._timer = self._loop.call_at(deadline, self._expire)
         self.transport.write(head)
         if body:
             self.transport.write(body)
-        return waiter
 
     def _read_head(self, data: bytes) -> bytes | None:
         """Parse the head once it is all in; the bytes after it, or None while it is not
@@ -526,7 +572,7 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
-    def cancel(self, waiter: asyncio.Future[Response]) -> None:
+    def cancel(self, waiter: asyncio.Future[Response] | Callback) -> None:
         """The caller gave up on `waiter`: if that exchange is still in progress, drop it (the
         connection may have gone back to the pool and on to another exchange meanwhile)."""
         if self._waiter is waiter:
@@ -749,7 +795,7 @@ class Upstream:
         conn = pool.quick() or await pool.acquire(deadline)
         try:
             return await _exchange(conn, head, rest, head_request, buffer_limit, deadline)
-        except _Stale as exc:
+        except StaleConnection as exc:
             if not resendable(method, body):
                 raise NotRetried(
                     "the instance closed the connection after the request went out, before "
@@ -759,6 +805,41 @@ class Upstream:
         # Only a reused connection goes stale, so this is retried once at most.
         conn = await pool.acquire(deadline, fresh=True)
         return await _exchange(conn, head, rest, head_request, buffer_limit, deadline)
+
+    def start(
+        self,
+        endpoint: str,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes,
+        *,
+        timeout: float,
+        buffer_limit: int,
+        answered: Callable[[Response | None, BaseException | None], None],
+    ) -> bool:
+        """`request` without a coroutine, when an idle pooled connection to `endpoint` is at
+        hand: the request is written now and `answered` gets the answer or the error as soon
+        as the connection has it (in the same event-loop turn). False when there is no idle
+        connection (nothing was sent: use `request`). A `StaleConnection` error says the
+        pooled connection closed before any byte of the answer: the caller sends the request
+        again (`request`) only when `resendable`. ValueError as `request`."""
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            return False
+        head, rest = render_request(method, pool.prefix + target, pool.authority, headers, body)
+        conn = pool.quick()
+        if conn is None:
+            return False
+        conn.start(
+            head,
+            rest,
+            head_request=method == "HEAD",
+            limit=buffer_limit,
+            deadline=self.loop.time() + timeout,
+            waiter=Callback(answered),
+        )
+        return True
 
     def connections(self, endpoint: str) -> tuple[int, int]:
         """(open, idle) connections to `endpoint`: for tests and tools."""
