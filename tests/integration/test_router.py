@@ -695,3 +695,99 @@ async def test_requests_in_flight_are_counted_per_revision_on_both_paths(
                 assert response.status == 201
                 assert response.headers["X-Lambdabus-Revision"] == f"{name}-00001"
             assert key not in router.router.revision_in_flight
+
+
+async def test_the_fast_path_hands_aiohttp_what_its_parser_refuses(router: RunningRouter) -> None:
+    """Hostile heads the fast path must not serve: aiohttp (llhttp) refuses each with 400 and
+    the instance never sees them (control bytes or raw non-ASCII in the target or a header
+    value, a Content-Length of more digits than `int` takes, a head past the head bound that
+    came in one read)."""
+    async with backend("a") as a:
+        await router.add_function("strict", [a.url])
+        ns = router.namespace
+        host = router.url.removeprefix("http://").encode()
+        start = f"POST /{ns}/strict".encode()
+        hostile = [
+            start + b"/a\x01b HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+            start + b"/a\x7fb HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+            start + b"/\xc3\xa9 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+            start + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-A: a\x0bb\r\n\r\n",
+            start + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-A: a\x1bb\r\n\r\n",
+            start
+            + b" HTTP/1.1\r\nHost: "
+            + host
+            + b"\r\nContent-Length: "
+            + b"9" * 5000
+            + b"\r\n\r\n",
+            start + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+        ]
+        # (the instance here is aiohttp too, and would refuse them as well: what counts is
+        # that the router's own parser never took them)
+        served = router.router.served_by_front
+        for request in hostile:
+            (answer,) = await raw_exchange(router.url, request, 1)
+            assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), request[:60]
+            assert router.router.served_by_front == served, request[:60]
+        assert a.seen == []
+
+
+async def test_a_body_in_many_pieces_is_parsed_once(
+    router: RunningRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head of a request whose body is still coming is parsed once, not at every piece
+    (a body sent a byte at a time must not cost a parse and a copy of the buffer each)."""
+    from lambdabus_router import front
+
+    calls: list[int] = []
+    parse = front._parse
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return parse(*args)
+
+    monkeypatch.setattr(front, "_parse", counting)
+    async with backend("a") as a:
+        await router.add_function("drip", [a.url])
+        host = router.url.removeprefix("http://")
+        host_, _, port = host.partition(":")
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        body = b"x" * 40
+        try:
+            writer.write(
+                f"PUT /{router.namespace}/drip HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            for i in range(0, len(body), 2):
+                await writer.drain()
+                await asyncio.sleep(0.005)
+                writer.write(body[i : i + 2])
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 201 ")
+        finally:
+            writer.close()
+        assert a.seen[-1]["body"] == body
+        assert len(calls) == 1
+
+
+async def test_the_fast_path_closes_after_the_answer_once_the_caller_sent_eof(
+    router: RunningRouter,
+) -> None:
+    """A caller that half-closed its side gets its answer, then the connection ends (it is not
+    held open until the keep-alive timeout)."""
+    async with backend("a") as a:
+        await router.add_function("halfclose", [a.url])
+        host = router.url.removeprefix("http://")
+        host_, _, port = host.partition(":")
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        try:
+            writer.write(
+                f"GET /{router.namespace}/halfclose HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            )
+            await writer.drain()
+            writer.write_eof()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 201 ")
+            rest = await asyncio.wait_for(reader.read(), 10)  # EOF, not the 75 s keep-alive
+            assert rest.endswith(b"from a: ")
+        finally:
+            writer.close()

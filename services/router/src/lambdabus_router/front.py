@@ -9,8 +9,11 @@ dotted paths, protected or unknown functions, `/healthz`, `/metrics`, a malforme
 connection, with the bytes read so far, to aiohttp's protocol for the rest of its life: every
 behaviour of the slow path stays aiohttp's.
 
-Parsing is strict where leniency could desynchronise the connection (bare CR or LF, NUL, folded
-lines, a bad or repeated Content-Length): such a head goes to aiohttp, which refuses it.
+Parsing is strict where leniency could desynchronise the connection or reach an instance with
+what aiohttp's parser (llhttp) refuses (bare CR or LF, control bytes, raw non-ASCII in the
+target, folded lines, a bad, repeated or overlong Content-Length, a head past `_MAX_HEAD`): such
+a head goes to aiohttp, which refuses it. The read buffer is a `bytearray` and a head is parsed
+once while its body comes in, so a request sent a byte at a time costs no quadratic copying.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -30,6 +34,10 @@ log = logging.getLogger("lambdabus.router.front")
 
 FAST_BODY_BYTES = 64 * 1024  # larger bodies take aiohttp's streaming reader
 _MAX_HEAD = 8190  # aiohttp's own limit on a request line or header
+# Control bytes other than HTAB (CR and LF are checked as pairs apart): llhttp refuses them in
+# the target and in header values.
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_MAX_LENGTH_DIGITS = 18  # `int` refuses more than 4300 digits; any such length is too large
 _PAUSE_BUFFER = 256 * 1024  # pipelined bytes waiting before reading pauses
 _FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -108,7 +116,11 @@ class FrontConnection(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.idle_since = 0.0
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer known to hold no CRLF CRLF
+        self._pending: tuple[Parsed, int, int] | None = None  # (head, its end, request size)
+        self._eof = False
+        self._handed = False
         self._lost = False
         self._reading_paused = False
         self._writing_paused = False
@@ -142,7 +154,7 @@ class FrontConnection(asyncio.Protocol):
         self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
+        self._buffer += data
         if self.busy:
             if len(self._buffer) > _PAUSE_BUFFER and not self._reading_paused:
                 assert self.transport is not None
@@ -152,6 +164,7 @@ class FrontConnection(asyncio.Protocol):
         self._next()
 
     def eof_received(self) -> bool | None:
+        self._eof = True
         if not self.busy:
             self.close()
         return True  # the answer in progress still goes out; then the connection closes
@@ -167,21 +180,32 @@ class FrontConnection(asyncio.Protocol):
         buf = self._buffer
         if not buf:
             return
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > _MAX_HEAD:
+        pending = self._pending
+        if pending is not None:
+            parsed, end, total = pending
+            if len(buf) < total:
+                return
+            self._pending = None
+        else:
+            end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
+            if end < 0 or end > _MAX_HEAD:
+                self._scanned = len(buf)
+                if len(buf) > _MAX_HEAD:
+                    self._hand_off()
+                return
+            self._scanned = 0
+            head = _parse(bytes(buf[:end]), self.front.router, self.front.body_limit)
+            if head is None:
                 self._hand_off()
-            return
-        parsed = _parse(buf[:end], self.front.router, self.front.body_limit)
-        if parsed is None:
-            self._hand_off()
-            return
-        method, target, headers, host, length, close, fid, tag = parsed
-        total = end + 4 + length
-        if len(buf) < total:
-            return  # the rest of the body comes later (parsed again then: bodies are small)
-        body = buf[end + 4 : total]
-        self._buffer = buf[total:]
+                return
+            parsed = head
+            total = end + 4 + parsed[4]
+            if len(buf) < total:
+                self._pending = (parsed, end, total)  # the rest of the body comes later
+                return
+        method, target, headers, host, _, close, fid, tag = parsed
+        body = bytes(buf[end + 4 : total])
+        del buf[:total]  # O(1) at the front of a bytearray
         self.busy = True
         router = self.front.router
         call = router.new_call(method, target, headers, self.client, host, tag, body)
@@ -230,6 +254,7 @@ class FrontConnection(asyncio.Protocol):
         assert transport is not None
         assert fallback is not None
         self.front.connections.discard(self)
+        self._handed = True
         self.front.router.handed_off += 1
         protocol = fallback()
         protocol.connection_made(transport)
@@ -237,7 +262,7 @@ class FrontConnection(asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-        data, self._buffer = self._buffer, b""
+        data, self._buffer = bytes(self._buffer), bytearray()
         if data:
             protocol.data_received(data)
 
@@ -269,6 +294,8 @@ class FrontConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         self._next()
+        if self._eof and not self.busy and not self._handed:
+            self.close()  # the caller sent all it will: no more requests can come
 
     def _head(self, reply: Reply, call: Call, framing: str, close: bool) -> str:
         lines = [f"HTTP/1.1 {reply.status} {reply.reason}\r\n"]
@@ -364,10 +391,12 @@ Parsed = tuple[str, str, list[tuple[str, str]], str, int, bool, tuple[str, str],
 def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
     """The request head (without its final CRLF CRLF) when the fast path takes it: (method,
     target, headers, host, body length, close, function, tag); None to hand off."""
+    if _CTL.search(raw) is not None:
+        return None
     text = raw.decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
     breaks = len(lines) - 1
-    if text.count("\n") != breaks or text.count("\r") != breaks or "\x00" in text:
+    if text.count("\n") != breaks or text.count("\r") != breaks or not lines[0].isascii():
         return None
     method, _, rest = lines[0].partition(" ")
     target, _, version = rest.partition(" ")
@@ -394,7 +423,12 @@ def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
         value = value.strip(" \t")
         lower = key.lower()
         if lower == "content-length":
-            if length >= 0 or not value.isascii() or not value.isdigit():
+            if (
+                length >= 0
+                or not value.isascii()
+                or not value.isdigit()
+                or len(value) > _MAX_LENGTH_DIGITS
+            ):
                 return None
             length = int(value)
             if length > body_limit:
