@@ -791,3 +791,34 @@ async def test_the_fast_path_closes_after_the_answer_once_the_caller_sent_eof(
             assert rest.endswith(b"from a: ")
         finally:
             writer.close()
+
+
+async def test_the_fast_path_never_frames_an_ambiguous_request(router: RunningRouter) -> None:
+    """Smuggling attempts (RFC 9112 §6.3): each head the fast path could frame otherwise than
+    aiohttp goes to aiohttp, which refuses it; none reaches the instance."""
+    async with backend("a") as a:
+        await router.add_function("framing", [a.url])
+        host = router.url.removeprefix("http://")
+        start = f"POST /{router.namespace}/framing HTTP/1.1\r\nHost: {host}\r\n"
+        hostile = [
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+            "Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            "Content-Length: +3\r\n\r\nabc",
+            "Content-Length: -1\r\n\r\n",
+            "Content-Length: 0x3\r\n\r\nabc",
+            "Content-Length : 3\r\n\r\nabc",
+            "Content-Length:\r\n\r\n",
+            "X-A: a\r\n folded\r\nContent-Length: 3\r\n\r\nabc",
+            "Content-Length: 3\nX-A: b\r\n\r\nabc",
+            "Content-Length: 3\rX-A: b\r\n\r\nabc",
+            "X A: b\r\n\r\n",
+            "Content-Length: 3\r\n\r\nabcGET /x HTTP/1.1\r\nHost: a\nContent-Length: 1\r\n\r\n",
+        ]
+        served = router.router.served_by_front
+        for i, rest in enumerate(hostile):
+            answers = await raw_exchange(router.url, (start + rest).encode(), 1 + (i == 12))
+            assert answers[-1].split(b"\r\n")[0].endswith(b" 400 Bad Request"), rest
+        # only the first request of the last one was plain
+        assert router.router.served_by_front == served + 1
+        assert [s["body"] for s in a.seen] == [b"abc"]
