@@ -70,6 +70,13 @@ async def backend(name: str) -> AsyncIterator[Backend]:
                 await stream.write(f"chunk {i};".encode())
             await stream.write_eof()
             return stream
+        if request.path.endswith("/hang"):  # a streamed answer that stalls after one chunk
+            stream = web.StreamResponse(status=200)
+            await stream.prepare(request)
+            await stream.write(b"first;")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(me.release.wait(), 20)
+            return stream
         if request.path.endswith("/gzip"):
             packed = gzip.compress(b"squeezed " * 100)
             return web.Response(
@@ -822,3 +829,29 @@ async def test_the_fast_path_never_frames_an_ambiguous_request(router: RunningRo
         # only the first request of the last one was plain
         assert router.router.served_by_front == served + 1
         assert [s["body"] for s in a.seen] == [b"abc"]
+
+
+async def test_a_stalled_streamed_answer_is_dropped_when_the_caller_goes(
+    router: RunningRouter,
+) -> None:
+    """The caller of a streamed answer goes away while the instance is silent: the router gives
+    up the instance's connection at once, not at the next chunk or the function's timeout."""
+    async with backend("a") as a:
+        await router.add_function("stall", [a.url], timeout=60)
+        host = router.url.removeprefix("http://")
+        host_, _, port = host.partition(":")
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        writer.write(
+            f"GET /{router.namespace}/stall/hang HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"Transfer-Encoding: chunked" in head
+        assert b"first;" in await asyncio.wait_for(reader.readuntil(b"first;\r\n"), 10)
+        in_flight = router.router.in_flight
+        assert sum(in_flight.values()) == 1
+        writer.close()
+        deadline = asyncio.get_running_loop().time() + 5
+        while sum(in_flight.values()):
+            assert asyncio.get_running_loop().time() < deadline, "the instance is still held"
+            await asyncio.sleep(0.02)
+        assert not a.release.is_set()  # the instance is still stalled

@@ -127,6 +127,7 @@ class FrontConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._answering = False  # the head of the current answer went out
+        self._relaying = False  # a streamed answer is being relayed (by `_task`)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class FrontConnection(asyncio.Protocol):
         self._lost = True
         self.front.connections.discard(self)
         self._wake_writer()
+        self._abandon_relay()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -167,7 +169,20 @@ class FrontConnection(asyncio.Protocol):
         self._eof = True
         if not self.busy:
             self.close()
+        elif self._relaying:
+            # As nginx's proxy: a caller that stopped sending in the midst of a streamed answer
+            # is taken to be gone (else a silent stream would hold the instance until its
+            # timeout; a closed socket shows only on the next write).
+            self._abandon_relay()
+            self.close()
         return True  # the answer in progress still goes out; then the connection closes
+
+    def _abandon_relay(self) -> None:
+        """Nobody reads the rest of the streamed answer: give up the instance's connection
+        now, not at its next chunk or the function's timeout (`_relay` closes it and releases
+        the counts as it is cancelled)."""
+        if self._relaying and self._task is not None:
+            self._task.cancel()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -338,6 +353,7 @@ class FrontConnection(asyncio.Protocol):
         assert upstream is not None
         transport = self.transport
         assert transport is not None
+        self._relaying = True
         try:
             length = upstream.length
             chunked = length is None
@@ -367,6 +383,7 @@ class FrontConnection(asyncio.Protocol):
                 return True
             return False
         finally:
+            self._relaying = False
             upstream.close()
             if reply.finish is not None:
                 reply.finish()
