@@ -70,6 +70,14 @@ async def backend(name: str) -> AsyncIterator[Backend]:
                 await stream.write(f"chunk {i};".encode())
             await stream.write_eof()
             return stream
+        if request.path.endswith("/spoof"):  # a function posing as the router
+            return web.Response(
+                headers={
+                    "X-Lambdabus-Invocation-Id": "forged",
+                    "X-Lambdabus-Revision": "forged",
+                    "X-Backend": name,
+                }
+            )
         if request.path.endswith("/hang"):  # a streamed answer that stalls after one chunk
             stream = web.StreamResponse(status=200)
             await stream.prepare(request)
@@ -855,3 +863,39 @@ async def test_a_stalled_streamed_answer_is_dropped_when_the_caller_goes(
             assert asyncio.get_running_loop().time() < deadline, "the instance is still held"
             await asyncio.sleep(0.02)
         assert not a.release.is_set()  # the instance is still stalled
+
+
+async def test_a_function_cannot_forge_the_routers_answer_headers(router: RunningRouter) -> None:
+    """The invocation id and the revision on an answer are the router's, on either path: a
+    function's own are replaced, never sent beside them."""
+    async with backend("a") as a:
+        await router.add_function("forger", [a.url])
+        host = router.url.removeprefix("http://")
+        for version in ("1.1", "1.0"):  # the fast path, then aiohttp's
+            request = f"GET /{router.namespace}/forger/spoof HTTP/{version}\r\nHost: {host}\r\n\r\n"
+            (answer,) = await raw_exchange(router.url, request.encode(), 1)
+            lines = answer.partition(b"\r\n\r\n")[0].decode().split("\r\n")
+            ids = [ln for ln in lines if ln.lower().startswith("x-lambdabus-invocation-id:")]
+            revisions = [ln for ln in lines if ln.lower().startswith("x-lambdabus-revision:")]
+            assert len(ids) == 1, (version, lines)
+            assert "forged" not in ids[0], (version, lines)
+            # (no revision here: the router sends none, and passes on none of the function's)
+            assert revisions == [], (version, lines)
+            assert "X-Backend: a" in lines
+
+
+async def test_a_head_with_more_headers_than_aiohttp_takes_goes_to_aiohttp(
+    router: RunningRouter,
+) -> None:
+    """aiohttp refuses more than 128 header lines; the fast path does not serve such a head
+    either (nor forward its headers to the instance)."""
+    async with backend("a") as a:
+        await router.add_function("many", [a.url])
+        host = router.url.removeprefix("http://")
+        fields = "".join(f"X-{i}: v\r\n" for i in range(200))
+        request = f"GET /{router.namespace}/many HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n"
+        served = router.router.served_by_front
+        (answer,) = await raw_exchange(router.url, request.encode(), 1)
+        assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+        assert router.router.served_by_front == served
+        assert a.seen == []

@@ -73,6 +73,8 @@ def test_response_headers_keep_end_to_end_ones() -> None:
         ("Transfer-Encoding", "chunked"),
         ("Proxy-Authenticate", "Basic"),
         ("X-Forwarded-For", "kept: a response header like any other"),
+        ("X-Lambdabus-Invocation-Id", "forged by the function"),
+        ("x-lambdabus-revision", "forged by the function"),
     ]
     assert response_headers(incoming) == [
         ("Content-Type", "text/plain"),

@@ -37,6 +37,7 @@ _MAX_HEAD = 8190  # aiohttp's own limit on a request line or header
 # Control bytes other than HTAB (CR and LF are checked as pairs apart): llhttp refuses them in
 # the target and in header values.
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_MAX_HEADERS = 128  # aiohttp's limit on the header lines of a request
 _MAX_LENGTH_DIGITS = 18  # `int` refuses more than 4300 digits; any such length is too large
 _PAUSE_BUFFER = 256 * 1024  # pipelined bytes waiting before reading pauses
 _FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -413,6 +414,8 @@ def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
     text = raw.decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
     breaks = len(lines) - 1
+    if breaks > _MAX_HEADERS:
+        return None
     if text.count("\n") != breaks or text.count("\r") != breaks or not lines[0].isascii():
         return None
     method, _, rest = lines[0].partition(" ")

@@ -93,8 +93,12 @@ def request_headers(
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> Headers:
     """Headers to relay to the caller: the instance's end-to-end headers. `Content-Length` is
-    set by the router's own response; `Content-Encoding` stays, as the body is relayed as is."""
-    return _filter(headers, _CONTENT_LENGTH)[0]
+    set by the router's own response; `Content-Encoding` stays, as the body is relayed as is.
+    The router's own headers (invocation id, revision) are never the instance's: a function
+    cannot pose as the router (the router adds its own)."""
+    return _filter(headers, _REPLACED_ON_RESPONSE)[0]
 
 
-_CONTENT_LENGTH = frozenset({"content-length"})
+_REPLACED_ON_RESPONSE = frozenset(
+    {"content-length", "x-lambdabus-invocation-id", "x-lambdabus-revision"}
+)
