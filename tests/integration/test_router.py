@@ -78,10 +78,15 @@ async def backend(name: str) -> AsyncIterator[Backend]:
                     "X-Backend": name,
                 }
             )
-        if request.path.endswith("/hang"):  # a streamed answer that stalls after one chunk
+        if request.path.endswith("/latehang"):
+            await asyncio.sleep(0.3)  # then as /hang
+        if request.path.endswith("hang"):  # a streamed answer that stalls after one chunk
             stream = web.StreamResponse(status=200)
             await stream.prepare(request)
-            await stream.write(b"first;")
+            if request.path.endswith("/latehang"):
+                await stream.drain()  # the head alone, as an event stream's
+            else:
+                await stream.write(b"first;")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(me.release.wait(), 20)
             return stream
@@ -899,3 +904,27 @@ async def test_a_head_with_more_headers_than_aiohttp_takes_goes_to_aiohttp(
         assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
         assert router.router.served_by_front == served
         assert a.seen == []
+
+
+async def test_a_streamed_answer_to_a_caller_gone_before_it_began_is_dropped(
+    router: RunningRouter,
+) -> None:
+    """The caller closed its connection while the instance was still working: the streamed
+    answer that comes later is not relayed into the void (nor held while the instance stalls)."""
+    async with backend("a") as a:
+        await router.add_function("late", [a.url], timeout=60)
+        host = router.url.removeprefix("http://")
+        host_, _, port = host.partition(":")
+        _, writer = await asyncio.open_connection(host_, int(port))
+        writer.write(
+            f"GET /{router.namespace}/late/latehang HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        writer.close()
+        await asyncio.wait_for(a.arrived.wait(), 10)
+        in_flight = router.router.in_flight
+        deadline = asyncio.get_running_loop().time() + 5
+        while sum(in_flight.values()) or not a.seen:
+            assert asyncio.get_running_loop().time() < deadline, "the instance is still held"
+            await asyncio.sleep(0.02)
+        assert not a.release.is_set()  # the instance is still stalled
