@@ -928,3 +928,40 @@ async def test_a_streamed_answer_to_a_caller_gone_before_it_began_is_dropped(
             assert asyncio.get_running_loop().time() < deadline, "the instance is still held"
             await asyncio.sleep(0.02)
         assert not a.release.is_set()  # the instance is still stalled
+
+
+async def test_no_spelling_of_a_protected_functions_path_reaches_it_without_a_token(
+    router: RunningRouter,
+) -> None:
+    """Dot segments, doubled or encoded slashes, percent-encoded names, case, a tag: whichever
+    server takes the request, a protected function's instance never sees a call without a
+    token (the fast path serves a function by the very name it checked)."""
+    async with backend("secret") as secret, backend("open") as open_:
+        await router.add_function("secret", [secret.url], invoke_auth="token")
+        await router.add_function("open", [open_.url])
+        ns = router.namespace
+        host = router.url.removeprefix("http://")
+        targets = [
+            f"/{ns}/secret",
+            f"/{ns}/secret/x",
+            f"/{ns}/secret@latest",
+            f"/{ns}/open/../secret",
+            f"/{ns}/open/%2e%2e/secret",
+            f"/{ns}/./secret",
+            f"/{ns}//secret",
+            f"//{ns}/secret",
+            f"/{ns}/%73ecret",
+            f"/{ns}/secret%2Fx",
+            f"/{ns}/SECRET",
+            f"/{ns.upper()}/secret",
+            f"/{ns}/secret?x=/../open",
+            f"/{ns}/secret#frag",
+            f"http://{host}/{ns}/secret",
+        ]
+        for target in targets:
+            request = f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+            (answer,) = await raw_exchange(router.url, request.encode(), 1)
+            assert b"from secret" not in answer, target
+            if not answer.endswith(b"from open: "):  # `open` is open: reaching it is fine
+                assert answer.split(b"\r\n")[0].split(b" ")[1] in (b"400", b"401", b"404"), target
+        assert secret.seen == []
