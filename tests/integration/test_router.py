@@ -965,3 +965,18 @@ async def test_no_spelling_of_a_protected_functions_path_reaches_it_without_a_to
             if not answer.endswith(b"from open: "):  # `open` is open: reaching it is fine
                 assert answer.split(b"\r\n")[0].split(b" ")[1] in (b"400", b"401", b"404"), target
         assert secret.seen == []
+
+
+async def test_a_head_ended_by_bare_line_feeds_is_refused_at_once(router: RunningRouter) -> None:
+    """A head whose lines end in a bare LF (or CR) never holds a CRLF CRLF: it goes to aiohttp
+    at once, which refuses it, rather than waiting for more bytes until the keep-alive timeout."""
+    async with backend("a") as a:
+        await router.add_function("lf", [a.url])
+        host = router.url.removeprefix("http://")
+        for request in (
+            f"GET /{router.namespace}/lf HTTP/1.1\nHost: {host}\n\n",
+            f"GET /{router.namespace}/lf HTTP/1.1\rHost: {host}\r\r",
+        ):
+            (answer,) = await raw_exchange(router.url, request.encode(), 1)
+            assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), request
+        assert a.seen == []

@@ -206,8 +206,8 @@ class FrontConnection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
             if end < 0 or end > _MAX_HEAD:
                 self._scanned = len(buf)
-                if len(buf) > _MAX_HEAD:
-                    self._hand_off()
+                if len(buf) > _MAX_HEAD or _bare_line_end(buf):
+                    self._hand_off()  # aiohttp refuses it now, rather than at the idle timeout
                 return
             self._scanned = 0
             head = _parse(bytes(buf[:end]), self.front.router, self.front.body_limit)
@@ -468,6 +468,13 @@ def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
     if host is None:
         return None
     return method, target, headers, host, max(length, 0), close, fid, tag if at else None
+
+
+def _bare_line_end(buf: bytearray) -> bool:
+    """Whether an incomplete head holds a CR or LF outside a CRLF (its end would never come);
+    a CR last may be the first half of one."""
+    crlf = buf.count(b"\r\n")
+    return buf.count(b"\n") != crlf or buf.count(b"\r") - buf.endswith(b"\r") != crlf
 
 
 def _internal_error() -> Reply:
