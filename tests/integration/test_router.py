@@ -980,3 +980,34 @@ async def test_a_head_ended_by_bare_line_feeds_is_refused_at_once(router: Runnin
             (answer,) = await raw_exchange(router.url, request.encode(), 1)
             assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), request
         assert a.seen == []
+
+
+async def test_huge_declared_bodies_and_endless_heads_are_never_buffered(
+    router: RunningRouter,
+) -> None:
+    """A Content-Length past the fast path's bound goes to aiohttp, which refuses it (413)
+    before any body; a head that never ends is refused once past the head bound."""
+    async with backend("a") as a:
+        await router.add_function("huge", [a.url])
+        host = router.url.removeprefix("http://")
+        start = f"POST /{router.namespace}/huge HTTP/1.1\r\nHost: {host}\r\n"
+        (answer,) = await raw_exchange(
+            router.url, f"{start}Content-Length: {10**15}\r\n\r\nabc".encode(), 1
+        )
+        assert answer.split(b"\r\n")[0].endswith(b" 413 Request Entity Too Large")
+        host_, _, port = host.partition(":")
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        try:
+            writer.write(start.encode())
+            for _ in range(200):  # 20 KiB of header lines, no end (aiohttp takes 128 lines)
+                writer.write(b"X-Pad: " + b"p" * 93 + b"\r\n")
+                await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.split(b"\r\n")[0].endswith(
+                (b" 400 Bad Request", b" 431 Request Header Fields Too Large")
+            ), head
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # refused and closed before all of it was written: as good
+        finally:
+            writer.close()
+        assert a.seen == []
