@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -36,7 +35,7 @@ FAST_BODY_BYTES = 64 * 1024  # larger bodies take aiohttp's streaming reader
 _MAX_HEAD = 8190  # aiohttp's own limit on a request line or header
 # Control bytes other than HTAB (CR and LF are checked as pairs apart): llhttp refuses them in
 # the target and in header values.
-_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CTL = bytes(c for c in range(32) if c not in b"\t\r\n") + b"\x7f"
 _MAX_HEADERS = 128  # aiohttp's limit on the header lines of a request
 _MAX_LENGTH_DIGITS = 18  # `int` refuses more than 4300 digits; any such length is too large
 _PAUSE_BUFFER = 256 * 1024  # pipelined bytes waiting before reading pauses
@@ -409,7 +408,7 @@ Parsed = tuple[str, str, list[tuple[str, str]], str, int, bool, tuple[str, str],
 def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
     """The request head (without its final CRLF CRLF) when the fast path takes it: (method,
     target, headers, host, body length, close, function, tag); None to hand off."""
-    if _CTL.search(raw) is not None:
+    if len(raw.translate(None, _CTL)) != len(raw):  # (faster than a regular expression)
         return None
     text = raw.decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
