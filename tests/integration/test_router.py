@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -1011,3 +1012,22 @@ async def test_huge_declared_bodies_and_endless_heads_are_never_buffered(
         finally:
             writer.close()
         assert a.seen == []
+
+
+async def test_malformed_requests_log_no_error(
+    router: RunningRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller's malformed request is the caller's error: on the public port it must not put
+    an error (with a traceback) in the router's log for every attempt."""
+    await router.add_function("quiet", None)
+    host = router.url.removeprefix("http://")
+    caplog.set_level(logging.INFO)
+    for request in (
+        f"GET /{router.namespace}/quiet HTTP/1.1\nHost: {host}\n\n",
+        f"GET /{router.namespace}/qu\x01iet HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        f"GET / HTTP/1.1\r\nHost: {host}\r\nX-A: " + "a" * 9000 + "\r\n\r\n",
+    ):
+        (answer,) = await raw_exchange(router.url, request.encode(), 1)
+        assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == [], [r.getMessage() for r in loud]

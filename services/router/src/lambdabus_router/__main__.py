@@ -28,7 +28,7 @@ from lambdabus_platform.subjects import (
 from lambdabus_platform.tokens import FailureLimiter
 from lambdabus_platform.tokenstore import TokenStore
 from lambdabus_router.dispatch import Dispatch, dispatching
-from lambdabus_router.front import Front
+from lambdabus_router.front import Front, quiet_malformed
 from lambdabus_router.load import LoadReporter
 from lambdabus_router.metrics import DeliveryMetrics, InvocationMetrics
 from lambdabus_router.proxy import Router
@@ -72,6 +72,7 @@ def make_setup(
             await ctx.bus.publish_nowait(wake_subject(*fid), b"")
 
         router.wake = wake
+        quiet_malformed()  # a caller's malformed request logs no error (either server's)
         if settings.fast_path:
             ctx.front = Front(router)
         async with (

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import cast
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from lambdabus_router.proxy import Call, Reply, Router
 from lambdabus_router.upstream import UpstreamError
 
@@ -467,6 +469,28 @@ def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
     if host is None:
         return None
     return method, target, headers, host, max(length, 0), close, fid, tag if at else None
+
+
+class QuietMalformed(logging.Filter):
+    """aiohttp logs every request its parser refuses (400) as an error with a traceback. On a
+    public port that is the caller's error, not the router's: such a record is kept as a DEBUG
+    one (dropped unless the logger shows DEBUG), so hostile callers cannot fill the log.
+    Installed on `aiohttp.server` by the router (`quiet_malformed`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_QUIET = QuietMalformed()
+
+
+def quiet_malformed() -> None:
+    """Install `QuietMalformed` on aiohttp's server logger (once)."""
+    logging.getLogger("aiohttp.server").addFilter(_QUIET)
 
 
 def _bare_line_end(buf: bytearray) -> bool:
