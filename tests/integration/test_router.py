@@ -731,6 +731,7 @@ async def test_the_fast_path_hands_aiohttp_what_its_parser_refuses(router: Runni
         hostile = [
             start + b"/a\x01b HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
             start + b"/a\x7fb HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+            start + b"/a\tb HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
             start + b"/\xc3\xa9 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
             start + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-A: a\x0bb\r\n\r\n",
             start + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-A: a\x1bb\r\n\r\n",

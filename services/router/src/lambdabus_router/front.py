@@ -419,6 +419,8 @@ def _parse(raw: bytes, router: Router, body_limit: int) -> Parsed | None:
         return None
     if text.count("\n") != breaks or text.count("\r") != breaks or not lines[0].isascii():
         return None
+    if "\t" in lines[0]:  # llhttp refuses a tab in the request line too
+        return None
     method, _, rest = lines[0].partition(" ")
     target, _, version = rest.partition(" ")
     if version != "HTTP/1.1" or method not in _FAST_METHODS or target[:1] != "/":
