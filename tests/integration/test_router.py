@@ -1032,3 +1032,30 @@ async def test_malformed_requests_log_no_error(
         assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == [], [r.getMessage() for r in loud]
+
+
+async def test_a_function_protected_while_a_body_comes_in_is_not_served_without_a_token(
+    router: RunningRouter,
+) -> None:
+    """The head came while the function needed no token; before its body was all in, the
+    function became protected: the request is checked again (401), not served as begun."""
+    async with backend("a") as a:
+        await router.add_function("turning", [a.url])
+        host = router.url.removeprefix("http://")
+        host_, _, port = host.partition(":")
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        try:
+            writer.write(
+                f"POST /{router.namespace}/turning HTTP/1.1\r\nHost: {host}\r\n"
+                "Content-Length: 6\r\n\r\nabc".encode()
+            )
+            await writer.drain()
+            await router.add_function("turning", [a.url], invoke_auth="token")
+            fid = (router.namespace, "turning")
+            await asyncio.wait_for(router.router.until(lambda r: fid in r.protected), 5)
+            writer.write(b"def")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.split(b"\r\n")[0].endswith(b" 401 Unauthorized"), head
+        finally:
+            writer.close()
+        assert a.seen == []

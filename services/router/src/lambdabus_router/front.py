@@ -203,6 +203,10 @@ class FrontConnection(asyncio.Protocol):
             if len(buf) < total:
                 return
             self._pending = None
+            router = self.front.router
+            if parsed[6] not in router.known or parsed[6] in router.protected:
+                self._hand_off()  # changed while the body came in: checked anew there
+                return
         else:
             end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
             if end < 0 or end > _MAX_HEAD:
