@@ -153,6 +153,11 @@ async def _end_watch(watcher: KeyValue.KeyWatcher) -> None:
         await _end_subscription(sub)
 
 
+_KV_OP: Final = "KV-Operation"
+_KV_REMOVED: Final = frozenset({"DEL", "PURGE"})
+_KV_MARKER: Final = "Nats-Marker-Reason"  # nats-server 2.11+: a TTL or purge marker
+
+
 def _from_seq(seq: int) -> api.ConsumerConfig:
     return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq)
 
@@ -211,19 +216,58 @@ class Kv:
             await _end_watch(watcher)
 
     async def values(self, pattern: str = ">") -> list[KvEntry]:
-        """Current values of keys matching a subject pattern (e.g. `default.*`), in one pass."""
-        watcher = await self._kv.watch(pattern, ignore_deletes=True)
+        """Current values of keys matching a subject pattern (e.g. `default.*`), in one pass.
+
+        A pull consumer of the last message per key, created without delivering anything, says
+        exactly how many there are; that many are fetched, then the consumer is deleted. (A
+        watch cannot be used: nats-py ends its initial values when the consumer's info shows
+        nothing pending and no message was handled yet, which also holds while the first
+        messages are in flight, so a loaded machine saw an empty list for a full bucket.)"""
+        kv: Any = self._kv  # nats-py's stream, subject prefix and JetStream context
+        js: JetStreamContext = kv._js
+        stream: str = kv._stream
+        name = uuid.uuid4().hex
+        info = await js.add_consumer(
+            stream,
+            api.ConsumerConfig(
+                name=name,
+                filter_subject=f"{kv._pre}{pattern}",
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        count = int(info.num_pending or 0)
         entries: list[KvEntry] = []
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value is not None and entry.revision is not None:
-                    entries.append(KvEntry(entry.key, entry.value, entry.revision))
-                if entry.delta == 0:
-                    break
+            if count:
+                sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
+                try:
+                    received = 0
+                    while received < count:
+                        batch = await sub.fetch(min(count - received, 1000), timeout=js._timeout)
+                        received += len(batch)
+                        for msg in batch:
+                            headers = msg.headers or {}
+                            if headers.get(_KV_OP) in _KV_REMOVED or _KV_MARKER in headers:
+                                continue
+                            entries.append(
+                                KvEntry(
+                                    msg.subject.removeprefix(kv._pre),
+                                    msg.data,
+                                    msg.metadata.sequence.stream,
+                                )
+                            )
+                except TimeoutError as exc:  # nats-py raises asyncio's and its own subclass
+                    raise TemporaryError(f"reading {stream} timed out; retry") from exc
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
         finally:
-            await _end_watch(watcher)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(js.delete_consumer(stream, name), 2.0)
         return entries
 
 

@@ -251,6 +251,7 @@ def _bucket_reads(stream: str) -> list[str]:
         f"{_API}.CONSUMER.CREATE.{stream}.>",
         f"{_API}.CONSUMER.INFO.{stream}.*",
         f"{_API}.CONSUMER.DELETE.{stream}.*",
+        f"{_API}.CONSUMER.MSG.NEXT.{stream}.*",  # the pull consumer of a one-pass read
         f"$JS.FC.{stream}.>",
     ]
 
