@@ -67,8 +67,14 @@ SOURCES: dict[str, dict[str, Any]] = {
                 "exports.main = async function (event, context) {\n"
                 "  return { ok: true, ms: ms('1s') };\n};\n"
             ),
-            "package.json": json.dumps({"name": "cold", "version": "1.0.0", "private": True,
-                                        "dependencies": {"ms": "2.1.3"}}),
+            "package.json": json.dumps(
+                {
+                    "name": "cold",
+                    "version": "1.0.0",
+                    "private": True,
+                    "dependencies": {"ms": "2.1.3"},
+                }
+            ),
         },
     },
 }
@@ -91,8 +97,15 @@ class Platform:
 @contextmanager
 def platform_up(data_dir: Path, env: dict[str, str]) -> Iterator[Platform]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "lambdabus_client", "up", "--ephemeral-ports", "--data-dir",
-         str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "lambdabus_client",
+            "up",
+            "--ephemeral-ports",
+            "--data-dir",
+            str(data_dir),
+        ],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -177,12 +190,24 @@ async def spawn_once(code_dir: Path, socket_dir: Path) -> float:
     sock.unlink(missing_ok=True)
     spec = SandboxSpec(
         command=(
-            os.path.realpath(sys.executable), "-m", "lambdabus_runtime", "--code",
-            "/lambdabus/code", "--entrypoint", "lambda_main.py", "--socket",
-            "/run/lambdabus/http/sock", "--function", f"{NS}/spawn",
+            os.path.realpath(sys.executable),
+            "-m",
+            "lambdabus_runtime",
+            "--code",
+            "/lambdabus/code",
+            "--entrypoint",
+            "lambda_main.py",
+            "--socket",
+            "/run/lambdabus/http/sock",
+            "--function",
+            f"{NS}/spawn",
         ),
-        env=(("PATH", "/usr/bin:/bin"), ("PYTHONPATH", "/lambdabus/runtime"),
-             ("PYTHONDONTWRITEBYTECODE", "1"), ("MALLOC_ARENA_MAX", "2")),
+        env=(
+            ("PATH", "/usr/bin:/bin"),
+            ("PYTHONPATH", "/lambdabus/runtime"),
+            ("PYTHONDONTWRITEBYTECODE", "1"),
+            ("MALLOC_ARENA_MAX", "2"),
+        ),
         binds=(
             Bind(prefix, prefix),
             Bind(str(code_dir), "/lambdabus/code"),
@@ -230,9 +255,9 @@ async def spawn_bench(count: int, work: Path) -> list[float]:
 # -- through the platform --------------------------------------------------------------------
 
 
-def deploy_all(platform: Platform, kinds: list[str], per_kind: int, cpu: str | None) -> list[
-    tuple[str, str]
-]:
+def deploy_all(
+    platform: Platform, kinds: list[str], per_kind: int, cpu: str | None
+) -> list[tuple[str, str]]:
     gateway = platform.urls["gateway"]
     functions = []
     for kind in kinds:
@@ -245,12 +270,14 @@ def deploy_all(platform: Platform, kinds: list[str], per_kind: int, cpu: str | N
             spec["source"] = {"files": source["files"]}
             if cpu:
                 spec["cpu"] = cpu
-            status, body, _ = http("POST", f"{gateway}/v1/namespaces/{NS}/functions", spec,
-                                   platform.token)
+            status, body, _ = http(
+                "POST", f"{gateway}/v1/namespaces/{NS}/functions", spec, platform.token
+            )
             if status != 202:
                 raise RuntimeError(f"deploying {name}: {status} {body}")
             functions.append((kind, name))
     for _, name in functions:
+
         def built(name: str = name) -> bool:
             st = status_of(platform, name)
             if st.get("image_status") == "error":
@@ -263,7 +290,8 @@ def deploy_all(platform: Platform, kinds: list[str], per_kind: int, cpu: str | N
 
 def status_of(platform: Platform, name: str) -> dict[str, Any]:
     _, body, _ = http(
-        "GET", f"{platform.urls['gateway']}/v1/namespaces/{NS}/functions/{name}/status",
+        "GET",
+        f"{platform.urls['gateway']}/v1/namespaces/{NS}/functions/{name}/status",
         token=platform.token,
     )
     return body if isinstance(body, dict) else {}
@@ -315,6 +343,7 @@ def main() -> int:
     parser.add_argument("--pool-size", type=int, help="LAMBDABUS_DEPLOYER_POOL_SIZE")
     parser.add_argument("--cpu", help="the functions' cpu (e.g. 100m, Kyma's preset M)")
     parser.add_argument("--spawns", type=int, default=50, help="bare sandbox spawns")
+    parser.add_argument("--keep", action="store_true", help="keep the state dir (its logs)")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(SOURCES)
@@ -325,8 +354,9 @@ def main() -> int:
         return 1
     work = Path(tempfile.mkdtemp(prefix="lambdabus-coldstart-"))
     try:
-        print(f"sandboxed runtime spawn x{args.spawns} (bubblewrap, no platform)...",
-              file=sys.stderr)
+        print(
+            f"sandboxed runtime spawn x{args.spawns} (bubblewrap, no platform)...", file=sys.stderr
+        )
         spawns = asyncio.run(spawn_bench(args.spawns, work))
         env = dict(OFFLINE_ENV)
         if args.pool_size is not None:
@@ -337,13 +367,18 @@ def main() -> int:
             results = cold_bench(platform, functions, args.cold_starts)
         base = statistics.median(spawns) * 1000
         pool = "default" if args.pool_size is None else str(args.pool_size)
-        print(f"cold start, 0 instances -> first response (pool size: {pool}, "
-              f"cpu: {args.cpu or 'default'}, {os.cpu_count()} cores)")
+        print(
+            f"cold start, 0 instances -> first response (pool size: {pool}, "
+            f"cpu: {args.cpu or 'default'}, {os.cpu_count()} cores)"
+        )
         print(summary("fresh sandboxed runtime", spawns, None))
         for kind in kinds:
             print(summary(f"through the router: {kind}", results[kind], base))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"state kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -393,6 +393,61 @@ class Limiter:
             run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
         return run
 
+    async def specialise(
+        self,
+        slot: str,
+        instance: str,
+        limits: Limits,
+        *,
+        python: bool,
+        own_uid: bool = False,
+    ) -> tuple[RunLimits, tuple[RLimit, ...]]:
+        """A pre-started run (the pool's `slot`, started under `start(slot, SLOT_LIMITS)`)
+        becomes `instance`: its cgroup is renamed and given the instance's limits (memory the
+        slot already charged stays charged). Returns the run's limits and the rlimits its
+        runtime sets on itself before it loads any code of the function (lowering one's own
+        rlimits needs no privilege; setting another process's needs CAP_SYS_RESOURCE, which a
+        container may not grant). Its scratch tmpfs keeps the size it was mounted with (the
+        pool keys slots by `tmp_size`)."""
+        found = rlimits(
+            limits,
+            cgroup=self.hierarchy is not None,
+            tmpfs=self.scratch.kind == "tmpfs",
+            python=python,
+            per_instance_uid=own_uid,
+            privileged=os.geteuid() == 0,
+            hard=lambda res: resource.getrlimit(res)[1],
+        )
+        for res, value in found:
+            hard = resource.getrlimit(res)[1]
+            if hard != resource.RLIM_INFINITY and value > hard:
+                raise LimitsUnavailable(
+                    f"a pre-started run cannot be given rlimit {res} = {value} (above {hard})"
+                )
+        cgroup: InstanceCgroup | None = None
+        if self.hierarchy is not None:
+            hierarchy = self.hierarchy
+
+            def _move() -> InstanceCgroup:
+                found = hierarchy.find(slot)
+                if found is None:
+                    raise LimitsUnavailable(f"the cgroup of {slot} is gone")
+                found.rename(instance)
+                return hierarchy.create(
+                    instance,
+                    CgroupLimits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids),
+                )
+
+            cgroup = await asyncio.to_thread(_move)
+        run = RunLimits(
+            preexec=lambda: None,
+            cgroup=cgroup,
+            _baseline=cgroup.oom_kills() if cgroup is not None else 0,
+        )
+        if cgroup is not None:
+            run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
+        return run, found
+
     async def adopt(self, instance: str, baseline: int) -> RunLimits:
         """The limits of a run a previous deployer started: its cgroup, if it has one, with the
         OOM count it had when the run started."""

@@ -139,6 +139,14 @@ class DeployerSettings(ServiceSettings):
         gt=0,
         description="SIGTERM to SIGKILL when stopping an instance (the runtime drains for 5 s)",
     )
+    # -- the pool of pre-started runtimes (issue 11, cold starts)
+    pool_size: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="pre-started sandboxed runtimes kept per runtime and dependency "
+        "environment in use, each specialised to one function on demand (0: none)",
+    )
 
     runtime_pythonpath: str | None = Field(
         default=None,
