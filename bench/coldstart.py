@@ -269,7 +269,7 @@ def deploy_all(
                 spec["runtime"] = source["runtime"]
             spec["source"] = {"files": source["files"]}
             if cpu:
-                spec["cpu"] = cpu
+                spec["cpu"] = int(cpu.removesuffix("m"))
             status, body, _ = http(
                 "POST", f"{gateway}/v1/namespaces/{NS}/functions", spec, platform.token
             )

@@ -646,6 +646,7 @@ class Instance:
                 )
                 if listening in done:
                     was_ready = True
+                    limits.settle()  # a pooled run's own cpu limit, now that it listens
                     await self._became_ready(spec)
                     why = await self._watch(exited, stopping)
                 elif not done:

@@ -309,9 +309,15 @@ class Pool:
         """Make `slot` the instance `instance` (see the module's doc); the caller records it.
         On failure the slot is stopped and the error raised (the caller starts afresh)."""
         try:
-            await asyncio.to_thread(fill_code, code, slot.code_dir)
+            fill_code(code, slot.code_dir)  # a few links: quicker than a thread hop
+            boost = self.settings.pool_start_boost_seconds
             run, rlimits = await self.limiter.specialise(
-                slot.id, instance, limits, python=python, own_uid=True
+                slot.id,
+                instance,
+                limits,
+                python=python,
+                own_uid=True,
+                boost=(SLOT_LIMITS.cpu, boost) if boost > 0 else None,
             )
             try:
                 view = memoryview(message(rlimits))

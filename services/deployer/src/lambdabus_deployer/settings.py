@@ -147,6 +147,14 @@ class DeployerSettings(ServiceSettings):
         description="pre-started sandboxed runtimes kept per runtime and dependency "
         "environment in use, each specialised to one function on demand (0: none)",
     )
+    pool_start_boost_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="a specialised pre-started runtime keeps the pool's 1 CPU until it "
+        "listens, at most this long, then gets its own cpu limit (memory and pids hold at "
+        "once); 0: its own cpu limit from the start",
+    )
 
     runtime_pythonpath: str | None = Field(
         default=None,
