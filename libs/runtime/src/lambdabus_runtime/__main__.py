@@ -83,12 +83,39 @@ def pooled() -> int:
     if problem:
         sys.stderr.write(f"lambdabus-runtime: {problem}\n")
         return EXIT_ENV
+    retitle(argv)
     return main(argv)
+
+
+def retitle(argv: list[str]) -> None:
+    """Show the function's flags in /proc/<pid>/cmdline (`ps`), as a runtime started for it
+    would: they overwrite the argv area, which the pool pads for them (what setproctitle
+    does). `--function NS/NAME` first, so that it survives a cut; best effort."""
+    flags = list(argv)
+    if "--function" in flags[:-1]:
+        at = flags.index("--function")
+        flags = ["--function", flags[at + 1], *flags[:at], *flags[at + 2 :]]
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+        with open("/proc/self/cmdline", "rb") as f:
+            head = f.read().split(b"\0")[:3]  # <python> -m lambdabus_runtime
+        title = b"\0".join([*head, *(a.encode() for a in flags)]) + b"\0"
+        size = end - start
+        if len(title) > size:
+            title = title[: title.rindex(b"\0", 0, size) + 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(title.ljust(size, b"\0"))
+    except (OSError, ValueError, IndexError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args == ["--pool"]:
+    if args[:1] == ["--pool"]:
         return pooled()
     if "-h" in args or "--help" in args:
         sys.stdout.write(USAGE)

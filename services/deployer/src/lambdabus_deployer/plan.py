@@ -516,6 +516,9 @@ def _dedupe(items: Iterable[str]) -> list[str]:
 # -- the pool of pre-started runtimes ----------------------------------------------------------
 
 POOL_FLAG = "--pool"  # `python -m lambdabus_runtime --pool`: waits for its function on stdin
+# After `--pool`: room the runtime overwrites with its function's flags once specialised, so
+# that `ps` (/proc/<pid>/cmdline) shows which function a process serves.
+POOL_TITLE_ROOM = " " * 512
 POOL_HOSTNAME = "lambdabus"  # a pooled sandbox is made before its function's name is known
 
 
@@ -585,7 +588,13 @@ def render_pooled(
         "PYTHONPATH": ":".join(inside),
     }
     return SandboxSpec(
-        command=(f"{SANDBOX_DEPS}/bin/python", "-m", "lambdabus_runtime", POOL_FLAG),
+        command=(
+            f"{SANDBOX_DEPS}/bin/python",
+            "-m",
+            "lambdabus_runtime",
+            POOL_FLAG,
+            POOL_TITLE_ROOM,
+        ),
         env=tuple(env.items()),
         binds=tuple(binds),
         chdir=SANDBOX_TMP,
