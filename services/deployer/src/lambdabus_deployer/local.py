@@ -52,7 +52,7 @@ from lambdabus_deployer.plan import (
     secret_files,
     uses_rlimit_as,
 )
-from lambdabus_deployer.pool import Pool, Slot, is_slot
+from lambdabus_deployer.pool import Pool, Slot, pool_dir
 from lambdabus_deployer.process_table import (
     ProcessRecord,
     ProcessTable,
@@ -1131,7 +1131,6 @@ class LocalBackend:
             sandbox=sandbox,
             limiter=limiter,
             runtime=runtime,
-            table=self.table,
             wanted=self._pool_keys,
         )
 
@@ -1182,14 +1181,11 @@ class LocalBackend:
         adopted when its revision is applied (`claim`), those nobody claims are stopped by
         `collect_orphans`. What the dead ones left (cgroups, dirs, log files) is removed."""
         self.settings.instances_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pool_dir(self.settings).mkdir(mode=0o700, parents=True, exist_ok=True)
         _owned_private(self.settings.sockets_dir, parent_too=self.settings.socket_dir is None)
         (self.settings.state_dir / LOGS_DIR).mkdir(mode=0o700, exist_ok=True)
         recorded = await asyncio.to_thread(self.table.load)
-        # Idle pre-started runtimes a previous deployer left are nobody's: stopped.
-        for record in recorded:
-            if is_slot(record.instance):
-                await _stop_record(record, self.limiter)
-        recorded = [r for r in recorded if not is_slot(r.instance)]
+        await self.pool.clean_leftovers()  # idle pre-started runtimes are nobody's
         alive = [r for r in recorded if is_running(r)]
         await self.limiter.clean_leftovers([r.instance for r in recorded if r not in alive])
         self.table.adopt(alive)
@@ -1202,7 +1198,12 @@ class LocalBackend:
         keep |= {Path(r.code_dir) for r in alive if r.code_dir}
         keep |= {Path(r.status_file) for r in alive if r.status_file}
         logs = self.settings.state_dir / LOGS_DIR
-        for directory in (self.settings.instances_dir, self.settings.sockets_dir, logs):
+        for directory in (
+            self.settings.instances_dir,
+            pool_dir(self.settings),
+            self.settings.sockets_dir,
+            logs,
+        ):
             for leftover in directory.iterdir():
                 if leftover not in keep:
                     await asyncio.to_thread(_remove, leftover)

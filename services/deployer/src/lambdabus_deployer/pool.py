@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -34,13 +35,12 @@ from pathlib import Path
 from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.plan import PoolKey, RuntimePaths, render_pooled
-from lambdabus_deployer.process_table import ProcessRecord, ProcessTable, start_time
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
 
 log = logging.getLogger("lambdabus.deployer.pool")
 
-SLOT_PREFIX = "pool-"  # slot ids, their cgroups and process-table records
+SLOT_PREFIX = "pool-"  # slot ids and their cgroups
 # What an idle slot may use: memory and cpu enough to start the interpreter and import the
 # runtime; rlimits (open files; processes without a cgroup) as high as any function may get,
 # since its runtime lowers them to its function's before loading its code, and cannot raise.
@@ -55,6 +55,11 @@ def _hard(res: int, value: int) -> int:
 
 
 LOGS_DIR = "instance-logs"
+
+
+def pool_dir(settings: DeployerSettings) -> Path:
+    """Where the slots' scratch and code dirs are (they keep them once specialised)."""
+    return settings.state_dir / "pool"
 
 
 def is_slot(instance: str) -> bool:
@@ -119,20 +124,39 @@ class Pool:
         sandbox: Sandbox,
         limiter: Limiter,
         runtime: RuntimePaths,
-        table: ProcessTable,
         wanted: Callable[[], Mapping[PoolKey, object]],
     ) -> None:
         self.settings = settings
         self.sandbox = sandbox
         self.limiter = limiter
         self.runtime = runtime
-        self.table = table
         self._wanted = wanted
         self._slots: dict[PoolKey, list[Slot]] = {}
         self._filling: asyncio.Task[None] | None = None
         self._again = False
         self._closed = False
         self._failures: dict[PoolKey, int] = {}
+        # The ids of the idle slots, in a file: what a killed deployer's slots left (their
+        # cgroups) is removed at the next start. (An idle slot itself ends when its deployer
+        # does: EOF on its stdin. Specialised ones are in the process table, as instances.)
+        self._ids_path = settings.state_dir / "pool.json"
+        self._slot_ids: set[str] = set()
+
+    def _save_ids(self) -> None:
+        tmp = self._ids_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(self._slot_ids)))
+        os.replace(tmp, self._ids_path)
+
+    async def clean_leftovers(self) -> None:
+        """At start: the cgroups of the idle slots a previous deployer left (killing what is
+        still in them); their dirs and log files go with the deployer's other leftovers."""
+        try:
+            left = json.loads(self._ids_path.read_text())
+        except (OSError, ValueError):
+            left = []
+        ids = [i for i in left if isinstance(i, str) and is_slot(i)]
+        await self.limiter.clean_leftovers(ids)
+        self._ids_path.unlink(missing_ok=True)
 
     @property
     def size(self) -> int:
@@ -202,8 +226,9 @@ class Pool:
         s = self.settings
         slot_id = f"{SLOT_PREFIX}{secrets.token_hex(5)}"
         identity = self.sandbox.identity(slot_id)
-        scratch = s.instances_dir / slot_id
-        code_dir = s.instances_dir / f"{slot_id}.code"
+        root = pool_dir(s)
+        scratch = root / slot_id
+        code_dir = root / f"{slot_id}.code"
         socket_dir = s.sockets_dir / secrets.token_hex(6)
         await asyncio.to_thread(_private_dir, scratch, identity)
         await asyncio.to_thread(_private_dir, socket_dir, identity)
@@ -277,23 +302,8 @@ class Pool:
             stderr=paths[1],
             status=paths[2],
         )
-        # Recorded so that a deployer killed now leaves nothing behind (see `is_slot`).
-        self.table.add(
-            ProcessRecord(
-                pid=handle.pid,
-                start_time=start_time(handle.pid) or 0,
-                instance=slot_id,
-                function="",
-                revision="",
-                scratch=str(scratch),
-                child_pid=handle.child_pid,
-                socket_dir=str(socket_dir),
-                stdout=str(paths[0]),
-                stderr=str(paths[1]),
-                status_file=str(paths[2]),
-                code_dir=str(code_dir),
-            )
-        )
+        self._slot_ids.add(slot_id)
+        self._save_ids()
         return slot
 
     async def specialise(
@@ -331,7 +341,8 @@ class Pool:
             raise
         finally:
             slot.close_control()
-        self.table.discard(slot.id)
+        self._slot_ids.discard(slot.id)
+        self._save_ids()
         return run
 
     async def _stop(self, slot: Slot) -> None:
@@ -353,7 +364,8 @@ class Pool:
             shutil.rmtree(directory, True)
         for path in (slot.stdout, slot.stderr, slot.status):
             path.unlink(missing_ok=True)
-        self.table.discard(slot.id)
+        self._slot_ids.discard(slot.id)
+        self._save_ids()
 
     async def aclose(self) -> None:
         """Stop every idle slot (specialised ones are instances: not the pool's any more)."""
