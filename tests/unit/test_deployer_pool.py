@@ -44,6 +44,26 @@ def test_python_revisions_without_secret_files_share_a_pool_by_env_network_and_t
     )
 
 
+def test_node_pools_only_where_a_cgroup_limits_its_memory_and_keys_its_open_files() -> None:
+    key = pool_key(manifest("nodejs20"), revision(open_files=2048), outbound=True, node=True)
+    assert key is not None
+    assert key.open_files == 2048  # node cannot lower its own rlimits: the slot starts with them
+    pooled = render_pooled(
+        key,
+        code_dir="/srv/pool-1.code",
+        scratch="/srv/pool-1",
+        socket_dir="/run/x/aa",
+        runtime=RUNTIME,
+        path="/usr/bin",
+    )
+    fresh = render_sandbox(manifest("nodejs20"), spec(), settings())
+    assert pooled.command[1:3] == ("/lambdabus/runtime/node/server.js", POOL_FLAG)
+    assert [b.dest for b in pooled.binds] == [b.dest for b in fresh.binds]
+    assert dict(pooled.env)["NODE_PATH"] == "/lambdabus/deps/node_modules"
+    message = json.loads(pool_message(manifest("nodejs20"), spec(), []))
+    assert message["argv"] == list(fresh.command[fresh.command.index(pooled.command[1]) + 1 :])
+
+
 def test_node_custom_and_secret_file_revisions_start_afresh() -> None:
     assert pool_key(manifest("nodejs20"), revision(), outbound=True) is None
     assert pool_key(manifest("custom"), revision(), outbound=True) is None

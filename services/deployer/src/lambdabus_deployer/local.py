@@ -834,6 +834,8 @@ class RevisionSet:
                 revision,
                 outbound=backend.sandbox.outbound,
                 interpreter_dirs=interpreter_dirs(manifest, backend.runtime),
+                node=bool(backend.runtime.node and backend.runtime.node_server)
+                and backend.limiter.enforces_memory,
             )
         runner.pool_key = self.pool_key
         backend.pool.refill()

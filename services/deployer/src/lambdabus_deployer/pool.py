@@ -240,7 +240,7 @@ class Pool:
                 memory=SLOT_LIMITS.memory,
                 cpu=SLOT_LIMITS.cpu,
                 pids=_hard(resource.RLIMIT_NPROC, SLOT_LIMITS.pids),
-                open_files=_hard(resource.RLIMIT_NOFILE, SLOT_LIMITS.open_files),
+                open_files=key.open_files or _hard(resource.RLIMIT_NOFILE, SLOT_LIMITS.open_files),
                 tmp_size=key.tmp_size,
             ),
             scratch,
