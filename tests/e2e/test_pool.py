@@ -165,3 +165,53 @@ def test_pooled_instances_serve_their_own_function_only_and_are_never_reused(
     assert c["env"] == ["C_ONLY"]
     assert "b_marker.txt" not in c["code"]
     assert "b-was-here" not in c["tmp"]
+
+
+NODE_PROBE = (
+    "exports.main = async function (event, context) {\n"
+    "  const fs = require('fs');\n"
+    "  return { who: process.env.WHO, code: fs.readdirSync('/lambdabus/code').sort(),\n"
+    "           env: Object.keys(process.env).filter((k) => k.endsWith('_ONLY')).sort() };\n"
+    "};\n"
+)
+
+
+def deploy_node(platform: Platform, who: str) -> None:
+    status, body = http(
+        "POST",
+        f"{platform.urls['gateway']}/v1/namespaces/{NS}/functions",
+        {
+            "name": f"pool-{who}",
+            "runtime": "nodejs20",
+            "source": {"files": {"handler.js": NODE_PROBE, f"{who}_marker.txt": who}},
+            "env": {"WHO": who, f"{who.upper()}_ONLY": f"{who}-value"},
+        },
+    )
+    assert status == 202, body
+
+
+def node_pool_processes() -> list[int]:
+    found = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = path.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[1].endswith(b"server.js") and argv[2] == b"--pool":
+            found.append(int(path.parent.name))
+    return found
+
+
+def test_node_functions_are_made_of_pre_started_runtimes_too(platform: Platform) -> None:
+    deploy_node(platform, "n1")
+    wait_for(lambda: running(platform, "pool-n1"), 120, "pool-n1 running")
+    wait_for(lambda: len(node_pool_processes()) >= 1, 60, "an idle pre-started node runtime")
+    deploy_node(platform, "n2")
+    wait_for(lambda: running(platform, "pool-n2"), 120, "pool-n2 running")
+    pid = wait_for(lambda: runtime_processes("pool-n2"), 30, "pool-n2's runtime")[0]
+    assert argv_of(pid)[2:4] == [b"--function", f"{NS}/pool-n2".encode()], argv_of(pid)
+    n2 = call(platform, "pool-n2")
+    assert n2["who"] == "n2"
+    assert n2["env"] == ["N2_ONLY"]
+    assert "n2_marker.txt" in n2["code"]
+    assert "n1_marker.txt" not in n2["code"]
