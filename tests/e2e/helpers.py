@@ -89,6 +89,21 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def without_forks(pids: list[int]) -> list[int]:
+    """`pids` without those whose parent is among them: a child between fork and exec shows
+    its parent's command line (the deployer starts sandboxes at any moment, for its pool of
+    pre-started runtimes too)."""
+    found = set(pids)
+    return [pid for pid in pids if parent_of(pid) not in found]
+
+
 def runtime_processes(name: str) -> list[int]:
     """Function instances of default/<name> anywhere on the machine (not only below `up`)."""
     pids = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Platform, stop
-from tests.e2e.helpers import http, offline_platform, runtime_processes, wait_for
+from tests.e2e.helpers import http, offline_platform, runtime_processes, wait_for, without_forks
 
 NS = "default"
 FUNCTIONS = tuple(f"steady{i}" for i in range(5))
@@ -95,7 +95,7 @@ def deployer_pids(platform: Platform) -> list[int]:
             continue
         if argv[1:3] == [b"-m", b"lambdabus_deployer"] and len(argv) <= 4:
             found.append(pid)
-    return found
+    return without_forks(found)
 
 
 def leads(url: str) -> bool:

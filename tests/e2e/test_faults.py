@@ -605,16 +605,20 @@ def still(platform: Platform, expected: dict[str, tuple[str, str]]) -> bool:
 
 
 def service_pids(platform: Platform, service: str) -> list[int]:
-    """The processes of `python -m lambdabus_<service>` below `lambdabus up`."""
+    """The processes of `python -m lambdabus_<service>` below `lambdabus up` (not a child the
+    service is starting: between fork and exec it shows its parent's command line; the
+    deployer starts sandboxes at any time, for its pool of pre-started runtimes too)."""
     found = []
     for pid in platform.descendants():
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         if argv[1:3] == [b"-m", f"lambdabus_{service}".encode()]:
-            found.append(pid)
-    return found
+            found.append((pid, int(stat.rsplit(")", 1)[1].split()[1])))
+    pids = {pid for pid, _ in found}
+    return [pid for pid, parent in found if parent not in pids]
 
 
 def kill_and_wait(platform: Platform, service: str) -> float:

@@ -137,6 +137,17 @@ def runtime_pids(function: str) -> list[int]:
     return pids
 
 
+def idle_pool_runtimes() -> list[int]:
+    """Pre-started runtimes not yet any function's (`--pool` on their command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            argv = cmdline(int(entry.name)).split(b"\0")
+            if b"lambdabus_runtime" in argv[:3] and b"--pool" in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
 def host_addresses() -> list[str]:
     """This machine's own non-loopback IPv4 addresses (the services may listen on them)."""
     out = subprocess.run(
@@ -171,6 +182,11 @@ def attack(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict
         secrets=["db"],
         env_from={"VAULT_PASSWORD": {"secret": "db", "key": "password"}},
     )
+    # A first function of the attacker's kind makes the pool of pre-started runtimes that the
+    # attacker's instance is then made of (the sandbox must hold for those too).
+    deploy(platform, "attacker", "warmup", {"lambda_main.py": "def main(request):\n    return 1\n"})
+    wait_running(platform, "attacker", "warmup")
+    wait_for(idle_pool_runtimes, 60, "a pre-started runtime in the pool")
     deploy(platform, "attacker", "probe", ATTACKER, timeout=60)
     wait_running(platform, "victim", "vault")
     wait_running(platform, "attacker", "probe")
@@ -220,6 +236,9 @@ def attack(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict
     seen["_victim_pids"] = victim_pids
     seen["_victim_uid"] = victim_uid
     seen["_attacker_uid"] = host_uid(attacker_pids[0])
+    # Started from the pool: the runtime rewrote its command line with --function first.
+    argv = cmdline(attacker_pids[0]).split(b"\0")
+    seen["_attacker_pooled"] = argv[3:5] == [b"--function", b"attacker/probe"]
     seen["_plan"] = plan
     return seen
 
@@ -301,5 +320,10 @@ def test_attacker_and_victim_are_different_unprivileged_users_on_the_host(
     assert attack["_attacker_uid"] != 0
     assert attack["_victim_uid"] != 0
     assert attack["_attacker_uid"] != attack["_victim_uid"]
-    expected = identity_for("attacker/probe", DEFAULT_UID_BASE, DEFAULT_UID_COUNT).uid
-    assert attack["_attacker_uid"] == attack["uid"] == expected
+    # Its own uid from the sandbox range: the function's when its instance started afresh, or
+    # that of the pre-started runtime it was made of (one per runtime, never another function's).
+    fresh = identity_for("attacker/probe", DEFAULT_UID_BASE, DEFAULT_UID_COUNT).uid
+    assert attack["_attacker_uid"] == attack["uid"]
+    assert attack["_attacker_pooled"]  # the warm-up made the pool it was taken from
+    assert attack["uid"] != fresh  # the pre-started runtime's own uid
+    assert DEFAULT_UID_BASE <= attack["uid"] < DEFAULT_UID_BASE + DEFAULT_UID_COUNT

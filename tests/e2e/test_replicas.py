@@ -34,6 +34,7 @@ from tests.e2e.helpers import (
     status_of,
     wait_for,
     wait_running,
+    without_forks,
 )
 from tests.e2e.test_faults import in_flight
 
@@ -69,11 +70,16 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 def replica_pids(platform: Platform, service: str) -> dict[str, int]:
     """The live processes of `python -m lambdabus_<service>` below `up`, by replica id."""
     found = {}
+    matching = []
     for pid in platform.descendants():
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if argv[1:3] != [b"-m", f"lambdabus_{service}".encode()]:
-                continue
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", f"lambdabus_{service}".encode()]:
+            matching.append(pid)
+    for pid in without_forks(matching):
+        try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue

@@ -29,17 +29,94 @@ def apply_env_file() -> str:
             env = json.load(f)
     except (OSError, ValueError) as exc:
         return f"cannot read the function's env from {path}: {exc}"
+    return apply_env(env, f"the function's env in {path}")
+
+
+def apply_env(env: object, what: str) -> str:
+    """Add `env` (a JSON object of strings) to the environment; what is wrong with it."""
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
         for k, v in env.items()
     ):
-        return f"the function's env in {path} is not an object of strings"
+        return f"{what} is not an object of strings"
     os.environ.update(env)
     return ""
 
 
+def pooled() -> int:
+    """`--pool`: a runtime started before it knows its function (the deployer's pool). The
+    server and what it imports are loaded now; then one JSON line on stdin, the control
+    channel, says which function to serve: `{"argv": [...flags...], "env": {...},
+    "rlimits": [[resource, value], ...]}` (its code is already at the path `--code` names);
+    the rlimits are set (soft and hard) before anything of the function is loaded. Stdin is closed after that line: a specialised
+    runtime serves that one function until it exits. EOF before the line (the deployer is
+    gone): exit 0, having served nothing."""
+    import json
+
+    from lambdabus_runtime import server  # noqa: F401 - the import is the point of the pool
+
+    line = sys.stdin.buffer.readline()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if not line.strip():
+        return 0
+    try:
+        message = json.loads(line)
+        argv, env = message["argv"], message["env"]
+        limits = [(int(res), int(value)) for res, value in message.get("rlimits", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        sys.stderr.write(f"lambdabus-runtime: a pool message that is not valid: {exc}\n")
+        return EXIT_USAGE
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        sys.stderr.write("lambdabus-runtime: a pool message whose argv is not strings\n")
+        return EXIT_USAGE
+    import resource
+
+    try:
+        for res, value in limits:  # before any of the function's code: it cannot raise them
+            resource.setrlimit(res, (value, value))
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"lambdabus-runtime: cannot set the function's limits: {exc}\n")
+        return EXIT_ENV
+    problem = apply_env(env, "the function's env")
+    if problem:
+        sys.stderr.write(f"lambdabus-runtime: {problem}\n")
+        return EXIT_ENV
+    retitle(argv)
+    return main(argv)
+
+
+def retitle(argv: list[str]) -> None:
+    """Show the function's flags in /proc/<pid>/cmdline (`ps`), as a runtime started for it
+    would: they overwrite the argv area, which the pool pads for them (what setproctitle
+    does). `--function NS/NAME` first, so that it survives a cut; best effort."""
+    flags = list(argv)
+    if "--function" in flags[:-1]:
+        at = flags.index("--function")
+        flags = ["--function", flags[at + 1], *flags[:at], *flags[at + 2 :]]
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+        with open("/proc/self/cmdline", "rb") as f:
+            head = f.read().split(b"\0")[:3]  # <python> -m lambdabus_runtime
+        title = b"\0".join([*head, *(a.encode() for a in flags)]) + b"\0"
+        size = end - start
+        if len(title) > size:
+            title = title[: title.rindex(b"\0", 0, size) + 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(title.ljust(size, b"\0"))
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--pool"]:
+        return pooled()
     if "-h" in args or "--help" in args:
         sys.stdout.write(USAGE)
         return 0

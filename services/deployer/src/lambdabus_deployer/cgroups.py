@@ -147,6 +147,10 @@ class InstanceCgroup(Protocol):
         """Kill what is left and remove the directories."""
         ...
 
+    def rename(self, name: str) -> None:
+        """Give it another name (its processes stay in it; a pooled run becomes an instance)."""
+        ...
+
 
 class CgroupHierarchy(Protocol):
     """Where this deployer makes its instances' cgroups: v1 or v2."""
@@ -281,6 +285,10 @@ class V1Cgroup:
         for directory in dict.fromkeys(self.dirs.values()):
             _rmdir(directory, timeout=5.0)
 
+    def rename(self, name: str) -> None:
+        for directory in dict.fromkeys(self.dirs.values()):
+            directory.rename(directory.parent / name)
+
 
 @dataclass(frozen=True)
 class V1Hierarchy:
@@ -354,6 +362,9 @@ class V2Cgroup:
     def remove(self) -> None:
         self.kill_all()
         _rmdir(self.dir, timeout=5.0)
+
+    def rename(self, name: str) -> None:
+        self.dir.rename(self.dir.parent / name)
 
 
 @dataclass(frozen=True)

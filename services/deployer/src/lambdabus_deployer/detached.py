@@ -50,6 +50,7 @@ class LogFollower:
         self._cap = cap_bytes
         self._fd: int | None = None
         self.eager = False
+        self.fast = FAST_POLL  # seconds between looks while eager
 
     def _open(self) -> int | None:
         if self._fd is None:
@@ -78,14 +79,14 @@ class LogFollower:
 
     async def read(self, n: int = -1) -> bytes:
         size = n if n > 0 else 65536
-        poll = FAST_POLL
+        poll = self.fast
         while True:
             ended = self._ended.is_set()
             data = self._read(size)
             if data or ended:
                 return data
             await asyncio.sleep(poll)
-            poll = FAST_POLL if self.eager else min(poll * 2, SLOW_POLL)
+            poll = self.fast if self.eager else min(max(poll, FAST_POLL) * 2, SLOW_POLL)
 
     def close(self) -> None:
         if self._fd is not None:

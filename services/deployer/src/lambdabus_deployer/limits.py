@@ -277,10 +277,26 @@ class RunLimits:
     _baseline: int = 0
     _oom: bool = False
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
+    # A specialised pre-started run: the cpu limit it gets once it listens (see `settle`).
+    _settle: Callable[[], None] | None = field(default=None, repr=False)
+    _settling: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def baseline(self) -> int:
         return self._baseline
+
+    def settle(self) -> None:
+        """Give the run its own cpu limit (a pooled run starts with the pool's: its function
+        loads at full speed, as a startup CPU boost). Once; nothing for other runs."""
+        settle, self._settle = self._settle, None
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
+        if settle is not None:
+            try:
+                settle()
+            except OSError as exc:
+                log.warning("cannot set an instance's cpu limit", extra={"error": str(exc)})
 
     async def detach(self) -> None:
         """Stop watching the run and leave its cgroup (a deployer stops, the run goes on)."""
@@ -311,6 +327,7 @@ class RunLimits:
     async def close(self) -> None:
         """Kill what is left and remove the cgroup. (The scratch tmpfs goes with the last
         process of the run: it lives in the run's own mount namespace.)"""
+        self.settle()
         if self._watch is not None:
             self._watch.cancel()
             try:
@@ -392,6 +409,75 @@ class Limiter:
         if cgroup is not None:
             run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
         return run
+
+    async def specialise(
+        self,
+        slot: str,
+        instance: str,
+        limits: Limits,
+        *,
+        python: bool,
+        own_uid: bool = False,
+        boost: tuple[int, float] | None = None,
+    ) -> tuple[RunLimits, tuple[RLimit, ...]]:
+        """A pre-started run (the pool's `slot`, started under `start(slot, SLOT_LIMITS)`)
+        becomes `instance`: its cgroup is renamed and given the instance's limits (memory the
+        slot already charged stays charged). Returns the run's limits and the rlimits its
+        runtime sets on itself before it loads any code of the function (lowering one's own
+        rlimits needs no privilege; setting another process's needs CAP_SYS_RESOURCE, which a
+        container may not grant). Its scratch tmpfs keeps the size it was mounted with (the
+        pool keys slots by `tmp_size`). `boost` (millicores, seconds): the cpu limit is that
+        until `settle()`, at most those seconds; memory and pids hold at once.
+        Quick file operations only: done on the event loop (this is the cold start's path)."""
+        found = rlimits(
+            limits,
+            cgroup=self.hierarchy is not None,
+            tmpfs=self.scratch.kind == "tmpfs",
+            python=python,
+            per_instance_uid=own_uid,
+            privileged=os.geteuid() == 0,
+            hard=lambda res: resource.getrlimit(res)[1],
+        )
+        for res, value in found:
+            hard = resource.getrlimit(res)[1]
+            if hard != resource.RLIM_INFINITY and value > hard:
+                raise LimitsUnavailable(
+                    f"a pre-started run cannot be given rlimit {res} = {value} (above {hard})"
+                )
+        cgroup: InstanceCgroup | None = None
+        final = CgroupLimits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids)
+        settle: Callable[[], None] | None = None
+        if self.hierarchy is not None:
+            hierarchy = self.hierarchy
+            found_cgroup = hierarchy.find(slot)
+            if found_cgroup is None:
+                raise LimitsUnavailable(f"the cgroup of {slot} is gone")
+            found_cgroup.rename(instance)
+            first = final
+            if boost is not None and boost[0] > limits.cpu:
+                first = CgroupLimits(memory=limits.memory, cpu=boost[0], pids=limits.pids)
+
+                def settle() -> None:
+                    hierarchy.create(instance, final)
+
+            cgroup = hierarchy.create(instance, first)
+        run = RunLimits(
+            preexec=lambda: None,
+            cgroup=cgroup,
+            _baseline=cgroup.oom_kills() if cgroup is not None else 0,
+            _settle=settle,
+        )
+        if cgroup is not None:
+            run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
+        if settle is not None and boost is not None:
+
+            async def _later(seconds: float) -> None:
+                await asyncio.sleep(seconds)
+                run._settling = None
+                run.settle()
+
+            run._settling = asyncio.create_task(_later(boost[1]))
+        return run, found
 
     async def adopt(self, instance: str, baseline: int) -> RunLimits:
         """The limits of a run a previous deployer started: its cgroup, if it has one, with the

@@ -38,17 +38,21 @@ from lambdabus_deployer.plan import (
     Failure,
     InstanceSpec,
     Observation,
+    PoolKey,
     RuntimePaths,
     backoff_delay,
     crash_message,
     env_file,
     is_crashloop,
     manifest_path,
+    pool_key,
+    pool_message,
     render_sandbox,
     render_unsandboxed,
     secret_files,
     uses_rlimit_as,
 )
+from lambdabus_deployer.pool import Pool, Slot, pool_dir
 from lambdabus_deployer.process_table import (
     ProcessRecord,
     ProcessTable,
@@ -69,6 +73,7 @@ from lambdabus_platform.sandbox import (
 )
 
 log = logging.getLogger("lambdabus.deployer.local")
+POOLED_POLL = 0.002  # seconds between looks at a pooled run's output until it listens
 LOGS_DIR = "instance-logs"  # in the state dir: each run's stdout, stderr and status files
 _ENVIRONMENTS = EnvironmentVerifier()  # each (env dir, digest) hashed once per process
 
@@ -499,6 +504,72 @@ class Instance:
         )
         return running, limits, record, sandboxed
 
+    async def _from_pool(
+        self,
+    ) -> tuple[InstanceSpec, Running, RunLimits, ProcessRecord, SandboxProcess] | None:
+        """A run made of a pre-started runtime of the pool (specialised to this instance, for
+        good), or None: no pool for this revision, none idle, or it could not be specialised
+        (then the caller starts the run afresh)."""
+        backend = self.group.runner.backend
+        key = self.group.pool_key
+        slot = backend.pool.take(key) if key is not None else None
+        if slot is None:
+            return None
+        previous = (self.scratch, self.socket_dir, self.identity)
+        self.scratch, self.socket_dir, self.identity = slot.scratch, slot.socket_dir, slot.identity
+        spec = self._spec()
+        manifest = self.group.manifest
+        try:
+            limits = await backend.pool.specialise(
+                slot,
+                instance=self.id,
+                code=Path(manifest.code_dir),
+                message=lambda rlimits: pool_message(manifest, spec, rlimits),
+                limits=Limits.of(spec.revision),
+                python=uses_rlimit_as(manifest),
+            )
+        except Exception as exc:
+            self.scratch, self.socket_dir, self.identity = previous
+            message = exc.message if isinstance(exc, LambdabusError) else repr(exc)
+            log.warning(
+                "cannot specialise a pre-started runtime; starting afresh",
+                extra={"instance": self.id, "error": message},
+            )
+            return None
+        await self.log.system(
+            f"starting instance {self.id} (sandbox: bubblewrap, network: {slot.key.network}, "
+            f"pre-started runtime {slot.id})"
+        )
+        record = self._pooled_record(slot, spec, limits)
+        backend.table.add(record)
+        running = Running(
+            pid=record.pid,
+            started=record.start_time,
+            child_pid=record.child_pid,
+            process=slot.handle.process,
+            status_file=record.status_file,
+        )
+        return spec, running, limits, record, slot.handle
+
+    def _pooled_record(self, slot: Slot, spec: InstanceSpec, limits: RunLimits) -> ProcessRecord:
+        return ProcessRecord(
+            pid=slot.handle.pid,
+            start_time=start_time(slot.handle.pid) or 0,
+            instance=self.id,
+            function=spec.revision.function,
+            revision=self.group.key,
+            scratch=str(slot.scratch),
+            child_pid=slot.handle.child_pid,
+            socket_dir=str(slot.socket_dir),
+            endpoint=spec.endpoint,
+            stdout=str(slot.stdout),
+            stderr=str(slot.stderr),
+            status_file=str(slot.status),
+            oom_baseline=limits.baseline,
+            restarts=self.restarts,
+            code_dir=str(slot.code_dir),
+        )
+
     async def _run_once(self) -> Outcome:
         backend = self.group.runner.backend
         s = backend.settings
@@ -517,10 +588,14 @@ class Instance:
             await self.log.system(f"instance {self.id} adopted (pid {adopted.pid})")
         else:
             await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
-            self.socket_dir = self._new_socket_dir()
-            spec = self._spec()
             self.log.tail.clear()
-            run, limits, record, sandboxed = await self._launch(spec)
+            pooled = await self._from_pool()
+            if pooled is not None:
+                spec, run, limits, record, sandboxed = pooled
+            else:
+                self.socket_dir = self._new_socket_dir()
+                spec = self._spec()
+                run, limits, record, sandboxed = await self._launch(spec)
         started = time.monotonic()
         self.started_at = datetime.now(UTC)  # LUNA's pod_statuses show it
         backend.metrics.instances_running.inc()
@@ -541,6 +616,8 @@ class Instance:
             cap_bytes=cap,
         )
         out.eager = adopted is None  # until it says it listens
+        if record.code_dir and adopted is None:
+            out.fast = POOLED_POLL  # a pooled runtime says it within milliseconds
         listening: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
         listening.add_done_callback(lambda _: setattr(out, "eager", False))
         pumps = [
@@ -569,6 +646,7 @@ class Instance:
                 )
                 if listening in done:
                     was_ready = True
+                    limits.settle()  # a pooled run's own cpu limit, now that it listens
                     await self._became_ready(spec)
                     why = await self._watch(exited, stopping)
                 elif not done:
@@ -617,6 +695,11 @@ class Instance:
                 for path in (record.stdout, record.stderr, record.status_file):
                     if path:
                         Path(path).unlink(missing_ok=True)
+                if record.code_dir:  # a pooled run: its slot's dirs go with it
+                    await asyncio.to_thread(shutil.rmtree, record.code_dir, True)
+                    await asyncio.to_thread(shutil.rmtree, record.scratch, True)
+                    self.scratch = backend.settings.instances_dir / self.id
+                    self.identity = backend.sandbox.identity(self.group.revision.function)
                 backend.metrics.instances_running.dec()
                 oom = limits.oom_killed()
                 await limits.close()
@@ -741,6 +824,21 @@ class RevisionSet:
         self.failure: Failure | None = None
         self.retired = False
         self._exits: deque[float] = deque(maxlen=256)
+        backend = runner.backend
+        # Which pre-started runtimes its instances may start from (kept by the runner while
+        # it is scaled to zero: the next start is the cold one).
+        self.pool_key: PoolKey | None = None
+        if backend.sandbox.enabled:
+            self.pool_key = pool_key(
+                manifest,
+                revision,
+                outbound=backend.sandbox.outbound,
+                interpreter_dirs=interpreter_dirs(manifest, backend.runtime),
+                node=bool(backend.runtime.node and backend.runtime.node_server)
+                and backend.limiter.enforces_memory,
+            )
+        runner.pool_key = self.pool_key
+        backend.pool.refill()
 
     def scale(self, replicas: int) -> list[Instance]:
         """Start or drop instances to reach `replicas`; returns the dropped ones (to stop)."""
@@ -800,6 +898,7 @@ class FunctionRunner:
         self.failed_key: str | None = None
         self.scaling = False
         self.removed = False
+        self.pool_key: PoolKey | None = None  # of its latest revision set (see RevisionSet)
         self._previous: DesiredRevision | None = None
         self._failed_instances: tuple[InstanceState, ...] = ()  # as they were when it failed
         # Out of the endpoints: drained and stopped once the state saying so is written.
@@ -1029,6 +1128,17 @@ class LocalBackend:
         self._runners: dict[tuple[str, str], FunctionRunner] = {}
         self._adoptable: dict[str, list[ProcessRecord]] = {}
         self._flushing: asyncio.Task[None] | None = None
+        self.pool = Pool(
+            settings,
+            sandbox=sandbox,
+            limiter=limiter,
+            runtime=runtime,
+            wanted=self._pool_keys,
+        )
+
+    def _pool_keys(self) -> dict[PoolKey, FunctionRunner]:
+        """The pools in use: one per key some function's latest revision has."""
+        return {r.pool_key: r for r in self._runners.values() if r.pool_key is not None}
 
     def functions(self) -> set[tuple[str, str]]:
         return set(self._runners)
@@ -1052,6 +1162,7 @@ class LocalBackend:
         runner = self._runners.pop((namespace, name), None)
         if runner is not None:
             await runner.remove()
+            self.pool.refill()  # drops the pools no function uses any more
 
     def claim(self, revision_key: str) -> ProcessRecord | None:
         """A running instance of this revision a previous deployer left, to adopt."""
@@ -1072,9 +1183,11 @@ class LocalBackend:
         adopted when its revision is applied (`claim`), those nobody claims are stopped by
         `collect_orphans`. What the dead ones left (cgroups, dirs, log files) is removed."""
         self.settings.instances_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pool_dir(self.settings).mkdir(mode=0o700, parents=True, exist_ok=True)
         _owned_private(self.settings.sockets_dir, parent_too=self.settings.socket_dir is None)
         (self.settings.state_dir / LOGS_DIR).mkdir(mode=0o700, exist_ok=True)
         recorded = await asyncio.to_thread(self.table.load)
+        await self.pool.clean_leftovers()  # idle pre-started runtimes are nobody's
         alive = [r for r in recorded if is_running(r)]
         await self.limiter.clean_leftovers([r.instance for r in recorded if r not in alive])
         self.table.adopt(alive)
@@ -1084,9 +1197,15 @@ class LocalBackend:
         if alive:
             log.info("adopting running instances", extra={"count": len(alive)})
         keep = {Path(p) for r in alive for p in (r.scratch, r.socket_dir, r.stdout, r.stderr)}
+        keep |= {Path(r.code_dir) for r in alive if r.code_dir}
         keep |= {Path(r.status_file) for r in alive if r.status_file}
         logs = self.settings.state_dir / LOGS_DIR
-        for directory in (self.settings.instances_dir, self.settings.sockets_dir, logs):
+        for directory in (
+            self.settings.instances_dir,
+            pool_dir(self.settings),
+            self.settings.sockets_dir,
+            logs,
+        ):
             for leftover in directory.iterdir():
                 if leftover not in keep:
                     await asyncio.to_thread(_remove, leftover)
@@ -1120,6 +1239,7 @@ class LocalBackend:
     async def aclose(self, *, stop_instances: bool = False) -> None:
         """Leave the instances running for the next leader (a graceful stop, an upgrade), or,
         `stop_instances`, stop them all."""
+        await self.pool.aclose()
         runners = list(self._runners.values())
         self._runners.clear()
         if stop_instances:
@@ -1149,7 +1269,7 @@ async def _stop_record(record: ProcessRecord, limiter: Limiter) -> None:
     if is_running(record):
         kill_record(record)
     await limiter.clean_leftovers([record.instance])
-    for path in (record.scratch, record.socket_dir):
+    for path in (record.scratch, record.socket_dir, record.code_dir):
         if path:
             await asyncio.to_thread(shutil.rmtree, path, True)
     for path in (record.stdout, record.stderr, record.status_file):

@@ -38,7 +38,7 @@ from lambdabus_events.models import (
     Runtime,
 )
 from lambdabus_platform.errors import PermanentError
-from lambdabus_platform.sandbox import Bind, DataFile, SandboxSpec
+from lambdabus_platform.sandbox import Bind, DataFile, NetworkMode, SandboxSpec
 
 FILE_ARTIFACT = "file://"
 IMAGE_ARTIFACT = "image://"  # a prebuilt image (spec `image`); a built one is a bare reference
@@ -526,6 +526,145 @@ def render_unsandboxed(
 
 def _dedupe(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+# -- the pool of pre-started runtimes ----------------------------------------------------------
+
+POOL_FLAG = "--pool"  # `python -m lambdabus_runtime --pool`: waits for its function on stdin
+# After `--pool`: room the runtime overwrites with its function's flags once specialised, so
+# that `ps` (/proc/<pid>/cmdline) shows which function a process serves.
+POOL_TITLE_ROOM = " " * 512
+POOL_HOSTNAME = "lambdabus"  # a pooled sandbox is made before its function's name is known
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What a pre-started runtime is made for: everything its sandbox is built with before a
+    function is known. Any revision with the same key can take it."""
+
+    runtime: str
+    env_dir: str  # the (shared, content-addressed) dependency environment, bound read-only
+    network: NetworkMode
+    tmp_size: int  # MiB: the scratch tmpfs is mounted at start
+    interpreter_dirs: tuple[str, ...] = ()
+    # Node cannot lower its own rlimits: its slots start with the function's open files (0:
+    # a Python slot, which lowers them itself once specialised).
+    open_files: int = 0
+
+
+def pool_key(
+    manifest: ArtifactManifest,
+    revision: DesiredRevision,
+    *,
+    outbound: bool,
+    interpreter_dirs: Sequence[str] = (),
+    node: bool = False,
+) -> PoolKey | None:
+    """The pool a revision's instances may start from, or None: Python runtimes, and Node's
+    when `node` (the runtime is there and a cgroup, not a heap flag given at start, limits
+    its memory); custom programs start fresh; and only without secret files (those are made
+    from data when the sandbox is built, never sent over the control channel)."""
+    if manifest.runtime == "custom" or secret_files(revision):
+        return None
+    if manifest.runtime == "nodejs20" and not node:
+        return None
+    network: NetworkMode = revision.network if outbound else "none"
+    return PoolKey(
+        runtime=manifest.runtime,
+        env_dir=manifest.env_dir,
+        network=network,
+        tmp_size=revision.tmp_size,
+        interpreter_dirs=tuple(_dedupe(interpreter_dirs)),
+        open_files=revision.open_files if manifest.runtime == "nodejs20" else 0,
+    )
+
+
+def render_pooled(
+    key: PoolKey,
+    *,
+    code_dir: str,
+    scratch: str,
+    socket_dir: str,
+    runtime: RuntimePaths,
+    path: str,
+) -> SandboxSpec:
+    """A pre-started runtime's sandbox: as `render_sandbox` makes an instance's, but with an
+    empty code dir of its own (filled when it is specialised), no env file and no secrets (its
+    function's env comes over the control channel), and the pool's hostname."""
+    binds = [Bind(code_dir, SANDBOX_CODE), Bind(key.env_dir, SANDBOX_DEPS)]
+    tail = [
+        Bind(scratch, SANDBOX_TMP, writable=True),
+        Bind(socket_dir, SANDBOX_SOCKET_DIR, writable=True),
+    ]
+    if key.runtime == "nodejs20":
+        if not runtime.node or not runtime.node_server:
+            raise RuntimeUnavailable("node functions need `node` and the runtime's server.js")
+        server = Path(runtime.node_server)
+        binds.append(Bind(str(server.parent), f"{SANDBOX_RUNTIME}/node"))
+        binds += [Bind(d, d) for d in key.interpreter_dirs]
+        node_env = {
+            "PATH": path,
+            "LANG": "C.UTF-8",
+            "HOME": SANDBOX_TMP,
+            "TMPDIR": SANDBOX_TMP,
+            "NODE_PATH": f"{SANDBOX_DEPS}/node_modules",
+        }
+        inside_server = f"{SANDBOX_RUNTIME}/node/{server.name}"
+        return SandboxSpec(
+            command=(runtime.node, inside_server, POOL_FLAG, POOL_TITLE_ROOM),
+            env=tuple(node_env.items()),
+            binds=(*binds, *tail),
+            chdir=SANDBOX_TMP,
+            network=key.network,
+            hostname=POOL_HOSTNAME,
+        )
+    entries = [p for p in (runtime.pythonpath or "").split(":") if p]
+    inside = [f"{SANDBOX_RUNTIME}/python{i}" for i in range(len(entries))]
+    binds += [Bind(entry, where) for entry, where in zip(entries, inside, strict=True)]
+    binds += [Bind(d, d) for d in key.interpreter_dirs]
+    binds += tail
+    env = {
+        "PATH": path,
+        "LANG": "C.UTF-8",
+        "MALLOC_ARENA_MAX": "2",
+        "HOME": SANDBOX_TMP,
+        "TMPDIR": SANDBOX_TMP,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": ":".join(inside),
+    }
+    return SandboxSpec(
+        command=(
+            f"{SANDBOX_DEPS}/bin/python",
+            "-m",
+            "lambdabus_runtime",
+            POOL_FLAG,
+            POOL_TITLE_ROOM,
+        ),
+        env=tuple(env.items()),
+        binds=tuple(binds),
+        chdir=SANDBOX_TMP,
+        network=key.network,
+        hostname=POOL_HOSTNAME,
+    )
+
+
+def pool_message(
+    manifest: ArtifactManifest, instance: InstanceSpec, rlimits: Sequence[tuple[int, int]]
+) -> bytes:
+    """The one line that specialises a pre-started runtime: the flags `render_sandbox` would
+    give it, its function's env (what the env file holds), and the rlimits (resource, value)
+    it sets on itself before it loads the function."""
+    inside, runtime, _ = _inside(manifest, instance.runtime)
+    view = replace(instance, runtime=runtime)
+    command = runtime_command(inside, view, socket=f"{SANDBOX_SOCKET_DIR}/{SOCKET_NAME}")
+    if manifest.runtime == "nodejs20":  # without `node [flags] <server.js>`
+        argv = command[command.index(str(runtime.node_server)) + 1 :]
+    else:
+        argv = command[3:]  # without `<python> -m lambdabus_runtime`
+    env = function_env(instance.revision)
+    message = {"argv": argv, "env": env, "rlimits": [list(r) for r in rlimits]}
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 # -- restarts --------------------------------------------------------------------------------

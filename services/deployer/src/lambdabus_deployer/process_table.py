@@ -39,6 +39,7 @@ class ProcessRecord:
     oom_baseline: int = 0
     restarts: int = 0
     ready: bool = False
+    code_dir: str = ""  # a pooled run's own copy of its code (removed with it)
 
     @classmethod
     def parse(cls, item: dict[str, Any]) -> ProcessRecord:

@@ -142,6 +142,22 @@ class DeployerSettings(ServiceSettings):
         gt=0,
         description="SIGTERM to SIGKILL when stopping an instance (the runtime drains for 5 s)",
     )
+    # -- the pool of pre-started runtimes (issue 11, cold starts)
+    pool_size: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="pre-started sandboxed runtimes kept per runtime and dependency "
+        "environment in use, each specialised to one function on demand (0: none)",
+    )
+    pool_start_boost_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="a specialised pre-started runtime keeps the pool's 1 CPU until it "
+        "listens, at most this long, then gets its own cpu limit (memory and pids hold at "
+        "once); 0: its own cpu limit from the start",
+    )
 
     # -- the kubernetes backend (issue 10)
     backend: Literal["local", "kubernetes"] = Field(

@@ -364,7 +364,90 @@ function applyEnvFile() {
   Object.assign(process.env, env);
 }
 
+// `--pool`: started before its function is known (the deployer's pool of pre-started
+// runtimes): node and this server are loaded; one JSON line on stdin, the control channel,
+// says which function to serve, `{"argv": [...flags...], "env": {...}}` (its code is already
+// where --code says). Stdin is closed after it. EOF first (the deployer is gone): exit 0.
+// (Node cannot lower its own rlimits: the pool starts its node slots with the function's.)
+function pooled() {
+  const fs = require('fs');
+  const chunks = [];
+  const buffer = Buffer.alloc(65536);
+  for (;;) {
+    let n;
+    try {
+      n = fs.readSync(0, buffer, 0, buffer.length, null);
+    } catch (err) {
+      if (err.code === 'EAGAIN') continue;
+      if (err.code === 'EOF') n = 0;
+      else throw err;
+    }
+    if (n === 0) break;
+    const chunk = Buffer.from(buffer.subarray(0, n));
+    chunks.push(chunk);
+    if (chunk.includes(10)) break;
+  }
+  fs.closeSync(0);
+  fs.openSync('/dev/null', 'r'); // fd 0 again: nothing more comes from the control channel
+  const line = Buffer.concat(chunks).toString('utf8').split('\n')[0];
+  if (!line.trim()) process.exit(0);
+  let message;
+  try {
+    message = JSON.parse(line);
+  } catch (err) {
+    log(`a pool message that is not valid: ${err.message}`);
+    process.exit(EXIT_USAGE);
+  }
+  const argv = message && message.argv;
+  if (!Array.isArray(argv) || !argv.every((a) => typeof a === 'string')) {
+    log('a pool message whose argv is not strings');
+    process.exit(EXIT_USAGE);
+  }
+  const env = message.env;
+  const ok = env && typeof env === 'object' && !Array.isArray(env) &&
+    Object.entries(env).every(([k, v]) => typeof v === 'string' && k && !k.includes('='));
+  if (!ok) {
+    log("the function's env is not an object of strings");
+    process.exit(EXIT_ENV);
+  }
+  Object.assign(process.env, env);
+  retitle(argv);
+  process.argv = [process.argv[0], process.argv[1], ...argv];
+}
+
+// Show the function's flags in /proc/<pid>/cmdline (`ps`), as a runtime started for it would:
+// they overwrite the argv area the pool padded for them. `--function NS/NAME` first.
+function retitle(argv) {
+  let flags = argv.slice();
+  const at = flags.indexOf('--function');
+  if (at !== -1 && at + 1 < flags.length) {
+    flags = ['--function', flags[at + 1], ...flags.slice(0, at), ...flags.slice(at + 2)];
+  }
+  try {
+    const fs = require('fs');
+    const stat = fs.readFileSync('/proc/self/stat', 'latin1');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const start = Number(fields[45]);
+    const end = Number(fields[46]);
+    const head = fs.readFileSync('/proc/self/cmdline').toString('latin1').split('\0').slice(0, 2);
+    let title = Buffer.from([...head, ...flags].join('\0') + '\0', 'latin1');
+    const size = end - start;
+    if (title.length > size) title = title.subarray(0, title.lastIndexOf(0, size - 1) + 1);
+    const out = Buffer.alloc(size);
+    title.copy(out);
+    const fd = fs.openSync('/proc/self/mem', 'r+');
+    try {
+      fs.writeSync(fd, out, 0, size, start);
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (err) {
+    // best effort
+  }
+}
+
 function main() {
+  if (process.argv[2] === '--pool') pooled();
   const options = parseArgs(process.argv.slice(2));
   if (options.socket !== null && !options.socket.startsWith('/')) {
     usageError(`invalid value for --socket: ${JSON.stringify(options.socket)}`);

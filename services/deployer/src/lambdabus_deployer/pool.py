@@ -1,0 +1,379 @@
+"""The pool of pre-started runtimes (issue 11, "cold start in milliseconds"; Fission's pool
+manager, without its specialisation over HTTP).
+
+For each `PoolKey` in use (a Python runtime, a dependency environment, a network mode, a /tmp
+size) the pool keeps `pool_size` sandboxes already running `python -m lambdabus_runtime --pool`:
+bubblewrap made, slirp4netns attached (network outbound), the interpreter started and the
+runtime imported, waiting for one line on stdin. Each has its own uid, scratch tmpfs, socket
+dir, log files, cgroup (`pool-…`, the pool's loose limits) and an empty code dir of its own,
+bound read-only at the fixed path the runtime loads code from.
+
+Specialising a slot to one instance (`specialise`): its code dir is filled with hard links
+(or copies) of the artifact's code, its cgroup is renamed to the instance's and given the
+instance's limits, its processes get the instance's rlimits, and the line naming the
+function (flags and env) is written to its stdin, which is then closed. From then on it is
+that instance, recorded in the process table like any other, for its whole life: a slot is
+never given back to the pool nor to another function. An idle slot ends by itself when the
+deployer goes (EOF on its stdin); its leftovers are cleaned at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lambdabus_deployer.detached import open_log_file
+from lambdabus_deployer.limits import Limiter, Limits, RunLimits
+from lambdabus_deployer.plan import PoolKey, RuntimePaths, render_pooled
+from lambdabus_deployer.settings import DeployerSettings
+from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
+
+log = logging.getLogger("lambdabus.deployer.pool")
+
+SLOT_PREFIX = "pool-"  # slot ids and their cgroups
+# What an idle slot may use: memory and cpu enough to start the interpreter and import the
+# runtime; rlimits (open files; processes without a cgroup) as high as any function may get,
+# since its runtime lowers them to its function's before loading its code, and cannot raise.
+# (Never above our own hard limits: without CAP_SYS_RESOURCE, which even root may lack in a
+# container, they cannot be raised; `Limiter.specialise` refuses a function asking for more.)
+SLOT_LIMITS = Limits(memory=128, cpu=1000, pids=32768, open_files=65536, tmp_size=64)
+
+
+def _hard(res: int, value: int) -> int:
+    limit = resource.getrlimit(res)[1]
+    return value if limit == resource.RLIM_INFINITY else min(value, limit)
+
+
+LOGS_DIR = "instance-logs"
+
+
+def pool_dir(settings: DeployerSettings) -> Path:
+    """Where the slots' scratch and code dirs are (they keep them once specialised)."""
+    return settings.state_dir / "pool"
+
+
+def is_slot(instance: str) -> bool:
+    return instance.startswith(SLOT_PREFIX)
+
+
+@dataclass
+class Slot:
+    """One pre-started sandboxed runtime, not yet any function's."""
+
+    id: str
+    key: PoolKey
+    identity: Identity
+    scratch: Path
+    socket_dir: Path
+    code_dir: Path
+    handle: SandboxProcess
+    control: int  # the write end of its stdin
+    stdout: Path
+    stderr: Path
+    status: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def alive(self) -> bool:
+        return self.handle.process.returncode is None
+
+    def close_control(self) -> None:
+        """Close our end of its stdin (once: the number may be another file's afterwards)."""
+        if self.control >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.control)
+            self.control = -1
+
+
+def _private_dir(path: Path, identity: Identity) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(path, identity.uid, identity.gid)
+    path.chmod(0o700)
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, dest, follow_symlinks=False)
+
+
+def fill_code(source: Path, dest: Path) -> None:
+    """The artifact's code into a slot's (empty) code dir: hard links where the file system
+    allows, else copies; symlinks stay symlinks (as the read-only bind shows them)."""
+    shutil.copytree(source, dest, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+class Pool:
+    """The pre-started runtimes of this deployer (the leader's local backend)."""
+
+    def __init__(
+        self,
+        settings: DeployerSettings,
+        *,
+        sandbox: Sandbox,
+        limiter: Limiter,
+        runtime: RuntimePaths,
+        wanted: Callable[[], Mapping[PoolKey, object]],
+    ) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.limiter = limiter
+        self.runtime = runtime
+        self._wanted = wanted
+        self._slots: dict[PoolKey, list[Slot]] = {}
+        self._filling: asyncio.Task[None] | None = None
+        self._again = False
+        self._closed = False
+        self._failures: dict[PoolKey, int] = {}
+        # The ids of the idle slots, in a file: what a killed deployer's slots left (their
+        # cgroups) is removed at the next start. (An idle slot itself ends when its deployer
+        # does: EOF on its stdin. Specialised ones are in the process table, as instances.)
+        self._ids_path = settings.state_dir / "pool.json"
+        self._slot_ids: set[str] = set()
+
+    def _save_ids(self) -> None:
+        tmp = self._ids_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(self._slot_ids)))
+        os.replace(tmp, self._ids_path)
+
+    async def clean_leftovers(self) -> None:
+        """At start: the cgroups of the idle slots a previous deployer left (killing what is
+        still in them); their dirs and log files go with the deployer's other leftovers."""
+        try:
+            left = json.loads(self._ids_path.read_text())
+        except (OSError, ValueError):
+            left = []
+        ids = [i for i in left if isinstance(i, str) and is_slot(i)]
+        await self.limiter.clean_leftovers(ids)
+        self._ids_path.unlink(missing_ok=True)
+
+    @property
+    def size(self) -> int:
+        return self.settings.pool_size if self.sandbox.enabled else 0
+
+    def idle(self) -> list[Slot]:
+        return [slot for slots in self._slots.values() for slot in slots]
+
+    def take(self, key: PoolKey) -> Slot | None:
+        """A live slot for `key`, now the caller's (the pool starts another)."""
+        slots = self._slots.get(key, [])
+        taken: Slot | None = None
+        while slots and taken is None:
+            slot = slots.pop(0)
+            if slot.alive:
+                taken = slot
+            else:
+                self._discard(slot)
+        self.refill()
+        return taken
+
+    def refill(self) -> None:
+        """Bring every wanted key to `pool_size` idle slots (in the background, one at a time:
+        a pool never competes with instances for the CPU in a burst)."""
+        if self._closed or self.size == 0:
+            return
+        if self._filling is not None and not self._filling.done():
+            self._again = True
+            return
+        self._filling = asyncio.create_task(self._fill(), name="pool fill")
+
+    async def _fill(self) -> None:
+        while True:
+            self._again = False
+            wanted = set(self._wanted())
+            for key in list(self._slots):
+                if key not in wanted:  # no function uses it any more
+                    for slot in self._slots.pop(key):
+                        await self._stop(slot)
+            for key in wanted:
+                slots = self._slots.setdefault(key, [])
+                for slot in [s for s in slots if not s.alive]:
+                    slots.remove(slot)
+                    self._discard(slot)
+                while len(slots) < self.size and not self._closed:
+                    if self._failures.get(key, 0) >= 3:
+                        break  # said once; the next function change tries again
+                    try:
+                        slots.append(await self._start(key))
+                        self._failures.pop(key, None)
+                    except Exception as exc:
+                        self._failures[key] = self._failures.get(key, 0) + 1
+                        log.warning(
+                            "cannot pre-start a runtime for the pool",
+                            extra={"env": key.env_dir, "error": str(exc)},
+                        )
+                        break
+                    if self._again:
+                        break
+            if not self._again or self._closed:
+                return
+
+    def forget_failures(self) -> None:
+        self._failures.clear()
+
+    async def _start(self, key: PoolKey) -> Slot:
+        s = self.settings
+        slot_id = f"{SLOT_PREFIX}{secrets.token_hex(5)}"
+        identity = self.sandbox.identity(slot_id)
+        root = pool_dir(s)
+        scratch = root / slot_id
+        code_dir = root / f"{slot_id}.code"
+        socket_dir = s.sockets_dir / secrets.token_hex(6)
+        await asyncio.to_thread(_private_dir, scratch, identity)
+        await asyncio.to_thread(_private_dir, socket_dir, identity)
+        code_dir.mkdir(mode=0o755)
+        code_dir.chmod(0o755)
+        limits = await self.limiter.start(
+            slot_id,
+            Limits(
+                memory=SLOT_LIMITS.memory,
+                cpu=SLOT_LIMITS.cpu,
+                pids=_hard(resource.RLIMIT_NPROC, SLOT_LIMITS.pids),
+                open_files=key.open_files or _hard(resource.RLIMIT_NOFILE, SLOT_LIMITS.open_files),
+                tmp_size=key.tmp_size,
+            ),
+            scratch,
+            python=False,
+            owner=(identity.uid, identity.gid),
+            own_uid=True,
+        )
+        logs = s.state_dir / LOGS_DIR
+        logs.mkdir(mode=0o700, exist_ok=True)
+        tag = f"{slot_id}.{secrets.token_hex(3)}"
+        paths = [logs / f"{tag}.{name}" for name in ("stdout", "stderr", "status")]
+        spec = render_pooled(
+            key,
+            code_dir=str(code_dir),
+            scratch=str(scratch),
+            socket_dir=str(socket_dir),
+            runtime=self.runtime,
+            path=s.path,
+        )
+        control_r, control_w = os.pipe()
+        fds: list[int] = []
+        try:
+            fds = [open_log_file(path) for path in paths]
+            handle = await launch(
+                self.sandbox,
+                spec,
+                key=slot_id,
+                preexec=limits.preexec,
+                stdin=control_r,
+                stdout=fds[0],
+                stderr=fds[1],
+                start_timeout=s.start_timeout,
+                detached=True,
+                status_fd=fds[2],
+            )
+        except BaseException:
+            os.close(control_w)
+            await limits.close()
+            for path in paths:
+                path.unlink(missing_ok=True)
+            for directory in (scratch, code_dir, socket_dir):
+                shutil.rmtree(directory, True)
+            raise
+        finally:
+            os.close(control_r)
+            for fd in fds:
+                os.close(fd)
+        await limits.detach()  # the cgroup stays, renamed when the slot is specialised
+        slot = Slot(
+            id=slot_id,
+            key=key,
+            identity=identity,
+            scratch=scratch,
+            socket_dir=socket_dir,
+            code_dir=code_dir,
+            handle=handle,
+            control=control_w,
+            stdout=paths[0],
+            stderr=paths[1],
+            status=paths[2],
+        )
+        self._slot_ids.add(slot_id)
+        self._save_ids()
+        return slot
+
+    async def specialise(
+        self,
+        slot: Slot,
+        *,
+        instance: str,
+        code: Path,
+        message: Callable[[Sequence[tuple[int, int]]], bytes],
+        limits: Limits,
+        python: bool,
+    ) -> RunLimits:
+        """Make `slot` the instance `instance` (see the module's doc); the caller records it.
+        On failure the slot is stopped and the error raised (the caller starts afresh)."""
+        try:
+            fill_code(code, slot.code_dir)  # a few links: quicker than a thread hop
+            boost = self.settings.pool_start_boost_seconds
+            run, rlimits = await self.limiter.specialise(
+                slot.id,
+                instance,
+                limits,
+                python=python,
+                own_uid=True,
+                boost=(SLOT_LIMITS.cpu, boost) if boost > 0 else None,
+            )
+            try:
+                view = memoryview(message(rlimits))
+                while view:
+                    view = view[os.write(slot.control, view) :]
+            except BaseException:
+                await run.close()
+                raise
+        except BaseException:
+            await self._stop(slot)
+            raise
+        finally:
+            slot.close_control()
+        self._slot_ids.discard(slot.id)
+        self._save_ids()
+        return run
+
+    async def _stop(self, slot: Slot) -> None:
+        slot.handle.kill()
+        slot.close_control()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(slot.handle.process.wait(), 5)
+        await slot.handle.close()
+        self._discard(slot)
+
+    def _discard(self, slot: Slot) -> None:
+        """Remove what a slot that ended left: its cgroup, dirs, log files, record."""
+        slot.close_control()
+        found = self.limiter.hierarchy.find(slot.id) if self.limiter.hierarchy else None
+        if found is not None:
+            with contextlib.suppress(OSError):
+                found.remove()
+        for directory in (slot.scratch, slot.code_dir, slot.socket_dir):
+            shutil.rmtree(directory, True)
+        for path in (slot.stdout, slot.stderr, slot.status):
+            path.unlink(missing_ok=True)
+        self._slot_ids.discard(slot.id)
+        self._save_ids()
+
+    async def aclose(self) -> None:
+        """Stop every idle slot (specialised ones are instances: not the pool's any more)."""
+        self._closed = True
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filling
+        slots = self.idle()
+        self._slots.clear()
+        await asyncio.gather(*(self._stop(slot) for slot in slots), return_exceptions=True)
