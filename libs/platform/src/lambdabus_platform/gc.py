@@ -10,7 +10,10 @@ build before its build state).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,6 +28,7 @@ from lambdabus_events.models import (
     RevisionDeployment,
 )
 
+log = logging.getLogger("lambdabus.gc")
 _IN_PROGRESS = ("queued", "started")
 M = TypeVar("M", bound=BaseModel)
 
@@ -196,3 +200,34 @@ class GcMetrics:
         self.sweeps.labels(done.kind).inc()
         self.freed.labels(done.kind).inc(len(done.freed))
         self.freed_bytes.labels(done.kind).inc(done.bytes_freed)
+
+
+@contextlib.asynccontextmanager
+async def sweeping(
+    sweep: Callable[[], Awaitable[object]], *, enabled: bool, interval: float, what: str
+) -> AsyncIterator[None]:
+    """Run `sweep` every `interval` seconds in the background for the context's lifetime (when
+    `enabled`); a failed sweep is logged and the next one tries again."""
+    if not enabled:
+        yield
+        return
+
+    async def forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    f"a {what} sweep failed; the next one tries again", extra={"error": str(exc)}
+                )
+
+    task = asyncio.create_task(forever(), name=f"{what} gc")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from lambdabus_builder import diskgc
@@ -36,6 +35,7 @@ from lambdabus_platform.gc import (
     parsed,
     referenced_artifacts,
     report,
+    sweeping,
     unreferenced_since,
 )
 from lambdabus_platform.settings import GcSettings
@@ -136,28 +136,11 @@ class DiskCollector:
                 with contextlib.suppress(Exception):
                     await kv.delete(entry.key, entry.revision)
 
-    async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.interval_seconds)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "a disk sweep failed; the next one tries again", extra={"error": str(exc)}
-                )
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Sweep in the background for the context's lifetime (when enabled)."""
-        if not self._settings.enabled:
-            yield
-            return
-        task = asyncio.create_task(self.run_forever(), name="disk gc")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return sweeping(
+            self.sweep,
+            enabled=self._settings.enabled,
+            interval=self._settings.interval_seconds,
+            what="disk",
+        )

@@ -9,11 +9,9 @@ it is young for every sweeper.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from lambdabus_events.models import BuildState, FunctionRecord, FunctionRevisions
 from lambdabus_platform.blobstore import BlobStore
@@ -26,6 +24,7 @@ from lambdabus_platform.gc import (
     parsed,
     referenced_blobs,
     report,
+    sweeping,
     unreferenced_since,
 )
 from lambdabus_platform.settings import GcSettings
@@ -76,28 +75,11 @@ class BlobCollector:
     async def _values(self, bucket: str) -> list[bytes]:
         return [e.value for e in await self._bus.kv(bucket).values(">")]
 
-    async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.interval_seconds)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "a blob sweep failed; the next one tries again", extra={"error": str(exc)}
-                )
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Sweep in the background for the context's lifetime (when enabled)."""
-        if not self._settings.enabled:
-            yield
-            return
-        task = asyncio.create_task(self.run_forever(), name="blob gc")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return sweeping(
+            self.sweep,
+            enabled=self._settings.enabled,
+            interval=self._settings.interval_seconds,
+            what="blob",
+        )
