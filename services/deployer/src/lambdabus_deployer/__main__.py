@@ -81,34 +81,7 @@ def make_setup(settings: DeployerSettings) -> Setup:
         runtime = locate_runtime(settings)
         if runtime.pythonpath is None:
             log.warning("the runtime SDK (lambdabus_runtime) was not found; python functions fail")
-        secrets = SecretStore(
-            ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
-        )
-        metrics = DeployerMetrics.create(ctx.metrics.registry)
-
-        def on_role(role: Role) -> None:
-            # what /metrics and the registry of replicas (`GET /v1/replicas`) show
-            metrics.leader.set(1 if role == "leader" else 0)
-            ctx.heartbeat.set_role(role)
-
-        ctx.heartbeat.set_role("standby")  # until the lease says otherwise
-        elector = Elector(
-            ctx.bus.kv(LEASES_BUCKET),
-            replica_id(),
-            duration=settings.lease_seconds,
-            on_role=on_role,
-        )
-        leader = Leadership(elector)
-        ROLE.update(elector=elector)
-
-        async def on_event(event: LifecycleEvent) -> None:
-            deployer = leader.deployer
-            if deployer is None:
-                raise Redeliver("this deployer replica is a standby")
-            await deployer.on_event(event)
-
-        subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
-        subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
+        secrets, metrics, elector, leader = _elect(settings, ctx)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         async with (
             aiohttp.ClientSession(connector=connector) as http,
@@ -215,30 +188,7 @@ async def kubernetes_setup(settings: DeployerSettings, ctx: ServiceContext) -> A
     """`LAMBDABUS_BACKEND=kubernetes`: functions run as Deployments in the cluster; the
     deployer replicas elect a leader as with the local backend, and the leader applies and
     watches."""
-    secrets = SecretStore(
-        ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
-    )
-    metrics = DeployerMetrics.create(ctx.metrics.registry)
-
-    def on_role(role: Role) -> None:
-        metrics.leader.set(1 if role == "leader" else 0)
-        ctx.heartbeat.set_role(role)
-
-    ctx.heartbeat.set_role("standby")
-    elector = Elector(
-        ctx.bus.kv(LEASES_BUCKET), replica_id(), duration=settings.lease_seconds, on_role=on_role
-    )
-    leader = Leadership(elector)
-    ROLE.update(elector=elector)
-
-    async def on_event(event: LifecycleEvent) -> None:
-        deployer = leader.deployer
-        if deployer is None:
-            raise Redeliver("this deployer replica is a standby")
-        await deployer.on_event(event)
-
-    subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
-    subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
+    secrets, _, elector, leader = _elect(settings, ctx)
 
     async def lead() -> None:
         states = DeploymentStates(ctx.bus)
@@ -314,6 +264,40 @@ async def _watch_secrets(deployer: Deployer, ctx: ServiceContext, retry: float) 
         except Exception:
             log.exception("watching the secrets failed; watching again")
         await asyncio.sleep(retry)
+
+
+def _elect(
+    settings: DeployerSettings, ctx: ServiceContext
+) -> tuple[SecretStore, DeployerMetrics, Elector, Leadership]:
+    """What every backend's deployer replica has: the secret store, the metrics, the election
+    of the leader, and the subscriptions that hand events to the leader's deployer (a standby
+    has them redelivered)."""
+    secrets = SecretStore(
+        ctx.bus.kv(SECRETS_BUCKET), open_secret_box(settings.secrets, settings.state_dir.parent)
+    )
+    metrics = DeployerMetrics.create(ctx.metrics.registry)
+
+    def on_role(role: Role) -> None:
+        # what /metrics and the registry of replicas (`GET /v1/replicas`) show
+        metrics.leader.set(1 if role == "leader" else 0)
+        ctx.heartbeat.set_role(role)
+
+    ctx.heartbeat.set_role("standby")  # until the lease says otherwise
+    elector = Elector(
+        ctx.bus.kv(LEASES_BUCKET), replica_id(), duration=settings.lease_seconds, on_role=on_role
+    )
+    leader = Leadership(elector)
+    ROLE.update(elector=elector)
+
+    async def on_event(event: LifecycleEvent) -> None:
+        deployer = leader.deployer
+        if deployer is None:
+            raise Redeliver("this deployer replica is a standby")
+        await deployer.on_event(event)
+
+    subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
+    subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
+    return secrets, metrics, elector, leader
 
 
 class Leadership:
