@@ -529,6 +529,7 @@ class Instance:
                 python=uses_rlimit_as(manifest),
             )
         except Exception as exc:
+            backend.pool.refill()
             self.scratch, self.socket_dir, self.identity = previous
             message = exc.message if isinstance(exc, LambdabusError) else repr(exc)
             log.warning(
@@ -587,7 +588,8 @@ class Instance:
             record = adopted
             await self.log.system(f"instance {self.id} adopted (pid {adopted.pid})")
         else:
-            await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
+            if os.path.lexists(self.socket_dir):  # a former run's (a first run has none)
+                await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
             self.log.tail.clear()
             pooled = await self._from_pool()
             if pooled is not None:
@@ -644,6 +646,8 @@ class Instance:
                     timeout=s.start_timeout,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
+                if record.code_dir:  # a pooled run listens (or failed): replace its slot now
+                    backend.pool.refill()
                 if listening in done:
                     was_ready = True
                     limits.settle()  # a pooled run's own cpu limit, now that it listens
@@ -939,10 +943,13 @@ class FunctionRunner:
         desired = self.desired
         if self.failed_key is not None and desired.key != self.failed_key:
             self.failure, self.failed_key, self._failed_instances = None, None, ()
-        if self.failed_key is None:
+        previous = self._previous
+        if self.failed_key is None and (previous is None or previous.key != desired.key):
             # hash a new environment off the event loop: load_manifest then finds it verified
+            # (once per revision: a step that only scales or reports skips the thread hop)
             with contextlib.suppress(LambdabusError):
                 await asyncio.to_thread(load_manifest, desired)
+        if self.failed_key is None:
             self._converge(desired)
         for group in (self.target, self.serving):
             if group is not None and group.failure is not None:
