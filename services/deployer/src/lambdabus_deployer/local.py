@@ -968,7 +968,12 @@ class FunctionRunner:
             legacy, self._legacy = self._legacy, []
             self._spawn(self._retire_legacy(legacy, drain=True))
         self._previous = desired
-        await self._report()
+        if self._to_drain:
+            await self._report()
+        else:
+            # Not awaited: the next step (an instance that now listens) reports right behind
+            # this one instead of after its round trip (the writes reach NATS in order).
+            self._spawn(self._report_or_retry())
         # Only now that the state naming the new endpoints is written do the old ones go.
         while self._to_drain:
             self._stop(self._to_drain.pop(), drain=True)
@@ -1055,6 +1060,17 @@ class FunctionRunner:
     async def _report(self) -> None:
         if not self.removed:
             await self.backend.report(self.observe())
+
+    async def _report_or_retry(self) -> None:
+        try:
+            await self._report()
+        except Exception:
+            log.exception(
+                "deployer runner report failed; reported again",
+                extra={"function": self.desired.function},
+            )
+            await asyncio.sleep(1)
+            self.wake()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -82,20 +83,35 @@ class DeploymentStates:
             return self._last[key]
         return await self.get(*key)
 
+    def _write(self, key: Key, state: DeploymentState) -> asyncio.Future[Any]:
+        """Send the write of a state now (a task: started in the order writes are asked for,
+        so they reach NATS in that order, whoever awaits their acks when)."""
+        return asyncio.ensure_future(self._registry.put(*key, state))
+
     async def _publish(self, event: LifecycleEvent) -> None:
         await self._bus.publish_lifecycle(event)  # retries itself; the Msg-Id dedups
 
     def _announce_later(
-        self, key: Key, event: LifecycleEvent | None, ready_revision: str | None
+        self,
+        key: Key,
+        event: LifecycleEvent | None,
+        ready_revision: str | None,
+        written: asyncio.Future[Any] | None = None,
     ) -> None:
         """Publish `event`, then announce `ready_revision` ready, after what this function
-        announced before (in order), in the background."""
+        announced before (in order) and once the state they announce is `written`, in the
+        background (not at all when it could not be written: the next observation is)."""
         before = self._announcing.get(key)
 
         async def _go() -> None:
             if before is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await before
+            if written is not None:
+                try:
+                    await asyncio.shield(written)
+                except Exception:
+                    return
             try:
                 if event is not None:
                     await self._publish(event)
@@ -138,13 +154,22 @@ class DeploymentStates:
                 return
             previous = await self._previous(key)
             decision = next_deployment_state(previous, obs, datetime.now(UTC))
-            if decision.write:
-                await self._registry.put(*key, decision.state)
-            self._last[key] = decision.state
             state = decision.state
+            # The write is sent at once, the ack awaited outside the lock: the next observation
+            # (an instance that now listens) is sent right behind it on the same connection, in
+            # order, instead of after this one's round trip.
+            writing = self._write(key, state) if decision.write else None
+            self._last[key] = state
             ready = state.revision if state.revision and state.endpoints else None
             if decision.event is not None or ready is not None:
-                self._announce_later(key, decision.event, ready)
+                self._announce_later(key, decision.event, ready, writing)
+        if writing is not None:
+            try:
+                await writing
+            except BaseException:
+                if self._last.get(key) is state:
+                    self._last.pop(key, None)  # unknown what is stored: read it next time
+                raise
 
     async def pinned(self, obs: Observation) -> None:
         """A revision run apart (a route names it): its endpoints, in `revision-deployments`."""
@@ -270,7 +295,7 @@ class DeploymentStates:
             if previous is None or not (previous.endpoints or previous.instances):
                 return
             state = idle_state(previous, generation, datetime.now(UTC))
-            await self._registry.put(*key, state)
+            await self._write(key, state)
             await self.announced(key)
             if state.phase != previous.phase:
                 await self._publish(deployment_event(state))
@@ -291,7 +316,7 @@ class DeploymentStates:
                 exclude={"updated_at"}
             ) == state.model_dump(exclude={"updated_at"}):
                 return
-            await self._registry.put(*key, state)
+            await self._write(key, state)
             await self.announced(key)
             if previous is None or (previous.phase, previous.generation, previous.reason) != (
                 state.phase,
@@ -309,7 +334,7 @@ class DeploymentStates:
             previous = await self._previous(key)
             if previous is not None and previous.phase != "stopped":
                 state = stopped_state(previous, datetime.now(UTC))
-                await self._registry.put(*key, state)
+                await self._write(key, state)
                 self._last[key] = state
 
     async def forget(self, namespace: str, name: str) -> None:
@@ -322,7 +347,7 @@ class DeploymentStates:
                 if previous.phase != "stopped":
                     previous = stopped_state(previous, datetime.now(UTC))
                 await self._publish(deployment_event(previous))
-                await self._registry.delete(*key)
+                await asyncio.ensure_future(self._registry.delete(*key))  # in order (`_write`)
             self._last.pop(key, None)
             self._gone.discard(key)
 
@@ -340,4 +365,4 @@ class DeploymentStates:
         for key, state in list(self._last.items()):
             if state.endpoints or state.instances:
                 async with self._locks[key]:
-                    await self._registry.put(*key, withdrawn_state(state, now))
+                    await self._write(key, withdrawn_state(state, now))
