@@ -529,7 +529,6 @@ class Instance:
                 python=uses_rlimit_as(manifest),
             )
         except Exception as exc:
-            backend.pool.refill()
             self.scratch, self.socket_dir, self.identity = previous
             message = exc.message if isinstance(exc, LambdabusError) else repr(exc)
             log.warning(
@@ -646,8 +645,6 @@ class Instance:
                     timeout=s.start_timeout,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if record.code_dir:  # a pooled run listens (or failed): replace its slot now
-                    backend.pool.refill()
                 if listening in done:
                     was_ready = True
                     limits.settle()  # a pooled run's own cpu limit, now that it listens

@@ -166,9 +166,7 @@ class Pool:
         return [slot for slots in self._slots.values() for slot in slots]
 
     def take(self, key: PoolKey) -> Slot | None:
-        """A live slot for `key`, now the caller's. The pool starts another only when the
-        caller says `refill` (once the taken runtime listens or failed): a cold start does not
-        share the CPU with the start of its own replacement."""
+        """A live slot for `key`, now the caller's (the pool starts another)."""
         slots = self._slots.get(key, [])
         taken: Slot | None = None
         while slots and taken is None:
@@ -177,8 +175,7 @@ class Pool:
                 taken = slot
             else:
                 self._discard(slot)
-        if taken is None:
-            self.refill()
+        self.refill()
         return taken
 
     def refill(self) -> None:
