@@ -109,6 +109,25 @@ class Deployer:
         if isinstance(event, BuildSucceeded | FunctionUpdated | FunctionDeleted):
             await self.reconcile_one(event.namespace, event.name)
 
+    async def wake(self, namespace: str, name: str, replicas: int) -> bool:
+        """Scale a function from zero at once, without reading its records again: when what
+        runs is the last reconciled record's autoscaled revision at 0 instances, it is asked for
+        `replicas` (the reconcile that follows finds it so). False: not that case."""
+        key = (namespace, name)
+        async with self._locks[key]:
+            record = self.scaled_records.get(key)
+            running = self._backend.current(namespace, name)
+            if (
+                record is None
+                or running is None
+                or not running.autoscaled
+                or running.replicas != 0
+                or (running.uid, running.generation) != (record.uid, record.generation)
+            ):
+                return False
+            await self._backend.apply(dataclasses.replace(running, replicas=replicas))
+            return True
+
     async def reconcile_one(self, namespace: str, name: str) -> None:
         async with self._locks[(namespace, name)]:
             found = await self._functions.get(namespace, name)

@@ -587,7 +587,8 @@ class Instance:
             record = adopted
             await self.log.system(f"instance {self.id} adopted (pid {adopted.pid})")
         else:
-            await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
+            if os.path.lexists(self.socket_dir):  # a former run's (a first run has none)
+                await asyncio.to_thread(shutil.rmtree, self.socket_dir, True)
             self.log.tail.clear()
             pooled = await self._from_pool()
             if pooled is not None:
@@ -939,10 +940,13 @@ class FunctionRunner:
         desired = self.desired
         if self.failed_key is not None and desired.key != self.failed_key:
             self.failure, self.failed_key, self._failed_instances = None, None, ()
-        if self.failed_key is None:
+        previous = self._previous
+        if self.failed_key is None and (previous is None or previous.key != desired.key):
             # hash a new environment off the event loop: load_manifest then finds it verified
+            # (once per revision: a step that only scales or reports skips the thread hop)
             with contextlib.suppress(LambdabusError):
                 await asyncio.to_thread(load_manifest, desired)
+        if self.failed_key is None:
             self._converge(desired)
         for group in (self.target, self.serving):
             if group is not None and group.failure is not None:
@@ -961,7 +965,12 @@ class FunctionRunner:
             legacy, self._legacy = self._legacy, []
             self._spawn(self._retire_legacy(legacy, drain=True))
         self._previous = desired
-        await self._report()
+        if self._to_drain:
+            await self._report()
+        else:
+            # Not awaited: the next step (an instance that now listens) reports right behind
+            # this one instead of after its round trip (the writes reach NATS in order).
+            self._spawn(self._report_or_retry())
         # Only now that the state naming the new endpoints is written do the old ones go.
         while self._to_drain:
             self._stop(self._to_drain.pop(), drain=True)
@@ -1048,6 +1057,17 @@ class FunctionRunner:
     async def _report(self) -> None:
         if not self.removed:
             await self.backend.report(self.observe())
+
+    async def _report_or_retry(self) -> None:
+        try:
+            await self._report()
+        except Exception:
+            log.exception(
+                "deployer runner report failed; reported again",
+                extra={"function": self.desired.function},
+            )
+            await asyncio.sleep(1)
+            self.wake()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

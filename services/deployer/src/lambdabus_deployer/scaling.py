@@ -127,6 +127,11 @@ class Scaling:
             extra={"function": f"{key[0]}/{key[1]}", "decision": decision.message},
         )
         self._deployer.autoscaled[key] = decision.desired
+        # Converge first: a woken function's instance starts before any other round trip
+        # (`Deployer.wake`: without reading its records; the reconcile then confirms).
+        if decision.reason == "Woken":
+            await self._deployer.wake(*key, decision.desired)
+        await self._deployer.reconcile_one(*key)
         state = await self._deployer.state(*key)
         data = DeploymentScaledData(
             namespace=record.namespace,
@@ -148,7 +153,6 @@ class Scaling:
             key=f"{record.uid}:autoscaled:{time.time_ns()}",
             time=datetime.now(UTC),
         )
-        await self._deployer.reconcile_one(*key)
         await self._bus.publish_lifecycle(event)
 
     async def run(self) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -64,6 +65,10 @@ class DeploymentStates:
         self._gone: set[Key] = set()  # being removed: late observations must not revive them
         self._closed = False
         self._revisions: dict[str, RevisionDeployment] = {}
+        # What an observation announces, per function, published in order off the caller's
+        # path: the state (what the router acts on) is written at once; a slow JetStream ack
+        # must not hold the next state (an instance's endpoint) behind it.
+        self._announcing: dict[Key, asyncio.Task[None]] = {}
 
     async def get(self, namespace: str, name: str) -> DeploymentState | None:
         found = await self._registry.get(namespace, name)
@@ -78,12 +83,68 @@ class DeploymentStates:
             return self._last[key]
         return await self.get(*key)
 
+    def _write(self, key: Key, state: DeploymentState) -> asyncio.Future[Any]:
+        """Send the write of a state now (a task: started in the order writes are asked for,
+        so they reach NATS in that order, whoever awaits their acks when)."""
+        return asyncio.ensure_future(self._registry.put(*key, state))
+
     async def _publish(self, event: LifecycleEvent) -> None:
         await self._bus.publish_lifecycle(event)  # retries itself; the Msg-Id dedups
 
+    def _announce_later(
+        self,
+        key: Key,
+        event: LifecycleEvent | None,
+        ready_revision: str | None,
+        written: asyncio.Future[Any] | None = None,
+    ) -> None:
+        """Publish `event`, then announce `ready_revision` ready, after what this function
+        announced before (in order) and once the state they announce is `written`, in the
+        background (not at all when it could not be written: the next observation is)."""
+        before = self._announcing.get(key)
+
+        async def _go() -> None:
+            if before is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await before
+            if written is not None:
+                try:
+                    await asyncio.shield(written)
+                except Exception:
+                    return
+            try:
+                if event is not None:
+                    await self._publish(event)
+                if ready_revision is not None:
+                    await self.announce_ready(key[0], key[1], ready_revision)
+            except Exception as exc:
+                log.warning(
+                    "could not announce a deployment change",
+                    extra={"function": f"{key[0]}/{key[1]}", "error": str(exc)},
+                )
+
+        task = asyncio.create_task(_go())
+        self._announcing[key] = task
+        task.add_done_callback(
+            lambda done: (
+                self._announcing.pop(key, None) if self._announcing.get(key) is done else None
+            )
+        )
+
+    async def announced(self, key: Key | None = None) -> None:
+        """Wait until what observations announced (for `key`, or all) is published."""
+        while True:
+            tasks = [
+                t for k, t in self._announcing.items() if (key is None or k == key) and not t.done()
+            ]
+            if not tasks:
+                return
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def observe(self, obs: Observation) -> None:
-        """Fold a backend's observation into the state; write it, then announce a transition.
-        Raises when NATS fails: the backend reports again."""
+        """Fold a backend's observation into the state; write it, then announce a transition
+        (in the background, in order: see `_announce_later`). Raises when the state cannot be
+        written: the backend reports again."""
         if obs.revision.pinned:
             await self.pinned(obs)
             return
@@ -93,14 +154,22 @@ class DeploymentStates:
                 return
             previous = await self._previous(key)
             decision = next_deployment_state(previous, obs, datetime.now(UTC))
-            if decision.write:
-                await self._registry.put(*key, decision.state)
-            if decision.event is not None:
-                await self._publish(decision.event)
-            self._last[key] = decision.state
-        state = decision.state
-        if state.revision and state.endpoints:
-            await self.announce_ready(state.namespace, state.name, state.revision)
+            state = decision.state
+            # The write is sent at once, the ack awaited outside the lock: the next observation
+            # (an instance that now listens) is sent right behind it on the same connection, in
+            # order, instead of after this one's round trip.
+            writing = self._write(key, state) if decision.write else None
+            self._last[key] = state
+            ready = state.revision if state.revision and state.endpoints else None
+            if decision.event is not None or ready is not None:
+                self._announce_later(key, decision.event, ready, writing)
+        if writing is not None:
+            try:
+                await writing
+            except BaseException:
+                if self._last.get(key) is state:
+                    self._last.pop(key, None)  # unknown what is stored: read it next time
+                raise
 
     async def pinned(self, obs: Observation) -> None:
         """A revision run apart (a route names it): its endpoints, in `revision-deployments`."""
@@ -226,7 +295,8 @@ class DeploymentStates:
             if previous is None or not (previous.endpoints or previous.instances):
                 return
             state = idle_state(previous, generation, datetime.now(UTC))
-            await self._registry.put(*key, state)
+            await self._write(key, state)
+            await self.announced(key)
             if state.phase != previous.phase:
                 await self._publish(deployment_event(state))
             self._last[key] = state
@@ -246,7 +316,8 @@ class DeploymentStates:
                 exclude={"updated_at"}
             ) == state.model_dump(exclude={"updated_at"}):
                 return
-            await self._registry.put(*key, state)
+            await self._write(key, state)
+            await self.announced(key)
             if previous is None or (previous.phase, previous.generation, previous.reason) != (
                 state.phase,
                 state.generation,
@@ -263,7 +334,7 @@ class DeploymentStates:
             previous = await self._previous(key)
             if previous is not None and previous.phase != "stopped":
                 state = stopped_state(previous, datetime.now(UTC))
-                await self._registry.put(*key, state)
+                await self._write(key, state)
                 self._last[key] = state
 
     async def forget(self, namespace: str, name: str) -> None:
@@ -271,11 +342,12 @@ class DeploymentStates:
         key = (namespace, name)
         async with self._locks[key]:
             previous = await self._previous(key)
+            await self.announced(key)
             if previous is not None:
                 if previous.phase != "stopped":
                     previous = stopped_state(previous, datetime.now(UTC))
                 await self._publish(deployment_event(previous))
-                await self._registry.delete(*key)
+                await asyncio.ensure_future(self._registry.delete(*key))  # in order (`_write`)
             self._last.pop(key, None)
             self._gone.discard(key)
 
@@ -287,8 +359,10 @@ class DeploymentStates:
     async def close(self) -> None:
         """The deployer stops: no state names an endpoint of an instance about to stop."""
         self._closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.announced(), 5)
         now = datetime.now(UTC)
         for key, state in list(self._last.items()):
             if state.endpoints or state.instances:
                 async with self._locks[key]:
-                    await self._registry.put(*key, withdrawn_state(state, now))
+                    await self._write(key, withdrawn_state(state, now))
