@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import aiohttp
 
@@ -121,28 +122,11 @@ def make_setup(settings: DeployerSettings) -> Setup:
                     async def wake(subject: str, payload: bytes) -> None:
                         await scaling.wake(subject, payload)
 
-                    tasks = [
-                        asyncio.create_task(
-                            deployer.reconcile_forever(settings.reconcile_interval)
-                        ),
-                        asyncio.create_task(
-                            _watch_secrets(deployer, ctx, settings.reconcile_interval)
-                        ),
-                        asyncio.create_task(scaling.run()),
-                        asyncio.create_task(
-                            _watch_revisions(deployer, ctx, settings.reconcile_interval)
-                        ),
-                    ]
-                    leader.deployer = deployer
-                    try:
-                        async with ctx.bus.listening(f"{WAKE_PREFIX}.>", wake):
-                            await elector.lost.wait()
-                    finally:
-                        leader.deployer = None
-                        for task in tasks:
-                            task.cancel()
-                        await asyncio.gather(*tasks, return_exceptions=True)
-                        states.stop()
+                    async with (
+                        _acting(deployer, states, leader, ctx, settings, scaling.run()),
+                        ctx.bus.listening(f"{WAKE_PREFIX}.>", wake),
+                    ):
+                        await elector.lost.wait()
 
             shutting = asyncio.Event()
             acting = False
@@ -204,20 +188,8 @@ async def kubernetes_setup(settings: DeployerSettings, ctx: ServiceContext) -> A
             ) as backend,
         ):
             deployer = Deployer(bus=ctx.bus, backend=backend, states=states, secrets=secrets)
-            tasks = [
-                asyncio.create_task(deployer.reconcile_forever(settings.reconcile_interval)),
-                asyncio.create_task(_watch_secrets(deployer, ctx, settings.reconcile_interval)),
-                asyncio.create_task(_watch_revisions(deployer, ctx, settings.reconcile_interval)),
-            ]
-            leader.deployer = deployer
-            try:
+            async with _acting(deployer, states, leader, ctx, settings):
                 await elector.lost.wait()
-            finally:
-                leader.deployer = None
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                states.stop()
 
     async def manage() -> None:
         while True:
@@ -298,6 +270,37 @@ def _elect(
     subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-builds"], handler=on_event)
     subscribe_lifecycle(ctx, SUBSCRIPTIONS["deployer-functions"], handler=on_event)
     return secrets, metrics, elector, leader
+
+
+@contextlib.asynccontextmanager
+async def _acting(
+    deployer: Deployer,
+    states: DeploymentStates,
+    leader: Leadership,
+    ctx: ServiceContext,
+    settings: DeployerSettings,
+    *more: Coroutine[Any, Any, None],
+) -> AsyncIterator[None]:
+    """The leader's work while it leads: `deployer` takes the events, reconciles, follows
+    secrets and routes (and runs `more`); on exit every task stops and events go back to
+    being redelivered."""
+    interval = settings.reconcile_interval
+    work = (
+        deployer.reconcile_forever(interval),
+        _watch_secrets(deployer, ctx, interval),
+        _watch_revisions(deployer, ctx, interval),
+        *more,
+    )
+    tasks = [asyncio.create_task(job) for job in work]
+    leader.deployer = deployer
+    try:
+        yield
+    finally:
+        leader.deployer = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        states.stop()
 
 
 class Leadership:
