@@ -3,10 +3,14 @@ which bind sources need exposing to it, and the firewall rules."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+
+import pytest
 
 from lambdabus_platform.sandbox import (
     LAUNCHER_ENV,
@@ -18,6 +22,7 @@ from lambdabus_platform.sandbox import (
     bwrap_args,
     egress_rules,
     identity_for,
+    read_pipe,
     slirp_args,
     system_binds,
 )
@@ -146,3 +151,34 @@ def test_sources_behind_a_closed_dir_are_exposed_from_its_topmost_blocked_ancest
         assert blocked_roots(sources, Identity(os.getuid(), os.getgid())) == {}
     finally:
         shutil.rmtree(base)
+
+
+async def test_a_pipe_read_that_times_out_leaves_no_reader_behind() -> None:
+    """A timed-out read (bubblewrap that never reports) stops reading at once: no executor
+    thread goes on reading the fd, whose number the next open() may be given."""
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe, pytest.raises(TimeoutError):
+            await asyncio.wait_for(read_pipe(pipe), 0.05)
+        assert not [t for t in threading.enumerate() if t.name.startswith("asyncio_")]
+        reused_r, reused_w = os.pipe()  # likely the same number again: nobody reads it
+        os.write(reused_w, b"mine")
+        await asyncio.sleep(0.05)
+        assert os.read(reused_r, 16) == b"mine"
+        os.close(reused_r)
+        os.close(reused_w)
+    finally:
+        os.close(write_end)
+
+
+async def test_a_pipe_is_read_to_its_end_or_to_a_size() -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"child-pid": 7}')
+    os.close(write_end)
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        assert await read_pipe(pipe) == b'{"child-pid": 7}'
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"12")
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        assert await read_pipe(pipe, 1) == b"1"
+    os.close(write_end)

@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from lambdabus_platform.errors import PermanentError
 
@@ -478,11 +478,20 @@ def _memfd(data: DataFile) -> int:
     return fd
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_pipe(pipe: BinaryIO, size: int = -1) -> bytes:
+    """Read `pipe` to its end (or at most `size` bytes) on the event loop; the caller closes
+    it (`with os.fdopen(fd, "rb", buffering=0) as pipe`). Never in a thread: a thread cancelled by
+    a timeout would go on reading, holding an executor worker the loop's close waits for,
+    and would read whatever file the fd's number is given to next."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe
+    )
+    try:
+        return await reader.read(size)
+    finally:
+        transport.close()
 
 
 async def launch(
@@ -553,7 +562,7 @@ async def launch(
             ),
         )
     except BaseException:
-        for fd in (exit_r, exit_w):
+        for fd in (info_r, exit_r, exit_w, block_w):
             if fd is not None:
                 os.close(fd)
         raise
@@ -564,10 +573,8 @@ async def launch(
         os.close(exit_w)  # the sandbox holds it now
     handle = SandboxProcess(process=process, identity=identity, network=network)
     try:
-        try:
-            info = await asyncio.wait_for(asyncio.to_thread(_read_all, info_r), start_timeout)
-        finally:
-            os.close(info_r)
+        with os.fdopen(info_r, "rb", buffering=0) as pipe:
+            info = await asyncio.wait_for(read_pipe(pipe), start_timeout)
         if info:
             handle.child_pid = int(json.loads(info)["child-pid"])
         if network == "outbound":
@@ -653,10 +660,8 @@ async def _start_slirp(
     os.close(ready_w)
     os.close(exit_r)
     handle.slirp, handle._exit_w = slirp, exit_w
-    try:
-        ready = await asyncio.wait_for(asyncio.to_thread(os.read, ready_r, 1), timeout)
-    finally:
-        os.close(ready_r)
+    with os.fdopen(ready_r, "rb", buffering=0) as pipe:
+        ready = await asyncio.wait_for(read_pipe(pipe, 1), timeout)
     if ready != b"1":
         detail = b""
         if slirp.stderr is not None:
