@@ -94,6 +94,24 @@ async def revoked_token(bus: Bus) -> str:
     return value
 
 
+async def test_a_revoked_token_stays_refused_while_the_watch_still_brings_its_record(
+    bus: Bus,
+) -> None:
+    """A replica's watch may lag: the record of a token revoked on this replica can still
+    arrive after the revocation (its deletion comes later, in order). It must not bring the
+    token back, not even for a moment."""
+    store = await _store(bus)  # its watch is played by hand: the lag is chosen, not hoped for
+    minted = await store.create("late", "admin", ["*"])
+    record = minted.record.model_dump_json().encode()
+    assert (await store.verify(minted.token)).record is not None
+    await store.revoke(minted.record.id)
+    store._apply(minted.record.id, record)  # the watch, late, delivers the token's record
+    assert (await store.verify(minted.token)).record is None
+    store._apply(minted.record.id, b"")  # then its deletion
+    assert (await store.verify(minted.token)).record is None
+    assert await bus.kv(TOKENS_BUCKET).get(minted.record.id) is None
+
+
 @dataclass
 class Answer:
     status: int

@@ -58,6 +58,9 @@ class TokenStore:
     def __init__(self, kv: Kv) -> None:
         self._kv = kv
         self._cache: dict[str, TokenRecord] = {}
+        # Revoked here, their deletion not yet seen by the watch: a lagging watch may still
+        # deliver the token's earlier record, which must not bring it back.
+        self._revoked: set[str] = set()
         self._ready = asyncio.Event()
 
     @contextlib.asynccontextmanager
@@ -82,6 +85,7 @@ class TokenStore:
                     record = _decode(entry.value)
                     if record is not None and record.id == entry.key:
                         seen[entry.key] = record
+                self._revoked &= set(seen)  # the others' deletions are read
                 self._cache = seen
                 self._ready.set()
                 async for entry in self._kv.watch(">"):
@@ -98,7 +102,8 @@ class TokenStore:
         record = _decode(value)
         if record is None or record.id != key:
             self._cache.pop(key, None)
-        else:
+            self._revoked.discard(key)  # its deletion, in order: nothing older comes after
+        elif key not in self._revoked:
             self._cache[key] = record
 
     async def verify(self, token: str) -> Verdict:
@@ -107,6 +112,8 @@ class TokenStore:
         if parsed is None:
             return Verdict(None, "the token is malformed (expected lbt_<id>_<secret>)")
         token_id, secret = parsed
+        if token_id in self._revoked:
+            return Verdict(None, "the token is unknown or revoked")
         record = self._cache.get(token_id)
         if record is None:
             entry = await self._kv.get(token_id)
@@ -148,9 +155,18 @@ class TokenStore:
         record = _decode(entry.value) if entry is not None else None
         if entry is None or record is None:
             raise NotFound(f"no token {token_id!r}", code="token_not_found")
-        await self._kv.delete(token_id)
-        self._cache.pop(token_id, None)
+        await self._forget(token_id)
         return record
+
+    async def _forget(self, token_id: str) -> None:
+        """Delete a token: refused here at once, whatever the watch still has to deliver."""
+        self._revoked.add(token_id)
+        self._cache.pop(token_id, None)
+        try:
+            await self._kv.delete(token_id)
+        except BaseException:
+            self._revoked.discard(token_id)  # not revoked after all
+            raise
 
     async def bootstrap_admin(self, path: Path, *, renew: bool = False) -> bool:
         """On a platform's first start, mint an admin token for every namespace and write it to
@@ -176,13 +192,12 @@ class TokenStore:
             else:
                 await self._kv.update(BOOTSTRAP_KEY, minted.record.id.encode(), before.revision)
         except (AlreadyExists, Conflict):  # another replica won: it writes the file
-            await self._kv.delete(minted.record.id)
+            await self._forget(minted.record.id)
             return False
         if before is not None:
             old = before.value.decode(errors="replace")
             if is_token_id(old):
-                await self._kv.delete(old)
-                self._cache.pop(old, None)
+                await self._forget(old)
         write_secret_file(path, minted.token + "\n")
         log.info("bootstrapped an admin token", extra={"path": str(path), "id": minted.record.id})
         return True
