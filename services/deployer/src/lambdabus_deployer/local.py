@@ -517,7 +517,12 @@ class Instance:
             return None
         previous = (self.scratch, self.socket_dir, self.identity)
         self.scratch, self.socket_dir, self.identity = slot.scratch, slot.socket_dir, slot.identity
-        spec = self._spec()
+        try:
+            spec = self._spec()
+        except BaseException:
+            self.scratch, self.socket_dir, self.identity = previous
+            await backend.pool.release(slot)
+            raise
         manifest = self.group.manifest
         try:
             limits = await backend.pool.specialise(

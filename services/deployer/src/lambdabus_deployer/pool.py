@@ -141,6 +141,8 @@ class Pool:
         # does: EOF on its stdin. Specialised ones are in the process table, as instances.)
         self._ids_path = settings.state_dir / "pool.json"
         self._slot_ids: set[str] = set()
+        # Every started slot not yet specialised, idle or taken: the pool's to stop at close.
+        self._live: dict[str, Slot] = {}
 
     def _save_ids(self) -> None:
         tmp = self._ids_path.with_suffix(f".{os.getpid()}.tmp")
@@ -303,6 +305,7 @@ class Pool:
             status=paths[2],
         )
         self._slot_ids.add(slot_id)
+        self._live[slot_id] = slot
         self._save_ids()
         return slot
 
@@ -342,8 +345,13 @@ class Pool:
         finally:
             slot.close_control()
         self._slot_ids.discard(slot.id)
+        self._live.pop(slot.id, None)
         self._save_ids()
         return run
+
+    async def release(self, slot: Slot) -> None:
+        """A taken slot its taker will not specialise: stopped, its leftovers removed."""
+        await self._stop(slot)
 
     async def _stop(self, slot: Slot) -> None:
         slot.handle.kill()
@@ -365,15 +373,23 @@ class Pool:
         for path in (slot.stdout, slot.stderr, slot.status):
             path.unlink(missing_ok=True)
         self._slot_ids.discard(slot.id)
+        self._live.pop(slot.id, None)
         self._save_ids()
 
     async def aclose(self) -> None:
-        """Stop every idle slot (specialised ones are instances: not the pool's any more)."""
+        """Stop every slot not specialised: the idle ones, and any taken but never made an
+        instance (specialised ones are instances: not the pool's any more)."""
         self._closed = True
         if self._filling is not None:
             self._filling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filling
-        slots = self.idle()
+        idle = {slot.id for slot in self.idle()}
         self._slots.clear()
+        slots = list(self._live.values())
+        lost = [slot.id for slot in slots if slot.id not in idle]
+        if lost:
+            log.warning("stopping pre-started runtimes taken but never used", extra={"slots": lost})
+        for slot in slots:
+            slot.handle.kill()  # at once: what follows may be cut short by a shutdown's limit
         await asyncio.gather(*(self._stop(slot) for slot in slots), return_exceptions=True)

@@ -1,0 +1,91 @@
+"""The pool of pre-started runtimes with real sandboxes (bubblewrap, the real runtime, this
+machine's cgroups or rlimits): whatever it started and did not make an instance ends with
+it, a slot that was taken and never specialised too.
+
+Skipped, saying why, where bubblewrap cannot make a sandbox here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lambdabus_deployer.limits import detect_limiter
+from lambdabus_deployer.plan import PoolKey
+from lambdabus_deployer.pool import Pool, pool_dir
+from lambdabus_deployer.runtime import locate_runtime
+from lambdabus_deployer.settings import DeployerSettings
+from lambdabus_platform.sandbox import detect_sandbox
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_a_slot_taken_and_never_used_ends_with_the_pool(tmp_path: Path) -> None:
+    sandbox = await detect_sandbox("auto")
+    if not sandbox.enabled:
+        pytest.skip(f"no sandbox here: {sandbox.reason}")
+    settings = DeployerSettings(port=0, state_dir=tmp_path / "deployer", pool_size=2)
+    settings.state_dir.mkdir()
+    pool_dir(settings).mkdir(mode=0o700)
+    settings.sockets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    prefix = Path(os.path.realpath(sys.executable)).parent.parent
+    key = PoolKey(
+        runtime="python3.11",
+        env_dir=str(env),
+        network="none",
+        tmp_size=16,
+        interpreter_dirs=() if prefix == Path("/usr") else (str(prefix),),
+    )
+    limiter = await asyncio.to_thread(
+        detect_limiter,
+        settings.limits,
+        settings.scratch,
+        cgroup_root=settings.cgroup_root,
+        state_dir=settings.state_dir,
+        oom_poll_interval=settings.oom_poll_interval,
+    )
+    pool = Pool(
+        settings,
+        sandbox=sandbox,
+        limiter=limiter,
+        runtime=locate_runtime(settings),
+        wanted=lambda: {key: object()},
+    )
+    pool.refill()
+    deadline = time.monotonic() + 30
+    while len([s for s in pool.idle() if s.alive]) < 2:
+        assert time.monotonic() < deadline, "the pool did not fill"
+        await asyncio.sleep(0.05)
+    taken = pool.take(key)  # taken by an instance start that then never specialises it
+    assert taken is not None
+    deadline = time.monotonic() + 30
+    while len(pool.idle()) < 2:  # the pool starts another in its place
+        assert time.monotonic() < deadline, "the pool did not refill"
+        await asyncio.sleep(0.05)
+    started = [taken, *pool.idle()]
+    pids = [pid for s in started for pid in (s.handle.pid, s.handle.child_pid) if pid]
+    assert all(_alive(pid) for pid in pids)
+
+    await pool.aclose()
+
+    assert all(s.handle.process.returncode is not None for s in started)
+    assert not [pid for pid in pids if _alive(pid)]
+    assert json.loads((settings.state_dir / "pool.json").read_text()) == []
+    assert list(pool_dir(settings).iterdir()) == []
+    if limiter.hierarchy is not None:
+        assert all(limiter.hierarchy.find(s.id) is None for s in started)
