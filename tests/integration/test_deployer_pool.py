@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lambdabus_deployer.limits import detect_limiter
+from lambdabus_deployer.limits import Limiter, detect_limiter
 from lambdabus_deployer.plan import PoolKey
 from lambdabus_deployer.pool import Pool, pool_dir
 from lambdabus_deployer.runtime import locate_runtime
@@ -32,7 +32,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_a_slot_taken_and_never_used_ends_with_the_pool(tmp_path: Path) -> None:
+async def _pool(tmp_path: Path) -> tuple[Pool, PoolKey, DeployerSettings, Limiter]:
     sandbox = await detect_sandbox("auto")
     if not sandbox.enabled:
         pytest.skip(f"no sandbox here: {sandbox.reason}")
@@ -66,11 +66,20 @@ async def test_a_slot_taken_and_never_used_ends_with_the_pool(tmp_path: Path) ->
         runtime=locate_runtime(settings),
         wanted=lambda: {key: object()},
     )
-    pool.refill()
+    return pool, key, settings, limiter
+
+
+async def _idle(pool: Pool, count: int) -> None:
     deadline = time.monotonic() + 30
-    while len([s for s in pool.idle() if s.alive]) < 2:
-        assert time.monotonic() < deadline, "the pool did not fill"
+    while len([s for s in pool.idle() if s.alive]) < count:
+        assert time.monotonic() < deadline, f"the pool did not reach {count} idle"
         await asyncio.sleep(0.05)
+
+
+async def test_a_slot_taken_and_never_used_ends_with_the_pool(tmp_path: Path) -> None:
+    pool, key, settings, limiter = await _pool(tmp_path)
+    pool.refill()
+    await _idle(pool, 2)
     taken = pool.take(key)  # taken by an instance start that then never specialises it
     assert taken is not None
     deadline = time.monotonic() + 30
@@ -89,3 +98,21 @@ async def test_a_slot_taken_and_never_used_ends_with_the_pool(tmp_path: Path) ->
     assert list(pool_dir(settings).iterdir()) == []
     if limiter.hierarchy is not None:
         assert all(limiter.hierarchy.find(s.id) is None for s in started)
+
+
+async def test_a_cold_start_that_finds_no_idle_runtime_grows_that_keys_pool(
+    tmp_path: Path,
+) -> None:
+    pool, key, _, _ = await _pool(tmp_path)
+    try:
+        pool.refill()
+        await _idle(pool, 2)
+        burst = [pool.take(key) for _ in range(3)]  # three wakes at once: two idle
+        assert burst[2] is None
+        assert pool.sizer.target(key, time.monotonic()) == 3
+        await _idle(pool, 3)  # the next burst of three finds three
+        for slot in burst:
+            if slot is not None:
+                await pool.release(slot)
+    finally:
+        await pool.aclose()

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from lambdabus_deployer.plan import (
     POOL_FLAG,
+    PoolKey,
     pool_key,
     pool_message,
     render_pooled,
     render_sandbox,
 )
-from lambdabus_deployer.pool import fill_code
+from lambdabus_deployer.pool import PoolSizer, fill_code
 from lambdabus_platform.sandbox import Bind
 from tests.unit.test_deployer_plan import RUNTIME, manifest, revision, settings, spec
 
@@ -202,3 +203,36 @@ def test_a_pooled_runtime_refuses_a_message_it_cannot_read() -> None:
     _, err = process.communicate(b'{"argv": "not a list", "env": {}}\n', timeout=30)
     assert process.returncode == 2
     assert b"argv is not strings" in err
+
+
+def test_a_key_whose_cold_starts_find_no_idle_runtime_keeps_more_then_gives_them_back() -> None:
+    sizer = PoolSizer(base=2, most=5, shrink_after=300.0)
+    python = PoolKey(runtime="python3.11", env_dir="/envs/a", network="none", tmp_size=16)
+    other = PoolKey(runtime="python3.11", env_dir="/envs/b", network="none", tmp_size=16)
+    assert sizer.target(python, 0.0) == 2
+    assert sizer.next_shrink(0.0) is None
+    for _ in range(2):  # a burst of 4 wakes found 2 idle: 2 misses
+        sizer.missed(python, 10.0)
+    assert sizer.target(python, 10.0) == 4
+    assert sizer.target(other, 10.0) == 2  # per key
+    for _ in range(5):
+        sizer.missed(python, 20.0)
+    assert sizer.target(python, 20.0) == 5  # never above `most`
+    assert sizer.next_shrink(20.0) == 300.0
+    assert sizer.target(python, 319.0) == 5
+    assert sizer.target(python, 320.0) == 4  # one back per 300 s without a miss
+    assert sizer.next_shrink(320.0) == 300.0
+    assert sizer.target(python, 20.0 + 3 * 300) == 2
+    assert sizer.target(python, 20.0 + 9 * 300) == 2  # never below `base`
+    assert sizer.next_shrink(20.0 + 9 * 300) is None
+    sizer.missed(python, 5000.0)
+    assert sizer.target(python, 5000.0) == 3
+    sizer.forget({other})  # no function uses it any more
+    assert sizer.target(python, 5000.0) == 2
+
+
+def test_no_pool_grows_no_pool() -> None:
+    sizer = PoolSizer(base=0, most=6, shrink_after=300.0)
+    python = PoolKey(runtime="python3.11", env_dir="/envs/a", network="none", tmp_size=16)
+    sizer.missed(python, 1.0)
+    assert sizer.target(python, 1.0) == 0

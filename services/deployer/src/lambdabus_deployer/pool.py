@@ -2,7 +2,8 @@
 manager, without its specialisation over HTTP).
 
 For each `PoolKey` in use (a Python runtime, a dependency environment, a network mode, a /tmp
-size) the pool keeps `pool_size` sandboxes already running `python -m lambdabus_runtime --pool`:
+size) the pool keeps `pool_size` sandboxes already running `python -m lambdabus_runtime --pool`
+(more for a key whose cold starts found none idle: `PoolSizer`):
 bubblewrap made, slirp4netns attached (network outbound), the interpreter started and the
 runtime imported, waiting for one line on stdin. Each has its own uid, scratch tmpfs, socket
 dir, log files, cgroup (`pool-…`, the pool's loose limits) and an empty code dir of its own,
@@ -55,6 +56,50 @@ def _hard(res: int, value: int) -> int:
 
 
 LOGS_DIR = "instance-logs"
+
+
+@dataclass
+class PoolSizer:
+    """How many idle slots each key keeps: `base` (the pool size); one more for each cold start
+    that found none idle (a miss: the next burst of that key finds one more), up to `most`;
+    and one fewer for each `shrink_after` seconds without a miss, back to `base`. Pure: the
+    caller gives the time."""
+
+    base: int
+    most: int
+    shrink_after: float
+    _extra: dict[PoolKey, tuple[int, float]] = field(default_factory=dict)
+
+    def _extra_now(self, key: PoolKey, now: float) -> int:
+        extra, since = self._extra.get(key, (0, now))
+        return max(0, extra - int((now - since) // self.shrink_after))
+
+    def missed(self, key: PoolKey, now: float) -> None:
+        if self.base == 0:
+            return  # no pool at all
+        extra = min(max(self.most - self.base, 0), self._extra_now(key, now) + 1)
+        self._extra[key] = (extra, now)
+
+    def target(self, key: PoolKey, now: float) -> int:
+        if self.base == 0:
+            return 0
+        extra = self._extra_now(key, now)
+        if extra == 0:
+            self._extra.pop(key, None)
+        return self.base + extra
+
+    def next_shrink(self, now: float) -> float | None:
+        """In how many seconds some key gives a slot back (None: none is grown)."""
+        due = [
+            self.shrink_after - (now - since) % self.shrink_after
+            for key, (_, since) in self._extra.items()
+            if self._extra_now(key, now) > 0
+        ]
+        return min(due) if due else None
+
+    def forget(self, keys: set[PoolKey]) -> None:
+        for key in set(self._extra) - keys:
+            del self._extra[key]
 
 
 def pool_dir(settings: DeployerSettings) -> Path:
@@ -133,6 +178,12 @@ class Pool:
         self._wanted = wanted
         self._slots: dict[PoolKey, list[Slot]] = {}
         self._filling: asyncio.Task[None] | None = None
+        self.sizer = PoolSizer(
+            base=settings.pool_size,
+            most=max(settings.pool_size, settings.pool_max_size),
+            shrink_after=settings.pool_shrink_seconds,
+        )
+        self._shrink: asyncio.TimerHandle | None = None
         self._again = False
         self._closed = False
         self._failures: dict[PoolKey, int] = {}
@@ -177,6 +228,10 @@ class Pool:
                 taken = slot
             else:
                 self._discard(slot)
+        if taken is None and self.size > 0 and key in self._slots:
+            # (a key not filled yet, a function's first start, is no miss)
+            self.sizer.missed(key, time.monotonic())
+            log.info("no pre-started runtime was idle: a fresh start", extra={"env": key.env_dir})
         self.refill()
         return taken
 
@@ -194,6 +249,7 @@ class Pool:
         while True:
             self._again = False
             wanted = set(self._wanted())
+            self.sizer.forget(wanted)
             for key in list(self._slots):
                 if key not in wanted:  # no function uses it any more
                     for slot in self._slots.pop(key):
@@ -203,7 +259,10 @@ class Pool:
                 for slot in [s for s in slots if not s.alive]:
                     slots.remove(slot)
                     self._discard(slot)
-                while len(slots) < self.size and not self._closed:
+                target = self.sizer.target(key, time.monotonic())
+                while len(slots) > target and not self._closed:  # grown, and shrunk since
+                    await self._stop(slots.pop())
+                while len(slots) < target and not self._closed:
                     if self._failures.get(key, 0) >= 3:
                         break  # said once; the next function change tries again
                     try:
@@ -219,7 +278,17 @@ class Pool:
                     if self._again:
                         break
             if not self._again or self._closed:
+                self._shrink_later()
                 return
+
+    def _shrink_later(self) -> None:
+        """Refill (which trims) when the next grown key is due to give a slot back."""
+        if self._shrink is not None:
+            self._shrink.cancel()
+            self._shrink = None
+        due = self.sizer.next_shrink(time.monotonic())
+        if due is not None and not self._closed:
+            self._shrink = asyncio.get_running_loop().call_later(due + 0.01, self.refill)
 
     def forget_failures(self) -> None:
         self._failures.clear()
@@ -380,6 +449,8 @@ class Pool:
         """Stop every slot not specialised: the idle ones, and any taken but never made an
         instance (specialised ones are instances: not the pool's any more)."""
         self._closed = True
+        if self._shrink is not None:
+            self._shrink.cancel()
         if self._filling is not None:
             self._filling.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -150,6 +150,19 @@ class DeployerSettings(ServiceSettings):
         description="pre-started sandboxed runtimes kept per runtime and dependency "
         "environment in use, each specialised to one function on demand (0: none)",
     )
+    pool_max_size: int = Field(
+        default=6,
+        ge=0,
+        le=64,
+        description="the most idle pre-started runtimes one key may grow to: each cold start "
+        "that finds none idle adds one for the next (below pool_size: pool_size)",
+    )
+    pool_shrink_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="a key grown past pool_size gives one idle pre-started runtime back for "
+        "each this long without a cold start that found none",
+    )
     pool_start_boost_seconds: float = Field(
         default=1.0,
         ge=0,
