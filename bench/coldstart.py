@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lambdabus_platform.sandbox import Bind, SandboxSpec, detect_sandbox, launch
+from lambdabus_platform.sandbox import detect_sandbox, launch
+from lambdabus_testing.sandboxed import first_answer, runtime_command, runtime_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_SRC = ROOT / "libs" / "runtime" / "src"
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 NPM_CACHE = ROOT / ".cache" / "npm"
 NS = "default"
@@ -185,37 +185,9 @@ async def spawn_once(code_dir: Path, socket_dir: Path) -> float:
     """bubblewrap + the runtime (as the deployer starts it, no network) until its first
     answer to a call: seconds."""
     sandbox = await detect_sandbox("bubblewrap")
-    prefix = sys.base_prefix
     sock = socket_dir / "sock"
     sock.unlink(missing_ok=True)
-    spec = SandboxSpec(
-        command=(
-            os.path.realpath(sys.executable),
-            "-m",
-            "lambdabus_runtime",
-            "--code",
-            "/lambdabus/code",
-            "--entrypoint",
-            "lambda_main.py",
-            "--socket",
-            "/run/lambdabus/http/sock",
-            "--function",
-            f"{NS}/spawn",
-        ),
-        env=(
-            ("PATH", "/usr/bin:/bin"),
-            ("PYTHONPATH", "/lambdabus/runtime"),
-            ("PYTHONDONTWRITEBYTECODE", "1"),
-            ("MALLOC_ARENA_MAX", "2"),
-        ),
-        binds=(
-            Bind(prefix, prefix),
-            Bind(str(code_dir), "/lambdabus/code"),
-            Bind(str(RUNTIME_SRC), "/lambdabus/runtime"),
-            Bind(str(socket_dir), "/run/lambdabus/http", writable=True),
-        ),
-        network="none",
-    )
+    spec = runtime_spec(code_dir, socket_dir, runtime_command(f"{NS}/spawn"))
     started = time.perf_counter()
     handle = await launch(sandbox, spec, key=f"{NS}/spawn", stdout=asyncio.subprocess.PIPE)
     try:
@@ -223,17 +195,8 @@ async def spawn_once(code_dir: Path, socket_dir: Path) -> float:
         line = await asyncio.wait_for(handle.process.stdout.readline(), 30)
         if b"listening" not in line:
             raise RuntimeError(f"the sandboxed runtime did not start: {line!r}")
-        reader, writer = await asyncio.open_unix_connection(str(sock))
-        writer.write(
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
-        )
-        status = await reader.readline()
-        await reader.read()
-        writer.close()
-        elapsed = time.perf_counter() - started
-        if b" 200 " not in status:
-            raise RuntimeError(f"the sandboxed runtime answered {status!r}")
-        return elapsed
+        await first_answer(sock)
+        return time.perf_counter() - started
     finally:
         handle.kill()
         await handle.process.wait()

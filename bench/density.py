@@ -21,36 +21,22 @@ import asyncio
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lambdabus_platform.sandbox import (
-    Bind,
     NetworkMode,
     Sandbox,
     SandboxProcess,
-    SandboxSpec,
     descendants,
     detect_sandbox,
     launch,
 )
+from lambdabus_testing.sandboxed import first_answer, runtime_command, runtime_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_SRC = ROOT / "libs" / "runtime" / "src"
 SOURCE = "async def main(request):\n    return {'ok': True}\n"
-FLAGS = ["--code", "/lambdabus/code", "--entrypoint", "lambda_main.py", "--socket"]
-SOCKET = "/run/lambdabus/http/sock"
-ENV = (
-    ("PATH", "/usr/bin:/bin"),
-    ("PYTHONPATH", "/lambdabus/runtime"),
-    ("PYTHONDONTWRITEBYTECODE", "1"),
-    ("PYTHONUNBUFFERED", "1"),
-    ("MALLOC_ARENA_MAX", "2"),
-    ("HOME", "/tmp"),
-)
 
 
 @dataclass
@@ -87,23 +73,10 @@ async def start_one(
     socket_dir = work / f"sock-{index}"
     socket_dir.mkdir(mode=0o777)
     socket_dir.chmod(0o777)  # whichever uid the sandbox runs as may listen there
-    prefix = sys.base_prefix
     name = f"density/fn{index}"
-    argv = [*FLAGS, SOCKET, "--function", name]
-    python = os.path.realpath(sys.executable)
-    command = [python, "-m", "lambdabus_runtime"]
-    command += ["--pool", " " * 512] if mode == "pooled" else argv
-    spec = SandboxSpec(
-        command=tuple(command),
-        env=ENV,
-        binds=(
-            Bind(prefix, prefix),
-            Bind(str(code), "/lambdabus/code"),
-            Bind(str(RUNTIME_SRC), "/lambdabus/runtime"),
-            Bind(str(socket_dir), "/run/lambdabus/http", writable=True),
-        ),
-        network=network,
-    )
+    argv = runtime_command(name)
+    command = [*argv[:3], "--pool", " " * 512] if mode == "pooled" else argv
+    spec = runtime_spec(code, socket_dir, command, network=network)
     stdin: int | None = asyncio.subprocess.DEVNULL
     control_r = control_w = -1
     if mode == "pooled":
@@ -115,19 +88,13 @@ async def start_one(
     if mode == "pooled":
         os.close(control_r)
         await asyncio.sleep(0.05)  # imported and waiting, as in the pool
-        os.write(control_w, json.dumps({"argv": argv, "env": {}}).encode() + b"\n")
+        os.write(control_w, json.dumps({"argv": argv[3:], "env": {}}).encode() + b"\n")
         os.close(control_w)
     assert handle.process.stdout is not None
     line = await asyncio.wait_for(handle.process.stdout.readline(), 60)
     if b"listening" not in line:
         raise RuntimeError(f"the sandboxed runtime did not start: {line!r}")
-    reader, writer = await asyncio.open_unix_connection(str(socket_dir / "sock"))
-    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-    status = await reader.readline()
-    await reader.read()
-    writer.close()
-    if b" 200 " not in status:
-        raise RuntimeError(f"the instance answered {status!r}")
+    await first_answer(socket_dir / "sock")
     return Running(handle, socket_dir)
 
 

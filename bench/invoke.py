@@ -53,7 +53,7 @@ from lambdabus_events.models import (
 from lambdabus_platform.bus import Bus
 from lambdabus_platform.natsserver import NatsServer, run_nats_server
 from lambdabus_platform.registry import Registry
-from lambdabus_platform.sandbox import Bind, SandboxSpec, detect_sandbox, launch
+from lambdabus_platform.sandbox import detect_sandbox, launch
 from lambdabus_platform.subjects import (
     DEPLOYMENTS_BUCKET,
     FUNCTIONS_BUCKET,
@@ -62,6 +62,7 @@ from lambdabus_platform.subjects import (
 )
 from lambdabus_testing.endpoints import base_url, connector
 from lambdabus_testing.processes import ready_process
+from lambdabus_testing.sandboxed import runtime_command, runtime_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_SRC = ROOT / "libs" / "runtime" / "src"
@@ -191,30 +192,7 @@ async def sandboxed_runtime(code_dir: Path, socket: Path) -> AsyncIterator[tuple
     """The runtime in the platform's sandbox, as the deployer starts it: (endpoint, its pid)."""
     sandbox = await detect_sandbox("bubblewrap")
     socket.parent.chmod(0o777)  # whichever uid the sandbox runs as may listen there
-    prefix = sys.base_prefix
-    spec = SandboxSpec(
-        command=(
-            os.path.realpath(sys.executable),
-            "-m",
-            "lambdabus_runtime",
-            "--code",
-            "/lambdabus/code",
-            "--entrypoint",
-            "lambda_main.py",
-            "--socket",
-            "/run/lambdabus/http/sock",
-            "--function",
-            f"{NAMESPACE}/{NAME}",
-        ),
-        env=(("PATH", "/usr/bin:/bin"), ("PYTHONPATH", "/lambdabus/runtime")),
-        binds=(
-            Bind(prefix, prefix),
-            Bind(str(code_dir), "/lambdabus/code"),
-            Bind(str(RUNTIME_SRC), "/lambdabus/runtime"),
-            Bind(str(socket.parent), "/run/lambdabus/http", writable=True),
-        ),
-        network="none",
-    )
+    spec = runtime_spec(code_dir, socket.parent, runtime_command(f"{NAMESPACE}/{NAME}"))
     handle = await launch(sandbox, spec, key=f"{NAMESPACE}/{NAME}")
     try:
         assert handle.process.stdout is not None

@@ -242,33 +242,41 @@ class Kv:
         count = int(info.num_pending or 0)
         entries: list[KvEntry] = []
         try:
-            if count:
-                sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
-                try:
-                    received = 0
-                    while received < count:
-                        batch = await sub.fetch(min(count - received, 1000), timeout=js._timeout)
-                        received += len(batch)
-                        for msg in batch:
-                            headers = msg.headers or {}
-                            if headers.get(_KV_OP) in _KV_REMOVED or _KV_MARKER in headers:
-                                continue
-                            entries.append(
-                                KvEntry(
-                                    msg.subject.removeprefix(kv._pre),
-                                    msg.data,
-                                    msg.metadata.sequence.stream,
-                                )
-                            )
-                except TimeoutError as exc:  # nats-py raises asyncio's and its own subclass
-                    raise TemporaryError(f"reading {stream} timed out; retry") from exc
-                finally:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+            for msg in await _fetch_pending(js, stream, name, count, js._timeout):
+                headers = msg.headers or {}
+                if headers.get(_KV_OP) in _KV_REMOVED or _KV_MARKER in headers:
+                    continue
+                entries.append(
+                    KvEntry(
+                        msg.subject.removeprefix(kv._pre), msg.data, msg.metadata.sequence.stream
+                    )
+                )
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(js.delete_consumer(stream, name), 2.0)
         return entries
+
+
+async def _fetch_pending(
+    js: JetStreamContext, stream: str, consumer: str, count: int, timeout: float
+) -> list[Msg]:
+    """The next `count` messages of a pull consumer that has at least that many pending; fewer
+    when some went meanwhile (expired, purged). Nothing at all in `timeout`: the server is
+    slow, TemporaryError."""
+    out: list[Msg] = []
+    if count <= 0:
+        return out
+    sub = await js.pull_subscribe_bind(consumer=consumer, stream=stream)
+    try:
+        while len(out) < count:
+            out += await sub.fetch(min(count - len(out), 1000), timeout=timeout)
+    except TimeoutError as exc:  # nats-py raises asyncio's and its own subclass of it
+        if not out:
+            raise TemporaryError(f"reading {stream} timed out; retry") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out[:count]
 
 
 class Bus:
@@ -684,28 +692,13 @@ class Bus:
 
     async def _fetch(self, stream: str, consumer: str, count: int) -> list[StreamMessage]:
         """The next `count` messages of a consumer that has at least that many pending."""
-        out: list[StreamMessage] = []
-        if count <= 0:
-            return out
-        sub = await self._js.pull_subscribe_bind(consumer=consumer, stream=stream)
-        try:
-            while len(out) < count:
-                batch = await sub.fetch(
-                    min(count - len(out), 1000), timeout=self._settings.request_timeout
-                )
-                for msg in batch:
-                    meta = msg.metadata
-                    out.append(
-                        StreamMessage(msg.subject, msg.data, meta.sequence.stream, meta.timestamp)
-                    )
-        except TimeoutError as exc:  # nats-py raises asyncio's and its own subclass of it
-            # Fewer than counted: some expired meanwhile. Nothing at all: the server is slow.
-            if not out:
-                raise TemporaryError(f"reading {stream} timed out; retry") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        return out[:count]
+        found = await _fetch_pending(
+            self._js, stream, consumer, count, self._settings.request_timeout
+        )
+        return [
+            StreamMessage(m.subject, m.data, m.metadata.sequence.stream, m.metadata.timestamp)
+            for m in found
+        ]
 
     async def _drop_consumer(self, stream: str, name: str) -> None:
         with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.TimeoutError):
