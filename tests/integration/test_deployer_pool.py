@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lambdabus_deployer.limits import Limiter, detect_limiter
+from lambdabus_deployer.limits import Limiter
+from lambdabus_deployer.local import limiter_for
 from lambdabus_deployer.plan import PoolKey
 from lambdabus_deployer.pool import Pool, pool_dir
 from lambdabus_deployer.runtime import locate_runtime
@@ -51,14 +52,7 @@ async def _pool(tmp_path: Path) -> tuple[Pool, PoolKey, DeployerSettings, Limite
         tmp_size=16,
         interpreter_dirs=() if prefix == Path("/usr") else (str(prefix),),
     )
-    limiter = await asyncio.to_thread(
-        detect_limiter,
-        settings.limits,
-        settings.scratch,
-        cgroup_root=settings.cgroup_root,
-        state_dir=settings.state_dir,
-        oom_poll_interval=settings.oom_poll_interval,
-    )
+    limiter = await limiter_for(settings)
     pool = Pool(
         settings,
         sandbox=sandbox,

@@ -1302,14 +1302,9 @@ async def _stop_record(record: ProcessRecord, limiter: Limiter) -> None:
             Path(path).unlink(missing_ok=True)
 
 
-async def stop_all_instances(settings: DeployerSettings) -> int:
-    """`--stop-instances` (the launcher's `down`): kill every instance in the process table,
-    whatever deployer started it; returns how many ran."""
-    table = ProcessTable(settings.process_table)
-    records = table.load()
-    if not records:
-        return 0
-    limiter = await asyncio.to_thread(
+async def limiter_for(settings: DeployerSettings) -> Limiter:
+    """The limits this machine can enforce, as the settings ask (cgroups probed in a thread)."""
+    return await asyncio.to_thread(
         detect_limiter,
         settings.limits,
         settings.scratch,
@@ -1317,6 +1312,16 @@ async def stop_all_instances(settings: DeployerSettings) -> int:
         state_dir=settings.state_dir,
         oom_poll_interval=settings.oom_poll_interval,
     )
+
+
+async def stop_all_instances(settings: DeployerSettings) -> int:
+    """`--stop-instances` (the launcher's `down`): kill every instance in the process table,
+    whatever deployer started it; returns how many ran."""
+    table = ProcessTable(settings.process_table)
+    records = table.load()
+    if not records:
+        return 0
+    limiter = await limiter_for(settings)
     running = [r for r in records if is_running(r)]
     await asyncio.gather(*(_stop_record(r, limiter) for r in records))
     table.adopt([])
@@ -1341,14 +1346,7 @@ async def open_local_backend(
     next leader (the service's graceful stop, an upgrade)."""
     if limiter is None:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        limiter = await asyncio.to_thread(
-            detect_limiter,
-            settings.limits,
-            settings.scratch,
-            cgroup_root=settings.cgroup_root,
-            state_dir=settings.state_dir,
-            oom_poll_interval=settings.oom_poll_interval,
-        )
+        limiter = await limiter_for(settings)
         if limiter.note:
             log.warning("instance limits are weaker here", extra={"note": limiter.note})
     backend = LocalBackend(
