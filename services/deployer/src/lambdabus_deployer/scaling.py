@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -46,7 +47,10 @@ class Scaling:
         self._wall = wall
         self._reader = LoadReader(max_age=sample_max_age)
         self._scalers: dict[Key, tuple[str, ScaleSpec, Autoscaler]] = {}
-        self._lock = asyncio.Lock()  # a tick and a wake-up decide one at a time
+        # A tick and a wake-up decide one function at a time; a wake never waits for a tick's
+        # work on other functions (their scale-downs take round trips: tens of milliseconds).
+        self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._ticking = asyncio.Lock()  # one tick at a time
 
     def _policy(self, scale: ScaleSpec) -> ScalePolicy:
         return ScalePolicy(
@@ -60,7 +64,7 @@ class Scaling:
 
     async def tick(self) -> list[tuple[Key, int, Decision]]:
         """One pass over every autoscaled function; the changes it made (key, from, decision)."""
-        async with self._lock:
+        async with self._ticking:
             return await self._tick()
 
     async def wake(self, subject: str, _: bytes = b"") -> bool:
@@ -71,7 +75,7 @@ class Scaling:
             return False
         key = (parts[2], parts[3])
         log.debug("wake request", extra={"function": f"{key[0]}/{key[1]}"})
-        async with self._lock:
+        async with self._locks[key]:
             if self._deployer.autoscaled.get(key) != 0:
                 return False  # running or starting already (or not autoscaled)
             record = self._deployer.scaled_records.get(key)
@@ -96,29 +100,38 @@ class Scaling:
         load = self._reader.read(((e.key, e.value) for e in entries), self._wall())
         for key in set(self._scalers) - set(records):
             del self._scalers[key]
+            self._locks.pop(key, None)
         changes = []
         for key, record in sorted(records.items()):
-            scale = record.spec.scale
-            assert scale is not None
-            known = self._scalers.get(key)
-            if known is None or known[0] != record.uid or known[1] != scale:
-                scaler = Autoscaler(self._policy(scale), started=now)
-                if known is not None and known[0] == record.uid:
-                    scaler.last_request = known[2].last_request  # a changed policy, same demand
-                self._scalers[key] = (record.uid, scale, scaler)
-            else:
-                scaler = known[2]
-            concurrency, requests = load.get(key, (0.0, 0))
-            scaler.observe(now, concurrency, requests)
-            current = self._deployer.autoscaled.get(key)
-            if current is None:
-                continue  # not deployed yet (nothing built): nothing to scale
-            decision = scaler.decide(now, current)
-            if decision.desired == current:
-                continue
-            await self._apply(record, current, decision)
-            changes.append((key, current, decision))
+            async with self._locks[key]:
+                change = await self._tick_one(key, record, now, load.get(key, (0.0, 0)))
+            if change is not None:
+                changes.append((key, *change))
         return changes
+
+    async def _tick_one(
+        self, key: Key, record: FunctionRecord, now: float, load: tuple[float, int]
+    ) -> tuple[int, Decision] | None:
+        scale = record.spec.scale
+        assert scale is not None
+        known = self._scalers.get(key)
+        if known is None or known[0] != record.uid or known[1] != scale:
+            scaler = Autoscaler(self._policy(scale), started=now)
+            if known is not None and known[0] == record.uid:
+                scaler.last_request = known[2].last_request  # a changed policy, same demand
+            self._scalers[key] = (record.uid, scale, scaler)
+        else:
+            scaler = known[2]
+        concurrency, requests = load
+        scaler.observe(now, concurrency, requests)
+        current = self._deployer.autoscaled.get(key)
+        if current is None:
+            return None  # not deployed yet (nothing built): nothing to scale
+        decision = scaler.decide(now, current)
+        if decision.desired == current:
+            return None
+        await self._apply(record, current, decision)
+        return current, decision
 
     async def _apply(self, record: FunctionRecord, current: int, decision: Decision) -> None:
         key = (record.namespace, record.name)
