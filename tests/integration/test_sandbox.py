@@ -126,7 +126,7 @@ async def run_probe(
 ) -> dict[str, Any]:
     handle = await launch(sandbox, spec, key=key)
     try:
-        out, err = await asyncio.wait_for(handle.process.communicate(), 60)
+        out, err = await asyncio.wait_for(handle.piped.communicate(), 60)
     finally:
         await handle.close()
     assert handle.process.returncode == 0, err.decode()

@@ -24,16 +24,19 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
 import signal
 import stat
+import subprocess
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from lambdabus_platform.errors import PermanentError
 
@@ -390,21 +393,125 @@ def _child_setup(
 # -- launching ----------------------------------------------------------------------------
 
 
+class ChildProcess(Protocol):
+    """What the platform uses of a child process: asyncio's, or a `Spawned` one."""
+
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, signal: int) -> None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+def _popen(argv: Sequence[str], options: dict[str, Any]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, **options)
+
+
+class Spawned:
+    """A child started by `subprocess.Popen` in a worker thread, and reaped by a thread of its
+    own (as asyncio's ThreadedChildWatcher does: also once nobody awaits it, e.g. an
+    instance a stopping deployer leaves running).
+
+    asyncio starts a subprocess on the event loop's thread, and with a `preexec_fn` (cgroups,
+    the uid switch, the parent-death signal) CPython must fork the whole parent and wait for
+    the child's set-up to reach exec: for a deployer that blocked its loop 25-35 ms per
+    sandbox (measured while the pool refilled: the wake of the next cold start waited that
+    long). In a thread, only the fork itself holds the interpreter. Its output goes to files
+    or fds the caller gives (no asyncio pipes)."""
+
+    stdin: asyncio.StreamWriter | None = None
+    stdout: asyncio.StreamReader | None = None
+    stderr: asyncio.StreamReader | None = None
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self._popen = popen
+        self._ended: asyncio.Future[int] = loop.create_future()
+        threading.Thread(
+            target=self._reap, args=(loop,), name=f"reaper {popen.pid}", daemon=True
+        ).start()
+
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        code = self._popen.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits it
+            loop.call_soon_threadsafe(self._set, code)
+
+    def _set(self, code: int) -> None:
+        if not self._ended.done():
+            self._ended.set_result(code)
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], **options: Any) -> Spawned:
+        loop = asyncio.get_running_loop()
+        starting = loop.run_in_executor(None, functools.partial(_popen, argv, options))
+        try:
+            return cls(await asyncio.shield(starting), loop)
+        except asyncio.CancelledError:
+            # The child starts anyway: it must not outlive the cancelled start.
+            def _end(done: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    popen = done.result()
+                    popen.kill()
+                    cls(popen, loop)  # reaped
+
+            starting.add_done_callback(_end)
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode  # set when its reaper reaped it
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._ended)
+
+    def send_signal(self, signal: int) -> None:
+        if self._popen.returncode is None:  # never once reaped: its pid may be reused
+            os.kill(self._popen.pid, signal)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass
 class SandboxProcess:
     """A running sandbox: bubblewrap (`process`), its pid-namespace init on the host
     (`child_pid`), and slirp4netns when it has outbound network."""
 
-    process: asyncio.subprocess.Process
+    process: ChildProcess
     identity: Identity
     child_pid: int | None = None
-    slirp: asyncio.subprocess.Process | None = None
+    slirp: ChildProcess | None = None
     network: NetworkMode = "none"
     _exit_w: int | None = field(default=None, repr=False)
+    _slirp_err: _Head | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def piped(self) -> asyncio.subprocess.Process:
+        """The asyncio process of a sandbox launched with pipes (not `detached` to files)."""
+        assert isinstance(self.process, asyncio.subprocess.Process)
+        return self.process
 
     def payload_pids(self) -> list[int]:
         """The host pids of the sandbox's processes (the command and its descendants)."""
@@ -440,6 +547,9 @@ class SandboxProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.slirp.kill()
                 await self.slirp.wait()
+        if self._slirp_err is not None:
+            self._slirp_err.close()
+            self._slirp_err = None
 
 
 def descendants(root: int) -> list[int]:
@@ -547,20 +657,25 @@ async def launch(
         "--",
         *spec.command,
     ]
+    options: dict[str, Any] = {
+        "stdin": stdin,
+        "stdout": stdout,
+        "stderr": stderr,
+        "env": dict(LAUNCHER_ENV),
+        "cwd": "/",
+        "start_new_session": True,
+        "pass_fds": pass_fds,
+        "preexec_fn": _child_setup(
+            hook=preexec, identity=switch, blocked=blocked, die_with_parent=not detached
+        ),
+    }
+    process: ChildProcess
     try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            env=dict(LAUNCHER_ENV),
-            cwd="/",
-            start_new_session=True,
-            pass_fds=pass_fds,
-            preexec_fn=_child_setup(
-                hook=preexec, identity=switch, blocked=blocked, die_with_parent=not detached
-            ),
-        )
+        if detached and _plain_fds(stdin, stdout, stderr):
+            # An instance or a pre-started runtime: started off the event loop (`Spawned`).
+            process = await Spawned.start(argv, **options)
+        else:
+            process = await asyncio.create_subprocess_exec(*argv, **options)
     except BaseException:
         for fd in (info_r, exit_r, exit_w, block_w):
             if fd is not None:
@@ -603,6 +718,11 @@ async def launch(
     return handle
 
 
+def _plain_fds(*streams: int | None) -> bool:
+    """No asyncio pipe asked for: each is None, DEVNULL or an fd of the caller's."""
+    return all(stream is None or stream == subprocess.DEVNULL or stream >= 0 for stream in streams)
+
+
 async def _start_slirp(
     sandbox: Sandbox,
     handle: SandboxProcess,
@@ -630,13 +750,18 @@ async def _start_slirp(
     if exit_r is None:
         exit_r, exit_w = os.pipe()
     switch = identity if sandbox.switch_uid else None
+    err_r, err_w = os.pipe()
     try:
-        slirp = await asyncio.create_subprocess_exec(
-            sandbox.slirp4netns,
-            *slirp_args(userns_fd=userns_fd, netns_fd=netns_fd, ready_fd=ready_w, exit_fd=exit_r),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        slirp = await Spawned.start(
+            [
+                sandbox.slirp4netns,
+                *slirp_args(
+                    userns_fd=userns_fd, netns_fd=netns_fd, ready_fd=ready_w, exit_fd=exit_r
+                ),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err_w,
             env=dict(LAUNCHER_ENV),
             cwd="/",
             start_new_session=True,
@@ -650,27 +775,67 @@ async def _start_slirp(
             ),
         )
     except BaseException:
-        for fd in (ready_r, ready_w, exit_r, exit_w):
+        for fd in (ready_r, ready_w, exit_r, exit_w, err_r):
             if fd is not None:
                 os.close(fd)
         raise
     finally:
         os.close(netns_fd)
         os.close(userns_fd)
+        os.close(err_w)
     os.close(ready_w)
     os.close(exit_r)
     handle.slirp, handle._exit_w = slirp, exit_w
+    handle._slirp_err = await _Head.follow(err_r)  # what it says, drained while it runs
     with os.fdopen(ready_r, "rb", buffering=0) as pipe:
         ready = await asyncio.wait_for(read_pipe(pipe, 1), timeout)
     if ready != b"1":
-        detail = b""
-        if slirp.stderr is not None:
-            with contextlib.suppress(TimeoutError):
-                detail = await asyncio.wait_for(slirp.stderr.read(4096), 1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(handle._slirp_err.ended, 1)
+        detail = bytes(handle._slirp_err.head)
         raise SandboxStartError(
             "slirp4netns could not give the sandbox its network: "
             + (detail.decode(errors="replace").strip() or "it ended")
         )
+
+
+class _Head(asyncio.Protocol):
+    """Reads a child's output pipe until it ends, keeping its first 4 KiB (drained, so the
+    child never blocks writing it)."""
+
+    KEEP = 4096
+
+    def __init__(self, ended: asyncio.Future[None]) -> None:
+        self.head = bytearray()
+        self.ended = ended
+        self.transport: asyncio.BaseTransport | None = None
+
+    @classmethod
+    async def follow(cls, fd: int) -> _Head:
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        try:
+            transport, protocol = await loop.connect_read_pipe(
+                lambda: cls(loop.create_future()), pipe
+            )
+        except BaseException:
+            pipe.close()
+            raise
+        protocol.transport = transport
+        return protocol
+
+    def data_received(self, data: bytes) -> None:
+        room = self.KEEP - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 # -- detection ----------------------------------------------------------------------------

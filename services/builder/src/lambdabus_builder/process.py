@@ -69,7 +69,7 @@ async def run_sandboxed(
     except (SandboxStartError, OSError) as exc:
         raise BuildFailure("InternalError", f"the build sandbox could not start: {exc}") from exc
     try:
-        return await _follow(handle.process, spec.command, on_line, keep, handle.kill)
+        return await _follow(handle.piped, spec.command, on_line, keep, handle.kill)
     finally:
         await asyncio.shield(handle.close())
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lambdabus_deployer.process_table import start_time
-from lambdabus_platform.sandbox import descendants
+from lambdabus_platform.sandbox import ChildProcess, descendants
 
 # Seconds between looks at a log file that has nothing new: from FAST_POLL, doubling while
 # idle up to SLOW_POLL (an idle instance costs the deployer little); FAST_POLL while `eager`
@@ -112,7 +112,7 @@ class Running:
     pid: int
     started: int  # its start time (clock ticks since boot)
     child_pid: int | None = None  # the sandbox's pid 1
-    process: asyncio.subprocess.Process | None = None
+    process: ChildProcess | None = None
     status_file: str = ""
     returncode: int | None = field(default=None, init=False)
     _ended: bool = field(default=False, init=False)

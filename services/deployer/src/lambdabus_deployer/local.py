@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from collections import deque
@@ -65,10 +66,12 @@ from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceSta
 from lambdabus_platform.envdigest import EnvironmentVerifier
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.sandbox import (
+    ChildProcess,
     Identity,
     Sandbox,
     SandboxProcess,
     SandboxStartError,
+    Spawned,
     launch,
 )
 
@@ -398,7 +401,7 @@ class Instance:
         out: int,
         err: int,
         status: int,
-    ) -> tuple[asyncio.subprocess.Process, SandboxProcess | None]:
+    ) -> tuple[ChildProcess, SandboxProcess | None]:
         """Start the instance's process, detached (it outlives this deployer), its output to
         the `out` and `err` files: in its sandbox, or (unsandboxed) the runtime alone."""
         backend = self.group.runner.backend
@@ -433,9 +436,9 @@ class Instance:
             target = self.socket_dir / data.dest.lstrip("/")
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             _write_private(target, data.content)
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+        process = await Spawned.start(
+            argv,
+            stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             env=env,
