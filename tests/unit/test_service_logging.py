@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats.errors
@@ -48,3 +49,30 @@ def test_the_supervisors_restart_notice_is_dropped() -> None:
     record.levelno, record.levelname = logging.INFO, "INFO"
     assert not EmptyFetchFilter().filter(record)
     assert EmptyFetchFilter().filter(_record("callback for the order handler failed", None))
+
+
+async def test_stop_tasks_cancels_again_a_task_that_lost_its_cancellation() -> None:
+    """Python 3.11's wait_for can drop a cancellation; stopping must not wait forever then."""
+    from lambdabus_platform.service import stop_tasks
+
+    cancels = 0
+
+    async def deaf_once() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels >= 2:
+                    raise
+                # swallowed, as a lost cancellation is
+
+    async def failing() -> None:
+        raise ValueError("its own business")
+
+    tasks = [asyncio.create_task(deaf_once()), asyncio.create_task(failing())]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop_tasks(tasks, again_after=0.05), 5)
+    assert all(task.done() for task in tasks)
+    assert cancels == 2

@@ -242,7 +242,7 @@ class Kv:
         count = int(info.num_pending or 0)
         entries: list[KvEntry] = []
         try:
-            for msg in await _fetch_pending(js, stream, name, count, js._timeout):
+            for msg in await _fetch_pending(js, stream, name, count, js._timeout, complete=True):
                 headers = msg.headers or {}
                 if headers.get(_KV_OP) in _KV_REMOVED or _KV_MARKER in headers:
                     continue
@@ -258,11 +258,18 @@ class Kv:
 
 
 async def _fetch_pending(
-    js: JetStreamContext, stream: str, consumer: str, count: int, timeout: float
+    js: JetStreamContext,
+    stream: str,
+    consumer: str,
+    count: int,
+    timeout: float,
+    *,
+    complete: bool = False,
 ) -> list[Msg]:
     """The next `count` messages of a pull consumer that has at least that many pending; fewer
-    when some went meanwhile (expired, purged). Nothing at all in `timeout`: the server is
-    slow, TemporaryError."""
+    when some went meanwhile (expired, purged), unless `complete` (a snapshot a caller takes
+    for the whole: then TemporaryError). Nothing at all in `timeout`: the server is slow,
+    TemporaryError."""
     out: list[Msg] = []
     if count <= 0:
         return out
@@ -271,7 +278,7 @@ async def _fetch_pending(
         while len(out) < count:
             out += await sub.fetch(min(count - len(out), 1000), timeout=timeout)
     except TimeoutError as exc:  # nats-py raises asyncio's and its own subclass of it
-        if not out:
+        if not out or complete:
             raise TemporaryError(f"reading {stream} timed out; retry") from exc
     finally:
         with contextlib.suppress(Exception):

@@ -425,7 +425,7 @@ class Spawned:
     instance a stopping deployer leaves running).
 
     asyncio starts a subprocess on the event loop's thread, and with a `preexec_fn` (cgroups,
-    the uid switch, the parent-death signal) CPython must fork the whole parent and wait for
+    the uid switch) CPython must fork the whole parent and wait for
     the child's set-up to reach exec: for a deployer that blocked its loop 25-35 ms per
     sandbox (measured while the pool refilled: the wake of the next cold start waited that
     long). In a thread, only the fork itself holds the interpreter. Its output goes to files
@@ -438,9 +438,14 @@ class Spawned:
     def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
         self._popen = popen
         self._ended: asyncio.Future[int] = loop.create_future()
-        threading.Thread(
-            target=self._reap, args=(loop,), name=f"reaper {popen.pid}", daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=self._reap, args=(loop,), name=f"reaper {popen.pid}", daemon=True
+            ).start()
+        except BaseException:  # no thread to be had: no child nobody would reap
+            popen.kill()
+            popen.wait()
+            raise
 
     def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
         code = self._popen.wait()
@@ -455,18 +460,20 @@ class Spawned:
     async def start(cls, argv: Sequence[str], **options: Any) -> Spawned:
         loop = asyncio.get_running_loop()
         starting = loop.run_in_executor(None, functools.partial(_popen, argv, options))
-        try:
-            return cls(await asyncio.shield(starting), loop)
-        except asyncio.CancelledError:
-            # The child starts anyway: it must not outlive the cancelled start.
-            def _end(done: asyncio.Future[subprocess.Popen[bytes]]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    popen = done.result()
-                    popen.kill()
-                    cls(popen, loop)  # reaped
-
-            starting.add_done_callback(_end)
-            raise
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                popen = await asyncio.shield(starting)
+                break
+            except asyncio.CancelledError as exc:
+                # Not before the child exec'd: the caller closes the fds it passes (a memfd
+                # of secrets, pipes) when this returns, and their numbers would be reused.
+                cancelled = exc
+        spawned = cls(popen, loop)
+        if cancelled is not None:
+            spawned.kill()  # a cancelled start leaves no child running
+            raise cancelled
+        return spawned
 
     @property
     def pid(self) -> int:
@@ -751,29 +758,32 @@ async def _start_slirp(
         exit_r, exit_w = os.pipe()
     switch = identity if sandbox.switch_uid else None
     err_r, err_w = os.pipe()
+    argv = [
+        sandbox.slirp4netns,
+        *slirp_args(userns_fd=userns_fd, netns_fd=netns_fd, ready_fd=ready_w, exit_fd=exit_r),
+    ]
+    options: dict[str, Any] = {
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.DEVNULL,
+        "stderr": err_w,
+        "env": dict(LAUNCHER_ENV),
+        "cwd": "/",
+        "start_new_session": True,
+        "pass_fds": (ready_w, exit_r, userns_fd, netns_fd),
+        "preexec_fn": _child_setup(
+            hook=None,
+            identity=switch,
+            blocked={},
+            tun=switch is not None,
+            die_with_parent=not detached,
+        ),
+    }
+    slirp: ChildProcess
     try:
-        slirp = await Spawned.start(
-            [
-                sandbox.slirp4netns,
-                *slirp_args(
-                    userns_fd=userns_fd, netns_fd=netns_fd, ready_fd=ready_w, exit_fd=exit_r
-                ),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err_w,
-            env=dict(LAUNCHER_ENV),
-            cwd="/",
-            start_new_session=True,
-            pass_fds=(ready_w, exit_r, userns_fd, netns_fd),
-            preexec_fn=_child_setup(
-                hook=None,
-                identity=switch,
-                blocked={},
-                tun=switch is not None,
-                die_with_parent=not detached,
-            ),
-        )
+        if detached:  # off the loop (`Spawned`); not otherwise: its parent-death signal
+            slirp = await Spawned.start(argv, **options)  # would follow the forking thread
+        else:
+            slirp = await asyncio.create_subprocess_exec(*argv, **options)
     except BaseException:
         for fd in (ready_r, ready_w, exit_r, exit_w, err_r):
             if fd is not None:

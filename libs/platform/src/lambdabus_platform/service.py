@@ -17,7 +17,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -165,6 +165,24 @@ LifecycleHandler = Callable[[LifecycleEvent], Awaitable[None]]
 MAX_DELIVERIES = 10
 _BACKOFF_FIRST = 1.0
 _BACKOFF_MAX = 60.0
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, again_after: float = 1.0) -> None:
+    """Cancel `tasks` and wait until every one has ended. A cancellation can be lost: Python
+    3.11's `asyncio.wait_for` returns the result of an inner task that finished in the same
+    moment and drops the cancel (nats-py's requests use it). So a task still running after
+    `again_after` seconds is cancelled again, instead of being waited for forever."""
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=again_after)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: an ended task's error is its own business here
 
 
 def redelivery_delay(deliveries: int) -> float:

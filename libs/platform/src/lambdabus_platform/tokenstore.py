@@ -160,13 +160,9 @@ class TokenStore:
 
     async def _forget(self, token_id: str) -> None:
         """Delete a token: refused here at once, whatever the watch still has to deliver."""
-        self._revoked.add(token_id)
+        self._revoked.add(token_id)  # refused here even if the delete's answer is lost
         self._cache.pop(token_id, None)
-        try:
-            await self._kv.delete(token_id)
-        except BaseException:
-            self._revoked.discard(token_id)  # not revoked after all
-            raise
+        await self._kv.delete(token_id)
 
     async def bootstrap_admin(self, path: Path, *, renew: bool = False) -> bool:
         """On a platform's first start, mint an admin token for every namespace and write it to

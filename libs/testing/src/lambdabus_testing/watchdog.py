@@ -70,11 +70,15 @@ _WATCHDOG = _Watchdog(_STDERR) if _STDERR is not None else None
 
 
 def _timeout_of(item: pytest.Item) -> float:
+    """pytest-timeout's timeout for the item: its marker, else `--timeout`, else the ini's."""
     marker = item.get_closest_marker("timeout")
     if marker is not None and marker.args:
         return float(marker.args[0])
     if marker is not None and "timeout" in marker.kwargs:
         return float(marker.kwargs["timeout"])
+    option = item.config.getoption("timeout", None)
+    if option is not None:
+        return float(option)
     ini = item.config.getini("timeout")
     return float(ini) if ini else 0.0
 
@@ -82,8 +86,9 @@ def _timeout_of(item: pytest.Item) -> float:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
     timeout = _timeout_of(item)
-    armed = _WATCHDOG is not None and timeout > 0
-    if _WATCHDOG is not None and timeout > 0:
+    debugging = item.config.getoption("usepdb", False)  # a person at a pdb prompt
+    armed = _WATCHDOG is not None and timeout > 0 and not debugging
+    if _WATCHDOG is not None and armed:
         _WATCHDOG.arm(2 * timeout + GRACE_SECONDS, item.nodeid)
     try:
         return (yield)

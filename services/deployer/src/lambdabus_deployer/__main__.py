@@ -39,6 +39,7 @@ from lambdabus_platform.service import (
     ServiceContext,
     Setup,
     run,
+    stop_tasks,
     subscribe_lifecycle,
 )
 from lambdabus_platform.subjects import (
@@ -207,9 +208,7 @@ async def kubernetes_setup(settings: DeployerSettings, ctx: ServiceContext) -> A
     try:
         yield
     finally:
-        for task in (electing, managing):
-            task.cancel()
-        await asyncio.gather(electing, managing, return_exceptions=True)
+        await stop_tasks((electing, managing))
         await elector.release()
 
 
@@ -297,9 +296,7 @@ async def _acting(
         yield
     finally:
         leader.deployer = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
         states.stop()
 
 

@@ -544,12 +544,12 @@ class Instance:
                 extra={"instance": self.id, "error": message},
             )
             return None
+        record = self._pooled_record(slot, spec, limits)
+        backend.table.add(record)  # the pool no longer has it: recorded before any await
         await self.log.system(
             f"starting instance {self.id} (sandbox: bubblewrap, network: {slot.key.network}, "
             f"pre-started runtime {slot.id})"
         )
-        record = self._pooled_record(slot, spec, limits)
-        backend.table.add(record)
         running = Running(
             pid=record.pid,
             started=record.start_time,

@@ -75,6 +75,8 @@ class Scaling:
             return False
         key = (parts[2], parts[3])
         log.debug("wake request", extra={"function": f"{key[0]}/{key[1]}"})
+        if key not in self._deployer.scaled_records:
+            return False  # not autoscaled (nor a function): no lock made for it
         async with self._locks[key]:
             if self._deployer.autoscaled.get(key) != 0:
                 return False  # running or starting already (or not autoscaled)
