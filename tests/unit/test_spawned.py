@@ -101,3 +101,26 @@ async def test_a_cancelled_start_leaves_no_child_behind(tmp_path: Path) -> None:
     while [pid for pid in _processes_with(token) if _state(pid) == "Z"]:
         assert time.monotonic() < deadline, "a zombie: nobody reaped it"
         await asyncio.sleep(0.05)
+
+
+async def test_a_sandbox_killed_before_it_reported_its_pid_1_takes_that_child_along() -> None:
+    """As bubblewrap whose start was cut short: the parent is killed, and its child (the
+    sandbox's pid 1, detached: no parent-death signal) with it, though nobody was told its pid."""
+    from lambdabus_platform.sandbox import Identity, SandboxProcess
+
+    token = f"pid1-{os.getpid()}-{time.monotonic_ns()}"
+    parent = await Spawned.start(
+        ["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' {token} & wait"],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not (children := [pid for pid in _processes_with(token) if pid != parent.pid]):
+        assert time.monotonic() < deadline, "the child never started"
+        await asyncio.sleep(0.02)
+    (child,) = children
+    handle = SandboxProcess(process=parent, identity=Identity(os.getuid(), os.getgid()))
+    handle.kill()
+    assert await asyncio.wait_for(parent.wait(), 10) == -signal.SIGKILL
+    while _state(child) not in (None, "Z"):
+        assert time.monotonic() < deadline, f"{child} outlived its killed parent"
+        await asyncio.sleep(0.05)

@@ -534,11 +534,16 @@ class SandboxProcess:
     def kill(self) -> None:
         """SIGKILL the sandbox: its pid 1 (the whole pid namespace goes with it), then
         bubblewrap. The pid 1 is bubblewrap's child, so its pid is not reused while
-        bubblewrap runs."""
+        bubblewrap runs. Not told yet (a start cut short before bubblewrap reported it), it is
+        found as bubblewrap's child: a detached sandbox's pid 1 has no parent-death signal and
+        would outlive bubblewrap, waiting for ever."""
         if self.process.returncode is None:
-            if self.child_pid is not None:
+            first = [self.child_pid] if self.child_pid is not None else []
+            if not first:
+                first = _children_map().get(self.process.pid, [])
+            for pid in first:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(self.child_pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
 
