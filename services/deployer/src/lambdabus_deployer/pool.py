@@ -191,13 +191,12 @@ class Pool:
         # cgroups) is removed at the next start. (An idle slot itself ends when its deployer
         # does: EOF on its stdin. Specialised ones are in the process table, as instances.)
         self._ids_path = settings.state_dir / "pool.json"
-        self._slot_ids: set[str] = set()
         # Every started slot not yet specialised, idle or taken: the pool's to stop at close.
         self._live: dict[str, Slot] = {}
 
     def _save_ids(self) -> None:
         tmp = self._ids_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(self._slot_ids)))
+        tmp.write_text(json.dumps(sorted(self._live)))
         os.replace(tmp, self._ids_path)
 
     async def clean_leftovers(self) -> None:
@@ -373,7 +372,6 @@ class Pool:
             stderr=paths[1],
             status=paths[2],
         )
-        self._slot_ids.add(slot_id)
         self._live[slot_id] = slot
         self._save_ids()
         return slot
@@ -413,7 +411,6 @@ class Pool:
             raise
         finally:
             slot.close_control()
-        self._slot_ids.discard(slot.id)
         self._live.pop(slot.id, None)
         self._save_ids()
         return run
@@ -441,7 +438,6 @@ class Pool:
             shutil.rmtree(directory, True)
         for path in (slot.stdout, slot.stderr, slot.status):
             path.unlink(missing_ok=True)
-        self._slot_ids.discard(slot.id)
         self._live.pop(slot.id, None)
         self._save_ids()
 
