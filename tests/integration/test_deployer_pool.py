@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from lambdabus_deployer.limits import Limiter
+from lambdabus_deployer.cgroups import (
+    BACKGROUND_CPU_WEIGHT,
+    DEFAULT_CPU_WEIGHT,
+    V1Cgroup,
+    V2Cgroup,
+    cpu_shares,
+)
+from lambdabus_deployer.limits import Limiter, Limits
 from lambdabus_deployer.local import limiter_for
 from lambdabus_deployer.plan import PoolKey
 from lambdabus_deployer.pool import Pool, pool_dir
@@ -108,5 +115,51 @@ async def test_a_cold_start_that_finds_no_idle_runtime_grows_that_keys_pool(
         for slot in burst:
             if slot is not None:
                 await pool.release(slot)
+    finally:
+        await pool.aclose()
+
+
+def _cpu_weight(cgroup: V1Cgroup | V2Cgroup) -> str:
+    """The cgroup's weight on contended cores as the kernel has it: v1 shares or v2 weight."""
+    if isinstance(cgroup, V1Cgroup):
+        return (cgroup.dirs["cpu"] / "cpu.shares").read_text().strip()
+    return (cgroup.dir / "cpu.weight").read_text().strip()
+
+
+def _expected(cgroup: V1Cgroup | V2Cgroup, weight: int) -> str:
+    return str(cpu_shares(weight) if isinstance(cgroup, V1Cgroup) else weight)
+
+
+async def test_idle_runtimes_start_in_the_background_and_a_specialised_one_runs_at_full_weight(
+    tmp_path: Path,
+) -> None:
+    pool, key, _, limiter = await _pool(tmp_path)
+    if limiter.hierarchy is None:
+        pytest.skip("no cgroups here: the pool's slots are limited by rlimits only")
+    hierarchy = limiter.hierarchy
+    try:
+        pool.refill()
+        await _idle(pool, 2)
+        idle = pool.idle()
+        for slot in idle:
+            found = hierarchy.find(slot.id)
+            assert isinstance(found, V1Cgroup | V2Cgroup)
+            assert _cpu_weight(found) == _expected(found, BACKGROUND_CPU_WEIGHT)
+        slot = pool.take(key)
+        assert slot is not None
+        run, _ = await limiter.specialise(
+            slot.id,
+            "inst-weight",
+            Limits(memory=128, cpu=250, pids=64, open_files=256, tmp_size=16),
+            python=True,
+        )
+        try:
+            instance = hierarchy.find("inst-weight")
+            assert isinstance(instance, V1Cgroup | V2Cgroup)
+            assert _cpu_weight(instance) == _expected(instance, DEFAULT_CPU_WEIGHT)
+            assert hierarchy.find(slot.id) is None  # renamed, not copied
+        finally:
+            await run.close()
+            await pool.release(slot)
     finally:
         await pool.aclose()

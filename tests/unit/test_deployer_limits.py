@@ -74,6 +74,7 @@ def test_v1_writes_memory_then_memsw_so_no_swap_then_cpu_and_pids() -> None:
         ("memory", "memory.memsw.limit_in_bytes", str(128 * MiB)),
         ("cpu", "cpu.cfs_period_us", "100000"),
         ("cpu", "cpu.cfs_quota_us", "25000"),
+        ("cpu", "cpu.shares", "1024"),
         ("pids", "pids.max", "64"),
     ]
     without_swap_accounting = v1_writes(limits, memsw=False)
@@ -88,6 +89,7 @@ def test_v2_writes_one_directory_with_oom_group_and_cpu_max() -> None:
         ("", "memory.swap.max", "0"),
         ("", "memory.oom.group", "1"),
         ("", "cpu.max", "150000 100000"),
+        ("", "cpu.weight", "100"),
         ("", "pids.max", "128"),
     ]
     assert ("", "memory.swap.max", "0") not in v2_writes(limits, swap=False)
@@ -258,6 +260,7 @@ def test_a_v2_instance_cgroup_gets_its_files_written(tmp_path: Path) -> None:
         "memory.swap.max": "0",
         "memory.oom.group": "1",
         "cpu.max": "25000 100000",
+        "cpu.weight": "100",
         "pids.max": "64",
     }
     assert cgroup.procs_files == (str(tmp_path / "fn-abc-1" / "cgroup.procs"),)

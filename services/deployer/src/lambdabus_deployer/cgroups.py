@@ -22,6 +22,12 @@ from typing import Literal, Protocol
 MiB = 1024 * 1024
 CPU_PERIOD_US = 100_000
 MIN_CPU_QUOTA_US = 1_000  # the kernel refuses a quota under 1 ms
+# Relative CPU weight when cores are contended (cgroup v2's `cpu.weight` scale: 1..10000, 100 the
+# kernel's default; v1's `cpu.shares` is 1024 for 100). Instances run at the default; the pool's
+# idle slots start at the least, so that pre-starting runtimes in the background does not slow
+# the cold start that just took one (it runs on cores nothing else wants).
+DEFAULT_CPU_WEIGHT = 100
+BACKGROUND_CPU_WEIGHT = 1
 
 V1_REQUIRED = ("memory", "cpu", "pids")
 V1_OPTIONAL = ("cpuacct", "freezer")  # CPU usage, and a frozen kill of everything left
@@ -33,6 +39,7 @@ class CgroupLimits:
     memory: int  # MiB, the whole tree, page cache and tmpfs pages it writes included
     cpu: int  # millicores: 1000 = one core
     pids: int  # processes and threads
+    weight: int = DEFAULT_CPU_WEIGHT  # share of contended cores, next to the other instances
 
 
 Write = tuple[str, str, str]  # (controller, file, value); v2 has one directory: controller ""
@@ -41,6 +48,11 @@ Write = tuple[str, str, str]  # (controller, file, value); v2 has one directory:
 def cpu_quota_us(millicores: int, period_us: int = CPU_PERIOD_US) -> int:
     """CPU time per period for `millicores` (1000 = one whole period per period)."""
     return max(MIN_CPU_QUOTA_US, millicores * period_us // 1000)
+
+
+def cpu_shares(weight: int) -> int:
+    """v1 `cpu.shares` for a v2 `cpu.weight` (the kernel's least is 2)."""
+    return max(2, weight * 1024 // DEFAULT_CPU_WEIGHT)
 
 
 def v1_writes(limits: CgroupLimits, *, memsw: bool, period_us: int = CPU_PERIOD_US) -> list[Write]:
@@ -56,6 +68,7 @@ def v1_writes(limits: CgroupLimits, *, memsw: bool, period_us: int = CPU_PERIOD_
     writes += [
         ("cpu", "cpu.cfs_period_us", str(period_us)),
         ("cpu", "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu, period_us))),
+        ("cpu", "cpu.shares", str(cpu_shares(limits.weight))),
         ("pids", "pids.max", str(limits.pids)),
     ]
     return writes
@@ -70,6 +83,7 @@ def v2_writes(limits: CgroupLimits, *, swap: bool, period_us: int = CPU_PERIOD_U
     writes += [
         ("", "memory.oom.group", "1"),
         ("", "cpu.max", f"{cpu_quota_us(limits.cpu, period_us)} {period_us}"),
+        ("", "cpu.weight", str(min(10_000, max(1, limits.weight)))),
         ("", "pids.max", str(limits.pids)),
     ]
     return writes

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from lambdabus_deployer.cgroups import (
+    DEFAULT_CPU_WEIGHT,
     CgroupHierarchy,
     CgroupLimits,
     InstanceCgroup,
@@ -377,18 +378,20 @@ class Limiter:
         python: bool,
         owner: tuple[int, int] | None = None,
         own_uid: bool = False,
+        weight: int = DEFAULT_CPU_WEIGHT,
     ) -> RunLimits:
         """Make the cgroup of one run and say what its child does before exec (`preexec`):
         join the cgroup, mount its scratch tmpfs (owned by `owner`, the uid and gid the sandbox
         runs as; default: the scratch dir's owner), set its rlimits (RLIMIT_NPROC too without
-        a cgroup, if `own_uid`: no other process runs as the instance's uid). The scratch dir
-        exists. `close()` the result when the run ends."""
+        a cgroup, if `own_uid`: no other process runs as the instance's uid). `weight`: its
+        cgroup's share of contended cores (the pool's slots start in the background). The
+        scratch dir exists. `close()` the result when the run ends."""
         cgroup: InstanceCgroup | None = None
         if self.hierarchy is not None:
             cgroup = await asyncio.to_thread(
                 self.hierarchy.create,
                 instance,
-                CgroupLimits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids),
+                CgroupLimits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids, weight=weight),
             )
         found = rlimits(
             limits,
@@ -421,8 +424,9 @@ class Limiter:
         boost: tuple[int, float] | None = None,
     ) -> tuple[RunLimits, tuple[RLimit, ...]]:
         """A pre-started run (the pool's `slot`, started under `start(slot, SLOT_LIMITS)`)
-        becomes `instance`: its cgroup is renamed and given the instance's limits (memory the
-        slot already charged stays charged). Returns the run's limits and the rlimits its
+        becomes `instance`: its cgroup is renamed and given the instance's limits, and the
+        default cpu weight in place of the slot's background one (memory the slot already
+        charged stays charged). Returns the run's limits and the rlimits its
         runtime sets on itself before it loads any code of the function (lowering one's own
         rlimits needs no privilege; setting another process's needs CAP_SYS_RESOURCE, which a
         container may not grant). Its scratch tmpfs keeps the size it was mounted with (the

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lambdabus_deployer.cgroups import BACKGROUND_CPU_WEIGHT
 from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.plan import PoolKey, RuntimePaths, render_pooled
@@ -317,6 +318,7 @@ class Pool:
             python=False,
             owner=(identity.uid, identity.gid),
             own_uid=True,
+            weight=BACKGROUND_CPU_WEIGHT,
         )
         logs = s.state_dir / LOGS_DIR
         logs.mkdir(mode=0o700, exist_ok=True)
