@@ -141,8 +141,8 @@ async def test_idle_runtimes_start_in_the_background_and_a_specialised_one_runs_
         pool.refill()
         await _idle(pool, 2)
         idle = pool.idle()
-        for slot in idle:
-            found = hierarchy.find(slot.id)
+        for idle_slot in idle:
+            found = hierarchy.find(idle_slot.id)
             assert isinstance(found, V1Cgroup | V2Cgroup)
             assert _cpu_weight(found) == _expected(found, BACKGROUND_CPU_WEIGHT)
         slot = pool.take(key)
