@@ -40,11 +40,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def _pool(tmp_path: Path) -> tuple[Pool, PoolKey, DeployerSettings, Limiter]:
+async def _pool(
+    tmp_path: Path, refill_delay: float = 0.1
+) -> tuple[Pool, PoolKey, DeployerSettings, Limiter]:
     sandbox = await detect_sandbox("auto")
     if not sandbox.enabled:
         pytest.skip(f"no sandbox here: {sandbox.reason}")
-    settings = DeployerSettings(port=0, state_dir=tmp_path / "deployer", pool_size=2)
+    settings = DeployerSettings(
+        port=0,
+        state_dir=tmp_path / "deployer",
+        pool_size=2,
+        pool_refill_delay_seconds=refill_delay,
+    )
     settings.state_dir.mkdir()
     pool_dir(settings).mkdir(mode=0o700)
     settings.sockets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -115,6 +122,26 @@ async def test_a_cold_start_that_finds_no_idle_runtime_grows_that_keys_pool(
         for slot in burst:
             if slot is not None:
                 await pool.release(slot)
+    finally:
+        await pool.aclose()
+
+
+async def test_the_replacement_of_a_taken_runtime_starts_after_the_refill_delay(
+    tmp_path: Path,
+) -> None:
+    pool, key, _, _ = await _pool(tmp_path, refill_delay=1.0)
+    try:
+        pool.refill()
+        await _idle(pool, 2)
+        slot = pool.take(key)
+        assert slot is not None
+        taken_at = time.monotonic()
+        await asyncio.sleep(0.5)  # the cold start that took it runs alone meanwhile
+        assert len(pool.idle()) == 1
+        assert pool._filling is None or pool._filling.done()
+        await _idle(pool, 2)
+        assert time.monotonic() - taken_at >= 1.0
+        await pool.release(slot)
     finally:
         await pool.aclose()
 

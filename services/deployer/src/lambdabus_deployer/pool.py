@@ -185,6 +185,7 @@ class Pool:
             shrink_after=settings.pool_shrink_seconds,
         )
         self._shrink: asyncio.TimerHandle | None = None
+        self._refill_timer: asyncio.TimerHandle | None = None
         self._again = False
         self._closed = False
         self._failures: dict[PoolKey, int] = {}
@@ -232,8 +233,24 @@ class Pool:
             # (a key not filled yet, a function's first start, is no miss)
             self.sizer.missed(key, time.monotonic())
             log.info("no pre-started runtime was idle: a fresh start", extra={"env": key.env_dir})
-        self.refill()
+        self._refill_soon()
         return taken
+
+    def _refill_soon(self) -> None:
+        """Refill after `pool_refill_delay_seconds`: the cold start that just took a slot (or
+        found none) runs its course first. Starting a slot forks the deployer, holding its
+        interpreter for milliseconds, right on that start's path otherwise. Once per delay: a
+        stream of takes does not put the refill off for ever."""
+        delay = self.settings.pool_refill_delay_seconds
+        if delay <= 0:
+            self.refill()
+        elif self._refill_timer is None and not self._closed:
+
+            def _due() -> None:
+                self._refill_timer = None
+                self.refill()
+
+            self._refill_timer = asyncio.get_running_loop().call_later(delay, _due)
 
     def refill(self) -> None:
         """Bring every wanted key to `pool_size` idle slots (in the background, one at a time:
@@ -447,8 +464,9 @@ class Pool:
         """Stop every slot not specialised: the idle ones, and any taken but never made an
         instance (specialised ones are instances: not the pool's any more)."""
         self._closed = True
-        if self._shrink is not None:
-            self._shrink.cancel()
+        for timer in (self._shrink, self._refill_timer):
+            if timer is not None:
+                timer.cancel()
         if self._filling is not None:
             self._filling.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -163,6 +163,14 @@ class DeployerSettings(ServiceSettings):
         description="a key grown past pool_size gives one idle pre-started runtime back for "
         "each this long without a cold start that found none",
     )
+    pool_refill_delay_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        le=10,
+        description="after a cold start takes a pre-started runtime, the pool starts its "
+        "replacement this much later, so that forking it does not hold the deployer up while "
+        "that cold start is under way; 0: at once",
+    )
     pool_start_boost_seconds: float = Field(
         default=1.0,
         ge=0,
