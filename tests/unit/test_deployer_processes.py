@@ -4,6 +4,9 @@ detection of bubblewrap."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,45 @@ def test_leftovers_are_killed_but_a_reused_pid_is_spared(tmp_path: Path) -> None
         for process in (orphan, stranger):
             process.kill()
             process.wait()
+
+
+def test_the_periodic_flush_in_a_thread_saves_whole_tables_while_records_change(
+    tmp_path: Path,
+) -> None:
+    """The deployer flushes the table in a worker thread while its event loop adds, updates
+    and discards records (and saves on its own): every save is a whole table, none fails, and
+    the last one written holds what the table holds."""
+    table = ProcessTable(tmp_path / "instances.json")
+    base = ProcessRecord(
+        pid=1, start_time=1, instance="i-0", function="default/f", revision="r", scratch="/x"
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def flusher() -> None:
+        while not stop.is_set():
+            try:
+                table.flush()
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    try:
+        for i in range(2000):
+            table.update(f"i-{i - 1}", stdout_offset=i)
+            table.discard(f"i-{i - 8}")
+            table.add(replace(base, instance=f"i-{i}", pid=i + 1))
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    table.flush()
+    assert {r.instance for r in ProcessTable(table.path).load()} == {
+        r.instance for r in table.records()
+    }
 
 
 def test_a_missing_or_broken_table_holds_nothing(tmp_path: Path) -> None:

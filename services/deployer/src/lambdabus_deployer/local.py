@@ -721,8 +721,10 @@ class Instance:
         # Where it listens is ours to say (the socket in its dir), not the instance's.
         self.endpoint = spec.endpoint
         self.phase = "ready"
+        # Written by the table's next periodic flush, not now: a file write on the event loop
+        # here delays the endpoint's write by ~2 ms, and a next leader that finds the record
+        # not yet ready only checks /healthz before it routes to the run.
         self.group.runner.backend.table.update(self.id, ready=True)
-        self.group.runner.backend.table.flush()
         self._changed()
         await self.log.system(f"instance {self.id} ready on {self.endpoint}")
 
@@ -810,7 +812,8 @@ class Instance:
     ) -> None:
         backend = self.group.runner.backend
         if graceful:
-            run.signal_payload(signal.SIGTERM)
+            # in a thread: a sandboxed run's processes are found by reading all of /proc
+            await asyncio.to_thread(run.signal_payload, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), backend.settings.stop_grace_seconds)
         if not exited.done():

@@ -430,8 +430,9 @@ class Pool:
             raise
         finally:
             slot.close_control()
+        # pool.json keeps the id until its next write: not written here, on the cold start's
+        # path. A next deployer finds no cgroup of that name (renamed) and removes nothing.
         self._live.pop(slot.id, None)
-        self._save_ids()
         return run
 
     async def release(self, slot: Slot) -> None:
@@ -444,11 +445,20 @@ class Pool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(slot.handle.process.wait(), 5)
         await slot.handle.close()
-        self._discard(slot)
+        # off the event loop: removing a cgroup waits for its last process, and dirs take a
+        # while to remove (a cold start may be under way)
+        await asyncio.to_thread(self._remove_leftovers, slot)
+        self._live.pop(slot.id, None)
+        self._save_ids()
 
     def _discard(self, slot: Slot) -> None:
         """Remove what a slot that ended left: its cgroup, dirs, log files, record."""
         slot.close_control()
+        self._remove_leftovers(slot)
+        self._live.pop(slot.id, None)
+        self._save_ids()
+
+    def _remove_leftovers(self, slot: Slot) -> None:
         found = self.limiter.hierarchy.find(slot.id) if self.limiter.hierarchy else None
         if found is not None:
             with contextlib.suppress(OSError):
@@ -457,8 +467,6 @@ class Pool:
             shutil.rmtree(directory, True)
         for path in (slot.stdout, slot.stderr, slot.status):
             path.unlink(missing_ok=True)
-        self._live.pop(slot.id, None)
-        self._save_ids()
 
     async def aclose(self) -> None:
         """Stop every slot not specialised: the idle ones, and any taken but never made an

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -69,6 +70,7 @@ class ProcessTable:
         self.path = path
         self._records: dict[str, ProcessRecord] = {}
         self._dirty = False
+        self._saving = threading.Lock()
 
     def add(self, record: ProcessRecord) -> None:
         self._records[record.instance] = record
@@ -107,10 +109,19 @@ class ProcessTable:
             return []
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"processes": [asdict(r) for r in self._records.values()]}))
-        os.replace(tmp, self.path)
-        self._dirty = False
+        # The periodic flush runs in a worker thread while the event loop changes records and
+        # may save too: one save at a time (the later one takes the newer records); the records
+        # (immutable) are taken in one step, and a change made after it leaves the table dirty.
+        with self._saving:
+            self._dirty = False
+            records = list(self._records.values())
+            try:
+                tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"processes": [asdict(r) for r in records]}))
+                os.replace(tmp, self.path)
+            except BaseException:
+                self._dirty = True
+                raise
 
     def kill_leftovers(self, *, wait: float = 5.0) -> list[ProcessRecord]:
         """Kill the process groups of the recorded processes that still run; forget them all.
