@@ -21,6 +21,7 @@ from lambdabus_deployer.cgroups import (
     DEFAULT_CPU_WEIGHT,
     V1Cgroup,
     V2Cgroup,
+    cpu_quota_us,
     cpu_shares,
 )
 from lambdabus_deployer.limits import Limiter, Limits
@@ -185,6 +186,48 @@ async def test_idle_runtimes_start_in_the_background_and_a_specialised_one_runs_
             assert isinstance(instance, V1Cgroup | V2Cgroup)
             assert _cpu_weight(instance) == _expected(instance, DEFAULT_CPU_WEIGHT)
             assert hierarchy.find(slot.id) is None  # renamed, not copied
+        finally:
+            await run.close()
+            await pool.release(slot)
+    finally:
+        await pool.aclose()
+
+
+def _cpu_quota(cgroup: V1Cgroup | V2Cgroup) -> int:
+    """The cgroup's cpu quota per period, in microseconds."""
+    if isinstance(cgroup, V1Cgroup):
+        return int((cgroup.dirs["cpu"] / "cpu.cfs_quota_us").read_text())
+    return int((cgroup.dir / "cpu.max").read_text().split()[0])
+
+
+async def test_a_specialised_runtime_keeps_its_boost_until_it_has_listened_for_a_while(
+    tmp_path: Path,
+) -> None:
+    pool, key, _, limiter = await _pool(tmp_path)
+    if limiter.hierarchy is None:
+        pytest.skip("no cgroups here: the cpu boost needs a cgroup")
+    hierarchy = limiter.hierarchy
+    try:
+        pool.refill()
+        await _idle(pool, 1)
+        slot = pool.take(key)
+        assert slot is not None
+        run, _ = await limiter.specialise(
+            slot.id,
+            "inst-boost",
+            Limits(memory=128, cpu=100, pids=64, open_files=256, tmp_size=16),
+            python=True,
+            boost=(1000, 30.0),
+        )
+        try:
+            instance = hierarchy.find("inst-boost")
+            assert isinstance(instance, V1Cgroup | V2Cgroup)
+            assert _cpu_quota(instance) == cpu_quota_us(1000)  # importing at one core
+            run.settle_after(0.3)  # it listens: the boost ends 0.3 s later, not in 30 s
+            await asyncio.sleep(0.1)
+            assert _cpu_quota(instance) == cpu_quota_us(1000)  # answering its first request
+            await asyncio.sleep(0.5)
+            assert _cpu_quota(instance) == cpu_quota_us(100)
         finally:
             await run.close()
             await pool.release(slot)

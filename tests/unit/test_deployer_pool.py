@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from lambdabus_deployer.plan import (
     POOL_FLAG,
@@ -236,3 +239,72 @@ def test_no_pool_grows_no_pool() -> None:
     python = PoolKey(runtime="python3.11", env_dir="/envs/a", network="none", tmp_size=16)
     sizer.missed(python, 1.0)
     assert sizer.target(python, 1.0) == 0
+
+
+def test_a_pooled_node_runtime_warms_up_leaving_nothing_then_serves_its_function(
+    tmp_path: Path,
+) -> None:
+    """A Node slot sends itself one request before it waits for its function (node compiles
+    its HTTP paths then, not in the cold start): on an abstract socket, so nothing is left in
+    its /tmp; then it serves the function it is told."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node here")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "handler.js").write_text(
+        "module.exports = { main: async (event) => ({ got: event.data, who: process.env.WHO }) };\n"
+    )
+    sock = tmp_path / "sock"
+    server = RUNTIME_SRC / "lambdabus_runtime" / "node" / "server.js"
+    process = subprocess.Popen(
+        [node, str(server), "--pool", " " * 256],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", ""), "TMPDIR": str(scratch)},
+    )
+    try:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        deadline = time.monotonic() + 10
+        while not _reading_stdin(process.pid):  # warmed up: blocked on its control channel
+            assert process.poll() is None, process.stderr.read() if process.stderr else b""
+            assert time.monotonic() < deadline, "the node slot did not come to wait"
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert list(scratch.iterdir()) == []
+        assert f"@lambdabus-warm-up-{process.pid}" not in Path("/proc/net/unix").read_text()
+        argv = [
+            "--code", str(code), "--entrypoint", "handler.js", "--handler", "main",
+            "--socket", str(sock), "--function", "default/who",
+        ]  # fmt: skip
+        process.stdin.write(json.dumps({"argv": argv, "env": {"WHO": "me"}}).encode() + b"\n")
+        process.stdin.close()
+        assert b'"listening"' in process.stdout.readline()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(sock))
+            client.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 7\r\n\r\n[1,2,3]"
+            )
+            data = b""
+            while b"}" not in data:
+                data += client.recv(4096)
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1]) == {"got": [1, 2, 3], "who": "me"}
+    finally:
+        process.terminate()
+        process.wait(10)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _reading_stdin(pid: int) -> bool:
+    """Is the process's main thread blocked in read(0, ...) (syscall 0, first argument 0)?"""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["0", "0x0"]
+    except (OSError, IndexError):
+        return False

@@ -286,6 +286,24 @@ class RunLimits:
     def baseline(self) -> int:
         return self._baseline
 
+    def settle_after(self, seconds: float) -> None:
+        """`settle` in `seconds` (at once if 0), in place of when it was due: a pooled run that
+        now listens keeps its start-up boost while it answers the request that woke it."""
+        if self._settle is None:
+            return
+        if seconds <= 0:
+            self.settle()
+            return
+        if self._settling is not None:
+            self._settling.cancel()
+
+        async def _later() -> None:
+            await asyncio.sleep(seconds)
+            self._settling = None
+            self.settle()
+
+        self._settling = asyncio.create_task(_later())
+
     def settle(self) -> None:
         """Give the run its own cpu limit (a pooled run starts with the pool's: its function
         loads at full speed, as a startup CPU boost). Once; nothing for other runs."""

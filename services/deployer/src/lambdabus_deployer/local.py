@@ -655,7 +655,8 @@ class Instance:
                 )
                 if listening in done:
                     was_ready = True
-                    limits.settle()  # a pooled run's own cpu limit, now that it listens
+                    # a pooled run's own cpu limit, once the request that woke it is answered
+                    limits.settle_after(s.pool_boost_after_listening_seconds)
                     await self._became_ready(spec)
                     why = await self._watch(exited, stopping)
                 elif not done:
@@ -721,10 +722,10 @@ class Instance:
         # Where it listens is ours to say (the socket in its dir), not the instance's.
         self.endpoint = spec.endpoint
         self.phase = "ready"
-        # Written by the table's next periodic flush, not now: a file write on the event loop
-        # here delays the endpoint's write by ~2 ms, and a next leader that finds the record
-        # not yet ready only checks /healthz before it routes to the run.
+        # Written before the endpoint is: a next leader (this one killed) keeps serving from
+        # the runs its table says are ready while it rolls out (no gap).
         self.group.runner.backend.table.update(self.id, ready=True)
+        self.group.runner.backend.table.flush()
         self._changed()
         await self.log.system(f"instance {self.id} ready on {self.endpoint}")
 

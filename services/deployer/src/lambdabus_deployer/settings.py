@@ -171,6 +171,15 @@ class DeployerSettings(ServiceSettings):
         "replacement this much later, so that forking it does not hold the deployer up while "
         "that cold start is under way; 0: at once",
     )
+    pool_boost_after_listening_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        le=10,
+        description="a specialised pre-started runtime keeps the pool's 1 CPU this long after "
+        "it listens, so that the requests that woke it are answered at full speed (a first "
+        "request compiles and imports what the runtime had not run yet); 0: its own cpu "
+        "limit as soon as it listens",
+    )
     pool_start_boost_seconds: float = Field(
         default=1.0,
         ge=0,
