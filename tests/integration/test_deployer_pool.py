@@ -233,3 +233,32 @@ async def test_a_specialised_runtime_keeps_its_boost_until_it_has_listened_for_a
             await pool.release(slot)
     finally:
         await pool.aclose()
+
+
+async def test_a_cold_start_that_finds_none_idle_gets_a_runtime_started_for_it_at_full_weight(
+    tmp_path: Path,
+) -> None:
+    pool, key, _, limiter = await _pool(tmp_path)
+    try:
+        assert pool.take(key) is None  # nothing started yet
+        slot = await pool.start_now(key)
+        assert slot is not None and slot.alive
+        assert slot not in pool.idle()  # the caller's
+        if limiter.hierarchy is not None:
+            found = limiter.hierarchy.find(slot.id)
+            assert isinstance(found, V1Cgroup | V2Cgroup)
+            assert _cpu_weight(found) == _expected(found, DEFAULT_CPU_WEIGHT)
+        # A start whose cold start is cancelled meanwhile leaves its runtime idle in the pool.
+        starting = asyncio.create_task(pool.start_now(key))
+        await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        deadline = time.monotonic() + 30
+        while not [s for s in pool._slots.get(key, []) if s.alive]:
+            assert time.monotonic() < deadline, "the cancelled start's runtime was lost"
+            await asyncio.sleep(0.05)
+        await pool.release(slot)
+    finally:
+        await pool.aclose()
+    assert not _alive(slot.handle.pid)

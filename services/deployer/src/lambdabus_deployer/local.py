@@ -516,6 +516,14 @@ class Instance:
         backend = self.group.runner.backend
         key = self.group.pool_key
         slot = backend.pool.take(key) if key is not None else None
+        if slot is None and key is not None:
+            try:  # none idle: one started for this start, at once, still beats a fresh start
+                slot = await backend.pool.start_now(key)
+            except Exception as exc:
+                log.warning(
+                    "cannot pre-start a runtime for this cold start; starting afresh",
+                    extra={"instance": self.id, "error": str(exc)},
+                )
         if slot is None:
             return None
         previous = (self.scratch, self.socket_dir, self.identity)
