@@ -242,7 +242,8 @@ async def test_a_cold_start_that_finds_none_idle_gets_a_runtime_started_for_it_a
     try:
         assert pool.take(key) is None  # nothing started yet
         slot = await pool.start_now(key)
-        assert slot is not None and slot.alive
+        assert slot is not None
+        assert slot.alive
         assert slot not in pool.idle()  # the caller's
         if limiter.hierarchy is not None:
             found = limiter.hierarchy.find(slot.id)
