@@ -207,6 +207,17 @@ def _events_max(path: Path) -> int:
     return 0
 
 
+def _read_small(path: str) -> str:
+    """A cgroup file of a few lines, read without pathlib's and io's layers: the OOM counters
+    are read five times a second per instance, on the event loop (~3x quicker than
+    `Path.read_text`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+
+
 def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
@@ -250,7 +261,7 @@ class V1Cgroup:
 
     def oom_kills(self) -> int:
         try:
-            return oom_kills((self.dirs["memory"] / "memory.oom_control").read_text())
+            return oom_kills(_read_small(f"{self.dirs['memory']}/memory.oom_control"))
         except OSError:
             return 0
 
@@ -344,7 +355,7 @@ class V2Cgroup:
 
     def oom_kills(self) -> int:
         try:
-            return oom_kills((self.dir / "memory.events").read_text())
+            return oom_kills(_read_small(f"{self.dir}/memory.events"))
         except OSError:
             return 0
 
