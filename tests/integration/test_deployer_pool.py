@@ -8,10 +8,12 @@ Skipped, saying why, where bubblewrap cannot make a sandbox here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,10 @@ from lambdabus_deployer.cgroups import (
     cpu_quota_us,
     cpu_shares,
 )
-from lambdabus_deployer.limits import Limiter, Limits
+from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.local import limiter_for
 from lambdabus_deployer.plan import PoolKey
-from lambdabus_deployer.pool import Pool, pool_dir
+from lambdabus_deployer.pool import Pool, Slot, pool_dir
 from lambdabus_deployer.runtime import locate_runtime
 from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_platform.sandbox import detect_sandbox
@@ -154,6 +156,37 @@ def _cpu_weight(cgroup: V1Cgroup | V2Cgroup) -> str:
     return (cgroup.dir / "cpu.weight").read_text().strip()
 
 
+@contextlib.asynccontextmanager
+async def _specialised(
+    pool: Pool,
+    key: PoolKey,
+    limiter: Limiter,
+    instance: str,
+    *,
+    cpu: int,
+    boost: tuple[int, float] | None = None,
+) -> AsyncIterator[tuple[Slot, RunLimits, V1Cgroup | V2Cgroup]]:
+    """A slot taken from the pool and given `instance`'s limits, as a cold start does; its
+    run's limits and the instance's cgroup. Closed (and the slot stopped) on the way out."""
+    assert limiter.hierarchy is not None
+    slot = pool.take(key)
+    assert slot is not None
+    run, _ = await limiter.specialise(
+        slot.id,
+        instance,
+        Limits(memory=128, cpu=cpu, pids=64, open_files=256, tmp_size=16),
+        python=True,
+        boost=boost,
+    )
+    try:
+        found = limiter.hierarchy.find(instance)
+        assert isinstance(found, V1Cgroup | V2Cgroup)
+        yield slot, run, found
+    finally:
+        await run.close()
+        await pool.release(slot)
+
+
 def _expected(cgroup: V1Cgroup | V2Cgroup, weight: int) -> str:
     return str(cpu_shares(weight) if isinstance(cgroup, V1Cgroup) else weight)
 
@@ -173,22 +206,9 @@ async def test_idle_runtimes_start_in_the_background_and_a_specialised_one_runs_
             found = hierarchy.find(idle_slot.id)
             assert isinstance(found, V1Cgroup | V2Cgroup)
             assert _cpu_weight(found) == _expected(found, BACKGROUND_CPU_WEIGHT)
-        slot = pool.take(key)
-        assert slot is not None
-        run, _ = await limiter.specialise(
-            slot.id,
-            "inst-weight",
-            Limits(memory=128, cpu=250, pids=64, open_files=256, tmp_size=16),
-            python=True,
-        )
-        try:
-            instance = hierarchy.find("inst-weight")
-            assert isinstance(instance, V1Cgroup | V2Cgroup)
+        async with _specialised(pool, key, limiter, "inst-weight", cpu=250) as (slot, _, instance):
             assert _cpu_weight(instance) == _expected(instance, DEFAULT_CPU_WEIGHT)
             assert hierarchy.find(slot.id) is None  # renamed, not copied
-        finally:
-            await run.close()
-            await pool.release(slot)
     finally:
         await pool.aclose()
 
@@ -206,31 +226,20 @@ async def test_a_specialised_runtime_keeps_its_boost_until_it_has_listened_for_a
     pool, key, _, limiter = await _pool(tmp_path)
     if limiter.hierarchy is None:
         pytest.skip("no cgroups here: the cpu boost needs a cgroup")
-    hierarchy = limiter.hierarchy
     try:
         pool.refill()
         await _idle(pool, 1)
-        slot = pool.take(key)
-        assert slot is not None
-        run, _ = await limiter.specialise(
-            slot.id,
-            "inst-boost",
-            Limits(memory=128, cpu=100, pids=64, open_files=256, tmp_size=16),
-            python=True,
-            boost=(1000, 30.0),
-        )
-        try:
-            instance = hierarchy.find("inst-boost")
-            assert isinstance(instance, V1Cgroup | V2Cgroup)
+        async with _specialised(pool, key, limiter, "inst-boost", cpu=100, boost=(1000, 30.0)) as (
+            _,
+            run,
+            instance,
+        ):
             assert _cpu_quota(instance) == cpu_quota_us(1000)  # importing at one core
             run.settle_after(0.3)  # it listens: the boost ends 0.3 s later, not in 30 s
             await asyncio.sleep(0.1)
             assert _cpu_quota(instance) == cpu_quota_us(1000)  # answering its first request
             await asyncio.sleep(0.5)
             assert _cpu_quota(instance) == cpu_quota_us(100)
-        finally:
-            await run.close()
-            await pool.release(slot)
     finally:
         await pool.aclose()
 

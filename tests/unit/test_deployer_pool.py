@@ -187,11 +187,15 @@ def test_a_pooled_runtime_serves_the_function_it_is_told_with_its_env_and_limits
                 data += client.recv(4096)
         assert json.loads(data.split(b"\r\n\r\n", 1)[1]) == {"who": "me", "nofile": 512}
     finally:
-        process.terminate()
-        process.wait(10)
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(10)
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def test_a_pooled_runtime_whose_deployer_is_gone_exits_having_served_nothing() -> None:
@@ -295,11 +299,7 @@ def test_a_pooled_node_runtime_warms_up_leaving_nothing_then_serves_its_function
                 data += client.recv(4096)
         assert json.loads(data.split(b"\r\n\r\n", 1)[1]) == {"got": [1, 2, 3], "who": "me"}
     finally:
-        process.terminate()
-        process.wait(10)
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+        _stop(process)
 
 
 def _reading_stdin(pid: int) -> bool:
