@@ -247,7 +247,7 @@ async def test_a_specialised_runtime_keeps_its_boost_until_it_has_listened_for_a
 async def test_a_cold_start_that_finds_none_idle_gets_a_runtime_started_for_it_at_full_weight(
     tmp_path: Path,
 ) -> None:
-    pool, key, _, limiter = await _pool(tmp_path)
+    pool, key, _, limiter = await _pool(tmp_path, refill_delay=10.0)  # no refill meanwhile
     try:
         assert pool.take(key) is None  # nothing started yet
         slot = await pool.start_now(key)
@@ -258,15 +258,18 @@ async def test_a_cold_start_that_finds_none_idle_gets_a_runtime_started_for_it_a
             found = limiter.hierarchy.find(slot.id)
             assert isinstance(found, V1Cgroup | V2Cgroup)
             assert _cpu_weight(found) == _expected(found, DEFAULT_CPU_WEIGHT)
-        # A start whose cold start is cancelled meanwhile leaves its runtime idle in the pool.
+        # A start whose cold start is cancelled meanwhile leaves its runtime idle in the pool;
+        # so does one that was not up within the wait (that cold start went on afresh).
+        before = set(pool._live)
         starting = asyncio.create_task(pool.start_now(key))
         await asyncio.sleep(0.01)
         starting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await starting
-        deadline = time.monotonic() + 30
-        while not [s for s in pool._slots.get(key, []) if s.alive]:
-            assert time.monotonic() < deadline, "the cancelled start's runtime was lost"
+        assert await pool.start_now(key, wait=0.001) is None
+        deadline = time.monotonic() + 5  # before the refill (10 s) could start any
+        while len([s for s in pool.idle() if s.id not in before and s.alive]) < 2:
+            assert time.monotonic() < deadline, "a started runtime nobody waited for was lost"
             await asyncio.sleep(0.05)
         await pool.release(slot)
     finally:

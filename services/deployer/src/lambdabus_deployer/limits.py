@@ -318,7 +318,10 @@ class RunLimits:
                 log.warning("cannot set an instance's cpu limit", extra={"error": str(exc)})
 
     async def detach(self) -> None:
-        """Stop watching the run and leave its cgroup (a deployer stops, the run goes on)."""
+        """Stop watching the run and leave its cgroup (a deployer stops, the run goes on),
+        with its own cpu limit: a boost still running would be nobody's to end (a next
+        leader adopts the cgroup as it finds it)."""
+        self.settle()
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

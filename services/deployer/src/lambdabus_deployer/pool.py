@@ -42,6 +42,7 @@ from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
 
 log = logging.getLogger("lambdabus.deployer.pool")
 
+START_NOW_WAIT = 2.0  # seconds a cold start waits for a slot started for it (`start_now`)
 SLOT_PREFIX = "pool-"  # slot ids and their cgroups
 # What an idle slot may use: memory and cpu enough to start the interpreter and import the
 # runtime; rlimits (open files; processes without a cgroup) as high as any function may get,
@@ -186,6 +187,8 @@ class Pool:
         )
         self._shrink: asyncio.TimerHandle | None = None
         self._refill_timer: asyncio.TimerHandle | None = None
+        self._starting: set[asyncio.Future[Slot]] = set()  # `start_now`'s, not yet up
+        self._stopping: set[asyncio.Task[None]] = set()
         self._again = False
         self._closed = False
         self._failures: dict[PoolKey, int] = {}
@@ -310,18 +313,28 @@ class Pool:
     def forget_failures(self) -> None:
         self._failures.clear()
 
-    async def start_now(self, key: PoolKey) -> Slot | None:
+    async def start_now(self, key: PoolKey, *, wait: float = START_NOW_WAIT) -> Slot | None:
         """A slot of `key` started for a cold start that found none idle, at the default cpu
         weight (it is on that start's path), and the caller's: a miss then costs a slot's start
         (bubblewrap, the interpreter, the runtime's imports at the pool's 1 cpu, ~0.1 s) instead
-        of a fresh start at the function's own cpu limit (0.5 to 1 s at the default 100m). None:
-        no pool (off, closed) or the key failed to start three times running. A start cut short
-        by its caller's cancellation leaves its slot idle in the pool."""
+        of a fresh start at the function's own cpu limit (0.5 to 1 s at the default 100m).
+        None: no pool (off, closed), the key failed to start three times running, or the slot
+        was not up within `wait` seconds (the caller starts afresh; the slot, once up, joins
+        the idle ones, as does the slot of a start whose caller was cancelled)."""
         if self._closed or self.size == 0 or self._failures.get(key, 0) >= 3:
             return None
         starting = asyncio.ensure_future(self._start(key, weight=DEFAULT_CPU_WEIGHT))
+        self._starting.add(starting)
+        starting.add_done_callback(self._starting.discard)
         try:
-            slot = await asyncio.shield(starting)
+            slot = await asyncio.wait_for(asyncio.shield(starting), wait)
+        except TimeoutError:
+            starting.add_done_callback(lambda done: self._adopt_started(key, done))
+            log.warning(
+                "a pre-started runtime was not up in time; starting afresh",
+                extra={"env": key.env_dir, "seconds": wait},
+            )
+            return None
         except asyncio.CancelledError:
             starting.add_done_callback(lambda done: self._adopt_started(key, done))
             raise
@@ -332,13 +345,27 @@ class Pool:
         return slot
 
     def _adopt_started(self, key: PoolKey, done: asyncio.Future[Slot]) -> None:
-        if done.cancelled() or done.exception() is not None:
+        """A slot started for a cold start that no longer waits for it: idle in the pool if
+        some function still has its key, else stopped (`aclose` stops it if the pool closed)."""
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:
+            self._failures[key] = self._failures.get(key, 0) + 1
+            log.warning(
+                "cannot pre-start a runtime for the pool",
+                extra={"env": key.env_dir, "error": str(error)},
+            )
             return
         slot = done.result()
         if self._closed:
-            asyncio.get_running_loop().create_task(self._stop(slot))
-        else:
+            return  # in `_live`: `aclose` stops it
+        if key in self._wanted():
             self._slots.setdefault(key, []).append(slot)
+        else:  # (the function that wanted it was removed meanwhile)
+            stopping = asyncio.get_running_loop().create_task(self._stop(slot))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
 
     async def _start(self, key: PoolKey, *, weight: int = BACKGROUND_CPU_WEIGHT) -> Slot:
         s = self.settings
@@ -509,6 +536,9 @@ class Pool:
             self._filling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filling
+        for starting in list(self._starting):  # a start cut short cleans up after itself
+            starting.cancel()
+        await asyncio.gather(*self._starting, *self._stopping, return_exceptions=True)
         idle = {slot.id for slot in self.idle()}
         self._slots.clear()
         slots = list(self._live.values())

@@ -70,7 +70,7 @@ class ProcessTable:
         self.path = path
         self._records: dict[str, ProcessRecord] = {}
         self._dirty = False
-        self._saving = threading.Lock()
+        self._saving = threading.RLock()
 
     def add(self, record: ProcessRecord) -> None:
         self._records[record.instance] = record
@@ -90,8 +90,11 @@ class ProcessTable:
             self._dirty = True
 
     def flush(self) -> None:
-        if self._dirty:
-            self._save()
+        """Write the table if it changed; once this returns, what it held then is written
+        (a save another thread is making meanwhile is waited for)."""
+        with self._saving:
+            if self._dirty:
+                self._save()
 
     def discard(self, instance: str) -> None:
         if self._records.pop(instance, None) is not None:

@@ -453,12 +453,14 @@ function retitle(argv) {
 function warmUp() {
   return new Promise((resolve) => {
     const done = () => resolve();
+    setTimeout(done, 1000).unref(); // a warm-up that stalls must not keep the slot from its line
     try {
       require('crypto').randomUUID();
       const address = `\0lambdabus-warm-up-${process.pid}`;
       const server = http.createServer((req, res) => {
         const chunks = [];
         req.on('data', (chunk) => chunks.push(chunk));
+        req.on('error', () => {});
         req.on('end', () => {
           const body = JSON.stringify(
             invocations.run({ id: 'warm-up' }, () => JSON.parse(Buffer.concat(chunks).toString())),
@@ -467,6 +469,10 @@ function warmUp() {
           res.end(body);
         });
       });
+      const finish = () => {
+        server.closeAllConnections();
+        server.close(done);
+      };
       server.on('error', done);
       server.listen({ path: address }, () => {
         const req = http.request(
@@ -478,11 +484,12 @@ function warmUp() {
             headers: { 'Content-Type': 'application/json', Connection: 'close' },
           },
           (res) => {
+            res.on('error', finish);
             res.resume();
-            res.on('end', () => server.close(done));
+            res.on('end', finish);
           },
         );
-        req.on('error', () => server.close(done));
+        req.on('error', finish);
         req.end('{"warm": true}');
       });
     } catch (err) {
