@@ -42,7 +42,6 @@ from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
 
 log = logging.getLogger("lambdabus.deployer.pool")
 
-START_NOW_WAIT = 2.0  # seconds a cold start waits for a slot started for it (`start_now`)
 SLOT_PREFIX = "pool-"  # slot ids and their cgroups
 # What an idle slot may use: memory and cpu enough to start the interpreter and import the
 # runtime; rlimits (open files; processes without a cgroup) as high as any function may get,
@@ -313,14 +312,16 @@ class Pool:
     def forget_failures(self) -> None:
         self._failures.clear()
 
-    async def start_now(self, key: PoolKey, *, wait: float = START_NOW_WAIT) -> Slot | None:
+    async def start_now(self, key: PoolKey, *, wait: float | None = None) -> Slot | None:
         """A slot of `key` started for a cold start that found none idle, at the default cpu
         weight (it is on that start's path), and the caller's: a miss then costs a slot's start
         (bubblewrap, the interpreter, the runtime's imports at the pool's 1 cpu, ~0.1 s) instead
         of a fresh start at the function's own cpu limit (0.5 to 1 s at the default 100m).
         None: no pool (off, closed), the key failed to start three times running, or the slot
-        was not up within `wait` seconds (the caller starts afresh; the slot, once up, joins
-        the idle ones, as does the slot of a start whose caller was cancelled)."""
+        was not up within `wait` seconds if given (the caller starts afresh; the slot, once
+        up, joins the idle ones, as does the slot of a start whose caller was cancelled). A
+        start waits as long as a fresh one would (the sandbox's start timeout); a key whose
+        starts fail stops being tried after three."""
         if self._closed or self.size == 0 or self._failures.get(key, 0) >= 3:
             return None
         starting = asyncio.ensure_future(self._start(key, weight=DEFAULT_CPU_WEIGHT))
