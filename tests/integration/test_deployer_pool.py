@@ -21,6 +21,7 @@ import pytest
 from lambdabus_deployer.cgroups import (
     BACKGROUND_CPU_WEIGHT,
     DEFAULT_CPU_WEIGHT,
+    CgroupHierarchy,
     V1Cgroup,
     V2Cgroup,
     cpu_quota_us,
@@ -78,6 +79,15 @@ async def _pool(
         wanted=lambda: {key: object()},
     )
     return pool, key, settings, limiter
+
+
+async def _cgroup_pool(tmp_path: Path) -> tuple[Pool, PoolKey, Limiter, CgroupHierarchy]:
+    """`_pool`, where cgroups limit the slots (else the test is skipped)."""
+    pool, key, _, limiter = await _pool(tmp_path)
+    if limiter.hierarchy is None:
+        await pool.aclose()
+        pytest.skip("no cgroups here: the pool's slots are limited by rlimits only")
+    return pool, key, limiter, limiter.hierarchy
 
 
 async def _idle(pool: Pool, count: int) -> None:
@@ -194,10 +204,7 @@ def _expected(cgroup: V1Cgroup | V2Cgroup, weight: int) -> str:
 async def test_idle_runtimes_start_in_the_background_and_a_specialised_one_runs_at_full_weight(
     tmp_path: Path,
 ) -> None:
-    pool, key, _, limiter = await _pool(tmp_path)
-    if limiter.hierarchy is None:
-        pytest.skip("no cgroups here: the pool's slots are limited by rlimits only")
-    hierarchy = limiter.hierarchy
+    pool, key, limiter, hierarchy = await _cgroup_pool(tmp_path)
     try:
         pool.refill()
         await _idle(pool, 2)
@@ -223,9 +230,7 @@ def _cpu_quota(cgroup: V1Cgroup | V2Cgroup) -> int:
 async def test_a_specialised_runtime_keeps_its_boost_until_it_has_listened_for_a_while(
     tmp_path: Path,
 ) -> None:
-    pool, key, _, limiter = await _pool(tmp_path)
-    if limiter.hierarchy is None:
-        pytest.skip("no cgroups here: the cpu boost needs a cgroup")
+    pool, key, limiter, _ = await _cgroup_pool(tmp_path)
     try:
         pool.refill()
         await _idle(pool, 1)

@@ -494,14 +494,8 @@ class Limiter:
         )
         if cgroup is not None:
             run._watch = asyncio.create_task(run.watch_oom(self.oom_poll_interval))
-        if settle is not None and boost is not None:
-
-            async def _later(seconds: float) -> None:
-                await asyncio.sleep(seconds)
-                run._settling = None
-                run.settle()
-
-            run._settling = asyncio.create_task(_later(boost[1]))
+        if boost is not None:
+            run.settle_after(boost[1])  # (nothing to settle without a boost above its limit)
         return run, found
 
     async def adopt(self, instance: str, baseline: int) -> RunLimits:

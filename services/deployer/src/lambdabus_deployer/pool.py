@@ -288,7 +288,7 @@ class Pool:
                         slots.append(await self._start(key))
                         self._failures.pop(key, None)
                     except Exception as exc:
-                        self._failures[key] = self._failures.get(key, 0) + 1
+                        self._failed(key)
                         log.warning(
                             "cannot pre-start a runtime for the pool",
                             extra={"env": key.env_dir, "error": str(exc)},
@@ -311,6 +311,10 @@ class Pool:
 
     def forget_failures(self) -> None:
         self._failures.clear()
+
+    def _failed(self, key: PoolKey) -> None:
+        """One more start of `key` failed (after three running, it is not tried any more)."""
+        self._failures[key] = self._failures.get(key, 0) + 1
 
     async def start_now(self, key: PoolKey, *, wait: float | None = None) -> Slot | None:
         """A slot of `key` started for a cold start that found none idle, at the default cpu
@@ -340,7 +344,7 @@ class Pool:
             starting.add_done_callback(lambda done: self._adopt_started(key, done))
             raise
         except Exception:
-            self._failures[key] = self._failures.get(key, 0) + 1
+            self._failed(key)
             raise
         self._failures.pop(key, None)
         return slot
@@ -352,7 +356,7 @@ class Pool:
             return
         error = done.exception()
         if error is not None:
-            self._failures[key] = self._failures.get(key, 0) + 1
+            self._failed(key)
             log.warning(
                 "cannot pre-start a runtime for the pool",
                 extra={"env": key.env_dir, "error": str(error)},
@@ -506,13 +510,15 @@ class Pool:
         # off the event loop: removing a cgroup waits for its last process, and dirs take a
         # while to remove (a cold start may be under way)
         await asyncio.to_thread(self._remove_leftovers, slot)
-        self._live.pop(slot.id, None)
-        self._save_ids()
+        self._forget(slot)
 
     def _discard(self, slot: Slot) -> None:
         """Remove what a slot that ended left: its cgroup, dirs, log files, record."""
         slot.close_control()
         self._remove_leftovers(slot)
+        self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
         self._live.pop(slot.id, None)
         self._save_ids()
 
