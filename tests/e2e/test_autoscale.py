@@ -36,6 +36,12 @@ SLEEPER = {
     )
 }
 
+SLOW_TO_LOAD = {
+    "lambda_main.py": (
+        "import time\n\ntime.sleep(1)\n\n\nasync def main(request):\n    return {'slept': False}\n"
+    )
+}
+
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
@@ -72,11 +78,11 @@ class Lifecycle:
         self._response.close()
 
 
-def deploy(platform: Platform, name: str) -> None:
+def deploy(platform: Platform, name: str, files: dict[str, str] = SLEEPER) -> None:
     status, body = http(
         "POST",
         f"{platform.urls['gateway']}/v1/namespaces/{NS}/functions",
-        {"name": name, "source": {"files": SLEEPER}, "scale": SCALE},
+        {"name": name, "source": {"files": files}, "scale": SCALE},
     )
     assert status == 202, body
 
@@ -97,6 +103,14 @@ def replicas(platform: Platform, name: str) -> int:
 
 def scaled_to(events: list[dict[str, Any]], name: str, to: int) -> list[dict[str, Any]]:
     return [e for e in events if e["data"]["name"] == name and e["data"].get("to_replicas") == to]
+
+
+def released(platform: Platform, by: str) -> float:
+    """The router's count of held requests released to an instance, `announced` or `state`."""
+    status, text = http("GET", f"{platform.urls['router']}/metrics")
+    assert status == 200, text
+    line = f'lambdabus_router_held_released_total{{by="{by}"}} '
+    return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
 
 
 def wait_for_zero(platform: Platform, name: str, scaled: Lifecycle, before: int) -> float:
@@ -129,6 +143,10 @@ def test_scale_to_zero_wake_on_the_first_request_grow_with_load_and_back_to_zero
         cold = time.monotonic() - started
         assert (status, body) == (200, {"slept": True})
         assert headers.get("X-Lambdabus-Cold-Start") == "true"
+        # It went to the instance the deployer announced (a pre-started runtime), as soon as
+        # that accepted: not after the state said so (both of their NATS users may do that).
+        assert released(platform, "announced") == 1
+        assert released(platform, "state") == 0
         woken = wait_for(
             lambda: [
                 e for e in scaled_to(scaled.events, "sleeper", 1) if e["data"]["from_replicas"] == 0
@@ -176,7 +194,9 @@ def test_scale_to_zero_wake_on_the_first_request_grow_with_load_and_back_to_zero
 def test_requests_past_the_queue_bound_while_waking_get_503_with_retry_after(
     platform: Platform,
 ) -> None:
-    deploy(platform, "queued")
+    # Its code takes 1 s to load: every request below arrives while it wakes (a pre-started
+    # runtime makes the others a matter of milliseconds, shorter than the clients' start).
+    deploy(platform, "queued", SLOW_TO_LOAD)
     wait_for(lambda: replicas(platform, "queued") >= 1, 120, "queued deployed")
     wait_for(lambda: replicas(platform, "queued") == 0, 60, "queued at 0 replicas")
     wait_for(lambda: runtime_processes("queued") == [], 30, "queued without processes")

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from yarl import URL
 from lambdabus_events.models import (
     FunctionConfig,
     FunctionRecord,
+    InstanceStarting,
     ScaleSpec,
     SourceRef,
 )
@@ -29,7 +31,7 @@ from lambdabus_platform.bus import Bus
 from lambdabus_platform.registry import Registry
 from lambdabus_platform.service import serve
 from lambdabus_platform.settings import NatsSettings
-from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET
+from lambdabus_platform.subjects import DEPLOYMENTS_BUCKET, FUNCTIONS_BUCKET, starting_subject
 from lambdabus_router.__main__ import client_max_size, make_setup
 from lambdabus_router.calls import Caller, NoReadyInstance
 from lambdabus_router.proxy import Router
@@ -484,6 +486,104 @@ async def test_a_function_at_zero_is_woken_and_its_held_request_goes_on(
             assert await response.read() == b"from late: held"
         assert woken
         assert set(woken) == {fid}
+
+
+@contextlib.asynccontextmanager
+async def unix_instance(path: Path, name: str) -> AsyncIterator[None]:
+    """An "instance" listening on a unix socket, as a sandboxed runtime does."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(
+            status=201, body=b"from " + name.encode() + b": " + await request.read()
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def announce(router: RunningRouter, name: str, endpoint: str, *, uid: str = "") -> None:
+    notice = InstanceStarting(
+        namespace=router.namespace,
+        name=name,
+        uid=uid or f"uid-{name}",
+        revision=f"{name}-00002",
+        endpoint=endpoint,
+    )
+    subject = starting_subject(router.namespace, name)
+    await router.bus.publish_nowait(subject, notice.model_dump_json().encode())
+
+
+async def test_a_held_request_goes_to_the_announced_instance_once_it_listens(
+    router: RunningRouter, tmp_path: Path
+) -> None:
+    """The deployer announces where a pre-started runtime it specialises will listen; the
+    held request goes there the moment it accepts, though no state ever says it is ready."""
+    socket_path = tmp_path / "fn.sock"
+    instances: list[Any] = []  # the instance's exit stack, and the task that starts it
+
+    async def wake(fid: tuple[str, str]) -> None:
+        if not instances:
+            stack = contextlib.AsyncExitStack()
+            instances.append(stack)
+            await announce(router, "announced", f"unix:{socket_path}")
+
+            async def listen_later() -> None:
+                await asyncio.sleep(0.3)  # the runtime loads the function meanwhile
+                await stack.enter_async_context(unix_instance(socket_path, "announced"))
+
+            instances.append(asyncio.ensure_future(listen_later()))
+
+    await router.add_function("announced", [], scale=ScaleSpec(min=0, max=2))
+    fid = (router.namespace, "announced")
+    # Nobody held: a notice is not kept.
+    await announce(router, "announced", f"unix:{socket_path}")
+    await asyncio.sleep(0.2)
+    assert fid not in router.router.starting
+    router.router.settings.cold_start_timeout_seconds = 5
+    router.router.wake = wake
+    try:
+        async with router.http.post(f"/{router.namespace}/announced", data=b"held") as response:
+            assert response.status == 201
+            assert await response.read() == b"from announced: held"
+            assert response.headers["X-Lambdabus-Revision"] == "announced-00002"
+    finally:
+        await instances[1]
+        await instances[0].aclose()
+    assert router.router.table[fid].endpoints == []  # the state never said so
+    assert fid not in router.router.starting  # nothing held: forgotten
+
+
+async def test_an_announced_instance_that_never_listens_leaves_the_request_to_the_state(
+    router: RunningRouter, tmp_path: Path
+) -> None:
+    """A notice whose runtime never accepts (it failed to load), or of another function
+    with that name (another uid), is not where the request goes: the state is."""
+    woken: list[tuple[str, str]] = []
+    other = tmp_path / "other.sock"
+    async with backend("stated") as stated, unix_instance(other, "other"):
+
+        async def wake(fid: tuple[str, str]) -> None:
+            woken.append(fid)
+            if len(woken) == 1:
+                await announce(router, "fallback", f"unix:{tmp_path / 'never.sock'}")
+                await asyncio.sleep(0.1)
+                await announce(router, "fallback", f"unix:{other}", uid="uid-old")
+                asyncio.get_running_loop().call_later(
+                    0.3, lambda: asyncio.ensure_future(router.deploy("fallback", [stated.url]))
+                )
+
+        await router.add_function("fallback", [], scale=ScaleSpec(min=0, max=2))
+        router.router.wake = wake
+        async with router.http.post(f"/{router.namespace}/fallback", data=b"held") as response:
+            assert response.status == 201
+            assert await response.read() == b"from stated: held"
 
 
 async def test_requests_past_the_hold_bound_are_503_with_retry_after(

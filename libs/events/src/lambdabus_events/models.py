@@ -688,6 +688,19 @@ class DeploymentState(_Strict):
     )
 
 
+class InstanceStarting(_Strict):
+    """An instance of a function's latest revision being made of a pre-started runtime (core
+    NATS `lambdabus.starting.<ns>.<fn>`, never stored): where it is about to listen. A router
+    holding requests for the function sends them there as soon as it accepts connections;
+    until then, and for everything else, the `deployments` state decides."""
+
+    namespace: Label
+    name: Label
+    uid: str
+    revision: str = ""
+    endpoint: str
+
+
 LogKind = Literal["build", "runtime"]
 
 

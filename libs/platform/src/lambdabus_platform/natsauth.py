@@ -41,6 +41,7 @@ from lambdabus_platform.subjects import (
     REVISIONS_BUCKET,
     SCHEDULE_TICKS_BUCKET,
     SCHEDULES_BUCKET,
+    STARTING_PREFIX,
     TRIGGERS_BUCKET,
     WAKE_PREFIX,
 )
@@ -159,6 +160,7 @@ ACCESS: Final[Mapping[str, Access]] = {
         ),
         durables={"LIFECYCLE": ("deployer-builds", "deployer-functions")},
         listen=(f"{WAKE_PREFIX}.>",),  # scale from zero: the routers' wake requests
+        notify=(f"{STARTING_PREFIX}.>",),  # scale from zero: where a woken instance listens
     ),
     "router": Access(
         "router",
@@ -184,6 +186,7 @@ ACCESS: Final[Mapping[str, Access]] = {
         durables={"EVENTS": (ANY,)},
         list_consumers=("EVENTS",),
         notify=(f"{WAKE_PREFIX}.>",),  # scale from zero: wake a function
+        listen=(f"{STARTING_PREFIX}.>",),  # scale from zero: where a woken instance listens
     ),
     "logs": Access(
         "logs",

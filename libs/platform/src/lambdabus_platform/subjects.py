@@ -44,6 +44,17 @@ def wake_subject(namespace: str, name: str) -> str:
     return f"{WAKE_PREFIX}.{'.'.join(_checked(namespace, name))}"
 
 
+# Scale from zero without waiting for the state: the deployer leader publishes
+# `lambdabus.starting.<ns>.<fn>` (core NATS, an `InstanceStarting`) as it specialises a
+# pre-started runtime for a function; a router holding requests for it connects to that
+# endpoint the moment the runtime accepts connections there.
+STARTING_PREFIX = "lambdabus.starting"
+
+
+def starting_subject(namespace: str, name: str) -> str:
+    return f"{STARTING_PREFIX}.{'.'.join(_checked(namespace, name))}"
+
+
 # KV buckets, each owned by one service and read by others.
 FUNCTIONS_BUCKET = "functions"  # gateway
 BUILDS_BUCKET = "builds"  # builder

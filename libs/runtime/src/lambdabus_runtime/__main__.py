@@ -52,6 +52,7 @@ def pooled() -> int:
     runtime serves that one function until it exits. EOF before the line (the deployer is
     gone): exit 0, having served nothing."""
     import json
+    import resource
 
     from lambdabus_runtime import server  # noqa: F401 - the import is the point of the pool
 
@@ -71,8 +72,6 @@ def pooled() -> int:
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         sys.stderr.write("lambdabus-runtime: a pool message whose argv is not strings\n")
         return EXIT_USAGE
-    import resource
-
     try:
         for res, value in limits:  # before any of the function's code: it cannot raise them
             resource.setrlimit(res, (value, value))

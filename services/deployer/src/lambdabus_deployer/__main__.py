@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -47,6 +48,7 @@ from lambdabus_platform.subjects import (
     REVISIONS_BUCKET,
     SECRETS_BUCKET,
     WAKE_PREFIX,
+    starting_subject,
 )
 
 log = logging.getLogger("lambdabus.deployer")
@@ -103,6 +105,12 @@ def make_setup(settings: DeployerSettings) -> Setup:
                     logs=shipper.publish,
                     metrics=metrics,
                     stop_instances=lambda: False,
+                    announce=None
+                    if os.environ.get("LB_NOANNOUNCE")
+                    else lambda notice: ctx.bus.publish_nowait(
+                        starting_subject(notice.namespace, notice.name),
+                        notice.model_dump_json().encode(),
+                    ),
                 ) as backend:
                     deployer = Deployer(
                         bus=ctx.bus,

@@ -12,13 +12,16 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from lambdabus_deployer.plan import DesiredRevision, Observation
-from lambdabus_events.models import LogLine
+from lambdabus_events.models import InstanceStarting, LogLine
 
 # Awaited by the backend before it acts on what it reported (old instances are drained only
 # after the state naming the new endpoints is written).
 Reporter = Callable[[Observation], Awaitable[None]]
 # Takes a line on its way to the LOGS stream; False when it was dropped (the store is behind).
 LogSink = Callable[[LogLine], Awaitable[bool | None]]
+# Says where an instance made of a pre-started runtime is about to listen (the routers holding
+# requests for its function connect there first); best effort, never awaited for an answer.
+Announcer = Callable[[InstanceStarting], Awaitable[None]]
 
 
 class DeployBackend(Protocol):

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from lambdabus_deployer.backend import LogSink, Reporter
+from lambdabus_deployer.backend import Announcer, LogSink, Reporter
 from lambdabus_deployer.detached import LogFollower, Running, open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits, detect_limiter, oom_message
 from lambdabus_deployer.logcapture import InstanceLog
@@ -62,7 +62,12 @@ from lambdabus_deployer.process_table import (
     start_time,
 )
 from lambdabus_deployer.settings import DeployerSettings
-from lambdabus_events.models import ArtifactManifest, InstancePhase, InstanceState
+from lambdabus_events.models import (
+    ArtifactManifest,
+    InstancePhase,
+    InstanceStarting,
+    InstanceState,
+)
 from lambdabus_platform.envdigest import EnvironmentVerifier
 from lambdabus_platform.errors import LambdabusError
 from lambdabus_platform.sandbox import (
@@ -534,6 +539,7 @@ class Instance:
             self.scratch, self.socket_dir, self.identity = previous
             await backend.pool.release(slot)
             raise
+        await self._announce(spec)
         manifest = self.group.manifest
         try:
             limits = await backend.pool.specialise(
@@ -566,6 +572,27 @@ class Instance:
             status_file=record.status_file,
         )
         return spec, running, limits, record, slot.handle
+
+    async def _announce(self, spec: InstanceSpec) -> None:
+        """Say where this run of the function's latest revision is about to listen: a router
+        holding requests for it connects there as soon as the runtime accepts, instead of
+        after its "listening", our table's flush and the state's write and watch (~7 ms of a
+        ~20 ms cold start). Not for a revision run apart (its requests follow its route)."""
+        announce = self.group.runner.backend.announce
+        rev = spec.revision
+        if announce is None or rev.pinned:
+            return
+        notice = InstanceStarting(
+            namespace=rev.namespace,
+            name=rev.name,
+            uid=rev.uid,
+            revision=rev.revision,
+            endpoint=spec.endpoint,
+        )
+        try:
+            await announce(notice)
+        except Exception as exc:  # the state still says it, a few ms later
+            log.debug("could not announce a starting instance", extra={"error": str(exc)})
 
     def _pooled_record(self, slot: Slot, spec: InstanceSpec, limits: RunLimits) -> ProcessRecord:
         return ProcessRecord(
@@ -1155,8 +1182,10 @@ class LocalBackend:
         report: Reporter,
         logs: LogSink,
         metrics: DeployerMetrics,
+        announce: Announcer | None = None,
     ) -> None:
         self.settings = settings
+        self.announce = announce
         self.sandbox = sandbox
         self.limiter = limiter
         self.runtime = runtime
@@ -1355,6 +1384,7 @@ async def open_local_backend(
     metrics: DeployerMetrics,
     limiter: Limiter | None = None,
     stop_instances: Callable[[], bool] = lambda: True,
+    announce: Announcer | None = None,
 ) -> AsyncIterator[LocalBackend]:
     """The backend while this deployer leads: running instances adopted on entry; on exit
     they are stopped when `stop_instances()` says so (the default), else left running for the
@@ -1373,6 +1403,7 @@ async def open_local_backend(
         report=report,
         logs=logs,
         metrics=metrics,
+        announce=announce,
     )
     await backend.recover()
     try:

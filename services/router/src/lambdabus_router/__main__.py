@@ -22,6 +22,7 @@ from lambdabus_platform.subjects import (
     QUOTAS_BUCKET,
     REVISION_DEPLOYMENTS_BUCKET,
     REVISIONS_BUCKET,
+    STARTING_PREFIX,
     TOKENS_BUCKET,
     wake_subject,
 )
@@ -79,6 +80,7 @@ def make_setup(
             tokens.watching(),
             stats.running(),
             load.running(),
+            ctx.bus.listening(f"{STARTING_PREFIX}.>", router.on_starting),
             router.running(
                 ctx.bus.kv(DEPLOYMENTS_BUCKET),
                 ctx.bus.kv(FUNCTIONS_BUCKET),

@@ -49,6 +49,16 @@ class InvocationMetrics:
             "invocations sent to a second instance after the first refused the connection",
             registry=registry,
         )
+        self._released = Counter(
+            "lambdabus_router_held_released",
+            "requests held for a function without an instance, released to one: `announced` "
+            "(the deployer said where it would listen, and it accepted) or `state` (the "
+            "deployments state named it)",
+            ["by"],
+            registry=registry,
+        )
+        self._released_announced = self._released.labels("announced")
+        self._released_state = self._released.labels("state")
         self._counters: dict[tuple[str, str, int], Counter] = {}
         self._histograms: dict[tuple[str, str], Histogram] = {}
 
@@ -66,6 +76,9 @@ class InvocationMetrics:
 
     def retried(self) -> None:
         self._retries.inc()
+
+    def released(self, *, announced: bool) -> None:
+        (self._released_announced if announced else self._released_state).inc()
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop the series of a deleted function."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
 import random
 import secrets
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -27,7 +29,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
-from lambdabus_events.models import DeploymentState, FunctionRevisions, RevisionDeployment
+from lambdabus_events.models import (
+    DeploymentState,
+    FunctionRevisions,
+    InstanceStarting,
+    RevisionDeployment,
+)
 from lambdabus_events.names import label_problem
 from lambdabus_events.traffic import Route, choose, effective
 from lambdabus_platform.bus import Kv
@@ -68,6 +75,7 @@ from lambdabus_router.table import (
     quota_concurrency,
 )
 from lambdabus_router.upstream import (
+    UNIX_ENDPOINT,
     ConnectFailed,
     Disconnected,
     Response,
@@ -89,6 +97,10 @@ _DROP = frozenset({INVOCATION_HEADER.lower()})
 _DROP_PROTECTED = _DROP | {"authorization"}
 
 _NO_BODY = b""
+# How often a held request tries an announced endpoint until the runtime there accepts (a
+# pooled runtime takes a few ms; a try is one connect(2) that fails at once), then less often.
+STARTING_POLL_SECONDS = 0.0005
+STARTING_POLL_MAX_SECONDS = 0.01
 
 
 class BodyTooLarge(Exception):
@@ -139,6 +151,10 @@ class Router:
         self.autoscaled: set[FunctionId] = set()
         self.wake: Callable[[FunctionId], Awaitable[None]] | None = None
         self.held: defaultdict[FunctionId, int] = defaultdict(int)
+        # Where an instance of a held function is about to listen (`on_starting`), while some
+        # request is held for it: tried before the state says it is ready.
+        self.starting: dict[FunctionId, InstanceStarting] = {}
+        self._probes: dict[FunctionId, tuple[InstanceStarting, asyncio.Future[bool]]] = {}
         # `spec.concurrency`: requests in flight per instance at most; more wait for a slot.
         self.per_instance: dict[FunctionId, int] = {}
         self._freed: dict[FunctionId, asyncio.Event] = {}
@@ -272,6 +288,19 @@ class Router:
         when it has seen a change, nobody polls)."""
         async with self._changed:
             await self._changed.wait_for(lambda: predicate(self))
+
+    async def on_starting(self, _: str, payload: bytes) -> None:
+        """A deployer's `InstanceStarting` (core NATS `lambdabus.starting.<ns>.<fn>`): kept
+        while some request is held for that function (else nobody needs it)."""
+        try:
+            notice = InstanceStarting.model_validate_json(payload)
+        except ValidationError:
+            log.warning("ignoring a starting notice that does not parse")
+            return
+        fid = (notice.namespace, notice.name)
+        if self.held.get(fid, 0) > 0:
+            self.starting[fid] = notice
+            await self._notify()
 
     def _on_deployment(self, key: str, value: bytes) -> None:
         self.table = apply(self.table, key, value)
@@ -802,12 +831,23 @@ class Router:
                 if wait <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.until(lambda r: _ready(r.table.get(fid))), wait)
+                    await asyncio.wait_for(
+                        self.until(lambda r: _ready(r.table.get(fid)) or fid in r.starting), wait
+                    )
                 state = self.table.get(fid)
                 if state is not None and state.endpoints:
+                    self.metrics.released(announced=False)
                     return state
+                notice = self.starting.get(fid)
+                if notice is not None:
+                    announced = await self._announced(fid, notice, wait)
+                    if announced is not None:
+                        return announced
         finally:
             self.held[fid] -= 1
+            if not self.held[fid]:
+                del self.held[fid]
+                self.starting.pop(fid, None)
         return _error_reply(
             TemporaryError(
                 f"function {fid[0]}/{fid[1]} has no instance ready after "
@@ -816,6 +856,63 @@ class Router:
                 retry_after=1,
             )
         )
+
+    async def _announced(
+        self, fid: FunctionId, notice: InstanceStarting, limit: float
+    ) -> DeploymentState | None:
+        """The function's state with the announced endpoint, once the runtime there accepts
+        connections (within `limit` seconds); the state itself if it says an instance is
+        ready meanwhile; None when it did not accept in time, or the notice is not of this
+        function's state (then the state is waited for). Accepting is what "listening" means
+        to the deployer too: the function is loaded. One probe per notice, however many
+        requests are held."""
+        state = self.table.get(fid)
+        path = notice.endpoint.removeprefix(UNIX_ENDPOINT)
+        if state is None or state.uid != notice.uid or path == notice.endpoint:
+            self.starting.pop(fid, None)
+            return None
+        probe = self._probes.get(fid)
+        if probe is None or probe[0] is not notice:
+            task = asyncio.ensure_future(self._accepting(fid, path, limit))
+            self._probes[fid] = probe = (notice, task)
+
+            def forget(done: asyncio.Future[bool], fid: FunctionId = fid) -> None:
+                if self._probes.get(fid, (None, None))[1] is done:
+                    del self._probes[fid]
+
+            task.add_done_callback(forget)
+        accepted = await asyncio.shield(probe[1])
+        state = self.table.get(fid)
+        if state is None:
+            return None
+        if state.endpoints:
+            self.metrics.released(announced=False)
+            return state
+        if not accepted:
+            if self.starting.get(fid) is notice:
+                del self.starting[fid]
+            return None
+        self.metrics.released(announced=True)
+        revision = notice.revision or state.revision
+        return state.model_copy(update={"endpoints": [notice.endpoint], "revision": revision})
+
+    async def _accepting(self, fid: FunctionId, path: str, limit: float) -> bool:
+        """Whether the unix socket at `path` accepts within `limit` seconds: tried every
+        `STARTING_POLL_SECONDS` at first, less often the longer it takes; False at once when
+        the function's state names endpoints (or the function is gone)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        delay = STARTING_POLL_SECONDS
+        while True:
+            state = self.table.get(fid)
+            if state is None or state.endpoints:
+                return False
+            if _accepts(path):
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.25, STARTING_POLL_MAX_SECONDS)
 
     async def _check_token(self, request: web.Request, fid: FunctionId) -> web.Response | None:
         """The refusal of a call to a protected function (401, 403 or 429), or None."""
@@ -1041,6 +1138,19 @@ def _reason(status: int) -> str:
 
 def _ready(state: DeploymentState | None) -> bool:
     return state is not None and bool(state.endpoints)
+
+
+def _accepts(path: str) -> bool:
+    """Whether a unix socket at `path` accepts connections now (a listening runtime: a full
+    backlog counts too). The connection is closed at once, before anything is sent."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        return probe.connect_ex(path) in (0, errno.EAGAIN, errno.EINPROGRESS)
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _head_length(upstream: Response) -> int | None:
