@@ -11,7 +11,6 @@ from lambdabus_builder.backend import BuildBackend
 from lambdabus_builder.builds import Builder
 from lambdabus_builder.claims import replica_id
 from lambdabus_builder.collect import KINDS, DiskCollector
-from lambdabus_builder.kube import KubeBuildBackend
 from lambdabus_builder.local import LocalBackend
 from lambdabus_builder.metrics import BuildMetrics
 from lambdabus_builder.settings import BuilderSettings
@@ -19,7 +18,6 @@ from lambdabus_platform.blobstore import open_blob_store
 from lambdabus_platform.eventapi import SUBSCRIPTIONS
 from lambdabus_platform.gc import GcMetrics
 from lambdabus_platform.imageregistry import ImageRegistry
-from lambdabus_platform.kube.client import KubeClient
 from lambdabus_platform.s3 import S3Objects
 from lambdabus_platform.service import ServiceContext, Setup, subscribe_lifecycle
 
@@ -70,6 +68,11 @@ async def _backend(
     if given is not None:
         yield given
     elif settings.backend == "kubernetes":
+        # Here, not at the top: the Kubernetes client's models cost ~65 MiB of memory, which a
+        # builder on the local backend never uses (and copies the page tables of at each fork).
+        from lambdabus_builder.kube import KubeBuildBackend
+        from lambdabus_platform.kube.client import KubeClient
+
         s3 = settings.store.s3
         async with (
             KubeClient.connect(settings.kube_api) as client,

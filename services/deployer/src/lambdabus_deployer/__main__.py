@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 
 from lambdabus_deployer.deployer import Deployer
-from lambdabus_deployer.kube import open_kubernetes_backend
 from lambdabus_deployer.leader import ROLE, Elector, Role, replica_id
 from lambdabus_deployer.local import open_local_backend, stop_all_instances
 from lambdabus_deployer.logship import open_log_shipper
@@ -31,7 +30,6 @@ from lambdabus_deployer.settings import DeployerSettings
 from lambdabus_deployer.state import DeploymentStates
 from lambdabus_events.catalog import LifecycleEvent
 from lambdabus_platform.eventapi import SUBSCRIPTIONS
-from lambdabus_platform.kube.client import KubeClient
 from lambdabus_platform.sandbox import detect_sandbox, install_egress_rules
 from lambdabus_platform.secretbox import open_secret_box
 from lambdabus_platform.secretstore import SecretStore
@@ -181,6 +179,11 @@ async def kubernetes_setup(settings: DeployerSettings, ctx: ServiceContext) -> A
     """`LAMBDABUS_BACKEND=kubernetes`: functions run as Deployments in the cluster; the
     deployer replicas elect a leader as with the local backend, and the leader applies and
     watches."""
+    # Here, not at the top: the Kubernetes client's models cost a deployer ~65 MiB of memory,
+    # and every fork it makes (each sandbox it starts) copies the page tables that map them.
+    from lambdabus_deployer.kube import open_kubernetes_backend
+    from lambdabus_platform.kube.client import KubeClient
+
     secrets, _, elector, leader = _elect(settings, ctx)
 
     async def lead() -> None:
