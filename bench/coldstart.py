@@ -5,11 +5,13 @@ spawning a fresh sandboxed runtime in the same run (bubblewrap + interpreter + r
 function load + first answer, nothing of the platform around it).
 
     uv run python bench/coldstart.py [--cold-starts 50] [--functions 4]
-        [--kinds python,python-deps,nodejs] [--pool-size N] [--cpu 100m]
+        [--kinds python,python-deps,nodejs] [--pool-size N] [--cpu 100m] [--together]
 
 It starts `lambdabus up --ephemeral-ports` (offline builds: run `make fixtures` first), deploys
 `--functions` functions of each kind with `scale: {"min": 0, "max": 1, "idle_seconds": 1}`,
-and then, round robin, calls each function once it is back at 0 instances, through the router:
+and then, one kind after another (`--together`: all kinds at once, each one's cold starts
+among the others' scale-downs and refills), round robin, calls each of that kind's functions
+once it is back at 0 instances, through the router:
 the router holds the request, wakes the function (`lambdabus.wake.<ns>.<fn>`), and answers once
 an instance is ready. Only responses that say `X-Lambdabus-Cold-Start: true` count. Prints
 p50/p90/p99 per kind and the ratio to the bare sandbox spawn; asserts nothing about time.
@@ -307,6 +309,11 @@ def main() -> int:
     parser.add_argument("--cpu", help="the functions' cpu (e.g. 100m, Kyma's preset M)")
     parser.add_argument("--spawns", type=int, default=50, help="bare sandbox spawns")
     parser.add_argument("--keep", action="store_true", help="keep the state dir (its logs)")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="cycle every kind's functions at once (default: one kind after another)",
+    )
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(SOURCES)
@@ -327,12 +334,19 @@ def main() -> int:
         with platform_up(work / "state", env) as platform:
             print("deploying...", file=sys.stderr)
             functions = deploy_all(platform, kinds, args.functions, args.cpu)
-            results = cold_bench(platform, functions, args.cold_starts)
+            if args.together:
+                results = cold_bench(platform, functions, args.cold_starts)
+            else:  # one kind at a time: the others' functions stay at zero meanwhile
+                results = {}
+                for kind in kinds:
+                    mine = [f for f in functions if f[0] == kind]
+                    results.update(cold_bench(platform, mine, args.cold_starts))
         base = statistics.median(spawns) * 1000
         pool = "default" if args.pool_size is None else str(args.pool_size)
+        together = "all kinds cycling together" if args.together else "one kind at a time"
         print(
             f"cold start, 0 instances -> first response (pool size: {pool}, "
-            f"cpu: {args.cpu or 'default'}, {os.cpu_count()} cores)"
+            f"cpu: {args.cpu or 'default'}, {os.cpu_count()} cores, {together})"
         )
         print(summary("fresh sandboxed runtime", spawns, None))
         for kind in kinds:
