@@ -520,11 +520,13 @@ async def announce(router: RunningRouter, name: str, endpoint: str, *, uid: str 
     await router.bus.publish_nowait(subject, notice.model_dump_json().encode())
 
 
+@pytest.mark.parametrize("concurrency", [0, 1])
 async def test_a_held_request_goes_to_the_announced_instance_once_it_listens(
-    router: RunningRouter, tmp_path: Path
+    router: RunningRouter, tmp_path: Path, concurrency: int
 ) -> None:
     """The deployer announces where a pre-started runtime it specialises will listen; the
-    held request goes there the moment it accepts, though no state ever says it is ready."""
+    held request goes there the moment it accepts, though no state ever says it is ready
+    (also under a per-instance concurrency limit, which counts the announced instance)."""
     socket_path = tmp_path / "fn.sock"
     instances: list[Any] = []  # the instance's exit stack, and the task that starts it
 
@@ -540,12 +542,9 @@ async def test_a_held_request_goes_to_the_announced_instance_once_it_listens(
 
             instances.append(asyncio.ensure_future(listen_later()))
 
-    await router.add_function("announced", [], scale=ScaleSpec(min=0, max=2))
+    scale = ScaleSpec(min=0, max=2)
+    await router.add_function("announced", [], timeout=3, scale=scale, concurrency=concurrency)
     fid = (router.namespace, "announced")
-    # Nobody held: a notice is not kept.
-    await announce(router, "announced", f"unix:{socket_path}")
-    await asyncio.sleep(0.2)
-    assert fid not in router.router.starting
     router.router.settings.cold_start_timeout_seconds = 5
     router.router.wake = wake
     try:
@@ -560,11 +559,11 @@ async def test_a_held_request_goes_to_the_announced_instance_once_it_listens(
     assert fid not in router.router.starting  # nothing held: forgotten
 
 
-async def test_an_announced_instance_that_never_listens_leaves_the_request_to_the_state(
+async def test_an_announced_instance_of_another_uid_is_not_where_the_request_goes(
     router: RunningRouter, tmp_path: Path
 ) -> None:
-    """A notice whose runtime never accepts (it failed to load), or of another function
-    with that name (another uid), is not where the request goes: the state is."""
+    """A notice of another function of that name (deleted and made again: another uid) is
+    ignored, though its runtime listens: the request waits for the state."""
     woken: list[tuple[str, str]] = []
     other = tmp_path / "other.sock"
     async with backend("stated") as stated, unix_instance(other, "other"):
@@ -572,18 +571,41 @@ async def test_an_announced_instance_that_never_listens_leaves_the_request_to_th
         async def wake(fid: tuple[str, str]) -> None:
             woken.append(fid)
             if len(woken) == 1:
-                await announce(router, "fallback", f"unix:{tmp_path / 'never.sock'}")
-                await asyncio.sleep(0.1)
-                await announce(router, "fallback", f"unix:{other}", uid="uid-old")
+                await announce(router, "foreign", f"unix:{other}", uid="uid-old")
                 asyncio.get_running_loop().call_later(
-                    0.3, lambda: asyncio.ensure_future(router.deploy("fallback", [stated.url]))
+                    0.3, lambda: asyncio.ensure_future(router.deploy("foreign", [stated.url]))
                 )
 
-        await router.add_function("fallback", [], scale=ScaleSpec(min=0, max=2))
+        await router.add_function("foreign", [], scale=ScaleSpec(min=0, max=2))
         router.router.wake = wake
-        async with router.http.post(f"/{router.namespace}/fallback", data=b"held") as response:
+        async with router.http.post(f"/{router.namespace}/foreign", data=b"held") as response:
             assert response.status == 201
             assert await response.read() == b"from stated: held"
+
+
+async def test_an_announced_instance_that_never_listens_leaves_the_request_to_the_state(
+    router: RunningRouter, tmp_path: Path
+) -> None:
+    """A notice whose runtime never accepts (it failed to load, or its specialisation
+    failed) is given up after the wake interval; the request goes where the state says."""
+    woken: list[tuple[str, str]] = []
+    router.router.settings.wake_repeat_seconds = 0.2
+    async with backend("stated") as stated:
+
+        async def wake(fid: tuple[str, str]) -> None:
+            woken.append(fid)
+            if len(woken) == 1:
+                await announce(router, "never", f"unix:{tmp_path / 'never.sock'}")
+                asyncio.get_running_loop().call_later(
+                    0.7, lambda: asyncio.ensure_future(router.deploy("never", [stated.url]))
+                )
+
+        await router.add_function("never", [], scale=ScaleSpec(min=0, max=2))
+        router.router.wake = wake
+        async with router.http.post(f"/{router.namespace}/never", data=b"held") as response:
+            assert response.status == 201
+            assert await response.read() == b"from stated: held"
+    assert len(woken) >= 3  # woken again after the notice was given up, as before it
 
 
 async def test_requests_past_the_hold_bound_are_503_with_retry_after(

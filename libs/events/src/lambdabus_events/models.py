@@ -694,6 +694,10 @@ class InstanceStarting(_Strict):
     holding requests for the function sends them there as soon as it accepts connections;
     until then, and for everything else, the `deployments` state decides."""
 
+    # Fields a newer deployer adds are ignored, not refused: during a rolling upgrade the
+    # older routers still use the notice (it is only ever a hint; the state decides).
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     namespace: Label
     name: Label
     uid: str

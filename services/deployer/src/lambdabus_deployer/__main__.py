@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -103,9 +102,7 @@ def make_setup(settings: DeployerSettings) -> Setup:
                     logs=shipper.publish,
                     metrics=metrics,
                     stop_instances=lambda: False,
-                    announce=None
-                    if os.environ.get("LB_NOANNOUNCE")
-                    else lambda notice: ctx.bus.publish_nowait(
+                    announce=lambda notice: ctx.bus.publish_nowait(
                         starting_subject(notice.namespace, notice.name),
                         notice.model_dump_json().encode(),
                     ),

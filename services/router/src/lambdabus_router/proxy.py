@@ -217,6 +217,10 @@ class Router:
                 follower.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await follower
+            probes = [task for _, task in self._probes.values()]
+            for task in probes:
+                task.cancel()
+            await asyncio.gather(*probes, return_exceptions=True)
             self._upstream = None
             await self._session.close()
             self._session = None
@@ -289,7 +293,7 @@ class Router:
         async with self._changed:
             await self._changed.wait_for(lambda: predicate(self))
 
-    async def on_starting(self, _: str, payload: bytes) -> None:
+    async def on_starting(self, subject: str, payload: bytes) -> None:
         """A deployer's `InstanceStarting` (core NATS `lambdabus.starting.<ns>.<fn>`): kept
         while some request is held for that function (else nobody needs it)."""
         try:
@@ -298,6 +302,9 @@ class Router:
             log.warning("ignoring a starting notice that does not parse")
             return
         fid = (notice.namespace, notice.name)
+        if subject.split(".")[2:] != list(fid):
+            log.warning("ignoring a starting notice of another subject", extra={"subject": subject})
+            return
         if self.held.get(fid, 0) > 0:
             self.starting[fid] = notice
             await self._notify()
@@ -644,11 +651,12 @@ class Router:
             return _error_reply(_unknown(fid))
         protected = fid in self.protected  # its token was checked in `handle`
         state = self.table.get(fid)
+        released: DeploymentState | None = None  # what a held request was released to
         if (state is None or not state.endpoints) and fid in self.autoscaled:
             held = await self._hold(fid)
             if isinstance(held, Reply):
                 return held
-            state = held
+            state = released = held
         chosen = self._revision_endpoints(fid, state, call.tag)
         if chosen is None:
             return _error_reply(
@@ -695,7 +703,7 @@ class Router:
         timeout = state.timeout + self.settings.timeout_margin_seconds
         per_instance = self.per_instance.get(fid, 0)
         if per_instance:
-            return await self._within_concurrency(fid, per_instance, call, headers, body)
+            return await self._within_concurrency(fid, per_instance, call, headers, body, released)
         return await self._send(fid, state, endpoints, call, headers, body, timeout)
 
     async def _within_concurrency(
@@ -705,15 +713,20 @@ class Router:
         call: Call,
         headers: list[tuple[str, str]],
         body: bytes,
+        released: DeploymentState | None = None,
     ) -> Reply:
         """Send to the least busy instance below `limit` requests in flight; while every one is
-        at it, wait (FIFO-ish: woken as one finishes) up to the function's timeout."""
+        at it, wait (FIFO-ish: woken as one finishes) up to the function's timeout. `released`:
+        the state a held request was released to (an announced instance), used while the
+        table names no endpoint yet."""
         loop = asyncio.get_running_loop()
-        state = self.table.get(fid)
+        state = self.table.get(fid) or released
         assert state is not None
         deadline = loop.time() + state.timeout
         while True:
             state = self.table.get(fid)
+            if released is not None and not _ready(state):
+                state = released
             chosen = self._revision_endpoints(fid, state, call.tag)
             endpoints = chosen[1] if chosen is not None else []
             if chosen is not None:
@@ -840,7 +853,8 @@ class Router:
                     return state
                 notice = self.starting.get(fid)
                 if notice is not None:
-                    announced = await self._announced(fid, notice, wait)
+                    limit = min(wait, deadline - loop.time())
+                    announced = await self._announced(fid, notice, limit)
                     if announced is not None:
                         return announced
         finally:
@@ -1143,7 +1157,10 @@ def _ready(state: DeploymentState | None) -> bool:
 def _accepts(path: str) -> bool:
     """Whether a unix socket at `path` accepts connections now (a listening runtime: a full
     backlog counts too). The connection is closed at once, before anything is sent."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:  # out of fds: the state decides, as without a notice
+        return False
     try:
         probe.setblocking(False)
         return probe.connect_ex(path) in (0, errno.EAGAIN, errno.EINPROGRESS)
