@@ -559,28 +559,40 @@ async def test_a_held_request_goes_to_the_announced_instance_once_it_listens(
     assert fid not in router.router.starting  # nothing held: forgotten
 
 
+async def held_call_with_a_notice(
+    router: RunningRouter, name: str, endpoint: str, *, uid: str = "", state_after: float
+) -> tuple[bytes, int]:
+    """Call `name`, at zero: its first wake announces `endpoint` (as `uid`), and the state
+    names an instance `state_after` seconds later. The answer's body and the wakes seen."""
+    woken: list[tuple[str, str]] = []
+    async with backend("stated") as stated:
+
+        async def wake(fid: tuple[str, str]) -> None:
+            woken.append(fid)
+            if len(woken) == 1:
+                await announce(router, name, endpoint, uid=uid)
+                asyncio.get_running_loop().call_later(
+                    state_after, lambda: asyncio.ensure_future(router.deploy(name, [stated.url]))
+                )
+
+        await router.add_function(name, [], scale=ScaleSpec(min=0, max=2))
+        router.router.wake = wake
+        async with router.http.post(f"/{router.namespace}/{name}", data=b"held") as response:
+            assert response.status == 201
+            return await response.read(), len(woken)
+
+
 async def test_an_announced_instance_of_another_uid_is_not_where_the_request_goes(
     router: RunningRouter, tmp_path: Path
 ) -> None:
     """A notice of another function of that name (deleted and made again: another uid) is
     ignored, though its runtime listens: the request waits for the state."""
-    woken: list[tuple[str, str]] = []
     other = tmp_path / "other.sock"
-    async with backend("stated") as stated, unix_instance(other, "other"):
-
-        async def wake(fid: tuple[str, str]) -> None:
-            woken.append(fid)
-            if len(woken) == 1:
-                await announce(router, "foreign", f"unix:{other}", uid="uid-old")
-                asyncio.get_running_loop().call_later(
-                    0.3, lambda: asyncio.ensure_future(router.deploy("foreign", [stated.url]))
-                )
-
-        await router.add_function("foreign", [], scale=ScaleSpec(min=0, max=2))
-        router.router.wake = wake
-        async with router.http.post(f"/{router.namespace}/foreign", data=b"held") as response:
-            assert response.status == 201
-            assert await response.read() == b"from stated: held"
+    async with unix_instance(other, "other"):
+        body, _ = await held_call_with_a_notice(
+            router, "foreign", f"unix:{other}", uid="uid-old", state_after=0.3
+        )
+    assert body == b"from stated: held"
 
 
 async def test_an_announced_instance_that_never_listens_leaves_the_request_to_the_state(
@@ -588,24 +600,11 @@ async def test_an_announced_instance_that_never_listens_leaves_the_request_to_th
 ) -> None:
     """A notice whose runtime never accepts (it failed to load, or its specialisation
     failed) is given up after the wake interval; the request goes where the state says."""
-    woken: list[tuple[str, str]] = []
     router.router.settings.wake_repeat_seconds = 0.2
-    async with backend("stated") as stated:
-
-        async def wake(fid: tuple[str, str]) -> None:
-            woken.append(fid)
-            if len(woken) == 1:
-                await announce(router, "never", f"unix:{tmp_path / 'never.sock'}")
-                asyncio.get_running_loop().call_later(
-                    0.7, lambda: asyncio.ensure_future(router.deploy("never", [stated.url]))
-                )
-
-        await router.add_function("never", [], scale=ScaleSpec(min=0, max=2))
-        router.router.wake = wake
-        async with router.http.post(f"/{router.namespace}/never", data=b"held") as response:
-            assert response.status == 201
-            assert await response.read() == b"from stated: held"
-    assert len(woken) >= 3  # woken again after the notice was given up, as before it
+    never = f"unix:{tmp_path / 'never.sock'}"
+    body, wakes = await held_call_with_a_notice(router, "never", never, state_after=0.7)
+    assert body == b"from stated: held"
+    assert wakes >= 3  # woken again after the notice was given up, as before it
 
 
 async def test_requests_past_the_hold_bound_are_503_with_retry_after(
