@@ -524,8 +524,8 @@ class Instance:
         if slot is None and key is not None:
             try:  # none idle: one started for this start, at once, still beats a fresh start
                 slot = await backend.pool.start_now(key)
-            except Exception as exc:
-                log.warning(
+            except Exception as exc:  # the pool said why (`Pool._failed`)
+                log.info(
                     "cannot pre-start a runtime for this cold start; starting afresh",
                     extra={"instance": self.id, "error": str(exc)},
                 )

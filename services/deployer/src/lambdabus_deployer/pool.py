@@ -38,7 +38,13 @@ from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.plan import PoolKey, RuntimePaths, render_pooled
 from lambdabus_deployer.settings import DeployerSettings
-from lambdabus_platform.sandbox import Identity, Sandbox, SandboxProcess, launch
+from lambdabus_platform.sandbox import (
+    Identity,
+    Sandbox,
+    SandboxProcess,
+    SandboxStartError,
+    launch,
+)
 
 log = logging.getLogger("lambdabus.deployer.pool")
 
@@ -57,6 +63,16 @@ def _hard(res: int, value: int) -> int:
 
 
 LOGS_DIR = "instance-logs"
+
+
+def _said(path: Path, most: int = 1024) -> str:
+    """The start of what a failed start wrote to its stderr file, on one line ("" if none)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(most)
+    except OSError:
+        return ""
+    return " ".join(head.decode(errors="replace").split())
 
 
 @dataclass
@@ -288,11 +304,7 @@ class Pool:
                         slots.append(await self._start(key))
                         self._failures.pop(key, None)
                     except Exception as exc:
-                        self._failed(key)
-                        log.warning(
-                            "cannot pre-start a runtime for the pool",
-                            extra={"env": key.env_dir, "error": str(exc)},
-                        )
+                        self._failed(key, exc)
                         break
                     if self._again:
                         break
@@ -312,9 +324,18 @@ class Pool:
     def forget_failures(self) -> None:
         self._failures.clear()
 
-    def _failed(self, key: PoolKey) -> None:
-        """One more start of `key` failed (after three running, it is not tried any more)."""
-        self._failures[key] = self._failures.get(key, 0) + 1
+    def _failed(self, key: PoolKey, error: BaseException) -> None:
+        """One more start of `key` failed (after three running, it is not tried any more).
+        A first failure is said at info level: a pre-start is background work, tried again
+        at the next refill (now and then a start has ended with bubblewrap's exit status 1
+        on a loaded machine, cause not found yet; its words are in `error`); a second one
+        running is a warning."""
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        log.log(
+            logging.INFO if failures == 1 else logging.WARNING,
+            "cannot pre-start a runtime for the pool",
+            extra={"env": key.env_dir, "error": str(error), "failures_running": failures},
+        )
 
     async def start_now(self, key: PoolKey, *, wait: float | None = None) -> Slot | None:
         """A slot of `key` started for a cold start that found none idle, at the default cpu
@@ -343,8 +364,8 @@ class Pool:
         except asyncio.CancelledError:
             starting.add_done_callback(lambda done: self._adopt_started(key, done))
             raise
-        except Exception:
-            self._failed(key)
+        except Exception as exc:
+            self._failed(key, exc)
             raise
         self._failures.pop(key, None)
         return slot
@@ -356,11 +377,7 @@ class Pool:
             return
         error = done.exception()
         if error is not None:
-            self._failed(key)
-            log.warning(
-                "cannot pre-start a runtime for the pool",
-                extra={"env": key.env_dir, "error": str(error)},
-            )
+            self._failed(key, error)
             return
         slot = done.result()
         if self._closed:
@@ -427,13 +444,16 @@ class Pool:
                 detached=True,
                 status_fd=fds[2],
             )
-        except BaseException:
+        except BaseException as exc:
+            said = _said(paths[1])  # bubblewrap's own words, before its file goes
             os.close(control_w)
             await limits.close()
             for path in paths:
                 path.unlink(missing_ok=True)
             for directory in (scratch, code_dir, socket_dir):
                 shutil.rmtree(directory, True)
+            if said and isinstance(exc, SandboxStartError):
+                raise SandboxStartError(f"{exc.message}: {said}") from exc
             raise
         finally:
             os.close(control_r)
