@@ -528,33 +528,28 @@ async def test_a_held_request_goes_to_the_announced_instance_once_it_listens(
     held request goes there the moment it accepts, though no state ever says it is ready
     (also under a per-instance concurrency limit, which counts the announced instance)."""
     socket_path = tmp_path / "fn.sock"
-    instances: list[Any] = []  # the instance's exit stack, and the task that starts it
+    listening: list[asyncio.Future[None]] = []
+    async with contextlib.AsyncExitStack() as instance:
 
-    async def wake(fid: tuple[str, str]) -> None:
-        if not instances:
-            stack = contextlib.AsyncExitStack()
-            instances.append(stack)
-            await announce(router, "announced", f"unix:{socket_path}")
+        async def listen_later() -> None:
+            await asyncio.sleep(0.3)  # the runtime loads the function meanwhile
+            await instance.enter_async_context(unix_instance(socket_path, "announced"))
 
-            async def listen_later() -> None:
-                await asyncio.sleep(0.3)  # the runtime loads the function meanwhile
-                await stack.enter_async_context(unix_instance(socket_path, "announced"))
+        async def wake(fid: tuple[str, str]) -> None:
+            if not listening:
+                await announce(router, "announced", f"unix:{socket_path}")
+                listening.append(asyncio.ensure_future(listen_later()))
 
-            instances.append(asyncio.ensure_future(listen_later()))
-
-    scale = ScaleSpec(min=0, max=2)
-    await router.add_function("announced", [], timeout=3, scale=scale, concurrency=concurrency)
-    fid = (router.namespace, "announced")
-    router.router.settings.cold_start_timeout_seconds = 5
-    router.router.wake = wake
-    try:
+        scale = ScaleSpec(min=0, max=2)
+        await router.add_function("announced", [], timeout=3, scale=scale, concurrency=concurrency)
+        fid = (router.namespace, "announced")
+        router.router.settings.cold_start_timeout_seconds = 5
+        router.router.wake = wake
         async with router.http.post(f"/{router.namespace}/announced", data=b"held") as response:
             assert response.status == 201
             assert await response.read() == b"from announced: held"
             assert response.headers["X-Lambdabus-Revision"] == "announced-00002"
-    finally:
-        await instances[1]
-        await instances[0].aclose()
+        await listening[0]
     assert router.router.table[fid].endpoints == []  # the state never said so
     assert fid not in router.router.starting  # nothing held: forgotten
 

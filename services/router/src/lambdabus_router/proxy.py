@@ -75,7 +75,6 @@ from lambdabus_router.table import (
     quota_concurrency,
 )
 from lambdabus_router.upstream import (
-    UNIX_ENDPOINT,
     ConnectFailed,
     Disconnected,
     Response,
@@ -83,6 +82,7 @@ from lambdabus_router.upstream import (
     Upstream,
     UpstreamError,
     resendable,
+    unix_path,
 )
 
 log = logging.getLogger("lambdabus.router")
@@ -719,14 +719,17 @@ class Router:
         at it, wait (FIFO-ish: woken as one finishes) up to the function's timeout. `released`:
         the state a held request was released to (an announced instance), used while the
         table names no endpoint yet."""
+
+        def current() -> DeploymentState | None:
+            state = self.table.get(fid)
+            return released if released is not None and not _ready(state) else state
+
         loop = asyncio.get_running_loop()
-        state = self.table.get(fid) or released
+        state = current()
         assert state is not None
         deadline = loop.time() + state.timeout
         while True:
-            state = self.table.get(fid)
-            if released is not None and not _ready(state):
-                state = released
+            state = current()
             chosen = self._revision_endpoints(fid, state, call.tag)
             endpoints = chosen[1] if chosen is not None else []
             if chosen is not None:
@@ -881,8 +884,8 @@ class Router:
         to the deployer too: the function is loaded. One probe per notice, however many
         requests are held."""
         state = self.table.get(fid)
-        path = notice.endpoint.removeprefix(UNIX_ENDPOINT)
-        if state is None or state.uid != notice.uid or path == notice.endpoint:
+        path = unix_path(notice.endpoint)
+        if state is None or state.uid != notice.uid or path is None:
             self.starting.pop(fid, None)
             return None
         probe = self._probes.get(fid)

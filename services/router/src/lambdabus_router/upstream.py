@@ -582,6 +582,12 @@ class _Connection(asyncio.Protocol):
 # -- one endpoint's pool ----------------------------------------------------------------------
 
 
+def unix_path(endpoint: str) -> str | None:
+    """The socket file of a `unix:/abs/path` endpoint; None for any other endpoint."""
+    path = endpoint.removeprefix(UNIX_ENDPOINT)
+    return path if path != endpoint and path.startswith("/") else None
+
+
 class _Pool:
     """The connections to one endpoint: idle ones reused last-in first-out, at most `size`
     open (0: unbounded); a request beyond that waits for one to come back."""
@@ -591,8 +597,8 @@ class _Pool:
         self.host, self.port, self.prefix = "", 0, ""
         if endpoint.startswith(UNIX_ENDPOINT):
             # An instance in its own network namespace, reached through its socket file.
-            path = endpoint.removeprefix(UNIX_ENDPOINT)
-            if not path.startswith("/"):
+            path = unix_path(endpoint)
+            if path is None:
                 raise ConnectFailed(f"not an absolute unix: endpoint: {endpoint!r}")
             self.socket, self.authority = path, "localhost"
         else:
