@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
+import nats
 import pytest
+from nats.js import api
 
-from lambdabus_platform.bus import Bus
+from lambdabus_platform.bus import Bus, connect_options
 from lambdabus_platform.errors import AlreadyExists, Conflict
 from lambdabus_platform.service import (
     RequestSubscription,
@@ -29,8 +32,23 @@ async def test_declare_is_idempotent(nats_settings: NatsSettings) -> None:
         await one.declare()
 
 
-async def test_kv_compare_and_set(bus: Bus) -> None:
-    kv = bus.kv("functions")
+@pytest.fixture
+async def scratch(nats_settings: NatsSettings) -> AsyncIterator[str]:
+    """A KV bucket of the test's own, as the platform's are declared: what these tests write is
+    no platform record, which every deployer a later test starts would read."""
+    name = f"scratch-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_settings.url, **connect_options(nats_settings))
+    try:
+        js = nc.jetstream()
+        await js.create_key_value(api.KeyValueConfig(bucket=name, history=5))
+        yield name
+        await js.delete_key_value(name)
+    finally:
+        await nc.close()
+
+
+async def test_kv_compare_and_set(bus: Bus, scratch: str) -> None:
+    kv = bus.kv(scratch)
     rev = await kv.create("cas.one", b"v1")
     with pytest.raises(AlreadyExists):
         await kv.create("cas.one", b"again")
@@ -46,8 +64,8 @@ async def test_kv_compare_and_set(bus: Bus) -> None:
     await kv.create("cas.one", b"v3")
 
 
-async def test_kv_values_by_pattern(bus: Bus) -> None:
-    kv = bus.kv("functions")
+async def test_kv_values_by_pattern(bus: Bus, scratch: str) -> None:
+    kv = bus.kv(scratch)
     for name in ("a", "b", "c"):
         await kv.put(f"listing.{name}", name.encode())
     await kv.put("other.a", b"x")
@@ -57,20 +75,21 @@ async def test_kv_values_by_pattern(bus: Bus) -> None:
     assert await kv.values("nothing-here.*") == []
 
 
-async def test_kv_reads_leave_no_consumer_behind(bus: Bus) -> None:
+async def test_kv_reads_leave_no_consumer_behind(bus: Bus, scratch: str) -> None:
     """Each read and watch makes an ephemeral consumer; one left on the server after the read
     (nats-py leaves it for five minutes) counts against the stream's 1,000 consumers, and a
     platform that reads a bucket every second would be refused after a while."""
-    kv = bus.kv("functions")
+    kv = bus.kv(scratch)
+    stream = f"KV_{scratch}"
     await kv.put("consumers.a", b"a")
-    before = len(await bus.consumer_names("KV_functions"))
+    before = len(await bus.consumer_names(stream))
     for _ in range(1_100):
         assert [e.key for e in await kv.values("consumers.*")] == ["consumers.a"]
     async with contextlib.aclosing(kv.watch("consumers.*")) as watch:
         async for entry in watch:
             assert entry.key == "consumers.a"
             break
-    assert len(await bus.consumer_names("KV_functions")) == before
+    assert len(await bus.consumer_names(stream)) == before
 
 
 async def test_publish_dedups_on_msg_id(bus: Bus) -> None:
@@ -81,8 +100,8 @@ async def test_publish_dedups_on_msg_id(bus: Bus) -> None:
     assert third == first + 1
 
 
-async def test_kv_watch_sees_values_then_changes(bus: Bus) -> None:
-    kv = bus.kv("deployments")
+async def test_kv_watch_sees_values_then_changes(bus: Bus, scratch: str) -> None:
+    kv = bus.kv(scratch)
     await kv.put("watch.a", b"1")
     seen: list[tuple[str, bytes]] = []
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -663,6 +664,30 @@ async def test_a_crash_at_import_is_a_crash_loop(world: World) -> None:
     assert build is not None
     assert compute_status(record, build.value, state).status == "terminated"
     assert state.instances[0].restarts == 2  # crashloop_restarts=3: three exits, two restarts
+
+
+async def test_an_unreadable_record_is_reported_once_and_the_others_are_served(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record the deployer cannot parse (written by hand, by a newer version) is left alone,
+    said once at error level, not at every reconcile pass, and holds no other function up."""
+    garbled = world.bus.kv(FUNCTIONS_BUCKET)
+    await garbled.put(f"{world.ns}.garbled", b'{"env": "not a record"}')
+    caplog.set_level(logging.ERROR, logger="lambdabus.deployer")
+    try:
+        async with running_deployer(world.settings(reconcile_interval=0.1)):
+            await world.create("fine", PROBE)
+            await world.wait_state("fine", ready_with(1))
+            await asyncio.sleep(0.5)  # five passes more
+        assert await garbled.get(f"{world.ns}.garbled") is not None
+    finally:
+        await garbled.delete(f"{world.ns}.garbled")
+    said = [r for r in caplog.records if getattr(r, "function", None) == "garbled"]
+    assert [r.getMessage() for r in said] == [
+        "a record of the function cannot be read; it is left as it is"
+    ]
+    assert "validation error(s) for FunctionRecord" in said[0].error  # type: ignore[attr-defined]
+    assert said[0].exc_info is None  # no traceback: the reason is the whole story
 
 
 async def test_an_environment_changed_after_its_build_is_never_run(world: World) -> None:

@@ -83,22 +83,40 @@ def serving(count: int) -> object:
     return check
 
 
+@contextlib.asynccontextmanager
+async def steps(budget: float) -> AsyncIterator[Callable[[str], None]]:
+    """Name the test's steps as they start: a test over `budget` seconds fails saying which step
+    it was in and how long each took (pytest-timeout's own failure names no step)."""
+    began = time.monotonic()
+    taken: list[tuple[str, float]] = [("start", 0.0)]
+    try:
+        async with asyncio.timeout(budget):
+            yield lambda name: taken.append((name, time.monotonic() - began))
+    except TimeoutError:
+        said = ", ".join(f"{name} at {at:.1f} s" for name, at in taken)
+        raise AssertionError(f"over {budget} s, in step {taken[-1][0]!r} ({said})") from None
+
+
 async def test_load_scales_up_idle_scales_to_zero_and_a_wake_brings_one_back(world: World) -> None:
     settings = world.settings(
         autoscale_tick_seconds=0.2,
         autoscale_stable_window_seconds=6,
         autoscale_panic_window_seconds=1,
     )
-    async with running_deployer(settings):
+    async with steps(50) as step, running_deployer(settings):
         # Under load from the start (3 instances' worth, 2.5x one's capacity): it starts with
         # `replicas` (1), and grows.
+        step("create under load")
         async with load(world, "auto", 25.0):
             await world.create(
                 "auto", PROBE, scale=ScaleSpec(min=0, max=3, target=10, idle_seconds=2)
             )
+            step("up to 3")
             await world.wait_state("auto", serving(3))  # type: ignore[arg-type]
         # No request since: 0 instances after idle_seconds.
+        step("down to 0")
         await world.wait_state("auto", serving(0))  # type: ignore[arg-type]
+        step("scaled events")
         events = [e.data for e in await scaled_events(world, "auto", lambda d: d.to_replicas == 0)]
         # Up in panic (the 1 s panic window fills within a few ticks: 1 -> 2 -> 3 or 1 -> 3),
         # never above max, then down to 0 once idle.
@@ -111,15 +129,19 @@ async def test_load_scales_up_idle_scales_to_zero_and_a_wake_brings_one_back(wor
         assert (down.to_replicas, down.reason) == (0, "Idle"), [e.message for e in events]
         assert "no request for" in down.message
         # A router holding a request wakes it (and its request, in flight, keeps it awake).
+        step("woken")
         started = time.monotonic()
         await world.bus.publish_nowait(wake_subject(world.ns, "auto"), b"")
         woken = (await scaled_events(world, "auto", lambda d: d.from_replicas == 0))[-1].data
         assert (woken.from_replicas, woken.to_replicas, woken.reason) == (0, 1, "Woken")
+        step("serving 1")
         async with load(world, "auto", 1.0):
             state = await world.wait_state("auto", serving(1))  # type: ignore[arg-type]
         assert state is not None
         print(f"\nwoken: an endpoint {time.monotonic() - started:.2f} s after the wake request")
+        step("called")
         assert await world.call(state.endpoints[0])
+        step("the deployer stops")
 
 
 async def test_a_new_leader_goes_on_from_the_count_the_last_one_left(world: World) -> None:

@@ -174,6 +174,7 @@ async def _specialised(
     instance: str,
     *,
     cpu: int,
+    memory: int = 128,
     boost: tuple[int, float] | None = None,
 ) -> AsyncIterator[tuple[Slot, RunLimits, V1Cgroup | V2Cgroup]]:
     """A slot taken from the pool and given `instance`'s limits, as a cold start does; its
@@ -184,7 +185,7 @@ async def _specialised(
     run, _ = await limiter.specialise(
         slot.id,
         instance,
-        Limits(memory=128, cpu=cpu, pids=64, open_files=256, tmp_size=16),
+        Limits(memory=memory, cpu=cpu, pids=64, open_files=256, tmp_size=16),
         python=True,
         boost=boost,
     )
@@ -216,6 +217,37 @@ async def test_idle_runtimes_start_in_the_background_and_a_specialised_one_runs_
         async with _specialised(pool, key, limiter, "inst-weight", cpu=250) as (slot, _, instance):
             assert _cpu_weight(instance) == _expected(instance, DEFAULT_CPU_WEIGHT)
             assert hierarchy.find(slot.id) is None  # renamed, not copied
+    finally:
+        await pool.aclose()
+
+
+def _memory_limits(cgroup: V1Cgroup | V2Cgroup) -> set[int]:
+    """The cgroup's memory limits in bytes: memory and memory+swap (v1), or memory.max (v2)."""
+    if isinstance(cgroup, V1Cgroup):
+        names = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+        files = [cgroup.dirs["memory"] / n for n in names]
+    else:
+        files = [cgroup.dir / "memory.max"]
+    return {int(f.read_text()) for f in files if f.exists()}
+
+
+@pytest.mark.parametrize("memory", [512, 64])
+async def test_a_slot_is_given_a_memory_limit_above_or_below_its_own(
+    tmp_path: Path, memory: int
+) -> None:
+    """A slot idles under SLOT_LIMITS' 128 MiB; a function of 512 MiB (or 64) specialises it
+    (with swap accounted, v1 refuses memory above memory+swap at any step)."""
+    pool, key, limiter, _ = await _cgroup_pool(tmp_path)
+    try:
+        pool.refill()
+        await _idle(pool, 1)
+        async with _specialised(pool, key, limiter, "inst-mem", cpu=100, memory=memory) as (
+            slot,
+            _,
+            instance,
+        ):
+            assert slot.alive
+            assert _memory_limits(instance) == {memory * 1024 * 1024}
     finally:
         await pool.aclose()
 

@@ -81,11 +81,13 @@ async def connected(server: NatsServer, user: str) -> AsyncIterator[Client_]:
 
 
 @pytest.fixture
-async def function_record(bus: Bus) -> str:
-    """A function record holding an env value, as the gateway writes them."""
+async def function_record(bus: Bus) -> AsyncIterator[str]:
+    """A function record holding an env value, as the gateway writes them (removed after: it
+    is no valid record, and every deployer a later test starts would read it)."""
     key = f"perm.{uuid.uuid4().hex[:8]}"
     await bus.kv(FUNCTIONS_BUCKET).put(key, b'{"env": {"API_KEY": "s3cr3t"}}')
-    return key
+    yield key
+    await bus.kv(FUNCTIONS_BUCKET).delete(key)
 
 
 async def lifecycle_count(bus: Bus) -> int:

@@ -82,6 +82,17 @@ def test_v1_writes_memory_then_memsw_so_no_swap_then_cpu_and_pids() -> None:
     assert all(file != "memory.memsw.limit_in_bytes" for _, file, _ in without_swap_accounting)
 
 
+def test_v1_writes_raise_memsw_before_memory_and_lower_memory_before_memsw() -> None:
+    """The kernel refuses memory > memsw at any step: a pre-started slot's cgroup (128 MiB)
+    given a function's 512 MiB raises memsw first; given 64 MiB, lowers memory first."""
+    limits = CgroupLimits(memory=512, cpu=250, pids=64)
+    raised = [file for _, file, _ in v1_writes(limits, memsw=True, current=128 * MiB)][:2]
+    assert raised == ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]
+    lowered = CgroupLimits(memory=64, cpu=250, pids=64)
+    lowered_files = [file for _, file, _ in v1_writes(lowered, memsw=True, current=128 * MiB)]
+    assert lowered_files[:2] == ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+
+
 def test_v2_writes_one_directory_with_oom_group_and_cpu_max() -> None:
     limits = CgroupLimits(memory=256, cpu=1500, pids=128)
     assert v2_writes(limits, swap=True) == [

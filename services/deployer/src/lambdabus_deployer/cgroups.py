@@ -55,14 +55,23 @@ def cpu_shares(weight: int) -> int:
     return max(2, weight * 1024 // DEFAULT_CPU_WEIGHT)
 
 
-def v1_writes(limits: CgroupLimits, *, memsw: bool, period_us: int = CPU_PERIOD_US) -> list[Write]:
-    """What to write, in order, into a new v1 instance cgroup. Swap is off: memory+swap equals
-    memory where the kernel accounts swap (memsw), else swappiness 0. The memory limit comes
-    before memsw (the kernel wants memsw >= memory at every step)."""
+def v1_writes(
+    limits: CgroupLimits, *, memsw: bool, current: int | None = None, period_us: int = CPU_PERIOD_US
+) -> list[Write]:
+    """What to write, in order, into a v1 instance cgroup whose memory limit is `current` bytes
+    (None: a new cgroup, unlimited). Swap is off: memory+swap equals memory where the kernel
+    accounts swap (memsw), else swappiness 0. The kernel wants memsw >= memory at every step
+    (else EINVAL): lowering the limits writes memory first, raising them (a pre-started slot
+    given a function's larger limit) memsw first."""
     memory = str(limits.memory * MiB)
     writes: list[Write] = [("memory", "memory.limit_in_bytes", memory)]
     if memsw:
-        writes.append(("memory", "memory.memsw.limit_in_bytes", memory))
+        memsw_write: Write = ("memory", "memory.memsw.limit_in_bytes", memory)
+        raising = current is not None and limits.memory * MiB > current
+        if raising:
+            writes.insert(0, memsw_write)
+        else:
+            writes.append(memsw_write)
     else:
         writes.append(("memory", "memory.swappiness", "0"))
     writes += [
@@ -222,6 +231,13 @@ def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _read_pids(path: Path) -> set[int]:
     try:
         return {int(x) for x in path.read_text().split()}
@@ -330,9 +346,13 @@ class V1Hierarchy:
     def create(self, name: str, limits: CgroupLimits) -> V1Cgroup:
         cgroup = V1Cgroup(self._dirs(name))
         try:
+            existing = cgroup.dirs["memory"].is_dir()
             for directory in dict.fromkeys(cgroup.dirs.values()):
                 directory.mkdir(exist_ok=True)
-            for controller, file, value in v1_writes(limits, memsw=self.memsw):
+            current = (
+                _read_int(cgroup.dirs["memory"] / "memory.limit_in_bytes") if existing else None
+            )
+            for controller, file, value in v1_writes(limits, memsw=self.memsw, current=current):
                 _write(cgroup.dirs[controller] / file, value)
         except OSError:
             with contextlib.suppress(OSError):

@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
+from pydantic import ValidationError
+
 from lambdabus_deployer.backend import DeployBackend
 from lambdabus_deployer.plan import (
     SECRET_UNREADABLE,
@@ -75,6 +77,8 @@ class Deployer:
         self.scaled_records: dict[Key, FunctionRecord] = {}
         # the revisions last kept per function: their records are swept only when it changes
         self._kept: dict[Key, frozenset[str]] = {}
+        # functions whose records cannot be read, with why: said once, not every pass
+        self._unreadable: dict[Key, str] = {}
 
     async def state(self, namespace: str, name: str) -> DeploymentState | None:
         return await self._states.get(namespace, name)
@@ -321,6 +325,22 @@ class Deployer:
         for namespace, name in sorted(keys):
             try:
                 await self.reconcile_one(namespace, name)
+                self._unreadable.pop((namespace, name), None)
+            except ValidationError as exc:
+                # A record this deployer cannot read (written by hand, or by a newer version):
+                # nothing of it is touched; said again only when the reason changes.
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"]) or "the value"
+                reason = (
+                    f"{exc.error_count()} validation error(s) for {exc.title}, the first at "
+                    f"{where}: {first['msg']}"
+                )
+                if self._unreadable.get((namespace, name)) != reason:
+                    self._unreadable[(namespace, name)] = reason
+                    log.error(
+                        "a record of the function cannot be read; it is left as it is",
+                        extra={"namespace": namespace, "function": name, "error": reason},
+                    )
             except Exception:
                 log.exception(
                     "reconcile failed; retried at the next pass",
