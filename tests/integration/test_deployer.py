@@ -512,15 +512,17 @@ async def test_replicas_run_and_their_endpoints_answer(world: World) -> None:
         assert len(set(state.endpoints)) == 2
         answers = [await world.call(endpoint) for endpoint in state.endpoints]
         assert [a["greeting"] for a in answers] == ["hi", "hi"]
-        scratch = world.platform / "deployer" / "instances"
-        # a scratch dir each, written by its instance (as root it is a tmpfs that only the
-        # instance's own mount namespace holds, so the host sees an empty dir)
-        assert len(list(scratch.iterdir())) == 2
+        ids = {i.id for i in state.instances}
+        # a scratch dir each (a fresh start's under instances/, a pre-started runtime's under
+        # pool/), written by its instance (as root it is a tmpfs that only the instance's own
+        # mount namespace holds, so the host sees an empty dir)
+        scratch = {r.scratch for r in world.table().load() if r.instance in ids}
+        assert len(scratch) == 2
+        assert all(Path(d).is_dir() for d in scratch)
         assert [a["write_scratch"] for a in answers] == ["ok", "ok"]
         assert state.ready_replicas == 2
         assert state.timeout == 10
         assert {i.phase for i in state.instances} == {"ready"}
-        ids = {i.id for i in state.instances}
 
         lines = await world.logs(
             "hello",
