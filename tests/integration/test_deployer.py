@@ -119,6 +119,11 @@ async def main(request):
         "sees_secret": os.path.exists(secret),
         "sees_host_tmp_file": os.path.exists(host_tmp_file),
         "pid": os.getpid(),
+        "status": {
+            key: value.strip()
+            for key, _, value in (line.partition(":") for line in open("/proc/self/status"))
+            if key.startswith("Cap") or key in ("NoNewPrivs", "Groups", "Uid", "Gid")
+        },
     }
 """
 
@@ -547,9 +552,12 @@ async def test_replicas_run_and_their_endpoints_answer(world: World) -> None:
         assert compute_status(record, built.value, state).status == "running"
 
 
+@pytest.mark.parametrize("fork", [False, True], ids=["started", "forked"])
 async def test_sandbox_hides_the_platform_and_drops_privileges(
-    world: World, bubblewrap: bool
+    world: World, bubblewrap: bool, fork: bool
 ) -> None:
+    """The same for a runtime bubblewrap starts and one forked from the zygote into the
+    sandbox bubblewrap made (`pool_fork`)."""
     if not bubblewrap:
         pytest.skip("bubblewrap cannot make a sandbox on this machine")
     secret = world.platform / "nats" / "secret.txt"
@@ -558,7 +566,7 @@ async def test_sandbox_hides_the_platform_and_drops_privileges(
     host_tmp_file.write_text("the host's")
     tmp_probe = Path("/tmp") / f"lambdabus-probe-{secrets.token_hex(4)}"
     try:
-        async with running_deployer(world.settings(sandbox="bubblewrap")):
+        async with running_deployer(world.settings(sandbox="bubblewrap", pool_fork=fork)):
             await world.create(
                 "probe",
                 PROBE,
@@ -572,8 +580,19 @@ async def test_sandbox_hides_the_platform_and_drops_privileges(
             assert state is not None
             assert state.sandboxed
             seen = await world.call(state.endpoints[0])
+            forked = _forked_runtimes()
     finally:
         host_tmp_file.unlink()
+    # (a forked runtime is a child of a keeper, a child of the zygote: not of bubblewrap)
+    assert (len(forked) >= 1) == fork
+    status = seen["status"]
+    assert {status[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} == {
+        "0000000000000000"
+    }
+    assert status["NoNewPrivs"] == "1"
+    assert status["Groups"] == ""
+    assert status["Uid"].split() == [str(seen["uid"])] * 4
+    assert status["Gid"].split() == [str(seen["gid"])] * 4
     assert seen["uid"] != 0
     assert seen["uid"] == seen["gid"]
     if os.geteuid() == 0:  # each function has its own unprivileged uid on the host
@@ -587,6 +606,22 @@ async def test_sandbox_hides_the_platform_and_drops_privileges(
     assert not tmp_probe.exists()  # its /tmp is its own
     assert seen["home"] == seen["cwd"] == "/tmp"  # its scratch dir
     assert seen["pid"] < 10  # a pid namespace of its own
+
+
+def _forked_runtimes() -> list[int]:
+    """The runtimes on this machine forked from a zygote (grandchildren of one)."""
+    children: dict[int, list[int]] = {}
+    zygotes = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry.name)
+                )
+                if b"lambdabus_runtime.zygote" in (entry / "cmdline").read_bytes():
+                    zygotes.append(int(entry.name))
+    return [g for z in zygotes for k in children.get(z, []) for g in children.get(k, [])]
 
 
 def _launchers() -> list[int]:
@@ -1082,7 +1117,8 @@ async def test_a_sandbox_that_fails_to_start_once_is_retried(
     if not bubblewrap:
         pytest.skip("bubblewrap is not installed")
     attempts = _failing_launch(monkeypatch, failures=1)
-    async with running_deployer(world.settings(start_attempts=3)):
+    # (no pool: what is retried is an instance's own start, not a pre-started runtime's)
+    async with running_deployer(world.settings(start_attempts=3, pool_size=0)):
         await world.create("retried", EXIT_ON_CALL)
         state = await world.wait_state("retried", ready_with(1))
         assert state is not None
@@ -1095,7 +1131,7 @@ async def test_a_sandbox_that_never_starts_fails_the_deployment_after_its_attemp
     if not bubblewrap:
         pytest.skip("bubblewrap is not installed")
     attempts = _failing_launch(monkeypatch, failures=100)
-    async with running_deployer(world.settings(start_attempts=3)):
+    async with running_deployer(world.settings(start_attempts=3, pool_size=0)):
         await world.create("doomed", EXIT_ON_CALL)
         state = await world.wait_state("doomed", lambda s: s is not None and s.phase == "failed")
         assert state is not None

@@ -248,7 +248,10 @@ async def test_a_disk_filler_gets_enospc_at_its_tmp_size_and_lives_on(
         after = await world.wait_state("filler", ready_with(1))
         assert after is not None
         assert after.instances[0].restarts == 0
-        scratch = world.platform / "deployer" / "instances" / state.instances[0].id
+        # (under instances/ for a fresh start, pool/ for a pre-started runtime)
+        [scratch] = [
+            Path(r.scratch) for r in world.table().load() if r.instance == state.instances[0].id
+        ]
         assert not _is_mount_point(scratch)  # the tmpfs is the instance's alone
         assert not any(scratch.iterdir())
     assert not scratch.exists()

@@ -521,8 +521,9 @@ class SandboxProcess:
         return self.process
 
     def payload_pids(self) -> list[int]:
-        """The host pids of the sandbox's processes (the command and its descendants)."""
-        return descendants(self.child_pid) if self.child_pid is not None else []
+        """The host pids of the sandbox's processes (the command, its descendants, a runtime
+        forked into it)."""
+        return members(self.child_pid) if self.child_pid is not None else []
 
     def signal(self, sig: int) -> None:
         """Signal the command (and its descendants), not bubblewrap: it would not pass the
@@ -573,6 +574,25 @@ def descendants(root: int) -> list[int]:
         pid = todo.pop()
         out.append(pid)
         todo.extend(children.get(pid, []))
+    return out
+
+
+def members(pid1: int) -> list[int]:
+    """The host pids of the processes in the pid namespace whose init is `pid1` (a sandbox's
+    pid 1), other than it: its descendants, and a runtime forked into the sandbox from outside
+    (`lambdabus_runtime.zygote`), which is none."""
+    try:
+        namespace = os.readlink(f"/proc/{pid1}/ns/pid")
+    except OSError:
+        return []
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid1:
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                    out.append(int(entry))
+            except OSError:
+                continue
     return out
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lambdabus_deployer.process_table import start_time
-from lambdabus_platform.sandbox import ChildProcess, descendants
+from lambdabus_platform.sandbox import ChildProcess, members
 
 # Seconds between looks at a log file that has nothing new: from FAST_POLL, doubling while
 # idle up to SLOW_POLL (an idle instance costs the deployer little); FAST_POLL while `eager`
@@ -162,7 +162,7 @@ class Running:
         if not self.alive:
             return
         if self.child_pid is not None:
-            for pid in descendants(self.child_pid):
+            for pid in members(self.child_pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
         else:

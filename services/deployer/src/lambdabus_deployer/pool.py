@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -36,15 +37,18 @@ from pathlib import Path
 from lambdabus_deployer.cgroups import BACKGROUND_CPU_WEIGHT, DEFAULT_CPU_WEIGHT
 from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
-from lambdabus_deployer.plan import PoolKey, RuntimePaths, render_pooled
+from lambdabus_deployer.plan import POOL_TITLE_ROOM, PoolKey, RuntimePaths, render_pooled
 from lambdabus_deployer.settings import DeployerSettings
+from lambdabus_deployer.zygote import Zygote, ZygoteError, stub_pid
 from lambdabus_platform.sandbox import (
     Identity,
     Sandbox,
     SandboxProcess,
+    SandboxSpec,
     SandboxStartError,
     launch,
 )
+from lambdabus_runtime.zygote import STUB
 
 log = logging.getLogger("lambdabus.deployer.pool")
 
@@ -213,6 +217,8 @@ class Pool:
         self._ids_path = settings.state_dir / "pool.json"
         # Every started slot not yet specialised, idle or taken: the pool's to stop at close.
         self._live: dict[str, Slot] = {}
+        # Python runtimes forked from a zygote per interpreter (`pool_fork`).
+        self._zygotes: dict[str, Zygote] = {}
 
     def _save_ids(self) -> None:
         tmp = self._ids_path.with_suffix(f".{os.getpid()}.tmp")
@@ -429,6 +435,11 @@ class Pool:
             path=s.path,
         )
         control_r, control_w = os.pipe()
+        zygote = self._zygote(key)
+        relay_r = relay_w = None
+        if zygote is not None:  # the sandbox's command waits for the status of the fork
+            relay_r, relay_w = os.pipe()
+            forked_spec, spec = spec, dataclasses.replace(spec, command=STUB)
         fds: list[int] = []
         try:
             fds = [open_log_file(path) for path in paths]
@@ -437,13 +448,26 @@ class Pool:
                 spec,
                 key=slot_id,
                 preexec=limits.preexec,
-                stdin=control_r,
+                stdin=control_r if relay_r is None else relay_r,
                 stdout=fds[0],
                 stderr=fds[1],
                 start_timeout=s.start_timeout,
                 detached=True,
                 status_fd=fds[2],
             )
+            if zygote is not None:
+                assert relay_w is not None
+                assert handle.child_pid is not None
+                try:
+                    await zygote.fork(
+                        self._fork_request(forked_spec, handle.child_pid, slot_id, identity),
+                        [control_r, fds[0], fds[1], relay_w],
+                    )
+                except BaseException:
+                    handle.kill()
+                    await handle.process.wait()
+                    await handle.close()
+                    raise
         except BaseException as exc:
             said = _said(paths[1])  # bubblewrap's own words, before its file goes
             os.close(control_w)
@@ -457,7 +481,7 @@ class Pool:
             raise
         finally:
             os.close(control_r)
-            for fd in fds:
+            for fd in (*fds, *(f for f in (relay_r, relay_w) if f is not None)):
                 os.close(fd)
         await limits.detach()  # the cgroup stays, renamed when the slot is specialised
         slot = Slot(
@@ -476,6 +500,41 @@ class Pool:
         self._live[slot_id] = slot
         self._save_ids()
         return slot
+
+    def _zygote(self, key: PoolKey) -> Zygote | None:
+        """The zygote a key's runtimes are forked from (`pool_fork`, Python), started on use."""
+        if not self.settings.pool_fork or key.runtime == "nodejs20" or not self.runtime.pythonpath:
+            return None
+        python = os.path.realpath(Path(key.env_dir) / "bin" / "python")
+        zygote = self._zygotes.get(python)
+        if zygote is None:
+            entries = [p for p in self.runtime.pythonpath.split(":") if p]
+            zygote = self._zygotes[python] = Zygote(python, entries, POOL_TITLE_ROOM)
+        return zygote
+
+    def _fork_request(
+        self, spec: SandboxSpec, child_pid: int, slot_id: str, identity: Identity
+    ) -> dict[str, object]:
+        """What the zygote needs to make `spec`'s runtime a process of the slot's sandbox."""
+        env = dict(spec.env)
+        procs: list[str] = []
+        if self.limiter.hierarchy is not None:
+            cgroup = self.limiter.hierarchy.find(slot_id)
+            if cgroup is None:
+                raise ZygoteError(f"the cgroup of {slot_id} is gone")
+            procs = list(cgroup.procs_files)
+        assert self.runtime.pythonpath is not None
+        return {
+            "pid": stub_pid(child_pid),
+            "cgroup_procs": procs,
+            "uid": identity.uid,
+            "gid": identity.gid,
+            "chdir": spec.chdir,
+            "env": env,
+            "executable": spec.command[0],
+            "pythonpath": [p for p in env.get("PYTHONPATH", "").split(":") if p],
+            "host_pythonpath": [p for p in self.runtime.pythonpath.split(":") if p],
+        }
 
     async def specialise(
         self,
@@ -575,3 +634,5 @@ class Pool:
         for slot in slots:
             slot.handle.kill()  # at once: what follows may be cut short by a shutdown's limit
         await asyncio.gather(*(self._stop(slot) for slot in slots), return_exceptions=True)
+        zygotes, self._zygotes = list(self._zygotes.values()), {}
+        await asyncio.gather(*(z.aclose() for z in zygotes), return_exceptions=True)

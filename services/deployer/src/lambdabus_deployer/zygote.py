@@ -1,0 +1,150 @@
+"""The deployer's side of `lambdabus_runtime.zygote`: one zygote per Python interpreter, from
+which pre-started runtimes are forked into their slot's sandbox (see that module's doc for
+what the fork does and why it is safe; `docs/design.md` for what it saves)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lambdabus_platform.errors import LambdabusError
+from lambdabus_platform.procs import die_with_parent
+
+log = logging.getLogger(__name__)
+
+# The zygote's own command line: the runtime's `retitle` writes a specialised runtime's flags
+# over it, in the room the padding makes.
+_BOOT = (
+    "import sys; sys.path[:1] = [p for p in sys.argv[2].split(':') if p]; "
+    "from lambdabus_runtime.zygote import main; sys.exit(main(int(sys.argv[1])))"
+)
+_REPLY = 4096
+
+
+class ZygoteError(LambdabusError):
+    """The zygote cannot fork a runtime (it is gone, or refused): the pool starts it afresh."""
+
+    code = "zygote_failed"
+    status = 503
+
+
+class Zygote:
+    """One zygote process and its control socket; requests one at a time."""
+
+    def __init__(self, python: str, pythonpath: Sequence[str], title_room: str) -> None:
+        self.python = python
+        self._pythonpath = list(pythonpath)
+        self._title_room = title_room
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    async def _start(self) -> None:
+        await self.aclose()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # On the loop's thread, once: the parent-death signal follows the thread that forks.
+            self._process = subprocess.Popen(  # noqa: ASYNC220 - once per zygote
+                [
+                    self.python,
+                    "-E",
+                    "-s",
+                    "-S",
+                    "-B",
+                    "-c",
+                    _BOOT,
+                    str(theirs.fileno()),
+                    ":".join(self._pythonpath),
+                    self._title_room,
+                ],
+                stdin=subprocess.DEVNULL,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                cwd="/",
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._control = ours
+        loop = asyncio.get_running_loop()
+        try:
+            ready = await asyncio.wait_for(loop.sock_recv(ours, _REPLY), 10.0)
+        except TimeoutError:
+            ready = b""
+        if not ready:
+            await self.aclose()
+            raise ZygoteError(f"the zygote ({self.python}) did not start")
+        log.info("zygote started", extra={"pid": self._process.pid, "python": self.python})
+
+    async def fork(self, request: dict[str, Any], fds: Sequence[int]) -> int:
+        """Fork a runtime into the sandbox `request` names; the keeper's pid."""
+        async with self._lock:
+            if not self.alive:
+                await self._start()
+            control = self._control
+            assert control is not None
+            loop = asyncio.get_running_loop()
+            payload = json.dumps(request).encode()
+            try:
+                control.sendmsg(
+                    [payload],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(_fd_array(fds)))],
+                )
+                reply = await asyncio.wait_for(loop.sock_recv(control, _REPLY), 10.0)
+            except (OSError, TimeoutError) as exc:
+                await self.aclose()
+                raise ZygoteError(f"the zygote did not answer: {exc!r}") from exc
+            if not reply:
+                await self.aclose()
+                raise ZygoteError("the zygote ended")
+            answer = json.loads(reply)
+            if "error" in answer:
+                raise ZygoteError(f"the zygote cannot fork: {answer['error']}")
+            return int(answer["keeper"])
+
+    async def aclose(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        process, self._process = self._process, None
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.to_thread(process.wait)
+
+
+def _fd_array(fds: Sequence[int]) -> bytes:
+    import array
+
+    return array.array("i", fds).tobytes()
+
+
+def stub_pid(child_pid: int, timeout: float = 2.0) -> int:
+    """The host pid of a sandbox's command: the only child of bubblewrap's pid 1."""
+    import time
+
+    path = Path(f"/proc/{child_pid}/task/{child_pid}/children")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            children = path.read_text().split()
+        except OSError as exc:
+            raise ZygoteError(f"the sandbox's pid 1 ({child_pid}) is gone") from exc
+        if children:
+            return int(children[0])
+        if time.monotonic() >= deadline:
+            raise ZygoteError("the sandbox's command did not start")
+        time.sleep(0.001)
