@@ -100,7 +100,8 @@ def retitle(argv: list[str]) -> None:
         fields = stat[stat.rindex(b")") + 2 :].split()
         start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
         with open("/proc/self/cmdline", "rb") as f:
-            head = f.read().split(b"\0")[:3]  # <python> -m lambdabus_runtime
+            words = f.read().split(b"\0")
+        head = words[: words.index(b"-m") + 2]  # <python> [flags] -m lambdabus_runtime[.zygote]
         title = b"\0".join([*head, *(a.encode() for a in flags)]) + b"\0"
         size = end - start
         if len(title) > size:

@@ -1,4 +1,4 @@
-"""`python -E -s -S -B -m lambdabus_runtime.zygote CONTROL_FD`: one process with the runtime imported, from
+"""`PYTHONPATH=<the runtime> python -sSB -m lambdabus_runtime.zygote CONTROL_FD PADDING`: one process with the runtime imported, from
 which the deployer's pre-started Python runtimes are forked, so that their interpreter heap
 (the imported standard library and runtime: ~8 MiB of each runtime started afresh) is shared
 copy-on-write instead of private to each.
@@ -217,8 +217,7 @@ def _become_runtime(request: dict[str, Any]) -> None:
     os.environ.update({str(k): str(v) for k, v in request["env"].items()})
     inside = [str(p) for p in request["pythonpath"]]
     host = list(request["host_pythonpath"])
-    sys.path[:] = [p for p in sys.path if p not in host]
-    sys.path[0:0] = inside
+    sys.path[:] = [os.getcwd(), *inside, *(p for p in sys.path if p not in host)]
     import lambdabus_runtime
 
     package = [os.path.join(p, "lambdabus_runtime") for p in inside]
@@ -226,12 +225,44 @@ def _become_runtime(request: dict[str, Any]) -> None:
     sys.path_importer_cache.clear()
     sys.executable = sys._base_executable = str(request["executable"])  # type: ignore[attr-defined]
     sys.dont_write_bytecode = True
-    import site
-
-    site.main()  # the sandbox's venv: its pyvenv.cfg, site-packages and .pth files
+    _add_site_packages(str(request["executable"]))
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def _add_site_packages(executable: str) -> None:
+    """What `site` does at a start of `executable` that matters to a function: the venv its
+    pyvenv.cfg names (sys.prefix), that venv's site-packages with their `.pth` files (run
+    now: in the sandbox, as its uid), the base installation's where the venv includes them,
+    and `sitecustomize`. Not `site.main()`: it rewrites every imported module's `__file__`,
+    and so copies the pages the zygote shares."""
+    import site
+
+    bin_dir = os.path.dirname(executable)
+    prefix = os.path.dirname(bin_dir)
+    config = next(
+        (
+            c
+            for c in (os.path.join(bin_dir, "pyvenv.cfg"), os.path.join(prefix, "pyvenv.cfg"))
+            if os.path.isfile(c)
+        ),
+        None,
+    )
+    prefixes = [sys.base_prefix]
+    if config is not None:
+        sys.prefix = sys.exec_prefix = prefix
+        with open(config) as f:
+            settings = {
+                k.strip().lower(): v.strip() for k, _, v in (line.partition("=") for line in f)
+            }
+        system = settings.get("include-system-site-packages", "false").lower() == "true"
+        prefixes = [prefix, sys.base_prefix] if system else [prefix]
+    known: set[str] = set()
+    for directory in site.getsitepackages(prefixes):
+        if os.path.isdir(directory):
+            site.addsitedir(directory, known)
+    site.execsitecustomize()
 
 
 def _runtime(request: dict[str, Any], fds: list[int], target: Target) -> None:
@@ -338,6 +369,7 @@ def main(control_fd: int) -> int:
     if os.getppid() == 1:
         return 0  # the deployer is already gone
     control = socket.socket(fileno=control_fd)
+    del sys.path[0]  # the working directory `-m` puts first (its own is set in the sandbox)
     import gc
     import site  # noqa: F401 - imported, not run (-S): `site.main()` runs in the sandbox
 

@@ -19,12 +19,9 @@ from lambdabus_platform.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
-# The zygote's own command line: the runtime's `retitle` writes a specialised runtime's flags
-# over it, in the room the padding makes.
-_BOOT = (
-    "import sys; sys.path[:1] = [p for p in sys.argv[2].split(':') if p]; "
-    "from lambdabus_runtime.zygote import main; sys.exit(main(int(sys.argv[1])))"
-)
+# The zygote's own command line (`-m`: the runtime's `retitle` keeps what comes before the
+# flags it writes over the padding that follows).
+_MODULE = "lambdabus_runtime.zygote"
 _REPLY = 4096
 
 
@@ -47,6 +44,10 @@ class Zygote:
         self._lock = asyncio.Lock()
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
@@ -56,20 +57,17 @@ class Zygote:
         try:
             # On the loop's thread, once: the parent-death signal follows the thread that forks.
             self._process = subprocess.Popen(  # noqa: ASYNC220 - once per zygote
-                [
-                    self.python,
-                    "-E",
-                    "-s",
-                    "-S",
-                    "-B",
-                    "-c",
-                    _BOOT,
-                    str(theirs.fileno()),
-                    ":".join(self._pythonpath),
-                    self._title_room,
-                ],
+                [self.python, "-sSB", "-m", _MODULE, str(theirs.fileno()), self._title_room],
+                # Not the deployer's streams: its keepers live as long as their instances, and
+                # would hold the pipes a launcher reads the deployer's output from open.
                 stdin=subprocess.DEVNULL,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={
+                    "PATH": "/usr/bin:/bin",
+                    "LANG": "C.UTF-8",
+                    "PYTHONPATH": ":".join(self._pythonpath),
+                },
                 cwd="/",
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,
