@@ -95,22 +95,27 @@ def retitle(argv: list[str]) -> None:
         at = flags.index("--function")
         flags = ["--function", flags[at + 1], *flags[:at], *flags[at + 2 :]]
     try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
         with open("/proc/self/cmdline", "rb") as f:
             words = f.read().split(b"\0")
-        head = words[: words.index(b"-m") + 2]  # <python> [flags] -m lambdabus_runtime[.zygote]
-        title = b"\0".join([*head, *(a.encode() for a in flags)]) + b"\0"
-        size = end - start
-        if len(title) > size:
-            title = title[: title.rindex(b"\0", 0, size) + 1]
-        with open("/proc/self/mem", "r+b", buffering=0) as mem:
-            mem.seek(start)
-            mem.write(title.ljust(size, b"\0"))
+        head = words[: words.index(b"-m") + 2]  # <python> -m lambdabus_runtime
+        set_title([*head, *(a.encode() for a in flags)])
     except (OSError, ValueError, IndexError):
         pass
+
+
+def set_title(words: list[bytes]) -> None:
+    """Write `words` as this process's command line, over its argv area (cut to fit)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    title = b"\0".join(words) + b"\0"
+    size = end - start
+    if len(title) > size:
+        title = title[: title.rindex(b"\0", 0, size) + 1]
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        mem.write(title.ljust(size, b"\0"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,6 +276,11 @@ def _runtime(request: dict[str, Any], fds: list[int], target: Target) -> None:
         _enter(request, target)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         _become_runtime(request)
+        # As a runtime the pool started shows itself (the zygote's command line is ours).
+        with _quiet():
+            runtime_main.set_title(
+                [os.fsencode(sys.executable), b"-m", b"lambdabus_runtime", b"--pool", b" " * 512]
+            )
         code = runtime_main.main(["--pool"])
     except BaseException as exc:
         with _quiet():
