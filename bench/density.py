@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lambdabus_deployer.zygote import Zygote, stub_pid
+from lambdabus_deployer.zygote import Zygote, placeholder
 from lambdabus_platform.sandbox import (
     Bind,
     NetworkMode,
@@ -117,8 +117,9 @@ async def start_one(
         forked = dataclasses.replace(spec, command=STUB)
         handle = await launch(sandbox, forked, key=name, stdin=relay_r, stdout=None, stderr=None)
         assert handle.child_pid is not None
+        pid, pidfd = await placeholder(handle.child_pid)
         request = {
-            "pid": stub_pid(handle.child_pid),
+            "pid": pid,
             "cgroup_procs": [],
             "uid": handle.identity.uid,
             "gid": handle.identity.gid,
@@ -128,8 +129,8 @@ async def start_one(
             "pythonpath": ["/lambdabus/runtime"],
             "host_pythonpath": [str(RUNTIME_SRC)],
         }
-        keeper = await zygote.fork(request, [control_r, out_w, 2, relay_w])
-        for fd in (relay_r, relay_w, out_w):
+        keeper = await zygote.fork(request, [control_r, out_w, 2, relay_w, pidfd])
+        for fd in (relay_r, relay_w, out_w, pidfd):
             os.close(fd)
         loop = asyncio.get_running_loop()
         stdout = asyncio.StreamReader()
@@ -168,7 +169,7 @@ async def measure(count: int, mode: str, network: NetworkMode) -> dict[str, floa
     limit = asyncio.Semaphore(4)
     zygote = None
     if mode == "forked":
-        python = os.path.realpath(sys.executable)
+        python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
         zygote = Zygote(python, [str(RUNTIME_SRC)], " " * 512)
 
     async def one(index: int) -> None:

@@ -119,6 +119,7 @@ async def main(request):
         "sees_secret": os.path.exists(secret),
         "sees_host_tmp_file": os.path.exists(host_tmp_file),
         "pid": os.getpid(),
+        "sid": os.getsid(0),
         "status": {
             key: value.strip()
             for key, _, value in (line.partition(":") for line in open("/proc/self/status"))
@@ -590,6 +591,7 @@ async def test_sandbox_hides_the_platform_and_drops_privileges(
         "0000000000000000"
     }
     assert status["NoNewPrivs"] == "1"
+    assert seen["sid"] != 0  # a session of its own in the sandbox (not one outside it)
     assert status["Groups"] == ""
     assert status["Uid"].split() == [str(seen["uid"])] * 4
     assert status["Gid"].split() == [str(seen["gid"])] * 4

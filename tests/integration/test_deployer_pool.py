@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -312,3 +314,25 @@ async def test_a_cold_start_that_finds_none_idle_gets_a_runtime_started_for_it_a
     finally:
         await pool.aclose()
     assert not _alive(slot.handle.pid)
+
+
+async def test_runtimes_are_forked_only_from_the_deployers_own_interpreter(tmp_path: Path) -> None:
+    """The zygote runs as root outside any sandbox: a key whose environment's `bin/python`
+    is anything but this deployer's interpreter (a build may leave any file or link there)
+    gets no zygote; its runtimes start themselves in their sandbox."""
+    pool, key, settings, _ = await _pool(tmp_path)
+    pool.settings = settings.model_copy(update={"pool_fork": True})
+    try:
+        assert pool._zygote(key) is not None  # the env's python is ours
+        evil = tmp_path / "evil"
+        (evil / "bin").mkdir(parents=True)
+        (evil / "lib").mkdir()
+        (evil / "lib" / "evil.sh").write_text("#!/bin/sh\nid > /tmp/owned\n")
+        (evil / "bin" / "python").symlink_to("../lib/evil.sh")
+        assert pool._zygote(dataclasses.replace(key, env_dir=str(evil))) is None
+        copied = tmp_path / "copied"
+        (copied / "bin").mkdir(parents=True)
+        shutil.copy(os.path.realpath(sys.executable), copied / "bin" / "python")
+        assert pool._zygote(dataclasses.replace(key, env_dir=str(copied))) is None
+    finally:
+        await pool.aclose()

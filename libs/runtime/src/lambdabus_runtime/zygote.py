@@ -6,8 +6,10 @@ copy-on-write instead of private to each.
 The sandbox is still bubblewrap's. The deployer starts a slot's sandbox as for any runtime,
 with a placeholder as its command (`STUB`: a shell that exits with the status it reads), and
 sends the zygote, over the socket on CONTROL_FD (SOCK_SEQPACKET, one request a message), the
-placeholder's host pid, the slot's cgroup files, the sandbox's env, and four fds (the
-runtime's stdin, stdout and stderr, and the write end of the placeholder's stdin). Then:
+placeholder's host pid, the slot's cgroup files, the sandbox's env, and five fds (the
+runtime's stdin, stdout and stderr, the write end of the placeholder's stdin, and a pidfd of
+the placeholder: what the zygote opens of `/proc/<pid>` is the sandbox's only if that process
+still lives once it is opened, and runs as the sandbox's uid). Then:
 
 - the zygote forks a *keeper*, which stays in the host's namespaces, except that its
   children are born in the sandbox's pid namespace; the keeper forks the *runtime*, waits for
@@ -19,7 +21,7 @@ runtime's stdin, stdout and stderr, and the write end of the placeholder's stdin
   bubblewrap made for the command, becomes the sandbox's uid and gid, drops every capability
   (permitted, effective, inheritable, ambient, bounding set: entering a user namespace gives
   them all there, and a uid change from an unmapped uid clears none), sets no_new_privs and
-  the parent-death signal, closes every other fd, takes the sandbox's env and paths, adds the
+  (in a session of its own) the parent-death signal, closes every other fd, takes the sandbox's env and paths, adds the
   sandbox's site-packages (its `.pth` files run now, in the sandbox, as its uid: never in the
   zygote) and waits on stdin for its function, as `python -m lambdabus_runtime --pool` does.
 
@@ -163,16 +165,28 @@ class Target:
     born in the sandbox's pid namespace, the placeholder's host pid means nothing to it, and
     once the deployer has its answer the slot's cgroup may be renamed (specialised)."""
 
-    def __init__(self, pid: int, cgroup_procs: list[str]) -> None:
+    def __init__(self, pid: int, pidfd: int, uid: int, cgroup_procs: list[str]) -> None:
         self.cgroups = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup_procs]
         with open(f"/proc/{pid}/limits") as f:
             self.limits = rlimits_of(f.read())
+        with open(f"/proc/{pid}/status") as f:
+            uids = next(line.split()[1:] for line in f if line.startswith("Uid:"))
         self.namespaces = [
             (name, flag, _open(f"/proc/{pid}/ns/{name}")) for name, flag in _NAMESPACES
         ]
         self.user = _open(f"/proc/{pid}/ns/user")
         self.pid_ns = _open(f"/proc/{pid}/ns/pid")
         self.root = _open(f"/proc/{pid}/root", directory=True)
+        # All of it opened while `pid` was the sandbox's command, run as the sandbox's uid:
+        # the process the deployer's pidfd names is alive (so its pid was not reused).
+        try:
+            signal.pidfd_send_signal(pidfd, 0)
+        except OSError as exc:
+            self.close()
+            raise ValueError(f"the sandbox's command ({pid}) is gone") from exc
+        if uids != [str(uid)] * 4:
+            self.close()
+            raise ValueError(f"{pid} does not run as the sandbox's uid {uid}: {uids}")
 
     def fds(self) -> list[int]:
         return [
@@ -269,12 +283,14 @@ def _runtime(request: dict[str, Any], fds: list[int], target: Target) -> None:
     """The forked runtime's whole life; never returns."""
     code = 70  # EX_SOFTWARE: it could not become the sandbox's runtime
     try:
+        os.setsid()  # a session of its own, as bubblewrap's --new-session gives its command
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
         for number, fd in zip((0, 1, 2), fds[:3], strict=True):
             os.dup2(fd, number)
         _enter(request, target)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        # (after the uid change, which clears it) dies with its keeper, which waits for it
+        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+        os.closerange(3, 2**31 - 1)
         _become_runtime(request)
         # As a runtime the pool started shows itself (the zygote's command line is ours).
         with _quiet():
@@ -352,9 +368,11 @@ def serve(control: socket.socket) -> int:
         request, fds = received
         target: Target | None = None
         try:
-            if len(fds) != 4:
-                raise ValueError(f"4 fds expected, {len(fds)} received")
-            target = Target(int(request["pid"]), list(request["cgroup_procs"]))
+            if len(fds) != 5:
+                raise ValueError(f"5 fds expected, {len(fds)} received")
+            target = Target(
+                int(request["pid"]), fds[4], int(request["uid"]), list(request["cgroup_procs"])
+            )
             keeper = os.fork()
             if keeper == 0:
                 control.close()

@@ -29,6 +29,7 @@ import os
 import resource
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.plan import POOL_TITLE_ROOM, PoolKey, RuntimePaths, render_pooled
 from lambdabus_deployer.settings import DeployerSettings
-from lambdabus_deployer.zygote import Zygote, ZygoteError, stub_pid
+from lambdabus_deployer.zygote import Zygote, ZygoteError, placeholder
 from lambdabus_platform.sandbox import (
     Identity,
     Sandbox,
@@ -459,10 +460,14 @@ class Pool:
                 assert relay_w is not None
                 assert handle.child_pid is not None
                 try:
-                    await zygote.fork(
-                        self._fork_request(forked_spec, handle.child_pid, slot_id, identity),
-                        [control_r, fds[0], fds[1], relay_w],
-                    )
+                    pid, pidfd = await placeholder(handle.child_pid)
+                    try:
+                        await zygote.fork(
+                            self._fork_request(forked_spec, pid, slot_id, identity),
+                            [control_r, fds[0], fds[1], relay_w, pidfd],
+                        )
+                    finally:
+                        os.close(pidfd)
                 except BaseException:
                     handle.kill()
                     await handle.process.wait()
@@ -505,7 +510,12 @@ class Pool:
         """The zygote a key's runtimes are forked from (`pool_fork`, Python), started on use."""
         if not self.settings.pool_fork or key.runtime == "nodejs20" or not self.runtime.pythonpath:
             return None
-        python = os.path.realpath(Path(key.env_dir) / "bin" / "python")
+        # The zygote runs as root outside any sandbox: its interpreter is this deployer's own,
+        # never what the build's `bin/python` points to, and a key whose environment is of
+        # another interpreter starts its runtimes itself.
+        python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+        if os.path.realpath(Path(key.env_dir) / "bin" / "python") != python:
+            return None
         zygote = self._zygotes.get(python)
         if zygote is None:
             entries = [p for p in self.runtime.pythonpath.split(":") if p]
@@ -513,7 +523,7 @@ class Pool:
         return zygote
 
     def _fork_request(
-        self, spec: SandboxSpec, child_pid: int, slot_id: str, identity: Identity
+        self, spec: SandboxSpec, pid: int, slot_id: str, identity: Identity
     ) -> dict[str, object]:
         """What the zygote needs to make `spec`'s runtime a process of the slot's sandbox."""
         env = dict(spec.env)
@@ -525,7 +535,7 @@ class Pool:
             procs = list(cgroup.procs_files)
         assert self.runtime.pythonpath is not None
         return {
-            "pid": stub_pid(child_pid),
+            "pid": pid,
             "cgroup_procs": procs,
             "uid": identity.uid,
             "gid": identity.gid,

@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,10 +132,10 @@ def _fd_array(fds: Sequence[int]) -> bytes:
     return array.array("i", fds).tobytes()
 
 
-def stub_pid(child_pid: int, timeout: float = 2.0) -> int:
-    """The host pid of a sandbox's command: the only child of bubblewrap's pid 1."""
-    import time
-
+async def placeholder(child_pid: int, timeout: float = 2.0) -> tuple[int, int]:
+    """The host pid of a sandbox's command (the only child of bubblewrap's pid 1), and a pidfd
+    of it: the zygote checks, once it has opened what it needs of `/proc/<pid>`, that the
+    process is still the one the pidfd names (a pid is not reused while its process lives)."""
     path = Path(f"/proc/{child_pid}/task/{child_pid}/children")
     deadline = time.monotonic() + timeout
     while True:
@@ -142,7 +144,20 @@ def stub_pid(child_pid: int, timeout: float = 2.0) -> int:
         except OSError as exc:
             raise ZygoteError(f"the sandbox's pid 1 ({child_pid}) is gone") from exc
         if children:
-            return int(children[0])
+            break
         if time.monotonic() >= deadline:
             raise ZygoteError("the sandbox's command did not start")
-        time.sleep(0.001)
+        await asyncio.sleep(0.001)
+    pid = int(children[0])
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise ZygoteError(f"the sandbox's command ({pid}) is gone") from exc
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if int(stat.rsplit(")", 1)[1].split()[1]) != child_pid:
+            raise ZygoteError(f"{pid} is no longer the sandbox's command")
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pid, pidfd
