@@ -164,10 +164,11 @@ class DeployerSettings(ServiceSettings):
         "each this long without a cold start that found none",
     )
     pool_fork: bool = Field(
-        default=False,
+        default=True,
         description="pre-started Python runtimes are forked from one process per interpreter "
         "that has the runtime imported (its pages shared: ~4 MiB each instead of ~12), into "
-        "a sandbox bubblewrap made as for any runtime; false: each starts its own interpreter",
+        "a sandbox bubblewrap made as for any runtime (Python environments of the deployer's "
+        "own interpreter); false: each starts its own interpreter",
     )
     pool_refill_delay_seconds: float = Field(
         default=0.1,
