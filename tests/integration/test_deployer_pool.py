@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -334,5 +335,32 @@ async def test_runtimes_are_forked_only_from_the_deployers_own_interpreter(tmp_p
         (copied / "bin").mkdir(parents=True)
         shutil.copy(os.path.realpath(sys.executable), copied / "bin" / "python")
         assert pool._zygote(dataclasses.replace(key, env_dir=str(copied))) is None
+    finally:
+        await pool.aclose()
+
+
+async def test_a_failed_pre_start_is_retried_without_waiting_for_a_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre-start that fails (bubblewrap's intermittent exit 1) is tried again a second
+    later: the pool reaches its size with no cold start to set a refill off."""
+    from lambdabus_deployer import pool as pool_module
+    from lambdabus_platform.sandbox import SandboxStartError
+
+    real = pool_module.launch
+    failed: list[bool] = []
+
+    async def launch(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise SandboxStartError("the sandbox ended (bubblewrap exit status 1) before …")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(pool_module, "launch", launch)
+    pool, _, _, _ = await _pool(tmp_path)
+    try:
+        pool.refill()
+        await _idle(pool, 2)
+        assert failed == [True]
     finally:
         await pool.aclose()

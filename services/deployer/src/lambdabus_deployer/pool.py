@@ -207,6 +207,7 @@ class Pool:
         )
         self._shrink: asyncio.TimerHandle | None = None
         self._refill_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._starting: set[asyncio.Future[Slot]] = set()  # `start_now`'s, not yet up
         self._stopping: set[asyncio.Task[None]] = set()
         self._again = False
@@ -312,12 +313,26 @@ class Pool:
                         self._failures.pop(key, None)
                     except Exception as exc:
                         self._failed(key, exc)
+                        self._retry_later(self._failures.get(key, 0))
                         break
                     if self._again:
                         break
             if not self._again or self._closed:
                 self._shrink_later()
                 return
+
+    def _retry_later(self, failures: int) -> None:
+        """Refill again a while after a failed start (1 s, then 2 s), so that a key short of
+        its slots gets them without waiting for the next take; after three failures running
+        the key is not tried any more (`_fill`)."""
+        if failures >= 3 or self._closed or self._retry_timer is not None:
+            return
+
+        def _due() -> None:
+            self._retry_timer = None
+            self.refill()
+
+        self._retry_timer = asyncio.get_running_loop().call_later(float(failures), _due)
 
     def _shrink_later(self) -> None:
         """Refill (which trims) when the next grown key is due to give a slot back."""
@@ -334,9 +349,9 @@ class Pool:
     def _failed(self, key: PoolKey, error: BaseException) -> None:
         """One more start of `key` failed (after three running, it is not tried any more).
         A first failure is said at info level: a pre-start is background work, tried again
-        at the next refill (now and then a start has ended with bubblewrap's exit status 1
-        on a loaded machine, cause not found yet; its words are in `error`); a second one
-        running is a warning."""
+        a second later (now and then a start has ended with bubblewrap's exit status 1 on a
+        loaded machine, its words `bwrap: loopback: Failed RTM_NEWADDR: No child processes`,
+        cause not found yet); a second one running is a warning."""
         failures = self._failures[key] = self._failures.get(key, 0) + 1
         log.log(
             logging.INFO if failures == 1 else logging.WARNING,
@@ -510,6 +525,8 @@ class Pool:
         """The zygote a key's runtimes are forked from (`pool_fork`, Python), started on use."""
         if not self.settings.pool_fork or key.runtime == "nodejs20" or not self.runtime.pythonpath:
             return None
+        if os.geteuid() != 0:  # entering another uid's namespaces takes root
+            return None
         # The zygote runs as root outside any sandbox: its interpreter is this deployer's own,
         # never what the build's `bin/python` points to, and a key whose environment is of
         # another interpreter starts its runtimes itself.
@@ -625,7 +642,7 @@ class Pool:
         """Stop every slot not specialised: the idle ones, and any taken but never made an
         instance (specialised ones are instances: not the pool's any more)."""
         self._closed = True
-        for timer in (self._shrink, self._refill_timer):
+        for timer in (self._shrink, self._refill_timer, self._retry_timer):
             if timer is not None:
                 timer.cancel()
         if self._filling is not None:
