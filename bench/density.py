@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lambdabus_deployer.zygote import Zygote, placeholder
+from lambdabus_deployer.zygote import STUB, Zygote, placeholder
 from lambdabus_platform.sandbox import (
     Bind,
     NetworkMode,
@@ -45,7 +45,6 @@ from lambdabus_platform.sandbox import (
     launch,
     members,
 )
-from lambdabus_runtime.zygote import STUB
 from lambdabus_testing.sandboxed import RUNTIME_SRC, first_answer, runtime_command, runtime_spec
 
 SOURCE = "async def main(request):\n    return {'ok': True}\n"

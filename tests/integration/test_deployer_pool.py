@@ -344,10 +344,9 @@ async def test_a_failed_pre_start_is_retried_without_waiting_for_a_take(
 ) -> None:
     """A pre-start that fails (bubblewrap's intermittent exit 1) is tried again a second
     later: the pool reaches its size with no cold start to set a refill off."""
-    from lambdabus_deployer import pool as pool_module
     from lambdabus_platform.sandbox import SandboxStartError
+    from lambdabus_platform.sandbox import launch as real
 
-    real = pool_module.launch
     failed: list[bool] = []
 
     async def launch(*args: Any, **kwargs: Any) -> Any:
@@ -356,7 +355,7 @@ async def test_a_failed_pre_start_is_retried_without_waiting_for_a_take(
             raise SandboxStartError("the sandbox ended (bubblewrap exit status 1) before …")
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(pool_module, "launch", launch)
+    monkeypatch.setattr("lambdabus_deployer.pool.launch", launch)
     pool, _, _, _ = await _pool(tmp_path)
     try:
         pool.refill()

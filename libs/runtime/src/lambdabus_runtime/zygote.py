@@ -4,7 +4,8 @@ which the deployer's pre-started Python runtimes are forked, so that their inter
 copy-on-write instead of private to each.
 
 The sandbox is still bubblewrap's. The deployer starts a slot's sandbox as for any runtime,
-with a placeholder as its command (`STUB`: a shell that exits with the status it reads), and
+with a placeholder as its command (`lambdabus_deployer.zygote.STUB`: a shell that exits with
+the status it reads), and
 sends the zygote, over the socket on CONTROL_FD (SOCK_SEQPACKET, one request a message), the
 placeholder's host pid, the slot's cgroup files, the sandbox's env, and five fds (the
 runtime's stdin, stdout and stderr, the write end of the placeholder's stdin, and a pidfd of
@@ -57,10 +58,6 @@ import lambdabus_runtime.server
 import lambdabus_runtime.wire
 import lambdabus_runtime.workers  # noqa: F401 - imported to be shared
 
-# The sandbox's command while a forked runtime serves in it: it exits with the status the
-# keeper writes (EOF: 1), and ignores the signals a graceful stop sends the sandbox's
-# processes (the runtime drains, exits 0, and so does the stub).
-STUB = ("/bin/sh", "-c", 'trap "" TERM INT HUP; read -r code; exit "${code:-1}"')
 MAX_REQUEST = 256 * 1024
 
 _CLONE_NEWNS = 0x00020000

@@ -40,7 +40,7 @@ from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.plan import POOL_TITLE_ROOM, PoolKey, RuntimePaths, render_pooled
 from lambdabus_deployer.settings import DeployerSettings
-from lambdabus_deployer.zygote import Zygote, ZygoteError, placeholder
+from lambdabus_deployer.zygote import STUB, Zygote, ZygoteError, placeholder
 from lambdabus_platform.sandbox import (
     Identity,
     Sandbox,
@@ -49,7 +49,6 @@ from lambdabus_platform.sandbox import (
     SandboxStartError,
     launch,
 )
-from lambdabus_runtime.zygote import STUB
 
 log = logging.getLogger("lambdabus.deployer.pool")
 

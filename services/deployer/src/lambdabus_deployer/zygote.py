@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 # flags it writes over the padding that follows).
 _MODULE = "lambdabus_runtime.zygote"
 _REPLY = 4096
+# The sandbox's command while a forked runtime serves in it: it exits with the status the
+# keeper writes (EOF: 1), and ignores the signals a graceful stop sends the sandbox's
+# processes (the runtime drains, exits 0, and so does the placeholder). (Here, not in the
+# zygote's module: the deployer need not import what the zygote imports.)
+STUB = ("/bin/sh", "-c", 'trap "" TERM INT HUP; read -r code; exit "${code:-1}"')
 
 
 class ZygoteError(LambdabusError):
