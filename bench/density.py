@@ -34,13 +34,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lambdabus_deployer.zygote import STUB, Zygote, placeholder
+from lambdabus_deployer.zygote import STUB, Zygote
 from lambdabus_platform.sandbox import (
     Bind,
     NetworkMode,
     Sandbox,
     SandboxProcess,
-    descendants,
     detect_sandbox,
     launch,
     members,
@@ -59,6 +58,7 @@ class Running:
     handle: SandboxProcess
     socket_dir: Path
     keeper: int | None = None
+    sh: int | None = None  # the placeholder command of a forked runtime's sandbox
 
 
 def pss_kib(pid: int) -> int:
@@ -81,7 +81,7 @@ def kind_of(pid: int, running: Running) -> str:
         return "slirp4netns"
     if pid == running.keeper:
         return "keeper"
-    if pid in descendants(running.handle.child_pid or 0) and running.keeper is not None:
+    if pid == running.sh:
         return "sh"
     return "runtime"
 
@@ -108,7 +108,7 @@ async def start_one(
     if mode != "fresh":
         control_r, control_w = os.pipe()
         stdin = control_r
-    keeper = None
+    keeper = sh = None
     if mode == "forked":
         assert zygote is not None
         relay_r, relay_w = os.pipe()
@@ -116,9 +116,7 @@ async def start_one(
         forked = dataclasses.replace(spec, command=STUB)
         handle = await launch(sandbox, forked, key=name, stdin=relay_r, stdout=None, stderr=None)
         assert handle.child_pid is not None
-        pid, pidfd = await placeholder(handle.child_pid)
         request = {
-            "pid": pid,
             "cgroup_procs": [],
             "uid": handle.identity.uid,
             "gid": handle.identity.gid,
@@ -128,8 +126,10 @@ async def start_one(
             "pythonpath": ["/lambdabus/runtime"],
             "host_pythonpath": [str(RUNTIME_SRC)],
         }
-        keeper = await zygote.fork(request, [control_r, out_w, 2, relay_w, pidfd])
-        for fd in (relay_r, relay_w, out_w, pidfd):
+        keeper, sh = await zygote.fork_into(
+            handle.child_pid, request, [control_r, out_w, 2, relay_w]
+        )
+        for fd in (relay_r, relay_w, out_w):
             os.close(fd)
         loop = asyncio.get_running_loop()
         stdout = asyncio.StreamReader()
@@ -151,7 +151,7 @@ async def start_one(
     if b"listening" not in line:
         raise RuntimeError(f"the sandboxed runtime did not start: {line!r}")
     await first_answer(socket_dir / "sock")
-    return Running(handle, socket_dir, keeper)
+    return Running(handle, socket_dir, keeper, sh)
 
 
 async def measure(count: int, mode: str, network: NetworkMode) -> dict[str, float]:

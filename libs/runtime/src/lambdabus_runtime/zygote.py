@@ -35,6 +35,7 @@ reaped by the kernel) and dies with the deployer.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -290,13 +291,13 @@ def _runtime(request: dict[str, Any], fds: list[int], target: Target) -> None:
         os.closerange(3, 2**31 - 1)
         _become_runtime(request)
         # As a runtime the pool started shows itself (the zygote's command line is ours).
-        with _quiet():
+        with contextlib.suppress(BaseException):
             runtime_main.set_title(
                 [os.fsencode(sys.executable), b"-m", b"lambdabus_runtime", b"--pool", b" " * 512]
             )
         code = runtime_main.main(["--pool"])
     except BaseException as exc:
-        with _quiet():
+        with contextlib.suppress(BaseException):
             import traceback
 
             where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -306,18 +307,10 @@ def _runtime(request: dict[str, Any], fds: list[int], target: Target) -> None:
                 f"(at {where.name}, line {where.lineno})\n".encode(),
             )
     finally:
-        with _quiet():
+        with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 1)
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def _keeper(request: dict[str, Any], fds: list[int], target: Target) -> None:
@@ -337,10 +330,10 @@ def _keeper(request: dict[str, Any], fds: list[int], target: Target) -> None:
         if status < 0:
             status = 128 - status
     except BaseException as exc:
-        with _quiet():
+        with contextlib.suppress(BaseException):
             os.write(fds[2], f"lambdabus-runtime: cannot fork into the sandbox: {exc!r}\n".encode())
     finally:
-        with _quiet():
+        with contextlib.suppress(BaseException):
             os.write(fds[3], f"{status}\n".encode())
         os._exit(0)
 

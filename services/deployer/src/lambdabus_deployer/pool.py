@@ -40,7 +40,7 @@ from lambdabus_deployer.detached import open_log_file
 from lambdabus_deployer.limits import Limiter, Limits, RunLimits
 from lambdabus_deployer.plan import POOL_TITLE_ROOM, PoolKey, RuntimePaths, render_pooled
 from lambdabus_deployer.settings import DeployerSettings
-from lambdabus_deployer.zygote import STUB, Zygote, ZygoteError, placeholder
+from lambdabus_deployer.zygote import STUB, Zygote, ZygoteError
 from lambdabus_platform.sandbox import (
     Identity,
     Sandbox,
@@ -218,8 +218,8 @@ class Pool:
         self._ids_path = settings.state_dir / "pool.json"
         # Every started slot not yet specialised, idle or taken: the pool's to stop at close.
         self._live: dict[str, Slot] = {}
-        # Python runtimes forked from a zygote per interpreter (`pool_fork`).
-        self._zygotes: dict[str, Zygote] = {}
+        # Python runtimes forked from a zygote of this deployer's interpreter (`pool_fork`).
+        self._forker: Zygote | None = None
 
     def _save_ids(self) -> None:
         tmp = self._ids_path.with_suffix(f".{os.getpid()}.tmp")
@@ -474,14 +474,11 @@ class Pool:
                 assert relay_w is not None
                 assert handle.child_pid is not None
                 try:
-                    pid, pidfd = await placeholder(handle.child_pid)
-                    try:
-                        await zygote.fork(
-                            self._fork_request(forked_spec, pid, slot_id, identity),
-                            [control_r, fds[0], fds[1], relay_w, pidfd],
-                        )
-                    finally:
-                        os.close(pidfd)
+                    await zygote.fork_into(
+                        handle.child_pid,
+                        self._fork_request(forked_spec, slot_id, identity),
+                        [control_r, fds[0], fds[1], relay_w],
+                    )
                 except BaseException:
                     handle.kill()
                     await handle.process.wait()
@@ -532,14 +529,13 @@ class Pool:
         python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
         if os.path.realpath(Path(key.env_dir) / "bin" / "python") != python:
             return None
-        zygote = self._zygotes.get(python)
-        if zygote is None:
+        if self._forker is None:
             entries = [p for p in self.runtime.pythonpath.split(":") if p]
-            zygote = self._zygotes[python] = Zygote(python, entries, POOL_TITLE_ROOM)
-        return zygote
+            self._forker = Zygote(python, entries, POOL_TITLE_ROOM)
+        return self._forker
 
     def _fork_request(
-        self, spec: SandboxSpec, pid: int, slot_id: str, identity: Identity
+        self, spec: SandboxSpec, slot_id: str, identity: Identity
     ) -> dict[str, object]:
         """What the zygote needs to make `spec`'s runtime a process of the slot's sandbox."""
         env = dict(spec.env)
@@ -551,7 +547,6 @@ class Pool:
             procs = list(cgroup.procs_files)
         assert self.runtime.pythonpath is not None
         return {
-            "pid": pid,
             "cgroup_procs": procs,
             "uid": identity.uid,
             "gid": identity.gid,
@@ -660,5 +655,7 @@ class Pool:
         for slot in slots:
             slot.handle.kill()  # at once: what follows may be cut short by a shutdown's limit
         await asyncio.gather(*(self._stop(slot) for slot in slots), return_exceptions=True)
-        zygotes, self._zygotes = list(self._zygotes.values()), {}
-        await asyncio.gather(*(z.aclose() for z in zygotes), return_exceptions=True)
+        forker, self._forker = self._forker, None
+        if forker is not None:
+            with contextlib.suppress(Exception):
+                await forker.aclose()

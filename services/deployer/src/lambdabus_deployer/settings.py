@@ -165,7 +165,7 @@ class DeployerSettings(ServiceSettings):
     )
     pool_fork: bool = Field(
         default=True,
-        description="pre-started Python runtimes are forked from one process per interpreter "
+        description="pre-started Python runtimes are forked from one process of this interpreter "
         "that has the runtime imported (its pages shared: ~4 MiB each instead of ~12), into "
         "a sandbox bubblewrap made as for any runtime (Python environments of the deployer's "
         "own interpreter); false: each starts its own interpreter",

@@ -1,9 +1,10 @@
-"""The deployer's side of `lambdabus_runtime.zygote`: one zygote per Python interpreter, from
+"""The deployer's side of `lambdabus_runtime.zygote`: one zygote (of the deployer's interpreter), from
 which pre-started runtimes are forked into their slot's sandbox (see that module's doc for
 what the fork does and why it is safe; `docs/design.md` for what it saves)."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -106,7 +107,7 @@ class Zygote:
             try:
                 control.sendmsg(
                     [payload],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(_fd_array(fds)))],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
                 )
                 reply = await asyncio.wait_for(loop.sock_recv(control, _REPLY), 10.0)
             except (OSError, TimeoutError) as exc:
@@ -120,6 +121,18 @@ class Zygote:
                 raise ZygoteError(f"the zygote cannot fork: {answer['error']}")
             return int(answer["keeper"])
 
+    async def fork_into(
+        self, child_pid: int, request: dict[str, Any], fds: Sequence[int]
+    ) -> tuple[int, int]:
+        """Fork a runtime into the sandbox whose pid 1 is `child_pid` (`request` and `fds` as
+        for `fork`, less the placeholder, which is found and pinned here); the keeper's and
+        the placeholder's pids."""
+        pid, pidfd = await placeholder(child_pid)
+        try:
+            return await self.fork({**request, "pid": pid}, [*fds, pidfd]), pid
+        finally:
+            os.close(pidfd)
+
     async def aclose(self) -> None:
         if self._control is not None:
             self._control.close()
@@ -129,12 +142,6 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await asyncio.to_thread(process.wait)
-
-
-def _fd_array(fds: Sequence[int]) -> bytes:
-    import array
-
-    return array.array("i", fds).tobytes()
 
 
 async def placeholder(child_pid: int, timeout: float = 2.0) -> tuple[int, int]:
