@@ -9,12 +9,12 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 PY := $(UV) run --frozen
 
-.PHONY: help bootstrap system sync fixtures run test lint typecheck architecture schemas schemas-check pytest bench clean
+.PHONY: help bootstrap system browser console sync fixtures run test lint typecheck architecture schemas schemas-check pytest bench clean
 
 help:
 	@echo "make run    - install what is needed, start the whole platform (embedded NATS + 5 services)"
 	@echo "make test   - install what is needed, then lint, types, architecture, schema drift, tests"
-	@echo "make lint | typecheck | schemas | pytest | bench | clean"
+	@echo "make lint | typecheck | schemas | pytest | bench | console | clean"
 
 bootstrap: $(UV)
 
@@ -53,10 +53,34 @@ $(FIXTURES): examples/python-luna/requirements.txt examples/node/package.json | 
 		| xargs -r npm cache add --cache .cache/npm --loglevel=error; fi
 	@touch $@
 
-run: sync system
+# The web console (console/: plain ES modules, CodeMirror, uPlot) bundled by esbuild into the
+# gateway's /ui/ files, which are not committed; npm ci installs exactly what the lockfile says.
+CONSOLE_UI := services/gateway/src/lambdabus_gateway/ui/index.html
+console: $(CONSOLE_UI)
+
+console/node_modules/.package-lock.json: console/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "error: the web console needs Node.js and npm (apt-get install nodejs npm)"; exit 1; }
+	npm ci --prefix console --no-audit --no-fund --loglevel=error
+
+$(CONSOLE_UI): console/node_modules/.package-lock.json console/build.mjs $(wildcard console/src/*)
+	node console/build.mjs
+
+# Debian's Chromium and ChromeDriver for the console's browser tests (driven by Playwright).
+BROWSER_TOOLS := chromium:chromium chromedriver:chromium-driver
+browser:
+	@missing=""; for tool in $(BROWSER_TOOLS); do \
+		command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	[ -z "$$missing" ] || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing$$missing (the console's browser tests)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
+				|| echo "warning: could not install$$missing; the browser tests will be skipped"; \
+		else echo "note: not installed:$$missing; the browser tests will be skipped"; fi; }
+
+run: sync system console
 	$(PY) lambdabus up
 
-test: sync system lint typecheck architecture schemas-check pytest
+test: sync system console browser lint typecheck architecture schemas-check pytest
 
 lint: sync
 	$(PY) ruff check .
@@ -87,4 +111,4 @@ bench: sync
 	@for b in bench/*.py; do echo "== $$b"; $(PY) python $$b || exit 1; done
 
 clean:
-	rm -rf .lambdabus .mypy_cache .ruff_cache .pytest_cache .cache $(TOOLS)
+	rm -rf .lambdabus .mypy_cache .ruff_cache .pytest_cache .cache $(TOOLS) console/node_modules services/gateway/src/lambdabus_gateway/ui

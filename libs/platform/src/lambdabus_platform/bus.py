@@ -588,19 +588,25 @@ class Bus:
         *,
         since: datetime | None = None,
         deliver_all: bool = False,
+        after_sequence: int | None = None,
     ) -> AsyncIterator[StreamMessage]:
-        """Read a stream in order from `since` (or from now), then follow it live.
+        """Read a stream in order from `since`, or from just after `after_sequence` (a reader
+        resuming where it stopped), or from now, then follow it live.
 
         Uses an ordered ephemeral consumer, deleted when the reader stops; it resumes itself on
         reconnect.
         """
-        if since is not None:
-            policy, start = api.DeliverPolicy.BY_START_TIME, since
+        config = api.ConsumerConfig()
+        if after_sequence is not None:
+            policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after_sequence + 1
+        elif since is not None:
+            policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = since
         elif deliver_all:
-            policy, start = api.DeliverPolicy.ALL, None
+            policy = api.DeliverPolicy.ALL
         else:
-            policy, start = api.DeliverPolicy.NEW, None
-        config = api.ConsumerConfig(opt_start_time=start)
+            policy = api.DeliverPolicy.NEW
         sub = await self._js.subscribe(
             filter_subject,
             stream=stream,

@@ -127,6 +127,7 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("PUT", _NS + "/quota"): Action.QUOTAS,
     ("POST", "/v1/events"): Action.PUBLISH,
     ("GET", "/v1/info"): Action.INFO,
+    ("GET", "/v1/namespaces"): Action.INFO,
     ("GET", "/v1/lifecycle"): Action.AUDIT,
     ("GET", "/v1/openapi.json"): Action.INFO,
     ("GET", "/metrics"): Action.METRICS,

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from lambdabus_events.models import BuildState, DeploymentState, FunctionRecord, LogKind, LogQuery
 from lambdabus_events.names import label_problem
 from lambdabus_gateway.auth import TOKEN, add_token_routes, require_namespace
+from lambdabus_gateway.console import add_console_routes
 from lambdabus_gateway.deadletters import DeadLetters, parse_id, parse_limit
 from lambdabus_gateway.docs import CONTENT_TYPES, DOCS_HTML, DOCS_YAML, HEADERS, FunctionDocs
 from lambdabus_gateway.events import Limits, encoded, read_events, store
@@ -244,6 +245,19 @@ def lifecycle_subject_filter(query: dict[str, str]) -> str:
         ) from None
 
 
+def _last_event_id(request: web.Request) -> int | None:
+    value = request.headers.get("Last-Event-ID", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise InvalidRequest(
+            f"Last-Event-ID {value[:40]!r} is not the id of a lifecycle event (a stream "
+            "sequence: the `id:` line of an event this stream sent)",
+            code="invalid_last_event_id",
+        )
+    return int(value)
+
+
 async def lifecycle(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     query = dict(request.query)
@@ -263,7 +277,10 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     await response.write(b": lambdabus lifecycle stream\n\n")
-    messages = gw.bus.replay("LIFECYCLE", subject, since=since)
+    # A reader that lost its connection resumes after the last event it had (SSE's own rule).
+    messages = gw.bus.replay(
+        "LIFECYCLE", subject, since=since, after_sequence=_last_event_id(request)
+    )
     keepalive = gw.settings.sse_keepalive_seconds
     try:
         async for item in with_keepalive(messages, keepalive, gw.stopping):
@@ -343,6 +360,20 @@ async def info(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     return web.json_response(
         {"router_url": gw.settings.public_router_url or gw.settings.router_url, "version": VERSION}
+    )
+
+
+async def namespaces(request: web.Request) -> web.Response:
+    """The namespaces this token may use: its own, or, for a token of every namespace, each
+    that holds a function (and `default`)."""
+    gw = request.app[GATEWAY]
+    token = request[TOKEN]
+    if token.all_namespaces:
+        names = {*(await gw.functions.namespaces()), "default"}
+    else:
+        names = set(token.namespaces)
+    return web.json_response(
+        {"items": [{"name": n} for n in sorted(names)], "all": token.all_namespaces}
     )
 
 
@@ -686,6 +717,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/events", publish_events)
     r.add_get("/v1/info", info)
     r.add_get("/v1/lifecycle", lifecycle)
+    r.add_get("/v1/namespaces", namespaces)
     r.add_get("/v1/openapi.json", openapi)
     r.add_get("/v1/replicas", replicas)
     add_token_routes(app)
+    add_console_routes(app)  # public static files, not API: left out of the OpenAPI paths

@@ -306,6 +306,10 @@ class Functions:
     async def in_namespace(self, namespace: str) -> list[Versioned[FunctionRecord]]:
         return await self._records.in_namespace(namespace)
 
+    async def namespaces(self) -> list[str]:
+        """Every namespace that holds a function."""
+        return sorted({r.value.namespace for r in await self._records.everywhere()})
+
     async def create(self, namespace: str, upload: Upload) -> Versioned[FunctionRecord]:
         spec = parse_spec(upload.fields)
         check_backend(spec, self._backend)

@@ -1,0 +1,209 @@
+// The public management API, and nothing else: every call here is a route of /v1/openapi.json.
+
+const TOKEN_KEY = "lambdabus.token";
+const NS_KEY = "lambdabus.namespace";
+
+export const session = {
+  get token() {
+    return sessionStorage.getItem(TOKEN_KEY);
+  },
+  set token(value) {
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  },
+  get namespace() {
+    return sessionStorage.getItem(NS_KEY) || "default";
+  },
+  set namespace(value) {
+    sessionStorage.setItem(NS_KEY, value);
+  },
+};
+
+/** `#token=...` (the link `make run` prints): kept in sessionStorage, gone from the address bar. */
+export function takeTokenFromFragment() {
+  const match = /^#token=([^&]+)/.exec(location.hash);
+  if (!match) return false;
+  session.token = decodeURIComponent(match[1]);
+  history.replaceState(null, "", location.pathname + location.search + "#/functions");
+  return true;
+}
+
+export class ApiError extends Error {
+  constructor(status, code, message, details) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.details = details;
+  }
+}
+
+function headers(extra = {}) {
+  const all = { Accept: "application/json", ...extra };
+  if (session.token) all.Authorization = `Bearer ${session.token}`;
+  return all;
+}
+
+async function fail(response) {
+  let code = `http_${response.status}`;
+  let message = `${response.status} ${response.statusText}`;
+  let details;
+  try {
+    const body = await response.json();
+    if (body?.error) ({ code, message, details } = { ...body.error, code: body.error.code ?? code });
+  } catch {
+    /* not JSON: keep the status line */
+  }
+  if (response.status === 401) window.dispatchEvent(new CustomEvent("lambdabus:unauthenticated"));
+  return new ApiError(response.status, code, message, details);
+}
+
+export async function call(method, path, { json, body, contentType, extraHeaders, signal } = {}) {
+  const init = { method, headers: headers(extraHeaders), signal };
+  if (json !== undefined) {
+    init.body = JSON.stringify(json);
+    init.headers["Content-Type"] = contentType ?? "application/json";
+  } else if (body !== undefined) {
+    init.body = body;
+    if (contentType) init.headers["Content-Type"] = contentType;
+  }
+  const response = await fetch(path, init);
+  if (!response.ok) throw await fail(response);
+  const type = response.headers.get("Content-Type") ?? "";
+  return type.includes("json") ? response.json() : response.text();
+}
+
+export const get = (path, options) => call("GET", path, options);
+
+export const fn = (ns, name, rest = "") =>
+  `/v1/namespaces/${encodeURIComponent(ns)}/functions/${encodeURIComponent(name)}${rest}`;
+export const nsPath = (ns, rest) => `/v1/namespaces/${encodeURIComponent(ns)}${rest}`;
+
+/** An invocation through the gateway: status, headers, body and duration as the caller saw them. */
+export async function invoke(ns, name, { body, headers: sent }) {
+  const started = performance.now();
+  const response = await fetch(fn(ns, name, "/invoke"), {
+    method: "POST",
+    headers: { ...sent, ...headers({}) },
+    body,
+  });
+  const text = await response.text();
+  return {
+    status: response.status,
+    statusText: response.statusText,
+    headers: [...response.headers.entries()],
+    body: text,
+    ms: performance.now() - started,
+  };
+}
+
+const sleep = (ms, signal) =>
+  new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+  });
+
+async function* chunks(response, signal) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  try {
+    while (!signal.aborted) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      yield decoder.decode(value, { stream: true });
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+/**
+ * Follow a log (`?follow=1`, NDJSON), reconnecting after a drop: it asks again from the last
+ * line's time and drops the lines it had shown already, so nothing is lost or shown twice.
+ */
+export function followLog(path, { onLine, onState, tail = 500 }) {
+  const stop = new AbortController();
+  let lastTs = null;
+  let seenAtLast = new Set();
+  (async () => {
+    while (!stop.signal.aborted) {
+      const query = lastTs ? `since=${encodeURIComponent(lastTs)}` : `tail=${tail}`;
+      try {
+        const response = await fetch(`${path}?follow=1&${query}`, { headers: headers(), signal: stop.signal });
+        if (!response.ok) throw await fail(response);
+        onState?.("live");
+        let buffer = "";
+        for await (const text of chunks(response, stop.signal)) {
+          buffer += text;
+          let end;
+          while ((end = buffer.indexOf("\n")) >= 0) {
+            const raw = buffer.slice(0, end).trim();
+            buffer = buffer.slice(end + 1);
+            if (!raw) continue; // keep-alive
+            const line = JSON.parse(raw);
+            if (lastTs !== null && line.ts < lastTs) continue;
+            if (line.ts === lastTs && seenAtLast.has(raw)) continue;
+            if (line.ts !== lastTs) seenAtLast = new Set();
+            lastTs = line.ts;
+            seenAtLast.add(raw);
+            onLine(line);
+          }
+        }
+      } catch (error) {
+        if (stop.signal.aborted) return;
+        onState?.(error instanceof ApiError ? `error: ${error.message}` : "reconnecting");
+        if (error instanceof ApiError && error.status < 500 && error.status !== 429) return;
+      }
+      if (!stop.signal.aborted) {
+        onState?.("reconnecting");
+        await sleep(1000, stop.signal);
+      }
+    }
+  })();
+  return () => stop.abort();
+}
+
+/** The lifecycle stream (SSE over fetch, so the token stays in a header); resumes by `Last-Event-ID`. */
+export function followLifecycle(query, { onEvent, onState }) {
+  const stop = new AbortController();
+  let lastId = null;
+  (async () => {
+    while (!stop.signal.aborted) {
+      try {
+        const extra = lastId ? { "Last-Event-ID": lastId } : {};
+        const response = await fetch(`/v1/lifecycle?${query}`, {
+          headers: headers({ Accept: "text/event-stream", ...extra }),
+          signal: stop.signal,
+        });
+        if (!response.ok) throw await fail(response);
+        onState?.("live");
+        let buffer = "";
+        for await (const text of chunks(response, stop.signal)) {
+          buffer += text;
+          let end;
+          while ((end = buffer.indexOf("\n\n")) >= 0) {
+            const frame = buffer.slice(0, end);
+            buffer = buffer.slice(end + 2);
+            let id = null;
+            const data = [];
+            for (const line of frame.split("\n")) {
+              if (line.startsWith("id: ")) id = line.slice(4);
+              else if (line.startsWith("data: ")) data.push(line.slice(6));
+            }
+            if (!data.length) continue; // a comment: keep-alive
+            if (id !== null) lastId = id;
+            onEvent(JSON.parse(data.join("\n")), id);
+          }
+        }
+      } catch (error) {
+        if (stop.signal.aborted) return;
+        onState?.(error instanceof ApiError ? `error: ${error.message}` : "reconnecting");
+        if (error instanceof ApiError && error.status < 500 && error.status !== 429) return;
+      }
+      if (!stop.signal.aborted) {
+        onState?.("reconnecting");
+        await sleep(1000, stop.signal);
+      }
+    }
+  })();
+  return () => stop.abort();
+}

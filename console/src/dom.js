@@ -1,0 +1,84 @@
+// The only way the console builds DOM: every string becomes a text node or a property value,
+// never markup, so nothing an API returns (a description, a log line) can run as HTML.
+
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs ?? {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) el.addEventListener(key.slice(2).toLowerCase(), value);
+    else if (key === "class") el.className = value;
+    else if (key === "dataset") Object.assign(el.dataset, value);
+    else if (key in el && typeof value !== "string") el[key] = value;
+    else el.setAttribute(key, value === true ? "" : String(value));
+  }
+  append(el, children);
+  return el;
+}
+
+export function append(el, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child === undefined || child === null || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+export function replace(el, ...children) {
+  el.replaceChildren();
+  return append(el, children);
+}
+
+let fieldIds = 0;
+
+/** A labelled form field: the label names the control for screen readers and axe. */
+export function field(label, control, hint) {
+  control.id ||= `f${++fieldIds}`;
+  const parts = [h("label", { for: control.id }, label), control];
+  if (hint) {
+    const hintId = `${control.id}-hint`;
+    control.setAttribute("aria-describedby", hintId);
+    parts.push(h("small", { id: hintId, class: "hint" }, hint));
+  }
+  return h("div", { class: "field" }, parts);
+}
+
+export function badge(text, tone) {
+  return h("span", { class: `badge ${tone ?? toneOf(text)}` }, text);
+}
+
+export function toneOf(value) {
+  const v = String(value).toLowerCase();
+  if (["running", "ready", "true", "succeeded", "completed", "delivered"].includes(v)) return "ok";
+  if (["failed", "false", "error", "crashloop", "build_failed", "deploy_failed"].some((s) => v.includes(s)))
+    return "bad";
+  return "wait";
+}
+
+export function time(value) {
+  if (!value) return "";
+  const d = new Date(value);
+  return Number.isNaN(d.getTime()) ? String(value) : d.toLocaleString();
+}
+
+export function table(headers, rows, caption) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      {},
+      caption ? h("caption", {}, caption) : null,
+      h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
+      h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colSpan: headers.length, class: "empty" }, "Nothing yet."))),
+    ),
+  );
+}
+
+let toastTimer;
+export function toast(message, tone = "ok") {
+  const el = document.getElementById("toast");
+  el.className = `show ${tone}`;
+  el.textContent = message;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => (el.className = ""), 6000);
+}

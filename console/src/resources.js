@@ -1,0 +1,266 @@
+// Triggers (and publishing an event), schedules, dead letters, the lifecycle stream.
+import { call, followLifecycle, get, nsPath, session } from "./api.js";
+import { badge, field, h, replace, table, time, toast } from "./dom.js";
+
+async function functionOptions(ns) {
+  const { items } = await get(nsPath(ns, "/functions"));
+  return items.map((f) => h("option", { value: f.name }, f.name));
+}
+
+function deleteButton(path, what, after) {
+  return h(
+    "button",
+    {
+      type: "button",
+      class: "quiet",
+      "aria-label": `Delete ${what}`,
+      onclick: async () => {
+        try {
+          await call("DELETE", path);
+          toast(`${what} deleted`);
+          await after();
+        } catch (err) {
+          toast(err.message, "bad");
+        }
+      },
+    },
+    "Delete",
+  );
+}
+
+function jsonObject(text, what) {
+  if (!text.trim()) return {};
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new Error(`${what} is not JSON: ${err.message}`);
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) throw new Error(`${what} must be a JSON object`);
+  return value;
+}
+
+function createForm(title, fields, submitLabel, onSubmit) {
+  const error = h("p", { class: "error", role: "alert" });
+  const button = h("button", { type: "submit" }, submitLabel);
+  return h(
+    "form",
+    {
+      class: "stack card",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        error.textContent = "";
+        button.disabled = true;
+        try {
+          await onSubmit();
+        } catch (err) {
+          error.textContent = `${err.code ?? "error"}: ${err.message}`;
+        } finally {
+          button.disabled = false;
+        }
+      },
+    },
+    h("h2", {}, title),
+    fields,
+    error,
+    h("div", {}, button),
+  );
+}
+
+export async function triggersView(main) {
+  const ns = session.namespace;
+  const list = h("div");
+  const render = async () => {
+    const { items } = await get(nsPath(ns, "/triggers"));
+    replace(
+      list,
+      table(
+        ["Name", "Function", "Filter", "Retries", ""],
+        items.map((t) =>
+          h(
+            "tr",
+            { dataset: { trigger: t.name } },
+            h("td", {}, t.name),
+            h("td", {}, h("a", { href: `#/fn/${encodeURIComponent(t.function)}` }, t.function)),
+            h("td", {}, h("code", {}, JSON.stringify(t.filter))),
+            h("td", { class: "num" }, String(t.delivery?.retries ?? "")),
+            h("td", {}, deleteButton(nsPath(ns, `/triggers/${encodeURIComponent(t.name)}`), `trigger ${t.name}`, render)),
+          ),
+        ),
+      ),
+    );
+  };
+  const name = h("input", { name: "trigger-name", required: true });
+  const target = h("select", { name: "trigger-function", required: true }, await functionOptions(ns));
+  const type = h("input", { name: "trigger-type", placeholder: "com.example.order.created" });
+  const source = h("input", { name: "trigger-source", placeholder: "(any)" });
+  const create = createForm(
+    "New trigger",
+    [field("Name", name), field("Function", target), field("Event type", type), field("Event source", source)],
+    "Create trigger",
+    async () => {
+      const filter = {};
+      if (type.value.trim()) filter.type = type.value.trim();
+      if (source.value.trim()) filter.source = source.value.trim();
+      await call("POST", nsPath(ns, "/triggers"), { json: { name: name.value.trim(), function: target.value, filter } });
+      toast(`trigger ${name.value} created`);
+      await render();
+    },
+  );
+  const evType = h("input", { name: "event-type", required: true, placeholder: "com.example.order.created" });
+  const evSource = h("input", { name: "event-source", required: true, value: "/console" });
+  const evData = h("textarea", { name: "event-data", rows: 4, spellcheck: false }, '{"order": 1}');
+  const publish = createForm(
+    "Publish an event",
+    [field("Type", evType), field("Source", evSource), field("Data (JSON)", evData)],
+    "Publish",
+    async () => {
+      const event = {
+        specversion: "1.0",
+        id: crypto.randomUUID(),
+        type: evType.value.trim(),
+        source: evSource.value.trim(),
+        datacontenttype: "application/json",
+        data: evData.value.trim() ? JSON.parse(evData.value) : null,
+      };
+      const accepted = await call("POST", "/v1/events", { json: event, contentType: "application/cloudevents+json" });
+      toast(`event ${accepted.ids?.[0] ?? event.id} published`);
+    },
+  );
+  replace(main, h("h1", {}, `Triggers in ${ns}`), list, h("div", { class: "columns" }, create, publish));
+  await render();
+}
+
+export async function schedulesView(main) {
+  const ns = session.namespace;
+  const list = h("div");
+  const render = async () => {
+    const { items } = await get(nsPath(ns, "/schedules"));
+    replace(
+      list,
+      table(
+        ["Name", "Function", "Cron", "Time zone", "Created", ""],
+        items.map((s) =>
+          h(
+            "tr",
+            { dataset: { schedule: s.name } },
+            h("td", {}, s.name),
+            h("td", {}, s.function),
+            h("td", {}, h("code", {}, s.cron)),
+            h("td", {}, s.timezone),
+            h("td", {}, time(s.created_at)),
+            h("td", {}, deleteButton(nsPath(ns, `/schedules/${encodeURIComponent(s.name)}`), `schedule ${s.name}`, render)),
+          ),
+        ),
+      ),
+    );
+  };
+  const name = h("input", { name: "schedule-name", required: true });
+  const target = h("select", { name: "schedule-function", required: true }, await functionOptions(ns));
+  const cron = h("input", { name: "schedule-cron", required: true, value: "*/5 * * * *" });
+  const zone = h("input", { name: "schedule-timezone", value: "UTC" });
+  const data = h("textarea", { name: "schedule-data", rows: 3, spellcheck: false }, "{}");
+  const create = createForm(
+    "New schedule",
+    [field("Name", name), field("Function", target), field("Cron", cron, "minute hour day month weekday"), field("Time zone", zone), field("Data (JSON object)", data)],
+    "Create schedule",
+    async () => {
+      await call("POST", nsPath(ns, "/schedules"), {
+        json: { name: name.value.trim(), function: target.value, cron: cron.value.trim(), timezone: zone.value.trim() || "UTC", data: jsonObject(data.value, "data") },
+      });
+      toast(`schedule ${name.value} created`);
+      await render();
+    },
+  );
+  replace(main, h("h1", {}, `Schedules in ${ns}`), list, create);
+  await render();
+}
+
+export async function deadLettersView(main) {
+  const ns = session.namespace;
+  const list = h("div");
+  const render = async () => {
+    const { items } = await get(nsPath(ns, "/deadletters"));
+    replace(
+      list,
+      table(
+        ["Id", "Trigger", "Function", "Event", "Attempts", "Last status", "Why", "When", ""],
+        items.map((d) =>
+          h(
+            "tr",
+            { dataset: { deadletter: d.id } },
+            h("td", {}, d.id),
+            h("td", {}, d.trigger ?? ""),
+            h("td", {}, d.function),
+            h("td", {}, h("code", {}, `${d.event?.type ?? ""} ${d.event?.id ?? ""}`)),
+            h("td", { class: "num" }, String(d.attempts)),
+            h("td", { class: "num" }, d.last_status == null ? "" : String(d.last_status)),
+            h("td", {}, d.message ?? ""),
+            h("td", {}, time(d.deadlettered_at)),
+            h(
+              "td",
+              {},
+              h(
+                "button",
+                {
+                  type: "button",
+                  "aria-label": `Redrive dead letter ${d.id}`,
+                  onclick: async () => {
+                    try {
+                      await call("POST", nsPath(ns, `/deadletters/${encodeURIComponent(d.id)}/redrive`));
+                      toast(`dead letter ${d.id} redriven`);
+                      await render();
+                    } catch (err) {
+                      toast(err.message, "bad");
+                    }
+                  },
+                },
+                "Redrive",
+              ),
+            ),
+          ),
+        ),
+      ),
+    );
+  };
+  replace(main, h("div", { class: "heading" }, h("h1", {}, `Dead letters in ${ns}`), h("button", { type: "button", class: "quiet", onclick: () => render() }, "Refresh")), list);
+  await render();
+}
+
+export function eventsView(main, { signal }) {
+  const ns = session.namespace;
+  const state = h("span", { class: "badge wait" }, "connecting");
+  const body = h("tbody");
+  replace(
+    main,
+    h("div", { class: "heading" }, h("h1", {}, `Lifecycle events in ${ns}`), state),
+    h(
+      "div",
+      { class: "table-wrap" },
+      h("table", {}, h("thead", {}, h("tr", {}, ["Time", "Type", "Function", "Summary"].map((x) => h("th", { scope: "col" }, x)))), body),
+    ),
+  );
+  const since = new Date(Date.now() - 3600_000).toISOString();
+  const stop = followLifecycle(`namespace=${encodeURIComponent(ns)}&since=${encodeURIComponent(since)}`, {
+    onEvent: (event, id) => {
+      const data = event.data ?? {};
+      const summary = data.reason ?? data.message ?? data.status ?? data.phase ?? "";
+      body.prepend(
+        h(
+          "tr",
+          { dataset: { id: id ?? "" } },
+          h("td", {}, time(event.time)),
+          h("td", {}, h("code", {}, event.type)),
+          h("td", {}, data.name ?? event.subject ?? ""),
+          h("td", {}, typeof summary === "string" ? summary : JSON.stringify(summary)),
+        ),
+      );
+      while (body.childElementCount > 500) body.lastElementChild.remove();
+    },
+    onState: (s) => {
+      state.textContent = s;
+      state.className = `badge ${s === "live" ? "ok" : "wait"}`;
+    },
+  });
+  signal.addEventListener("abort", stop);
+}
