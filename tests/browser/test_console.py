@@ -143,6 +143,7 @@ def gateway(platform: Platform) -> str:
 
 def shot(page: Page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("document.getElementById('toast').className = ''")  # a passing notice
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 

@@ -53,6 +53,14 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
         token_file = data_dir / "admin.token"
         assert token_file.stat().st_mode & 0o777 == 0o600
         assert any(str(token_file) in line for line in platform.output), platform.output
+        # and the console's address, with a sign-in link holding the token minted now
+        console = f"{platform.urls['gateway']}/ui/"
+        assert f"console  {console}\n" in platform.output, platform.output
+        links = [line for line in platform.output if "#token=" in line]
+        assert len(links) == 1, platform.output
+        assert links[0].rstrip().endswith(f"{console}#token={platform.token}")
+        with urllib.request.urlopen(console, timeout=10) as resp:
+            assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
         for service in SERVICES:
             status, body = _get(platform.urls[service] + "/healthz")
             assert (status, body["service"], body["nats"]) == (200, service, "connected")
@@ -99,6 +107,9 @@ def test_up_serves_every_service_and_stops_cleanly(data_dir: Path, tmp_path: Pat
     first_token = platform.token
     with platform_up(data_dir) as platform:
         assert platform.token == first_token
+        # the token it had is not shown again
+        assert f"console  {platform.urls['gateway']}/ui/\n" in platform.output
+        assert not [line for line in platform.output if "#token=" in line], platform.output
         status, record = _get(
             platform.urls["gateway"] + "/v1/namespaces/default/functions/hello", platform.token
         )

@@ -246,6 +246,25 @@ class Platform:
             env["LAMBDABUS_GATEWAY_BOOTSTRAP_RENEW"] = str(self.settings.renew_admin_token).lower()
         return env
 
+    def _admin_token(self) -> str | None:
+        try:
+            return self.admin_token_path.read_text().strip() or None
+        except OSError:
+            return None
+
+    def _say_console(self, token_before: str | None) -> None:
+        """Where the web console is; with the sign-in link when this start minted the token."""
+        gateway = next((c.url for c in self.children.values() if c.service == "gateway"), None)
+        if gateway is None:
+            return
+        self.say(f"console  {gateway}/ui/")
+        token = self._admin_token()
+        if token is not None and token != token_before:
+            self.say(
+                f"sign in to the console (this link holds the new admin token and is shown "
+                f"this once): {gateway}/ui/#token={token}"
+            )
+
     async def supervise(self, child: Child, nats: NatsServer) -> None:
         delay = 0.5
         log_path = self.logs_dir / f"{child.name}.log"
@@ -374,6 +393,9 @@ class Platform:
             print(f"error: nats-server did not start: {exc}", file=self.err, flush=True)
             return 1
         came_up = False
+        # The console's sign-in link carries the admin token: printed on the start that mints
+        # it (the first, or --renew-admin-token), not on every start.
+        token_before = self._admin_token()
         try:
             self.say(f"store    {s.data_dir / 'nats'}")
             self.say(f"nats     {server.url}")
@@ -410,6 +432,7 @@ class Platform:
                         f"admin token in {self.admin_token_path} (the CLI reads it when run "
                         "here; elsewhere set LAMBDABUS_TOKEN)"
                     )
+                self._say_console(token_before)
                 self.say("lambdabus is up; Ctrl-C stops it")
             elif not stop.is_set():
                 late = [c.name for c in self.children.values() if not c.ready.is_set()]

@@ -263,6 +263,8 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     query = dict(request.query)
     subject = lifecycle_subject_filter(query)
     since = _parse_since(query.get("since"))
+    # A reader that lost its connection resumes after the last event it had (SSE's own rule).
+    after = _last_event_id(request)
     token = request[TOKEN]
     if query.get("namespace"):
         require_namespace(request, query["namespace"])
@@ -277,10 +279,7 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     await response.write(b": lambdabus lifecycle stream\n\n")
-    # A reader that lost its connection resumes after the last event it had (SSE's own rule).
-    messages = gw.bus.replay(
-        "LIFECYCLE", subject, since=since, after_sequence=_last_event_id(request)
-    )
+    messages = gw.bus.replay("LIFECYCLE", subject, since=since, after_sequence=after)
     keepalive = gw.settings.sse_keepalive_seconds
     try:
         async for item in with_keepalive(messages, keepalive, gw.stopping):

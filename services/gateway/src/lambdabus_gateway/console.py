@@ -56,8 +56,8 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     if not index.is_file():
         return _not_built(directory)
     path = directory / name
-    # One level, a plain name: no traversal, no dotfiles, no directories.
-    if _FILE.fullmatch(name) is None or not path.is_file():
+    # One level, a plain name: no traversal, no dotfiles, no directories, no symlinks.
+    if _FILE.fullmatch(name) is None or path.is_symlink() or not path.is_file():
         missing = error_response(
             NotFound(f"no console file {name!r}; the console is at /ui/", code="not_found")
         )
