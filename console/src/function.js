@@ -251,8 +251,9 @@ async function revisions(panel, { ns, name, signal }) {
         max: 100,
         step: 1,
         value: String(r.traffic_percent ?? 0),
+        // a revision that is not running yet may get traffic: the deployer starts it, and the
+        // route keeps its share on the ready ones until it is (the route's conditions say so)
         "aria-label": `Traffic to ${r.name}`,
-        disabled: !r.ready,
       });
       const shown = h("output", {}, `${r.traffic_percent ?? 0}%`);
       slider.addEventListener("input", () => ((shown.textContent = `${slider.value}%`), total()));
@@ -299,9 +300,7 @@ async function revisions(panel, { ns, name, signal }) {
         toast(err.message, "bad");
       }
     };
-    const ready = items.filter((r) => r.ready);
-    const current = items.find((r) => (r.traffic_percent ?? 0) > 0);
-    const previous = ready.filter((r) => r.generation < (current?.generation ?? Infinity)).sort((a, b) => b.generation - a.generation)[0];
+    const previous = rollbackTarget(items);
     replace(
       panel,
       h("p", {}, `Latest ready: ${route.latest_ready_revision ?? "none"} · latest created: ${route.latest_created_revision ?? "none"}`),
@@ -330,6 +329,17 @@ async function revisions(panel, { ns, name, signal }) {
     );
   };
   await render();
+}
+
+/** What `lambdabus rollback` picks: the newest ready revision before the latest ready one (an
+ * older one that is not ready at this instant when none is). */
+export function rollbackTarget(items) {
+  const sorted = [...items].sort((a, b) => a.generation - b.generation);
+  const ready = sorted.map((r, i) => (r.ready ? i : -1)).filter((i) => i >= 0);
+  const latest = ready.length ? ready[ready.length - 1] : sorted.length - 1;
+  const older = ready.filter((i) => i < latest);
+  const pick = older.length ? older[older.length - 1] : latest - 1;
+  return pick >= 0 ? sorted[pick] : null;
 }
 
 async function metrics(panel, { ns, name, signal }) {

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -553,6 +554,72 @@ def test_a_functions_own_docs_page_is_shown_without_its_scripts(
     time.sleep(0.5)
     expect(inner.locator("#said")).to_have_text("written by the author")
     shot(page, "docs")
+
+
+def test_traffic_moves_by_slider_and_rolls_back_in_one_click(
+    page: Page, platform: Platform
+) -> None:
+    base = f"{gateway(platform)}/v1/namespaces/default/functions/hello-ui"
+    router = f"{platform.urls['router']}/default/hello-ui"
+
+    def greetings(n: int = 20) -> set[str]:
+        return {http("POST", router, {"v": 1})[1]["greeting"] for _ in range(n)}
+
+    open_view(page, platform, "#/fn/hello-ui/revisions")
+    page.get_by_role("button", name="Roll back to hello-ui-00001").click()
+    expect(page.locator("#toast")).to_contain_text("traffic set")
+    _, route = http("GET", f"{base}/traffic")
+    assert [(t["revision"], t["percent"]) for t in route["traffic"]] == [("hello-ui-00001", 100)]
+    wait_for(lambda: greetings() == {"none"}, 40, "every answer from v1 (no GREETING)")
+    # back to v2 by the sliders
+    page.get_by_label("Traffic to hello-ui-00001").fill("0")
+    page.get_by_label("Traffic to hello-ui-00002").fill("100")
+    expect(page.locator("output", has_text="total 100%")).to_be_visible()
+    page.get_by_role("button", name="Apply traffic").click()
+    expect(page.locator("#toast")).to_contain_text("traffic set")
+    _, route = http("GET", f"{base}/traffic")
+    assert [(t["revision"], t["percent"]) for t in route["traffic"]] == [("hello-ui-00002", 100)]
+    wait_for(lambda: greetings() == {"hi-there"}, 40, "every answer from v2 again")
+    # a sum other than 100 is refused with the API's message
+    page.get_by_label("Traffic to hello-ui-00001").fill("30")
+    expect(page.locator("output", has_text="total 130%")).to_be_visible()
+    page.get_by_role("button", name="Apply traffic").click()
+    expect(page.locator("#toast")).to_contain_text("130")
+
+
+def test_a_function_from_a_dropped_zip_and_a_schedule_made_on_the_page(
+    page: Page, platform: Platform, tmp_path: Path
+) -> None:
+    archive = tmp_path / "zipped.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("handler.js", "module.exports = { main: async () => ({ zipped: true }) };\n")
+    open_view(page, platform, "#/new")
+    page.get_by_label("Name", exact=True).fill("zipped-ui")
+    page.get_by_label("Runtime").select_option("nodejs20")
+    page.get_by_label("Archive").set_input_files(str(archive))
+    expect(page.locator(".drop")).to_contain_text("zipped.zip")
+    page.get_by_role("button", name="Create").click()
+    expect(page.locator("[data-lambda-status='running']")).to_be_visible()
+    page.get_by_role("link", name="Invoke").click()
+    page.get_by_role("button", name="Invoke").click()
+    expect(page.locator(".response-body")).to_contain_text('"zipped":true')
+
+    open_view(page, platform, "#/schedules")
+    page.get_by_label("Name", exact=True).fill("nightly-ui")
+    page.get_by_label("Function").select_option("zipped-ui")
+    page.get_by_label("Cron").fill("0 3 * * *")
+    page.get_by_role("button", name="Create schedule").click()
+    row = page.locator("[data-schedule='nightly-ui']")
+    expect(row).to_contain_text("0 3 * * *")
+    axe(page, "the schedules page")
+    shot(page, "schedules")
+    # a bad cron is the API's 400, shown on the form
+    page.get_by_label("Name", exact=True).fill("broken-ui")
+    page.get_by_label("Cron").fill("every now and then")
+    page.get_by_role("button", name="Create schedule").click()
+    expect(page.get_by_role("alert")).to_contain_text("cron")
+    row.get_by_role("button", name="Delete schedule nightly-ui").click()
+    expect(row).to_have_count(0)
 
 
 def test_every_call_the_console_made_is_in_the_openapi_document(
