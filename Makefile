@@ -58,9 +58,16 @@ $(FIXTURES): examples/python-luna/requirements.txt examples/node/package.json | 
 CONSOLE_UI := services/gateway/src/lambdabus_gateway/ui/index.html
 console: $(CONSOLE_UI)
 
+# --ignore-scripts: no package's install script runs (esbuild needs none: npm installs its
+# platform binary as an optional dependency).
 console/node_modules/.package-lock.json: console/package-lock.json
-	@command -v npm >/dev/null 2>&1 || { echo "error: the web console needs Node.js and npm (apt-get install nodejs npm)"; exit 1; }
-	npm ci --prefix console --no-audit --no-fund --loglevel=error
+	@command -v npm >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing nodejs npm (the web console's build)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm) >/dev/null; \
+		fi; }
+	@command -v npm >/dev/null 2>&1 || { echo "error: the web console's build needs Node.js and npm (apt-get install nodejs npm)"; exit 1; }
+	npm ci --prefix console --ignore-scripts --no-audit --no-fund --loglevel=error
 
 $(CONSOLE_UI): console/node_modules/.package-lock.json console/build.mjs $(wildcard console/src/*)
 	node console/build.mjs

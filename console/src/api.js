@@ -19,13 +19,32 @@ export const session = {
   },
 };
 
-/** `#token=...` (the link `make run` prints): kept in sessionStorage, gone from the address bar. */
+/**
+ * `#token=...` (the link `make run` prints): kept in sessionStorage, gone from the address bar.
+ * A link never replaces a token this tab already holds (someone else's link would sign the user
+ * in as someone else): that needs signing out first. Returns a problem to show, or null.
+ */
 export function takeTokenFromFragment() {
-  const match = /^#token=([^&]+)/.exec(location.hash);
-  if (!match) return false;
-  session.token = decodeURIComponent(match[1]);
+  const match = /^#token=([^&]*)/.exec(location.hash);
+  if (!match) return null;
   history.replaceState(null, "", location.pathname + location.search + "#/functions");
-  return true;
+  let token;
+  try {
+    token = decodeURIComponent(match[1]).trim();
+  } catch {
+    return "The sign-in link is damaged: paste the token instead.";
+  }
+  if (!token) return null;
+  if (session.token && session.token !== token)
+    return `This tab is signed in with ${tokenId(session.token)}; sign out before using a link for ${tokenId(token)}.`;
+  session.token = token;
+  return null;
+}
+
+/** What may be shown of a token: `lbt_<id>`, never its secret. */
+export function tokenId(token) {
+  const match = /^(lbt_[0-9a-f]{16})_/.exec(token ?? "");
+  return match ? match[1] : "a token";
 }
 
 export class ApiError extends Error {
@@ -36,6 +55,10 @@ export class ApiError extends Error {
     this.details = details;
   }
 }
+
+// No cookie is ever sent or taken (a function's answer relayed on this origin must not set one
+// that the API then sees), and no redirect is followed with the token.
+const BASE = { credentials: "omit", redirect: "manual" };
 
 function headers(extra = {}) {
   const all = { Accept: "application/json", ...extra };
@@ -57,8 +80,8 @@ async function fail(response) {
   return new ApiError(response.status, code, message, details);
 }
 
-export async function call(method, path, { json, body, contentType, extraHeaders, signal } = {}) {
-  const init = { method, headers: headers(extraHeaders), signal };
+export async function call(method, path, { json, body, contentType, extraHeaders, signal, withEtag } = {}) {
+  const init = { ...BASE, method, headers: headers(extraHeaders), signal };
   if (json !== undefined) {
     init.body = JSON.stringify(json);
     init.headers["Content-Type"] = contentType ?? "application/json";
@@ -67,7 +90,9 @@ export async function call(method, path, { json, body, contentType, extraHeaders
     if (contentType) init.headers["Content-Type"] = contentType;
   }
   const response = await fetch(path, init);
+  if (response.type === "opaqueredirect") throw new ApiError(0, "redirected", `${path} answered a redirect`);
   if (!response.ok) throw await fail(response);
+  if (withEtag) return { body: await response.json(), etag: response.headers.get("ETag") };
   const type = response.headers.get("Content-Type") ?? "";
   return type.includes("json") ? response.json() : response.text();
 }
@@ -82,10 +107,13 @@ export const nsPath = (ns, rest) => `/v1/namespaces/${encodeURIComponent(ns)}${r
 export async function invoke(ns, name, { body, headers: sent }) {
   const started = performance.now();
   const response = await fetch(fn(ns, name, "/invoke"), {
+    ...BASE,
     method: "POST",
     headers: { ...sent, ...headers({}) },
     body,
   });
+  if (response.type === "opaqueredirect")
+    return { status: 0, statusText: "a redirect (not followed)", headers: [], body: "", ms: performance.now() - started };
   const text = await response.text();
   return {
     status: response.status,
@@ -128,7 +156,7 @@ export function followLog(path, { onLine, onState, tail = 500 }) {
     while (!stop.signal.aborted) {
       const query = lastTs ? `since=${encodeURIComponent(lastTs)}` : `tail=${tail}`;
       try {
-        const response = await fetch(`${path}?follow=1&${query}`, { headers: headers(), signal: stop.signal });
+        const response = await fetch(`${path}?follow=1&${query}`, { ...BASE, headers: headers(), signal: stop.signal });
         if (!response.ok) throw await fail(response);
         onState?.("live");
         let buffer = "";
@@ -171,6 +199,7 @@ export function followLifecycle(query, { onEvent, onState }) {
       try {
         const extra = lastId ? { "Last-Event-ID": lastId } : {};
         const response = await fetch(`/v1/lifecycle?${query}`, {
+          ...BASE,
           headers: headers({ Accept: "text/event-stream", ...extra }),
           signal: stop.signal,
         });

@@ -1,8 +1,9 @@
 // The console: a hash router over views that talk only to the public API (see api.js).
-import { ApiError, get, session, takeTokenFromFragment } from "./api.js";
+import { ApiError, get, session, takeTokenFromFragment, tokenId } from "./api.js";
 import { field, h, replace } from "./dom.js";
 import { functionView } from "./function.js";
 import { functionsView, newFunctionView } from "./functions.js";
+import { secretsView, tokensView } from "./access.js";
 import { deadLettersView, eventsView, schedulesView, triggersView } from "./resources.js";
 
 const main = document.getElementById("main");
@@ -10,10 +11,12 @@ const nav = document.getElementById("nav");
 const picker = document.getElementById("ns-picker");
 const nsSelect = document.getElementById("ns");
 const logout = document.getElementById("logout");
+const who = h("span", { class: "muted", id: "who" });
+logout.before(who);
 let current = new AbortController();
 
 function loginView(message) {
-  for (const el of [nav, picker, logout]) el.hidden = true;
+  for (const el of [nav, picker, logout, who]) el.hidden = true;
   const token = h("input", { type: "password", name: "token", required: true, autocomplete: "off", spellcheck: false });
   const error = h("p", { class: "error", role: "alert" }, message ?? "");
   replace(
@@ -25,10 +28,11 @@ function loginView(message) {
         onsubmit: async (e) => {
           e.preventDefault();
           session.token = token.value.trim();
+          known = { at: 0, names: [] };
           try {
             await get("/v1/namespaces");
-            location.hash = "#/functions";
-            await route();
+            if (location.hash === "#/functions") await route();
+            else location.hash = "#/functions"; // the hashchange routes
           } catch (err) {
             session.token = null;
             error.textContent = err.message;
@@ -45,8 +49,15 @@ function loginView(message) {
   token.focus();
 }
 
+// The namespace list, asked again at most every 30 s (not on every view).
+let known = { at: 0, names: [] };
+
 async function namespaces() {
-  const { items } = await get("/v1/namespaces");
+  if (Date.now() - known.at > 30_000) {
+    const { items } = await get("/v1/namespaces");
+    known = { at: Date.now(), names: items.map((x) => x.name) };
+  }
+  const items = known.names.map((name) => ({ name }));
   const names = items.map((x) => x.name);
   if (!names.includes(session.namespace) && names.length) session.namespace = names[0];
   if (!names.includes(session.namespace)) names.push(session.namespace);
@@ -59,6 +70,7 @@ nsSelect.addEventListener("change", () => {
 });
 logout.addEventListener("click", () => {
   session.token = null;
+  known = { at: 0, names: [] };
   location.hash = "#/login";
 });
 window.addEventListener("lambdabus:unauthenticated", () => {
@@ -71,11 +83,13 @@ window.addEventListener("lambdabus:unauthenticated", () => {
 const ROUTES = [
   [/^#\/functions$/, () => functionsView],
   [/^#\/new$/, () => newFunctionView],
-  [/^#\/fn\/([^/]+)(?:\/([a-z]+))?$/, (m) => (el, ctx) => functionView(el, { ...ctx, name: decodeURIComponent(m[1]), tab: m[2] })],
+  [/^#\/fn\/([a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)(?:\/([a-z]+))?$/, (m) => (el, ctx) => functionView(el, { ...ctx, name: decodeURIComponent(m[1]), tab: m[2] })],
   [/^#\/triggers$/, () => triggersView],
   [/^#\/schedules$/, () => schedulesView],
   [/^#\/deadletters$/, () => deadLettersView],
   [/^#\/events$/, () => eventsView],
+  [/^#\/secrets$/, () => (el, ctx) => secretsView(el, { ...ctx, namespace: session.namespace })],
+  [/^#\/tokens$/, () => tokensView],
 ];
 
 async function route() {
@@ -83,7 +97,8 @@ async function route() {
   current = new AbortController();
   const { signal } = current;
   if (!session.token) return loginView();
-  for (const el of [nav, picker, logout]) el.hidden = false;
+  for (const el of [nav, picker, logout, who]) el.hidden = false;
+  who.textContent = tokenId(session.token);
   const hash = location.hash || "#/functions";
   for (const a of nav.querySelectorAll("a")) a.setAttribute("aria-current", hash.startsWith(a.getAttribute("href")) ? "page" : "false");
   try {
@@ -91,7 +106,11 @@ async function route() {
     for (const [pattern, view] of ROUTES) {
       const m = pattern.exec(hash);
       if (m) {
-        await view(m)(main, { signal });
+        // Each view draws into a container of its own: one still loading when the user moves
+        // on draws into a detached node, never over the next view.
+        const container = h("div");
+        replace(main, container);
+        await view(m)(container, { signal });
         return;
       }
     }
@@ -103,6 +122,13 @@ async function route() {
   }
 }
 
-takeTokenFromFragment();
-window.addEventListener("hashchange", route);
-route();
+/** A sign-in link (`#token=`) is taken on load and on any later change of the fragment. */
+async function onHash() {
+  const problem = takeTokenFromFragment();
+  if (problem && !session.token) return loginView(problem);
+  await route();
+  if (problem) main.prepend(h("p", { class: "error", role: "alert" }, problem));
+}
+
+window.addEventListener("hashchange", onHash);
+onHash();

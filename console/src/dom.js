@@ -82,3 +82,9 @@ export function toast(message, tone = "ok") {
   clearTimeout(toastTimer);
   toastTimer = setTimeout(() => (el.className = ""), 6000);
 }
+
+/** Run `cleanup` when the view is left: now, if it was left while the view was still loading. */
+export function onAbort(signal, cleanup) {
+  if (signal.aborted) cleanup();
+  else signal.addEventListener("abort", cleanup, { once: true });
+}

@@ -2,7 +2,7 @@
 // metrics and (LUNA) docs.
 import uPlot from "uplot";
 import { call, fn, followLog, get, invoke, session } from "./api.js";
-import { badge, field, h, replace, table, time, toast } from "./dom.js";
+import { badge, field, h, onAbort, replace, table, time, toast } from "./dom.js";
 import { conditionBadges } from "./functions.js";
 
 const TABS = [
@@ -18,7 +18,7 @@ const TABS = [
 
 export async function functionView(main, { name, tab = "overview", signal }) {
   const ns = session.namespace;
-  const record = await get(fn(ns, name));
+  const { body: record, etag } = await call("GET", fn(ns, name), { withEtag: true, signal });
   const statusLine = h("div", { class: "status-line", "aria-live": "polite" });
   const refresh = async () => {
     const s = await get(fn(ns, name, "/status")).catch((e) => ({ error: e }));
@@ -34,7 +34,7 @@ export async function functionView(main, { name, tab = "overview", signal }) {
   };
   await refresh();
   const timer = setInterval(() => refresh().catch(() => {}), 1500);
-  signal.addEventListener("abort", () => clearInterval(timer));
+  onAbort(signal, () => clearInterval(timer));
   const panel = h("section", { class: "panel", id: "panel", "aria-labelledby": `tab-${tab}` });
   replace(
     main,
@@ -51,7 +51,7 @@ export async function functionView(main, { name, tab = "overview", signal }) {
   );
   const views = { overview, build, invokeTab, logs, settings, revisions, metrics, docs };
   const view = views[tab === "invoke" ? "invokeTab" : tab] ?? overview;
-  await view(panel, { ns, name, record, signal, refresh });
+  await view(panel, { ns, name, record, etag, signal, refresh });
 }
 
 function overview(panel, { record }) {
@@ -97,7 +97,7 @@ function logView(panel, path, signal, label) {
       state.className = `badge ${s === "live" ? "ok" : "wait"}`;
     },
   });
-  signal.addEventListener("abort", stop);
+  onAbort(signal, stop);
 }
 
 function build(panel, { ns, name, signal }) {
@@ -154,7 +154,7 @@ function lines(object) {
 }
 
 function parseLines(text, what) {
-  const out = {};
+  const out = Object.create(null); // a key like __proto__ is a key like any other
   for (const raw of text.split("\n")) {
     const line = raw.trim();
     if (!line) continue;
@@ -167,12 +167,12 @@ function parseLines(text, what) {
 
 /** A merge patch (RFC 7386) of a map: new and changed keys, and null for the removed ones. */
 function mapPatch(before, after) {
-  const patch = { ...after };
-  for (const key of Object.keys(before ?? {})) if (!(key in after)) patch[key] = null;
+  const patch = Object.assign(Object.create(null), after);
+  for (const key of Object.keys(before ?? {})) if (!Object.hasOwn(after, key)) patch[key] = null;
   return patch;
 }
 
-function settings(panel, { ns, name, record }) {
+function settings(panel, { ns, name, record, etag }) {
   const s = record.spec;
   const env = h("textarea", { rows: 5, name: "env", spellcheck: false }, lines(s.env));
   const labels = h("textarea", { rows: 3, name: "labels", spellcheck: false }, lines(s.labels));
@@ -207,7 +207,12 @@ function settings(panel, { ns, name, record }) {
             patch.scale = { min: Number(min.value), max: Number(max.value), target: Number(target.value), idle_seconds: Number(idle.value) };
           else Object.assign(patch, { scale: null, replicas: Number(replicas.value) });
           save.disabled = true;
-          await call("PATCH", fn(ns, name), { json: patch, contentType: "application/merge-patch+json" });
+          // If-Match: an edit made meanwhile (elsewhere) is not overwritten; the API says so
+          await call("PATCH", fn(ns, name), {
+            json: patch,
+            contentType: "application/merge-patch+json",
+            extraHeaders: etag ? { "If-Match": etag } : {},
+          });
           toast("saved; rolling out");
           location.hash = `#/fn/${encodeURIComponent(name)}/overview`;
         } catch (err) {
@@ -377,7 +382,7 @@ async function metrics(panel, { ns, name, signal }) {
   };
   await poll();
   const timer = setInterval(() => poll().catch(() => {}), 2000);
-  signal.addEventListener("abort", () => (clearInterval(timer), chart1.destroy(), chart2.destroy()));
+  onAbort(signal, () => (clearInterval(timer), chart1.destroy(), chart2.destroy()));
 }
 
 async function docs(panel, { ns, name }) {

@@ -1,6 +1,6 @@
 // The functions of a namespace, and a new function from inline code or an archive.
 import { call, fn, get, nsPath, session } from "./api.js";
-import { badge, field, h, replace, table, toast } from "./dom.js";
+import { badge, field, h, onAbort, replace, table, toast } from "./dom.js";
 
 const CONDITIONS = ["ConfigurationReady", "BuildReady", "Running"];
 
@@ -47,7 +47,7 @@ export async function functionsView(main, { signal }) {
   };
   await render();
   const timer = setInterval(() => render().catch(() => {}), 3000);
-  signal.addEventListener("abort", () => clearInterval(timer));
+  onAbort(signal, () => clearInterval(timer));
 }
 
 const TEMPLATES = {

@@ -1,6 +1,6 @@
 // Triggers (and publishing an event), schedules, dead letters, the lifecycle stream.
 import { call, followLifecycle, get, nsPath, session } from "./api.js";
-import { badge, field, h, replace, table, time, toast } from "./dom.js";
+import { badge, field, h, onAbort, replace, table, time, toast } from "./dom.js";
 
 async function functionOptions(ns) {
   const { items } = await get(nsPath(ns, "/functions"));
@@ -262,5 +262,5 @@ export function eventsView(main, { signal }) {
       state.className = `badge ${s === "live" ? "ok" : "wait"}`;
     },
   });
-  signal.addEventListener("abort", stop);
+  onAbort(signal, stop);
 }

@@ -202,6 +202,26 @@ def test_sign_in_by_link_keeps_the_token_in_session_storage_only(
     page.get_by_label("Token").fill(platform.token)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", name="Functions in default")).to_be_visible()
+    # the header names the token by its id, never its secret
+    token_id = "_".join(platform.token.split("_")[:2])
+    expect(page.locator("#who")).to_have_text(token_id)
+    # someone else's sign-in link does not replace the token this tab holds
+    status, minted = http(
+        "POST",
+        f"{gateway(platform)}/v1/tokens",
+        {"name": "someone-else", "role": "viewer", "namespaces": ["elsewhere"]},
+    )
+    assert status == 201, minted
+    open_view(page, platform, f"#token={minted['token']}")
+    expect(page.get_by_role("alert")).to_contain_text("sign out before")
+    assert minted["token"] not in page.url
+    assert page.evaluate("sessionStorage.getItem('lambdabus.token')") == platform.token
+    # a damaged link is refused with a message, not a broken page
+    page.evaluate("sessionStorage.clear()")
+    open_view(page, platform, "#token=%E0%A4%A")
+    expect(page.get_by_role("alert")).to_contain_text("damaged")
+    open_view(page, platform, f"#token={platform.token}")
+    expect(page.get_by_role("heading", name="Functions in default")).to_be_visible()
 
 
 def test_create_an_inline_function_watch_it_build_and_run_then_invoke_it(
@@ -619,6 +639,42 @@ def test_a_function_from_a_dropped_zip_and_a_schedule_made_on_the_page(
     page.get_by_role("button", name="Create schedule").click()
     expect(page.get_by_role("alert")).to_contain_text("cron")
     row.get_by_role("button", name="Delete schedule nightly-ui").click()
+    expect(row).to_have_count(0)
+
+
+def test_secrets_are_written_never_shown_and_a_token_is_shown_once(
+    page: Page, platform: Platform
+) -> None:
+    open_view(page, platform, "#/secrets")
+    page.get_by_label("Name", exact=True).fill("db-ui")
+    page.get_by_label("Keys and values (KEY=value a line)").fill("password=hunter2-ui\nuser=app")
+    page.get_by_role("button", name="Save secret").click()
+    row = page.locator("[data-secret='db-ui']")
+    expect(row).to_contain_text("password, user")
+    assert "hunter2-ui" not in page.content()
+    axe(page, "the secrets page")
+    shot(page, "secrets")
+    row.get_by_role("button", name="Delete secret db-ui").click()
+    expect(row).to_have_count(0)
+
+    open_view(page, platform, "#/tokens")
+    page.get_by_label("Name", exact=True).fill("ci-ui")
+    page.get_by_label("Namespaces (comma-separated, * for every one)").fill("default")
+    page.get_by_role("button", name="Mint").click()
+    secret = page.get_by_label("The new token")
+    expect(secret).to_have_value(re.compile(r"^lbt_[0-9a-f]{16}_"))
+    minted = secret.input_value()
+    token_id = minted.split("_")[1]
+    row = page.locator(f"[data-token='{token_id}']")
+    expect(row).to_contain_text("developer")
+    axe(page, "the tokens page")
+    shot(page, "tokens")
+    # shown once: the view drawn again has the row, not the secret
+    open_view(page, platform, "#/functions")
+    open_view(page, platform, "#/tokens")
+    expect(row).to_be_visible()
+    assert minted not in page.content()
+    row.get_by_role("button", name="Revoke token ci-ui").click()
     expect(row).to_have_count(0)
 
 

@@ -7,6 +7,7 @@ event; the router's `invoke_auth: token` and the gateway's relay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from lambdabus_events.models import FunctionConfig, FunctionRecord, SourceRef
 from lambdabus_gateway.api import add_routes
@@ -723,8 +725,75 @@ async def test_the_lifecycle_stream_resumes_after_the_last_event_id_it_sent(
     resumed = await _events_with_ids(gateway, viewer, query, 2, last_id=first[0][0])
     assert [(i, e["subject"]) for i, e in resumed] == [(i, e["subject"]) for i, e in first[1:]]
     # the id wins over `since`, and a bad one is a 400 that says what an id is
-    bad = await call(
-        gateway, "GET", "/v1/lifecycle", viewer, headers={"Last-Event-ID": "yesterday"}
-    )
-    assert bad.status == 400
-    assert await _code(bad) == "invalid_last_event_id"
+    for value in ("yesterday", "²", "١٢", "1" * 20):  # "²".isdigit(), int("²") fails
+        bad = await call(gateway, "GET", "/v1/lifecycle", viewer, headers={"Last-Event-ID": value})
+        assert bad.status == 400, value
+        assert await _code(bad) == "invalid_last_event_id"
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_gateway_relays_a_functions_answer_as_data_for_the_caller(
+    router: RunningRouter, nats_settings: NatsSettings, bus: Bus
+) -> None:
+    """A hostile function answers a redirect to an address of the gateway's host and headers
+    aimed at the gateway's origin (where the web console lives): the gateway follows nothing
+    and passes none of them on."""
+    fetched: list[str] = []
+
+    async def sink(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(text="internal secret")
+
+    inside = web.Application()
+    inside.router.add_route("*", "/{tail:.*}", sink)
+    async with _serving(inside) as internal:
+
+        async def hostile(request: web.Request) -> web.Response:
+            return web.Response(
+                status=307,
+                headers={
+                    "Location": f"{internal}/metadata",
+                    "Set-Cookie": "session=evil; Path=/",
+                    "Clear-Site-Data": '"storage"',
+                    "Access-Control-Allow-Origin": "*",
+                    "Content-Security-Policy": "default-src *",
+                    "X-Mine": "kept",
+                },
+            )
+
+        outside = web.Application()
+        outside.router.add_route("*", "/{tail:.*}", hostile)
+        async with _serving(outside) as instance:
+            ns = router.namespace
+            await _function(bus, ns, "hostile", "none")
+            await router.deploy("hostile", [instance])
+            settings = GatewaySettings(port=0, nats=nats_settings, router_url=router.url)
+            async with running_gateway(settings, bus) as gw:
+                answer = await call(
+                    gw,
+                    "POST",
+                    f"/v1/namespaces/{ns}/functions/hostile/invoke",
+                    gw.token,
+                    allow_redirects=False,  # the test's own client follows nothing either
+                )
+    assert answer.status == 307
+    assert answer.headers["Location"] == f"{internal}/metadata"
+    assert fetched == []
+    assert b"internal secret" not in answer.body
+    for header in ("Set-Cookie", "Clear-Site-Data", "Access-Control-Allow-Origin"):
+        assert header not in answer.headers
+    assert answer.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert answer.headers["X-Mine"] == "kept"

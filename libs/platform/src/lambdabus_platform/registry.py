@@ -67,6 +67,11 @@ class Registry(Generic[M]):
         items = [Versioned(self._model.model_validate_json(e.value), e.revision) for e in entries]
         return sorted(items, key=lambda v: v.revision)
 
+    async def namespaces(self) -> set[str]:
+        """Every namespace that holds a record, from the keys (`<ns>.<name>`): no record is
+        parsed, so one that does not parse hides none."""
+        return {e.key.split(".", 1)[0] for e in await self._kv.values(">")}
+
     async def everywhere(self) -> list[Versioned[M]]:
         """Every value of the bucket, in every namespace."""
         entries = await self._kv.values(">")

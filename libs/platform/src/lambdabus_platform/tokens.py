@@ -140,12 +140,14 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", "/v1/replicas"): Action.REPLICAS,
 }
 # Open to anyone: the health check, and the static files of a web UI under /ui/.
-PUBLIC_PATHS: Final = frozenset({"/healthz"})
-PUBLIC_PREFIX: Final = "/ui"
+# The routes by canonical path, one by one: a route added later under /ui is not public by being
+# there (it is denied until ROUTES classifies it).
+PUBLIC_PATHS: Final = frozenset({"/healthz", "/ui", "/ui/", "/ui/{file}"})
+PUBLIC_PREFIX: Final = "/ui"  # the console's files: left out of the OpenAPI document
 
 
 def is_public(canonical: str) -> bool:
-    return canonical in PUBLIC_PATHS or canonical == PUBLIC_PREFIX or canonical.startswith("/ui/")
+    return canonical in PUBLIC_PATHS
 
 
 def route_action(method: str, canonical: str) -> Action | None:

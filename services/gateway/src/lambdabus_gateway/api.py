@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -245,11 +246,14 @@ def lifecycle_subject_filter(query: dict[str, str]) -> str:
         ) from None
 
 
+_SEQUENCE = re.compile(r"[0-9]{1,19}")  # ASCII digits only (str.isdigit takes "²")
+
+
 def _last_event_id(request: web.Request) -> int | None:
     value = request.headers.get("Last-Event-ID", "").strip()
     if not value:
         return None
-    if not value.isdigit() or len(value) > 19:
+    if _SEQUENCE.fullmatch(value) is None:
         raise InvalidRequest(
             f"Last-Event-ID {value[:40]!r} is not the id of a lifecycle event (a stream "
             "sequence: the `id:` line of an event this stream sent)",

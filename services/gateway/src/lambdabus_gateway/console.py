@@ -37,11 +37,11 @@ HEADERS: Final = {
 _FILE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def _not_built(directory: Path) -> web.Response:
+def _not_built() -> web.Response:
     response = error_response(
         NotFound(
-            f"the web console is not built here ({directory} has no index.html): run "
-            "`make console` (npm ci and esbuild in console/) and reload",
+            "the web console is not built on this gateway: run `make console` (npm ci and "
+            "esbuild in console/) and reload",
             code="console_not_built",
         )
     )
@@ -54,7 +54,7 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     name = request.match_info.get("file") or "index.html"
     index = directory / "index.html"
     if not index.is_file():
-        return _not_built(directory)
+        return _not_built()
     path = directory / name
     # One level, a plain name: no traversal, no dotfiles, no directories, no symlinks.
     if _FILE.fullmatch(name) is None or path.is_symlink() or not path.is_file():

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +228,7 @@ class Functions:
         self._limits = limits
         self._quotas = quotas
         self._allow_unsafe_requirements = allow_unsafe_requirements
+        self._namespaces: tuple[float, list[str]] | None = None
 
     async def _prepare_source(
         self, upload: Upload, runtime: Runtime, namespace: str, handler: str | None = None
@@ -307,8 +309,12 @@ class Functions:
         return await self._records.in_namespace(namespace)
 
     async def namespaces(self) -> list[str]:
-        """Every namespace that holds a function."""
-        return sorted({r.value.namespace for r in await self._records.everywhere()})
+        """Every namespace that holds a function; asked of NATS at most once a second (any
+        token may ask, and the answer costs a consumer and a read of every key)."""
+        now = time.monotonic()
+        if self._namespaces is None or now - self._namespaces[0] > 1.0:
+            self._namespaces = (now, sorted(await self._records.namespaces()))
+        return self._namespaces[1]
 
     async def create(self, namespace: str, upload: Upload) -> Versioned[FunctionRecord]:
         spec = parse_spec(upload.fields)

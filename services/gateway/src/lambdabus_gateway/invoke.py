@@ -4,6 +4,7 @@ relays its answer back unchanged."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +33,38 @@ HOP_BY_HOP = frozenset(
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The end-to-end headers of a message. Pure."""
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+# What a function's answer may not do to the gateway's origin (the API's and the web console's):
+# set cookies, clear the console's storage, pin transport or open it to other origins.
+ORIGIN_HEADERS: Final = frozenset(
+    {
+        "set-cookie",
+        "set-cookie2",
+        "clear-site-data",
+        "alt-svc",
+        "strict-transport-security",
+        "public-key-pins",
+        "content-security-policy",
+        "content-security-policy-report-only",
+        "x-content-type-options",
+    }
+)
+# The answer is data, never a page of the gateway's origin.
+ANSWER_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+}
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a function's answer as the gateway relays them. Pure."""
+    kept = {
+        k: v
+        for k, v in forward_headers(headers).items()
+        if k.lower() not in ORIGIN_HEADERS and not k.lower().startswith("access-control-")
+    }
+    return {**kept, **ANSWER_HEADERS}
 
 
 class Invoker:
@@ -78,12 +111,15 @@ class Invoker:
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout + 5),
+                # A function's redirect is its answer, for the caller: the gateway must not
+                # follow it (that would fetch, from inside, any address the function names).
+                allow_redirects=False,
             ) as resp:
                 payload = await resp.read()
                 return web.Response(
                     status=resp.status,
                     body=payload,
-                    headers=forward_headers(resp.headers),
+                    headers=relayed_headers(resp.headers),
                 )
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise TemporaryError(
