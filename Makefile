@@ -30,28 +30,20 @@ sync: bootstrap
 # and link-local addresses. Without them functions run unsandboxed / with no network, and say so.
 SYSTEM_TOOLS := bwrap:bubblewrap slirp4netns:slirp4netns iptables:iptables git:git
 system:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+	$(call apt_install,$(SYSTEM_TOOLS),function sandbox and git sources,functions may run unsandboxed)
+
+# $(call apt_install,COMMAND:PACKAGE ...,WHAT FOR,WHAT HAPPENS WITHOUT): the Debian packages of
+# the commands not found, installed when root with apt-get, else a note.
+define apt_install
+	@missing=""; for tool in $(1); do \
 		command -v $${tool%%:*} >/dev/null 2>&1 || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool##*:}"; done; \
 	[ -z "$$missing" ] || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing$$missing (function sandbox, git sources)"; \
+			echo "installing$$missing ($(2))"; \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
-				|| echo "warning: could not install$$missing; functions may run unsandboxed"; \
-		else echo "note: not installed:$$missing; functions may run unsandboxed"; fi; }
-
-# The examples' dependencies, fetched once, so that the tests build them with no network:
-# a wheel directory for pip/uv (--no-index --find-links) and an npm cache (--offline).
-FIXTURES := .cache/fixtures.stamp
-fixtures: $(FIXTURES)
-
-$(FIXTURES): examples/python-luna/requirements.txt examples/node/package.json | bootstrap
-	@mkdir -p .cache/wheelhouse .cache/npm
-	$(TOOLS)/bin/python -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
-		-d .cache/wheelhouse -r examples/python-luna/requirements.txt
-	@if command -v npm >/dev/null 2>&1; then \
-		node -e 'const d=require("./examples/node/package.json").dependencies; for (const [n,v] of Object.entries(d)) console.log(n+"@"+v)' \
-		| xargs -r npm cache add --cache .cache/npm --loglevel=error; fi
-	@touch $@
+				|| echo "warning: could not install$$missing; $(3)"; \
+		else echo "note: not installed:$$missing; $(3)"; fi; }
+endef
 
 # The web console (console/: plain ES modules, CodeMirror, uPlot) bundled by esbuild into the
 # gateway's /ui/ files, which are not committed; npm ci installs exactly what the lockfile says.
@@ -61,11 +53,7 @@ console: $(CONSOLE_UI)
 # --ignore-scripts: no package's install script runs (esbuild needs none: npm installs its
 # platform binary as an optional dependency).
 console/node_modules/.package-lock.json: console/package-lock.json
-	@command -v npm >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing nodejs npm (the web console's build)"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm) >/dev/null; \
-		fi; }
+	$(call apt_install,node:nodejs npm:npm,the web console's build,the console cannot be built)
 	@command -v npm >/dev/null 2>&1 || { echo "error: the web console's build needs Node.js and npm (apt-get install nodejs npm)"; exit 1; }
 	npm ci --prefix console --ignore-scripts --no-audit --no-fund --loglevel=error
 
@@ -75,14 +63,7 @@ $(CONSOLE_UI): console/node_modules/.package-lock.json console/build.mjs $(wildc
 # Debian's Chromium and ChromeDriver for the console's browser tests (driven by Playwright).
 BROWSER_TOOLS := chromium:chromium chromedriver:chromium-driver
 browser:
-	@missing=""; for tool in $(BROWSER_TOOLS); do \
-		command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
-	[ -z "$$missing" ] || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing$$missing (the console's browser tests)"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
-				|| echo "warning: could not install$$missing; the browser tests will be skipped"; \
-		else echo "note: not installed:$$missing; the browser tests will be skipped"; fi; }
+	$(call apt_install,$(BROWSER_TOOLS),the console's browser tests,the browser tests will be skipped)
 
 run: sync system console
 	$(PY) lambdabus up

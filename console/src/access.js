@@ -1,44 +1,6 @@
 // Secrets (values are written, never shown) and API tokens (a new token's secret is shown once).
 import { call, get, nsPath } from "./api.js";
-import { field, h, replace, table, time, toast } from "./dom.js";
-
-function form(title, fields, label, submit) {
-  const error = h("p", { class: "error", role: "alert" });
-  const button = h("button", { type: "submit" }, label);
-  return h(
-    "form",
-    {
-      class: "stack card",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        error.textContent = "";
-        button.disabled = true;
-        try {
-          await submit(e.target);
-        } catch (err) {
-          error.textContent = `${err.code ?? "error"}: ${err.message}`;
-        } finally {
-          button.disabled = false;
-        }
-      },
-    },
-    h("h2", {}, title),
-    fields,
-    error,
-    h("div", {}, button),
-  );
-}
-
-function lines(text) {
-  const out = Object.create(null);
-  for (const raw of text.split("\n")) {
-    if (!raw.trim()) continue;
-    const at = raw.indexOf("=");
-    if (at <= 0) throw new Error(`'${raw.trim()}' is not KEY=value`);
-    out[raw.slice(0, at).trim()] = raw.slice(at + 1);
-  }
-  return out;
-}
+import { field, form, h, keyValues, replace, table, time, toast } from "./dom.js";
 
 export async function secretsView(main, { namespace }) {
   const list = h("div");
@@ -86,12 +48,12 @@ export async function secretsView(main, { namespace }) {
   };
   const name = h("input", { name: "secret-name", required: true, autocomplete: "off" });
   const data = h("textarea", { name: "secret-data", rows: 4, spellcheck: false, autocomplete: "off" });
-  const create = form(
-    "New or replaced secret",
-    [field("Name", name), field("Keys and values (KEY=value a line)", data, "written, never read back")],
-    "Save secret",
-    async () => {
-      const body = { name: name.value.trim(), data: lines(data.value) };
+  const create = form({
+    title: "New or replaced secret",
+    fields: [field("Name", name), field("Keys and values (KEY=value a line)", data, "written, never read back")],
+    label: "Save secret",
+    submit: async () => {
+      const body = { name: name.value.trim(), data: keyValues(data.value, "the secret") };
       const path = nsPath(namespace, `/secrets/${encodeURIComponent(body.name)}`);
       const exists = list.querySelector(`[data-secret="${CSS.escape(body.name)}"]`);
       if (exists) await call("PUT", path, { json: body });
@@ -100,7 +62,7 @@ export async function secretsView(main, { namespace }) {
       toast(`secret ${body.name} saved`);
       await render();
     },
-  );
+  });
   replace(main, h("h1", {}, `Secrets in ${namespace}`), list, create);
   await render();
 }
@@ -155,11 +117,11 @@ export async function tokensView(main) {
   const role = h("select", { name: "token-role" }, ["developer", "viewer", "invoker", "auditor", "admin"].map((r) => h("option", { value: r }, r)));
   const namespaces = h("input", { name: "token-namespaces", required: true, value: "default" });
   const days = h("input", { type: "number", name: "token-days", min: 1, value: "30" });
-  const mint = form(
-    "Mint a token",
-    [field("Name", name), field("Role", role), field("Namespaces (comma-separated, * for every one)", namespaces), field("Expires in (days, empty: never)", days)],
-    "Mint",
-    async () => {
+  const mint = form({
+    title: "Mint a token",
+    fields: [field("Name", name), field("Role", role), field("Namespaces (comma-separated, * for every one)", namespaces), field("Expires in (days, empty: never)", days)],
+    label: "Mint",
+    submit: async () => {
       const request = {
         name: name.value.trim(),
         role: role.value,
@@ -181,7 +143,7 @@ export async function tokensView(main) {
       secret.select();
       await render();
     },
-  );
+  });
   replace(main, h("h1", {}, "API tokens"), shown, list, mint);
   try {
     await render();

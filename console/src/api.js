@@ -145,35 +145,26 @@ async function* chunks(response, signal) {
 }
 
 /**
- * Follow a log (`?follow=1`, NDJSON), reconnecting after a drop: it asks again from the last
- * line's time and drops the lines it had shown already, so nothing is lost or shown twice.
+ * Read a stream of records, split by `separator`, and read it again after a drop (1 s later):
+ * `open()` asks from where the last one stopped; `take(piece)` handles one record. A 4xx other
+ * than 429 ends it (the state says why); a 5xx, a dropped connection or a network error does not.
  */
-export function followLog(path, { onLine, onState, tail = 500 }) {
+function resumable({ open, separator, take, onState }) {
   const stop = new AbortController();
-  let lastTs = null;
-  let seenAtLast = new Set();
   (async () => {
     while (!stop.signal.aborted) {
-      const query = lastTs ? `since=${encodeURIComponent(lastTs)}` : `tail=${tail}`;
       try {
-        const response = await fetch(`${path}?follow=1&${query}`, { ...BASE, headers: headers(), signal: stop.signal });
+        const response = await open(stop.signal);
         if (!response.ok) throw await fail(response);
         onState?.("live");
         let buffer = "";
         for await (const text of chunks(response, stop.signal)) {
           buffer += text;
           let end;
-          while ((end = buffer.indexOf("\n")) >= 0) {
-            const raw = buffer.slice(0, end).trim();
-            buffer = buffer.slice(end + 1);
-            if (!raw) continue; // keep-alive
-            const line = JSON.parse(raw);
-            if (lastTs !== null && line.ts < lastTs) continue;
-            if (line.ts === lastTs && seenAtLast.has(raw)) continue;
-            if (line.ts !== lastTs) seenAtLast = new Set();
-            lastTs = line.ts;
-            seenAtLast.add(raw);
-            onLine(line);
+          while ((end = buffer.indexOf(separator)) >= 0) {
+            const piece = buffer.slice(0, end);
+            buffer = buffer.slice(end + separator.length);
+            take(piece);
           }
         }
       } catch (error) {
@@ -190,49 +181,56 @@ export function followLog(path, { onLine, onState, tail = 500 }) {
   return () => stop.abort();
 }
 
+/**
+ * Follow a log (`?follow=1`, NDJSON), reconnecting after a drop: it asks again from the last
+ * line's time and drops the lines it had shown already, so nothing is lost or shown twice.
+ */
+export function followLog(path, { onLine, onState, tail = 500 }) {
+  let lastTs = null;
+  let seenAtLast = new Set();
+  return resumable({
+    open: (signal) => {
+      const query = lastTs ? `since=${encodeURIComponent(lastTs)}` : `tail=${tail}`;
+      return fetch(`${path}?follow=1&${query}`, { ...BASE, headers: headers(), signal });
+    },
+    separator: "\n",
+    take: (text) => {
+      const raw = text.trim();
+      if (!raw) return; // keep-alive
+      const line = JSON.parse(raw);
+      if (lastTs !== null && line.ts < lastTs) return;
+      if (line.ts === lastTs && seenAtLast.has(raw)) return;
+      if (line.ts !== lastTs) seenAtLast = new Set();
+      lastTs = line.ts;
+      seenAtLast.add(raw);
+      onLine(line);
+    },
+    onState,
+  });
+}
+
 /** The lifecycle stream (SSE over fetch, so the token stays in a header); resumes by `Last-Event-ID`. */
 export function followLifecycle(query, { onEvent, onState }) {
-  const stop = new AbortController();
   let lastId = null;
-  (async () => {
-    while (!stop.signal.aborted) {
-      try {
-        const extra = lastId ? { "Last-Event-ID": lastId } : {};
-        const response = await fetch(`/v1/lifecycle?${query}`, {
-          ...BASE,
-          headers: headers({ Accept: "text/event-stream", ...extra }),
-          signal: stop.signal,
-        });
-        if (!response.ok) throw await fail(response);
-        onState?.("live");
-        let buffer = "";
-        for await (const text of chunks(response, stop.signal)) {
-          buffer += text;
-          let end;
-          while ((end = buffer.indexOf("\n\n")) >= 0) {
-            const frame = buffer.slice(0, end);
-            buffer = buffer.slice(end + 2);
-            let id = null;
-            const data = [];
-            for (const line of frame.split("\n")) {
-              if (line.startsWith("id: ")) id = line.slice(4);
-              else if (line.startsWith("data: ")) data.push(line.slice(6));
-            }
-            if (!data.length) continue; // a comment: keep-alive
-            if (id !== null) lastId = id;
-            onEvent(JSON.parse(data.join("\n")), id);
-          }
-        }
-      } catch (error) {
-        if (stop.signal.aborted) return;
-        onState?.(error instanceof ApiError ? `error: ${error.message}` : "reconnecting");
-        if (error instanceof ApiError && error.status < 500 && error.status !== 429) return;
+  return resumable({
+    open: (signal) =>
+      fetch(`/v1/lifecycle?${query}`, {
+        ...BASE,
+        headers: headers({ Accept: "text/event-stream", ...(lastId ? { "Last-Event-ID": lastId } : {}) }),
+        signal,
+      }),
+    separator: "\n\n",
+    take: (frame) => {
+      let id = null;
+      const data = [];
+      for (const line of frame.split("\n")) {
+        if (line.startsWith("id: ")) id = line.slice(4);
+        else if (line.startsWith("data: ")) data.push(line.slice(6));
       }
-      if (!stop.signal.aborted) {
-        onState?.("reconnecting");
-        await sleep(1000, stop.signal);
-      }
-    }
-  })();
-  return () => stop.abort();
+      if (!data.length) return; // a comment: keep-alive
+      if (id !== null) lastId = id;
+      onEvent(JSON.parse(data.join("\n")), id);
+    },
+    onState,
+  });
 }

@@ -88,3 +88,44 @@ export function onAbort(signal, cleanup) {
   if (signal.aborted) cleanup();
   else signal.addEventListener("abort", cleanup, { once: true });
 }
+
+/** A form card whose submit is async: the button waits, a failure is shown in the form. */
+export function form({ title, fields, label, submit, className = "stack card" }) {
+  const error = h("p", { class: "error", role: "alert" });
+  const button = h("button", { type: "submit" }, label);
+  return h(
+    "form",
+    {
+      class: className,
+      onsubmit: async (e) => {
+        e.preventDefault();
+        error.textContent = "";
+        button.disabled = true;
+        try {
+          await submit();
+        } catch (err) {
+          error.textContent = `${err.code ?? "error"}: ${err.message}`;
+        } finally {
+          button.disabled = false;
+        }
+      },
+    },
+    title ? h("h2", {}, title) : null,
+    fields,
+    error,
+    h("div", {}, button),
+  );
+}
+
+/** `KEY=value` lines into an object without a prototype (`__proto__` is a key like any other). */
+export function keyValues(text, what) {
+  const out = Object.create(null);
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    if (!line) continue;
+    const at = line.indexOf("=");
+    if (at <= 0) throw new Error(`${what}: '${line}' is not KEY=value`);
+    out[line.slice(0, at).trim()] = line.slice(at + 1);
+  }
+  return out;
+}

@@ -2,7 +2,7 @@
 // metrics and (LUNA) docs.
 import uPlot from "uplot";
 import { call, fn, followLog, get, invoke, session } from "./api.js";
-import { badge, field, h, onAbort, replace, table, time, toast } from "./dom.js";
+import { badge, field, form, h, keyValues, onAbort, replace, table, time, toast } from "./dom.js";
 import { conditionBadges } from "./functions.js";
 
 const TABS = [
@@ -153,18 +153,6 @@ function lines(object) {
   return Object.entries(object ?? {}).map(([k, v]) => `${k}=${v}`).join("\n");
 }
 
-function parseLines(text, what) {
-  const out = Object.create(null); // a key like __proto__ is a key like any other
-  for (const raw of text.split("\n")) {
-    const line = raw.trim();
-    if (!line) continue;
-    const at = line.indexOf("=");
-    if (at <= 0) throw new Error(`${what}: '${line}' is not KEY=value`);
-    out[line.slice(0, at).trim()] = line.slice(at + 1);
-  }
-  return out;
-}
-
 /** A merge patch (RFC 7386) of a map: new and changed keys, and null for the removed ones. */
 function mapPatch(before, after) {
   const patch = Object.assign(Object.create(null), after);
@@ -186,42 +174,27 @@ function settings(panel, { ns, name, record, etag }) {
   const idle = num("idle", s.scale?.idle_seconds ?? 60, { min: 1 });
   const memory = num("memory", s.memory, { min: 16 });
   const timeout = num("timeout", s.timeout, { min: 0.1, step: "any" });
-  const error = h("p", { class: "error", role: "alert" });
-  const save = h("button", { type: "submit" }, "Save");
-  const form = h(
-    "form",
-    {
-      class: "stack",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        error.textContent = "";
-        try {
-          const patch = {
-            env: mapPatch(s.env, parseLines(env.value, "env")),
-            labels: mapPatch(s.labels, parseLines(labels.value, "labels")),
-            secrets: secrets.value.split(",").map((x) => x.trim()).filter(Boolean),
-            memory: Number(memory.value),
-            timeout: Number(timeout.value),
-          };
-          if (autoscale.checked)
-            patch.scale = { min: Number(min.value), max: Number(max.value), target: Number(target.value), idle_seconds: Number(idle.value) };
-          else Object.assign(patch, { scale: null, replicas: Number(replicas.value) });
-          save.disabled = true;
-          // If-Match: an edit made meanwhile (elsewhere) is not overwritten; the API says so
-          await call("PATCH", fn(ns, name), {
-            json: patch,
-            contentType: "application/merge-patch+json",
-            extraHeaders: etag ? { "If-Match": etag } : {},
-          });
-          toast("saved; rolling out");
-          location.hash = `#/fn/${encodeURIComponent(name)}/overview`;
-        } catch (err) {
-          error.textContent = `${err.code ?? "error"}: ${err.message}`;
-        } finally {
-          save.disabled = false;
-        }
-      },
-    },
+  const submit = async () => {
+    const patch = {
+      env: mapPatch(s.env, keyValues(env.value, "env")),
+      labels: mapPatch(s.labels, keyValues(labels.value, "labels")),
+      secrets: secrets.value.split(",").map((x) => x.trim()).filter(Boolean),
+      memory: Number(memory.value),
+      timeout: Number(timeout.value),
+    };
+    if (autoscale.checked)
+      patch.scale = { min: Number(min.value), max: Number(max.value), target: Number(target.value), idle_seconds: Number(idle.value) };
+    else Object.assign(patch, { scale: null, replicas: Number(replicas.value) });
+    // If-Match: an edit made meanwhile (elsewhere) is not overwritten; the API says so
+    await call("PATCH", fn(ns, name), {
+      json: patch,
+      contentType: "application/merge-patch+json",
+      extraHeaders: etag ? { "If-Match": etag } : {},
+    });
+    toast("saved; rolling out");
+    location.hash = `#/fn/${encodeURIComponent(name)}/overview`;
+  };
+  const fields = [
     field("Environment (KEY=value a line)", env),
     field("Secrets used (names, comma-separated)", secrets, "mounted as /secrets/<name>/<key>"),
     field("Labels (key=value a line)", labels),
@@ -233,10 +206,8 @@ function settings(panel, { ns, name, record, etag }) {
       h("div", { class: "row" }, field("Fixed replicas", replicas), field("Min", min), field("Max", max), field("Target in flight", target), field("Idle seconds", idle)),
     ),
     h("div", { class: "row" }, field("Memory (MiB)", memory), field("Timeout (s)", timeout)),
-    error,
-    h("div", {}, save),
-  );
-  replace(panel, form);
+  ];
+  replace(panel, form({ fields, label: "Save", submit, className: "stack" }));
 }
 
 async function revisions(panel, { ns, name, signal }) {

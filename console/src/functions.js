@@ -1,6 +1,6 @@
 // The functions of a namespace, and a new function from inline code or an archive.
 import { call, fn, get, nsPath, session } from "./api.js";
-import { badge, field, h, onAbort, replace, table, toast } from "./dom.js";
+import { badge, field, form, h, onAbort, replace, table, toast } from "./dom.js";
 
 const CONDITIONS = ["ConfigurationReady", "BuildReady", "Running"];
 
@@ -90,49 +90,32 @@ export async function newFunctionView(main) {
     drop.classList.remove("over");
     pick(e.dataTransfer.files[0] ?? null);
   });
-  const error = h("p", { class: "error", role: "alert" });
-  const submit = h("button", { type: "submit" }, "Create");
-  const form = h(
-    "form",
-    {
-      class: "stack",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        error.textContent = "";
-        submit.disabled = true;
-        const spec = { name: name.value.trim(), runtime: runtime.value };
-        if (handler.value.trim()) spec.handler = handler.value.trim();
-        if (description.value.trim()) spec.description = description.value.trim();
-        try {
-          if (archive) {
-            const data = new FormData();
-            data.append("spec", new Blob([JSON.stringify(spec)], { type: "application/json" }), "spec.json");
-            data.append("archive", archive, archive.name);
-            await call("POST", nsPath(ns, "/functions"), { body: data });
-          } else {
-            const [entry] = TEMPLATES[runtime.value];
-            await call("POST", nsPath(ns, "/functions"), {
-              json: { ...spec, source: { files: { [entry]: editor.text } } },
-            });
-          }
-          toast(`${spec.name} created; building`);
-          location.hash = `#/fn/${encodeURIComponent(spec.name)}/build`;
-        } catch (err) {
-          error.textContent = `${err.code ?? "error"}: ${err.message}`;
-        } finally {
-          submit.disabled = false;
-        }
-      },
-    },
+  const submit = async () => {
+    const spec = { name: name.value.trim(), runtime: runtime.value };
+    if (handler.value.trim()) spec.handler = handler.value.trim();
+    if (description.value.trim()) spec.description = description.value.trim();
+    if (archive) {
+      const data = new FormData();
+      data.append("spec", new Blob([JSON.stringify(spec)], { type: "application/json" }), "spec.json");
+      data.append("archive", archive, archive.name);
+      await call("POST", nsPath(ns, "/functions"), { body: data });
+    } else {
+      const [entry] = TEMPLATES[runtime.value];
+      await call("POST", nsPath(ns, "/functions"), {
+        json: { ...spec, source: { files: { [entry]: editor.text } } },
+      });
+    }
+    toast(`${spec.name} created; building`);
+    location.hash = `#/fn/${encodeURIComponent(spec.name)}/build`;
+  };
+  const fields = [
     field("Name", name, "lowercase letters, digits and '-'"),
     field("Runtime", runtime),
     field("Handler", handler),
     field("Description", description),
     h("div", { class: "field" }, h("span", { class: "label" }, "Code"), editorHost),
     drop,
-    error,
-    h("div", {}, submit),
-  );
-  replace(main, h("h1", {}, `New function in ${ns}`), form);
+  ];
+  replace(main, h("h1", {}, `New function in ${ns}`), form({ fields, label: "Create", submit, className: "stack" }));
   name.focus();
 }

@@ -1,6 +1,6 @@
 // Triggers (and publishing an event), schedules, dead letters, the lifecycle stream.
 import { call, followLifecycle, get, nsPath, session } from "./api.js";
-import { badge, field, h, onAbort, replace, table, time, toast } from "./dom.js";
+import { badge, field, form, h, onAbort, replace, table, time, toast } from "./dom.js";
 
 async function functionOptions(ns) {
   const { items } = await get(nsPath(ns, "/functions"));
@@ -40,33 +40,6 @@ function jsonObject(text, what) {
   return value;
 }
 
-function createForm(title, fields, submitLabel, onSubmit) {
-  const error = h("p", { class: "error", role: "alert" });
-  const button = h("button", { type: "submit" }, submitLabel);
-  return h(
-    "form",
-    {
-      class: "stack card",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        error.textContent = "";
-        button.disabled = true;
-        try {
-          await onSubmit();
-        } catch (err) {
-          error.textContent = `${err.code ?? "error"}: ${err.message}`;
-        } finally {
-          button.disabled = false;
-        }
-      },
-    },
-    h("h2", {}, title),
-    fields,
-    error,
-    h("div", {}, button),
-  );
-}
-
 export async function triggersView(main) {
   const ns = session.namespace;
   const list = h("div");
@@ -94,11 +67,11 @@ export async function triggersView(main) {
   const target = h("select", { name: "trigger-function", required: true }, await functionOptions(ns));
   const type = h("input", { name: "trigger-type", placeholder: "com.example.order.created" });
   const source = h("input", { name: "trigger-source", placeholder: "(any)" });
-  const create = createForm(
-    "New trigger",
-    [field("Name", name), field("Function", target), field("Event type", type), field("Event source", source)],
-    "Create trigger",
-    async () => {
+  const create = form({
+    title: "New trigger",
+    fields: [field("Name", name), field("Function", target), field("Event type", type), field("Event source", source)],
+    label: "Create trigger",
+    submit: async () => {
       const filter = {};
       if (type.value.trim()) filter.type = type.value.trim();
       if (source.value.trim()) filter.source = source.value.trim();
@@ -106,15 +79,15 @@ export async function triggersView(main) {
       toast(`trigger ${name.value} created`);
       await render();
     },
-  );
+  });
   const evType = h("input", { name: "event-type", required: true, placeholder: "com.example.order.created" });
   const evSource = h("input", { name: "event-source", required: true, value: "/console" });
   const evData = h("textarea", { name: "event-data", rows: 4, spellcheck: false }, '{"order": 1}');
-  const publish = createForm(
-    "Publish an event",
-    [field("Type", evType), field("Source", evSource), field("Data (JSON)", evData)],
-    "Publish",
-    async () => {
+  const publish = form({
+    title: "Publish an event",
+    fields: [field("Type", evType), field("Source", evSource), field("Data (JSON)", evData)],
+    label: "Publish",
+    submit: async () => {
       const event = {
         specversion: "1.0",
         id: crypto.randomUUID(),
@@ -126,7 +99,7 @@ export async function triggersView(main) {
       const accepted = await call("POST", "/v1/events", { json: event, contentType: "application/cloudevents+json" });
       toast(`event ${accepted.ids?.[0] ?? event.id} published`);
     },
-  );
+  });
   replace(main, h("h1", {}, `Triggers in ${ns}`), list, h("div", { class: "columns" }, create, publish));
   await render();
 }
@@ -160,18 +133,18 @@ export async function schedulesView(main) {
   const cron = h("input", { name: "schedule-cron", required: true, value: "*/5 * * * *" });
   const zone = h("input", { name: "schedule-timezone", value: "UTC" });
   const data = h("textarea", { name: "schedule-data", rows: 3, spellcheck: false }, "{}");
-  const create = createForm(
-    "New schedule",
-    [field("Name", name), field("Function", target), field("Cron", cron, "minute hour day month weekday"), field("Time zone", zone), field("Data (JSON object)", data)],
-    "Create schedule",
-    async () => {
+  const create = form({
+    title: "New schedule",
+    fields: [field("Name", name), field("Function", target), field("Cron", cron, "minute hour day month weekday"), field("Time zone", zone), field("Data (JSON object)", data)],
+    label: "Create schedule",
+    submit: async () => {
       await call("POST", nsPath(ns, "/schedules"), {
         json: { name: name.value.trim(), function: target.value, cron: cron.value.trim(), timezone: zone.value.trim() || "UTC", data: jsonObject(data.value, "data") },
       });
       toast(`schedule ${name.value} created`);
       await render();
     },
-  );
+  });
   replace(main, h("h1", {}, `Schedules in ${ns}`), list, create);
   await render();
 }
