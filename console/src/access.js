@@ -1,6 +1,6 @@
 // Secrets (values are written, never shown) and API tokens (a new token's secret is shown once).
 import { call, get, nsPath } from "./api.js";
-import { field, form, h, keyValues, replace, table, time, toast } from "./dom.js";
+import { action, field, form, h, keyValues, replace, table, time, toast } from "./dom.js";
 
 export async function secretsView(main, { namespace }) {
   const list = h("div");
@@ -21,24 +21,14 @@ export async function secretsView(main, { namespace }) {
             h(
               "td",
               {},
-              h(
-                "button",
-                {
-                  type: "button",
-                  class: "quiet",
-                  "aria-label": `Delete secret ${s.name}`,
-                  onclick: async () => {
-                    try {
-                      await call("DELETE", nsPath(namespace, `/secrets/${encodeURIComponent(s.name)}`));
-                      toast(`secret ${s.name} deleted`);
-                      await render();
-                    } catch (err) {
-                      toast(err.message, "bad");
-                    }
-                  },
+              action("Delete", {
+                label: `Delete secret ${s.name}`,
+                run: async () => {
+                  await call("DELETE", nsPath(namespace, `/secrets/${encodeURIComponent(s.name)}`));
+                  await render();
                 },
-                "Delete",
-              ),
+                done: `secret ${s.name} deleted`,
+              }),
             ),
           ),
         ),
@@ -89,24 +79,14 @@ export async function tokensView(main) {
             h(
               "td",
               {},
-              h(
-                "button",
-                {
-                  type: "button",
-                  class: "quiet",
-                  "aria-label": `Revoke token ${t.name}`,
-                  onclick: async () => {
-                    try {
-                      await call("DELETE", `/v1/tokens/${encodeURIComponent(t.id)}`);
-                      toast(`token ${t.name} revoked`);
-                      await render();
-                    } catch (err) {
-                      toast(err.message, "bad");
-                    }
-                  },
+              action("Revoke", {
+                label: `Revoke token ${t.name}`,
+                run: async () => {
+                  await call("DELETE", `/v1/tokens/${encodeURIComponent(t.id)}`);
+                  await render();
                 },
-                "Revoke",
-              ),
+                done: `token ${t.name} revoked`,
+              }),
             ),
           ),
         ),

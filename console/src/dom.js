@@ -129,3 +129,26 @@ export function keyValues(text, what) {
   }
   return out;
 }
+
+/** A button that runs an API action, says what it did (or why it failed) and may redraw. */
+export function action(text, { label, run, done, quiet = true, disabled = false }) {
+  return h(
+    "button",
+    {
+      type: "button",
+      class: quiet ? "quiet" : null,
+      "aria-label": label,
+      disabled,
+      onclick: async () => {
+        try {
+          await run();
+        } catch (err) {
+          toast(err.message, "bad");
+          return;
+        }
+        if (done) toast(done);
+      },
+    },
+    text,
+  );
+}

@@ -2,7 +2,7 @@
 // metrics and (LUNA) docs.
 import uPlot from "uplot";
 import { call, fn, followLog, get, invoke, session } from "./api.js";
-import { badge, field, form, h, keyValues, onAbort, replace, table, time, toast } from "./dom.js";
+import { action, badge, field, form, h, keyValues, onAbort, replace, table, time, toast } from "./dom.js";
 import { conditionBadges } from "./functions.js";
 
 const TABS = [
@@ -245,24 +245,15 @@ async function revisions(panel, { ns, name, signal }) {
         h(
           "td",
           {},
-          h(
-            "button",
-            {
-              type: "button",
-              class: "quiet",
-              disabled: (r.traffic_percent ?? 0) > 0,
-              onclick: async () => {
-                try {
-                  await call("DELETE", fn(ns, name, `/revisions/${encodeURIComponent(r.name)}`));
-                  toast(`${r.name} deleted`);
-                  await render();
-                } catch (err) {
-                  toast(err.message, "bad");
-                }
-              },
+          action("Delete", {
+            label: `Delete revision ${r.name}`,
+            disabled: (r.traffic_percent ?? 0) > 0,
+            run: async () => {
+              await call("DELETE", fn(ns, name, `/revisions/${encodeURIComponent(r.name)}`));
+              await render();
             },
-            "Delete",
-          ),
+            done: `${r.name} deleted`,
+          }),
         ),
       );
     });

@@ -1,6 +1,6 @@
 // Triggers (and publishing an event), schedules, dead letters, the lifecycle stream.
 import { call, followLifecycle, get, nsPath, session } from "./api.js";
-import { badge, field, form, h, onAbort, replace, table, time, toast } from "./dom.js";
+import { action, badge, field, form, h, onAbort, replace, table, time, toast } from "./dom.js";
 
 async function functionOptions(ns) {
   const { items } = await get(nsPath(ns, "/functions"));
@@ -8,24 +8,14 @@ async function functionOptions(ns) {
 }
 
 function deleteButton(path, what, after) {
-  return h(
-    "button",
-    {
-      type: "button",
-      class: "quiet",
-      "aria-label": `Delete ${what}`,
-      onclick: async () => {
-        try {
-          await call("DELETE", path);
-          toast(`${what} deleted`);
-          await after();
-        } catch (err) {
-          toast(err.message, "bad");
-        }
-      },
+  return action("Delete", {
+    label: `Delete ${what}`,
+    run: async () => {
+      await call("DELETE", path);
+      await after();
     },
-    "Delete",
-  );
+    done: `${what} deleted`,
+  });
 }
 
 function jsonObject(text, what) {
@@ -173,23 +163,15 @@ export async function deadLettersView(main) {
             h(
               "td",
               {},
-              h(
-                "button",
-                {
-                  type: "button",
-                  "aria-label": `Redrive dead letter ${d.id}`,
-                  onclick: async () => {
-                    try {
-                      await call("POST", nsPath(ns, `/deadletters/${encodeURIComponent(d.id)}/redrive`));
-                      toast(`dead letter ${d.id} redriven`);
-                      await render();
-                    } catch (err) {
-                      toast(err.message, "bad");
-                    }
-                  },
+              action("Redrive", {
+                label: `Redrive dead letter ${d.id}`,
+                quiet: false,
+                run: async () => {
+                  await call("POST", nsPath(ns, `/deadletters/${encodeURIComponent(d.id)}/redrive`));
+                  await render();
                 },
-                "Redrive",
-              ),
+                done: `dead letter ${d.id} redriven`,
+              }),
             ),
           ),
         ),
