@@ -65,12 +65,13 @@ function overview(panel, { record }) {
     ["Timeout", `${s.timeout} s`],
     ["Scale", s.scale ? `${s.scale.min}–${s.scale.max}, target ${s.scale.target}, idle ${s.scale.idle_seconds} s` : `${s.replicas} fixed`],
     ["Labels", Object.entries(s.labels ?? {}).map(([k, v]) => `${k}=${v}`).join(", ")],
-    ["Env", Object.keys(s.env ?? {}).join(", ")],
+    ["Env", [...Object.keys(s.env ?? {}), ...Object.entries(s.env_from ?? {}).map(([k, ref]) => `${k} (from secret ${ref.secret}, key ${ref.key})`)].join(", ")],
     ["Secrets", (s.secrets ?? []).join(", ")],
     ["Created", time(record.created_at)],
     ["Updated", time(record.updated_at)],
   ];
-  replace(panel, h("dl", { class: "facts" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
+  const shown = rows.filter(([, v]) => v !== "" && v !== undefined);
+  replace(panel, h("dl", { class: "facts" }, shown.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
 }
 
 function logView(panel, path, signal, label) {
