@@ -393,6 +393,14 @@ def gateway_pid(platform: Platform) -> int | None:
     return None
 
 
+WATCH_STATE = """() => {
+    const badge = document.querySelector(".heading .badge");
+    window.lambdabusStates = [badge.textContent];
+    new MutationObserver(() => window.lambdabusStates.push(badge.textContent))
+        .observe(badge, {childList: true, characterData: true, subtree: true});
+}"""
+
+
 def restart_gateway(platform: Platform) -> None:
     """Kill the gateway: `lambdabus up` starts it again on the same port, after a back-off."""
     old = gateway_pid(platform)
@@ -411,10 +419,15 @@ def test_a_followed_log_resumes_after_a_drop_without_losing_or_repeating_a_line(
     for n in range(2):
         assert http("POST", router, {"v": f"before-{n}"})[0] == 200
     expect(page.locator(".log")).to_contain_text("'before-1'")
+    page.evaluate(WATCH_STATE)  # every state the page shows from here on
     restart_gateway(platform)
-    expect(state).not_to_have_text("live")
     for n in range(2):  # written while the page had no connection
         assert http("POST", router, {"v": f"during-{n}"})[0] == 200
+    wait_for(
+        lambda: "reconnecting" in page.evaluate("window.lambdabusStates"),
+        30,
+        "the page to notice the drop",
+    )
     expect(state).to_have_text("live")
     for n in range(2):
         assert http("POST", router, {"v": f"after-{n}"})[0] == 200
@@ -433,8 +446,13 @@ def test_the_lifecycle_stream_resumes_after_a_drop_from_the_last_event(
     expect(state).to_have_text("live")
     expect(page.locator("tbody")).to_contain_text("hello-ui")
     before = page.locator("tbody tr").count()
+    page.evaluate(WATCH_STATE)
     restart_gateway(platform)
-    expect(state).not_to_have_text("live")
+    wait_for(
+        lambda: "reconnecting" in page.evaluate("window.lambdabusStates"),
+        30,
+        "the page to notice the drop",
+    )
     expect(state).to_have_text("live")
     status, body = http(
         "POST",
