@@ -45,6 +45,20 @@ define apt_install
 		else echo "note: not installed:$$missing; $(3)"; fi; }
 endef
 
+# The examples' dependencies, fetched once, so that the tests build them with no network:
+# a wheel directory for pip/uv (--no-index --find-links) and an npm cache (--offline).
+FIXTURES := .cache/fixtures.stamp
+fixtures: $(FIXTURES)
+
+$(FIXTURES): examples/python-luna/requirements.txt examples/node/package.json | bootstrap
+	@mkdir -p .cache/wheelhouse .cache/npm
+	$(TOOLS)/bin/python -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+		-d .cache/wheelhouse -r examples/python-luna/requirements.txt
+	@if command -v npm >/dev/null 2>&1; then \
+		node -e 'const d=require("./examples/node/package.json").dependencies; for (const [n,v] of Object.entries(d)) console.log(n+"@"+v)' \
+		| xargs -r npm cache add --cache .cache/npm --loglevel=error; fi
+	@touch $@
+
 # The web console (console/: plain ES modules, CodeMirror, uPlot) bundled by esbuild into the
 # gateway's /ui/ files, which are not committed; npm ci installs exactly what the lockfile says.
 CONSOLE_UI := services/gateway/src/lambdabus_gateway/ui/index.html
