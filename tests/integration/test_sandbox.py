@@ -500,3 +500,49 @@ async def test_no_network_reaches_nothing(sandbox: Sandbox, peer_listeners: str)
     assert seen["peer"] == "ENETUNREACH"
     assert seen["metadata"] == "ENETUNREACH"
     assert seen["own_host_address"] == "ENETUNREACH"
+
+
+async def test_egress_rules_installed_by_several_starts_at_once_are_never_missing(
+    sandbox: Sandbox,
+) -> None:
+    """Deployers and builders install the host's egress rules at start, while other sandboxes
+    run. Six at once: the chain always holds its rules (it was flushed, then filled, so a
+    sandbox could reach the host in between), and one jump to it is left (copies piled up)."""
+    from lambdabus_platform.sandbox import FIREWALL_CHAIN, install_egress_rules
+
+    if not sandbox.switch_uid or shutil.which("iptables-restore") is None:
+        pytest.skip("needs root and iptables")
+    last = sandbox.uid_base + sandbox.uid_count - 1
+    jump = f"-A OUTPUT -m owner --uid-owner {sandbox.uid_base}-{last} -j {FIREWALL_CHAIN}"
+
+    def listing(chain: str) -> list[str]:
+        out = subprocess.run(
+            ["iptables", "-w", "-S", chain], capture_output=True, text=True, check=True
+        ).stdout
+        return out.splitlines()
+
+    await install_egress_rules(sandbox)
+    # copies left by an older version, or by starts that raced before the lock
+    for _ in range(2):
+        await asyncio.to_thread(
+            subprocess.run, ["iptables", "-w", "-A", *jump.split()[1:]], check=True
+        )
+    stop = asyncio.Event()
+    sizes: list[int] = []  # rules in the chain, each time it was looked at
+    jumped: list[bool] = []  # OUTPUT had the jump, each time
+
+    async def watch() -> None:
+        while not stop.is_set():
+            rules = await asyncio.to_thread(listing, FIREWALL_CHAIN)
+            sizes.append(sum(1 for r in rules if r.startswith("-A ")))
+            jumped.append(jump in await asyncio.to_thread(listing, "OUTPUT"))
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.gather(*(install_egress_rules(sandbox) for _ in range(6)))
+    stop.set()
+    await watcher
+    assert all(r.startswith("iptables: installed") for r in results), results
+    assert len(sizes) > 2
+    assert set(sizes) == {4}, f"the chain was seen with {sorted(set(sizes))} rules"
+    assert all(jumped), "OUTPUT was seen without the jump"
+    assert listing("OUTPUT").count(jump) == 1

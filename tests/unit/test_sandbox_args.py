@@ -20,7 +20,7 @@ from lambdabus_platform.sandbox import (
     SandboxSpec,
     blocked_roots,
     bwrap_args,
-    egress_rules,
+    egress_restore,
     identity_for,
     read_pipe,
     slirp_args,
@@ -128,12 +128,19 @@ def test_the_launchers_env_is_fixed() -> None:
 
 
 def test_egress_rules_refuse_link_local_and_host_addresses_for_the_uid_range() -> None:
-    rules = egress_rules(100, 199)
-    text = [" ".join(r) for r in rules]
-    assert any("-d 169.254.0.0/16 -j REJECT" in t for t in text)
-    assert any("-d 127.0.0.0/8 -j REJECT" in t for t in text)
-    assert any("--dst-type LOCAL -j REJECT" in t for t in text)
-    assert any(t.startswith("-I OUTPUT 1 -m owner --uid-owner 100-199") for t in text)
+    text = egress_restore(100, 199, jump=True).splitlines()
+    assert text[:2] == ["*filter", ":LAMBDABUS-SANDBOX - [0:0]"]  # replaced in one commit
+    assert text[-1] == "COMMIT"
+    assert "-A LAMBDABUS-SANDBOX -d 169.254.0.0/16 -j REJECT" in text
+    assert "-A LAMBDABUS-SANDBOX -d 127.0.0.0/8 -j REJECT" in text
+    assert "-A LAMBDABUS-SANDBOX -m addrtype --dst-type LOCAL -j REJECT" in text
+    assert "-I OUTPUT 1 -m owner --uid-owner 100-199 -j LAMBDABUS-SANDBOX" in text
+    assert not any(
+        line.startswith("-I OUTPUT") for line in egress_restore(1, 2, jump=False).splitlines()
+    )
+    assert "-A LAMBDABUS-SANDBOX -d ::1/128 -j REJECT" in egress_restore(
+        1, 2, ipv6=True, jump=False
+    )
 
 
 def test_sources_behind_a_closed_dir_are_exposed_from_its_topmost_blocked_ancestor() -> None:

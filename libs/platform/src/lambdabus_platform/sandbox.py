@@ -12,7 +12,7 @@ uid (one per sandbox key, from a configured range) so the sandbox is nobody spec
 host either; directories the caller binds that this uid could not reach (Python under
 /root/.pyenv) are exposed to it in a private mount namespace of the launcher only.
 Network "outbound": slirp4netns (as the same uid) gives the sandbox a NAT to the outside,
-without the host's loopback; host firewall rules (`egress_rules`) also refuse its traffic to
+without the host's loopback; host firewall rules (`egress_restore`) also refuse its traffic to
 link-local addresses and to the host's own addresses.
 """
 
@@ -54,6 +54,7 @@ DEFAULT_UID_BASE = 1_300_000_000
 DEFAULT_UID_COUNT = 65536
 TAP = "tap0"
 FIREWALL_CHAIN = "LAMBDABUS-SANDBOX"
+FIREWALL_LOCK = "/run/lambdabus-firewall.lock"
 
 _CLONE_NEWNS = 0x00020000
 _MS_BIND = 4096
@@ -245,11 +246,18 @@ def slirp_args(*, userns_fd: int, netns_fd: int, ready_fd: int, exit_fd: int) ->
     ]
 
 
-def egress_rules(uid_first: int, uid_last: int, *, ipv6: bool = False) -> list[list[str]]:
-    """iptables (or ip6tables) commands, without the program, that refuse the sandboxes'
-    outbound traffic (made by slirp4netns, as the sandbox's uid) to link-local addresses
-    (cloud metadata) and to any address of this host (its loopback and its own interfaces')."""
-    owner = ["-m", "owner", "--uid-owner", f"{uid_first}-{uid_last}"]
+def egress_owner(uid_first: int, uid_last: int) -> list[str]:
+    """The match of the sandboxes' traffic: made by their uids (slirp4netns runs as them)."""
+    return ["-m", "owner", "--uid-owner", f"{uid_first}-{uid_last}"]
+
+
+def egress_restore(uid_first: int, uid_last: int, *, ipv6: bool = False, jump: bool) -> str:
+    """`iptables-restore --noflush` input (or ip6tables') that refuses the sandboxes' outbound
+    traffic to link-local addresses (cloud metadata) and to any address of this host (its
+    loopback and its own interfaces'), and, with `jump`, sends OUTPUT's traffic of their uids
+    to it. One transaction: the chain's rules are replaced in a single commit, so a deployer or
+    builder starting while sandboxes run never leaves them a moment with an empty chain (as a
+    flush, then appends, did)."""
     refuse = (
         [["-d", "fe80::/10"], ["-d", "::1/128"], ["-m", "addrtype", "--dst-type", "LOCAL"]]
         if ipv6
@@ -260,13 +268,15 @@ def egress_rules(uid_first: int, uid_last: int, *, ipv6: bool = False) -> list[l
             ["-m", "addrtype", "--dst-type", "BROADCAST"],
         ]
     )
-    return [
-        ["-N", FIREWALL_CHAIN],
-        ["-F", FIREWALL_CHAIN],
-        *(["-A", FIREWALL_CHAIN, *match, "-j", "REJECT"] for match in refuse),
-        ["-D", "OUTPUT", *owner, "-j", FIREWALL_CHAIN],
-        ["-I", "OUTPUT", "1", *owner, "-j", FIREWALL_CHAIN],
-    ]
+    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]"]  # created, or emptied in this commit
+    lines += [" ".join(["-A", FIREWALL_CHAIN, *match, "-j", "REJECT"]) for match in refuse]
+    if jump:
+        lines.append(
+            " ".join(["-I", "OUTPUT", "1", *egress_owner(uid_first, uid_last)])
+            + f" -j {FIREWALL_CHAIN}"
+        )
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
 
 
 # -- reaching bind sources as the sandbox's uid -----------------------------------------------
@@ -939,33 +949,56 @@ async def _probe(sandbox: Sandbox) -> str:
     return ""
 
 
+async def _run(argv: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(LAUNCHER_ENV),
+    )
+    out, err = await process.communicate(stdin)
+    return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
 async def install_egress_rules(sandbox: Sandbox) -> str:
-    """Install `egress_rules` for the sandbox uid range (root only, iptables needed); returns
-    what was done, or why not (to log)."""
+    """Install the egress rules (`egress_restore`) for the sandbox uid range (root only,
+    iptables needed); returns what was done, or why not (to log). Safe to run by several
+    deployers and builders at once: the chain is replaced atomically, the jump is inserted only
+    when missing, and copies of it that concurrent starts left are removed down to one."""
     if not sandbox.switch_uid:
         return "not root: no firewall rules for sandbox traffic"
+    # One install at a time on this host (every deployer and builder is root here): the check
+    # of the jump, the insert and the removal of copies must not interleave with another's.
+    lock = os.open(FIREWALL_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        return await _install_egress_rules(sandbox)
+    finally:
+        os.close(lock)  # and the lock with it
+
+
+async def _install_egress_rules(sandbox: Sandbox) -> str:
+    last = sandbox.uid_base + sandbox.uid_count - 1
+    owner = egress_owner(sandbox.uid_base, last)
+    jump = ["OUTPUT", *owner, "-j", FIREWALL_CHAIN]
     results = []
     for program in ("iptables", "ip6tables"):
-        exe = shutil.which(program)
-        if exe is None:
+        exe, restore = shutil.which(program), shutil.which(f"{program}-restore")
+        if exe is None or restore is None:
             results.append(f"{program} is not installed")
             continue
-        last = sandbox.uid_base + sandbox.uid_count - 1
-        rules = egress_rules(sandbox.uid_base, last, ipv6=program == "ip6tables")
-        failed = ""
-        for rule in rules:
-            process = await asyncio.create_subprocess_exec(
-                exe,
-                "-w",
-                *rule,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=dict(LAUNCHER_ENV),
-            )
-            _, err = await process.communicate()
-            if process.returncode and rule[0] not in ("-N", "-D"):
-                failed = err.decode(errors="replace").strip()
-                break
-        results.append(f"{program}: " + (f"failed ({failed})" if failed else "installed"))
+        has_jump = (await _run([exe, "-w", "-C", *jump]))[0] == 0
+        text = egress_restore(
+            sandbox.uid_base, last, ipv6=program == "ip6tables", jump=not has_jump
+        )
+        code, _, err = await _run([restore, "-w", "--noflush"], text.encode())
+        if code:
+            results.append(f"{program}: failed ({err.strip() or f'exit code {code}'})")
+            continue
+        listed = (await _run([exe, "-w", "-S", "OUTPUT"]))[1].splitlines()
+        copies = listed.count(" ".join(["-A", *jump]))
+        for _ in range(copies - 1):  # one always stays: never a moment without it
+            await _run([exe, "-w", "-D", *jump])
+        results.append(f"{program}: installed")
     return "; ".join(results)
