@@ -527,11 +527,14 @@ def test_the_functions_view_in_both_themes_and_at_phone_width(
     axe(page, "the functions view, dark")
     shot(page, "functions-dark")
     page.emulate_media(color_scheme="light")
-    # keyboard: the first tab stop is the skip link, then the brand; focus is visible
+    # keyboard: the next tab stop shows the console's own focus ring (3 px, not the default)
     page.keyboard.press("Tab")
-    page.keyboard.press("Tab")
-    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
-    assert outline != "none"
+    focused = page.evaluate(
+        "(() => { const s = getComputedStyle(document.activeElement);"
+        " return [document.activeElement.tagName, s.outlineStyle, s.outlineWidth]; })()"
+    )
+    assert focused[0] in ("A", "BUTTON", "SELECT", "INPUT"), focused
+    assert focused[1:] == ["solid", "3px"], focused
     # a phone: nothing wider than the screen but the table, which scrolls in its own box
     phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
     small = phone.new_page()

@@ -150,12 +150,17 @@ def test_routes_are_classified_and_the_rest_denied_by_default() -> None:
 
 
 def test_public_routes() -> None:
+    """By the canonical path of the matched route (what the middleware passes), one by one."""
     assert is_public("/healthz")
     assert is_public("/ui")
-    assert is_public("/ui/app.js")
+    assert is_public("/ui/")
+    assert is_public("/ui/{file}")
     assert not is_public("/metrics")
     assert not is_public("/uix")
     assert not is_public("/v1/info")
+    # a route added later under /ui is not public by being there
+    assert not is_public("/ui/admin")
+    assert not is_public("/ui/{file}/raw")
 
 
 @pytest.mark.parametrize(
