@@ -1210,9 +1210,8 @@ def route_descriptions() -> dict[str, dict[str, Any]]:
     return described
 
 
-# The static files of the web console under /ui (`tokens.PUBLIC_PREFIX`): public, and not API,
-# so they are left out of the document.
-UI_PREFIX = PUBLIC_PREFIX
+# The static files of the web console under /ui (`tokens.PUBLIC_PREFIX`) are public, and not
+# API: they are left out of the document.
 _METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
@@ -1258,14 +1257,14 @@ def gateway_app() -> web.Application:
 
 def api_routes(app: web.Application) -> list[Route]:
     """(METHOD, path) of every route of `app` the document describes, sorted: not the HEAD route
-    aiohttp adds for each GET, not the web console's files under `UI_PREFIX`."""
+    aiohttp adds for each GET, not the web console's files under `PUBLIC_PREFIX`."""
     found: set[Route] = set()
     for route in app.router.routes():
         resource = route.resource
         if resource is None:
             continue
         path = resource.canonical
-        if path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
+        if path == PUBLIC_PREFIX or path.startswith(PUBLIC_PREFIX + "/"):
             continue
         found.add((route.method, path))
     return sorted(r for r in found if not (r[0] == "HEAD" and ("GET", r[1]) in found))
